@@ -1,0 +1,106 @@
+"""Verified device posture and where it is kept.
+
+A :class:`Posture` is what ``proxy.attestation`` produces from a signed report: the
+device, its user, platform and installed apps, and when it was attested. A
+:class:`PostureStore` keeps the latest verified posture per device plus the replay
+memory (used ``jti`` values and issued nonces). ``sqlite.py`` is the default store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+PLATFORMS = ("android", "ios", "ipados", "windows", "macos", "linux")
+
+CommitResult = Literal["ok", "bad_nonce", "replay"]
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """One installed app as reported by the device."""
+
+    id: str
+    version: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Posture:
+    """A verified posture report. Times are POSIX seconds (UTC)."""
+
+    device_id: str
+    user: str  # lower-cased mailbox address
+    platform: str
+    os_version: str
+    managed: bool
+    apps: tuple[App, ...]
+    iat: int
+    exp: int
+    jti: str
+    issuer: str
+    attested_by: str  # "device" or "mdm:<attester certificate subject CN>"
+    received_at: float = 0.0
+    nonce: str | None = None
+    app_ids: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.app_ids:
+            object.__setattr__(self, "app_ids", frozenset(a.id for a in self.apps))
+
+    @property
+    def sha256(self) -> str:
+        """Stable digest of the report contents (identifies a posture version)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("app_ids", None)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Posture:
+        d = json.loads(text)
+        d["apps"] = tuple(App(**a) for a in d["apps"])
+        return cls(**d)
+
+
+class PostureStore(Protocol):
+    """Latest verified posture per device, and the attestation replay memory.
+
+    Implementations must be safe under concurrent use from one event loop.
+    """
+
+    async def commit_attestation(
+        self, posture: Posture, nonce: str | None, now: float
+    ) -> CommitResult:
+        """Atomically: consume ``nonce`` (if given), record ``posture.jti`` and store
+        the posture. Returns ``"bad_nonce"`` or ``"replay"`` (and changes nothing)
+        when the nonce is unknown/expired/used or the jti was seen before."""
+        ...
+
+    async def get(self, device_id: str) -> Posture | None: ...
+
+    async def devices_for_user(self, user: str) -> list[Posture]: ...
+
+    async def issue_nonce(self, nonce: str, expires_at: float) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str) -> PostureStore:
+    """Open a store from a URL such as ``sqlite:///state/posture.db``.
+
+    Relative sqlite paths must already be resolved by ``proxy.config``.
+    """
+    if url.startswith("sqlite://"):
+        from proxy.posture.sqlite import SqlitePostureStore
+
+        return SqlitePostureStore(url.removeprefix("sqlite://"))
+    if url.startswith("redis://"):
+        raise ValueError("redis posture store is not available in this build")
+    raise ValueError(f"unknown posture store URL {url!r}")
