@@ -1,0 +1,318 @@
+"""The one decision point: identity -> posture -> policy -> audit.
+
+Front ends call :meth:`Gate.decide` once per login (IMAP, SMTP) or device-session
+(ActiveSync) after the upstream has verified the credentials, and act on the returned
+:class:`~proxy.policy.Decision`. The gate writes exactly one audit record per call.
+
+Live sessions register with the gate (:meth:`Gate.register`). When a device's posture
+changes (new attestation), the policy changes (reload) or posture ages out, the gate
+re-evaluates the affected sessions and ends the ones now denied through their own
+protocol's goodbye (:meth:`LiveSession.terminate`), logging a ``session_end`` record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from proxy import metrics
+from proxy.policy import (
+    UNKNOWN_DEVICE,
+    Context,
+    Decision,
+    Policy,
+    Reason,
+    evaluate,
+)
+from proxy.posture import Posture, PostureStore
+
+log = structlog.get_logger("mailward.gate")
+
+Unidentified = Literal["deny", "allow", "all-user-devices"]
+
+AUTH_FAILED = "auth_failed"
+UNIDENTIFIED_DEVICE = "unidentified_device"
+AUDIT_UNAVAILABLE = "audit_unavailable"
+STORE_UNAVAILABLE = "posture_store_unavailable"
+
+UNIDENTIFIED_TEXT = (
+    "This mail app connected without a device certificate, so the device cannot be "
+    "checked. Install the company mail profile from the device management app."
+)
+TEMPORARY_TEXT = "Mail access is temporarily unavailable. Please try again in a few minutes."
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is connecting: the login user and, when known, the device."""
+
+    user: str
+    device_id: str | None = None
+    device_source: str = ""  # "client_cert" | "eas" | "" (unidentified)
+
+    @property
+    def user_key(self) -> str:
+        return self.user.strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a session comes from and how its listener treats unidentified clients."""
+
+    protocol: str  # imap | smtp | activesync | cli
+    listener: str
+    client_ip: str = ""
+    unidentified: Unidentified = "deny"
+
+
+class LiveSession(Protocol):
+    """A session the gate may end. ``terminate`` must not raise."""
+
+    identity: Identity
+    origin: Origin
+
+    async def terminate(self, text: str) -> None: ...
+
+
+class AuditSink(Protocol):
+    async def write(self, fields: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Gate:
+    def __init__(
+        self,
+        *,
+        store: PostureStore,
+        audit: AuditSink,
+        policy: Callable[[], Policy],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._audit = audit
+        self._policy = policy
+        self._clock = clock
+        self._sessions: set[LiveSession] = set()
+
+    # ------------------------------------------------------------------ deciding
+
+    async def decide(
+        self, identity: Identity, origin: Origin, *, event: str = "decision"
+    ) -> Decision:
+        """Decide and log one record (``event`` = ``decision`` or ``explain``).
+
+        Never raises for store or audit failures: those give a temporary deny
+        (fail closed), which front ends answer with their "try later" reply.
+        """
+        started = time.perf_counter()
+        policy = self._policy()
+        try:
+            decision, posture = await self._evaluate(identity, origin, policy)
+        except Exception as exc:  # the store is unreachable: fail closed
+            log.error("posture store unavailable", error=str(exc))
+            metrics.UPSTREAM_ERRORS.labels("posture_store").inc()
+            decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
+        latency_us = int((time.perf_counter() - started) * 1e6)
+        fields = self._record(event, identity, origin, decision, posture, latency_us)
+        try:
+            await self._audit.write(fields)
+        except Exception as exc:  # AuditUnavailable or anything else: fail closed
+            log.error("audit log unavailable; refusing", error=str(exc))
+            decision = _temporary(policy, AUDIT_UNAVAILABLE)
+        if event == "decision":
+            metrics.observe_decision(origin.protocol, decision, latency_us)
+        return decision
+
+    async def record_auth_failed(self, identity: Identity, origin: Origin) -> None:
+        """The upstream refused the credentials: a deny record, no policy involved."""
+        policy = self._policy()
+        reason = Reason(AUTH_FAILED, "The mail server refused the credentials.")
+        decision = Decision(False, (reason,), policy.version, policy.sha256)
+        fields = self._record("decision", identity, origin, decision, None, 0)
+        metrics.observe_decision(origin.protocol, decision, 0)
+        try:
+            await self._audit.write(fields)
+        except Exception as exc:
+            log.error("audit log unavailable", error=str(exc))
+
+    async def record_session_end(
+        self,
+        origin: Origin,
+        reason: str,
+        *,
+        identity: Identity | None = None,
+        detail: str = "",
+    ) -> None:
+        """A connection ended before a decision, or a live session was ended."""
+        fields: dict[str, Any] = {
+            "event": "session_end",
+            "reason": reason,
+            "protocol": origin.protocol,
+            "listener": origin.listener,
+            "client_ip": origin.client_ip,
+            "user": identity.user_key if identity else None,
+            "device_id": identity.device_id if identity else None,
+        }
+        if detail:
+            fields["detail"] = detail
+        try:
+            await self._audit.write(fields)
+        except Exception as exc:
+            log.error("audit log unavailable", error=str(exc))
+
+    async def _evaluate(
+        self, identity: Identity, origin: Origin, policy: Policy
+    ) -> tuple[Decision, Posture | None]:
+        now = self._clock()
+        if identity.device_id is None:
+            return await self._evaluate_unidentified(identity, origin, policy, now)
+        posture = await self._store.get(identity.device_id)
+        ctx = _context(identity, identity.device_id, origin, now)
+        return evaluate(posture, policy, ctx), posture
+
+    async def _evaluate_unidentified(
+        self, identity: Identity, origin: Origin, policy: Policy, now: float
+    ) -> tuple[Decision, Posture | None]:
+        if origin.unidentified == "allow":
+            return Decision(True, (), policy.version, policy.sha256), None
+        if origin.unidentified == "deny":
+            reason = Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT)
+            return Decision(False, (reason,), policy.version, policy.sha256), None
+        # all-user-devices: allow only if every device of this user is compliant.
+        devices = await self._store.devices_for_user(identity.user_key)
+        if not devices:
+            ctx = _context(identity, "", origin, now)
+            return evaluate(None, policy, ctx), None
+        reasons: list[Reason] = []
+        allow, report_only = True, False
+        for posture in devices:
+            d = evaluate(posture, policy, _context(identity, posture.device_id, origin, now))
+            allow &= d.allow
+            report_only |= d.report_only
+            reasons.extend(d.reasons)
+        return Decision(allow, tuple(reasons), policy.version, policy.sha256,
+                        report_only=report_only and allow), None
+
+    def _record(
+        self,
+        event: str,
+        identity: Identity,
+        origin: Origin,
+        decision: Decision,
+        posture: Posture | None,
+        latency_us: int,
+    ) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "event": event,
+            "decision": decision.decision,
+            "reasons": [r.to_dict() for r in decision.reasons],
+            "protocol": origin.protocol,
+            "listener": origin.listener,
+            "client_ip": origin.client_ip,
+            "user": identity.user_key,
+            "device_id": identity.device_id,
+            "device_source": identity.device_source or None,
+            "platform": posture.platform if posture else None,
+            "posture_age_s": round(now - posture.iat, 3) if posture else None,
+            "posture_sha256": posture.sha256 if posture else None,
+            "policy_version": decision.policy_version,
+            "policy_sha256": decision.policy_sha256,
+            "mode": decision.mode,
+            "latency_us": latency_us,
+        }
+
+    # ---------------------------------------------------------- live sessions
+
+    def register(self, session: LiveSession) -> None:
+        self._sessions.add(session)
+        metrics.LIVE_SESSIONS.labels(session.origin.protocol).inc()
+
+    def unregister(self, session: LiveSession) -> None:
+        if session in self._sessions:
+            self._sessions.discard(session)
+            metrics.LIVE_SESSIONS.labels(session.origin.protocol).dec()
+
+    def live_sessions(self) -> list[LiveSession]:
+        return list(self._sessions)
+
+    async def posture_changed(self, device_id: str, user: str | None = None) -> int:
+        """Re-check live sessions of this device (and, for sessions admitted under
+        ``all-user-devices``, of its user). Returns the number of sessions ended."""
+        user_key = (user or "").lower()
+        affected = [
+            s
+            for s in self._sessions
+            if s.identity.device_id == device_id
+            or (s.identity.device_id is None and user_key and s.identity.user_key == user_key)
+        ]
+        return await self._recheck(affected, "posture_changed")
+
+    async def policy_changed(self) -> int:
+        """Re-check every live session against the current policy."""
+        return await self._recheck(list(self._sessions), "policy_changed")
+
+    async def recheck_all(self, trigger: str = "posture_aged") -> int:
+        """Periodic sweep: posture that ages past the limit ends sessions too."""
+        return await self._recheck(list(self._sessions), trigger)
+
+    async def _recheck(self, sessions: list[LiveSession], trigger: str) -> int:
+        policy = self._policy()
+        ended = 0
+        for session in sessions:
+            try:
+                decision, _ = await self._evaluate(session.identity, session.origin, policy)
+            except Exception as exc:
+                log.error("re-evaluation failed; keeping session", error=str(exc))
+                continue
+            if decision.allow:
+                continue
+            ended += 1
+            self.unregister(session)
+            metrics.SESSIONS_ENDED.labels(session.origin.protocol).inc()
+            text = decision.user_text()
+            await self.record_session_end(
+                session.origin,
+                trigger,
+                identity=session.identity,
+                detail=",".join(r.code for r in decision.enforced_reasons),
+            )
+            await _safe_terminate(session, text)
+        return ended
+
+
+async def _safe_terminate(session: LiveSession, text: str) -> None:
+    try:
+        await asyncio.wait_for(session.terminate(text), timeout=5)
+    except Exception as exc:
+        log.warning("terminating session failed", error=str(exc))
+
+
+def _context(identity: Identity, device_id: str, origin: Origin, now: float) -> Context:
+    return Context(
+        now=datetime.fromtimestamp(now, UTC),
+        user=identity.user_key,
+        device_id=device_id,
+        protocol=origin.protocol,
+    )
+
+
+def _temporary(policy: Policy, code: str) -> Decision:
+    reason = Reason(code, TEMPORARY_TEXT)
+    return Decision(False, (reason,), policy.version, policy.sha256, temporary=True)
+
+
+__all__ = [
+    "AUTH_FAILED",
+    "UNIDENTIFIED_DEVICE",
+    "UNKNOWN_DEVICE",
+    "Gate",
+    "Identity",
+    "LiveSession",
+    "Origin",
+]

@@ -1,0 +1,46 @@
+"""Prometheus metrics, defined once. ``/metrics`` on the API listener exposes them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from proxy.policy import Decision
+
+DECISIONS = Counter(
+    "mailward_decisions_total",
+    "Access decisions by protocol, decision and first reason code",
+    ["protocol", "decision", "reason"],
+)
+DECISION_LATENCY = Histogram(
+    "mailward_decision_latency_seconds",
+    "Time from identity to decision (posture lookup + policy evaluation)",
+    buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5),
+)
+LIVE_SESSIONS = Gauge("mailward_live_sessions", "Live proxied sessions", ["protocol"])
+ATTESTATIONS = Counter(
+    "mailward_attestations_total", "Posture report ingests by result", ["result"]
+)
+UPSTREAM_ERRORS = Counter(
+    "mailward_upstream_errors_total", "Upstream or backing-store failures", ["upstream"]
+)
+AUDIT_WRITE_LATENCY = Histogram(
+    "mailward_audit_write_seconds", "Audit append including group-commit fsync"
+)
+POLICY_INFO = Gauge(
+    "mailward_policy_info", "Loaded policy (value 1)", ["version", "sha256"]
+)
+POLICY_RELOAD_FAILURES = Counter(
+    "mailward_policy_reload_failures_total", "Policy reloads refused as invalid"
+)
+SESSIONS_ENDED = Counter(
+    "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
+)
+
+
+def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
+    first = decision.reasons[0].code if decision.reasons else "compliant"
+    DECISIONS.labels(protocol, decision.decision, first).inc()
+    DECISION_LATENCY.observe(latency_us / 1e6)

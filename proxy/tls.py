@@ -1,0 +1,70 @@
+"""TLS contexts for listeners and upstream connections, and device identity from
+client certificates.
+
+Listeners accept TLS 1.2+ only. A client certificate, when presented, must verify
+against ``[tls] client_ca`` (an invalid one fails the handshake); its SAN
+``urn:mailward:device:<id>`` names the device.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+
+DEVICE_URI_PREFIX = "urn:mailward:device:"
+
+
+def server_context(
+    cert: Path,
+    key: Path,
+    *,
+    client_ca: Path | None,
+    client_cert: Literal["none", "optional", "required"] = "optional",
+    alpn: list[str] | None = None,
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_cert != "none" and client_ca is not None:
+        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def upstream_context(ca: Path | None) -> ssl.SSLContext:
+    """Verifying client context for the upstream; ``ca`` None = system trust store."""
+    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def device_id_from_der(der: bytes | None) -> str | None:
+    """The device id in a (verified) client certificate's SAN, if any."""
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(DEVICE_URI_PREFIX) and len(uri) > len(DEVICE_URI_PREFIX):
+            return uri[len(DEVICE_URI_PREFIX) :]
+    return None
+
+
+def device_id_from_ssl(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """Device id from a TLS connection's verified peer certificate."""
+    if obj is None:
+        return None
+    try:
+        der = obj.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):
+        return None
+    return device_id_from_der(der)
