@@ -1,0 +1,53 @@
+# mailward — make demo, make test, make bench.
+# `make test` works on a fresh Debian machine: it installs the peer servers the tests
+# drive (Dovecot, Postfix, swaks, mbsync, nginx) when missing, creates .venv and
+# installs the package with its test extras.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync \
+            nginx libnginx-mod-mail
+PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync \
+             /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so
+
+.PHONY: all venv peers test lint demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages of the real peer servers, installed only when one is missing.
+peers:
+	@missing=0; for b in $(PEER_BINS); do [ -e $$b ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing peer servers: $(APT_PKGS)"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PKGS); \
+	fi
+
+test: venv peers
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check proxy tests bench
+
+demo: venv
+	$(BIN)/mailward demo
+
+bench: venv peers
+	$(BIN)/python bench/decide.py
+	@for b in bench/imap.py bench/smtp.py bench/activesync.py; do \
+	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit 1; fi; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,448 @@
+"""``mailward`` command line: one function per sub-command.
+
+Exit codes (fixed interface, see DESIGN.md): 0 success / allow / intact; 1 a report
+refused or the audit log broken; 2 usage, configuration or other error; 3 explain
+says deny. User errors are one line on stderr, never a traceback.
+
+Imports are deferred into the sub-commands so that start-up stays as quick as
+``mailward --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a report refused, the audit log broken
+EXIT_ERROR = 2
+EXIT_DENY = 3
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("MAILWARD_CONFIG") or "config/mailward.toml")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from proxy.config import load_config
+
+    return load_config(_config_path(args))
+
+
+def _audit_log(cfg: Config) -> Any:
+    from proxy.audit import AuditLog
+    from proxy.pki import load_private_key
+
+    key = None
+    if cfg.audit.signing_key and cfg.audit.signing_key.exists():
+        key = load_private_key(cfg.audit.signing_key)
+    return AuditLog(
+        cfg.audit.path,
+        signing_key=key,
+        checkpoint_every=cfg.audit.checkpoint_every,
+        checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
+        rotate_bytes=cfg.audit.rotate_bytes,
+    )
+
+
+class _SyncAuditSink:
+    """Adapts the synchronous ``AuditLog.append`` (fsync per record) for the gate."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+
+    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.log.append(fields)
+        return result
+
+
+def _policy(cfg: Config) -> Any:
+    from proxy.config import load_policy
+
+    return load_policy(cfg.server.policy)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.server import run
+
+    return run(_config_path(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from proxy.config import check_files
+
+    cfg, policy = check_files(_config_path(args))
+    missing = [
+        (name, p)
+        for name, p in (
+            ("tls.cert", cfg.tls.cert),
+            ("tls.key", cfg.tls.key),
+            ("tls.client_ca", cfg.tls.client_ca),
+            ("trust.device_ca", cfg.trust.device_ca),
+            ("audit.signing_key", cfg.audit.signing_key),
+            ("audit.verify_key", cfg.audit.verify_key),
+            ("api.admin_token_file", cfg.api.admin_token_file),
+            *((f"trust.attesters[{i}]", p) for i, p in enumerate(cfg.trust.attesters)),
+            *((f"listeners.{lst.name}.upstream_ca", lst.upstream_ca) for lst in cfg.listeners),
+        )
+        if p is not None and not p.exists()
+    ]
+    for name, p in missing:
+        print(f"{cfg.source}: {name}: file not found: {p} (mailward certs init creates it)",
+              file=sys.stderr)
+    if missing:
+        return EXIT_ERROR
+    print(
+        f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
+        f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
+        f"rules, mode {policy.mode})"
+    )
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from proxy.gate import Gate, Identity, Origin
+    from proxy.posture import open_store
+
+    cfg = _load(args)
+    policy = _policy(cfg)
+    log = _audit_log(cfg)
+
+    async def go() -> Any:
+        store = open_store(cfg.posture.store)
+        try:
+            gate = Gate(store=store, audit=_SyncAuditSink(log), policy=lambda: policy)
+            identity = Identity(args.user, args.device, "cli")
+            origin = Origin(args.protocol, "cli", "", "deny")
+            return await gate.decide(identity, origin, event="explain")
+        finally:
+            await store.close()
+
+    decision = asyncio.run(go())
+    if decision.temporary:
+        raise UserError(f"cannot decide: {decision.reasons[0].code}")
+    if args.json:
+        out = {
+            "decision": decision.decision,
+            "mode": decision.mode,
+            "policy_version": decision.policy_version,
+            "policy_sha256": decision.policy_sha256,
+            "reasons": [r.to_dict() for r in decision.reasons],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{decision.decision} ({args.user}, device {args.device}, {args.protocol}; "
+              f"policy {decision.policy_version}, {decision.mode})")
+        for r in decision.reasons:
+            flag = "" if r.enforced else " [not enforced]"
+            print(f"  - {r.code}{flag}: {r.text}")
+    return EXIT_OK if decision.allow else EXIT_DENY
+
+
+def cmd_posture_ingest(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from proxy.attestation import AttestationError, Verifier, ingest
+    from proxy.posture import open_store
+
+    cfg = _load(args)
+    policy = _policy(cfg)
+    verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters))
+    log = _audit_log(cfg)
+
+    async def go() -> int:
+        store = open_store(cfg.posture.store)
+        refused = 0
+        try:
+            for name in args.files:
+                fields: dict[str, Any] = {"event": "attestation", "source": "cli", "file": name}
+                try:
+                    token = Path(name).read_bytes()
+                except OSError as exc:
+                    print(f"{name}: refused unreadable: {exc.strerror}")
+                    refused += 1
+                    continue
+                try:
+                    posture = await ingest(
+                        verifier, store, token, now=time.time(),
+                        max_age_s=policy.max_posture_age_s, require_nonce=policy.require_nonce,
+                    )
+                except AttestationError as exc:
+                    refused += 1
+                    print(f"{name}: refused {exc.code}: {exc.detail}")
+                    log.append({**fields, "result": "refused", "code": exc.code})
+                    continue
+                compliant = _compliant(posture, policy)
+                state = "compliant" if compliant else "noncompliant"
+                print(f"{name}: accepted {posture.device_id} {state}")
+                log.append({**fields, "result": "accepted", "device_id": posture.device_id,
+                            "user": posture.user, "platform": posture.platform,
+                            "compliant": compliant, "posture_sha256": posture.sha256})
+        finally:
+            await store.close()
+        return EXIT_FAILED if refused else EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _compliant(posture: Any, policy: Any) -> bool:
+    from datetime import UTC, datetime
+
+    from proxy.policy import Context, evaluate
+
+    ctx = Context(now=datetime.now(UTC), user=posture.user, device_id=posture.device_id)
+    return evaluate(posture, policy, ctx).allow
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxy.audit import verify
+    from proxy.pki import load_public_key
+
+    path, key = Path(args.log) if args.log else None, None
+    try:
+        cfg = _load(args)
+        path = path or cfg.audit.path
+        if cfg.audit.verify_key and cfg.audit.verify_key.exists():
+            key = load_public_key(cfg.audit.verify_key)
+    except Exception:
+        if path is None:
+            raise
+    if args.key:
+        key = load_public_key(Path(args.key))
+    assert path is not None
+    if not path.exists():
+        raise UserError(f"{path}: no such audit log")
+    result = verify(path, key)
+    if result.ok:
+        sealed = "no checkpoint key" if key is None else f"{result.checkpoints} checkpoints"
+        print(f"{path}: ok, {result.records} records, {sealed}, "
+              f"{result.unsealed} after the last checkpoint")
+        return EXIT_OK
+    print(f"{result.bad_file or path}:{result.bad_line}: {result.error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_audit_query(args: argparse.Namespace) -> int:
+    from proxy.audit import format_records, parse_time, query
+
+    path = Path(args.log) if args.log else _load(args).audit.path
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    records = query(
+        path, user=args.user, device=args.device, decision=args.decision,
+        protocol=args.protocol, event=args.event, since=since, until=until,
+    )
+    format_records(records, args.format, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from proxy.pki import certs_init
+
+    written = certs_init(Path(args.dir), force=args.force, hostnames=args.hostname or ())
+    for p in written:
+        print(p)
+    return EXIT_OK
+
+
+def _device_ca(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(device CA cert, its key, deployment root) from the config, or ./certs."""
+    try:
+        cfg = _load(args)
+        ca, root = cfg.trust.device_ca, cfg.root
+    except Exception:
+        if args.config:
+            raise
+        ca, root = Path("certs/device-ca.pem"), Path(".")
+    return ca, ca.with_suffix(".key"), root
+
+
+def cmd_device_enroll(args: argparse.Namespace) -> int:
+    from proxy.pki import enroll_device
+
+    ca, ca_key, root = _device_ca(args)
+    out = Path(args.out) if args.out else root / "certs" / "devices" / args.id
+    key, cert = enroll_device(
+        device_ca_cert=ca, device_ca_key=ca_key, device_id=args.id, user=args.user,
+        out_dir=out, force=args.force,
+    )
+    print(key)
+    print(cert)
+    return EXIT_OK
+
+
+def cmd_device_attest(args: argparse.Namespace) -> int:
+    from proxy.pki import load_certs, load_private_key, make_claims, sign_report
+
+    _, _, root = _device_ca(args)
+    base = root / "certs" / "devices" / args.id
+    key = load_private_key(Path(args.key) if args.key else base / "device.key")
+    chain = load_certs(Path(args.cert) if args.cert else base / "device.pem")
+    apps = [a for a in (args.apps or "").split(",") if a]
+    claims = make_claims(
+        device_id=args.id, user=args.user, platform=args.platform, apps=apps,
+        os_version=args.os_version, managed=args.managed, nonce=args.nonce,
+        ttl_s=args.ttl,
+    )
+    token = sign_report(claims, key, chain)
+    if args.out:
+        Path(args.out).write_text(token + "\n")
+        print(args.out)
+    else:
+        print(token)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import main as demo_main
+
+    return demo_main()
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailward",
+        description="Conditional-access proxy for corporate mail (IMAP, SMTP, ActiveSync).",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="mailward.toml (default: config/mailward.toml "
+                        "or $MAILWARD_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help,
+                                                        description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    add("serve", cmd_serve, "run the proxy")
+    add("check-config", cmd_check_config, "validate mailward.toml and the policy (exit 2 if not)")
+
+    sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--protocol", choices=("imap", "smtp", "activesync"), default="imap")
+    sp.add_argument("--json", action="store_true")
+
+    posture = sub.add_parser("posture", help="device posture reports").add_subparsers(
+        dest="posture_command", required=True, metavar="COMMAND")
+    sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
+             posture)
+    sp.add_argument("files", nargs="+", metavar="FILE")
+
+    audit = sub.add_parser("audit", help="the decision log").add_subparsers(
+        dest="audit_command", required=True, metavar="COMMAND")
+    sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
+    sp.add_argument("--log", help="audit log (default: [audit] path)")
+    sp.add_argument("--key", help="checkpoint public key (default: [audit] verify_key)")
+    sp = add("query", cmd_audit_query, "filter decisions", audit)
+    sp.add_argument("--log")
+    sp.add_argument("--user")
+    sp.add_argument("--device")
+    sp.add_argument("--decision", choices=("allow", "deny"))
+    sp.add_argument("--protocol", choices=("imap", "smtp", "activesync", "cli"))
+    sp.add_argument("--event", help="decision, explain, attestation, session_end, ...")
+    sp.add_argument("--since", help="RFC 3339 time, a date, or 7d / 24h / 30m ago")
+    sp.add_argument("--until")
+    sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    certs = sub.add_parser("certs", help="certificates and keys").add_subparsers(
+        dest="certs_command", required=True, metavar="COMMAND")
+    sp = add("init", cmd_certs_init, "create a local CA, server, device CA, attester, audit key",
+             certs)
+    sp.add_argument("--dir", default="certs")
+    sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
+    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
+
+    device = sub.add_parser("device", help="device certificates and test reports").add_subparsers(
+        dest="device_command", required=True, metavar="COMMAND")
+    sp = add("enroll", cmd_device_enroll, "issue a device certificate", device)
+    sp.add_argument("--id", required=True)
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--out", help="directory (default: certs/devices/<id>)")
+    sp.add_argument("--force", action="store_true")
+    sp = add("attest", cmd_device_attest, "sign a posture report for a device", device)
+    sp.add_argument("--id", required=True)
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--platform", required=True,
+                    choices=("android", "ios", "ipados", "windows", "macos", "linux"))
+    sp.add_argument("--apps", default="", help="comma-separated app ids")
+    sp.add_argument("--os-version", default="")
+    sp.add_argument("--managed", action="store_true")
+    sp.add_argument("--key")
+    sp.add_argument("--cert")
+    sp.add_argument("--nonce")
+    sp.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default 3600)")
+    sp.add_argument("--out")
+
+    add("demo", cmd_demo, "self-contained demonstration (see README)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except UserError as exc:
+        print(f"mailward: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    """Every error is one line; MAILWARD_DEBUG=1 shows the traceback of unexpected ones."""
+    from proxy.config import ConfigError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
+    try:
+        from proxy.pki import PkiError
+
+        known += (PkiError,)
+    except ImportError:
+        pass
+    if isinstance(exc, known):
+        if isinstance(exc, OSError) and exc.filename:
+            msg = f"{exc.filename}: {exc.strerror}"
+        else:
+            msg = str(exc)
+        print(f"mailward: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    if os.environ.get("MAILWARD_DEBUG"):
+        raise exc
+    print(f"mailward: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
