@@ -198,7 +198,9 @@ class Verifier:
         docstring). Raises AttestationError; returns the Posture on success."""
         data = self._check_size(token)
         parts = data.split(b".")
-        if len(parts) != 3 or not all(_B64URL_RE.fullmatch(p) for p in parts):
+        # The signature may be empty here, so that "alg": "none" reports alg_not_allowed.
+        if len(parts) != 3 or not all(_B64URL_RE.fullmatch(p) for p in parts[:2]) \
+                or not _B64URL_RE.fullmatch(parts[2] or b"A"):
             _refuse(MALFORMED, "the report is not a compact JWS (three base64url parts).")
         header = _b64url_json(parts[0], "header")
         claims = _b64url_json(parts[1], "payload")

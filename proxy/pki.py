@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -492,4 +493,6 @@ def sign_report(
     x5c = [
         base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain
     ]
-    return jwt.encode(dict(claims), key, algorithm=alg, headers={"typ": TYP, "x5c": x5c})
+    # PyJWS rather than jwt.encode: it signs the claims as given (tests sign bad ones).
+    payload = json.dumps(dict(claims), separators=(",", ":")).encode()
+    return jwt.PyJWS().encode(payload, key, algorithm=alg, headers={"typ": TYP, "x5c": x5c})
