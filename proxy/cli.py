@@ -70,6 +70,12 @@ class _SyncAuditSink:
         return result
 
 
+def load_public_key(path: Path) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    return load_pem_public_key(path.read_bytes())
+
+
 def _policy(cfg: Config) -> Any:
     from proxy.config import load_policy
 
@@ -217,7 +223,6 @@ def _compliant(posture: Any, policy: Any) -> bool:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from proxy.audit import verify
-    from proxy.pki import load_public_key
 
     path, key = Path(args.log) if args.log else None, None
     try:
