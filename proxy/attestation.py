@@ -9,8 +9,8 @@ the first failure with a stable reason code:
                  parseable ``x5c`` (``malformed``);
 3. algorithm  -- ``ES256`` with a P-256 leaf key or ``EdDSA`` with an Ed25519 leaf key,
                  nothing else (``alg_not_allowed``);
-4. signature  -- by the leaf's public key, via PyJWT pinned to that one algorithm
-                 (``bad_signature``);
+4. signature  -- by the leaf's public key with PyJWT's implementation of exactly that
+                 one algorithm (``bad_signature``);
 5. chain      -- the leaf chains to the configured device CA bundle (never to anything
                  in ``x5c``), is valid now and has the digitalSignature key usage
                  (``untrusted_chain``). Successful results are cached per chain;
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, NoReturn, get_args
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -48,6 +47,7 @@ from cryptography.x509.verification import (
     PolicyBuilder,
     Store,
 )
+from jwt.algorithms import get_default_algorithms
 
 from proxy.posture import PLATFORMS, App, Posture, PostureStore
 
@@ -84,9 +84,16 @@ BAD_NONCE: Final = "bad_nonce"
 REPLAY: Final = "replay"
 
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-USER_RE: Final = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
-_B64URL_RE: Final = re.compile(rb"[A-Za-z0-9_-]+")
-_MAX_STR: Final = 1024  # longest accepted string claim (ids, versions, names, nonce)
+USER_RE: Final = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}")
+_B64URL_RE: Final = re.compile(rb"[A-Za-z0-9_-]*")
+# Strings from reports end up in logs and protocol replies: no control characters.
+_TEXT_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
+# PyJWT's algorithm objects, one per allowed "alg" (ES256 converts the raw R||S
+# signature and refuses any other length). We call them directly instead of
+# jwt.PyJWS.decode, which re-parses the token and checks every base64 character in a
+# Python loop (~30 ms for a 256 KiB report).
+_JWS_ALGS: Final = {name: get_default_algorithms()[name] for name in ALLOWED_ALGS}
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | Any
 
 # Web PKI defaults (RFC 5280 profile, clientAuth EKU if an EKU is present), except that
 # the leaf needs no subjectAltName: MDM attester certificates often have none.
@@ -113,7 +120,7 @@ def _refuse(code: ReasonCode, detail: str) -> NoReturn:
 class _Signer:
     """What a verified chain tells us about its leaf; cached while the chain is valid."""
 
-    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | Any
+    public_key: PublicKey
     attester: str | None  # subject CN when the leaf is a configured MDM attester
     device_uris: frozenset[str]
     valid_from: float
@@ -130,10 +137,14 @@ def _common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+def _b64url(part: bytes) -> bytes:
+    """Decode unpadded base64url (the alphabet was checked already); ValueError if bad."""
+    return base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+
+
 def _b64url_json(part: bytes, what: str) -> dict[str, Any]:
     try:
-        raw = base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(_b64url(part), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         _refuse(MALFORMED, f"the report {what} is not base64url-encoded JSON.")
     if not isinstance(value, dict):
@@ -196,73 +207,32 @@ class Verifier:
     ) -> Posture:
         """Verify a report completely except replay and nonce consumption (see module
         docstring). Raises AttestationError; returns the Posture on success."""
-        data = self._check_size(token)
-        parts = data.split(b".")
-        # The signature may be empty here, so that "alg": "none" reports alg_not_allowed.
-        if len(parts) != 3 or not all(_B64URL_RE.fullmatch(p) for p in parts[:2]) \
-                or not _B64URL_RE.fullmatch(parts[2] or b"A"):
-            _refuse(MALFORMED, "the report is not a compact JWS (three base64url parts).")
-        header = _b64url_json(parts[0], "header")
-        claims = _b64url_json(parts[1], "payload")
-        if not isinstance(header.get("typ"), str) or header["typ"].lower() != TYP:
-            _refuse(MALFORMED, f"the report header typ is not {TYP}.")
-        if "crit" in header or "b64" in header:
-            _refuse(MALFORMED, "the report header uses unsupported critical parameters.")
-        alg = header.get("alg")
-        if not isinstance(alg, str):
-            _refuse(MALFORMED, "the report header has no alg.")
-        der_chain = self._decode_x5c(header.get("x5c"))
-        key = tuple(_fingerprint(d) for d in der_chain)
+        header, claims, signing_input, signature = _parse_jws(_check_size(token))
+        alg, der_chain = _check_header(header)
 
-        signer = self._cache.get(key)
-        if signer is not None and not signer.valid_from <= now <= signer.valid_until:
-            del self._cache[key]
-            signer = None
-        certs = None if signer is not None else self._parse_chain(der_chain)
+        key = tuple(_fingerprint(d) for d in der_chain)
+        signer = self._cached(key, now)
+        certs = self._parse_chain(der_chain) if signer is None else None
         public_key = signer.public_key if signer is not None else _public_key(certs)
 
-        self._check_alg(alg, public_key)
-        try:
-            jwt.PyJWS().decode_complete(data, key=public_key, algorithms=[alg])
-        except jwt.InvalidSignatureError:
+        _check_alg(alg, public_key)
+        if not _JWS_ALGS[alg].verify(signing_input, public_key, signature):
             _refuse(BAD_SIGNATURE, "the report signature does not verify with its certificate.")
-        except jwt.PyJWTError:
-            _refuse(MALFORMED, "the report could not be decoded as a JWS.")
 
         if signer is None:
             assert certs is not None
             signer = self._verify_chain(certs, key, now)
-        else:
-            self._cache.move_to_end(key)
         return self._check_claims(claims, signer, now, max_age_s, require_nonce)
 
-    def _check_size(self, token: str | bytes) -> bytes:
-        if isinstance(token, str):
-            token = token.strip()
-            if len(token) > MAX_REPORT_BYTES:
-                _refuse(TOO_LARGE, f"the report is larger than {MAX_REPORT_BYTES} bytes.")
-            data = token.encode("utf-8", "surrogatepass")
-        elif isinstance(token, bytes | bytearray | memoryview):
-            data = bytes(token).strip()
-        else:
-            raise TypeError("token must be str or bytes")
-        if len(data) > MAX_REPORT_BYTES:
-            _refuse(TOO_LARGE, f"the report is larger than {MAX_REPORT_BYTES} bytes.")
-        if not data:
-            _refuse(MALFORMED, "the report is empty.")
-        return data
-
-    @staticmethod
-    def _decode_x5c(x5c: object) -> list[bytes]:
-        if not isinstance(x5c, list) or not 1 <= len(x5c) <= MAX_CHAIN_LEN:
-            _refuse(MALFORMED, f"the report header x5c is not a list of 1-{MAX_CHAIN_LEN} "
-                               "certificates.")
-        if not all(isinstance(c, str) for c in x5c):
-            _refuse(MALFORMED, "the report header x5c holds a non-string entry.")
-        try:
-            return [base64.b64decode(c, validate=True) for c in x5c]
-        except binascii.Error:
-            _refuse(MALFORMED, "the report header x5c is not standard base64.")
+    def _cached(self, key: tuple[bytes, ...], now: float) -> _Signer | None:
+        signer = self._cache.get(key)
+        if signer is None:
+            return None
+        if not signer.valid_from <= now <= signer.valid_until:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return signer
 
     @staticmethod
     def _parse_chain(der_chain: list[bytes]) -> list[x509.Certificate]:
@@ -270,20 +240,6 @@ class Verifier:
             return [x509.load_der_x509_certificate(d) for d in der_chain]
         except ValueError:
             _refuse(MALFORMED, "the report header x5c holds an unparseable certificate.")
-
-    @staticmethod
-    def _check_alg(alg: str, public_key: object) -> None:
-        if alg not in ALLOWED_ALGS:
-            _refuse(ALG_NOT_ALLOWED, f"algorithm {alg[:20]!r} is not allowed; use ES256 or "
-                                     "EdDSA.")
-        ok = (
-            isinstance(public_key, ec.EllipticCurvePublicKey)
-            and isinstance(public_key.curve, ec.SECP256R1)
-            if alg == "ES256"
-            else isinstance(public_key, ed25519.Ed25519PublicKey)
-        )
-        if not ok:
-            _refuse(ALG_NOT_ALLOWED, f"the signing certificate's key does not fit {alg}.")
 
     def _verifier_at(self, now: float) -> ClientVerifier:
         second = int(now)
@@ -319,11 +275,14 @@ class Verifier:
         except x509.ExtensionNotFound:
             _refuse(UNTRUSTED_CHAIN, "the signing certificate has no key usage extension.")
         except Exception:  # VerificationError, or malformed extensions in hostile input
-            _refuse(UNTRUSTED_CHAIN, "the signing certificate does not chain to the device "
-                                     "CA or is not valid now.")
+            _refuse(
+                UNTRUSTED_CHAIN,
+                "the signing certificate does not chain to the device CA or is not valid now.",
+            )
         if not digital_signature:
-            _refuse(UNTRUSTED_CHAIN, "the signing certificate lacks the digitalSignature key "
-                                     "usage.")
+            _refuse(
+                UNTRUSTED_CHAIN, "the signing certificate lacks the digitalSignature key usage."
+            )
         signer = _Signer(
             public_key=leaf.public_key(),
             attester=self._attesters.get(key[0]),
@@ -347,7 +306,7 @@ class Verifier:
         iss, sub, user, platform = (c.get(k) for k in ("iss", "sub", "user", "platform"))
         os_version, managed = c.get("os_version", ""), c.get("managed", False)
         iat, exp, jti, nonce = (c.get(k) for k in ("iat", "exp", "jti", "nonce"))
-        if not _short_str(iss):
+        if not _text(iss):
             _refuse(MALFORMED, "the report iss is missing or not a string.")
         if not isinstance(sub, str) or not DEVICE_ID_RE.fullmatch(sub):
             _refuse(MALFORMED, "the report sub is not a valid device id.")
@@ -355,21 +314,24 @@ class Verifier:
             _refuse(MALFORMED, "the report user is not an e-mail address.")
         if platform not in PLATFORMS:
             _refuse(MALFORMED, f"the report platform is not one of {', '.join(PLATFORMS)}.")
-        if not isinstance(os_version, str) or len(os_version) > _MAX_STR:
+        if not _text(os_version, empty_ok=True):
             _refuse(MALFORMED, "the report os_version is not a string.")
         if not isinstance(managed, bool):
             _refuse(MALFORMED, "the report managed claim is not a boolean.")
         if not _is_int(iat) or not _is_int(exp) or exp < iat:
             _refuse(MALFORMED, "the report iat/exp are not integers with exp >= iat.")
-        if not _short_str(jti):
+        if not _text(jti):
             _refuse(MALFORMED, "the report jti is missing or not a string.")
-        if nonce is not None and not _short_str(nonce):
+        if nonce is not None and not _text(nonce):
             _refuse(MALFORMED, "the report nonce is not a string.")
         apps = _parse_apps(c.get("apps"))
 
         if signer.attester is None and DEVICE_URI_PREFIX + sub not in signer.device_uris:
-            _refuse(DEVICE_MISMATCH, "the signing certificate is neither an MDM attester nor "
-                                     "the certificate of the reported device.")
+            _refuse(
+                DEVICE_MISMATCH,
+                "the signing certificate is neither an MDM attester nor "
+                "the certificate of the reported device.",
+            )
 
         if iat > now + self.skew_s:
             _refuse(NOT_YET_VALID, "the report was issued in the future (check the clock).")
@@ -399,6 +361,80 @@ class Verifier:
         )
 
 
+def _check_size(token: str | bytes) -> bytes:
+    if isinstance(token, str):
+        token = token.strip()
+        if len(token) > MAX_REPORT_BYTES:  # every character is at least one byte
+            _refuse(TOO_LARGE, f"the report is larger than {MAX_REPORT_BYTES} bytes.")
+        data = token.encode("utf-8", "surrogatepass")
+    elif isinstance(token, bytes | bytearray | memoryview):
+        data = bytes(token).strip()
+    else:
+        raise TypeError("token must be str or bytes")
+    if len(data) > MAX_REPORT_BYTES:
+        _refuse(TOO_LARGE, f"the report is larger than {MAX_REPORT_BYTES} bytes.")
+    return data
+
+
+def _parse_jws(data: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """Split a compact JWS: (header, claims, signing input, signature bytes)."""
+    parts = data.split(b".")
+    # An empty signature is structurally fine, so that "alg": "none" is alg_not_allowed.
+    if len(parts) != 3 or not all(_B64URL_RE.fullmatch(p) for p in parts):
+        _refuse(MALFORMED, "the report is not a compact JWS (three base64url parts).")
+    header = _b64url_json(parts[0], "header")
+    claims = _b64url_json(parts[1], "payload")
+    try:
+        signature = _b64url(parts[2])
+    except ValueError:
+        _refuse(MALFORMED, "the report signature is not base64url.")
+    return header, claims, parts[0] + b"." + parts[1], signature
+
+
+def _check_header(header: dict[str, Any]) -> tuple[str, list[bytes]]:
+    """The header's alg (any string; checked later) and the DER certificates of x5c."""
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() != TYP:
+        _refuse(MALFORMED, f"the report header typ is not {TYP}.")
+    if "crit" in header or "b64" in header:
+        _refuse(MALFORMED, "the report header uses unsupported critical parameters.")
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        _refuse(MALFORMED, "the report header has no alg.")
+    x5c = header.get("x5c")
+    if not isinstance(x5c, list) or not 1 <= len(x5c) <= MAX_CHAIN_LEN:
+        _refuse(
+            MALFORMED, f"the report header x5c is not a list of 1-{MAX_CHAIN_LEN} certificates."
+        )
+    if not all(isinstance(c, str) for c in x5c):
+        _refuse(MALFORMED, "the report header x5c holds a non-string entry.")
+    try:
+        return alg, [base64.b64decode(c, validate=True) for c in x5c]
+    except binascii.Error:
+        _refuse(MALFORMED, "the report header x5c is not standard base64.")
+
+
+def _check_alg(alg: str, public_key: PublicKey) -> None:
+    if alg not in ALLOWED_ALGS:
+        _refuse(ALG_NOT_ALLOWED, f"algorithm {alg[:20]!r} is not allowed; use ES256 or EdDSA.")
+    if alg == "ES256":
+        ok = isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(
+            public_key.curve, ec.SECP256R1
+        )
+    else:
+        ok = isinstance(public_key, ed25519.Ed25519PublicKey)
+    if not ok:
+        _refuse(ALG_NOT_ALLOWED, f"the signing certificate's key does not fit {alg}.")
+
+
+def _public_key(certs: list[x509.Certificate] | None) -> PublicKey:
+    assert certs
+    try:
+        return certs[0].public_key()
+    except Exception:  # unsupported or malformed key in hostile input
+        _refuse(ALG_NOT_ALLOWED, "the signing certificate's key type is not supported.")
+
+
 def _load_pem(path: Path) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(path.read_bytes())
@@ -407,16 +443,9 @@ def _load_pem(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def _public_key(certs: list[x509.Certificate] | None) -> Any:
-    assert certs
-    try:
-        return certs[0].public_key()
-    except Exception:  # unsupported or malformed key in hostile input
-        _refuse(ALG_NOT_ALLOWED, "the signing certificate's key type is not supported.")
-
-
-def _short_str(v: object) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= _MAX_STR
+def _text(v: object, *, empty_ok: bool = False) -> bool:
+    """A string of at most 1024 characters without control characters."""
+    return isinstance(v, str) and (bool(_TEXT_RE.fullmatch(v)) or (empty_ok and v == ""))
 
 
 def _is_int(v: object) -> bool:
@@ -430,11 +459,10 @@ def _parse_apps(apps: object) -> tuple[App, ...]:
         _refuse(MALFORMED, f"the report lists more than {MAX_APPS} apps.")
     out = []
     for a in apps:
-        if not isinstance(a, dict) or not _short_str(a.get("id")):
+        if not isinstance(a, dict) or not _text(a.get("id")):
             _refuse(MALFORMED, "an entry of the report apps claim has no string id.")
         version, name = a.get("version", ""), a.get("name", "")
-        if not isinstance(version, str) or not isinstance(name, str) \
-                or len(version) > _MAX_STR or len(name) > _MAX_STR:
+        if not _text(version, empty_ok=True) or not _text(name, empty_ok=True):
             _refuse(MALFORMED, "an entry of the report apps claim has a non-string field.")
         out.append(App(id=a["id"], version=version, name=name))
     return tuple(out)

@@ -99,8 +99,9 @@ def load_private_key(path: Path | str) -> PrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise PkiError(f"{path} does not hold an unencrypted PEM private key ({e})") from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-                      | rsa.RSAPrivateKey):
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    ):
         raise PkiError(f"{path} holds an unsupported key type ({type(key).__name__})")
     return key
 
@@ -314,9 +315,17 @@ def certs_init(
     out = {
         name: directory / name
         for name in (
-            "ca.pem", "ca.key", "server.pem", "server.key",
-            "device-ca.pem", "device-ca.key", "mdm-attester.pem", "mdm-attester.key",
-            "audit-signing.key", "audit-signing.pub", "admin.token",
+            "ca.pem",
+            "ca.key",
+            "server.pem",
+            "server.key",
+            "device-ca.pem",
+            "device-ca.key",
+            "mdm-attester.pem",
+            "mdm-attester.key",
+            "audit-signing.key",
+            "audit-signing.pub",
+            "admin.token",
         )
     }
     _refuse_existing(out.values(), force)
@@ -324,7 +333,8 @@ def certs_init(
 
     ca, ca_key = make_ca("mailward local CA")
     server, server_key = make_leaf(
-        ca, ca_key,
+        ca,
+        ca_key,
         cn=str(san[0].value) if san else "localhost",
         eku=[ExtendedKeyUsageOID.SERVER_AUTH],
         san=san,
@@ -409,7 +419,8 @@ def enroll_device(
         raise PkiError(f"{device_ca_key} is not the key of the certificate in {device_ca_cert}")
 
     leaf, key = make_leaf(
-        ca, ca_key,
+        ca,
+        ca_key,
         cn=device_id,
         eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
         san=device_cert_san(device_id, user),
@@ -490,9 +501,7 @@ def sign_report(
         raise PkiError("posture reports are signed with a P-256 or Ed25519 key only")
     if not chain:
         raise PkiError("a posture report needs the signer's certificate chain")
-    x5c = [
-        base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain
-    ]
+    x5c = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
     # PyJWS rather than jwt.encode: it signs the claims as given (tests sign bad ones).
     payload = json.dumps(dict(claims), separators=(",", ":")).encode()
     return jwt.PyJWS().encode(payload, key, algorithm=alg, headers={"typ": TYP, "x5c": x5c})

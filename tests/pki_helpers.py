@@ -63,11 +63,14 @@ class TestPki:
         include_root: bool = True,
     ) -> Signer:
         cert, k = make_leaf(
-            self.ca, self.ca_key,
+            self.ca,
+            self.ca_key,
             cn=device_id,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             san=device_cert_san(device_id, user),
-            key=key, not_before=not_before, not_after=not_after,
+            key=key,
+            not_before=not_before,
+            not_after=not_after,
         )
         return Signer(k, [cert, self.ca] if include_root else [cert])
 

@@ -60,8 +60,14 @@ def verifier(pki: TestPki) -> Verifier:
     return pki.verifier()
 
 
-def verify(v: Verifier, token: str | bytes, *, now: float = NOW, max_age_s: float = MAX_AGE,
-           require_nonce: bool = False):
+def verify(
+    v: Verifier,
+    token: str | bytes,
+    *,
+    now: float = NOW,
+    max_age_s: float = MAX_AGE,
+    require_nonce: bool = False,
+):
     return v.verify(token, now=now, max_age_s=max_age_s, require_nonce=require_nonce)
 
 
@@ -77,12 +83,18 @@ def refused(v: Verifier, token: str | bytes, code: str, **kw) -> AttestationErro
 
 
 def test_es256_device_report_accepted(verifier: Verifier, device: Signer) -> None:
-    token = report(device, user="Alice@Corp.Example", now=NOW, os_version="14",
-                   managed=True, nonce="n1")
+    token = report(
+        device, user="Alice@Corp.Example", now=NOW, os_version="14", managed=True, nonce="n1"
+    )
     p = verify(verifier, token)
     assert jwt.get_unverified_header(token)["alg"] == "ES256"
     assert (p.device_id, p.user, p.platform, p.os_version, p.managed) == (
-        "dev-1", "alice@corp.example", "android", "14", True)
+        "dev-1",
+        "alice@corp.example",
+        "android",
+        "14",
+        True,
+    )
     assert p.app_ids == {TIKTOK}
     assert p.apps[0].name == "TikTok"
     assert p.attested_by == "device"
@@ -116,7 +128,8 @@ def test_from_files(tmp_path: Path, pki: TestPki, device: Signer) -> None:
     ca_path, attester_paths = pki.write_files(tmp_path)
     v = Verifier.from_files(ca_path, attester_paths)
     assert verify(v, report(pki.attesters[0], device_id="zz", now=NOW)).attested_by.startswith(
-        "mdm:")
+        "mdm:"
+    )
     assert verify(v, report(device, now=NOW)).attested_by == "device"
 
 
@@ -132,8 +145,17 @@ def test_chain_cache_respects_certificate_validity(pki: TestPki) -> None:
 
 def test_reason_codes_are_the_documented_set() -> None:
     assert set(REASON_CODES) == {
-        "too_large", "malformed", "alg_not_allowed", "bad_signature", "untrusted_chain",
-        "device_mismatch", "expired", "not_yet_valid", "bad_nonce", "replay"}
+        "too_large",
+        "malformed",
+        "alg_not_allowed",
+        "bad_signature",
+        "untrusted_chain",
+        "device_mismatch",
+        "expired",
+        "not_yet_valid",
+        "bad_nonce",
+        "replay",
+    }
 
 
 # ----------------------------------------------------------------- size, structure
@@ -164,9 +186,12 @@ def test_non_json_payload(verifier: Verifier, device: Signer) -> None:
     refused(verifier, hand_jws(header, b"not json", sign=lambda m: b"x" * 64), "malformed")
     refused(verifier, hand_jws(header, b"[1, 2]", sign=lambda m: b"x" * 64), "malformed")
     refused(verifier, hand_jws(header, b'{"iat": NaN}', sign=lambda m: b"x" * 64), "malformed")
+    deep = b'{"a":' + b"[" * 80_000 + b"]" * 80_000 + b"}"
+    refused(verifier, hand_jws(header, deep, sign=lambda m: b"x" * 64), "malformed")
     # The same holds for a correctly signed non-JSON payload.
-    token = jwt.PyJWS().encode(b"\xff\xfe", device.key, algorithm="ES256",
-                               headers={"typ": TYP, "x5c": header["x5c"]})
+    token = jwt.PyJWS().encode(
+        b"\xff\xfe", device.key, algorithm="ES256", headers={"typ": TYP, "x5c": header["x5c"]}
+    )
     refused(verifier, token, "malformed")
 
 
@@ -185,8 +210,19 @@ def test_non_json_payload(verifier: Verifier, device: Signer) -> None:
         lambda h: h.update(crit=["exp"]),
         lambda h: h.update(b64=False, crit=["b64"]),
     ],
-    ids=["no-typ", "wrong-typ", "no-x5c", "empty-x5c", "x5c-string", "x5c-bad-b64",
-         "x5c-not-der", "x5c-int", "no-alg", "crit", "b64-false"],
+    ids=[
+        "no-typ",
+        "wrong-typ",
+        "no-x5c",
+        "empty-x5c",
+        "x5c-string",
+        "x5c-bad-b64",
+        "x5c-not-der",
+        "x5c-int",
+        "no-alg",
+        "crit",
+        "b64-false",
+    ],
 )
 def test_bad_header_is_malformed(verifier: Verifier, device: Signer, mutate) -> None:
     header = default_header(device.chain, "ES256")
@@ -202,8 +238,7 @@ def test_bad_header_is_malformed(verifier: Verifier, device: Signer, mutate) -> 
 def test_alg_none(verifier: Verifier, device: Signer) -> None:
     claims = make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW)
     for alg in ("none", "None", "NONE"):
-        refused(verifier, hand_jws(default_header(device.chain, alg), claims),
-                "alg_not_allowed")
+        refused(verifier, hand_jws(default_header(device.chain, alg), claims), "alg_not_allowed")
 
 
 def test_hs256_with_public_key_as_hmac_secret(verifier: Verifier, device: Signer) -> None:
@@ -211,14 +246,19 @@ def test_hs256_with_public_key_as_hmac_secret(verifier: Verifier, device: Signer
     claims = make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW)
     pub = device.cert.public_key()
     for secret in (
-        pub.public_bytes(serialization.Encoding.PEM,
-                         serialization.PublicFormat.SubjectPublicKeyInfo),
-        pub.public_bytes(serialization.Encoding.DER,
-                         serialization.PublicFormat.SubjectPublicKeyInfo),
+        pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
         device.cert.public_bytes(serialization.Encoding.PEM),
     ):
-        token = hand_jws(default_header(device.chain, "HS256"), claims,
-                         sign=lambda m, s=secret: hmac.new(s, m, hashlib.sha256).digest())
+        token = hand_jws(
+            default_header(device.chain, "HS256"),
+            claims,
+            sign=lambda m, s=secret: hmac.new(s, m, hashlib.sha256).digest(),
+        )
         refused(verifier, token, "alg_not_allowed")
 
 
@@ -226,26 +266,35 @@ def test_rs256(pki: TestPki, verifier: Verifier) -> None:
     rsa_device = pki.device("dev-1", key=rsa.generate_private_key(65537, 2048))
     claims = make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW)
     header = default_header(rsa_device.chain, "RS256")
-    token = jwt.encode(claims, rsa_device.key, algorithm="RS256",
-                       headers={"typ": TYP, "x5c": header["x5c"]})
+    token = jwt.encode(
+        claims, rsa_device.key, algorithm="RS256", headers={"typ": TYP, "x5c": header["x5c"]}
+    )
     refused(verifier, token, "alg_not_allowed")
     # ES256 claimed over an RSA certificate is refused as well.
-    token = hand_jws(default_header(rsa_device.chain, "ES256"), claims,
-                     sign=lambda m: b"x" * 64)
+    token = hand_jws(default_header(rsa_device.chain, "ES256"), claims, sign=lambda m: b"x" * 64)
     refused(verifier, token, "alg_not_allowed")
 
 
 def test_alg_key_mismatch(pki: TestPki, verifier: Verifier, device: Signer) -> None:
     claims = make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW)
     # EdDSA header over a P-256 certificate.
-    refused(verifier, hand_jws(default_header(device.chain, "EdDSA"), claims,
-                               sign=lambda m: b"x" * 64), "alg_not_allowed")
+    refused(
+        verifier,
+        hand_jws(default_header(device.chain, "EdDSA"), claims, sign=lambda m: b"x" * 64),
+        "alg_not_allowed",
+    )
     # ES256 with a P-384 certificate.
     p384 = pki.device("dev-1", key=ec.generate_private_key(ec.SECP384R1()))
-    refused(verifier, hand_jws(default_header(p384.chain, "ES256"), claims,
-                               sign=lambda m: b"x" * 64), "alg_not_allowed")
-    refused(verifier, hand_jws(default_header(p384.chain, "ES384"), claims,
-                               sign=lambda m: b"x" * 96), "alg_not_allowed")
+    refused(
+        verifier,
+        hand_jws(default_header(p384.chain, "ES256"), claims, sign=lambda m: b"x" * 64),
+        "alg_not_allowed",
+    )
+    refused(
+        verifier,
+        hand_jws(default_header(p384.chain, "ES384"), claims, sign=lambda m: b"x" * 96),
+        "alg_not_allowed",
+    )
 
 
 def test_bad_signature(pki: TestPki, verifier: Verifier, device: Signer) -> None:
@@ -292,10 +341,10 @@ def test_ca_cert_as_signer_is_untrusted(pki: TestPki, verifier: Verifier) -> Non
     refused(verifier, report(ca_signer, now=NOW), "untrusted_chain")
 
 
-def test_leaf_without_digital_signature_or_with_server_eku(pki: TestPki,
-                                                           verifier: Verifier) -> None:
-    server, key = make_leaf(pki.ca, pki.ca_key, cn="dev-1",
-                            eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+def test_leaf_without_digital_signature_or_with_server_eku(
+    pki: TestPki, verifier: Verifier
+) -> None:
+    server, key = make_leaf(pki.ca, pki.ca_key, cn="dev-1", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
     refused(verifier, report(Signer(key, [server, pki.ca]), now=NOW), "untrusted_chain")
 
 
@@ -307,8 +356,15 @@ def test_device_signing_for_another_device(verifier: Verifier, device: Signer) -
 
 
 def test_apps_not_a_list(verifier: Verifier, device: Signer) -> None:
-    for apps in ({"id": TIKTOK}, TIKTOK, None, [TIKTOK], [{"version": "1"}], [{"id": 5}],
-                 [{"id": "a", "version": 3}]):
+    for apps in (
+        {"id": TIKTOK},
+        TIKTOK,
+        None,
+        [TIKTOK],
+        [{"version": "1"}],
+        [{"id": 5}],
+        [{"id": "a", "version": 3}],
+    ):
         token = report(device, now=NOW, apps=())
         claims = jwt.decode(token, options={"verify_signature": False})
         if apps is None:
@@ -341,6 +397,10 @@ def test_too_many_apps(verifier: Verifier, device: Signer) -> None:
         {"jti": ""},
         {"iss": None},
         {"nonce": 12},
+        {"user": "alice\r\n@corp.example"},
+        {"os_version": "14\x00"},
+        {"apps": [{"id": "com.example\r\nBYE"}]},
+        {"apps": [{"id": "a", "name": "x" * 1025}]},
     ],
     ids=lambda o: "-".join(f"{k}={v!r}"[:20] for k, v in o.items()),
 )
@@ -374,8 +434,12 @@ def test_iat_older_than_max_age(verifier: Verifier, device: Signer) -> None:
 
 def test_lifetime_longer_than_max_age(verifier: Verifier, device: Signer) -> None:
     token = sign_report(
-        make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW,
-                    ttl_s=7 * 86400), device.key, device.chain)
+        make_claims(
+            device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW, ttl_s=7 * 86400
+        ),
+        device.key,
+        device.chain,
+    )
     err = refused(verifier, token, "expired", max_age_s=86400)
     assert "lifetime" in err.detail
 
@@ -397,15 +461,13 @@ async def test_replayed_jti(verifier: Verifier, device: Signer) -> None:
     token = report(device, now=NOW)
     await ingest(verifier, store, token, now=NOW, max_age_s=MAX_AGE, require_nonce=False)
     with pytest.raises(AttestationError) as info:
-        await ingest(verifier, store, token, now=NOW + 1, max_age_s=MAX_AGE,
-                     require_nonce=False)
+        await ingest(verifier, store, token, now=NOW + 1, max_age_s=MAX_AGE, require_nonce=False)
     assert info.value.code == "replay"
     # A different report reusing the jti is a replay too.
     jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     again = report(device, now=NOW, apps=[], jti=jti)
     with pytest.raises(AttestationError, match="replay"):
-        await ingest(verifier, store, again, now=NOW + 2, max_age_s=MAX_AGE,
-                     require_nonce=False)
+        await ingest(verifier, store, again, now=NOW + 2, max_age_s=MAX_AGE, require_nonce=False)
 
 
 async def test_expired_and_reused_nonce(verifier: Verifier, device: Signer) -> None:
@@ -463,8 +525,17 @@ async def test_sqlite_store(tmp_path: Path, verifier: Verifier, device: Signer) 
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.text(), st.binary(), st.from_regex(r"[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\."
-                                                       r"[A-Za-z0-9_\-]*", fullmatch=True)))
+@given(
+    st.one_of(
+        st.text(),
+        st.binary(),
+        st.from_regex(
+            r"[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\."
+            r"[A-Za-z0-9_\-]*",
+            fullmatch=True,
+        ),
+    )
+)
 def test_arbitrary_input_raises_only_attestation_error(token: str | bytes) -> None:
     v = _FUZZ_PKI.verifier()
     with pytest.raises(AttestationError):
@@ -479,8 +550,8 @@ def test_mutated_valid_report_raises_only_attestation_error(data: st.DataObject)
     action = data.draw(st.sampled_from(["replace", "delete", "insert", "truncate"]))
     ch = data.draw(st.characters(codec="ascii"))
     mutated = {
-        "replace": token[:i] + ch + token[i + 1:],
-        "delete": token[:i] + token[i + 1:],
+        "replace": token[:i] + ch + token[i + 1 :],
+        "delete": token[:i] + token[i + 1 :],
         "insert": token[:i] + ch + token[i:],
         "truncate": token[:i],
     }[action]
@@ -489,12 +560,30 @@ def test_mutated_valid_report_raises_only_attestation_error(data: st.DataObject)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["iss", "sub", "user", "platform", "os_version",
-                                         "managed", "apps", "iat", "exp", "jti", "nonce"]),
-                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                                    lambda c: st.lists(c, max_size=3)
-                                    | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                                    max_leaves=8)))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "iss",
+                "sub",
+                "user",
+                "platform",
+                "os_version",
+                "managed",
+                "apps",
+                "iat",
+                "exp",
+                "jti",
+                "nonce",
+            ]
+        ),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+            max_leaves=8,
+        ),
+    )
+)
 def test_signed_arbitrary_claims_raise_only_attestation_error(claims: dict) -> None:
     base = make_claims(device_id="dev-1", user=USER, platform="ios", apps=[], now=NOW)
     token = sign_report({**base, **claims}, _FUZZ_DEVICE.key, _FUZZ_DEVICE.chain)

@@ -34,12 +34,26 @@ from proxy.pki import (
 )
 
 FILES = {
-    "ca.pem", "ca.key", "server.pem", "server.key", "device-ca.pem", "device-ca.key",
-    "mdm-attester.pem", "mdm-attester.key", "audit-signing.key", "audit-signing.pub",
+    "ca.pem",
+    "ca.key",
+    "server.pem",
+    "server.key",
+    "device-ca.pem",
+    "device-ca.key",
+    "mdm-attester.pem",
+    "mdm-attester.key",
+    "audit-signing.key",
+    "audit-signing.pub",
     "admin.token",
 }
-PRIVATE = {"ca.key", "server.key", "device-ca.key", "mdm-attester.key", "audit-signing.key",
-           "admin.token"}
+PRIVATE = {
+    "ca.key",
+    "server.key",
+    "device-ca.key",
+    "mdm-attester.key",
+    "audit-signing.key",
+    "admin.token",
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +110,10 @@ def test_rfc5280_profile(certs: Path) -> None:
         life = cacert.not_valid_after_utc - cacert.not_valid_before_utc
         assert dt.timedelta(days=3649) < life < dt.timedelta(days=3651)
     assert ca.public_key() != dca.public_key()
-    for leaf, issuer, eku in ((server_chain[0], ca, ExtendedKeyUsageOID.SERVER_AUTH),
-                              (mdm_chain[0], dca, ExtendedKeyUsageOID.CLIENT_AUTH)):
+    for leaf, issuer, eku in (
+        (server_chain[0], ca, ExtendedKeyUsageOID.SERVER_AUTH),
+        (mdm_chain[0], dca, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
         ext = leaf.extensions
         assert ext.get_extension_for_class(x509.BasicConstraints).critical
         assert not ext.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -115,8 +131,11 @@ def test_rfc5280_profile(certs: Path) -> None:
 
 
 def test_server_san(certs: Path) -> None:
-    san = load_certs(certs / "server.pem")[0].extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value
+    san = (
+        load_certs(certs / "server.pem")[0]
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     dns = san.get_values_for_type(x509.DNSName)
     ips = san.get_values_for_type(x509.IPAddress)
     assert {"localhost", "mail.corp.example"} <= set(dns)
@@ -205,8 +224,12 @@ def test_invalid_hostname(tmp_path: Path) -> None:
 def test_enroll_device(certs: Path, tmp_path: Path) -> None:
     out = tmp_path / "devices" / "phone-1"
     key_path, cert_path = enroll_device(
-        device_ca_cert=certs / "device-ca.pem", device_ca_key=certs / "device-ca.key",
-        device_id="phone-1", user="Alice@Corp.Example", out_dir=out)
+        device_ca_cert=certs / "device-ca.pem",
+        device_ca_key=certs / "device-ca.key",
+        device_id="phone-1",
+        user="Alice@Corp.Example",
+        out_dir=out,
+    )
     assert (key_path, cert_path) == (out / "device.key", out / "device.pem")
     assert _mode(key_path) == 0o600
     assert key_path.read_text().startswith("-----BEGIN PRIVATE KEY-----")
@@ -217,7 +240,8 @@ def test_enroll_device(certs: Path, tmp_path: Path) -> None:
     assert leaf.public_key() == key.public_key()
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "urn:mailward:device:phone-1"]
+        "urn:mailward:device:phone-1"
+    ]
     assert san.get_values_for_type(x509.RFC822Name) == ["alice@corp.example"]
     assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "phone-1"
 
@@ -226,8 +250,9 @@ def test_enroll_device(certs: Path, tmp_path: Path) -> None:
     verified = PolicyBuilder().store(store).build_client_verifier().verify(leaf, chain)
     assert verified.chain[0] == leaf
     with pytest.raises(VerificationError):
-        PolicyBuilder().store(Store(load_certs(certs / "ca.pem"))).build_client_verifier() \
-            .verify(leaf, chain)
+        PolicyBuilder().store(Store(load_certs(certs / "ca.pem"))).build_client_verifier().verify(
+            leaf, chain
+        )
 
     # And a mTLS handshake with it succeeds against a server requiring device-ca.pem.
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -242,8 +267,12 @@ def test_enroll_device(certs: Path, tmp_path: Path) -> None:
 
 
 def test_enroll_refuses_overwrite_and_bad_input(certs: Path, tmp_path: Path) -> None:
-    kw = {"device_ca_cert": certs / "device-ca.pem", "device_ca_key": certs / "device-ca.key",
-          "user": "bob@corp.example", "out_dir": tmp_path}
+    kw = {
+        "device_ca_cert": certs / "device-ca.pem",
+        "device_ca_key": certs / "device-ca.key",
+        "user": "bob@corp.example",
+        "out_dir": tmp_path,
+    }
     enroll_device(device_id="d1", **kw)
     first = (tmp_path / "device.key").read_bytes()
     with pytest.raises(PkiError, match=r"device\.key"):
@@ -256,11 +285,14 @@ def test_enroll_refuses_overwrite_and_bad_input(certs: Path, tmp_path: Path) -> 
     with pytest.raises(PkiError, match="user"):
         enroll_device(device_id="d2", **{**kw, "user": "nobody", "out_dir": tmp_path / "y"})
     with pytest.raises(PkiError, match="not the key"):
-        enroll_device(device_id="d3", **{**kw, "device_ca_key": certs / "ca.key",
-                                         "out_dir": tmp_path / "z"})
+        enroll_device(
+            device_id="d3", **{**kw, "device_ca_key": certs / "ca.key", "out_dir": tmp_path / "z"}
+        )
     with pytest.raises(PkiError, match="cannot read"):
-        enroll_device(device_id="d4", **{**kw, "device_ca_cert": tmp_path / "missing.pem",
-                                         "out_dir": tmp_path / "w"})
+        enroll_device(
+            device_id="d4",
+            **{**kw, "device_ca_cert": tmp_path / "missing.pem", "out_dir": tmp_path / "w"},
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -268,14 +300,27 @@ def test_enroll_refuses_overwrite_and_bad_input(certs: Path, tmp_path: Path) -> 
 
 
 def test_make_claims() -> None:
-    c = make_claims(device_id="p1", user="A@B.example", platform="ios",
-                    apps=["com.zhiliaoapp.musically", "com.example.mail", "",
-                          {"id": "x", "version": "2"}],
-                    now=1_700_000_000.7, ttl_s=600, nonce="n")
-    assert c["apps"] == [{"id": "com.zhiliaoapp.musically", "name": "TikTok"},
-                         {"id": "com.example.mail"}, {"id": "x", "version": "2"}]
+    c = make_claims(
+        device_id="p1",
+        user="A@B.example",
+        platform="ios",
+        apps=["com.zhiliaoapp.musically", "com.example.mail", "", {"id": "x", "version": "2"}],
+        now=1_700_000_000.7,
+        ttl_s=600,
+        nonce="n",
+    )
+    assert c["apps"] == [
+        {"id": "com.zhiliaoapp.musically", "name": "TikTok"},
+        {"id": "com.example.mail"},
+        {"id": "x", "version": "2"},
+    ]
     assert (c["iat"], c["exp"], c["sub"], c["user"], c["nonce"]) == (
-        1_700_000_000, 1_700_000_600, "p1", "a@b.example", "n")
+        1_700_000_000,
+        1_700_000_600,
+        "p1",
+        "a@b.example",
+        "n",
+    )
     assert len(c["jti"]) == 32
     assert make_claims(device_id="p1", user="u@x", platform="ios", apps=[])["jti"] != c["jti"]
     with pytest.raises(PkiError, match="platform"):
@@ -286,18 +331,33 @@ def test_make_claims() -> None:
 
 def test_enrolled_device_and_attester_reports_verify(certs: Path, tmp_path: Path) -> None:
     key_path, cert_path = enroll_device(
-        device_ca_cert=certs / "device-ca.pem", device_ca_key=certs / "device-ca.key",
-        device_id="phone-2", user="carol@corp.example", out_dir=tmp_path)
+        device_ca_cert=certs / "device-ca.pem",
+        device_ca_key=certs / "device-ca.key",
+        device_id="phone-2",
+        user="carol@corp.example",
+        out_dir=tmp_path,
+    )
     v = Verifier.from_files(certs / "device-ca.pem", [certs / "mdm-attester.pem"])
     now = time.time()
-    claims = make_claims(device_id="phone-2", user="carol@corp.example", platform="android",
-                         apps=["com.ss.android.ugc.trill"], now=now)
-    p = v.verify(sign_report(claims, load_private_key(key_path), load_certs(cert_path)),
-                 now=now, max_age_s=86400, require_nonce=False)
+    claims = make_claims(
+        device_id="phone-2",
+        user="carol@corp.example",
+        platform="android",
+        apps=["com.ss.android.ugc.trill"],
+        now=now,
+    )
+    p = v.verify(
+        sign_report(claims, load_private_key(key_path), load_certs(cert_path)),
+        now=now,
+        max_age_s=86400,
+        require_nonce=False,
+    )
     assert (p.device_id, p.attested_by, p.apps[0].name) == ("phone-2", "device", "TikTok")
-    token = sign_report({**claims, "sub": "anything", "jti": "j2"},
-                        load_private_key(certs / "mdm-attester.key"),
-                        load_certs(certs / "mdm-attester.pem"))
+    token = sign_report(
+        {**claims, "sub": "anything", "jti": "j2"},
+        load_private_key(certs / "mdm-attester.key"),
+        load_certs(certs / "mdm-attester.pem"),
+    )
     p = v.verify(token, now=now, max_age_s=86400, require_nonce=False)
     assert p.attested_by == "mdm:mailward MDM attester"
 
