@@ -1,0 +1,187 @@
+"""The gate: one decision and one audit record per call, fail-closed on store/audit
+failures, unidentified handling, and ending live sessions on posture/policy change."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from proxy.gate import Gate, Identity, Origin
+from proxy.policy import Policy, ProhibitedApp
+from proxy.posture import App, CommitResult, Posture
+
+TIKTOK = "com.zhiliaoapp.musically"
+RULE = ProhibitedApp("TikTok", (TIKTOK,), "reads the clipboard", "Uninstall TikTok.")
+POLICY = Policy(version="v1", sha256="a" * 64, prohibited=(RULE,))
+
+
+def make_posture(device: str, user: str, *apps: str, age_s: float = 10) -> Posture:
+    iat = int(time.time() - age_s)
+    return Posture(device, user, "android", "14", True, tuple(App(a) for a in apps), iat,
+                   iat + 3600, f"j-{device}-{iat}", device, "device")
+
+
+class FakeStore:
+    def __init__(self, *postures: Posture) -> None:
+        self.postures = {p.device_id: p for p in postures}
+        self.broken = False
+
+    async def get(self, device_id: str) -> Posture | None:
+        if self.broken:
+            raise OSError("disk gone")
+        return self.postures.get(device_id)
+
+    async def devices_for_user(self, user: str) -> list[Posture]:
+        return [p for p in self.postures.values() if p.user == user.lower()]
+
+    async def commit_attestation(self, posture: Posture, nonce: str | None,
+                                 now: float) -> CommitResult:
+        self.postures[posture.device_id] = posture
+        return "ok"
+
+    async def issue_nonce(self, nonce: str, expires_at: float) -> None: ...
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None: ...
+
+
+class ListAudit:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.broken = False
+
+    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if self.broken:
+            raise OSError("audit disk full")
+        self.records.append(fields)
+        return fields
+
+
+@dataclass(eq=False)
+class FakeSession:
+    identity: Identity
+    origin: Origin
+    ended: list[str] = field(default_factory=list)
+
+    async def terminate(self, text: str) -> None:
+        self.ended.append(text)
+
+
+IMAP = Origin("imap", "imaps", "192.0.2.7", "deny")
+
+
+def gate_with(*postures: Posture, policy: Policy = POLICY) -> tuple[Gate, FakeStore, ListAudit]:
+    store, audit = FakeStore(*postures), ListAudit()
+    holder = {"p": policy}
+    gate = Gate(store=store, audit=audit, policy=lambda: holder["p"])
+    gate.holder = holder  # type: ignore[attr-defined]
+    return gate, store, audit
+
+
+async def test_one_record_per_decision_with_design_fields() -> None:
+    """An allow writes exactly one decision record with the DESIGN fields."""
+    gate, _, audit = gate_with(make_posture("d1", "alice@corp.example", "com.mail"))
+    d = await gate.decide(Identity("Alice@Corp.Example", "d1", "client_cert"), IMAP)
+    assert d.allow
+    assert len(audit.records) == 1
+    r = audit.records[0]
+    for key in ("event", "decision", "reasons", "protocol", "listener", "client_ip", "user",
+                "device_id", "platform", "posture_age_s", "policy_version", "policy_sha256",
+                "mode", "latency_us"):
+        assert key in r, key
+    assert r["event"] == "decision" and r["decision"] == "allow"
+    assert r["user"] == "alice@corp.example" and r["client_ip"] == "192.0.2.7"
+    assert r["platform"] == "android" and r["policy_version"] == "v1"
+    assert 0 <= r["latency_us"] < 1_000_000
+
+
+async def test_deny_names_app() -> None:
+    """A TikTok device is denied and the record names the app."""
+    gate, _, audit = gate_with(make_posture("d1", "alice@corp.example", TIKTOK))
+    d = await gate.decide(Identity("alice@corp.example", "d1"), IMAP)
+    assert not d.allow and "TikTok" in d.user_text()
+    assert audit.records[0]["reasons"][0]["app_id"] == TIKTOK
+
+
+async def test_store_failure_fails_closed() -> None:
+    """An unreachable posture store gives a temporary deny, still logged."""
+    gate, store, audit = gate_with()
+    store.broken = True
+    d = await gate.decide(Identity("a@corp.example", "d1"), IMAP)
+    assert not d.allow and d.temporary
+    assert audit.records[0]["reasons"][0]["code"] == "posture_store_unavailable"
+
+
+async def test_audit_failure_fails_closed() -> None:
+    """If the decision cannot be logged, access is refused (temporary)."""
+    gate, _, audit = gate_with(make_posture("d1", "a@corp.example", "com.mail"))
+    audit.broken = True
+    d = await gate.decide(Identity("a@corp.example", "d1"), IMAP)
+    assert not d.allow and d.temporary
+
+
+async def test_unidentified_modes() -> None:
+    """Unidentified clients: deny by default, allow if configured, and
+    all-user-devices only when every device of the user is compliant."""
+    clean = make_posture("d1", "a@corp.example", "com.mail")
+    dirty = make_posture("d2", "a@corp.example", TIKTOK)
+    gate, store, _ = gate_with(clean)
+    who = Identity("a@corp.example", None)
+    assert not (await gate.decide(who, IMAP)).allow
+    assert (await gate.decide(who, replace(IMAP, unidentified="allow"))).allow
+    all_dev = replace(IMAP, unidentified="all-user-devices")
+    assert (await gate.decide(who, all_dev)).allow
+    store.postures["d2"] = dirty
+    d = await gate.decide(who, all_dev)
+    assert not d.allow and "TikTok" in d.user_text()
+    d = await gate.decide(Identity("nobody@corp.example", None), all_dev)
+    assert not d.allow and d.reasons[0].code == "unknown_device"
+
+
+async def test_auth_failed_and_session_end_records() -> None:
+    """Wrong password: a deny record with auth_failed; early close: session_end."""
+    gate, _, audit = gate_with()
+    await gate.record_auth_failed(Identity("a@corp.example", "d1"), IMAP)
+    await gate.record_session_end(IMAP, "timeout")
+    assert audit.records[0]["decision"] == "deny"
+    assert audit.records[0]["reasons"][0]["code"] == "auth_failed"
+    assert audit.records[1] == {"event": "session_end", "reason": "timeout", "protocol": "imap",
+                                "listener": "imaps", "client_ip": "192.0.2.7", "user": None,
+                                "device_id": None}
+
+
+async def test_posture_change_ends_only_that_devices_denied_sessions() -> None:
+    """A new non-compliant posture ends the sessions of that device, and only those."""
+    p1 = make_posture("d1", "a@corp.example", "com.mail")
+    p2 = make_posture("d2", "b@corp.example", "com.mail")
+    gate, store, audit = gate_with(p1, p2)
+    s1 = FakeSession(Identity("a@corp.example", "d1"), IMAP)
+    s2 = FakeSession(Identity("b@corp.example", "d2"), IMAP)
+    gate.register(s1)
+    gate.register(s2)
+    assert await gate.posture_changed("d1") == 0  # still compliant
+    store.postures["d1"] = make_posture("d1", "a@corp.example", TIKTOK)
+    assert await gate.posture_changed("d1") == 1
+    assert s1.ended and "TikTok" in s1.ended[0]
+    assert not s2.ended
+    assert gate.live_sessions() == [s2]
+    end = audit.records[-1]
+    assert end["event"] == "session_end" and end["reason"] == "posture_changed"
+    assert end["device_id"] == "d1" and end["detail"] == "prohibited_app"
+
+
+async def test_policy_change_ends_exactly_the_sessions_it_should() -> None:
+    """A new rule ends the sessions it denies; others stay."""
+    p1 = make_posture("d1", "a@corp.example", "com.chat")
+    p2 = make_posture("d2", "b@corp.example", "com.mail")
+    gate, _, _ = gate_with(p1, p2)
+    s1 = FakeSession(Identity("a@corp.example", "d1"), IMAP)
+    s2 = FakeSession(Identity("b@corp.example", "d2"), IMAP)
+    gate.register(s1)
+    gate.register(s2)
+    chat = ProhibitedApp("Chat", ("com.chat",), "r", "Remove Chat.")
+    gate.holder["p"] = replace(POLICY, version="v2", prohibited=(RULE, chat))  # type: ignore[attr-defined]
+    assert await gate.policy_changed() == 1
+    assert s1.ended and not s2.ended
