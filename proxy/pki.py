@@ -475,7 +475,7 @@ def make_claims(
         "sub": device_id,
         "user": user.lower(),
         "platform": platform,
-        "os_version": os_version,
+        "os_version": os_version or "",
         "managed": managed,
         "apps": app_list,
         "iat": iat,
