@@ -1,0 +1,506 @@
+"""The control-plane HTTP API (aiohttp), on its own listener.
+
+Devices and the MDM push posture reports here; ops staff ask what-if questions and
+read health and metrics. :func:`make_app` builds the application from explicit
+collaborators (gate, posture store, verifier, policy getter, audit sink), so tests
+drive it without a server; :func:`start_api` binds it.
+
+Endpoints
+---------
+``POST /v1/attestations``   body = one JWS, ``Content-Type: application/jose``.
+                            201 ``{"device_id", "compliant", "violations"}``.
+``GET  /v1/challenge``      a single-use nonce for reports, with its expiry.
+``GET  /v1/devices/{id}``   latest posture summary, current evaluation (admin).
+``POST /v1/explain``        what-if evaluation against the current policy (admin);
+                            nothing is stored.
+``GET  /healthz``           the process is up.
+``GET  /readyz``            listeners bound, audit writable, store reachable, policy.
+``GET  /metrics``           Prometheus text format.
+
+Every error is JSON ``{"error": <code>, "detail": <one sentence>}``. Attestation
+refusals use the stable reason codes of ``proxy.attestation``, mapped to HTTP status:
+
+==================================================================  ======
+``too_large`` (report over 256 KiB, or body over the API limit)     413
+``replay`` (jti seen before)                                        409
+``malformed``, ``alg_not_allowed`` (cannot be processed at all)     400
+``bad_signature``, ``untrusted_chain``, ``device_mismatch``,        422
+``expired``, ``not_yet_valid``, ``bad_nonce`` (well-formed but
+refused on its merits)
+wrong Content-Type                                                  415
+posture store unavailable                                           503
+==================================================================  ======
+
+Admin endpoints take ``Authorization: Bearer <token>``, compared in constant time;
+without a configured token they are disabled (403).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from proxy import metrics
+from proxy.attestation import AttestationError, Verifier, ingest
+from proxy.gate import AuditSink, Gate
+from proxy.policy import Context, Decision, Policy, evaluate
+from proxy.posture import App, Posture, PostureStore
+
+log = structlog.get_logger("mailward.api")
+
+JOSE: Final = "application/jose"
+#: How long a challenge nonce may be used.
+NONCE_TTL_S: Final = 300
+#: Default request body limit (``[api] max_body_bytes`` overrides it).
+DEFAULT_MAX_BODY_BYTES: Final = 512 * 1024
+#: Apps listed in a what-if posture (same bound as a report).
+MAX_EXPLAIN_APPS: Final = 5000
+
+ATTESTATION_STATUS: Final[dict[str, int]] = {
+    "too_large": 413,
+    "replay": 409,
+    "malformed": 400,
+    "alg_not_allowed": 400,
+    "bad_signature": 422,
+    "untrusted_chain": 422,
+    "device_mismatch": 422,
+    "expired": 422,
+    "not_yet_valid": 422,
+    "bad_nonce": 422,
+}
+
+@dataclass(frozen=True, slots=True)
+class ApiState:
+    gate: Gate
+    store: PostureStore
+    verifier: Callable[[], Verifier]
+    policy: Callable[[], Policy]
+    admin_token: bytes | None
+    readiness: Callable[[], dict[str, bool]]
+    max_body_bytes: int
+    audit: AuditSink
+    clock: Callable[[], float]
+
+
+_CFG: Final = web.AppKey("mailward_api", ApiState)
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP ``status`` with a JSON error body."""
+
+    def __init__(self, status: int, error: str, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+        self.headers = headers or {}
+
+
+def _json_error(status: int, error: str, detail: str,
+                headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status,
+                             headers=headers)
+
+
+# aiohttp's own HTTP errors (404, 405, 413 from client_max_size) -> stable codes.
+_HTTP_CODES: Final = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def _errors(request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """JSON errors everywhere, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _json_error(e.status, e.error, e.detail, e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        return _json_error(e.status, code, e.reason, {k: v for k, v in e.headers.items()
+                                                      if k.lower() == "allow"})
+    except Exception:  # a bug: log it, never leak a traceback
+        log.exception("api handler failed", path=request.path)
+        return _json_error(500, "internal", "Internal error; see the server log.")
+
+
+def make_app(
+    *,
+    gate: Gate,
+    store: PostureStore,
+    policy: Callable[[], Policy],
+    audit: AuditSink,
+    verifier: Verifier | None = None,
+    verifier_factory: Callable[[], Verifier] | None = None,
+    admin_token: bytes | None = None,
+    readiness: Callable[[], dict[str, bool]] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """Build the API application. Pass ``verifier`` or ``verifier_factory`` (the latter
+    lets the server swap trust anchors on reload)."""
+    if verifier_factory is None:
+        if verifier is None:
+            raise ValueError("make_app needs verifier or verifier_factory")
+        fixed = verifier
+        verifier_factory = lambda: fixed  # noqa: E731
+    if admin_token is not None:
+        admin_token = admin_token.strip()
+        if not admin_token:
+            admin_token = None  # an empty token file must not mean "no password"
+    state = ApiState(gate, store, verifier_factory, policy, admin_token,
+                     readiness or (lambda: {}), max_body_bytes, audit, clock)
+    # client_max_size bounds every body read through aiohttp (JSON endpoints).
+    app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
+    app[_CFG] = state
+    app.router.add_post("/v1/attestations", _attestations)
+    app.router.add_get("/v1/challenge", _challenge)
+    app.router.add_get("/v1/devices/{device_id}", _device)
+    app.router.add_post("/v1/explain", _explain)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _state(request: web.Request) -> ApiState:
+    return request.app[_CFG]
+
+
+# ------------------------------------------------------------------ attestations
+
+
+async def _attestations(request: web.Request) -> web.Response:
+    st = _state(request)
+    if request.content_type != JOSE:
+        raise ApiError(415, "unsupported_media_type",
+                       f"Send the report with Content-Type: {JOSE}.")
+    client_ip = request.remote or ""
+    try:
+        body = await _read_limited(request, st.max_body_bytes)
+    except ApiError as e:
+        await _record_attestation(st, None, client_ip, e.error)
+        raise
+    now = st.clock()
+    pol = st.policy()
+    try:
+        posture = await ingest(st.verifier(), st.store, body, now=now,
+                               max_age_s=pol.max_posture_age_s,
+                               require_nonce=pol.require_nonce)
+    except AttestationError as e:
+        await _record_attestation(st, None, client_ip, e.code)
+        raise ApiError(ATTESTATION_STATUS.get(e.code, 400), e.code, e.detail) from None
+    except Exception as e:  # the store failed: nothing was committed
+        log.error("posture store unavailable during ingest", error=str(e))
+        metrics.UPSTREAM_ERRORS.labels("posture_store").inc()
+        await _record_attestation(st, None, client_ip, "unavailable")
+        raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
+                       {"Retry-After": "30"}) from None
+    decision = _evaluate(posture, pol, now, "api")
+    await _record_attestation(st, posture, client_ip, None, decision)
+    # Continuous access evaluation: a now non-compliant device loses its live sessions.
+    try:
+        await st.gate.posture_changed(posture.device_id, posture.user)
+    except Exception as e:
+        log.error("re-evaluating live sessions failed", error=str(e))
+    return web.json_response(
+        {
+            "device_id": posture.device_id,
+            "compliant": decision.allow,
+            "violations": [r.to_dict() for r in decision.reasons],
+        },
+        status=201,
+    )
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _record_attestation(
+    st: ApiState,
+    posture: Posture | None,
+    client_ip: str,
+    code: str | None,
+    decision: Decision | None = None,
+) -> None:
+    """One ``attestation`` audit record per ingest, accepted or refused."""
+    result = "accepted" if code is None else "refused"
+    metrics.ATTESTATIONS.labels(result if code is None else code).inc()
+    fields: dict[str, Any] = {
+        "event": "attestation",
+        "result": result,
+        "code": code,
+        "client_ip": client_ip,
+        "device_id": posture.device_id if posture else None,
+        "user": posture.user if posture else None,
+    }
+    if posture is not None and decision is not None:
+        fields.update(
+            platform=posture.platform,
+            attested_by=posture.attested_by,
+            jti=posture.jti,
+            posture_sha256=posture.sha256,
+            compliant=decision.allow,
+            violations=[r.code for r in decision.reasons],
+        )
+    try:
+        await st.audit.write(fields)
+    except Exception as e:  # the posture is committed either way; readyz shows the fault
+        log.error("audit log unavailable for attestation record", error=str(e))
+
+
+def _evaluate(posture: Posture, pol: Policy, now: float, protocol: str) -> Decision:
+    ctx = Context(now=datetime.fromtimestamp(now, UTC), user=posture.user,
+                  device_id=posture.device_id, protocol=protocol)
+    return evaluate(posture, pol, ctx)
+
+
+# --------------------------------------------------------------------- challenge
+
+
+async def _challenge(request: web.Request) -> web.Response:
+    st = _state(request)
+    nonce = secrets.token_urlsafe(24)
+    expires_at = st.clock() + NONCE_TTL_S
+    try:
+        await st.store.issue_nonce(nonce, expires_at)
+    except Exception as e:
+        log.error("posture store unavailable for challenge", error=str(e))
+        raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
+                       {"Retry-After": "30"}) from None
+    return web.json_response(
+        {"nonce": nonce, "expires_at": int(expires_at), "expires_in": NONCE_TTL_S},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+# ------------------------------------------------------------------------ admin
+
+
+def _require_admin(request: web.Request) -> None:
+    token = _state(request).admin_token
+    if token is None:
+        raise ApiError(403, "admin_disabled", "No admin token is configured.")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest on bytes of any length: the time does not depend on the content.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        raise ApiError(401, "unauthorized", "Send Authorization: Bearer <admin token>.",
+                       {"WWW-Authenticate": 'Bearer realm="mailward"'})
+
+
+async def _device(request: web.Request) -> web.Response:
+    _require_admin(request)
+    st = _state(request)
+    device_id = request.match_info["device_id"]
+    try:
+        posture = await st.store.get(device_id)
+    except Exception as e:
+        log.error("posture store unavailable", error=str(e))
+        raise ApiError(503, "unavailable", "The posture store is unavailable.") from None
+    if posture is None:
+        raise ApiError(404, "not_found", "No posture is stored for this device.")
+    now = st.clock()
+    pol = st.policy()
+    decision = _evaluate(posture, pol, now, "api")
+    live = [s for s in st.gate.live_sessions() if s.identity.device_id == device_id]
+    last = getattr(st.audit, "last_decision", None)
+    last_decision = None
+    if callable(last):
+        try:
+            last_decision = await last(device_id)
+        except Exception as e:
+            log.warning("audit lookup failed", error=str(e))
+    return web.json_response(
+        {
+            "device_id": posture.device_id,
+            "user": posture.user,
+            "platform": posture.platform,
+            "os_version": posture.os_version,
+            "managed": posture.managed,
+            "attested_by": posture.attested_by,
+            "iat": posture.iat,
+            "exp": posture.exp,
+            "posture_age_s": round(now - posture.iat, 3),
+            "posture_sha256": posture.sha256,
+            "apps": len(posture.apps),
+            # What the gate would decide now (not recorded), and what it last did.
+            "current_evaluation": _decision_json(decision),
+            "last_decision": last_decision,
+            "live_sessions": [
+                {"protocol": s.origin.protocol, "listener": s.origin.listener,
+                 "user": s.identity.user_key}
+                for s in live
+            ],
+        }
+    )
+
+
+async def _explain(request: web.Request) -> web.Response:
+    """What-if: this posture (or the stored one) for this user, against the current
+    policy. Nothing is stored and no audit record is written."""
+    _require_admin(request)
+    st = _state(request)
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise ApiError(400, "malformed", "The body is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    user = doc.get("user")
+    device_id = doc.get("device_id") or "what-if"
+    protocol = doc.get("protocol", "activesync")
+    if not isinstance(user, str) or not user or len(user) > 320:
+        raise ApiError(400, "malformed", "user must be a non-empty string.")
+    if not isinstance(device_id, str) or len(device_id) > 128:
+        raise ApiError(400, "malformed", "device_id must be a string.")
+    if protocol not in ("imap", "smtp", "activesync"):
+        raise ApiError(400, "malformed", "protocol must be imap, smtp or activesync.")
+    now = st.clock()
+    if "posture" in doc:
+        posture = _what_if_posture(doc["posture"], device_id, user, now)
+    else:
+        try:
+            posture = await st.store.get(device_id)
+        except Exception:
+            raise ApiError(503, "unavailable", "The posture store is unavailable.") from None
+    pol = st.policy()
+    ctx = Context(now=datetime.fromtimestamp(now, UTC), user=user.strip().lower(),
+                  device_id=device_id, protocol=protocol)
+    decision = evaluate(posture, pol, ctx)
+    return web.json_response(_decision_json(decision))
+
+
+def _what_if_posture(p: object, device_id: str, user: str, now: float) -> Posture:
+    if not isinstance(p, dict):
+        raise ApiError(400, "malformed", "posture must be an object.")
+    platform = p.get("platform")
+    apps = p.get("apps", [])
+    if not isinstance(platform, str) or not isinstance(apps, list) \
+            or len(apps) > MAX_EXPLAIN_APPS:
+        raise ApiError(400, "malformed", "posture needs platform (string) and apps (list).")
+    parsed = []
+    for a in apps:
+        if isinstance(a, str):
+            parsed.append(App(id=a))
+        elif isinstance(a, dict) and isinstance(a.get("id"), str) \
+                and isinstance(a.get("version", ""), str) and isinstance(a.get("name", ""), str):
+            parsed.append(App(id=a["id"], version=a.get("version", ""), name=a.get("name", "")))
+        else:
+            raise ApiError(400, "malformed", "each app is an id or {id, version, name}.")
+    return Posture(
+        device_id=device_id,
+        user=str(p.get("user", user)).lower(),
+        platform=platform,
+        os_version=str(p.get("os_version", "")),
+        managed=bool(p.get("managed", False)),
+        apps=tuple(parsed),
+        iat=int(now),
+        exp=int(now) + 3600,
+        jti="what-if",
+        issuer="what-if",
+        attested_by="what-if",
+    )
+
+
+def _decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "decision": decision.decision,
+        "allow": decision.allow,
+        "mode": decision.mode,
+        "reasons": [r.to_dict() for r in decision.reasons],
+        "user_text": None if decision.allow else decision.user_text(),
+        "policy_version": decision.policy_version,
+        "policy_sha256": decision.policy_sha256,
+    }
+
+
+# ----------------------------------------------------------------- health, metrics
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    st = _state(request)
+    checks = dict(st.readiness())
+    try:
+        st.policy()
+        checks.setdefault("policy_loaded", True)
+    except Exception:
+        checks["policy_loaded"] = False
+    try:
+        checks["posture_store"] = bool(await st.store.ping())
+    except Exception:
+        checks["posture_store"] = False
+    healthy = getattr(st.audit, "healthy", None)
+    if healthy is not None:
+        checks.setdefault("audit_writable", bool(healthy() if callable(healthy) else healthy))
+    ready = all(checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    st = _state(request)
+    try:
+        pol = st.policy()
+        metrics.POLICY_INFO.clear()  # exactly one series: the policy in force now
+        metrics.POLICY_INFO.labels(pol.version, pol.sha256).set(1)
+    except Exception:
+        pass
+    body = generate_latest(REGISTRY)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+# ------------------------------------------------------------------------ server
+
+
+@dataclass
+class RunningApi:
+    """The bound API listener (a ``RunningListener``)."""
+
+    name: str
+    port: int
+    runner: web.AppRunner
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        await self.runner.shutdown()
+        await self.runner.cleanup()
+
+
+async def start_api(cfg: Any, app: web.Application, ssl_context: Any = None) -> RunningApi:
+    """Bind ``app`` on ``cfg.host:cfg.port`` (an ``ApiConfig``); port 0 picks one."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context)
+    await site.start()
+    port = cfg.port
+    server = site._server  # aiohttp exposes the bound sockets only here
+    if server is not None and getattr(server, "sockets", None):
+        port = server.sockets[0].getsockname()[1]
+    return RunningApi("api", port, runner)
