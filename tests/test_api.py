@@ -21,6 +21,7 @@ from pki_helpers import USER, TestPki, default_header, hand_jws, report
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.api import make_app, start_api
+from proxy.audit import AuditLog
 from proxy.config import ApiConfig, load_policy
 from proxy.gate import Gate, Identity, Origin
 from proxy.policy import Policy
@@ -33,16 +34,33 @@ ADMIN = {"Authorization": "Bearer " + TOKEN.decode()}
 
 
 class ListAudit:
-    """In-memory audit sink (the shape of ``AuditLog.write``)."""
+    """Audit sink that remembers what it wrote: the real ``AuditLog`` when given a
+    path, else in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.records: list[dict[str, Any]] = []
-        self.healthy = True
+        self.log = AuditLog(path, signing_key=None) if path is not None else None
+        self._healthy = True
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy and (self.log is None or self.log.healthy)
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
 
     async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        rec = {"seq": len(self.records) + 1, **fields}
+        if self.log is not None:
+            rec = await self.log.write(fields)
+        else:
+            rec = {"seq": len(self.records) + 1, **fields}
         self.records.append(rec)
         return rec
+
+    async def close(self) -> None:
+        if self.log is not None:
+            await self.log.close()
 
 
 @dataclass(eq=False)
@@ -71,7 +89,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     pki = TestPki()
     pki.attester("Example MDM")
     store = SqlitePostureStore(tmp_path / "posture.db")
-    audit = ListAudit()
+    audit = ListAudit(tmp_path / "audit.jsonl")
     policy = [load_policy(ROOT / "config" / "policy.toml")]
     gate = Gate(store=store, audit=audit, policy=lambda: policy[0])
     ready = {"listeners_bound": True}
@@ -85,6 +103,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     finally:
         await client.close()
         await store.close()
+        await audit.close()
 
 
 async def post_report(env: Env, token: str | bytes) -> tuple[int, dict[str, Any]]:
