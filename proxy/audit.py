@@ -365,7 +365,7 @@ class AuditLog:
 
         try:
             with self._locked():
-                self._recover()
+                self._recover(opening=True)
         except (OSError, AuditUnavailable) as exc:
             self._fail(exc)
 
@@ -574,7 +574,7 @@ class AuditLog:
 
     # -- recovery -------------------------------------------------------------------
 
-    def _recover(self, *, delta: bool = False) -> None:
+    def _recover(self, *, delta: bool = False, opening: bool = False) -> None:
         """Re-read the chain head from disk. ``delta``: same file, only read what
         another writer appended after our last record. Holds the lock."""
         if delta:
@@ -606,7 +606,7 @@ class AuditLog:
             else:
                 raise AuditIntegrityError(f"cannot find the last record of {self.path}")
             unsealed = self._count_unsealed(window, base=self._unsealed if delta else 0)
-            self._reconcile_head_file(seq, window)
+            self._reconcile_head_file(seq, window, opening=opening)
         except BaseException:
             if not delta:
                 os.close(fd)
@@ -682,9 +682,12 @@ class AuditLog:
             bytes=len(fragment),
         )
 
-    def _reconcile_head_file(self, last_seq: int, window: list[dict[str, Any]]) -> None:
+    def _reconcile_head_file(
+        self, last_seq: int, window: list[dict[str, Any]], *, opening: bool
+    ) -> None:
         """Refuse a log cut behind its ``.head``; re-issue ``.head`` if a crash left it
-        behind the newest checkpoint in the file."""
+        behind the newest checkpoint in the file. (After opening, a newer checkpoint is
+        normal: another writer publishes it after its fsync; publishing twice is safe.)"""
         hp = head_path(self.path)
         try:
             sealed = _read_head_file(hp)
@@ -707,7 +710,7 @@ class AuditLog:
         self._head_written_seq = max(self._head_written_seq, sealed_seq)
         newest = next((r for r in reversed(window) if r.get("event") == CHECKPOINT_EVENT), None)
         if newest is not None and newest["seq"] > sealed_seq:
-            if sealed is None or not self._pending_head:
+            if opening:
                 log.warning("audit_head_file_behind", path=str(hp), checkpoint=newest["seq"])
             self._pending_head = newest
 

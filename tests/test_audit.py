@@ -536,6 +536,33 @@ async def test_two_writers_share_one_chain(tmp_path: Path) -> None:
     assert result.records == len(lines_of(path))
 
 
+async def test_separate_processes_share_one_chain(tmp_path: Path) -> None:
+    """CLI processes appending while the server writes (and rotates) keep one chain."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.jsonl"
+    script = (
+        "import sys; from proxy.audit import AuditLog; "
+        "from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as K\n"
+        "key = K.from_private_bytes(bytes(range(32)))\n"
+        "opts = dict(signing_key=key, checkpoint_every=9, rotate_bytes=20000)\n"
+        "with AuditLog(sys.argv[1], **opts) as a:\n"
+        "    for i in range(150): a.append({'event': 'explain', 'i': i})\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path)]) for _ in range(2)]
+    server = AuditLog(path, signing_key=KEY, checkpoint_every=25, rotate_bytes=20000)
+    for batch in range(10):
+        await asyncio.gather(*(server.write(decision(batch * 30 + i)) for i in range(30)))
+        await asyncio.sleep(0.01)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    await server.close()
+    result = verify(path, KEY.public_key())
+    assert result.ok, result
+    assert len(list(query(path, event="explain"))) == 300
+    assert len(list(query(path))) == 600
+
+
 # -- query and formats ------------------------------------------------------------------
 
 
