@@ -183,6 +183,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AUTHENTICATING, "AuthenticateCancelled"): State.NOT_AUTHENTICATED,
     (State.AUTHENTICATING, "BadCommand"): State.NOT_AUTHENTICATED,
     (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
+    (State.AUTHENTICATING, "login_refused"): State.NOT_AUTHENTICATED,  # e.g. no TLS yet
     (State.STARTTLS, "starttls_done"): State.NOT_AUTHENTICATED,
     (State.AWAITING_LOGIN, "login_refused"): State.NOT_AUTHENTICATED,
     (State.AWAITING_LOGIN, "login_accepted"): State.AUTHENTICATED,
@@ -309,9 +310,16 @@ def _b64(data: bytes) -> bytes:
 class Connection:
     """Pre-auth IMAP server side of one client connection (see module docstring)."""
 
-    def __init__(self, *, max_commands: int = MAX_PREAUTH_COMMANDS, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_commands: int = MAX_PREAUTH_COMMANDS,
+        tls: bool = False,
+        starttls: bool = True,
+    ) -> None:
         self.state = State.NOT_AUTHENTICATED
         self.tls = tls
+        self.starttls_available = starttls
         self.max_commands = max_commands
         self.commands = 0
         self._buf = bytearray()
@@ -485,6 +493,8 @@ class Connection:
             if name == "STARTTLS":
                 if self.tls:
                     raise _Syntax("TLS is already active")
+                if not self.starttls_available:
+                    raise _Syntax("STARTTLS is not available here")
                 self._transition("StartTlsRequested")
                 return StartTlsRequested(tag)
             if name == "LOGOUT":

@@ -1,0 +1,1 @@
+"""Throw-away real peer servers (Dovecot, ...) that tests drive as upstreams."""
