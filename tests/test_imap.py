@@ -13,6 +13,9 @@ import base64
 import contextlib
 import imaplib
 import json
+import os
+import re
+import shutil
 import socket
 import ssl
 import time
@@ -39,7 +42,9 @@ pytestmark = pytest.mark.peer
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "alice@corp.example", "bob@corp.example"
-PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret"}
+SYNC = "sync@corp.example"
+PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret", SYNC: "sync-secret"}
+SYNC_MESSAGES = 300
 TIKTOK = App("com.zhiliaoapp.musically", "35.1.3", "TikTok")
 MESSAGES = 20
 
@@ -64,7 +69,9 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     certs_init(d)
-    for device, user in (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)):
+    devices = (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB),
+               ("sync-phone", SYNC))
+    for device, user in devices:
         enroll_device(device_ca_cert=d / "device-ca.pem", device_ca_key=d / "device-ca.key",
                       device_id=device, user=user, out_dir=d / "devices" / device)
     return Pki(d)
@@ -76,6 +83,7 @@ def dovecot(pki: Pki) -> Iterator[Dovecot]:
     dv = Dovecot(pki.dir / "server.pem", pki.dir / "server.key", PASSWORDS)
     with dv:
         dv.deliver(ALICE, [make_message(i, 2000) for i in range(MESSAGES)])
+        dv.deliver(SYNC, [make_message(i, 500 + 37 * i) for i in range(SYNC_MESSAGES)])
         yield dv
 
 
@@ -146,6 +154,7 @@ async def env(pki: Pki, dovecot: Dovecot, tmp_path: Path) -> AsyncIterator[Env]:
     await e.put(posture("alice-phone", ALICE))
     await e.put(posture("alice-tiktok", ALICE, (TIKTOK,)))
     await e.put(posture("bob-phone", BOB))
+    await e.put(posture("sync-phone", SYNC))
     yield e
     await e.close()
 
@@ -290,6 +299,61 @@ async def test_imapclient_and_idle(env: Env, pki: Pki):
 
     responses = await run(go)
     assert any(r[1] == b"EXISTS" for r in responses), responses
+
+
+async def test_mbsync_syncs_mailbox_with_device_certificate(env: Env, pki: Pki, tmp_path: Path):
+    """mbsync (isync) pulls a few hundred messages through the proxy with a client cert;
+    the local copies equal what Dovecot stores."""
+    if shutil.which("mbsync") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mbsync missing (Debian package isync)")
+        pytest.skip("mbsync missing (Debian package isync)")
+    port = await env.listen()
+    cert, key = pki.device("sync-phone")
+    local = tmp_path / "local"
+    local.mkdir()
+    conf = tmp_path / "mbsyncrc"
+    conf.write_text(f"""IMAPAccount proxy
+Host localhost
+Port {port}
+User {SYNC}
+Pass {PASSWORDS[SYNC]}
+SSLType IMAPS
+CertificateFile {pki.dir / "ca.pem"}
+ClientCertificate {cert}
+ClientKey {key}
+
+IMAPStore remote
+Account proxy
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+
+Channel sync
+Far :remote:
+Near :local:
+Patterns INBOX
+Sync Pull
+Create Near
+SyncState *
+""")
+    proc = await asyncio.create_subprocess_exec(
+        "mbsync", "-c", str(conf), "sync",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    # mbsync stores LF line ends and adds its own X-TUID header while syncing.
+    synced = sorted(re.sub(rb"(?m)^X-TUID: .*\n", b"", p.read_bytes().replace(b"\r\n", b"\n"))
+                    for p in (local / "INBOX").glob("*/*") if p.is_file())
+    stored = sorted(p.read_bytes().replace(b"\r\n", b"\n")
+                    for p in env.dovecot.maildir(SYNC).glob("*/*") if p.is_file())
+    assert len(synced) == SYNC_MESSAGES
+    assert synced == stored
+    recs = await env.wait_records(1, "decision")
+    assert {(r["decision"], r["device_id"]) for r in recs} == {("allow", "sync-phone")}
 
 
 # ------------------------------------------------------------------------------- deny
