@@ -144,7 +144,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    decision = asyncio.run(go())
+    with log:  # closing seals the new records with a signed checkpoint
+        decision = asyncio.run(go())
     if decision.temporary:
         raise UserError(f"cannot decide: {decision.reasons[0].code}")
     if args.json:
@@ -209,7 +210,8 @@ def cmd_posture_ingest(args: argparse.Namespace) -> int:
             await store.close()
         return EXIT_FAILED if refused else EXIT_OK
 
-    return asyncio.run(go())
+    with log:  # closing seals the new records with a signed checkpoint
+        return asyncio.run(go())
 
 
 def _compliant(posture: Any, policy: Any) -> bool:
