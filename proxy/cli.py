@@ -44,12 +44,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _audit_log(cfg: Config) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     from proxy.audit import AuditLog
-    from proxy.pki import load_private_key
 
     key = None
     if cfg.audit.signing_key and cfg.audit.signing_key.exists():
-        key = load_private_key(cfg.audit.signing_key)
+        key = load_pem_private_key(cfg.audit.signing_key.read_bytes(), password=None)
     return AuditLog(
         cfg.audit.path,
         signing_key=key,
@@ -127,7 +128,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from proxy.gate import Gate, Identity, Origin
+    from proxy.gate import Gate, Identity, NullObserver, Origin
     from proxy.posture import open_store
 
     cfg = _load(args)
@@ -137,7 +138,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     async def go() -> Any:
         store = open_store(cfg.posture.store)
         try:
-            gate = Gate(store=store, audit=_SyncAuditSink(log), policy=lambda: policy)
+            gate = Gate(store=store, audit=_SyncAuditSink(log), policy=lambda: policy,
+                        observer=NullObserver())
             identity = Identity(args.user, args.device, "cli")
             origin = Origin(args.protocol, "cli", "", "deny")
             return await gate.decide(identity, origin, event="explain")

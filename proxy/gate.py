@@ -21,7 +21,6 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from proxy import metrics
 from proxy.policy import (
     UNKNOWN_DEVICE,
     Context,
@@ -84,6 +83,24 @@ class AuditSink(Protocol):
     async def write(self, fields: dict[str, Any]) -> dict[str, Any]: ...
 
 
+class GateObserver(Protocol):
+    """Receives what the gate does (the Prometheus observer in a server)."""
+
+    def decided(self, protocol: str, decision: Decision, latency_us: int) -> None: ...
+    def session_opened(self, protocol: str) -> None: ...
+    def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
+    def store_failed(self) -> None: ...
+
+
+class NullObserver:
+    """For one-shot CLI use: keeps start-up free of the metrics machinery."""
+
+    def decided(self, protocol: str, decision: Decision, latency_us: int) -> None: ...
+    def session_opened(self, protocol: str) -> None: ...
+    def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
+    def store_failed(self) -> None: ...
+
+
 class Gate:
     def __init__(
         self,
@@ -92,7 +109,13 @@ class Gate:
         audit: AuditSink,
         policy: Callable[[], Policy],
         clock: Callable[[], float] = time.time,
+        observer: GateObserver | None = None,
     ) -> None:
+        if observer is None:
+            from proxy.metrics import PrometheusObserver
+
+            observer = PrometheusObserver()
+        self._observer = observer
         self._store = store
         self._audit = audit
         self._policy = policy
@@ -115,7 +138,7 @@ class Gate:
             decision, posture = await self._evaluate(identity, origin, policy)
         except Exception as exc:  # the store is unreachable: fail closed
             log.error("posture store unavailable", error=str(exc))
-            metrics.UPSTREAM_ERRORS.labels("posture_store").inc()
+            self._observer.store_failed()
             decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
         latency_us = int((time.perf_counter() - started) * 1e6)
         fields = self._record(event, identity, origin, decision, posture, latency_us)
@@ -125,7 +148,7 @@ class Gate:
             log.error("audit log unavailable; refusing", error=str(exc))
             decision = _temporary(policy, AUDIT_UNAVAILABLE)
         if event == "decision":
-            metrics.observe_decision(origin.protocol, decision, latency_us)
+            self._observer.decided(origin.protocol, decision, latency_us)
         return decision
 
     async def record_auth_failed(self, identity: Identity, origin: Origin) -> None:
@@ -134,7 +157,7 @@ class Gate:
         reason = Reason(AUTH_FAILED, "The mail server refused the credentials.")
         decision = Decision(False, (reason,), policy.version, policy.sha256)
         fields = self._record("decision", identity, origin, decision, None, 0)
-        metrics.observe_decision(origin.protocol, decision, 0)
+        self._observer.decided(origin.protocol, decision, 0)
         try:
             await self._audit.write(fields)
         except Exception as exc:
@@ -231,12 +254,15 @@ class Gate:
 
     def register(self, session: LiveSession) -> None:
         self._sessions.add(session)
-        metrics.LIVE_SESSIONS.labels(session.origin.protocol).inc()
+        self._observer.session_opened(session.origin.protocol)
 
     def unregister(self, session: LiveSession) -> None:
+        self._unregister(session, ended_by_gate=False)
+
+    def _unregister(self, session: LiveSession, *, ended_by_gate: bool) -> None:
         if session in self._sessions:
             self._sessions.discard(session)
-            metrics.LIVE_SESSIONS.labels(session.origin.protocol).dec()
+            self._observer.session_closed(session.origin.protocol, ended_by_gate=ended_by_gate)
 
     def live_sessions(self) -> list[LiveSession]:
         return list(self._sessions)
@@ -273,8 +299,7 @@ class Gate:
             if decision.allow:
                 continue
             ended += 1
-            self.unregister(session)
-            metrics.SESSIONS_ENDED.labels(session.origin.protocol).inc()
+            self._unregister(session, ended_by_gate=True)
             text = decision.user_text()
             await self.record_session_end(
                 session.origin,

@@ -44,3 +44,21 @@ def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None
     first = decision.reasons[0].code if decision.reasons else "compliant"
     DECISIONS.labels(protocol, decision.decision, first).inc()
     DECISION_LATENCY.observe(latency_us / 1e6)
+
+
+class PrometheusObserver:
+    """The gate's observer in a running server: feeds the metrics above."""
+
+    def decided(self, protocol: str, decision: Decision, latency_us: int) -> None:
+        observe_decision(protocol, decision, latency_us)
+
+    def session_opened(self, protocol: str) -> None:
+        LIVE_SESSIONS.labels(protocol).inc()
+
+    def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None:
+        LIVE_SESSIONS.labels(protocol).dec()
+        if ended_by_gate:
+            SESSIONS_ENDED.labels(protocol).inc()
+
+    def store_failed(self) -> None:
+        UPSTREAM_ERRORS.labels("posture_store").inc()
