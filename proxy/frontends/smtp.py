@@ -1,0 +1,797 @@
+"""SMTP submission front end: aiosmtpd towards the phone, aiosmtplib towards the server.
+
+How a session goes (see DESIGN.md, "Sessions, in order"):
+
+1. TLS first. Implicit TLS listeners wrap the socket before the greeting; STARTTLS
+   listeners answer everything but EHLO/NOOP/STARTTLS/QUIT with ``530 5.7.0`` until
+   TLS is up (unless ``allow_cleartext_auth`` on a loopback listener). A client
+   certificate, when presented, names the device (``urn:mailward:device:<id>``).
+2. AUTH PLAIN/LOGIN: aiosmtpd parses the exchange; :class:`UpstreamSession` opens a
+   connection to the real submission server and authenticates *there* with the
+   client's credentials (PLAIN or LOGIN, whichever the server offers). A refusal is
+   passed back as the server's own ``535``; mailward never checks or keeps passwords.
+3. Only then does the gate decide (one ``decision`` record per login attempt).
+   Deny: AUTH is accepted and every MAIL FROM gets ``550 5.7.1 <what to do>``, because
+   mail apps show a MAIL FROM refusal to the user but treat a failed AUTH as a wrong
+   password. Allow: the session registers with the gate and MAIL FROM, RCPT TO, RSET
+   and DATA are relayed one by one; the client sees the server's real replies, and
+   ``250`` for a message only once the server has accepted it.
+4. If the server fails or times out mid-session the client gets a 4xx (``451 4.4.1``
+   for a message, ``421 4.4.1`` otherwise) and the connection closes: mailward never
+   acknowledges or re-sends a message on its own.
+
+The pieces: :class:`SubmissionSession` (one per connection, an aiosmtpd ``SMTP``
+subclass holding the session state), :class:`_Hooks` (the aiosmtpd handler: short
+hooks that delegate to the session), :class:`UpstreamSession` (the relay client),
+:class:`Replies` (every reply mailward makes itself) and :class:`SmtpListener` (the
+running listener returned by :func:`start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import ssl
+import textwrap
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import (
+    ALLOWED_BEFORE_STARTTLS,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+)
+from aiosmtplib import SMTP as SMTPClient
+from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
+
+from proxy.config import ListenerConfig
+from proxy.frontends import FrontendContext, RunningListener
+from proxy.gate import Gate, Identity, Origin
+from proxy.tls import device_id_from_ssl
+
+log = structlog.get_logger("mailward.smtp")
+
+# Limits (units in the names).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # messages are held in memory while relayed
+MAX_AUTH_FAILURES = 3  # per connection; then 421
+POST_AUTH_IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 server timeout
+REPLY_TEXT_CHARS = 400  # per reply line; RFC 5321 allows 512 octets with the code
+UPSTREAM_QUIT_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 5.0
+
+# Extensions advertised to clients only as far as the upstream has them.
+RELAYED_EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
+
+
+# ------------------------------------------------------------------ replies
+
+
+def _ascii(text: str) -> str:
+    """Reply text is ASCII (RFC 5321); keep it readable rather than dropping words."""
+    for a, b in (("\u2014", "-"), ("\u2013", "-"), ("\u2018", "'"), ("\u2019", "'"),
+                 ("\u201c", '"'), ("\u201d", '"'), ("\u2026", "...")):
+        text = text.replace(a, b)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def reply(code: int, enhanced: str, text: str) -> str:
+    """One reply (possibly multi-line) with an enhanced status code on every line."""
+    chunks = textwrap.wrap(_ascii(text), REPLY_TEXT_CHARS) or [""]
+    last = len(chunks) - 1
+    return "\r\n".join(
+        f"{code}{' ' if i == last else '-'}{enhanced} {c}" for i, c in enumerate(chunks)
+    )
+
+
+def relayed(resp: SMTPResponse) -> str:
+    """The upstream's reply, as the upstream gave it (code and text, every line)."""
+    lines = [_ascii(line) for line in resp.message.split("\n")] or [""]
+    last = len(lines) - 1
+    return "\r\n".join(
+        f"{resp.code}{' ' if i == last else '-'}{line}".rstrip() for i, line in enumerate(lines)
+    )
+
+
+class Replies:
+    """Every reply mailward makes itself (the upstream's replies are relayed as is)."""
+
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    OK = "250 2.0.0 OK"
+    BYE = "221 2.0.0 Bye"
+    STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+    TLS_ACTIVE = "503 5.5.1 TLS already active"
+    BAD_ARGUMENT = "501 5.5.4 Invalid command argument"
+    TOO_MANY_COMMANDS = "421 4.7.0 Too many commands before authentication, closing"
+    TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentication attempts, closing"
+    PREAUTH_TIMEOUT = "421 4.4.2 Authentication not completed in time, closing"
+    IDLE_TIMEOUT = "421 4.4.2 Idle too long, closing"
+    SHUTDOWN = "421 4.3.2 Service shutting down, please reconnect"
+    INTERNAL_ERROR = "421 4.3.0 Internal error, closing"
+    UPSTREAM_DOWN = reply(
+        421, "4.4.1", "The mail server cannot be reached. Please try again in a few minutes."
+    )
+    AUTH_UNSUPPORTED = reply(
+        454, "4.7.0", "The mail server offers no supported login method. Contact IT support."
+    )
+    MESSAGE_NOT_SENT = reply(
+        451, "4.4.1",
+        "The mail server did not confirm this message, so it was not sent. Please try again.",
+    )
+
+    @staticmethod
+    def denied(text: str) -> str:
+        return reply(550, "5.7.1", text)
+
+    @staticmethod
+    def temporary(text: str) -> str:
+        return reply(454, "4.7.0", text)
+
+    @staticmethod
+    def terminated(text: str) -> str:
+        return reply(421, "4.7.0", text)
+
+
+# ------------------------------------------------------------------ upstream
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached, timed out, or dropped the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCapabilities:
+    """What the upstream's EHLO offers that matters to what clients are told."""
+
+    size: int | None = None  # None: no SIZE; 0: SIZE without a limit
+    extensions: frozenset[str] = frozenset()  # of RELAYED_EXTENSIONS
+    auth: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_ehlo(cls, esmtp: dict[str, str], auth: list[str]) -> UpstreamCapabilities:
+        size: int | None = None
+        if "size" in esmtp:
+            text = esmtp["size"].strip()
+            size = int(text) if text.isdigit() else 0
+        exts = frozenset(e for e in RELAYED_EXTENSIONS if e.lower() in esmtp)
+        return cls(size, exts, frozenset(m.upper() for m in auth))
+
+    @property
+    def message_limit(self) -> int:
+        """What mailward accepts from the client (and advertises when SIZE is on)."""
+        if self.size:
+            return min(self.size, MAX_MESSAGE_BYTES)
+        return MAX_MESSAGE_BYTES
+
+
+_UPSTREAM_ERRORS = (SMTPException, OSError, ssl.SSLError, TimeoutError, ValueError)
+
+
+class UpstreamSession:
+    """One connection to the real submission server (aiosmtplib)."""
+
+    def __init__(
+        self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str
+    ) -> None:
+        mode = cfg.upstream_tls
+        self._cfg = cfg
+        self._client = SMTPClient(
+            hostname=cfg.upstream_host,
+            port=cfg.upstream_port,
+            local_hostname=local_hostname,
+            timeout=cfg.upstream_timeout_s,
+            use_tls=mode == "implicit",
+            start_tls=mode == "starttls",
+            tls_context=tls if mode != "none" else None,
+        )
+
+    async def connect(self) -> UpstreamCapabilities:
+        """Connect (TLS as configured) and EHLO; raises UpstreamUnavailable."""
+        c = self._client
+        try:
+            async with asyncio.timeout(self._cfg.upstream_connect_timeout_s):
+                await c.connect()
+                if c.is_ehlo_or_helo_needed:
+                    await c.ehlo()
+        except _UPSTREAM_ERRORS as exc:
+            self.abort()
+            raise UpstreamUnavailable(_describe(exc)) from exc
+        return UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+
+    async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
+        """The upstream's answer to the client's credentials (235 or its refusal).
+        Raises UpstreamUnavailable, or LookupError when the upstream offers neither
+        PLAIN nor LOGIN."""
+        c = self._client
+        methods = {m.lower() for m in c.server_auth_methods}
+        try:
+            if "plain" in methods:
+                return await c.auth_plain(login, password)
+            if "login" in methods:
+                return await c.auth_login(login, password)
+        except SMTPResponseException as exc:
+            return SMTPResponse(exc.code, exc.message)
+        except _UPSTREAM_ERRORS as exc:
+            self.abort()
+            raise UpstreamUnavailable(_describe(exc)) from exc
+        raise LookupError(f"upstream offers no PLAIN or LOGIN (offers {sorted(methods)})")
+
+    async def command(self, *args: bytes) -> SMTPResponse:
+        try:
+            return await self._client.execute_command(*args)
+        except _UPSTREAM_ERRORS as exc:
+            self.abort()
+            raise UpstreamUnavailable(_describe(exc)) from exc
+
+    async def data(self, content: bytes) -> SMTPResponse:
+        """DATA and the message; the upstream's final reply (or its refusal of DATA)."""
+        try:
+            return await self._client.data(content)
+        except SMTPResponseException as exc:
+            return SMTPResponse(exc.code, exc.message)
+        except _UPSTREAM_ERRORS as exc:
+            self.abort()
+            raise UpstreamUnavailable(_describe(exc)) from exc
+
+    async def quit(self) -> None:
+        """Polite QUIT (aborts any open transaction upstream); never raises."""
+        if not self._client.is_connected:
+            return
+        with contextlib.suppress(Exception):  # closing anyway
+            async with asyncio.timeout(UPSTREAM_QUIT_TIMEOUT_S):
+                await self._client.quit()
+        self.abort()
+
+    def abort(self) -> None:
+        self._client.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# ------------------------------------------------------------------ the session
+
+
+_IMPLICIT_TLS = object()
+
+
+class _Session(Session):
+    # aiosmtpd's deprecated login_data property logs a warning on every login.
+    login_data: Any = None
+
+
+def _capture_credentials(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    """aiosmtpd's (synchronous) authenticator only hands the parsed credentials on;
+    SubmissionSession checks them with the upstream. Failure by default, so a
+    mechanism that bypassed that check could never succeed."""
+    return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+
+class SubmissionSession(SMTP):
+    """One client connection. Also the :class:`proxy.gate.LiveSession` of it."""
+
+    def __init__(self, listener: SmtpListener) -> None:
+        cfg = listener.cfg
+        self.listener = listener
+        self.identity: Identity | None = None
+        self.origin = Origin("smtp", cfg.name, "", cfg.unidentified)
+        self._cleartext_ok = cfg.allow_cleartext_auth and cfg.is_loopback
+        self._implicit_tls = cfg.tls == "implicit"
+        self._upstream: UpstreamSession | None = None
+        self._refusal: str | None = None  # set when the gate denied: MAIL FROM answer
+        self._decided = False  # a decision record was written for this connection
+        self._end_reason = "closed_before_auth"  # session_end reason if no decision
+        self._end_detail = ""
+        self._ended_by: str | None = None  # after a decision: upstream_lost | shutdown
+        self._preauth_commands = 0
+        self._auth_failures = 0
+        self._txn_open = False  # a MAIL FROM was accepted upstream and not finished
+        self._busy = False  # a command (incl. a DATA transfer) is being handled
+        self._pending_goodbye: str | None = None  # sent once the current command ends
+        self._close_after_reply = False  # the upstream is gone: close after this reply
+        self._closing = False
+        self._ended = False
+        self._preauth_timer: asyncio.TimerHandle | None = None
+        # aiosmtpd keeps command_size_limits on the class; keep ours per connection.
+        self.command_size_limits = type(SMTP.command_size_limits)(
+            lambda: SMTP.command_size_limit
+        )
+        super().__init__(
+            listener.hooks,
+            data_size_limit=listener.caps.message_limit,
+            enable_SMTPUTF8=True,
+            hostname=listener.hostname,
+            ident="mailward",
+            tls_context=listener.server_tls if cfg.tls == "starttls" else None,
+            require_starttls=False,  # enforced by _guard, with an enhanced code
+            timeout=cfg.preauth_idle_timeout_s,
+            auth_required=True,
+            auth_require_tls=not self._cleartext_ok,
+            authenticator=_capture_credentials,
+            loop=asyncio.get_running_loop(),
+        )
+        if self._implicit_tls:
+            # aiosmtpd only knows STARTTLS and takes a set _tls_protocol to mean "TLS is
+            # up" (AUTH offered and allowed); the socket is TLS from the first byte here.
+            self._tls_protocol = _IMPLICIT_TLS  # type: ignore[assignment]
+        self._smtp_methods = {
+            name: self._guard(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+    # -- connection lifecycle ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else ""
+            self.origin = Origin("smtp", self.listener.cfg.name, ip, self.listener.cfg.unidentified)
+            self.listener.sessions.add(self)
+            self._preauth_timer = self.loop.call_later(
+                self.listener.cfg.preauth_timeout_s, self._preauth_expired
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._closing = True
+            if self._preauth_timer is not None:
+                self._preauth_timer.cancel()
+            self.listener.session_ended(self)
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        # A long DATA transfer is activity: keep the idle timer from firing mid-message.
+        if self.session is not None and self.session.authenticated:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        self._end_reason = "idle_timeout"
+        self._write_and_close(Replies.IDLE_TIMEOUT)
+
+    def _preauth_expired(self) -> None:
+        if self.session is not None and not self.session.authenticated:
+            self._end_reason = "preauth_timeout"
+            self._write_and_close(Replies.PREAUTH_TIMEOUT)
+
+    def _write_and_close(self, status: str) -> None:
+        """Last words from a timer callback (no await possible there)."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        with contextlib.suppress(Exception):
+            self._writer.write(status.encode("ascii") + b"\r\n")
+        self.transport.close()
+
+    async def _goodbye(self, status: str) -> None:
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        with contextlib.suppress(Exception):
+            await self.push(status)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            self._end_reason = "tls_failed"
+            self._end_detail = _describe(error.__cause__ or error)
+            return Replies.INTERNAL_ERROR  # not sent: aiosmtpd closes the transport
+        log.exception("smtp session error", listener=self.origin.listener,
+                      client_ip=self.origin.client_ip)
+        self._end_reason = "internal_error"
+        self._pending_goodbye = None
+        self._closing = True
+        self.loop.call_soon(self._close_transport)
+        return Replies.INTERNAL_ERROR
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- every command passes here -------------------------------------------------
+
+    def _guard(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # keeps aiosmtpd's @syntax attributes for HELP
+        async def guarded(arg: str | None) -> None:
+            if self._closing:
+                return
+            assert self.session is not None
+            if not self.session.authenticated:
+                self._preauth_commands += 1
+                if self._preauth_commands > self.listener.cfg.max_preauth_commands:
+                    self._end_reason = "too_many_commands"
+                    await self._goodbye(Replies.TOO_MANY_COMMANDS)
+                    return
+            if self.tls_required and name not in ALLOWED_BEFORE_STARTTLS:
+                self._end_reason = "cleartext_refused"
+                await self.push(Replies.STARTTLS_FIRST)
+                return
+            if name == "STARTTLS" and self.is_tls:
+                await self.push(Replies.TLS_ACTIVE)
+                return
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if self._close_after_reply:
+                self._closing = True
+                self._close_transport()
+            elif self._pending_goodbye is not None:
+                await self._goodbye(self._pending_goodbye)
+
+        return guarded
+
+    @property
+    def is_tls(self) -> bool:
+        return self._tls_protocol is not None
+
+    @property
+    def tls_required(self) -> bool:
+        """STARTTLS listener, TLS not up yet, and cleartext not allowed."""
+        return self.tls_context is not None and not self.is_tls and not self._cleartext_ok
+
+    # -- AUTH ----------------------------------------------------------------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._login(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._login(await super().auth_LOGIN(_, args))
+
+    async def _login(self, parsed: AuthResult) -> AuthResult:
+        """Credentials parsed by aiosmtpd -> upstream AUTH -> gate -> AuthResult."""
+        creds = parsed.auth_data
+        if not isinstance(creds, LoginPassword):
+            return parsed  # malformed or aborted exchange: aiosmtpd already answered
+        user = creds.login.decode("utf-8", "surrogateescape")
+        device_id = device_id_from_ssl(self._ssl_object())
+        identity = Identity(user, device_id, "client_cert" if device_id else "")
+        upstream = UpstreamSession(self.listener.cfg, self.listener.upstream_tls,
+                                   self.listener.hostname)
+        try:
+            caps = await upstream.connect()
+            self.listener.caps = caps  # what the next sessions advertise
+            answer = await upstream.authenticate(creds.login, creds.password)
+        except UpstreamUnavailable as exc:
+            log.warning("upstream unavailable at login", listener=self.origin.listener,
+                        error=str(exc))
+            self.identity = identity  # unverified; named in the session_end record
+            self._end_reason, self._end_detail = "upstream_unavailable", str(exc)
+            await self._goodbye(Replies.UPSTREAM_DOWN)
+            return AuthResult(success=False, handled=True)
+        except LookupError as exc:
+            log.error("upstream login impossible", listener=self.origin.listener,
+                      error=str(exc))
+            await upstream.quit()
+            self._end_reason, self._end_detail = "upstream_auth_unsupported", str(exc)
+            return AuthResult(success=False, handled=False, message=Replies.AUTH_UNSUPPORTED)
+
+        if answer.code != 235:
+            await upstream.quit()
+            if answer.code >= 500:
+                await self.listener.gate.record_auth_failed(identity, self.origin)
+                self._decided = True
+                self._auth_failures += 1
+                if self._auth_failures >= MAX_AUTH_FAILURES:
+                    await self.push(relayed(answer))
+                    await self._goodbye(Replies.TOO_MANY_AUTH_FAILURES)
+                    return AuthResult(success=False, handled=True)
+            else:
+                self._end_reason = "upstream_auth_temporary"
+            return AuthResult(success=False, handled=False, message=relayed(answer))
+
+        decision = await self.listener.gate.decide(identity, self.origin)
+        self._decided = True
+        if decision.allow:
+            self.identity, self._upstream = identity, upstream
+            self._timeout_duration = POST_AUTH_IDLE_TIMEOUT_S
+            self.listener.gate.register(self)
+            return AuthResult(success=True, auth_data=identity.user, message=Replies.AUTH_OK)
+        await upstream.quit()
+        if decision.temporary:
+            return AuthResult(success=False, handled=False,
+                              message=Replies.temporary(decision.user_text()))
+        # Refused: accept the login, refuse at MAIL FROM where apps show the text.
+        self.identity = identity
+        self._refusal = Replies.denied(decision.user_text())
+        return AuthResult(success=True, auth_data=identity.user, message=Replies.AUTH_OK)
+
+    def _ssl_object(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("ssl_object")
+
+    # -- the relay (called by the hooks) -------------------------------------------
+
+    async def relay_mail(self, address: str, options: list[str]) -> str:
+        if self._refusal is not None:
+            return self._refusal
+        if self._txn_open:  # aiosmtpd reset the envelope (EHLO, size limit): sync up
+            status = await self._relay_reset()
+            if not status.startswith("250"):
+                return status
+        args = [b"FROM:<" + _wire(address) + b">", *(_wire(o) for o in options)]
+        resp = await self._relay(b"MAIL", *args)
+        if resp is None:
+            return Replies.UPSTREAM_DOWN
+        if resp.code == 250:
+            assert self.envelope is not None
+            self.envelope.mail_from = address
+            self.envelope.mail_options.extend(options)
+            self._txn_open = True
+        return relayed(resp)
+
+    async def relay_rcpt(self, address: str, options: list[str]) -> str:
+        args = [b"TO:<" + _wire(address) + b">", *(_wire(o) for o in options)]
+        resp = await self._relay(b"RCPT", *args)
+        if resp is None:
+            return Replies.UPSTREAM_DOWN
+        if resp.code in (250, 251):
+            assert self.envelope is not None
+            self.envelope.rcpt_tos.append(address)
+            self.envelope.rcpt_options.extend(options)
+        return relayed(resp)
+
+    async def relay_data(self, content: bytes) -> str:
+        upstream = self._upstream
+        if upstream is None:
+            return self._lost("no upstream session", message=True)
+        try:
+            resp = await upstream.data(content)
+        except UpstreamUnavailable as exc:
+            return self._lost(str(exc), message=True)
+        self._txn_open = False
+        if resp.code != 250:  # refused: make sure no half transaction stays open
+            with contextlib.suppress(UpstreamUnavailable):
+                await upstream.command(b"RSET")
+        return relayed(resp)
+
+    async def relay_rset(self) -> str:
+        if not self._txn_open:
+            return Replies.OK
+        return await self._relay_reset()
+
+    async def _relay_reset(self) -> str:
+        resp = await self._relay(b"RSET")
+        if resp is None:
+            return Replies.UPSTREAM_DOWN
+        self._txn_open = False
+        return relayed(resp)
+
+    async def _relay(self, *args: bytes) -> SMTPResponse | None:
+        """One command upstream; None when the upstream is gone (session ends)."""
+        if self._upstream is None:
+            self._lost("no upstream session")
+            return None
+        try:
+            return await self._upstream.command(*args)
+        except UpstreamUnavailable as exc:
+            self._lost(str(exc))
+            return None
+
+    def _lost(self, detail: str, *, message: bool = False) -> str:
+        """The upstream is gone: a 4xx reply (sent by aiosmtpd), then close."""
+        log.warning("upstream lost", listener=self.origin.listener,
+                    client_ip=self.origin.client_ip, error=detail)
+        self._txn_open = False
+        self._ended_by, self._end_detail = "upstream_lost", detail
+        self._close_after_reply = True
+        return Replies.MESSAGE_NOT_SENT if message else Replies.UPSTREAM_DOWN
+
+    async def quit_upstream(self) -> None:
+        if self._upstream is not None:
+            upstream, self._upstream = self._upstream, None
+            await upstream.quit()
+
+    # -- LiveSession -----------------------------------------------------------------
+
+    async def terminate(self, text: str) -> None:
+        """End the session between transactions with ``421 4.7.0 <text>``; a DATA
+        transfer in progress completes first (its reply is the upstream's)."""
+        self.listener.gate.unregister(self)
+        status = Replies.terminated(text)
+        if self._busy:
+            self._pending_goodbye = status
+        else:
+            await self._goodbye(status)
+
+    async def shutdown(self) -> None:
+        """Server stopping: like terminate, with the shutdown reply."""
+        self._end_reason = "shutdown"
+        if self._upstream is not None:  # a live, allowed session
+            self._ended_by = self._ended_by or "shutdown"
+        if self._busy:
+            self._pending_goodbye = Replies.SHUTDOWN
+        else:
+            await self._goodbye(Replies.SHUTDOWN)
+
+    @property
+    def end_record(self) -> tuple[str, str] | None:
+        """(reason, detail) for a session_end record, or None if none is due: always
+        without a decision; after one, only if the upstream failed or we shut down
+        (gate terminations are logged by the gate)."""
+        if not self._decided:
+            return self._end_reason, self._end_detail
+        if self._ended_by is not None:
+            return self._ended_by, self._end_detail
+        return None
+
+
+def _wire(text: str) -> bytes:
+    """aiosmtpd decodes arguments as UTF-8 with surrogateescape; give the bytes back."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+# ------------------------------------------------------------------ hooks
+
+
+class _Hooks:
+    """The aiosmtpd handler. aiosmtpd finds hooks by name (a misspelt one is silently
+    ignored; tests check these names); each one only delegates to the session."""
+
+    def __init__(self, listener: SmtpListener) -> None:
+        self._listener = listener
+
+    async def handle_EHLO(
+        self, server: SubmissionSession, session: Session, envelope: Envelope,
+        hostname: str, responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # the 5-argument hook must set it itself
+        return self._listener.ehlo_lines(responses)
+
+    async def handle_MAIL(
+        self, server: SubmissionSession, session: Session, envelope: Envelope,
+        address: str, mail_options: list[str],
+    ) -> str:
+        return await server.relay_mail(address, mail_options)
+
+    async def handle_RCPT(
+        self, server: SubmissionSession, session: Session, envelope: Envelope,
+        address: str, rcpt_options: list[str],
+    ) -> str:
+        return await server.relay_rcpt(address, rcpt_options)
+
+    async def handle_DATA(
+        self, server: SubmissionSession, session: Session, envelope: Envelope
+    ) -> str:
+        assert envelope.original_content is not None
+        return await server.relay_data(envelope.original_content)
+
+    async def handle_RSET(
+        self, server: SubmissionSession, session: Session, envelope: Envelope
+    ) -> str:
+        return await server.relay_rset()
+
+    async def handle_QUIT(
+        self, server: SubmissionSession, session: Session, envelope: Envelope
+    ) -> str:
+        return Replies.BYE  # the upstream gets its QUIT when the connection is gone
+
+
+HOOK_NAMES = ("handle_EHLO", "handle_MAIL", "handle_RCPT", "handle_DATA", "handle_RSET",
+              "handle_QUIT")
+
+
+# ------------------------------------------------------------------ the listener
+
+
+class SmtpListener:
+    """A running submission listener (:class:`proxy.frontends.RunningListener`)."""
+
+    def __init__(self, ctx: FrontendContext, hostname: str) -> None:
+        self.cfg = ctx.listener
+        self.name = ctx.listener.name
+        self.port = 0
+        self.gate: Gate = ctx.gate
+        self.server_tls = ctx.server_tls
+        self.upstream_tls = ctx.upstream_tls
+        self.hostname = hostname
+        self.hooks = _Hooks(self)
+        self.caps = UpstreamCapabilities()  # refreshed by the probe and every login
+        self.sessions: set[SubmissionSession] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = self.cfg.tls == "implicit"
+        if self.cfg.tls != "none" and self.server_tls is None:
+            raise ValueError(f"listener {self.name}: tls = {self.cfg.tls} needs a server context")
+        self._server = await loop.create_server(
+            lambda: SubmissionSession(self),
+            self.cfg.host,
+            self.cfg.port,
+            ssl=self.server_tls if implicit else None,
+            ssl_handshake_timeout=self.cfg.preauth_idle_timeout_s if implicit else None,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def probe_upstream(self) -> None:
+        """Learn the upstream's extensions before the first client asks (best effort)."""
+        upstream = UpstreamSession(self.cfg, self.upstream_tls, self.hostname)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                self.caps = await upstream.connect()
+        except (UpstreamUnavailable, TimeoutError) as exc:
+            log.warning("upstream probe failed; advertising no optional extensions",
+                        listener=self.name, upstream=self.cfg.upstream, error=str(exc))
+        finally:
+            await upstream.quit()
+
+    def ehlo_lines(self, responses: list[str]) -> list[str]:
+        """aiosmtpd's EHLO lines, with only the extensions the upstream also has."""
+        caps = self.caps
+        lines = [responses[0]]
+        if caps.size is not None:
+            lines.append(f"250-SIZE {caps.message_limit}")
+        lines += [f"250-{e}" for e in RELAYED_EXTENSIONS if e in caps.extensions]
+        lines += [r for r in responses[1:] if r[4:].split(" ")[0] in ("STARTTLS", "AUTH")]
+        return [line[:3] + "-" + line[4:] for line in lines[:-1]] + [
+            lines[-1][:3] + " " + lines[-1][4:]
+        ]
+
+    def session_ended(self, session: SubmissionSession) -> None:
+        """Connection gone: unregister, close the upstream, log a session_end if due."""
+        self.sessions.discard(session)
+        self.gate.unregister(session)
+        task = asyncio.get_running_loop().create_task(self._after_session(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_session(self, session: SubmissionSession) -> None:
+        await session.quit_upstream()
+        record = session.end_record
+        if record is not None:
+            reason, detail = record
+            await self.gate.record_session_end(
+                session.origin, reason, identity=session.identity, detail=detail
+            )
+
+    async def close(self, grace_s: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            await session.shutdown()
+        # Sessions mid-message finish that message (bounded by the upstream timeout).
+        deadline = time.monotonic() + self.cfg.upstream_timeout_s + 5
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session._close_transport()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+async def start(ctx: FrontendContext) -> RunningListener:
+    """Start one submission listener (see the module docstring)."""
+    hostname = socket.gethostname() or "mailward"  # no DNS lookup on the loop
+    listener = SmtpListener(ctx, hostname)
+    await listener.probe_upstream()
+    await listener.listen()
+    return listener

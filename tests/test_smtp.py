@@ -1,0 +1,856 @@
+"""SMTP submission front end against a real Postfix (Dovecot SASL), driven by real
+clients (smtplib, swaks), plus fault tests against a scripted upstream.
+
+The gate is the real Gate with the real SqlitePostureStore and AuditLog; postures are
+put into the store directly. Device certificates come from ``proxy.pki``. Blocking
+clients run in threads so the proxy can run on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from peers.postfix import PeerUnavailable, PostfixSubmission
+
+from proxy.audit import AuditLog
+from proxy.config import ListenerConfig, load_policy
+from proxy.frontends import FrontendContext
+from proxy.frontends import smtp as smtp_frontend
+from proxy.gate import Gate
+from proxy.pki import certs_init, enroll_device
+from proxy.posture import App, Posture
+from proxy.posture.sqlite import SqlitePostureStore
+from proxy.tls import server_context, upstream_context
+
+pytestmark = pytest.mark.peer
+
+ROOT = Path(__file__).resolve().parent.parent
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+PASSWORD = {ALICE: "alice-secret", BOB: "bob-secret", CAROL: "carol-secret"}
+TIKTOK = App("com.zhiliaoapp.musically", "35.1.3", "TikTok")
+DEVICES = (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB))
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@dataclass
+class Pki:
+    dir: Path
+
+    def device(self, name: str) -> tuple[Path, Path]:
+        d = self.dir / "devices" / name
+        return d / "device.pem", d / "device.key"
+
+    def client_ctx(self, device: str | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
+        if device:
+            ctx.load_cert_chain(*self.device(device))
+        return ctx
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    certs_init(d)
+    for device, user in DEVICES:
+        enroll_device(device_ca_cert=d / "device-ca.pem", device_ca_key=d / "device-ca.key",
+                      device_id=device, user=user, out_dir=d / "devices" / device)
+    return Pki(d)
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[PostfixSubmission]:
+    try:
+        peer = PostfixSubmission.start()
+    except PeerUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Postfix peer unavailable in CI: {exc}")
+        pytest.skip(str(exc))
+    with peer:
+        yield peer
+
+
+def posture(device: str, user: str, apps: tuple[App, ...] = ()) -> Posture:
+    now = int(time.time())
+    return Posture(device_id=device, user=user, platform="android", os_version="14",
+                   managed=True, apps=(App("com.example.notes", "1.0", "Notes"), *apps),
+                   iat=now - 10, exp=now + 3600, jti=uuid.uuid4().hex, issuer="test",
+                   attested_by="device")
+
+
+class Env:
+    """Running SMTP listeners with their gate, store and audit log."""
+
+    def __init__(self, pki: Pki, tmp: Path, upstream_ca: Path | None) -> None:
+        self.pki, self.tmp, self.upstream_ca = pki, tmp, upstream_ca
+        self.store = SqlitePostureStore(tmp / "posture.db")
+        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=None)
+        policy = load_policy(ROOT / "config" / "policy.toml")
+        self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy)
+        self.listeners: list[Any] = []
+
+    async def listen(self, upstream_port: int, **overrides: Any) -> int:
+        cfg = ListenerConfig(
+            name="submission", protocol="smtp", host="127.0.0.1", port=0,
+            upstream=f"127.0.0.1:{upstream_port}", tls="starttls", client_cert="optional",
+            unidentified="deny", upstream_tls="starttls", upstream_ca=self.upstream_ca,
+            preauth_idle_timeout_s=10, preauth_timeout_s=30,
+            upstream_connect_timeout_s=3, upstream_timeout_s=10,
+        )
+        cfg = replace(cfg, **overrides)
+        server_tls = None
+        if cfg.tls != "none":
+            server_tls = server_context(
+                self.pki.dir / "server.pem", self.pki.dir / "server.key",
+                client_ca=self.pki.dir / "device-ca.pem", client_cert=cfg.client_cert)
+        up_tls = upstream_context(cfg.upstream_ca) if cfg.upstream_tls != "none" else None
+        ctx = FrontendContext(listener=cfg, gate=self.gate, server_tls=server_tls,
+                              upstream_tls=up_tls)
+        running = await smtp_frontend.start(ctx)
+        self.listeners.append(running)
+        return running.port
+
+    async def put(self, p: Posture) -> None:
+        assert await self.store.commit_attestation(p, None, time.time()) == "ok"
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        path = self.tmp / "audit.jsonl"
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [r for r in rows if event is None or r["event"] == event]
+
+    async def wait_records(self, event: str, count: int, timeout: float = 5) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.records(event)) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.records(event)
+
+    async def close(self) -> None:
+        for running in self.listeners:
+            await running.close(1.0)
+        await self.audit.close()
+        await self.store.close()
+
+
+@pytest.fixture
+async def env(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> AsyncIterator[Env]:
+    e = Env(pki, tmp_path, postfix.ca_pem)
+    await e.put(posture("alice-phone", ALICE))
+    await e.put(posture("alice-tiktok", ALICE, (TIKTOK,)))
+    await e.put(posture("bob-phone", BOB))
+    for user in PASSWORD:
+        postfix.clear_mailbox(user)
+    yield e
+    await e.close()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def message(subject: str, body: bytes, *, sender: str = ALICE, to: str = BOB) -> bytes:
+    """A submitted message in wire form (CRLF), as a phone would build it."""
+    head = (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@phone.example>\r\n"
+            "Date: Wed, 25 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n").encode()
+    return head + body
+
+
+def starttls_client(port: int, pki: Pki, device: str | None) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    s.ehlo("phone.example")
+    s.starttls(context=pki.client_ctx(device))
+    s.ehlo("phone.example")
+    return s
+
+
+def as_stored(wire: bytes) -> bytes:
+    """Maildir keeps LF line ends; everything else must be byte-identical."""
+    return wire.replace(b"\r\n", b"\n")
+
+
+def assert_delivered_identical(pf: PostfixSubmission, stored: bytes, wire: bytes) -> None:
+    trace, submitted = pf.split_trace(stored)
+    assert b"Received:" in trace
+    assert submitted == as_stored(wire)
+
+
+def swaks_available() -> bool:
+    return shutil.which("swaks") is not None
+
+
+def require_swaks() -> None:
+    if swaks_available():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("swaks not installed in CI")
+    pytest.skip("swaks not installed (apt-get install swaks)")
+
+
+async def swaks(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "swaks", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+# ------------------------------------------------------------------ contract
+
+
+def test_hook_names_exist_in_aiosmtpd() -> None:
+    """Every hook the handler defines is one aiosmtpd calls (misspelt hooks are silently
+    ignored), and the relay hooks are all there."""
+    known = {"handle_" + name[len("smtp_"):] for name in dir(AiosmtpdSMTP)
+             if name.startswith("smtp_")}
+    defined = {n for n in dir(smtp_frontend._Hooks) if n.startswith("handle_")}
+    assert defined == set(smtp_frontend.HOOK_NAMES)
+    assert defined <= known
+    assert {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_RSET"} <= defined
+
+
+def test_reply_catalogue_is_well_formed() -> None:
+    """Replies are ASCII, carry an enhanced code on every line and wrap long texts."""
+    long = "TikTok is installed on this device \u2014 " + "uninstall it. " * 60
+    text = smtp_frontend.Replies.denied(long)
+    lines = text.split("\r\n")
+    assert len(lines) > 1
+    assert all(line.startswith("550-5.7.1 ") for line in lines[:-1])
+    assert lines[-1].startswith("550 5.7.1 ")
+    assert text.isascii() and all(len(line) <= 512 for line in lines)
+
+
+# ------------------------------------------------------------------ allow / deny
+
+
+async def test_compliant_device_message_arrives_byte_identical(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """A compliant device sends over STARTTLS: the upstream's own replies come back and
+    the delivered message is byte-identical (8-bit, dot-leading lines, long header)."""
+    port = await env.listen(postfix.submission_port)
+    body = ("Grüße aus Köln — 8-bit body ✓\r\n.leading dot\r\n..two dots\r\n.\r\n"
+            "end\r\n").encode()
+    wire = message("Quarterly numbers \u00e9t\u00e9", body)
+
+    def send() -> tuple[Any, ...]:
+        with starttls_client(port, pki, "alice-phone") as s:
+            ehlo = s.ehlo_resp or b""
+            s.login(ALICE, PASSWORD[ALICE])
+            refused = s.sendmail(ALICE, [BOB], wire, mail_options=["BODY=8BITMIME"])
+            return ehlo, refused, s.noop()
+
+    ehlo, refused, noop = await asyncio.to_thread(send)
+    assert refused == {}
+    assert noop[0] == 250
+    assert b"AUTH" in ehlo and b"STARTTLS" not in ehlo
+    stored = postfix.wait_for_messages(BOB, 1)
+    assert len(stored) == 1
+    assert_delivered_identical(postfix, stored[0], wire)
+    decisions = env.records("decision")
+    assert len(decisions) == 1
+    assert decisions[0]["decision"] == "allow"
+    assert decisions[0]["device_id"] == "alice-phone"
+    assert decisions[0]["device_source"] == "client_cert"
+
+
+async def test_ehlo_advertises_only_what_the_upstream_supports(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Postfix offers SIZE, PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES (and
+    DSN, CHUNKING, VRFY, ETRN, which mailward does not relay): only the former show."""
+    port = await env.listen(postfix.submission_port)
+
+    def ehlo() -> tuple[dict[str, str], dict[str, str]]:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        s.ehlo("phone.example")
+        before = dict(s.esmtp_features)
+        s.starttls(context=pki.client_ctx())
+        s.ehlo("phone.example")
+        after = dict(s.esmtp_features)
+        s.quit()
+        return before, after
+
+    before, after = await asyncio.to_thread(ehlo)
+    assert "starttls" in before and "auth" not in before
+    assert after["size"] == str(min(postfix_size(), smtp_frontend.MAX_MESSAGE_BYTES))
+    for ext in ("pipelining", "8bitmime", "smtputf8", "enhancedstatuscodes"):
+        assert ext in after, ext
+    for ext in ("chunking", "dsn", "etrn", "vrfy", "starttls"):
+        assert ext not in after, ext
+    assert set(after["auth"].split()) == {"PLAIN", "LOGIN"}
+
+
+def postfix_size() -> int:
+    from peers.postfix import MESSAGE_SIZE_LIMIT
+
+    return MESSAGE_SIZE_LIMIT
+
+
+async def test_tiktok_device_refused_at_mail_from_naming_tiktok(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """AUTH is accepted (apps would re-ask the password otherwise); MAIL FROM gets
+    550 5.7.1 naming TikTok and the remedy; one deny record; nothing is delivered."""
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> tuple[Any, Any, Any]:
+        with starttls_client(port, pki, "alice-tiktok") as s:
+            auth = s.login(ALICE, PASSWORD[ALICE])
+            mail = s.mail(ALICE)
+            again = s.mail(ALICE)
+            return auth, mail, again
+
+    auth, mail, again = await asyncio.to_thread(send)
+    assert auth[0] == 235
+    assert mail[0] == 550 and again[0] == 550
+    text = mail[1].decode()
+    assert text.startswith("5.7.1 ")
+    assert "TikTok" in text and "Uninstall" in text
+    decisions = env.records("decision")
+    assert len(decisions) == 1
+    assert decisions[0]["decision"] == "deny"
+    assert decisions[0]["reasons"][0]["code"] == "prohibited_app"
+    assert decisions[0]["device_id"] == "alice-tiktok"
+    assert postfix.messages(BOB) == []
+
+
+async def test_client_without_certificate_is_unidentified_and_refused(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """No device certificate on an ``unidentified = deny`` listener: 550 5.7.1 telling
+    the user to install the mail profile."""
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> Any:
+        with starttls_client(port, pki, None) as s:
+            s.login(BOB, PASSWORD[BOB])
+            return s.mail(BOB)
+
+    code, text = await asyncio.to_thread(send)
+    assert code == 550 and text.startswith(b"5.7.1 ")
+    assert b"device certificate" in text
+    (decision,) = env.records("decision")
+    assert decision["reasons"][0]["code"] == "unidentified_device"
+    assert decision["device_id"] is None
+
+
+async def test_wrong_password_gets_the_upstreams_535(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """The upstream checks the password; its 535 reaches the client and is logged as
+    a deny with auth_failed. A retry with the right password then works."""
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> tuple[Any, Any]:
+        with starttls_client(port, pki, "alice-phone") as s:
+            bad = s.docmd("AUTH", "PLAIN " + base64.b64encode(
+                f"\0{ALICE}\0wrong".encode()).decode())
+            s.login(ALICE, PASSWORD[ALICE])
+            return bad, s.mail(ALICE)
+
+    bad, mail = await asyncio.to_thread(send)
+    assert bad[0] == 535
+    assert bad[1].startswith(b"5.7.8 ")
+    assert mail[0] == 250
+    decisions = env.records("decision")
+    assert [d["decision"] for d in decisions] == ["deny", "allow"]
+    assert decisions[0]["reasons"][0]["code"] == "auth_failed"
+
+
+async def test_auth_login_mechanism_is_relayed(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """AUTH LOGIN from the client (Outlook-style) works through the upstream."""
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> Any:
+        with starttls_client(port, pki, "bob-phone") as s:
+            s.user, s.password = BOB, PASSWORD[BOB]
+            return s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+
+    code, _ = await asyncio.to_thread(send)
+    assert code == 235
+
+
+async def test_rejected_recipient_stays_rejected_with_upstream_code(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Postfix rejects an unknown mailbox (550 5.1.1) and relaying (554 5.7.1); the
+    client sees exactly those; the message goes to the valid recipient only."""
+    port = await env.listen(postfix.submission_port)
+    wire = message("partly deliverable", b"hello\r\n")
+
+    def send() -> tuple[Any, Any, Any, Any]:
+        with starttls_client(port, pki, "alice-phone") as s:
+            s.login(ALICE, PASSWORD[ALICE])
+            assert s.mail(ALICE)[0] == 250
+            unknown = s.rcpt("nobody@example.test")
+            relay = s.rcpt("someone@elsewhere.example")
+            good = s.rcpt(BOB)
+            return unknown, relay, good, s.data(wire)
+
+    unknown, relay, good, data = await asyncio.to_thread(send)
+    assert unknown[0] == 550 and unknown[1].startswith(b"5.1.1 <nobody@example.test>")
+    assert b"User unknown" in unknown[1]
+    assert relay[0] == 554 and relay[1].startswith(b"5.7.1 ")
+    assert good[0] == 250 and data[0] == 250
+    assert b"queued as" in data[1]  # the upstream's own 250
+    assert len(postfix.wait_for_messages(BOB, 1)) == 1
+
+
+async def test_auth_before_starttls_is_refused_without_reaching_upstream(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """530 5.7.0 before TLS; no decision, a session_end record instead."""
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> tuple[Any, Any]:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        s.ehlo("phone.example")
+        auth = s.docmd("AUTH", "PLAIN " + base64.b64encode(
+            f"\0{ALICE}\0{PASSWORD[ALICE]}".encode()).decode())
+        mail = s.docmd("MAIL", f"FROM:<{ALICE}>")
+        s.quit()
+        return auth, mail
+
+    auth, mail = await asyncio.to_thread(send)
+    assert auth[0] == 530 and auth[1].startswith(b"5.7.0")
+    assert mail[0] == 530
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "cleartext_refused"
+    assert env.records("decision") == []
+
+
+async def test_multiple_messages_and_rset_in_one_session(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Several transactions, an RSET in between: each message once, in order."""
+    port = await env.listen(postfix.submission_port)
+    wires = [message(f"message {i}", f"body {i}\r\n".encode()) for i in range(3)]
+
+    def send() -> None:
+        with starttls_client(port, pki, "alice-phone") as s:
+            s.login(ALICE, PASSWORD[ALICE])
+            s.mail(ALICE)
+            s.rcpt(BOB)
+            assert s.rset()[0] == 250
+            for w in wires:
+                assert s.sendmail(ALICE, [BOB], w) == {}
+
+    await asyncio.to_thread(send)
+    stored = postfix.wait_for_messages(BOB, 3)
+    assert len(stored) == 3
+    assert sorted(postfix.split_trace(m)[1] for m in stored) == sorted(
+        as_stored(w) for w in wires)
+    assert len(env.records("decision")) == 1
+
+
+# ------------------------------------------------------------------ implicit TLS, swaks
+
+
+async def test_implicit_tls_to_implicit_tls_upstream(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Port-465 style on both sides, smtplib.SMTP_SSL with a device certificate."""
+    port = await env.listen(postfix.smtps_port, tls="implicit", upstream_tls="implicit")
+    wire = message("over implicit TLS", b"caf\xc3\xa9\r\n")
+
+    def send() -> dict[str, Any]:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=pki.client_ctx("alice-phone"),
+                              timeout=30) as s:
+            s.login(ALICE, PASSWORD[ALICE])
+            return s.sendmail(ALICE, [BOB], wire)
+
+    assert await asyncio.to_thread(send) == {}
+    (stored,) = postfix.wait_for_messages(BOB, 1)
+    assert_delivered_identical(postfix, stored, wire)
+
+
+async def test_swaks_starttls_with_device_certificate(
+    env: Env, pki: Pki, postfix: PostfixSubmission, tmp_path: Path
+) -> None:
+    """swaks (a real, independent client) over STARTTLS with a client certificate: what
+    arrives is byte for byte what the same swaks run delivers directly to Postfix."""
+    require_swaks()
+    port = await env.listen(postfix.submission_port)
+    wire = message("from swaks", "8-bit from swaks: \u00fcber\r\n.dot\r\n".encode())
+    (tmp_path / "msg.eml").write_bytes(wire)
+    cert, key = pki.device("alice-phone")
+    common = ("--auth", "PLAIN", "--auth-user", ALICE, "--auth-password", PASSWORD[ALICE],
+              "--from", ALICE, "--to", BOB, "--data", str(tmp_path / "msg.eml"),
+              "--ehlo", "phone.example", "--server", "127.0.0.1", "--tls")
+    rc, out = await swaks(*common, "--port", str(port),
+                          "--tls-cert", str(cert), "--tls-key", str(key))
+    assert rc == 0, out
+    assert "queued as" in out
+    rc, out = await swaks(*common, "--port", str(postfix.submission_port))
+    assert rc == 0, out
+    via_proxy, direct = postfix.wait_for_messages(BOB, 2)
+    assert postfix.split_trace(via_proxy)[1] == postfix.split_trace(direct)[1]
+    assert postfix.split_trace(via_proxy)[1].startswith(as_stored(wire))
+
+
+async def test_swaks_implicit_tls_tiktok_refused(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """swaks over implicit TLS (--tlsc) from the TikTok device: 550 5.7.1 naming TikTok."""
+    require_swaks()
+    port = await env.listen(postfix.smtps_port, tls="implicit", upstream_tls="implicit")
+    cert, key = pki.device("alice-tiktok")
+    rc, out = await swaks(
+        "--server", "127.0.0.1", "--port", str(port), "--tlsc",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+        "--auth", "LOGIN", "--auth-user", ALICE, "--auth-password", PASSWORD[ALICE],
+        "--from", ALICE, "--to", BOB, "--ehlo", "phone.example")
+    assert rc != 0
+    assert "235 2.7.0" in out
+    assert "550 5.7.1" in out and "TikTok" in out
+
+
+async def test_twenty_megabyte_attachment_arrives_byte_identical(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """A 20 MB attachment (27 MB after base64) goes through unchanged."""
+    port = await env.listen(postfix.submission_port)
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = ALICE, BOB, "big attachment"
+    msg.set_content("See attached.\n")
+    msg.add_attachment(os.urandom(20 * 1024 * 1024), maintype="application",
+                       subtype="octet-stream", filename="big.bin")
+    wire = msg.as_bytes(policy=SMTP_POLICY)
+
+    def send() -> dict[str, Any]:
+        with starttls_client(port, pki, "alice-phone") as s:
+            s.login(ALICE, PASSWORD[ALICE])
+            return s.sendmail(ALICE, [BOB], wire)
+
+    assert await asyncio.to_thread(send) == {}
+    (stored,) = postfix.wait_for_messages(BOB, 1, timeout=60)
+    assert_delivered_identical(postfix, stored, wire)
+
+
+# ------------------------------------------------------------------ live sessions
+
+
+async def test_posture_change_terminates_live_session_with_421(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """A live, allowed session ends with 421 4.7.0 naming TikTok once the device
+    reports TikTok; the gate logs the session_end."""
+    port = await env.listen(postfix.submission_port)
+    s = await asyncio.to_thread(starttls_client, port, pki, "alice-phone")
+    try:
+        await asyncio.to_thread(s.login, ALICE, PASSWORD[ALICE])
+        await asyncio.to_thread(s.sendmail, ALICE, [BOB], message("before", b"x\r\n"))
+        await env.put(posture("alice-phone", ALICE, (TIKTOK,)))
+        assert await env.gate.posture_changed("alice-phone") == 1
+        code, text = await asyncio.to_thread(s.noop)
+    finally:
+        with contextlib.suppress(Exception):
+            s.close()
+    assert code == 421
+    assert text.startswith(b"4.7.0 ") and b"TikTok" in text
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "posture_changed"
+    assert len(env.records("decision")) == 1
+
+
+async def test_termination_waits_for_the_message_in_transfer(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Termination during a DATA transfer: that message completes (the upstream's 250),
+    then 421 4.7.0."""
+    port = await env.listen(postfix.submission_port)
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        await client.login(ALICE, PASSWORD[ALICE])
+        assert (await client.cmd(f"MAIL FROM:<{ALICE}>")).startswith("250")
+        assert (await client.cmd(f"RCPT TO:<{BOB}>")).startswith("250")
+        assert (await client.cmd("DATA")).startswith("354")
+        client.write(message("in flight", b"first half\r\n"))
+        await asyncio.sleep(0.2)
+        await env.put(posture("alice-phone", ALICE, (TIKTOK,)))
+        assert await env.gate.posture_changed("alice-phone") == 1
+        client.write(b"second half\r\n.\r\n")
+        assert (await client.reply()).startswith("250 2.0.0 Ok: queued")
+        goodbye = await client.reply()
+        assert goodbye.startswith("421 4.7.0 ") and "TikTok" in goodbye
+    finally:
+        client.close()
+    assert len(postfix.wait_for_messages(BOB, 1)) == 1
+
+
+class RawClient:
+    """A line-level SMTP client for tests that need control of the timing."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext | None, *, implicit: bool = False):
+        self.port, self.ctx, self.implicit = port, ctx, implicit
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=self.ctx if self.implicit else None)
+        assert (await self.reply()).startswith("220")
+        await self.cmd("EHLO phone.example")
+        if self.ctx is not None and not self.implicit:
+            assert (await self.cmd("STARTTLS")).startswith("220")
+            await self.writer.start_tls(self.ctx, server_hostname="localhost")
+            await self.cmd("EHLO phone.example")
+
+    async def login(self, user: str, password: str) -> None:
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        answer = await self.cmd(f"AUTH PLAIN {token}")
+        assert answer.startswith("235"), answer
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def cmd(self, line: str) -> str:
+        self.writer.write(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def reply(self, timeout: float = 20) -> str:
+        lines = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not raw:
+                lines.append("<closed>")
+                break
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                break
+        return "\n".join(lines)
+
+    async def closed(self, timeout: float = 5) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(), timeout) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+# ------------------------------------------------------------------ faults
+
+
+@dataclass
+class ScriptedUpstream:
+    """A tiny plaintext submission server whose failures the test chooses:
+    ``mode`` = ok | close_in_data | slow_data_reply | close_after_auth."""
+
+    mode: str = "ok"
+    delay_s: float = 5.0
+    port: int = 0
+    messages: list[bytes] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await self._session(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    async def _session(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 scripted ESMTP\r\n")
+        while line := await r.readline():
+            verb = line.split()[0].upper() if line.split() else b""
+            if verb == b"EHLO":
+                w.write(b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                        b"250 AUTH PLAIN LOGIN\r\n")
+            elif verb == b"AUTH":
+                ok = base64.b64decode(line.split()[2]).split(b"\0")[2] == b"secret"
+                w.write(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 no\r\n")
+                if ok and self.mode == "close_after_auth":
+                    await w.drain()
+                    return
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                w.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"DATA":
+                w.write(b"354 go ahead\r\n")
+                await w.drain()
+                if self.mode == "close_in_data":
+                    await r.read(10)  # some of the message, then the line drops
+                    return
+                data = await r.readuntil(b"\r\n.\r\n")
+                if self.mode == "slow_data_reply":
+                    await asyncio.sleep(self.delay_s)
+                self.messages.append(data)
+                w.write(b"250 2.0.0 queued as SCRIPTED\r\n")
+            elif verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                await w.drain()
+                return
+            else:
+                w.write(b"502 5.5.1 no\r\n")
+            await w.drain()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+async def send_raw(port: int, pki: Pki, password: str = "secret") -> list[str]:
+    """One message through the proxy with a raw client; all replies in order."""
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    replies: list[str] = []
+    try:
+        token = base64.b64encode(f"\0{ALICE}\0{password}".encode()).decode()
+        replies.append(await client.cmd(f"AUTH PLAIN {token}"))
+        if not replies[-1].startswith("235"):
+            return replies
+        replies.append(await client.cmd(f"MAIL FROM:<{ALICE}>"))
+        if not replies[-1].startswith("250"):
+            return replies
+        replies.append(await client.cmd(f"RCPT TO:<{BOB}>"))
+        replies.append(await client.cmd("DATA"))
+        if not replies[-1].startswith("354"):
+            return replies
+        client.write(message("scripted", b"hello\r\n" * 100) + b".\r\n")
+        replies.append(await client.reply())
+        replies.append(await client.cmd("QUIT"))
+    finally:
+        client.close()
+    return replies
+
+
+async def test_upstream_down_gives_421_and_a_logged_session_end(
+    env: Env, pki: Pki
+) -> None:
+    """Nothing listens upstream: AUTH gets 421 4.4.1, the session_end record names
+    the reason; once the upstream is back the next client is served."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    port = await env.listen(dead_port, upstream_tls="none", upstream_connect_timeout_s=1)
+    replies = await send_raw(port, pki)
+    assert replies[0].startswith("421 4.4.1 "), replies
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "upstream_unavailable"
+    assert ends[0]["user"] == ALICE
+    assert env.records("decision") == []
+
+    up = ScriptedUpstream()
+    await up.start(dead_port)
+    try:
+        replies = await send_raw(port, pki)
+        assert replies[-2].startswith("250 2.0.0 queued"), replies
+        assert len(up.messages) == 1
+    finally:
+        await up.stop()
+
+
+async def test_upstream_closing_during_data_never_gives_250(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The upstream drops the line mid-DATA: the client gets 451 4.4.1 (never 250),
+    the connection closes, nothing is stored or re-sent; the next client is served."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    scripted.mode = "close_in_data"
+    replies = await send_raw(port, pki)
+    assert replies[-2].startswith("451 4.4.1 "), replies
+    assert replies[-1] == "<closed>"
+    assert not any(r.startswith("250 2.0.0 queued") for r in replies)
+    assert scripted.messages == []
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "upstream_lost"
+
+    scripted.mode = "ok"
+    replies = await send_raw(port, pki)
+    assert replies[-2].startswith("250 2.0.0 queued"), replies
+    assert len(scripted.messages) == 1
+
+
+async def test_slow_upstream_times_out_with_451(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The upstream does not answer the end of DATA within upstream_timeout: 451, not
+    250; the message is not re-sent by mailward; the next client is served."""
+    port = await env.listen(scripted.port, upstream_tls="none", upstream_timeout_s=0.5)
+    scripted.mode, scripted.delay_s = "slow_data_reply", 3.0
+    started = time.monotonic()
+    replies = await send_raw(port, pki)
+    assert time.monotonic() - started < 2.5
+    assert replies[-2].startswith("451 4.4.1 "), replies
+    await asyncio.sleep(3.0)
+    assert len(scripted.messages) == 1  # received upstream once, never twice
+
+    scripted.mode = "ok"
+    replies = await send_raw(port, pki)
+    assert replies[-2].startswith("250 2.0.0 queued"), replies
+    assert len(scripted.messages) == 2
+
+
+async def test_upstream_lost_between_commands_gives_421(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The upstream closes right after AUTH: MAIL FROM gets 421 4.4.1 and the session
+    ends; the decision (allow) was logged once."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    scripted.mode = "close_after_auth"
+    replies = await send_raw(port, pki)
+    assert replies[0].startswith("235"), replies
+    assert replies[1].startswith("421 4.4.1 "), replies
+    assert [d["decision"] for d in env.records("decision")] == ["allow"]
+
+
+async def test_listener_close_ends_sessions_with_421(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """close(grace) stops accepting and ends idle sessions with 421 after the grace."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    await client.login(ALICE, "secret")
+    listener = env.listeners.pop()
+    closing = asyncio.create_task(listener.close(0.2))
+    goodbye = await client.reply()
+    await closing
+    client.close()
+    assert goodbye.startswith("421 4.3.2"), goodbye
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "shutdown"
