@@ -854,3 +854,165 @@ async def test_listener_close_ends_sessions_with_421(
         socket.create_connection(("127.0.0.1", port), 1).close()
     ends = await env.wait_records("session_end", 1)
     assert ends[0]["reason"] == "shutdown"
+
+
+# ------------------------------------------------------------------ protocol details
+
+
+async def test_pipelined_commands_get_the_upstreams_replies_in_order(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """PIPELINING (RFC 2920): MAIL, RCPTs and DATA in one write; replies in order,
+    each the upstream's; the message reaches the accepted recipient."""
+    port = await env.listen(postfix.submission_port)
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        await client.login(ALICE, PASSWORD[ALICE])
+        client.write(f"MAIL FROM:<{ALICE}> BODY=8BITMIME\r\nRCPT TO:<nobody@example.test>\r\n"
+                     f"RCPT TO:<{BOB}>\r\nDATA\r\n".encode())
+        replies = [await client.reply() for _ in range(4)]
+        client.write(message("pipelined", b"hi\r\n") + b".\r\n")
+        replies.append(await client.reply())
+    finally:
+        client.close()
+    assert [r[:3] for r in replies] == ["250", "550", "250", "354", "250"], replies
+    assert replies[1].startswith("550 5.1.1 ")
+    assert len(postfix.wait_for_messages(BOB, 1)) == 1
+
+
+async def test_smtputf8_addresses_are_relayed(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """An SMTPUTF8 transaction reaches the upstream unchanged: Postfix answers for a
+    UTF-8 address it does not know (550 5.1.1), and accepts a known one."""
+    port = await env.listen(postfix.submission_port)
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        await client.login(ALICE, PASSWORD[ALICE])
+        mail = await client.cmd(f"MAIL FROM:<{ALICE}> SMTPUTF8 BODY=8BITMIME")
+        client.write("RCPT TO:<jürgen@example.test>\r\n".encode())
+        unknown = await client.reply()
+        good = await client.cmd(f"RCPT TO:<{BOB}>")
+    finally:
+        client.close()
+    assert mail.startswith("250"), mail
+    assert unknown.startswith("550 5.1.1 "), unknown
+    assert "example.test" in unknown
+    assert good.startswith("250")
+
+
+async def test_too_many_commands_before_auth_end_the_connection(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """max_preauth_commands: the next command gets 421 4.7.0 and the line closes."""
+    port = await env.listen(postfix.submission_port, max_preauth_commands=5)
+    client = RawClient(port, pki.client_ctx())
+    await client.open()  # EHLO, STARTTLS, EHLO: 3 commands
+    try:
+        assert (await client.cmd("NOOP")).startswith("250")
+        assert (await client.cmd("NOOP")).startswith("250")
+        last = await client.cmd("NOOP")
+        assert last.startswith("421 4.7.0"), last
+        assert await client.closed()
+    finally:
+        client.close()
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "too_many_commands"
+
+
+async def test_idle_client_before_auth_gets_421_and_session_end(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Pre-auth idle timeout: 421 4.4.2, connection closed, session_end idle_timeout."""
+    port = await env.listen(postfix.submission_port, preauth_idle_timeout_s=0.5)
+    client = RawClient(port, pki.client_ctx())
+    await client.open()
+    try:
+        goodbye = await client.reply(timeout=5)
+        assert goodbye.startswith("421 4.4.2"), goodbye
+        assert await client.closed()
+    finally:
+        client.close()
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "idle_timeout"
+
+
+async def test_client_certificate_from_unknown_ca_fails_the_handshake(
+    env: Env, pki: Pki, postfix: PostfixSubmission, tmp_path: Path
+) -> None:
+    """An invalid device certificate fails STARTTLS; nothing reaches the upstream or
+    the gate; a session_end tls_failed record is written."""
+    import trustme
+
+    rogue = trustme.CA().issue_cert("rogue-device")
+    ctx = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    rogue.configure_cert(ctx)
+    port = await env.listen(postfix.submission_port)
+    client = RawClient(port, ctx)
+    with pytest.raises((ssl.SSLError, ConnectionError, AssertionError, asyncio.TimeoutError)):
+        await client.open()
+        await client.login(ALICE, PASSWORD[ALICE])
+    client.close()
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "tls_failed"
+    assert env.records("decision") == []
+
+
+async def test_posture_store_down_gives_a_temporary_refusal(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """The gate fails closed (store unreachable): AUTH gets 454 4.7.0 "try again"."""
+
+    class DownStore(SqlitePostureStore):
+        async def get(self, device_id: str) -> Posture | None:
+            raise OSError("database is gone")
+
+    env.gate._store = DownStore(env.tmp / "down.db")
+    port = await env.listen(postfix.submission_port)
+
+    def send() -> Any:
+        with starttls_client(port, pki, "alice-phone") as s:
+            return s.docmd("AUTH", "PLAIN " + base64.b64encode(
+                f"\0{ALICE}\0{PASSWORD[ALICE]}".encode()).decode())
+
+    code, text = await asyncio.to_thread(send)
+    assert code == 454 and text.startswith(b"4.7.0 ")
+    assert b"try again" in text
+    (decision,) = env.records("decision")
+    assert decision["reasons"][0]["code"] == "posture_store_unavailable"
+
+
+def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> None:
+    """The server runs on uvloop: STARTTLS (aiosmtpd's own TLS upgrade) and implicit
+    TLS both work there."""
+    uvloop = pytest.importorskip("uvloop")
+    wires = [message("uvloop starttls", b"a\r\n"), message("uvloop implicit", b"b\r\n")]
+
+    async def main() -> None:
+        e = Env(pki, tmp_path, postfix.ca_pem)
+        await e.put(posture("alice-phone", ALICE))
+        postfix.clear_mailbox(BOB)
+        try:
+            starttls = await e.listen(postfix.submission_port)
+            implicit = await e.listen(postfix.smtps_port, tls="implicit",
+                                      upstream_tls="implicit")
+
+            def send() -> None:
+                with starttls_client(starttls, pki, "alice-phone") as s:
+                    s.login(ALICE, PASSWORD[ALICE])
+                    assert s.sendmail(ALICE, [BOB], wires[0]) == {}
+                with smtplib.SMTP_SSL("127.0.0.1", implicit, timeout=30,
+                                      context=pki.client_ctx("alice-phone")) as s:
+                    s.login(ALICE, PASSWORD[ALICE])
+                    assert s.sendmail(ALICE, [BOB], wires[1]) == {}
+
+            await asyncio.to_thread(send)
+        finally:
+            await e.close()
+
+    uvloop.run(main())
+    stored = postfix.wait_for_messages(BOB, 2)
+    assert sorted(postfix.split_trace(m)[1] for m in stored) == sorted(
+        as_stored(w) for w in wires)
