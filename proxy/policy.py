@@ -190,6 +190,17 @@ class Policy:
     exemptions: tuple[Exemption, ...] = ()
     approved: tuple[ApprovedApps, ...] = ()
     source: str = ""
+    # Indexes built once per policy load (see __post_init__); not part of equality.
+    _exact: dict[str, tuple[ProhibitedApp, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+    _globs: tuple[tuple[re.Pattern[str], ProhibitedApp], ...] = field(
+        init=False, repr=False, compare=False, default=())
+    _memo: dict[str, tuple[ProhibitedApp, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+    _approved: dict[str, tuple[frozenset[str], tuple[re.Pattern[str], ...], ApprovedApps]] = (
+        field(init=False, repr=False, compare=False, default_factory=dict))
+    _platforms: frozenset[str] = field(init=False, repr=False, compare=False,
+                                       default=frozenset())
 
     def __post_init__(self) -> None:
         exact: dict[str, list[ProhibitedApp]] = {}
@@ -216,12 +227,12 @@ class Policy:
 
     def rules_for(self, app_id: str) -> tuple[ProhibitedApp, ...]:
         """Rules whose ids match ``app_id`` (exact first, then globs), memoised."""
-        memo: dict[str, tuple[ProhibitedApp, ...]] = self._memo  # type: ignore[attr-defined]
+        memo = self._memo
         hit = memo.get(app_id)
         if hit is not None:
             return hit
-        rules = list(self._exact.get(app_id, ()))  # type: ignore[attr-defined]
-        for pattern, rule in self._globs:  # type: ignore[attr-defined]
+        rules = list(self._exact.get(app_id, ()))
+        for pattern, rule in self._globs:
             if pattern.match(app_id) and rule not in rules:
                 rules.append(rule)
         found = tuple(rules)
@@ -233,18 +244,18 @@ class Policy:
         return any(fnmatch.fnmatchcase(user, m) for m in self.groups.get(group, ()))
 
     def in_scope(self, platform: str) -> bool:
-        return platform in self._platforms  # type: ignore[attr-defined]
+        return platform in self._platforms
 
     def is_approved(self, platform: str, app_id: str) -> bool | None:
         """None when the platform has no approved-apps list."""
-        entry = self._approved.get(platform)  # type: ignore[attr-defined]
+        entry = self._approved.get(platform)
         if entry is None:
             return None
         exact, globs, _ = entry
         return app_id in exact or any(g.match(app_id) for g in globs)
 
     def approved_list(self, platform: str) -> ApprovedApps | None:
-        entry = self._approved.get(platform)  # type: ignore[attr-defined]
+        entry = self._approved.get(platform)
         return entry[2] if entry else None
 
 
