@@ -52,6 +52,9 @@ log = structlog.get_logger("mailward.server")
 EXIT_OK = 0
 EXIT_ERROR = 2
 
+#: Time a listener gets beyond ``shutdown_grace`` to say goodbye and close.
+CLOSE_MARGIN_S = 5.0
+
 # Keys whose values never reach the operational log, whoever logs them.
 _SECRET_KEYS = frozenset({"password", "passwd", "pass", "secret", "token", "authorization"})
 
@@ -230,6 +233,7 @@ class Server:
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.draining = False
+        self.started = False
         self._stop = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -288,6 +292,7 @@ class Server:
         if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
             log.error("audit log not writable; new sessions will be refused",
                       path=str(cfg.audit.path), error=self.audit.last_error)
+        self.started = True
         policy = self.holder.current()
         log.info("started", listeners=len(self.listeners), policy_version=policy.version,
                  policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
@@ -487,12 +492,21 @@ class Server:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
         grace = self.cfg.server.shutdown_grace_s
-        results = await asyncio.gather(
-            *(lst.close(grace) for lst in self.listeners), return_exceptions=True
-        )
-        for lst, res in zip(self.listeners, results, strict=True):
-            if isinstance(res, BaseException):
-                log.error("listener did not close cleanly", listener=lst.name, error=str(res))
+        closing = {
+            asyncio.ensure_future(lst.close(grace)): lst.name for lst in self.listeners
+        }
+        if closing:
+            # A listener that overstays its grace must not keep the process (and the
+            # final checkpoint) hostage: the orchestrator would SIGKILL us anyway.
+            done, late = await asyncio.wait(closing, timeout=grace + CLOSE_MARGIN_S)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("listener did not close cleanly", listener=closing[task],
+                              error=str(task.exception()))
+            for task in late:
+                log.error("listener still closing after the grace period; abandoning it",
+                          listener=closing[task], grace_s=grace)
+                task.cancel()
         self.listeners.clear()
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
@@ -501,7 +515,8 @@ class Server:
             await _quietly(self.audit.close, "audit log")  # writes the final checkpoint
         if self.store is not None:
             await _quietly(self.store.close, "posture store")
-        log.info("stopped")
+        if self.started:  # a failed start-up says one line only (the error)
+            log.info("stopped")
 
 
 async def _quietly(fn: Callable[[], Awaitable[Any]], what: str) -> None:
