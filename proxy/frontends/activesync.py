@@ -1,0 +1,641 @@
+"""Exchange ActiveSync front end: an aiohttp reverse proxy for /Microsoft-Server-ActiveSync.
+
+How a request goes
+------------------
+1. The query (plain or base64 form, :mod:`proxy.frontends.eas_query`) names the command
+   and device; HTTP Basic auth names the user. No device id, or a bad query -> 400. No
+   Basic credentials -> 401 (mailward decides per user, so it needs the user name; the
+   password is only ever checked by the upstream). A query ``User`` that is not the
+   Basic user (ignoring a ``DOMAIN\\`` prefix, and matching an alias to an address
+   with the same local part) -> 403.
+2. The device-session cache is consulted (see "Decisions per device-session").
+3. On a miss, the upstream first verifies the credentials: ``OPTIONS`` with the
+   client's ``Authorization`` header. 401 is passed through (recorded as a deny with
+   reason ``auth_failed``) and nothing is cached; only then does the gate decide, so
+   refusal texts reach authenticated users only.
+4. Deny -> HTTP 403 as Exchange answers a blocked device (below). Store or audit
+   unavailable, or upstream down -> 503 with ``Retry-After``.
+5. Allow -> the request is streamed to the upstream and the response streamed back,
+   chunk by chunk in both directions (nothing buffers a whole body). EAS headers
+   (``MS-ASProtocolVersion``, ``X-MS-PolicyKey``, ``MS-ASAcceptMultiPart``, ...) pass
+   unchanged; hop-by-hop headers are dropped; ``X-Forwarded-For`` / ``-Proto`` /
+   ``-Host`` are added. Bodies pass byte for byte (no automatic decompression). One
+   pooled, keep-alive ``ClientSession`` serves all requests; a long-poll (``Ping``,
+   ``Sync`` with ``Wait``) may wait up to ``longpoll_timeout`` for the upstream.
+
+``OPTIONS`` (protocol discovery) carries no device id and returns no mailbox data; it
+is passed through without a decision.
+
+Decisions per device-session
+----------------------------
+A *device-session* is the run of requests of one (device id, user) on one listener
+that a single ``decision`` record covers:
+
+* its first request writes the ``decision`` record (``gate.decide``) and registers the
+  session with the gate; every later request of that (device id, user) reuses the
+  decision and is counted;
+* it ends when the gate ends it (a new posture or policy now denies: the gate writes
+  ``session_end`` with the trigger, and open requests end with 403 within 2 s), when
+  the policy version changes (the next request decides again), when the decision is
+  :data:`DECISION_MAX_AGE_S` old, after :data:`IDLE_S` without requests, when the
+  upstream answers 401 (credentials changed), or when the listener closes;
+* its end writes a ``session_end`` record with ``reason`` = ``eas_session``, the
+  cause in ``detail`` and ``requests=N``, the number of requests the decision covered.
+
+So an auditor attributes a request to the latest ``decision`` record of the same
+listener, device and user before it, up to the matching ``session_end``. A denied
+request is never cached: each gets its own ``decision`` record.
+
+Refusals
+--------
+Exchange answers a blocked device with HTTP 403 and EAS status 129
+(DeviceIsBlockedForThisUser), and names the block reason in ``X-MS-ASThrottle``. For
+clients of protocol 14.0 and later, whose command responses carry a global
+``Status``, the 403 body is that command's WBXML response with ``Status`` 129, so
+native mail apps show their own "device blocked" message. EAS has no field for
+server-supplied text in such a response, so the remediation text travels in the
+``X-Mailward-Refusal`` header (percent-encoded where not ASCII) and in the audit log;
+older clients and commands without a ``Status`` get it as the ``text/plain`` body.
+``X-MS-ASThrottle`` says ``ExternalCompliance``: Exchange's reason for a device barred
+by an external compliance system, which is what mailward is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import metrics
+from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
+from proxy.gate import TEMPORARY_TEXT, Identity, Origin
+
+if TYPE_CHECKING:
+    from proxy.frontends import FrontendContext
+    from proxy.gate import Gate
+    from proxy.policy import Decision
+
+log = structlog.get_logger("mailward.activesync")
+
+EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
+#: A decision covers a device-session for at most this long, then is made again.
+DECISION_MAX_AGE_S: Final = 3600.0
+#: A device-session without requests for this long ends (phones Ping far more often).
+IDLE_S: Final = 2 * 3600.0
+#: How often idle and over-age device-sessions are swept.
+SWEEP_INTERVAL_S: Final = 60.0
+#: Retry-After on temporary refusals (upstream, posture store or audit unavailable).
+RETRY_AFTER_S: Final = 30
+#: Read size when streaming bodies.
+CHUNK_BYTES: Final = 64 * 1024
+#: Longest Basic credentials header accepted.
+MAX_AUTH_HEADER: Final = 4096
+#: Upstream keep-alive connections kept idle in the pool.
+POOL_IDLE_CONNECTIONS: Final = 100
+
+HOP_BY_HOP: Final = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect",
+})
+THROTTLE_REASON: Final = "ExternalCompliance"
+STATUS_BLOCKED: Final = "129"  # DeviceIsBlockedForThisUser (MS-ASCMD 2.2.2)
+
+# Command -> (WBXML code page, command tag, Status tag) per MS-ASWBXML, for the
+# commands whose response carries a global Status in protocol 14.0 and later.
+_STATUS_RESPONSE: Final[dict[str, tuple[int, int, int]]] = {
+    "Sync": (0, 0x05, 0x0E),
+    "MoveItems": (5, 0x05, 0x0B),
+    "GetItemEstimate": (6, 0x05, 0x0E),
+    "FolderCreate": (7, 0x13, 0x0C),
+    "FolderDelete": (7, 0x14, 0x0C),
+    "FolderUpdate": (7, 0x15, 0x0C),
+    "FolderSync": (7, 0x16, 0x0C),
+    "ResolveRecipients": (10, 0x05, 0x07),
+    "Ping": (13, 0x05, 0x07),
+    "Provision": (14, 0x05, 0x0B),
+    "Search": (15, 0x05, 0x0C),
+    "Settings": (18, 0x05, 0x06),
+    "ItemOperations": (20, 0x05, 0x0D),
+    "SendMail": (21, 0x05, 0x12),
+    "SmartForward": (21, 0x06, 0x12),
+    "SmartReply": (21, 0x07, 0x12),
+}
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def status_wbxml(command: str, status: str) -> bytes | None:
+    """A minimal WBXML response ``<Command><Status>status</Status></Command>``, or None
+    when the command's response has no global Status."""
+    entry = _STATUS_RESPONSE.get(command)
+    if entry is None:
+        return None
+    page, tag, status_tag = entry
+    # version 1.3, unknown public id, UTF-8, empty string table
+    out = bytearray(b"\x03\x01\x6a\x00")
+    if page:
+        out += bytes([0x00, page])  # SWITCH_PAGE
+    out += bytes([0x40 | tag, 0x40 | status_tag, 0x03]) + status.encode() + b"\x00\x01\x01"
+    return bytes(out)
+
+
+def protocol_at_least(version: str | None, minimum: tuple[int, int]) -> bool:
+    try:
+        major, _, minor = (version or "").partition(".")
+        return (int(major), int(minor or 0)) >= minimum
+    except ValueError:
+        return False
+
+
+def basic_user(header: str | None) -> str | None:
+    """The user name of HTTP Basic credentials, or None when absent or not Basic."""
+    if not header or len(header) > MAX_AUTH_HEADER:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, _password = raw.partition(b":")
+    if not sep or not user:
+        return None
+    try:
+        return user.decode("utf-8")
+    except UnicodeDecodeError:
+        return user.decode("latin-1")  # RFC 7617's historical default
+
+
+def resolve_user(auth_user: str, query_user: str | None) -> str | None:
+    """The user to decide for, or None when the query names someone else.
+
+    ``DOMAIN\\alias`` counts as ``alias``; an alias matches an address with the same
+    local part (``alias`` ~ ``alias@corp.example``), and then the address is used,
+    since postures name addresses."""
+
+    def plain(u: str) -> str:
+        return u.strip().rpartition("\\")[2]
+
+    a = plain(auth_user)
+    if query_user is None:
+        return a
+    q = plain(query_user)
+    if a.lower() == q.lower():
+        return a
+    if ("@" in a) != ("@" in q) and a.partition("@")[0].lower() == q.partition("@")[0].lower():
+        return a if "@" in a else q
+    return None
+
+
+def _header_safe(text: str) -> str:
+    # printable ASCII stays readable; anything else (and %) is percent-encoded
+    return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+# ----------------------------------------------------------------- device-session
+
+
+@dataclass(eq=False)
+class DeviceSession:
+    """One cached allow decision: a ``LiveSession`` the gate may end."""
+
+    identity: Identity
+    origin: Origin
+    policy_version: str
+    created: float
+    frontend: ActiveSyncFrontend
+    last_used: float = 0.0
+    requests: int = 0
+    ended: str | None = None  # remediation text once the gate ended it
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.identity.device_id or "", self.identity.user_key)
+
+    async def terminate(self, text: str) -> None:
+        """The gate ended this session: answer open requests 403, forget the decision."""
+        self.ended = text
+        for task in list(self.tasks):
+            task.cancel()
+        await self.frontend.drop(self, "terminated", unregister=False)
+
+
+# ----------------------------------------------------------------------- frontend
+
+
+class ActiveSyncFrontend:
+    """Request handling for one listener; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: FrontendContext,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.listener
+        self.gate: Gate = ctx.gate
+        self.clock = clock
+        self.origin_name = self.cfg.name
+        base = URL(self.cfg.upstream)
+        self.upstream = base.with_path("").with_query(None).with_fragment(None)
+        self._base = str(self.upstream).rstrip("/")
+        self.sessions: dict[tuple[str, str], DeviceSession] = {}
+        self._admitting: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._client: aiohttp.ClientSession | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        ssl: Any = False
+        if self.upstream.scheme == "https":
+            ssl = self.ctx.upstream_tls if self.ctx.upstream_tls is not None else True
+        connector = aiohttp.TCPConnector(
+            ssl=ssl, limit=0, limit_per_host=0,  # every long-poll holds a connection
+            keepalive_timeout=30, ttl_dns_cache=60,
+        )
+        self._client = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # pass bodies byte for byte
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # never mix clients' cookies
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+
+    async def close(self, grace_s: float) -> None:
+        """Give open requests ``grace_s`` seconds, then answer the rest 503."""
+        self._closing = True
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace_s)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=5)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for session in list(self.sessions.values()):
+            await self.drop(session, "listener_closed")
+        if self._client is not None:
+            await self._client.close()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """End idle and over-age device-sessions that have no open request."""
+        now = self.clock()
+        for s in list(self.sessions.values()):
+            if s.tasks:
+                continue
+            if now - s.last_used > IDLE_S:
+                await self.drop(s, "idle")
+            elif now - s.created > DECISION_MAX_AGE_S:
+                await self.drop(s, "max_age")
+
+    async def drop(self, session: DeviceSession, cause: str, *, unregister: bool = True) -> None:
+        """Forget a device-session and record how many requests its decision covered."""
+        if self.sessions.get(session.key) is not session:
+            return
+        del self.sessions[session.key]
+        if unregister:
+            self.gate.unregister(session)
+        await self.gate.record_session_end(
+            session.origin, "eas_session", identity=session.identity,
+            detail=f"{cause} requests={session.requests}",
+        )
+
+    def _policy_version(self) -> str:
+        # The gate does not expose its policy yet; see the report to the lead.
+        getter = getattr(self.gate, "_policy", None)
+        try:
+            return getter().version if getter else ""
+        except Exception:
+            return ""
+
+    # -- request handling -----------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            if request.method == "OPTIONS":
+                return await self._forward(request, None)
+            if request.method != "POST":
+                return _text(405, "ActiveSync requests use POST or OPTIONS.",
+                             {"Allow": "OPTIONS, POST"})
+            return await self._post(request, task)
+        finally:
+            self._inflight.discard(task)
+
+    async def _post(self, request: web.Request, task: asyncio.Task[Any]) -> web.StreamResponse:
+        try:
+            query = parse_query(request.rel_url.raw_query_string)
+        except QueryError as e:
+            return _text(400, f"Bad ActiveSync request: {e.detail}.")
+        auth = request.headers.get("Authorization")
+        auth_user = basic_user(auth)
+        if auth_user is None:
+            return _text(401, "Sign in with your mail account.",
+                         {"WWW-Authenticate": 'Basic realm="ActiveSync"'})
+        origin = Origin("activesync", self.origin_name, request.remote or "")
+        user = resolve_user(auth_user, query.user)
+        if user is None:
+            identity = Identity(auth_user, query.device_id, "eas")
+            await self.gate.record_session_end(origin, "user_mismatch", identity=identity,
+                                               detail="query User differs from Basic auth")
+            return _text(403, "The account in the request does not match the signed-in "
+                              "account.")
+        identity = Identity(user, query.device_id, "eas")
+        key = (query.device_id, identity.user_key)
+
+        session = await self._session_for(key)
+        if session is None:
+            admitted = await self._admit(request, query, identity, origin, key)
+            if isinstance(admitted, web.StreamResponse):
+                return admitted
+            session = admitted
+        session.requests += 1
+        session.last_used = self.clock()
+        session.tasks.add(task)
+        try:
+            return await self._forward(request, session)
+        finally:
+            session.tasks.discard(task)
+            session.last_used = self.clock()
+
+    async def _session_for(self, key: tuple[str, str]) -> DeviceSession | None:
+        """The cached device-session, if still valid; waits for a concurrent admission
+        of the same key so a burst of first requests writes one decision."""
+        pending = self._admitting.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
+        session = self.sessions.get(key)
+        if session is None:
+            return None
+        if session.ended is not None:
+            return None
+        if session.policy_version != self._policy_version():
+            await self.drop(session, "policy_changed")
+            return None
+        if self.clock() - session.created > DECISION_MAX_AGE_S and not session.tasks:
+            await self.drop(session, "max_age")
+            return None
+        return session
+
+    async def _admit(
+        self,
+        request: web.Request,
+        query: EasQuery,
+        identity: Identity,
+        origin: Origin,
+        key: tuple[str, str],
+    ) -> DeviceSession | web.StreamResponse:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._admitting[key] = done
+        try:
+            refused = await self._verify_credentials(request, identity, origin)
+            if refused is not None:
+                return refused
+            policy_version = self._policy_version()
+            decision = await self.gate.decide(identity, origin)
+            if not decision.allow:
+                return self._refusal(request, query, identity, decision)
+            now = self.clock()
+            session = DeviceSession(identity, origin, policy_version, now, self,
+                                    last_used=now)
+            old = self.sessions.get(key)
+            if old is not None:
+                await self.drop(old, "replaced")
+            self.sessions[key] = session
+            self.gate.register(session)
+            return session
+        finally:
+            del self._admitting[key]
+            done.set_result(None)
+
+    async def _verify_credentials(
+        self, request: web.Request, identity: Identity, origin: Origin
+    ) -> web.StreamResponse | None:
+        """Ask the upstream to check the credentials (OPTIONS with the same
+        Authorization). None when it accepted them; else the response to send."""
+        assert self._client is not None
+        headers = CIMultiDict(self._upstream_headers(request))
+        headers.popall("Content-Length", None)
+        headers.popall("Content-Type", None)
+        try:
+            async with self._client.options(
+                self.upstream.with_path(EAS_PATH), headers=headers, allow_redirects=False,
+                timeout=self._timeout(self.cfg.upstream_timeout_s),
+            ) as up:
+                if 200 <= up.status < 300:
+                    return None
+                if up.status in (401, 403):
+                    await self.gate.record_auth_failed(identity, origin)
+                    body = await up.content.read(64 * 1024)
+                    return web.Response(status=up.status, body=body,
+                                        headers=self._downstream_headers(up))
+                log.warning("upstream refused credential check", status=up.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            log.warning("upstream unavailable", error=str(e) or type(e).__name__)
+        metrics.UPSTREAM_ERRORS.labels("activesync").inc()
+        return _unavailable()
+
+    def _refusal(self, request: web.Request, query: EasQuery, identity: Identity,
+                 decision: Decision) -> web.Response:
+        if decision.temporary:
+            return _unavailable()
+        text = decision.user_text()
+        version = query.protocol_version or request.headers.get("MS-ASProtocolVersion")
+        log.info("device refused", device_id=identity.device_id, user=identity.user_key,
+                 reasons=[r.code for r in decision.enforced_reasons])
+        return blocked_response(query.command, version, text)
+
+    # -- proxying ---------------------------------------------------------------------
+
+    def _timeout(self, read_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.upstream_connect_timeout_s,
+                                     sock_read=read_s)
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in request.headers.items():
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk in named or lk == "host":
+                continue
+            out.add(k, v)
+        prior = request.headers.get("X-Forwarded-For")
+        remote = request.remote or ""
+        out.popall("X-Forwarded-For", None)
+        out["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+        out["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            out["X-Forwarded-Host"] = request.host
+        return out
+
+    @staticmethod
+    def _downstream_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        named = {h.strip().lower() for h in up.headers.get("Connection", "").split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in up.headers.items():
+            lk = k.lower()
+            if lk not in HOP_BY_HOP and lk not in named:
+                out.add(k, v)
+        return out
+
+    async def _forward(self, request: web.Request,
+                       session: DeviceSession | None) -> web.StreamResponse:
+        """Stream the request to the upstream and the answer back. A cancellation
+        (the gate ended the session, or the listener closes) answers 403/503 if no
+        answer has started, else cuts the connection."""
+        assert self._client is not None
+        # The path and query go upstream exactly as the client sent them.
+        url = URL(self._base + request.raw_path, encoded=True)
+        headers = self._upstream_headers(request)
+        data = request.content if request.body_exists else None
+        response: web.StreamResponse | None = None
+        try:
+            async with self._client.request(
+                request.method, url, headers=headers, data=data,
+                allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
+                compress=False, chunked=None,
+            ) as up:
+                if up.status == 401 and session is not None:
+                    # The credentials stopped working: the decision no longer applies.
+                    await self.drop(session, "auth_failed")
+                response = web.StreamResponse(status=up.status, reason=up.reason,
+                                              headers=self._downstream_headers(up))
+                await response.prepare(request)
+                async for chunk in up.content.iter_chunked(CHUNK_BYTES):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except asyncio.CancelledError:
+            ended = session.ended if session is not None else None
+            if ended is None and not self._closing:
+                raise  # the client went away
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if response is not None and response.prepared:
+                _abort(request)
+                return response
+            if ended is not None:
+                q = _query_or_none(request)
+                version = (q.protocol_version if q else None) or \
+                    request.headers.get("MS-ASProtocolVersion")
+                return blocked_response(q.command if q else "", version, ended)
+            return _unavailable()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            metrics.UPSTREAM_ERRORS.labels("activesync").inc()
+            log.warning("upstream request failed", error=str(e) or type(e).__name__)
+            if response is not None and response.prepared:
+                _abort(request)
+                return response
+            return _unavailable()
+
+
+def _query_or_none(request: web.Request) -> EasQuery | None:
+    try:
+        return parse_query(request.rel_url.raw_query_string)
+    except QueryError:
+        return None
+
+
+def _abort(request: web.Request) -> None:
+    """The answer had started: the only honest signal left is a cut connection."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _text(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers=headers,
+                        content_type="text/plain", charset="utf-8")
+
+
+def _unavailable() -> web.Response:
+    return _text(503, TEMPORARY_TEXT, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def blocked_response(command: str, protocol_version: str | None, text: str) -> web.Response:
+    """HTTP 403 as Exchange answers a blocked device (see the module docstring)."""
+    headers = {
+        "X-MS-ASThrottle": THROTTLE_REASON,
+        "X-Mailward-Refusal": _header_safe(text),
+        "Cache-Control": "private, no-store",
+    }
+    body = status_wbxml(command, STATUS_BLOCKED) if protocol_at_least(
+        protocol_version, (14, 0)) else None
+    if body is not None:
+        headers["Content-Type"] = "application/vnd.ms-sync.wbxml"
+        return web.Response(status=403, body=body, headers=headers)
+    return _text(403, text, headers)
+
+
+# --------------------------------------------------------------------- listener
+
+
+@dataclass
+class RunningActiveSync:
+    """A started ActiveSync listener (``RunningListener``)."""
+
+    name: str
+    port: int
+    frontend: ActiveSyncFrontend
+    runner: web.AppRunner
+
+    async def close(self, grace_s: float) -> None:
+        # Stop accepting first, then let open requests finish or answer them 503.
+        for site in list(self.runner.sites):
+            await site.stop()
+        await self.frontend.close(grace_s)
+        await self.runner.cleanup()
+
+
+def make_app(frontend: ActiveSyncFrontend) -> web.Application:
+    app = web.Application()  # bodies are streamed from request.content, never read whole
+    app.router.add_route("*", EAS_PATH, frontend.handle)
+    return app
+
+
+async def start(ctx: FrontendContext) -> RunningActiveSync:
+    """Start the ActiveSync listener described by ``ctx.listener``."""
+    frontend = ActiveSyncFrontend(ctx)
+    await frontend.start()
+    # handler_cancellation: a client that hangs up mid long-poll frees its upstream
+    # connection at once instead of when the upstream answers.
+    runner = web.AppRunner(make_app(frontend), access_log=None, handle_signals=False,
+                           handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port,
+                       ssl_context=ctx.server_tls, backlog=1024)
+    await site.start()
+    port = ctx.listener.port
+    server = site._server  # the bound sockets are only reachable here
+    if server is not None and getattr(server, "sockets", None):
+        port = server.sockets[0].getsockname()[1]
+    return RunningActiveSync(ctx.listener.name, port, frontend, runner)

@@ -1,0 +1,637 @@
+"""The ActiveSync front end against a real aiohttp upstream over TLS.
+
+Clients: ``pyactivesync`` (a third-party EAS client library, driven in a thread since
+it is synchronous) and hand-built aiohttp requests in both query forms. The upstream
+records the exact bytes and headers it receives. The gate, SQLite posture store,
+audit log, verifier and API are the real ones; reports are signed with ``proxy.pki``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pyactivesync
+import pytest
+import requests
+import trustme
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+from pki_helpers import TIKTOK, USER, TestPki, report
+from pyactivesync._wbxml import WBXMLReader, WBXMLWriter, find, text_of, wtag
+from yarl import URL
+
+from proxy.api import make_app
+from proxy.audit import AuditLog
+from proxy.config import ListenerConfig, load_policy
+from proxy.frontends import FrontendContext
+from proxy.frontends.activesync import (
+    RunningActiveSync,
+    basic_user,
+    blocked_response,
+    resolve_user,
+    start,
+    status_wbxml,
+)
+from proxy.frontends.eas_query import encode_binary, parse_query
+from proxy.gate import Gate
+from proxy.policy import Policy
+from proxy.posture.sqlite import SqlitePostureStore
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "correct horse"
+EAS = "/Microsoft-Server-ActiveSync"
+LONGPOLL_S = float(os.environ.get("MAILWARD_TEST_LONGPOLL_S", "3"))
+
+
+def auth(user: str = USER, password: str = PASSWORD) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# ------------------------------------------------------------------- upstream
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A tiny EAS server: checks Basic credentials, answers Provision, FolderSync, Sync,
+    Ping (after ``ping_delay``), SendMail and a streamed ItemOperations."""
+
+    seen: list[Seen] = field(default_factory=list)
+    ping_delay: float = 0.1
+    first_chunk_read: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    streamed: bytes = b""
+
+    def posts(self, command: str | None = None) -> list[Seen]:
+        return [s for s in self.seen if s.method == "POST" and (
+            command is None or parse_query(URL(s.raw_path, encoded=True).raw_query_string
+                                           ).command == command)]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        query = request.rel_url.raw_query_string
+        command = parse_query(query).command if request.method == "POST" else ""
+        if command == "SmartForward":  # read the first chunk, signal, then the rest
+            first = await request.content.readany()
+            self.first_chunk_read.set()
+            body = first + await request.content.read()
+        else:
+            body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers),
+                              body))
+        if request.headers.get("Authorization") != auth() and \
+                request.headers.get("Authorization") != auth("bob@corp.example"):
+            return web.Response(status=401, text="Unauthorized",
+                                headers={"WWW-Authenticate": 'Basic realm="upstream"'})
+        if request.method == "OPTIONS":
+            return web.Response(headers={"MS-ASProtocolVersions": "14.0,14.1,16.0,16.1",
+                                         "MS-ASProtocolCommands": "Sync,FolderSync,Ping"})
+        wbxml = {"Content-Type": "application/vnd.ms-sync.wbxml"}
+        if command == "Provision":
+            w = WBXMLWriter().tag("Provision", "Provision", children=[
+                wtag("Provision", "Status", text="1"),
+                wtag("Provision", "Policies", children=[wtag("Provision", "Policy", children=[
+                    wtag("Provision", "PolicyType", text="MS-EAS-Provisioning-WBXML"),
+                    wtag("Provision", "Status", text="1"),
+                    wtag("Provision", "PolicyKey", text="1307"),
+                ])]),
+            ])
+            return web.Response(body=w.render(), headers=wbxml)
+        if command == "FolderSync":
+            w = WBXMLWriter().tag("FolderHierarchy", "FolderSync", children=[
+                wtag("FolderHierarchy", "Status", text="1"),
+                wtag("FolderHierarchy", "SyncKey", text="1"),
+                wtag("FolderHierarchy", "Changes", children=[
+                    wtag("FolderHierarchy", "Count", text="1"),
+                    wtag("FolderHierarchy", "Add", children=[
+                        wtag("FolderHierarchy", "ServerId", text="5"),
+                        wtag("FolderHierarchy", "ParentId", text="0"),
+                        wtag("FolderHierarchy", "DisplayName", text="Inbox"),
+                        wtag("FolderHierarchy", "Type", text="2"),
+                    ]),
+                ]),
+            ])
+            return web.Response(body=w.render(), headers=wbxml)
+        if command == "Sync":
+            w = WBXMLWriter().tag("AirSync", "Sync", children=[
+                wtag("AirSync", "Collections", children=[wtag("AirSync", "Collection", children=[
+                    wtag("AirSync", "SyncKey", text="2"),
+                    wtag("AirSync", "CollectionId", text="5"),
+                    wtag("AirSync", "Status", text="1"),
+                ])]),
+            ])
+            return web.Response(body=w.render(), headers=wbxml)
+        if command == "Ping":
+            await asyncio.sleep(self.ping_delay)
+            w = WBXMLWriter().tag("Ping", "Ping", children=[wtag("Ping", "Status", text="1")])
+            return web.Response(body=w.render(), headers=wbxml)
+        if command == "ItemOperations":  # first chunk, wait, the rest: proves streaming
+            resp = web.StreamResponse(headers={**wbxml, "X-Upstream": "yes"})
+            resp.content_length = len(self.streamed)
+            await resp.prepare(request)
+            await resp.write(self.streamed[:1000])
+            await self.release.wait()
+            await resp.write(self.streamed[1000:])
+            await resp.write_eof()
+            return resp
+        return web.Response(status=200, headers={"X-Received-Sha256":
+                                                 hashlib.sha256(body).hexdigest()})
+
+
+# ------------------------------------------------------------------------ env
+
+
+@dataclass
+class Env:
+    upstream: Upstream
+    proxy: RunningActiveSync
+    pki: TestPki
+    gate: Gate
+    store: SqlitePostureStore
+    audit: AuditLog
+    policy: list[Policy]
+    client_ssl: ssl.SSLContext
+    ca_path: Path
+    api: TestClient
+    records: list[dict[str, Any]]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.proxy.port}{EAS}"
+
+    async def attest(self, device_id: str, apps: list[str], user: str = USER) -> None:
+        resp = await self.api.post(
+            "/v1/attestations", data=report(self.pki.device(device_id, user),
+                                            device_id=device_id, user=user, apps=apps),
+            headers={"Content-Type": "application/jose"})
+        assert resp.status == 201, await resp.text()
+
+    def decisions(self, device_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == "decision"
+                and r.get("device_id") == device_id]
+
+    async def post(self, query: str, body: Any = b"", *, headers: dict[str, str] | None = None,
+                   **kw: Any) -> aiohttp.ClientResponse:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.client_ssl)
+                                         ) as s:
+            h = {"Authorization": auth(), "MS-ASProtocolVersion": "14.1",
+                 "Content-Type": "application/vnd.ms-sync.wbxml", **(headers or {})}
+            resp = await s.post(URL(f"{self.url}?{query}", encoded=True), data=body,
+                                headers=h, **kw)
+            await resp.read()
+            return resp
+
+
+class RecordingAudit(AuditLog):
+    """The real audit log, remembering what it wrote for assertions."""
+
+    records: list[dict[str, Any]]
+
+    async def write(self, fields: Any) -> dict[str, Any]:
+        rec = await super().write(fields)
+        self.records.append(rec)
+        return rec
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def _start_upstream(ca: trustme.CA, up: Upstream) -> tuple[web.AppRunner, int]:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", EAS, up.handle)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=0.5)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def _start_proxy(ca: trustme.CA, gate: Gate, upstream: str,
+                       longpoll_s: float = 60.0) -> RunningActiveSync:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    up_ctx = ssl.create_default_context()
+    ca.configure_trust(up_ctx)
+    listener = ListenerConfig(name="eas", protocol="activesync", host="127.0.0.1", port=0,
+                              upstream=upstream, longpoll_timeout_s=longpoll_s,
+                              upstream_connect_timeout_s=2, upstream_timeout_s=5)
+    return await start(FrontendContext(listener, gate, server_ctx, up_ctx))
+
+
+@pytest.fixture
+async def env(tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+              ) -> AsyncIterator[Env]:
+    # requests lets these variables override a session's own CA bundle.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    upstream = Upstream()
+    up_runner, up_port = await _start_upstream(ca, upstream)
+    pki = TestPki()
+    store = SqlitePostureStore(tmp_path / "posture.db")
+    audit = RecordingAudit(tmp_path / "audit.jsonl", signing_key=None)
+    audit.records = []
+    policy = [load_policy(ROOT / "config" / "policy.toml")]
+    gate = Gate(store=store, audit=audit, policy=lambda: policy[0])
+    proxy = await _start_proxy(ca, gate, f"https://127.0.0.1:{up_port}", 60.0)
+    api = TestClient(TestServer(make_app(gate=gate, store=store, verifier=pki.verifier(),
+                                         policy=lambda: policy[0], audit=audit)))
+    await api.start_server()
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    e = Env(upstream, proxy, pki, gate, store, audit, policy, client_ssl, ca_path, api,
+            audit.records)
+    try:
+        yield e
+    finally:
+        await proxy.close(0.5)
+        await api.close()
+        await up_runner.cleanup()
+        await store.close()
+        await audit.close()
+
+
+def pyclient(env: Env, device_id: str, user: str = USER) -> pyactivesync.Client:
+    return pyactivesync.Client(f"127.0.0.1:{env.proxy.port}", user, PASSWORD,
+                               device_id=device_id, device_type="iPhone",
+                               verify_ssl=str(env.ca_path), timeout=30)  # type: ignore[arg-type]
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await asyncio.to_thread(fn)
+
+
+# ------------------------------------------------------- a real client library
+
+
+async def test_pyactivesync_compliant_device_syncs(env: Env) -> None:
+    """pyactivesync provisions, lists folders, syncs and pings through mailward; one
+    decision record covers all of it."""
+    await env.attest("dev-ok", ["com.example.mail"])
+
+    def run() -> tuple[Any, Any, Any]:
+        with pyclient(env, "dev-ok") as c:
+            folders = c.list_folders()
+            synced = c.sync_folder("5")
+            pinged = c.ping("5", heartbeat=60)
+            return folders, synced, pinged
+
+    folders, synced, pinged = await in_thread(run)
+    assert [f.name for f in folders] == ["Inbox"]
+    assert synced.sync_key == "2"
+    assert pinged.status == "1"
+    assert [len(env.upstream.posts(c)) for c in ("Provision", "FolderSync", "Sync", "Ping")] \
+        == [2, 1, 1, 1]
+    # The policy key the client learnt passes through in its header.
+    assert env.upstream.posts("FolderSync")[0].headers["X-MS-PolicyKey"] == "1307"
+    assert [s.method for s in env.upstream.seen].count("OPTIONS") == 1  # one credential check
+    [decision] = env.decisions("dev-ok")
+    assert (decision["decision"], decision["protocol"], decision["user"]) == (
+        "allow", "activesync", USER)
+    session = env.proxy.frontend.sessions[("dev-ok", USER)]
+    assert session.requests == 5
+
+
+async def test_pyactivesync_tiktok_device_gets_403(env: Env) -> None:
+    """A TikTok device: 403, EAS status 129 in WBXML, the text naming TikTok; nothing
+    but the credential check reaches the upstream."""
+    await env.attest("dev-tt", [TIKTOK])
+
+    def run() -> requests.Response:
+        with pyclient(env, "dev-tt") as c, pytest.raises(requests.HTTPError) as info:
+            c.list_folders()
+        return info.value.response
+
+    resp = await in_thread(run)
+    assert resp.status_code == 403
+    assert "TikTok" in resp.headers["X-Mailward-Refusal"]
+    assert resp.headers["X-MS-ASThrottle"] == "ExternalCompliance"
+    assert text_of(find(WBXMLReader(resp.content).parse(), "Provision.Status")) == "129"
+    assert env.upstream.posts() == []
+    [decision] = env.decisions("dev-tt")
+    assert decision["decision"] == "deny"
+    assert decision["reasons"][0]["app_name"] == "TikTok"
+
+
+# ------------------------------------------------------ hand-built requests
+
+
+async def test_plain_form_exact_bytes_and_headers(env: Env) -> None:
+    """The upstream receives the body byte for byte and every end-to-end header; hop-by-
+    hop headers are dropped and X-Forwarded-For is added."""
+    await env.attest("dev-ok", [])
+    body = os.urandom(300_000)
+    query = f"Cmd=SendMail&User={USER.replace('@', '%40')}&DeviceId=dev-ok&DeviceType=iPhone"
+    sent = {
+        "MS-ASProtocolVersion": "16.1", "X-MS-PolicyKey": "1307",
+        "MS-ASAcceptMultiPart": "T", "User-Agent": "Apple-iPhone/1402.1",
+        "Content-Type": "message/rfc822", "Accept-Language": "en-us",
+        "Connection": "keep-alive, X-Hop", "X-Hop": "secret", "TE": "trailers",
+    }
+    resp = await env.post(query, body, headers=sent)
+    assert resp.status == 200
+    assert resp.headers["X-Received-Sha256"] == hashlib.sha256(body).hexdigest()
+    [seen] = env.upstream.posts("SendMail")
+    assert seen.body == body
+    assert seen.raw_path == f"{EAS}?{query}"
+    for name in ("MS-ASProtocolVersion", "X-MS-PolicyKey", "MS-ASAcceptMultiPart",
+                 "User-Agent", "Content-Type", "Accept-Language", "Authorization"):
+        assert seen.headers.getall(name) == [sent.get(name, auth())], name
+    assert seen.headers["Content-Length"] == str(len(body))
+    assert "X-Hop" not in seen.headers and "TE" not in seen.headers
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
+    assert seen.headers["X-Forwarded-Proto"] == "https"
+
+
+async def test_base64_form_is_understood_and_passed_verbatim(env: Env) -> None:
+    """A base64 query (binary GUID device id) is decided on and forwarded unchanged."""
+    guid = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+    await env.attest(guid.hex().upper(), [])
+    query = encode_binary(command="Sync", device_id=guid, device_type="Android",
+                          protocol_version="14.1", policy_key=1307, user=USER)
+    resp = await env.post(query.replace("+", "%2B").replace("/", "%2F"), b"\x03\x01\x6a\x00")
+    assert resp.status == 200
+    [seen] = env.upstream.posts("Sync")
+    assert seen.raw_path.endswith(query.replace("+", "%2B").replace("/", "%2F"))
+    assert env.decisions(guid.hex().upper())[0]["decision"] == "allow"
+
+
+async def test_base64_form_tiktok_device_refused(env: Env) -> None:
+    """The same device refusal holds for base64-form requests."""
+    await env.attest("ANDROIDC0FFEE", [TIKTOK])
+    query = encode_binary(command="FolderSync", device_id="ANDROIDC0FFEE",
+                          device_type="Android", protocol_version="16.1")
+    resp = await env.post(query, b"")
+    assert resp.status == 403
+    assert "TikTok" in resp.headers["X-Mailward-Refusal"]
+
+
+async def test_request_and_response_bodies_stream(env: Env) -> None:
+    """Neither direction buffers a whole body: the upstream reads the first request
+    chunk before the client sends the rest, and the client reads the first response
+    chunk before the upstream sends the rest."""
+    await env.attest("dev-ok", [])
+    q = f"User={USER}&DeviceId=dev-ok&DeviceType=x&Cmd="
+    sent_rest = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        await asyncio.wait_for(env.upstream.first_chunk_read.wait(), 5)
+        sent_rest.set()
+        yield b"b" * 1000
+
+    resp = await env.post(q + "SmartForward&ItemId=1&CollectionId=5", body())
+    assert resp.status == 200 and sent_rest.is_set()
+    assert env.upstream.posts("SmartForward")[0].body == b"a" * 1000 + b"b" * 1000
+
+    env.upstream.streamed = os.urandom(200_000)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=env.client_ssl)) as s:
+        r = await s.post(URL(f"{env.url}?{q}ItemOperations", encoded=True), data=b"",
+                         headers={"Authorization": auth()})
+        assert r.status == 200 and r.headers["X-Upstream"] == "yes"
+        first = await asyncio.wait_for(r.content.readexactly(1000), 5)
+        assert first == env.upstream.streamed[:1000]
+        env.upstream.release.set()
+        assert first + await r.content.read() == env.upstream.streamed
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("Cmd=Sync&User=u&DeviceType=x", 400),  # no device id
+        ("Cmd=Sync&DeviceId=a%20b", 400),
+        ("!!notbase64!!", 400),
+        (encode_binary(command="Sync", device_id="D", device_type="x")[:-6], 400),
+    ],
+)
+async def test_bad_queries_are_400(env: Env, query: str, status: int) -> None:
+    """Bad or incomplete queries are refused with 400, never reaching the upstream."""
+    resp = await env.post(query)
+    assert resp.status == status
+    assert env.upstream.seen == []
+
+
+async def test_missing_basic_auth_is_401(env: Env) -> None:
+    """No Basic credentials: 401 with a Basic challenge, nothing upstream."""
+    resp = await env.post("Cmd=Sync&DeviceId=d&DeviceType=x",
+                          headers={"Authorization": "Bearer abc"})
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert env.upstream.seen == []
+
+
+async def test_user_mismatch_is_403(env: Env) -> None:
+    """A query User other than the Basic user is refused and recorded."""
+    await env.attest("dev-ok", [])
+    resp = await env.post("Cmd=Sync&User=mallory%40corp.example&DeviceId=dev-ok&DeviceType=x")
+    assert resp.status == 403
+    assert env.upstream.seen == []
+    assert any(r.get("reason") == "user_mismatch" for r in env.records)
+
+
+async def test_wrong_password_passes_401_and_is_not_cached(env: Env) -> None:
+    """The upstream's 401 reaches the client, is recorded as auth_failed, and the next
+    request (right password) is checked and decided afresh."""
+    await env.attest("dev-ok", [])
+    q = f"Cmd=Sync&User={USER}&DeviceId=dev-ok&DeviceType=x"
+    resp = await env.post(q, headers={"Authorization": auth(password="wrong")})
+    assert resp.status == 401 and "upstream" in resp.headers["WWW-Authenticate"]
+    [rec] = env.decisions("dev-ok")
+    assert rec["reasons"][0]["code"] == "auth_failed"
+    assert env.proxy.frontend.sessions == {}
+    assert (await env.post(q)).status == 200
+    assert [r["decision"] for r in env.decisions("dev-ok")] == ["deny", "allow"]
+
+
+async def test_cached_session_dropped_when_upstream_says_401(env: Env) -> None:
+    """A cached device-session whose credentials stop working is dropped."""
+    await env.attest("dev-ok", [])
+    q = f"Cmd=Sync&User={USER}&DeviceId=dev-ok&DeviceType=x"
+    assert (await env.post(q)).status == 200
+    assert (await env.post(q, headers={"Authorization": auth(password="nope")})).status == 401
+    assert env.proxy.frontend.sessions == {}
+    ends = [r for r in env.records if r.get("reason") == "eas_session"]
+    assert ends and ends[-1]["detail"] == "auth_failed requests=2"
+
+
+async def test_one_decision_per_device_session_and_policy_version(env: Env) -> None:
+    """Many requests of one device cost one decision; a new policy version decides
+    again; closing the listener records how many requests each decision covered."""
+    await env.attest("dev-ok", [])
+    q = f"Cmd=Sync&User={USER}&DeviceId=dev-ok&DeviceType=x"
+    results = await asyncio.gather(*(env.post(q) for _ in range(5)))
+    assert [r.status for r in results] == [200] * 5
+    assert len(env.decisions("dev-ok")) == 1
+    env.policy[0] = replace(env.policy[0], version="v-next")
+    assert (await env.post(q)).status == 200
+    decisions = env.decisions("dev-ok")
+    assert [d["policy_version"] for d in decisions][-1] == "v-next" and len(decisions) == 2
+    await env.proxy.close(0.1)
+    ends = [r["detail"] for r in env.records if r.get("reason") == "eas_session"]
+    assert ends == ["policy_changed requests=5", "listener_closed requests=1"]
+
+
+async def test_options_discovery_passes_through(env: Env) -> None:
+    """OPTIONS goes to the upstream without a decision and its headers come back."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=env.client_ssl)) as s, \
+            s.options(env.url, headers={"Authorization": auth()}) as r:
+        assert r.status == 200
+        assert r.headers["MS-ASProtocolVersions"] == "14.0,14.1,16.0,16.1"
+    assert env.records == []
+
+
+async def test_longpoll_passes_through(env: Env) -> None:
+    """A Ping that the upstream holds for several seconds comes back intact."""
+    await env.attest("dev-ok", [])
+    env.upstream.ping_delay = LONGPOLL_S
+    started = time.monotonic()
+    resp = await env.post(f"Cmd=Ping&User={USER}&DeviceId=dev-ok&DeviceType=x")
+    assert resp.status == 200
+    assert time.monotonic() - started >= LONGPOLL_S
+
+
+async def _ended_within(env: Env, device: str, trigger: Callable[[], Awaitable[None]]
+                        ) -> tuple[aiohttp.ClientResponse, bytes, float]:
+    env.upstream.ping_delay = 60
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=env.client_ssl)) as s:
+        poll = asyncio.ensure_future(s.post(
+            URL(f"{env.url}?Cmd=Ping&User={USER}&DeviceId={device}&DeviceType=x", encoded=True),
+            data=b"", headers={"Authorization": auth(), "MS-ASProtocolVersion": "14.1"}))
+        for _ in range(100):  # wait until the Ping is parked at the upstream
+            await asyncio.sleep(0.05)
+            if env.upstream.posts("Ping"):
+                break
+        assert not poll.done()
+        started = time.monotonic()
+        await trigger()
+        resp = await asyncio.wait_for(poll, 10)
+        body = await resp.read()
+        return resp, body, time.monotonic() - started
+
+
+async def test_live_longpoll_ends_403_within_2s_on_noncompliant_posture(env: Env) -> None:
+    """A parked Ping ends with 403 (status 129, TikTok named) within 2 s of a report
+    showing TikTok arriving at the API."""
+    await env.attest("dev-ok", [])
+    resp, body, elapsed = await _ended_within(
+        env, "dev-ok", lambda: env.attest("dev-ok", [TIKTOK]))
+    assert resp.status == 403 and elapsed < 2.0
+    assert "TikTok" in resp.headers["X-Mailward-Refusal"]
+    assert text_of(find(WBXMLReader(body).parse(), "Ping.Status")) == "129"
+    assert ("dev-ok", USER) not in env.proxy.frontend.sessions
+    assert any(r.get("event") == "session_end" and r.get("reason") == "posture_changed"
+               for r in env.records)
+    # The next request is decided afresh, and refused.
+    again = await env.post(f"Cmd=Sync&User={USER}&DeviceId=dev-ok&DeviceType=x")
+    assert again.status == 403
+
+
+async def test_live_longpoll_ends_on_policy_change(env: Env) -> None:
+    """A policy change that now denies ends the parked Ping the same way."""
+    await env.attest("dev-ok", ["com.example.chat"])
+    rule = replace(env.policy[0].prohibited[0], name="Chat", ids=("com.example.chat",))
+    stricter = replace(env.policy[0], version="v2", prohibited=(rule,))
+
+    async def change() -> None:
+        env.policy[0] = stricter
+        await env.gate.policy_changed()
+
+    resp, _, elapsed = await _ended_within(env, "dev-ok", change)
+    assert resp.status == 403 and elapsed < 2.0
+    assert "Chat" in resp.headers["X-Mailward-Refusal"]
+
+
+async def test_upstream_down_is_503(tmp_path: Path, ca: trustme.CA) -> None:
+    """No upstream: 503 with Retry-After, never a silent close."""
+    store = SqlitePostureStore(tmp_path / "p.db")
+    audit = AuditLog(tmp_path / "a.jsonl", signing_key=None)
+    pol = load_policy(ROOT / "config" / "policy.toml")
+    gate = Gate(store=store, audit=audit, policy=lambda: pol)
+    proxy = await _start_proxy(ca, gate, "https://127.0.0.1:1")
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl)) as s:
+            url = f"https://127.0.0.1:{proxy.port}{EAS}?Cmd=Sync&DeviceId=d&DeviceType=x"
+            async with s.post(URL(url, encoded=True), headers={"Authorization": auth()}) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "30"
+            async with s.options(f"https://127.0.0.1:{proxy.port}{EAS}") as r:
+                assert r.status == 503
+    finally:
+        await proxy.close(0.1)
+        await store.close()
+        await audit.close()
+
+
+# --------------------------------------------------------------- pure helpers
+
+
+def test_status_wbxml_parses_with_a_third_party_reader() -> None:
+    """Our 129 bodies decode with pyactivesync's WBXML reader to the command's Status."""
+    for command, path in [("Sync", "AirSync.Status"), ("FolderSync", "FolderHierarchy.Status"),
+                          ("Ping", "Ping.Status"), ("Provision", "Provision.Status"),
+                          ("Settings", "Settings.Status"), ("MoveItems", "Move.Status"),
+                          ("GetItemEstimate", "ItemEstimate.Status"),
+                          ("ItemOperations", "ItemOperations.Status"),
+                          ("FolderCreate", "FolderHierarchy.Status")]:
+        body = status_wbxml(command, "129")
+        assert body is not None
+        assert text_of(find(WBXMLReader(body).parse(), path)) == "129", command
+    assert status_wbxml("GetAttachment", "129") is None
+
+
+def test_blocked_response_by_protocol_version() -> None:
+    """14.0+ gets WBXML status 129; 12.1 (no common status codes) gets the text."""
+    new = blocked_response("Sync", "14.1", "TikTök is installed.")
+    assert new.status == 403 and new.content_type == "application/vnd.ms-sync.wbxml"
+    assert new.headers["X-Mailward-Refusal"] == "TikT%C3%B6k is installed."
+    old = blocked_response("Sync", "12.1", "TikTok is installed.")
+    assert old.status == 403 and old.text == "TikTok is installed.\n"
+
+
+@pytest.mark.parametrize(
+    ("auth_user", "query_user", "expected"),
+    [
+        ("alice@corp.example", None, "alice@corp.example"),
+        ("alice@corp.example", "ALICE@corp.example", "alice@corp.example"),
+        ("CORP\\alice", "alice@corp.example", "alice@corp.example"),
+        ("alice@corp.example", "alice", "alice@corp.example"),
+        ("alice@corp.example", "bob@corp.example", None),
+        ("alice@corp.example", "alice@evil.example", None),
+        ("CORP\\bob", "alice", None),
+    ],
+)
+def test_resolve_user(auth_user: str, query_user: str | None, expected: str | None) -> None:
+    """The Basic user decides; the query User must name the same account."""
+    assert resolve_user(auth_user, query_user) == expected
+
+
+def test_basic_user() -> None:
+    """Only well-formed Basic credentials yield a user."""
+    assert basic_user(auth()) == USER
+    assert basic_user("Bearer x") is None
+    assert basic_user("Basic !!!") is None
+    assert basic_user("Basic " + base64.b64encode(b"nocolon").decode()) is None
+    assert basic_user(None) is None
