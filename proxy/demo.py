@@ -44,6 +44,7 @@ BYE_TIMEOUT_S = 5.0  # the design promises 2 s; the demo allows some slack
 TIKTOK = "com.zhiliaoapp.musically"
 TELEGRAM = "org.telegram.messenger"
 OUTLOOK = "com.microsoft.office.outlook"
+APP_NAMES = {TIKTOK: "TikTok", TELEGRAM: "Telegram", OUTLOOK: "Outlook"}
 
 POLICY = """\
 # Demo policy: TikTok is banned on phones and tablets.
@@ -285,7 +286,7 @@ tls = true
                 raise DemoError(f"attestation of {phone.device_id} refused: {status} {doc}")
             verdict = "compliant" if doc["compliant"] else "NOT compliant (" + ", ".join(
                 str(v.get("app_name") or v.get("code")) for v in doc["violations"]) + ")"
-            apps = ", ".join(a.rsplit(".", 1)[-1] for a in phone.apps)
+            apps = ", ".join(APP_NAMES.get(a, a) for a in phone.apps)
             say(f"   {phone.device_id:<12} {phone.user:<19} {phone.platform:<8} "
                 f"apps: {apps:<24} -> {verdict}")
 

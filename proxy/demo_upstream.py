@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import re
 import ssl
 import sys
@@ -34,8 +35,17 @@ from typing import Any, Literal
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-# aiosmtpd warns about its own internal use of Session.login_data on every AUTH.
+# aiosmtpd warns about its own internal use of Session.login_data on every AUTH, as a
+# warning and as a log line; neither is news to anyone watching the demo.
 warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+
+
+class _NoLoginDataNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Session.login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_NoLoginDataNoise())
 
 TlsMode = Literal["implicit", "starttls", "none"]
 
@@ -394,10 +404,11 @@ class DemoUpstream:
 
         app = web.Application()
         app.router.add_route("*", EAS_PATH, self._eas)
-        self._eas_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._eas_runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                         shutdown_timeout=0.5)
         await self._eas_runner.setup()
         site = web.TCPSite(self._eas_runner, self.host, self.ports.get("eas", 0),
-                           ssl_context=ctx if self.eas_tls else None, shutdown_timeout=0.5)
+                           ssl_context=ctx if self.eas_tls else None)
         await site.start()
         server = site._server  # aiohttp exposes the bound socket only here
         assert server is not None

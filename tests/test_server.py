@@ -85,7 +85,8 @@ class Phone:
 ALICE = Phone("alice-phone", "alice@corp.example", "alice-pw", "android", (OUTLOOK, TELEGRAM))
 CAROL = Phone("carol-phone", "carol@corp.example", "carol-pw", "ios", (OUTLOOK,))
 BOB = Phone("bob-phone", "bob@corp.example", "bob-pw", "android", (OUTLOOK, TIKTOK))
-PHONES = (ALICE, CAROL, BOB)
+DAVE = Phone("dave-tablet", "dave@corp.example", "dave-pw", "ipados", (OUTLOOK,))
+PHONES = (ALICE, CAROL, BOB, DAVE)
 
 
 def free_port() -> int:
@@ -256,19 +257,25 @@ def served(deploy: Path, upstream: Any) -> Iterator[Served]:
     try:
         wait_ready(s)
         for p in PHONES:
-            d = deploy / "certs/devices" / p.device_id
-            claims = make_claims(device_id=p.device_id, user=p.user, platform=p.platform,
-                                 apps=list(p.apps))
-            token = sign_report(claims, load_private_key(d / "device.key"),
-                                load_certs(d / "device.pem"))
-            status, body = s.api("POST", "/v1/attestations", token.encode(),
-                                 {"Content-Type": "application/jose"})
-            assert status == 201, body
+            attest(s, p, p.apps)
         yield s
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait(10)
+
+
+def attest(s: Served, p: Phone, apps: tuple[str, ...]) -> dict[str, Any]:
+    """POST a posture report signed with the phone's device key."""
+    d = s.root / "certs/devices" / p.device_id
+    claims = make_claims(device_id=p.device_id, user=p.user, platform=p.platform,
+                         apps=list(apps))
+    token = sign_report(claims, load_private_key(d / "device.key"), load_certs(d / "device.pem"))
+    status, body = s.api("POST", "/v1/attestations", token.encode(),
+                         {"Content-Type": "application/jose"})
+    assert status == 201, body
+    result: dict[str, Any] = json.loads(body)
+    return result
 
 
 # ------------------------------------------------------------------ clients
@@ -479,6 +486,43 @@ def test_invalid_reload_changes_nothing_and_is_reported(served: Served) -> None:
         assert c["carol_smtp"].noop()[0] == 250
     if "activesync" in FRONTENDS:
         assert c["carol_eas"].is_alive()
+
+
+def test_new_attestation_ends_that_devices_sessions(served: Served) -> None:
+    """Continuous access evaluation through the API: Dave's tablet reports TikTok while
+    it holds IMAP, SMTP and ActiveSync sessions; all of them end within 2 s, Carol's
+    do not."""
+    s, c = served, served.clients
+    live: dict[str, Any] = {}
+    if "imap" in FRONTENDS:
+        live["imap"] = imap_idle(s, DAVE)
+    if "smtp" in FRONTENDS:
+        live["smtp"] = smtp_session(s, DAVE)
+    if "activesync" in FRONTENDS:
+        live["eas"] = EasPing(s, DAVE)
+        live["eas"].start()
+        time.sleep(0.5)
+        assert live["eas"].status is None
+    sent = time.monotonic()
+    assert attest(s, DAVE, (OUTLOOK, TIKTOK))["compliant"] is False
+    if "imap" in FRONTENDS:
+        assert b"TikTok" in read_bye(live["imap"], REACT_S)
+        live["imap"].shutdown()
+    if "smtp" in FRONTENDS:
+        live["smtp"].sock.settimeout(REACT_S)
+        assert live["smtp"].getreply()[0] == 421
+        live["smtp"].close()
+    if "activesync" in FRONTENDS:
+        live["eas"].join(REACT_S)
+        assert live["eas"].status == 403
+    assert time.monotonic() - sent < REACT_S + 0.5
+    ended = [r for r in s.audit(event="session_end") if r.get("reason") == "posture_changed"]
+    assert {r["device_id"] for r in ended} == {DAVE.device_id}
+    assert len(ended) == len(live)
+    if "imap" in FRONTENDS:
+        assert c["carol_imap"].noop()[0] == "OK"
+    if "smtp" in FRONTENDS:
+        assert c["carol_smtp"].noop()[0] == 250
 
 
 def test_sigterm_shuts_down_cleanly_and_the_audit_log_verifies(served: Served) -> None:
