@@ -601,3 +601,42 @@ def test_unreadable_key_is_one_line_and_exit_2(deploy: Path, upstream: Any) -> N
                        '\n[tls]\nkey = "certs/garbage.key"\n' + body, api_port=free_port())
     lines = _start_and_fail(cfg, deploy / "badkey.log")
     assert len(lines) == 1 and lines[0].startswith("mailward: tls.cert/tls.key: cannot load")
+
+
+def test_posture_ageing_ends_sessions(deploy: Path, upstream: Any) -> None:
+    """Posture that ages past max_posture_age mid-session is a deny like any other:
+    the periodic sweep (recheck_interval = 1s) ends the session."""
+    if "imap" not in FRONTENDS:
+        pytest.skip("needs the IMAP front end")
+    ports = {"api": free_port(), "imaps": free_port(), "imap-starttls": free_port()}
+    (deploy / "config-age").mkdir(exist_ok=True)
+    (deploy / "config-age/policy.toml").write_text(
+        policy_text("age-1").replace('max_posture_age = "24h"', 'max_posture_age = "3s"'))
+    body = listeners_toml(ports, upstream, ["imap"])
+    cfg = write_config(deploy, "config-age", body, api_port=ports["api"])
+    cfg.write_text(cfg.read_text().replace('state_dir = "state"', 'state_dir = "state-age"')
+                   + '\n[posture]\nstore = "sqlite:///state-age/posture.db"\n'
+                   + '\n[audit]\npath = "state-age/audit.jsonl"\n')
+    s = Served(deploy, cfg, deploy / "age.log", serve(cfg, deploy / "age.log"), ports)
+    try:
+        wait_ready(s)
+        d = deploy / "certs/devices" / CAROL.device_id
+        claims = make_claims(device_id=CAROL.device_id, user=CAROL.user,
+                             platform=CAROL.platform, apps=list(CAROL.apps), ttl_s=3)
+        token = sign_report(claims, load_private_key(d / "device.key"),
+                            load_certs(d / "device.pem"))
+        status, _ = s.api("POST", "/v1/attestations", token.encode(),
+                          {"Content-Type": "application/jose"})
+        assert status == 201
+        m = imap_idle(s, CAROL)
+        bye = read_bye(m, 3 + 1 + REACT_S)
+        m.shutdown()
+        assert bye.startswith(b"* BYE"), bye
+        ended = list(query(deploy / "state-age/audit.jsonl", event="session_end"))
+        assert [(r["reason"], r["detail"]) for r in ended] == [("posture_aged", "stale_posture")]
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(15) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
