@@ -38,7 +38,10 @@ from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 from proxy.tls import server_context, upstream_context
 
-pytestmark = pytest.mark.peer
+pytestmark = [
+    pytest.mark.peer,
+    pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture'),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "alice@corp.example", "bob@corp.example"
@@ -47,6 +50,16 @@ PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret", SYNC: "sync-secret"}
 SYNC_MESSAGES = 300
 TIKTOK = App("com.zhiliaoapp.musically", "35.1.3", "TikTok")
 MESSAGES = 20
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test runs on stdlib asyncio and on uvloop (the production default), whose
+    transports differ in details such as when reading starts."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 @dataclass
@@ -197,7 +210,7 @@ async def test_compliant_device_logs_in_and_fetches_same_bytes_as_direct(env: En
         return msgs
 
     proxied, caps = await run(through_proxy)
-    assert len(proxied) == MESSAGES
+    assert len(proxied) >= MESSAGES  # the IDLE test may have delivered more
     assert proxied == await run(direct)
     assert "IDLE" in caps  # the upstream's post-login CAPABILITY reached the client
     recs = await env.wait_records(1, "decision")
@@ -604,7 +617,7 @@ async def test_slowloris_hits_total_preauth_limit(env: Env, pki: Pki):
     task = asyncio.ensure_future(run(slow))
     await run(works, pki, port)
     elapsed, out = await task
-    assert elapsed < 4
+    assert elapsed < 2 + 2 + 1.5  # total limit + close linger + slack
     assert b"* BYE" in out
     recs = await env.wait_records(1, "session_end")
     assert recs[0]["reason"] == "preauth_timeout"

@@ -68,6 +68,12 @@ DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 #: Longest upstream response (with literals) read before login; more is an error.
 MAX_UPSTREAM_RESPONSE_BYTES = 64 * 1024
+#: Raw bytes kept from a client before its implicit TLS handshake starts.
+MAX_EARLY_TLS_BYTES = 64 * 1024
+#: How long a closing connection may take to flush and finish TLS shutdown.
+CLOSE_LINGER_S = 2.0
+#: The same after a splice, where up to a write buffer of mail may still be in flight.
+SPLICE_CLOSE_LINGER_S = 30.0
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
 TLS_HANDSHAKE_TIMEOUT_S = 20.0
 #: Tags of the proxy's own upstream commands (never sent to the client).
@@ -95,7 +101,7 @@ class _Pipe(asyncio.Protocol):
     peer, which produces what we write, stops reading until it drains.
     """
 
-    __slots__ = ("closed", "on_close", "on_data", "on_made", "peer", "transport")
+    __slots__ = ("closed", "closing", "on_close", "on_data", "on_made", "peer", "transport")
 
     def __init__(
         self,
@@ -109,6 +115,7 @@ class _Pipe(asyncio.Protocol):
         self.peer: _Pipe | None = None
         self.transport: Any = None
         self.closed = False
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -129,7 +136,7 @@ class _Pipe(asyncio.Protocol):
         self.closed = True
         peer = self.peer
         if peer is not None and not peer.closed:
-            peer.transport.close()  # flushes what is buffered first
+            peer.close(SPLICE_CLOSE_LINGER_S)  # flushes what is buffered first
         if self.on_close is not None:
             self.on_close()
 
@@ -145,9 +152,14 @@ class _Pipe(asyncio.Protocol):
         if not self.closed and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
+    def close(self, linger_s: float | None = None) -> None:
+        """Close after flushing; abort if still open after ``linger_s`` (a TLS peer
+        that never answers close_notify would otherwise hold it for 30 s)."""
+        if self.transport is not None and not self.closed and not self.closing:
+            self.closing = True
             self.transport.close()
+            asyncio.get_running_loop().call_later(
+                CLOSE_LINGER_S if linger_s is None else linger_s, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
@@ -317,6 +329,8 @@ class _ImapSession:
         self._end_reason = "client_closed"
         self._end_detail = ""
         self._task: asyncio.Task[None] | None = None
+        self._early: bytearray | None = None  # raw bytes received before implicit TLS
+        self._deadline = 0.0
 
     # ------------------------------------------------------------ callbacks
 
@@ -325,11 +339,20 @@ class _ImapSession:
         self.origin = Origin("imap", self.cfg.name, str(peer[0]), self.cfg.unidentified)
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
         if self.cfg.tls == "implicit":
-            transport.pause_reading()  # the ClientHello is for start_tls, not the parser
+            # The ClientHello is for start_tls, not the parser. stdlib asyncio honours a
+            # pause here; uvloop starts reading after connection_made regardless, so
+            # early bytes are also kept in _early and handed to the TLS protocol.
+            self._early = bytearray()
+            transport.pause_reading()
         self.owner.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _on_client_data(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early += data
+            if len(self._early) > MAX_EARLY_TLS_BYTES:
+                self.client.abort()
+            return
         conn = self.conn
         if conn is None:
             return
@@ -379,6 +402,12 @@ class _ImapSession:
             raise RuntimeError("TLS listener without a server TLS context")
         loop = asyncio.get_running_loop()
         timeout = min(TLS_HANDSHAKE_TIMEOUT_S, self.cfg.preauth_idle_timeout_s)
+        early, self._early = self._early, None
+        if early:
+            raw = self.client.transport
+            # start_tls queues the TLS protocol's connection_made and resume_reading;
+            # this nested call_soon runs after both and before any further read.
+            loop.call_soon(loop.call_soon, _feed, raw, bytes(early))
         try:
             transport = await loop.start_tls(
                 self.client.transport, self.client, ctx, server_side=True,
@@ -724,6 +753,23 @@ class _ImapSession:
             self._end_reason = "shutdown"
             self._send(Connection.send_bye(SHUTDOWN_TEXT))
             self.client.close()
+
+
+def _feed(transport: Any, data: bytes) -> None:
+    """Give bytes read before start_tls to the TLS protocol now on ``transport``."""
+    proto = transport.get_protocol()
+    if transport.is_closing() or proto is None:
+        return
+    if hasattr(proto, "get_buffer"):  # asyncio and uvloop TLS protocols are buffered
+        view = memoryview(data)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    else:
+        proto.data_received(data)
 
 
 def _quotable(raw: bytes) -> bool:

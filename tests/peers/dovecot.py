@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Dovecot:
     ) -> None:
         # Under /tmp with 0755 so the unprivileged mail and login processes can enter it.
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mailward-dovecot-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
         self.cert, self.key, self.users = cert, key, users
         self.port_plain, self.port_tls = free_port(), free_port()
@@ -170,7 +172,7 @@ service auth {{
         new = self.maildir(user) / "new"
         stamp = int(time.time())
         for i, raw in enumerate(messages):
-            p = new / f"{stamp}.M{i}P{os.getpid()}.test"
+            p = new / f"{stamp}.M{i}P{os.getpid()}R{uuid.uuid4().hex[:12]}.test"
             p.write_bytes(raw)
             os.chown(p, self.uid, self.gid)
 
