@@ -427,6 +427,7 @@ def test_valid_reload_ends_exactly_the_sessions_it_should(served: Served) -> Non
         sock.settimeout(REACT_S + 0.5)
         code, msg = c["alice_smtp"].getreply()
         assert code == 421 and b"4.7.0" in msg and b"Telegram" in msg, (code, msg)
+        assert sock.recv(1) == b"", "the proxy keeps the connection open after 421"
     if "activesync" in FRONTENDS:
         c["alice_eas"].join(REACT_S + 0.5)
         assert c["alice_eas"].status == 403
@@ -543,6 +544,10 @@ def test_sigterm_shuts_down_cleanly_and_the_audit_log_verifies(served: Served) -
     assert ", 0 after the last checkpoint" in r.stdout
     records = s.audit(event="checkpoint")
     assert records, "no final checkpoint"
+    late = [json.loads(line)["listener"] for line in s.log_text().splitlines()
+            if "still closing after the grace period" in line]
+    if late:  # serve bounded it (exit 0 above); the listener itself overstayed its grace
+        pytest.xfail(f"listeners {late} did not close within shutdown_grace + 5 s")
 
 
 # ------------------------------------------------------------------ start-up errors
