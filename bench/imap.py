@@ -1,0 +1,462 @@
+"""IMAP benchmark: direct Dovecot vs mailward vs nginx mail proxy + auth_http.
+
+Run by ``make bench`` (needs root for Dovecot, and nginx with libnginx-mod-mail):
+
+    .venv/bin/python bench/imap.py [--seconds 5] [--sessions 2000] [--mailbox-mb 50]
+
+One run prints, for each target: logins per second (connect, TLS, LOGIN, LOGOUT;
+concurrent clients) and FETCH throughput of a 50 MB mailbox over TLS; then mailward's
+CPU seconds per GB spliced and its memory per idle IDLE session over TLS; then the
+ratios against the targets in the issue.
+
+Processes: this one (clients, uvloop), a mailward listener process (uvloop, real Gate
+with SqlitePostureStore and AuditLog), an aiohttp ``auth_http`` process doing the same
+posture check through the same Gate for nginx, nginx (1 worker, like mailward's one
+process), Dovecot (performance login mode), and a tiny fake IMAP upstream for the idle
+session count (so Dovecot's per-session processes do not limit it).
+
+nginx's mail proxy cannot use TLS to the upstream, so it talks to Dovecot's plain port;
+mailward is measured both with its verified TLS upstream (``mailward``) and with a plain
+upstream (``mailward-plain``, the like-for-like comparison with nginx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+USER, PASSWORD, DEVICE = "bench@corp.example", "bench-secret", "bench-phone"
+NGINX_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
+CONCURRENCY = 8
+MESSAGE_BYTES = 100 * 1024
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _quiet_logs() -> None:
+    """Children report their port on stdout, so logs go to stderr."""
+    import structlog
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        print("uvloop missing: running on stdlib asyncio", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ helper processes
+
+
+def _gate(workdir: Path) -> Any:
+    from proxy.audit import AuditLog
+    from proxy.config import load_policy
+    from proxy.gate import Gate
+    from proxy.posture.sqlite import SqlitePostureStore
+
+    policy = load_policy(ROOT / "config" / "policy.toml")
+    store = SqlitePostureStore(workdir / "posture.db")
+    audit = AuditLog(workdir / f"audit-{os.getpid()}.jsonl", signing_key=None)
+    return Gate(store=store, audit=audit, policy=lambda: policy)
+
+
+async def serve_mailward(workdir: Path, upstreams: dict[str, str]) -> None:
+    """Child: one mailward listener per upstream entry; prints {name: port}."""
+    from dataclasses import replace
+
+    from proxy.config import ListenerConfig
+    from proxy.frontends import FrontendContext
+    from proxy.frontends.imap import start
+    from proxy.tls import server_context, upstream_context
+
+    gate = _gate(workdir)
+    certs = workdir / "certs"
+    server_tls = server_context(certs / "server.pem", certs / "server.key",
+                                client_ca=certs / "device-ca.pem", client_cert="optional")
+    ports = {}
+    for name, spec in upstreams.items():
+        kind, addr = spec.split("=", 1)
+        cfg = ListenerConfig(name=name, protocol="imap", host="127.0.0.1", port=0,
+                             upstream=addr, upstream_ca=certs / "ca.pem",
+                             max_preauth_commands=50)
+        cfg = replace(cfg, upstream_tls=kind)  # type: ignore[arg-type]
+        up_tls = upstream_context(certs / "ca.pem") if kind != "none" else None
+        lst = await start(FrontendContext(cfg, gate, server_tls, up_tls))
+        ports[name] = lst.port
+    print(json.dumps(ports), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def serve_auth_http(workdir: Path, backend_port: int) -> None:
+    """Child: nginx auth_http service doing the posture check through the Gate."""
+    from urllib.parse import unquote
+
+    from aiohttp import web
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from proxy.gate import Identity, Origin
+    from proxy.tls import device_id_from_der
+
+    gate = _gate(workdir)
+
+    async def auth(request: web.Request) -> web.Response:
+        h = request.headers
+        device = None
+        pem = h.get("Auth-SSL-Cert")
+        if pem and h.get("Auth-SSL-Verify") == "SUCCESS":
+            cert = x509.load_pem_x509_certificate(unquote(pem).encode())
+            device = device_id_from_der(cert.public_bytes(Encoding.DER))
+        identity = Identity(h.get("Auth-User", ""), device, "client_cert" if device else "")
+        origin = Origin("imap", "nginx", h.get("Client-IP", ""), "deny")
+        decision = await gate.decide(identity, origin)
+        if not decision.allow:
+            return web.Response(headers={"Auth-Status": decision.user_text()[:200],
+                                         "Auth-Wait": "0"})
+        return web.Response(headers={"Auth-Status": "OK", "Auth-Server": "127.0.0.1",
+                                     "Auth-Port": str(backend_port)})
+
+    app = web.Application()
+    app.router.add_get("/auth", auth)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(json.dumps({"port": port}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def serve_fake_upstream() -> None:
+    """Child: a minimal IMAP server that accepts any LOGIN and holds IDLE forever."""
+
+    class Fake(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t, self.buf = transport, b""
+            transport.write(b"* OK [CAPABILITY IMAP4rev1 ID IDLE LITERAL+] fake ready\r\n")
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                parts = line.split(b" ", 2)
+                if len(parts) < 2:
+                    continue
+                tag, cmd = parts[0], parts[1].upper().strip()
+                if cmd == b"IDLE":
+                    self.t.write(b"+ idling\r\n")
+                elif cmd == b"LOGIN":
+                    self.t.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+                elif cmd == b"ID":
+                    self.t.write(b"* ID NIL\r\n" + tag + b" OK ID completed\r\n")
+                else:
+                    self.t.write(tag + b" OK done\r\n")
+
+    server = await asyncio.get_running_loop().create_server(Fake, "127.0.0.1", 0, backlog=4096)
+    print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{args[0]} did not start")
+    return proc, json.loads(line)
+
+
+def _start_nginx(workdir: Path, auth_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    from peers.dovecot import free_port
+
+    port = free_port()
+    certs = workdir / "certs"
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+load_module {NGINX_MODULE};
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log {workdir}/nginx-error.log warn;
+pid {workdir}/nginx.pid;
+events {{ worker_connections 10000; }}
+mail {{
+    server_name localhost;
+    auth_http 127.0.0.1:{auth_port}/auth;
+    auth_http_pass_client_cert on;
+    proxy_pass_error_message on;
+    imap_capabilities IMAP4rev1 IDLE LITERAL+ SASL-IR ID;
+    imap_auth plain login;
+    ssl_certificate {certs}/server.pem;
+    ssl_certificate_key {certs}/server.key;
+    ssl_verify_client optional;
+    ssl_client_certificate {certs}/device-ca.pem;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        protocol imap;
+    }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)],
+                            stderr=subprocess.DEVNULL)
+    import socket
+
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nginx did not start: " + (workdir / "nginx-error.log").read_text())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+async def _tagged(reader: asyncio.StreamReader, tag: bytes) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("closed")
+        if line.startswith(tag + b" "):
+            return line
+
+
+async def _login(port: int, ctx: ssl.SSLContext) -> tuple[Any, Any]:
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                         server_hostname="localhost")
+    await r.readline()
+    w.write(f"a LOGIN {USER} {PASSWORD}\r\n".encode())
+    line = await _tagged(r, b"a")
+    if not line.startswith(b"a OK"):
+        raise RuntimeError(f"login failed: {line!r}")
+    return r, w
+
+
+async def bench_logins(port: int, ctx: ssl.SSLContext, seconds: float) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            r, w = await _login(port, ctx)
+            w.write(b"z LOGOUT\r\n")
+            await _tagged(r, b"z")
+            w.close()
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return done / (time.perf_counter() - t0)
+
+
+class _Counter(asyncio.Protocol):
+    def __init__(self, tag: bytes) -> None:
+        self.n, self.tail, self.end = 0, b"", b"\r\n" + tag + b" "
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.n += len(data)
+        window = self.tail + data[-256:]
+        if self.end in window[-200:] and window.endswith(b"\r\n") and not self.done.done():
+            self.done.set_result(None)
+        self.tail = window[-256:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("closed during FETCH"))
+
+
+async def bench_fetch(port: int, ctx: ssl.SSLContext) -> tuple[float, int]:
+    """MB/s and bytes for one FETCH of the whole mailbox."""
+    r, w = await _login(port, ctx)
+    w.write(b"s EXAMINE INBOX\r\n")
+    await _tagged(r, b"s")
+    counter = _Counter(b"f")
+    w.transport.set_protocol(counter)
+    t0 = time.perf_counter()
+    w.write(b"f FETCH 1:* BODY.PEEK[]\r\n")
+    await counter.done
+    elapsed = time.perf_counter() - t0
+    w.close()
+    return counter.n / elapsed / 1e6, counter.n
+
+
+async def open_idle_sessions(port: int, ctx: ssl.SSLContext, n: int) -> list[Any]:
+    sem = asyncio.Semaphore(64)
+    out = []
+
+    async def one() -> None:
+        async with sem:
+            r, w = await _login(port, ctx)
+            w.write(b"i IDLE\r\n")
+            await r.readline()
+            out.append(w)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return out
+
+
+# ------------------------------------------------------------------------------- main
+
+
+async def main(args: argparse.Namespace) -> None:
+    from peers.dovecot import Dovecot, make_message
+
+    from proxy.pki import certs_init, enroll_device
+    from proxy.posture import App, Posture
+    from proxy.posture.sqlite import SqlitePostureStore
+
+    if os.geteuid() != 0 or not shutil.which("dovecot"):
+        sys.exit("bench/imap.py needs root and dovecot (Debian dovecot-imapd)")
+    have_nginx = shutil.which("nginx") is not None and Path(NGINX_MODULE).exists()
+    work = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
+    work.chmod(0o755)
+    certs = work / "certs"
+    certs_init(certs)
+    enroll_device(device_ca_cert=certs / "device-ca.pem", device_ca_key=certs / "device-ca.key",
+                  device_id=DEVICE, user=USER, out_dir=certs / "devices" / DEVICE)
+    now = int(time.time())
+    store = SqlitePostureStore(work / "posture.db")
+    await store.commit_attestation(Posture(
+        DEVICE, USER, "android", "14", True, (App("com.example.notes", "1", "Notes"),),
+        now, now + 86400, uuid.uuid4().hex, "bench", "device"), None, now)
+    await store.close()
+
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    ctx.load_cert_chain(certs / "devices" / DEVICE / "device.pem",
+                        certs / "devices" / DEVICE / "device.key")
+
+    procs: list[subprocess.Popen[Any]] = []
+    dv = Dovecot(certs / "server.pem", certs / "server.key", {USER: PASSWORD},
+                 workdir=work / "dovecot", performance=True)
+    try:
+        dv.start()
+        count = args.mailbox_mb * 1024 * 1024 // MESSAGE_BYTES
+        dv.deliver(USER, [make_message(i, MESSAGE_BYTES) for i in range(count)])
+        fake, fake_ports = _spawn("fake-upstream")
+        procs.append(fake)
+        mw, ports = _spawn("mailward", str(work), json.dumps({
+            "mailward": f"implicit=127.0.0.1:{dv.port_tls}",
+            "mailward-plain": f"none=127.0.0.1:{dv.port_plain}",
+            "idle": f"none=127.0.0.1:{fake_ports['port']}",
+        }))
+        procs.append(mw)
+        targets = {"direct": dv.port_tls, "mailward": ports["mailward"],
+                   "mailward-plain": ports["mailward-plain"]}
+        if have_nginx:
+            auth, auth_port = _spawn("auth-http", str(work), str(dv.port_plain))
+            procs.append(auth)
+            ngx, ngx_port = _start_nginx(work, auth_port["port"])
+            procs.append(ngx)
+            targets["nginx+auth_http"] = ngx_port
+        else:
+            print("nginx or its mail module missing: skipping the nginx comparison")
+
+        await bench_fetch(dv.port_tls, ctx)  # warm Dovecot's index and page cache
+        logins: dict[str, float] = {}
+        fetch: dict[str, float] = {}
+        print(f"{'target':<18}{'logins/s':>10}{'FETCH MB/s':>12}")
+        cpu_bytes, cpu_s = 0, 0.0
+        for name, port in targets.items():
+            logins[name] = await bench_logins(port, ctx, args.seconds)
+            best = 0.0
+            for _ in range(3):
+                before = _cpu_seconds(mw.pid)
+                mbps, n = await bench_fetch(port, ctx)
+                if name.startswith("mailward"):
+                    cpu_s += _cpu_seconds(mw.pid) - before
+                    cpu_bytes += n
+                best = max(best, mbps)
+            fetch[name] = best
+            print(f"{name:<18}{logins[name]:>10.0f}{fetch[name]:>12.1f}", flush=True)
+
+        cpu_per_gb = cpu_s / (cpu_bytes / 1e9) if cpu_bytes else float("nan")
+        base = _rss_bytes(mw.pid)
+        sessions = await open_idle_sessions(ports["idle"], ctx, args.sessions)
+        await asyncio.sleep(1)
+        per_session = (_rss_bytes(mw.pid) - base) / len(sessions)
+        for w in sessions:
+            w.close()
+
+        print()
+        print(f"mailward CPU per GB spliced (incl. TLS to client): {cpu_per_gb:.2f} CPU-s/GB")
+        print(f"mailward memory per idle IDLE TLS session ({len(sessions)} sessions): "
+              f"{per_session / 1024:.1f} KiB")
+        print()
+        print("ratios (targets from issue 4):")
+        if "nginx+auth_http" in logins:
+            for name in ("mailward", "mailward-plain"):
+                r = logins[name] / logins["nginx+auth_http"]
+                print(f"  logins/s {name} / nginx+auth_http = {r:.2f}  (target >= 1.0)")
+        for name in ("mailward", "mailward-plain"):
+            print(f"  FETCH {name} / direct = {fetch[name] / fetch['direct']:.2f}  (target >= 0.8)")
+        print(f"  CPU-s per GB = {cpu_per_gb:.2f}  (target <= 0.4)")
+        print(f"  KiB per idle TLS session = {per_session / 1024:.1f}  (target <= 32)")
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        dv.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _raise_nofile()
+    _install_uvloop()
+    _quiet_logs()
+    if len(sys.argv) > 1 and sys.argv[1] == "mailward":
+        asyncio.run(serve_mailward(Path(sys.argv[2]), json.loads(sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "auth-http":
+        asyncio.run(serve_auth_http(Path(sys.argv[2]), int(sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "fake-upstream":
+        asyncio.run(serve_fake_upstream())
+    else:
+        ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        ap.add_argument("--seconds", type=float, default=5.0, help="per login benchmark")
+        ap.add_argument("--sessions", type=int, default=2000, help="idle TLS sessions")
+        ap.add_argument("--mailbox-mb", type=int, default=50)
+        asyncio.run(main(ap.parse_args()))
