@@ -273,7 +273,9 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(path, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(path, "", f"TOML syntax: {exc}", int(m.group(1)) if m else None) from None
+        # "at end of document" carries no line number: that is the last line.
+        line = int(m.group(1)) if m else max(1, len(text.splitlines()))
+        raise ConfigError(path, "", f"TOML syntax: {exc}", line) from None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
