@@ -70,12 +70,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, TextIO
+from typing import IO, TYPE_CHECKING, Any, Literal, TextIO
 
 import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+if TYPE_CHECKING:
+    from proxy.config import AuditConfig
 
 log = structlog.get_logger(__name__)
 
@@ -372,6 +375,18 @@ class AuditLog:
     # -- public API -----------------------------------------------------------------
 
     @property
+
+    @classmethod
+    def from_config(cls, cfg: AuditConfig, *, signing_key: Ed25519PrivateKey | None) -> AuditLog:
+        """The log as ``[audit]`` in mailward.toml describes it."""
+        return cls(
+            cfg.path,
+            signing_key=signing_key,
+            checkpoint_every=cfg.checkpoint_every,
+            checkpoint_interval_s=cfg.checkpoint_interval_s,
+            rotate_bytes=cfg.rotate_bytes,
+        )
+
     def seq(self) -> int:
         """seq of the last record written by or known to this writer."""
         return self._seq

@@ -51,13 +51,7 @@ def _audit_log(cfg: Config) -> Any:
     key = None
     if cfg.audit.signing_key and cfg.audit.signing_key.exists():
         key = load_pem_private_key(cfg.audit.signing_key.read_bytes(), password=None)
-    return AuditLog(
-        cfg.audit.path,
-        signing_key=key,
-        checkpoint_every=cfg.audit.checkpoint_every,
-        checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
-        rotate_bytes=cfg.audit.rotate_bytes,
-    )
+    return AuditLog.from_config(cfg.audit, signing_key=key)
 
 
 class _SyncAuditSink:

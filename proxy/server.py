@@ -209,13 +209,7 @@ def _audit_log(cfg: Config) -> Any:
             key = load_private_key(cfg.audit.signing_key)
         except PkiError as exc:
             raise StartupError(f"audit.signing_key: {exc}") from None
-    return AuditLog(
-        cfg.audit.path,
-        signing_key=key,
-        checkpoint_every=cfg.audit.checkpoint_every,
-        checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
-        rotate_bytes=cfg.audit.rotate_bytes,
-    )
+    return AuditLog.from_config(cfg.audit, signing_key=key)
 
 
 # ------------------------------------------------------------------ server
