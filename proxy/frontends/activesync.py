@@ -98,7 +98,9 @@ IDLE_S: Final = 2 * 3600.0
 SWEEP_INTERVAL_S: Final = 60.0
 #: Retry-After on temporary refusals (upstream, posture store or audit unavailable).
 RETRY_AFTER_S: Final = 30
-#: Read size when streaming bodies.
+#: Read size when streaming bodies. A body of known length up to this size is moved in
+#: one piece (most EAS requests and answers are a few hundred bytes); larger or
+#: unknown-length bodies are streamed chunk by chunk.
 CHUNK_BYTES: Final = 64 * 1024
 #: Longest Basic credentials header accepted.
 MAX_AUTH_HEADER: Final = 4096
@@ -516,7 +518,14 @@ class ActiveSyncFrontend:
         # The path and query go upstream exactly as the client sent them.
         url = URL(self._base + request.raw_path, encoded=True)
         headers = self._upstream_headers(request)
-        data = request.content if request.body_exists else None
+        data: Any = None
+        if request.body_exists:
+            small = request.content_length is not None and request.content_length <= CHUNK_BYTES
+            try:
+                data = await request.content.readexactly(request.content_length or 0) if small \
+                    else request.content
+            except asyncio.IncompleteReadError:
+                return _text(400, "The request body ended early.")
         response: web.StreamResponse | None = None
         try:
             async with self._client.request(
@@ -527,8 +536,14 @@ class ActiveSyncFrontend:
                 if up.status == 401 and session is not None:
                     # The credentials stopped working: the decision no longer applies.
                     await self.drop(session, "auth_failed")
+                out_headers = self._downstream_headers(up)
+                if up.content_length is not None and up.content_length <= CHUNK_BYTES:
+                    body = await up.content.readexactly(up.content_length)
+                    out_headers.popall("Content-Length", None)
+                    return web.Response(status=up.status, reason=up.reason, body=body,
+                                        headers=out_headers)
                 response = web.StreamResponse(status=up.status, reason=up.reason,
-                                              headers=self._downstream_headers(up))
+                                              headers=out_headers)
                 await response.prepare(request)
                 async for chunk in up.content.iter_chunked(CHUNK_BYTES):
                     await response.write(chunk)
@@ -550,7 +565,7 @@ class ActiveSyncFrontend:
                     request.headers.get("MS-ASProtocolVersion")
                 return blocked_response(q.command if q else "", version, ended)
             return _unavailable()
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as e:
             metrics.UPSTREAM_ERRORS.labels("activesync").inc()
             log.warning("upstream request failed", error=str(e) or type(e).__name__)
             if response is not None and response.prepared:

@@ -1,0 +1,475 @@
+"""ActiveSync proxy benchmark: requests/s for small Sync requests and memory per idle
+long-poll, for four set-ups measured in one run:
+
+  direct        load generator -> upstream
+  mailward      load generator -> mailward (activesync front end) -> upstream
+  nginx         load generator -> nginx proxy_pass -> upstream
+  nginx+auth    load generator -> nginx auth_request (to a minimal aiohttp service
+                that does the same posture check per request) -> upstream
+
+Run: ``.venv/bin/python bench/activesync.py [--seconds 5] [--conns 64] [--idle 500]``
+(``make bench``). Everything runs on loopback without TLS, so the figures are the
+proxies' own HTTP and decision costs, not TLS. The upstream is a minimal
+asyncio/uvloop HTTP responder; the load generator keeps ``--conns`` keep-alive
+connections busy (one request in flight per connection). The proxy under test is
+pinned to CPU 1 (nginx: one worker; its check service shares that CPU), the load
+generator and upstream to CPU 0, so "per core" means what it says.
+
+The check service behind auth_request does per request what mailward does per
+device-session: parse the EAS query, look up the posture (SQLite store) and evaluate
+the policy. It writes no audit record (mailward writes one per device-session), which
+favours the nginx set-up.
+
+Idle long-polls: ``--idle`` clients each park a Ping (the upstream never answers); the
+figure is the growth of the proxy's resident memory (nginx: worker plus check
+service) divided by the number of parked requests, each from its own device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+USER = "alice@corp.example"
+AUTH = "Basic " + base64.b64encode(f"{USER}:pw".encode()).decode()
+EAS = "/Microsoft-Server-ActiveSync"
+SYNC_BODY = bytes.fromhex("03016a00455c4f4b033100015203350001010101")  # small Sync
+SYNC_RESPONSE = bytes.fromhex("03016a00455c4f4b03320001520335000148033100010101")
+DEVICES = 64  # distinct devices in the request mix
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(cpu: int) -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        if cpu < (os.cpu_count() or 1):
+            os.sched_setaffinity(0, {cpu})
+
+
+def _uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _request(device: str, command: str = "Sync", body: bytes = SYNC_BODY) -> bytes:
+    head = (f"POST {EAS}?Cmd={command}&User=alice%40corp.example&DeviceId={device}"
+            f"&DeviceType=iPhone HTTP/1.1\r\nHost: bench\r\nAuthorization: {AUTH}\r\n"
+            f"MS-ASProtocolVersion: 14.1\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+# ------------------------------------------------------------------ upstream
+
+
+class _Upstream(asyncio.Protocol):
+    """Minimal HTTP/1.1 responder: Sync and OPTIONS answered at once, Ping parked."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            if "Cmd=Ping" in head.split("\r\n", 1)[0]:
+                continue  # a long-poll that never ends
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(SYNC_RESPONSE), SYNC_RESPONSE))
+
+
+def run_upstream(port: int) -> None:
+    _pin(0)
+    _uvloop()
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(_Upstream, "127.0.0.1", port, backlog=4096))
+    with contextlib.suppress(KeyboardInterrupt):
+        loop.run_forever()
+    server.close()
+
+
+# ---------------------------------------------------------------- mailward
+
+
+async def _seed(store: Any, n: int) -> None:
+    from proxy.posture import App, Posture
+
+    now = int(time.time())
+    for i in range(n):
+        p = Posture(f"dev{i}", USER, "android", "14", True, (App("com.example.mail"),),
+                    now, now + 86400, f"jti-{i}", "bench", "device")
+        await store.commit_attestation(p, None, now)
+
+
+def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
+    _pin(1)
+    _uvloop()
+
+    async def main() -> None:
+        from proxy.audit import AuditLog
+        from proxy.config import ListenerConfig, load_policy
+        from proxy.frontends import FrontendContext
+        from proxy.frontends.activesync import start
+        from proxy.gate import Gate
+        from proxy.posture.sqlite import SqlitePostureStore
+
+        store = SqlitePostureStore(Path(state) / "posture.db")
+        await _seed(store, seed)
+        audit = AuditLog(Path(state) / "audit.jsonl", signing_key=None)
+        policy = load_policy(ROOT / "config" / "policy.toml")
+        gate = Gate(store=store, audit=audit, policy=lambda: policy)
+        listener = ListenerConfig(name="eas", protocol="activesync", host="127.0.0.1",
+                                  port=port, upstream=f"http://127.0.0.1:{upstream_port}",
+                                  tls="none", upstream_tls="none")
+        await start(FrontendContext(listener, gate, None, None))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def run_check(port: int, state: str, seed: int) -> None:
+    """The auth_request service: the posture check on every request."""
+    _pin(1)
+    _uvloop()
+    from aiohttp import web
+
+    from proxy.frontends.activesync import basic_user, resolve_user
+    from proxy.frontends.eas_query import QueryError, parse_query
+    from proxy.policy import Context, evaluate
+    from proxy.posture.sqlite import SqlitePostureStore
+
+    async def main() -> None:
+        from datetime import UTC, datetime
+
+        from proxy.config import load_policy
+
+        store = SqlitePostureStore(Path(state) / "check.db")
+        await _seed(store, seed)
+        policy = load_policy(ROOT / "config" / "policy.toml")
+
+        async def check(request: web.Request) -> web.Response:
+            uri = request.headers.get("X-Original-URI", "")
+            try:
+                q = parse_query(uri.partition("?")[2])
+            except QueryError:
+                return web.Response(status=400)
+            user = basic_user(request.headers.get("Authorization"))
+            user = resolve_user(user, q.user) if user else None
+            if user is None:
+                return web.Response(status=401)
+            posture = await store.get(q.device_id)
+            ctx = Context(datetime.now(UTC), user.lower(), q.device_id, "activesync")
+            return web.Response(status=204 if evaluate(posture, policy, ctx).allow else 403)
+
+        app = web.Application()
+        app.router.add_get("/check", check)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+NGINX_CONF = """
+worker_processes 1;
+worker_cpu_affinity {affinity};
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  upstream eas {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  upstream check {{ server 127.0.0.1:{check}; keepalive 128; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_read_timeout 3600s;
+  proxy_request_buffering off;
+  proxy_buffering off;
+  server {{
+    listen 127.0.0.1:{plain} backlog=4096;
+    location {eas} {{ proxy_pass http://eas; }}
+  }}
+  server {{
+    listen 127.0.0.1:{auth} backlog=4096;
+    location {eas} {{ auth_request /_check; proxy_pass http://eas; }}
+    location = /_check {{
+      internal;
+      proxy_pass http://check/check;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+# ------------------------------------------------------------ load generator
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, requests: list[bytes], stats: dict[str, int], stop: list[bool]) -> None:
+        self.requests, self.stats, self.stop = requests, stats, stop
+        self.i = 0
+        self.buf = b""
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.t.write(self.requests[self.i % len(self.requests)])
+        self.i += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end]
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            self.stats["ok" if head.startswith(b"HTTP/1.1 200") else "bad"] += 1
+            if self.stop[0]:
+                self.t.close()
+                return
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def run_load(port: int, seconds: float, conns: int) -> None:
+    _pin(0)
+    _uvloop()
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        stats = {"ok": 0, "bad": 0}
+        stop = [False]
+        reqs = [_request(f"dev{i}") for i in range(DEVICES)]
+        protos = []
+        for c in range(conns):
+            mine = reqs[c % DEVICES:] + reqs[: c % DEVICES]
+            _, p = await loop.create_connection(lambda m=mine: _Client(m, stats, stop),
+                                                "127.0.0.1", port)
+            protos.append(p)
+        await asyncio.sleep(min(1.0, seconds / 4))  # warm-up: first decisions, pools
+        start_ok, t0 = stats["ok"], time.perf_counter()
+        await asyncio.sleep(seconds)
+        done, elapsed = stats["ok"] - start_ok, time.perf_counter() - t0
+        stop[0] = True
+        await asyncio.wait([p.closed for p in protos], timeout=5)
+        return {"rps": done / elapsed, "bad": stats["bad"]}
+
+    print(json.dumps(asyncio.run(main())))
+
+
+def run_idle(port: int, count: int, hold_s: float, pids: list[int]) -> None:
+    """Park ``count`` Pings (one device each) and report the RSS growth of ``pids``."""
+    _pin(0)
+    _uvloop()
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.5)
+        before = sum(_rss_kib(p) for p in pids)
+        transports = []
+        for i in range(count):
+            t, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            # devices beyond the request mix, seeded compliant like the others
+            t.write(_request(f"dev{DEVICES + i}", "Ping", b"\x03\x01\x6a\x00"))
+            transports.append(t)
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(hold_s)
+        after = sum(_rss_kib(p) for p in pids)
+        for t in transports:
+            t.close()
+        return {"kib_per_longpoll": (after - before) / count, "before_kib": before,
+                "after_kib": after}
+
+    print(json.dumps(asyncio.run(main())))
+
+
+# ------------------------------------------------------------------ orchestrator
+
+
+def _spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL)
+
+
+def _wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _measure(args: argparse.Namespace, port: int, pids: list[int]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "load", str(port), str(args.seconds),
+                          str(args.conns)], capture_output=True, check=True, text=True)
+    result = json.loads(out.stdout)
+    out = subprocess.run([sys.executable, __file__, "idle", str(port), str(args.idle),
+                          "2", *map(str, pids)], capture_output=True, check=True, text=True)
+    result.update(json.loads(out.stdout))
+    return result
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
+    ports = {k: _free_port() for k in ("up", "mw", "check", "plain", "auth")}
+    seed = DEVICES + args.idle
+    try:
+        up = _spawn("upstream", str(ports["up"]))
+        procs.append(up)
+        _wait_port(ports["up"])
+        results: dict[str, dict[str, float]] = {}
+        results["direct"] = _measure(args, ports["up"], [up.pid])
+
+        (tmp / "mw").mkdir()
+        mw = _spawn("mailward", str(ports["mw"]), str(ports["up"]), str(tmp / "mw"), str(seed))
+        procs.append(mw)
+        _wait_port(ports["mw"], 60)
+        results["mailward"] = _measure(args, ports["mw"], [mw.pid])
+        mw.terminate()
+
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if Path(nginx).exists():
+            check = _spawn("check", str(ports["check"]), str(tmp), str(seed))
+            procs.append(check)
+            conf = tmp / "nginx.conf"
+            affinity = "10" if (os.cpu_count() or 1) > 1 else "1"
+            conf.write_text(NGINX_CONF.format(dir=tmp, upstream=ports["up"],
+                                              check=ports["check"], plain=ports["plain"],
+                                              auth=ports["auth"], eas=EAS,
+                                              affinity=affinity))
+            ng = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)],
+                                  stdin=subprocess.DEVNULL)
+            procs.append(ng)
+            _wait_port(ports["plain"])
+            _wait_port(ports["check"], 60)
+            time.sleep(0.3)
+            workers = [int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(ng.pid)], capture_output=True, text=True
+            ).stdout.split()]
+            results["nginx"] = _measure(args, ports["plain"], workers)
+            results["nginx+auth"] = _measure(args, ports["auth"], [*workers, check.pid])
+        else:
+            print("nginx not found: skipping the nginx set-ups", file=sys.stderr)
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _report(results, args)
+
+
+def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    print(f"\nActiveSync, small Sync requests, {args.conns} keep-alive connections, "
+          f"{args.seconds:g} s each, {DEVICES} devices; {args.idle} idle Pings "
+          f"(plain HTTP on loopback, CPU {os.cpu_count()} cores, proxy pinned to one)")
+    print(f"{'set-up':<12} {'req/s':>10} {'errors':>7} {'KiB/idle long-poll':>20}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['rps']:>10.0f} {int(r['bad']):>7} {r['kib_per_longpoll']:>20.1f}")
+    mw = results.get("mailward")
+    if mw:
+        print()
+        for other in ("direct", "nginx", "nginx+auth"):
+            if other in results:
+                o = results[other]
+                rps_ratio = mw["rps"] / max(o["rps"], 1e-9)
+                mem_ratio = mw["kib_per_longpoll"] / max(o["kib_per_longpoll"], 0.01)
+                print(f"mailward / {other:<10} req/s ratio {rps_ratio:.2f}x   "
+                      f"memory per idle long-poll ratio {mem_ratio:.2f}x")
+        print(f"\ntargets: >= 1.0x nginx+auth, >= 5000 req/s per core, <= 32 KiB per idle "
+              f"long-poll -> {mw['rps']:.0f} req/s, {mw['kib_per_longpoll']:.1f} KiB")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("upstream", "mailward", "check", "load", "idle"):
+        role, rest = sys.argv[1], sys.argv[2:]
+        if role == "upstream":
+            run_upstream(int(rest[0]))
+        elif role == "mailward":
+            run_mailward(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
+        elif role == "check":
+            run_check(int(rest[0]), rest[1], int(rest[2]))
+        elif role == "load":
+            run_load(int(rest[0]), float(rest[1]), int(rest[2]))
+        else:
+            run_idle(int(rest[0]), int(rest[1]), float(rest[2]), [int(p) for p in rest[3:]])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--idle", type=int, default=500)
+    orchestrate(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
