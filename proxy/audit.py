@@ -374,8 +374,6 @@ class AuditLog:
 
     # -- public API -----------------------------------------------------------------
 
-    @property
-
     @classmethod
     def from_config(cls, cfg: AuditConfig, *, signing_key: Ed25519PrivateKey | None) -> AuditLog:
         """The log as ``[audit]`` in mailward.toml describes it."""
@@ -387,6 +385,7 @@ class AuditLog:
             rotate_bytes=cfg.rotate_bytes,
         )
 
+    @property
     def seq(self) -> int:
         """seq of the last record written by or known to this writer."""
         return self._seq
