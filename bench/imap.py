@@ -395,7 +395,7 @@ async def main(args: argparse.Namespace) -> None:
         logins: dict[str, float] = {}
         fetch: dict[str, float] = {}
         print(f"{'target':<18}{'logins/s':>10}{'FETCH MB/s':>12}")
-        cpu_bytes, cpu_s = 0, 0.0
+        cpu: dict[str, list[float]] = {}
         for name, port in targets.items():
             logins[name] = await bench_logins(port, ctx, args.seconds)
             best = 0.0
@@ -403,13 +403,14 @@ async def main(args: argparse.Namespace) -> None:
                 before = _cpu_seconds(mw.pid)
                 mbps, n = await bench_fetch(port, ctx)
                 if name.startswith("mailward"):
-                    cpu_s += _cpu_seconds(mw.pid) - before
-                    cpu_bytes += n
+                    c = cpu.setdefault(name, [0.0, 0.0])
+                    c[0] += _cpu_seconds(mw.pid) - before
+                    c[1] += n
                 best = max(best, mbps)
             fetch[name] = best
             print(f"{name:<18}{logins[name]:>10.0f}{fetch[name]:>12.1f}", flush=True)
 
-        cpu_per_gb = cpu_s / (cpu_bytes / 1e9) if cpu_bytes else float("nan")
+        cpu_per_gb = {name: c[0] / (c[1] / 1e9) for name, c in cpu.items()}
         base = _rss_bytes(mw.pid)
         sessions = await open_idle_sessions(ports["idle"], ctx, args.sessions)
         await asyncio.sleep(1)
@@ -418,7 +419,8 @@ async def main(args: argparse.Namespace) -> None:
             w.close()
 
         print()
-        print(f"mailward CPU per GB spliced (incl. TLS to client): {cpu_per_gb:.2f} CPU-s/GB")
+        for name, v in cpu_per_gb.items():
+            print(f"{name} CPU per GB spliced (incl. TLS to the client): {v:.2f} CPU-s/GB")
         print(f"mailward memory per idle IDLE TLS session ({len(sessions)} sessions): "
               f"{per_session / 1024:.1f} KiB")
         print()
@@ -429,7 +431,8 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"  logins/s {name} / nginx+auth_http = {r:.2f}  (target >= 1.0)")
         for name in ("mailward", "mailward-plain"):
             print(f"  FETCH {name} / direct = {fetch[name] / fetch['direct']:.2f}  (target >= 0.8)")
-        print(f"  CPU-s per GB = {cpu_per_gb:.2f}  (target <= 0.4)")
+        for name, v in cpu_per_gb.items():
+            print(f"  CPU-s per GB {name} = {v:.2f}  (target <= 0.4)")
         print(f"  KiB per idle TLS session = {per_session / 1024:.1f}  (target <= 32)")
     finally:
         for p in procs:

@@ -218,8 +218,33 @@ async def test_compliant_device_logs_in_and_fetches_same_bytes_as_direct(env: En
         ("allow", ALICE, "alice-phone", "127.0.0.1")]
     assert recs[0]["device_source"] == "client_cert"
     assert "alice-secret" not in (env.tmp / "audit.jsonl").read_text()
-    # Dovecot believed the proxy's ID x-originating-ip (login_trusted_networks).
-    assert "rip=127.0.0.1" in env.dovecot.log_tail(20000)
+
+
+async def test_client_ip_reaches_audit_and_dovecot(env: Env, pki: Pki):
+    """A client from 127.0.0.2 is logged with that address by mailward and, through
+    ``ID x-originating-ip``, by Dovecot, though the proxy connects from 127.0.0.1."""
+    port = await env.listen()
+
+    def go() -> bytes:
+        raw = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        s = pki.client_ctx("alice-phone").wrap_socket(raw, server_hostname="localhost")
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(f'a ID ("name" "test-client")\r\nb LOGIN {ALICE} {PASSWORDS[ALICE]}\r\n'
+                  .encode())
+        lines = [f.readline() for _ in range(3)]
+        s.sendall(b"c LOGOUT\r\n")
+        f.readline()
+        s.close()
+        return lines[2]
+
+    assert (await run(go)).startswith(b"b OK")
+    recs = await env.wait_records(1, "decision")
+    assert recs[0]["client_ip"] == "127.0.0.2"
+    deadline = time.monotonic() + 5
+    while "rip=127.0.0.2" not in env.dovecot.log_tail(50000) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "rip=127.0.0.2" in env.dovecot.log_tail(50000)
 
 
 async def test_authenticate_plain_with_and_without_sasl_ir(env: Env, pki: Pki):

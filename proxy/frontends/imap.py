@@ -257,7 +257,7 @@ class ImapListener:
         self.sessions: set[_ImapSession] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
         self._server: asyncio.Server | None = None
-        self._closing = False
+        self.closing = False
 
     async def start(self) -> ImapListener:
         loop = asyncio.get_running_loop()
@@ -280,7 +280,7 @@ class ImapListener:
         self.upstream_capabilities = keep
 
     async def close(self, grace_s: float) -> None:
-        self._closing = True
+        self.closing = True
         if self._server is not None:
             self._server.close()
         loop = asyncio.get_running_loop()
@@ -382,6 +382,7 @@ class _ImapSession:
         finally:
             if not self._spliced:
                 await self._finish_preauth()
+            self._task = None  # a live session keeps no task or coroutine alive
 
     async def _finish_preauth(self) -> None:
         self.client.close()
@@ -550,6 +551,7 @@ class _ImapSession:
             return False
         if authzid and authzid != user:
             # Logging in as someone else would bypass the per-user device check.
+            self._end_reason = "authzid_refused"
             self._send(Connection.send_tagged(
                 tag, "NO", "Authorization identity not supported", "CANNOT"))
             self.conn.login_refused()
@@ -593,6 +595,11 @@ class _ImapSession:
             self._send(Connection.send_untagged("NO", text, "ALERT")
                        + Connection.send_tagged(tag, "NO", text, "AUTHORIZATIONFAILED")
                        + Connection.send_bye("Access denied by policy"))
+            return True
+        if self.owner.closing:  # the listener is shutting down: do not start a session
+            self._logout_upstream()
+            self._send(Connection.send_tagged(tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
+                       + Connection.send_bye(SHUTDOWN_TEXT))
             return True
         if self.client.closed or self.upstream is None or self.upstream.pipe.closed:
             return True
@@ -709,7 +716,10 @@ class _ImapSession:
         upipe.on_data, upipe.on_close = None, self._finish_spliced
         if up.buf:
             client.write(bytes(up.buf))
+        # Drop pre-auth state: phones hold sessions for hours, memory per session counts.
         up.buf = bytearray()
+        up.capabilities = []
+        self.client_id = None
         if pipelined:
             upipe.write(pipelined)
         if self._reading_paused:
