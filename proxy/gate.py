@@ -151,10 +151,22 @@ class Gate:
             self._observer.decided(origin.protocol, decision, latency_us)
         return decision
 
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now (it changes on reload)."""
+        return self._policy()
+
     async def record_auth_failed(self, identity: Identity, origin: Origin) -> None:
         """The upstream refused the credentials: a deny record, no policy involved."""
+        await self.record_deny(identity, origin, AUTH_FAILED,
+                               "The mail server refused the credentials.")
+
+    async def record_deny(self, identity: Identity, origin: Origin, code: str,
+                          text: str) -> None:
+        """A deny the front end decided on protocol grounds (e.g. the identities in
+        one request disagree): still exactly one decision record."""
         policy = self._policy()
-        reason = Reason(AUTH_FAILED, "The mail server refused the credentials.")
+        reason = Reason(code, text)
         decision = Decision(False, (reason,), policy.version, policy.sha256)
         fields = self._record("decision", identity, origin, decision, None, 0)
         self._observer.decided(origin.protocol, decision, 0)

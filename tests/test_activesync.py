@@ -448,7 +448,9 @@ async def test_user_mismatch_is_403(env: Env) -> None:
     resp = await env.post("Cmd=Sync&User=mallory%40corp.example&DeviceId=dev-ok&DeviceType=x")
     assert resp.status == 403
     assert env.upstream.seen == []
-    assert any(r.get("reason") == "user_mismatch" for r in env.records)
+    denies = [r for r in env.records if r.get("event") == "decision"]
+    assert [r["decision"] for r in denies] == ["deny"]
+    assert denies[0]["reasons"][0]["code"] == "user_mismatch"
 
 
 async def test_wrong_password_passes_401_and_is_not_cached(env: Env) -> None:

@@ -330,12 +330,7 @@ class ActiveSyncFrontend:
         )
 
     def _policy_version(self) -> str:
-        # The gate does not expose its policy yet; see the report to the lead.
-        getter = getattr(self.gate, "_policy", None)
-        try:
-            return getter().version if getter else ""
-        except Exception:
-            return ""
+        return self.gate.policy.version
 
     # -- request handling -----------------------------------------------------------
 
@@ -367,8 +362,8 @@ class ActiveSyncFrontend:
         user = resolve_user(auth_user, query.user)
         if user is None:
             identity = Identity(auth_user, query.device_id, "eas")
-            await self.gate.record_session_end(origin, "user_mismatch", identity=identity,
-                                               detail="query User differs from Basic auth")
+            await self.gate.record_deny(identity, origin, "user_mismatch",
+                                        "query User differs from Basic auth")
             return _text(403, "The account in the request does not match the signed-in "
                               "account.")
         identity = Identity(user, query.device_id, "eas")
