@@ -86,6 +86,16 @@ _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
 _CAPS_IN_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 
+class _NoEvent:
+    """Stands in for an asyncio.Event once a session no longer waits for anything."""
+
+    def set(self) -> None:
+        pass
+
+
+_NO_EVENT: Any = _NoEvent()
+
+
 class UpstreamError(Exception):
     """The upstream is unreachable, timed out or answered nonsense."""
 
@@ -305,6 +315,29 @@ async def start(ctx: FrontendContext) -> ImapListener:
 
 class _ImapSession:
     """One client connection: pre-auth conversation, then a registered live session."""
+
+    __slots__ = (
+        "_deadline",
+        "_decided",
+        "_early",
+        "_end_detail",
+        "_end_reason",
+        "_reading_paused",
+        "_spliced",
+        "_task",
+        "_wakeup",
+        "cfg",
+        "client",
+        "client_id",
+        "client_port",
+        "conn",
+        "device_id",
+        "gate",
+        "identity",
+        "origin",
+        "owner",
+        "upstream",
+    )
 
     def __init__(self, owner: ImapListener) -> None:
         self.owner = owner
@@ -720,6 +753,8 @@ class _ImapSession:
         up.buf = bytearray()
         up.capabilities = []
         self.client_id = None
+        self._wakeup = _NO_EVENT
+        up._wakeup = _NO_EVENT
         if pipelined:
             upipe.write(pipelined)
         if self._reading_paused:
