@@ -38,6 +38,7 @@ Unidentified = Literal["deny", "allow", "all-user-devices"]
 AUTH_FAILED = "auth_failed"
 UNIDENTIFIED_DEVICE = "unidentified_device"
 AUDIT_UNAVAILABLE = "audit_unavailable"
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 STORE_UNAVAILABLE = "posture_store_unavailable"
 
 UNIDENTIFIED_TEXT = (
@@ -162,12 +163,14 @@ class Gate:
                                "The mail server refused the credentials.")
 
     async def record_deny(self, identity: Identity, origin: Origin, code: str,
-                          text: str) -> None:
-        """A deny the front end decided on protocol grounds (e.g. the identities in
-        one request disagree): still exactly one decision record."""
+                          text: str, *, temporary: bool = False) -> None:
+        """A deny the front end decided on protocol grounds (the identities in one
+        request disagree; the upstream is unreachable, ``temporary``): still exactly
+        one decision record for the login attempt."""
         policy = self._policy()
         reason = Reason(code, text)
-        decision = Decision(False, (reason,), policy.version, policy.sha256)
+        decision = Decision(False, (reason,), policy.version, policy.sha256,
+                            temporary=temporary)
         fields = self._record("decision", identity, origin, decision, None, 0)
         self._observer.decided(origin.protocol, decision, 0)
         try:
