@@ -50,6 +50,7 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
+    syntax,
 )
 from aiosmtplib import SMTP as SMTPClient
 from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
@@ -65,6 +66,7 @@ log = structlog.get_logger("mailward.smtp")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # messages are held in memory while relayed
 MAX_AUTH_FAILURES = 3  # per connection; then 421
 POST_AUTH_IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 server timeout
+DATA_CHUNK_BYTES = 64 * 1024
 REPLY_TEXT_CHARS = 400  # per reply line; RFC 5321 allows 512 octets with the code
 UPSTREAM_QUIT_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 5.0
@@ -263,7 +265,7 @@ def _describe(exc: BaseException) -> str:
 # ------------------------------------------------------------------ the session
 
 
-_IMPLICIT_TLS = object()
+_TLS_UP = object()  # stands in for aiosmtpd's SSLProtocol once TLS is up
 
 
 class _Session(Session):
@@ -324,9 +326,9 @@ class SubmissionSession(SMTP):
             loop=asyncio.get_running_loop(),
         )
         if self._implicit_tls:
-            # aiosmtpd only knows STARTTLS and takes a set _tls_protocol to mean "TLS is
-            # up" (AUTH offered and allowed); the socket is TLS from the first byte here.
-            self._tls_protocol = _IMPLICIT_TLS  # type: ignore[assignment]
+            # aiosmtpd takes a set _tls_protocol to mean "TLS is up" (AUTH offered and
+            # allowed); here the socket is TLS from the first byte.
+            self._tls_protocol = _TLS_UP  # type: ignore[assignment]
         self._smtp_methods = {
             name: self._guard(name, method) for name, method in self._smtp_methods.items()
         }
@@ -451,6 +453,97 @@ class SubmissionSession(SMTP):
     def tls_required(self) -> bool:
         """STARTTLS listener, TLS not up yet, and cleartext not allowed."""
         return self.tls_context is not None and not self.is_tls and not self._cleartext_ok
+
+    # -- STARTTLS and DATA (aiosmtpd's, made faster) ----------------------------------
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """STARTTLS with the event loop's own TLS (uvloop's native one in production)
+        instead of aiosmtpd's pure-Python SSLProtocol: about half the CPU per byte."""
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None or self.transport is None:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        # Plaintext pipelined after STARTTLS is discarded (RFC 3207 4.2); what arrives
+        # from here on goes to the TLS layer. (Not after the handshake: by then the
+        # buffer may hold the client's first encrypted command.)
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        plain = self.transport
+        try:
+            tls = await self.loop.start_tls(
+                plain, self, self.tls_context, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self.listener.cfg.preauth_idle_timeout_s)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            raise TLSSetupException() from exc
+        if tls is None:
+            raise TLSSetupException()
+        # What aiosmtpd's connection_made does after its own upgrade: new transport
+        # everywhere, session state forgotten (the client must EHLO again).
+        self.transport = tls
+        self._original_transport = plain
+        self._reader._transport = tls  # type: ignore[attr-defined]
+        self._writer._transport = tls  # type: ignore[attr-defined]
+        self._tls_protocol = _TLS_UP  # type: ignore[assignment]
+        peer = self.session.peer if self.session else None
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = peer
+        self._reset_timeout()
+        self.session.ssl = {"ssl_object": tls.get_extra_info("ssl_object"),
+                            "peercert": tls.get_extra_info("peercert"),
+                            "cipher": tls.get_extra_info("cipher")}
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, reading the message in chunks instead of line by line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_message(self.data_size_limit or MAX_MESSAGE_BYTES)
+        if content is None:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message too big")
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_message(self, limit: int) -> bytes | None:
+        """Bytes up to the first CRLF.CRLF (only that ends the message, so a bare-LF
+        dot cannot smuggle commands), dot-unstuffed; None if over ``limit`` (the rest
+        is still read and dropped, RFC 5321 4.2.5)."""
+        buf = bytearray(b"\r\n")  # so a leading ".\r\n" is found as CRLF.CRLF too
+        scanned = 0
+        too_big = False
+        while True:
+            end = buf.find(b"\r\n.\r\n", max(scanned - 4, 0))
+            if end >= 0:
+                break
+            if len(buf) > limit + 2:  # drop what we cannot accept, keep the tail
+                too_big = True
+                del buf[: len(buf) - 4]
+            scanned = len(buf)
+            chunk = await self._reader.read(DATA_CHUNK_BYTES)
+            if not chunk:  # the client went away mid-message
+                raise ConnectionResetError("connection lost during DATA")
+            buf += chunk
+        if len(buf) > end + 5:  # pipelined commands after the message: keep for later
+            self._reader._buffer[:0] = buf[end + 5 :]  # type: ignore[attr-defined]
+        if too_big or end > limit:
+            return None
+        body = bytes(buf[2 : end + 2]).replace(b"\r\n.", b"\r\n")
+        return body[1:] if body.startswith(b".") else body
 
     # -- AUTH ----------------------------------------------------------------------
 
