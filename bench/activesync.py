@@ -7,13 +7,23 @@ long-poll, for four set-ups measured in one run:
   nginx+auth    load generator -> nginx auth_request (to a minimal aiohttp service
                 that does the same posture check per request) -> upstream
 
-Run: ``.venv/bin/python bench/activesync.py [--seconds 5] [--conns 64] [--idle 500]``
-(``make bench``). Everything runs on loopback without TLS, so the figures are the
-proxies' own HTTP and decision costs, not TLS. The upstream is a minimal
-asyncio/uvloop HTTP responder; the load generator keeps ``--conns`` keep-alive
-connections busy (one request in flight per connection). The proxy under test is
-pinned to CPU 1 (nginx: one worker; its check service shares that CPU), the load
-generator and upstream to CPU 0, so "per core" means what it says.
+Run: ``.venv/bin/python bench/activesync.py [--seconds 3] [--reps 5] [--conns 64]
+[--idle 500]`` (``make bench``). Everything runs on loopback without TLS, so the
+figures are the proxies' own HTTP and decision costs, not TLS. The upstream is a
+minimal asyncio/uvloop HTTP responder; the load generator keeps ``--conns`` keep-alive
+connections busy (one request in flight per connection).
+
+Fairness: every proxy set-up runs on the same single CPU (``--proxy-cpu``, default
+the last one): mailward's one process; nginx's one worker; for nginx+auth the worker
+*and* its check service. The load generator and upstream share the other CPUs. All
+set-ups are started once and measured in interleaved rounds (the order rotates each
+round), each run after a warm-up second, and the table shows the median of ``--reps``
+rounds. Besides req/s (wall clock, which other load on the machine disturbs) each run
+reads the CPU time the proxy set-up's processes used during the measured window, and
+reports requests per CPU-second: the "per core" figure, and the one that stays steady
+when the machine is shared. nginx talks HTTP/1.1 with pooled keep-alive connections
+to both the upstream and the check service (``keepalive`` upstream blocks,
+``proxy_http_version 1.1``, empty ``Connection``).
 
 The check service behind auth_request does per request what mailward does per
 device-session: parse the EAS query, look up the posture (SQLite store) and evaluate
@@ -36,6 +46,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,10 +71,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pin(cpu: int) -> None:
+def _proxy_cpu() -> int:
+    return int(os.environ.get("BENCH_PROXY_CPU", (os.cpu_count() or 1) - 1))
+
+
+def _other_cpus() -> set[int]:
+    return set(range(os.cpu_count() or 1)) - {_proxy_cpu()} or {_proxy_cpu()}
+
+
+def _pin_proxy() -> None:
     with contextlib.suppress(AttributeError, OSError):
-        if cpu < (os.cpu_count() or 1):
-            os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(0, {_proxy_cpu()})
+
+
+def _pin_rest() -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, _other_cpus())
 
 
 def _uvloop() -> None:
@@ -73,6 +96,16 @@ def _uvloop() -> None:
         uvloop.install()
     except ImportError:
         pass
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User plus system CPU seconds used so far by ``pids``."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int) -> int:
@@ -122,7 +155,7 @@ class _Upstream(asyncio.Protocol):
 
 
 def run_upstream(port: int) -> None:
-    _pin(0)
+    _pin_rest()
     _uvloop()
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(
@@ -146,7 +179,7 @@ async def _seed(store: Any, n: int) -> None:
 
 
 def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
-    _pin(1)
+    _pin_proxy()
     _uvloop()
 
     async def main() -> None:
@@ -173,7 +206,7 @@ def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
 
 def run_check(port: int, state: str, seed: int) -> None:
     """The auth_request service: the posture check on every request."""
-    _pin(1)
+    _pin_proxy()
     _uvloop()
     from aiohttp import web
 
@@ -296,8 +329,8 @@ class _Client(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-def run_load(port: int, seconds: float, conns: int) -> None:
-    _pin(0)
+def run_load(port: int, seconds: float, conns: int, pids: list[int]) -> None:
+    _pin_rest()
     _uvloop()
 
     async def main() -> dict[str, float]:
@@ -311,20 +344,22 @@ def run_load(port: int, seconds: float, conns: int) -> None:
             _, p = await loop.create_connection(lambda m=mine: _Client(m, stats, stop),
                                                 "127.0.0.1", port)
             protos.append(p)
-        await asyncio.sleep(min(1.0, seconds / 4))  # warm-up: first decisions, pools
-        start_ok, t0 = stats["ok"], time.perf_counter()
+        await asyncio.sleep(1.0)  # warm-up: first decisions, pools, caches
+        start_ok, t0, cpu0 = stats["ok"], time.perf_counter(), _cpu_s(pids)
         await asyncio.sleep(seconds)
         done, elapsed = stats["ok"] - start_ok, time.perf_counter() - t0
+        cpu = _cpu_s(pids) - cpu0
         stop[0] = True
         await asyncio.wait([p.closed for p in protos], timeout=5)
-        return {"rps": done / elapsed, "bad": stats["bad"]}
+        return {"rps": done / elapsed, "bad": stats["bad"], "cpu_s": cpu,
+                "per_cpu_s": done / cpu if cpu > 0 else 0.0}
 
     print(json.dumps(asyncio.run(main())))
 
 
 def run_idle(port: int, count: int, hold_s: float, pids: list[int]) -> None:
     """Park ``count`` Pings (one device each) and report the RSS growth of ``pids``."""
-    _pin(0)
+    _pin_rest()
     _uvloop()
 
     async def main() -> dict[str, float]:
@@ -366,41 +401,44 @@ def _wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _measure(args: argparse.Namespace, port: int, pids: list[int]) -> dict[str, float]:
+def _load(args: argparse.Namespace, port: int, pids: list[int]) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "load", str(port), str(args.seconds),
-                          str(args.conns)], capture_output=True, check=True, text=True)
-    result = json.loads(out.stdout)
+                          str(args.conns), *map(str, pids)],
+                         capture_output=True, check=True, text=True)
+    return dict(json.loads(out.stdout))
+
+
+def _idle(args: argparse.Namespace, port: int, pids: list[int]) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "idle", str(port), str(args.idle),
                           "2", *map(str, pids)], capture_output=True, check=True, text=True)
-    result.update(json.loads(out.stdout))
-    return result
+    return dict(json.loads(out.stdout))
 
 
 def orchestrate(args: argparse.Namespace) -> None:
+    os.environ["BENCH_PROXY_CPU"] = str(args.proxy_cpu)
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
     ports = {k: _free_port() for k in ("up", "mw", "check", "plain", "auth")}
     seed = DEVICES + args.idle
+    setups: dict[str, tuple[int, list[int]]] = {}  # name -> (port, pids of the set-up)
     try:
         up = _spawn("upstream", str(ports["up"]))
         procs.append(up)
         _wait_port(ports["up"])
-        results: dict[str, dict[str, float]] = {}
-        results["direct"] = _measure(args, ports["up"], [up.pid])
+        setups["direct"] = (ports["up"], [up.pid])
 
         (tmp / "mw").mkdir()
         mw = _spawn("mailward", str(ports["mw"]), str(ports["up"]), str(tmp / "mw"), str(seed))
         procs.append(mw)
         _wait_port(ports["mw"], 60)
-        results["mailward"] = _measure(args, ports["mw"], [mw.pid])
-        mw.terminate()
+        setups["mailward"] = (ports["mw"], [mw.pid])
 
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if Path(nginx).exists():
             check = _spawn("check", str(ports["check"]), str(tmp), str(seed))
             procs.append(check)
             conf = tmp / "nginx.conf"
-            affinity = "10" if (os.cpu_count() or 1) > 1 else "1"
+            affinity = "1" + "0" * args.proxy_cpu  # worker_cpu_affinity bit mask
             conf.write_text(NGINX_CONF.format(dir=tmp, upstream=ports["up"],
                                               check=ports["check"], plain=ports["plain"],
                                               auth=ports["auth"], eas=EAS,
@@ -414,10 +452,29 @@ def orchestrate(args: argparse.Namespace) -> None:
             workers = [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(ng.pid)], capture_output=True, text=True
             ).stdout.split()]
-            results["nginx"] = _measure(args, ports["plain"], workers)
-            results["nginx+auth"] = _measure(args, ports["auth"], [*workers, check.pid])
+            setups["nginx"] = (ports["plain"], workers)
+            setups["nginx+auth"] = (ports["auth"], [*workers, check.pid])
         else:
             print("nginx not found: skipping the nginx set-ups", file=sys.stderr)
+
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+        names = list(setups)
+        for r in range(args.reps):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                res = _load(args, *setups[name])
+                runs[name].append(res)
+                print(f"round {r + 1}/{args.reps} {name:<11} {res['rps']:>9.0f} req/s "
+                      f"{res['per_cpu_s']:>9.0f} req/CPU-s  errors {int(res['bad'])}",
+                      file=sys.stderr)
+        results = {name: {
+            "rps": statistics.median(x["rps"] for x in rs),
+            "rps_min": min(x["rps"] for x in rs), "rps_max": max(x["rps"] for x in rs),
+            "per_cpu_s": statistics.median(x["per_cpu_s"] for x in rs),
+            "bad": sum(x["bad"] for x in rs),
+        } for name, rs in runs.items()}
+        for name in setups:
+            results[name].update(_idle(args, *setups[name]))
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -431,11 +488,15 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     print(f"\nActiveSync, small Sync requests, {args.conns} keep-alive connections, "
-          f"{args.seconds:g} s each, {DEVICES} devices; {args.idle} idle Pings "
-          f"(plain HTTP on loopback, CPU {os.cpu_count()} cores, proxy pinned to one)")
-    print(f"{'set-up':<12} {'req/s':>10} {'errors':>7} {'KiB/idle long-poll':>20}")
+          f"{args.seconds:g} s per run after 1 s warm-up, median of {args.reps} interleaved "
+          f"rounds, {DEVICES} devices; {args.idle} idle Pings (plain HTTP on loopback; "
+          f"{os.cpu_count()} CPUs, each proxy set-up pinned to CPU {args.proxy_cpu})")
+    print(f"{'set-up':<12} {'req/s':>9} {'(min-max)':>15} {'req/CPU-s':>10} {'errors':>7} "
+          f"{'KiB/idle long-poll':>19}")
     for name, r in results.items():
-        print(f"{name:<12} {r['rps']:>10.0f} {int(r['bad']):>7} {r['kib_per_longpoll']:>20.1f}")
+        span = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
+        print(f"{name:<12} {r['rps']:>9.0f} {span:>15} {r['per_cpu_s']:>10.0f} "
+              f"{int(r['bad']):>7} {r['kib_per_longpoll']:>19.1f}")
     mw = results.get("mailward")
     if mw:
         print()
@@ -443,11 +504,17 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> N
             if other in results:
                 o = results[other]
                 rps_ratio = mw["rps"] / max(o["rps"], 1e-9)
+                cpu_ratio = mw["per_cpu_s"] / max(o["per_cpu_s"], 1e-9)
                 mem_ratio = mw["kib_per_longpoll"] / max(o["kib_per_longpoll"], 0.01)
-                print(f"mailward / {other:<10} req/s ratio {rps_ratio:.2f}x   "
-                      f"memory per idle long-poll ratio {mem_ratio:.2f}x")
-        print(f"\ntargets: >= 1.0x nginx+auth, >= 5000 req/s per core, <= 32 KiB per idle "
-              f"long-poll -> {mw['rps']:.0f} req/s, {mw['kib_per_longpoll']:.1f} KiB")
+                print(f"mailward / {other:<10} req/s {rps_ratio:.2f}x   req/CPU-s "
+                      f"{cpu_ratio:.2f}x   memory per idle long-poll {mem_ratio:.2f}x")
+        auth = results.get("nginx+auth")
+        vs_auth = (f"{mw['rps'] / max(auth['rps'], 1e-9):.2f}x req/s, "
+                   f"{mw['per_cpu_s'] / max(auth['per_cpu_s'], 1e-9):.2f}x req/CPU-s"
+                   if auth else "n/a")
+        print(f"\ntargets: >= 1.0x nginx+auth -> {vs_auth}; >= 5000 req/s per core -> "
+              f"{mw['rps']:.0f} req/s, {mw['per_cpu_s']:.0f} req/CPU-s; <= 32 KiB per idle "
+              f"long-poll -> {mw['kib_per_longpoll']:.1f} KiB")
 
 
 def main() -> None:
@@ -460,13 +527,16 @@ def main() -> None:
         elif role == "check":
             run_check(int(rest[0]), rest[1], int(rest[2]))
         elif role == "load":
-            run_load(int(rest[0]), float(rest[1]), int(rest[2]))
+            run_load(int(rest[0]), float(rest[1]), int(rest[2]), [int(p) for p in rest[3:]])
         else:
             run_idle(int(rest[0]), int(rest[1]), float(rest[2]), [int(p) for p in rest[3:]])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="measured time per run")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds (median shown)")
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--proxy-cpu", type=int, default=(os.cpu_count() or 1) - 1,
+                    help="the one CPU every proxy set-up runs on")
     ap.add_argument("--idle", type=int, default=500)
     orchestrate(ap.parse_args())
 
