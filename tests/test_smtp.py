@@ -834,6 +834,8 @@ async def test_upstream_lost_between_commands_gives_421(
     assert replies[0].startswith("235"), replies
     assert replies[1].startswith("421 4.4.1 "), replies
     assert [d["decision"] for d in env.records("decision")] == ["allow"]
+    ends = await env.wait_records("session_end", 1)
+    assert ends[0]["reason"] == "upstream_lost"
 
 
 async def test_listener_close_ends_sessions_with_421(
@@ -879,6 +881,28 @@ async def test_pipelined_commands_get_the_upstreams_replies_in_order(
     assert [r[:3] for r in replies] == ["250", "550", "250", "354", "250"], replies
     assert replies[1].startswith("550 5.1.1 ")
     assert len(postfix.wait_for_messages(BOB, 1)) == 1
+
+
+async def test_plaintext_pipelined_after_starttls_is_discarded(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """RFC 3207 4.2 / command injection: a command sent in the same packet as STARTTLS
+    is never executed; the first reply inside TLS answers the client's EHLO."""
+    port = await env.listen(postfix.submission_port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reader.readline()
+        writer.write(b"EHLO phone.example\r\n")
+        while not (await reader.readline()).startswith(b"250 "):
+            pass
+        writer.write(b"STARTTLS\r\nMAIL FROM:<injected@example.test>\r\n")
+        assert (await reader.readline()).startswith(b"220")
+        await writer.start_tls(pki.client_ctx("alice-phone"), server_hostname="localhost")
+        writer.write(b"EHLO phone.example\r\n")
+        first = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert first.startswith(b"250-"), first
 
 
 async def test_smtputf8_addresses_are_relayed(

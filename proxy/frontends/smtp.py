@@ -654,6 +654,8 @@ class SubmissionSession(SMTP):
         except UpstreamUnavailable as exc:
             return self._lost(str(exc), message=True)
         self._txn_open = False
+        if resp.code == 421:
+            return self._closing_upstream(resp)
         if resp.code != 250:  # refused: make sure no half transaction stays open
             with contextlib.suppress(UpstreamUnavailable):
                 await upstream.command(b"RSET")
@@ -677,10 +679,20 @@ class SubmissionSession(SMTP):
             self._lost("no upstream session")
             return None
         try:
-            return await self._upstream.command(*args)
+            resp = await self._upstream.command(*args)
         except UpstreamUnavailable as exc:
             self._lost(str(exc))
             return None
+        if resp.code == 421:
+            self._closing_upstream(resp)
+        return resp
+
+    def _closing_upstream(self, resp: SMTPResponse) -> str:
+        """The upstream said 421 (it is closing): relay that, then end this session."""
+        self._txn_open = False
+        self._ended_by, self._end_detail = "upstream_lost", f"upstream {resp.code}"
+        self._close_after_reply = True
+        return relayed(resp)
 
     def _lost(self, detail: str, *, message: bool = False) -> str:
         """The upstream is gone: a 4xx reply (sent by aiosmtpd), then close."""
