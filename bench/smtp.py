@@ -15,7 +15,7 @@ The clients run in a separate process so they do not steal the proxy's CPU. Dire
 and proxied runs alternate; the best of the rounds is reported for each, then the
 ratio proxied/direct (target >= 0.7).
 
-    .venv/bin/python bench/smtp.py [--seconds 5] [--rounds 2] [--clients 10]
+    .venv/bin/python bench/smtp.py [--seconds 4] [--rounds 3] [--clients 10]
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ def main() -> None:
         client_main([a for a in sys.argv[1:] if a != "--client"])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=10)
     args = p.parse_args()
     from peers.postfix import missing_reason
