@@ -564,6 +564,15 @@ class SubmissionSession(SMTP):
         upstream = UpstreamSession(self.listener.cfg, self.listener.upstream_tls,
                                    self.listener.hostname)
         try:
+            return await self._verify(creds, identity, upstream)
+        except asyncio.CancelledError:  # the client went away meanwhile
+            upstream.abort()
+            raise
+
+    async def _verify(
+        self, creds: LoginPassword, identity: Identity, upstream: UpstreamSession
+    ) -> AuthResult:
+        try:
             caps = await upstream.connect()
             self.listener.caps = caps  # what the next sessions advertise
             answer = await upstream.authenticate(creds.login, creds.password)
@@ -597,6 +606,9 @@ class SubmissionSession(SMTP):
 
         decision = await self.listener.gate.decide(identity, self.origin)
         self._decided = True
+        if self._ended:  # the client left while we decided: nothing to register
+            await upstream.quit()
+            return AuthResult(success=False, handled=True)
         if decision.allow:
             self.identity, self._upstream = identity, upstream
             self._timeout_duration = POST_AUTH_IDLE_TIMEOUT_S
