@@ -486,8 +486,12 @@ async def test_upstream_down_gives_unavailable(env: Env, pki: Pki):
         return str(err.value)
 
     assert "UNAVAILABLE" in await run(go)
-    recs = await env.wait_records(1, "session_end")
-    assert recs[0]["reason"] == "upstream_unavailable"
+    # A login attempt over TLS: exactly one decision record, a temporary deny.
+    recs = await env.wait_records(1, "decision")
+    assert recs[0]["decision"] == "deny"
+    assert recs[0]["reasons"][0]["code"] == "upstream_unavailable"
+    assert recs[0]["user"] and recs[0]["client_ip"] == "127.0.0.1"
+    assert env.records("session_end") == []
 
 
 # ------------------------------------------------------------------------ termination
@@ -680,5 +684,7 @@ async def test_upstream_closing_after_greeting(env: Env, pki: Pki):
         return str(err.value)
 
     assert "UNAVAILABLE" in await run(go)
+    recs = await env.wait_records(1, "decision")
+    assert [r["code"] for r in recs[0]["reasons"]] == ["upstream_unavailable"]
     rude_server.close()
     await run(works, pki, await env.listen())

@@ -18,8 +18,9 @@ One :class:`_ImapSession` per client connection:
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
 
-Audit: a login attempt gives one ``decision`` record (from the gate); a connection that
-ends before any gives one ``session_end`` record with the reason.
+Audit: a login attempt gives one ``decision`` record (from the gate; an unreachable
+upstream is a temporary deny ``upstream_unavailable``); a connection that ends before
+any login attempt gives one ``session_end`` record with the reason.
 """
 
 from __future__ import annotations
@@ -604,10 +605,15 @@ class _ImapSession:
         try:
             untagged, tagged = await self._upstream_login(tag, user, password)
         except (UpstreamError, OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.warning("upstream unavailable", listener=self.cfg.name, error=str(exc)[:200])
-            self._end_reason, self._end_detail = "upstream_unavailable", str(exc)[:200]
+            detail = str(exc)[:200] or type(exc).__name__
+            log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
             self._send(Connection.send_tagged(tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
                        + Connection.send_bye(UNAVAILABLE_TEXT))
+            # A login attempt over TLS: its one decision record is a temporary deny.
+            self._decided = True
+            await self.gate.record_deny(
+                self.identity, self.origin, "upstream_unavailable",
+                f"upstream unavailable: {detail}", temporary=True)
             return True
         if _status(tagged, tag) != "OK":
             self._send(tagged)  # the upstream's own answer, e.g. NO [AUTHENTICATIONFAILED]
