@@ -208,6 +208,298 @@ def _header_safe(text: str) -> str:
     return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
+# ------------------------------------------------------------- upstream connections
+
+
+class UpstreamProtocolError(OSError):
+    """The upstream's answer is not HTTP/1.1 we can forward."""
+
+
+#: Longest upstream response head accepted, and read buffer above which reading pauses.
+MAX_HEAD_BYTES: Final = 64 * 1024
+HIGH_WATER: Final = 4 * CHUNK_BYTES
+_HOP_BY_HOP_B: Final = frozenset(h.encode() for h in HOP_BY_HOP)
+_REPLACED_B: Final = frozenset({b"host", b"content-length", b"x-forwarded-for",
+                                b"x-forwarded-proto", b"x-forwarded-host"})
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the upstream, carrying one request at a
+    time: the request goes out in one write, the answer is read with flow control.
+    Bodies are framed by Content-Length, chunked coding or the end of the connection
+    (RFC 9112 section 6.3)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.closed = False
+        self.got_bytes = False  # something arrived for the current request
+        self.reused = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        # body framing of the current answer: "length", "chunked", "close" or "done"
+        self._mode = "done"
+        self._left = 0  # bytes left in the body (length) or in the current chunk
+        self._chunk_state = "size"  # size | data | crlf | trailers
+        self.keep_alive = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.got_bytes = True
+        if len(self.buf) > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _more(self, timeout: float) -> None:
+        """Wait for more bytes; ConnectionError at the end of the connection."""
+        if self.closed:
+            raise ConnectionResetError("upstream closed the connection")
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._waiter = fut = loop.create_future()
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- one exchange
+    def send(self, head: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        self.got_bytes = False
+        self._mode = "pending"  # not reusable until the answer has been read whole
+        self.transport.write(head + body if len(body) <= 16 * 1024 else head)
+        if len(body) > 16 * 1024:
+            self.transport.write(body)
+
+    async def read_head(self, method: str, timeout: float
+                        ) -> tuple[int, str, list[tuple[str, str]]]:
+        """Status, reason and headers of the answer (interim 1xx answers skipped)."""
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(self.buf) > MAX_HEAD_BYTES:
+                    raise UpstreamProtocolError("upstream response head too long")
+                if self.closed and self.buf:
+                    raise UpstreamProtocolError("upstream response head cut short")
+                await self._more(timeout)
+                end = self.buf.find(b"\r\n\r\n")
+            lines = self.buf[:end].decode("latin-1").split("\r\n")
+            del self.buf[:end + 4]
+            version, _, rest = lines[0].partition(" ")
+            code, _, reason = rest.partition(" ")
+            if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or \
+                    not code.isdigit():
+                raise UpstreamProtocolError(f"bad upstream status line {lines[0][:80]!r}")
+            status = int(code)
+            headers: list[tuple[str, str]] = []
+            length: str | None = None
+            coding: str | None = None
+            close = version == "HTTP/1.0"
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name[-1] in " \t" or line[0] in " \t":
+                    raise UpstreamProtocolError("bad upstream header line")
+                value = value.strip(" \t")
+                lname = name.lower()
+                if lname == "content-length":
+                    if not value.isdigit() or (length is not None and value != length):
+                        raise UpstreamProtocolError("bad upstream Content-Length")
+                    length = value
+                elif lname == "transfer-encoding":
+                    coding = value.lower()
+                elif lname == "connection":
+                    tokens = {t.strip().lower() for t in value.split(",")}
+                    close = "close" in tokens or (close and "keep-alive" not in tokens)
+                headers.append((name, value))
+            if 100 <= status < 200:
+                if status == 101:
+                    raise UpstreamProtocolError("upstream switched protocols")
+                continue  # 100 Continue, 102, 103: the real answer follows
+            break
+        self.keep_alive = not close
+        if method == "HEAD" or status in (204, 304):
+            self._mode = "done"
+        elif coding is not None:
+            if coding.rpartition(",")[2].strip() == "chunked":
+                self._mode, self._chunk_state = "chunked", "size"
+            else:
+                self._mode, self.keep_alive = "close", False
+        elif length is not None:
+            self._mode, self._left = ("length", int(length)) if int(length) else ("done", 0)
+        else:
+            self._mode, self.keep_alive = "close", False
+        return status, reason, headers
+
+    @property
+    def body_done(self) -> bool:
+        return self._mode == "done"
+
+    def known_length(self) -> int | None:
+        return self._left if self._mode == "length" else (0 if self._mode == "done" else None)
+
+    async def read_body(self, timeout: float) -> bytes:
+        """The next piece of the answer's body, at most CHUNK_BYTES; b"" at its end."""
+        while True:
+            mode = self._mode
+            if mode == "done":
+                return b""
+            buf = self.buf
+            if mode == "length":
+                if buf:
+                    n = min(self._left, len(buf), CHUNK_BYTES)
+                    out = bytes(buf[:n])
+                    del buf[:n]
+                    self._left -= n
+                    if not self._left:
+                        self._mode = "done"
+                    return out
+            elif mode == "close":
+                if buf:
+                    out = bytes(buf[:CHUNK_BYTES])
+                    del buf[:CHUNK_BYTES]
+                    return out
+                if self.closed:
+                    self._mode = "done"
+                    return b""
+            else:
+                out = self._dechunk()
+                if out is not None:
+                    return out
+            await self._more(timeout)
+
+    def _dechunk(self) -> bytes | None:
+        """Chunked coding: the next data from the buffer, b"" at the end, None when more
+        bytes are needed."""
+        buf = self.buf
+        while True:
+            state = self._chunk_state
+            if state == "data":
+                if not buf:
+                    return None
+                n = min(self._left, len(buf), CHUNK_BYTES)
+                out = bytes(buf[:n])
+                del buf[:n]
+                self._left -= n
+                if not self._left:
+                    self._chunk_state = "crlf"
+                return out
+            if state == "crlf":
+                if len(buf) < 2:
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise UpstreamProtocolError("bad chunk end")
+                del buf[:2]
+                self._chunk_state = "size"
+                continue
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise UpstreamProtocolError("chunk line too long")
+                return None
+            line = bytes(buf[:eol])
+            del buf[:eol + 2]
+            if state == "trailers":
+                if not line:
+                    self._mode = "done"
+                    return b""
+                continue
+            size = line.partition(b";")[0].strip()
+            try:
+                self._left = int(size, 16)
+            except ValueError:
+                raise UpstreamProtocolError("bad chunk size") from None
+            if size[:1] in (b"-", b"+") or size[:2].lower() == b"0x":
+                raise UpstreamProtocolError("bad chunk size")
+            self._chunk_state = "data" if self._left else "trailers"
+
+    @property
+    def reusable(self) -> bool:
+        return self.keep_alive and self._mode == "done" and not self.closed and not self.buf
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to one upstream; LIFO, so the warmest is reused
+    and the oldest idle ones age out (after ``idle_s``, or when the upstream closes
+    them). Any number may be busy (each long-poll holds one)."""
+
+    def __init__(self, url: URL, ssl: Any, connect_timeout: float,
+                 *, idle_s: float = 30.0, max_idle: int = POOL_IDLE_CONNECTIONS) -> None:
+        self.host = url.raw_host or "127.0.0.1"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.ssl = ssl
+        self.connect_timeout = connect_timeout
+        self.idle_s = idle_s
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if url.explicit_port is None else f"{host}:{self.port}"
+                            ).encode("idna" if not host.isascii() else "ascii")
+
+    def get_idle(self) -> UpstreamConnection | None:
+        """A pooled connection still open and young enough, or None."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < self.idle_s:
+                conn.reused = True
+                return conn
+            conn.abort()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(loop.create_connection(
+            UpstreamConnection, self.host, self.port, ssl=self.ssl or None,
+            server_hostname=self.host if self.ssl else None), self.connect_timeout)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.reusable and len(self.idle) < self.max_idle:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
+
+
 # ----------------------------------------------------------------- device-session
 
 
@@ -262,6 +554,7 @@ class ActiveSyncFrontend:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._client: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -281,6 +574,7 @@ class ActiveSyncFrontend:
             cookie_jar=aiohttp.DummyCookieJar(),  # never mix clients' cookies
             timeout=aiohttp.ClientTimeout(total=None),
         )
+        self._pool = UpstreamPool(self.upstream, ssl, self.cfg.upstream_connect_timeout_s)
         self._sweeper = asyncio.create_task(self._sweep_loop())
 
     async def close(self, grace_s: float) -> None:
@@ -300,6 +594,8 @@ class ActiveSyncFrontend:
             await self.drop(session, "listener_closed")
         if self._client is not None:
             await self._client.close()
+        if self._pool is not None:
+            self._pool.close()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -333,6 +629,12 @@ class ActiveSyncFrontend:
         return self.gate.policy.version
 
     # -- request handling -----------------------------------------------------------
+
+    async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The low-level server's handler (no router: one path is served)."""
+        if request.path != EAS_PATH:
+            return _text(404, "Not found.")
+        return await self.handle(request)  # type: ignore[arg-type]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -508,42 +810,27 @@ class ActiveSyncFrontend:
                        session: DeviceSession | None) -> web.StreamResponse:
         """Stream the request to the upstream and the answer back. A cancellation
         (the gate ended the session, or the listener closes) answers 403/503 if no
-        answer has started, else cuts the connection."""
-        assert self._client is not None
-        # The path and query go upstream exactly as the client sent them.
-        url = URL(self._base + request.raw_path, encoded=True)
-        headers = self._upstream_headers(request)
-        data: Any = None
+        answer has started, else cuts the connection.
+
+        A body of known length up to CHUNK_BYTES (nearly every EAS request) is read
+        first and the exchange goes over the lean pooled connections
+        (:class:`UpstreamPool`); larger or chunked request bodies are streamed through
+        aiohttp's client."""
+        body: bytes | None = b""
         if request.body_exists:
-            small = request.content_length is not None and request.content_length <= CHUNK_BYTES
-            try:
-                data = await request.content.readexactly(request.content_length or 0) if small \
-                    else request.content
-            except asyncio.IncompleteReadError:
-                return _text(400, "The request body ended early.")
-        response: web.StreamResponse | None = None
+            length = request.content_length
+            if length is not None and length <= CHUNK_BYTES:
+                try:
+                    body = await request.content.readexactly(length)
+                except asyncio.IncompleteReadError:
+                    return _text(400, "The request body ended early.")
+            else:
+                body = None
+        progress = _Progress()
         try:
-            async with self._client.request(
-                request.method, url, headers=headers, data=data,
-                allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
-                compress=False, chunked=None,
-            ) as up:
-                if up.status == 401 and session is not None:
-                    # The credentials stopped working: the decision no longer applies.
-                    await self.drop(session, "auth_failed")
-                out_headers = self._downstream_headers(up)
-                if up.content_length is not None and up.content_length <= CHUNK_BYTES:
-                    body = await up.content.readexactly(up.content_length)
-                    out_headers.popall("Content-Length", None)
-                    return web.Response(status=up.status, reason=up.reason, body=body,
-                                        headers=out_headers)
-                response = web.StreamResponse(status=up.status, reason=up.reason,
-                                              headers=out_headers)
-                await response.prepare(request)
-                async for chunk in up.content.iter_chunked(CHUNK_BYTES):
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+            if body is None:
+                return await self._stream(request, session, progress)
+            return await self._exchange(request, session, body, progress)
         except asyncio.CancelledError:
             ended = session.ended if session is not None else None
             if ended is None and not self._closing:
@@ -551,6 +838,7 @@ class ActiveSyncFrontend:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            response = progress.response
             if response is not None and response.prepared:
                 _abort(request)
                 return response
@@ -563,10 +851,137 @@ class ActiveSyncFrontend:
         except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as e:
             metrics.UPSTREAM_ERRORS.labels("activesync").inc()
             log.warning("upstream request failed", error=str(e) or type(e).__name__)
+            response = progress.response
             if response is not None and response.prepared:
                 _abort(request)
                 return response
             return _unavailable()
+
+    def _upstream_head(self, request: web.BaseRequest, body: bytes) -> bytes:
+        """The request head for the upstream, from the client's raw headers: hop-by-hop
+        headers (and those ``Connection`` names) dropped, ``X-Forwarded-*`` added,
+        ``Host`` the upstream's, ``Content-Length`` the body's."""
+        assert self._pool is not None
+        raw = request.raw_headers
+        named: set[bytes] = set()
+        prior: bytes | None = None
+        host: bytes | None = None
+        for k, v in raw:
+            lk = k.lower()
+            if lk == b"connection":
+                named.update(t.strip().lower() for t in v.split(b","))
+            elif lk == b"x-forwarded-for":
+                if prior is None:
+                    prior = v
+            elif lk == b"host" and host is None:
+                host = v
+        parts = [request.method.encode(), b" ",
+                 request.raw_path.encode("utf-8", "surrogateescape"),
+                 b" HTTP/1.1\r\nHost: ", self._pool.host_header, b"\r\n"]
+        for k, v in raw:
+            lk = k.lower()
+            if lk in _HOP_BY_HOP_B or lk in _REPLACED_B or lk in named:
+                continue
+            parts += (k, b": ", v, b"\r\n")
+        remote = (request.remote or "").encode()
+        parts += (b"X-Forwarded-For: ", prior + b", " + remote if prior else remote,
+                  b"\r\nX-Forwarded-Proto: ", request.scheme.encode(), b"\r\n")
+        if host is not None:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if body or request.method == "POST":
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _exchange(self, request: web.Request, session: DeviceSession | None,
+                        body: bytes, progress: _Progress) -> web.StreamResponse:
+        """One exchange over a pooled upstream connection. A pooled connection that the
+        upstream closed before answering anything is replaced by a fresh one, once."""
+        pool = self._pool
+        assert pool is not None
+        head = self._upstream_head(request, body)
+        timeout = self.cfg.longpoll_timeout_s
+        conn = pool.get_idle()
+        try:
+            while True:
+                if conn is None:
+                    conn = await pool.connect()
+                conn.send(head, body)
+                try:
+                    status, reason, headers = await conn.read_head(request.method, timeout)
+                    break
+                except ConnectionError:
+                    if not conn.reused or conn.got_bytes:
+                        raise
+                    conn.abort()  # a stale keep-alive connection: try a fresh one
+                    conn = None
+            if status == 401 and session is not None:
+                # The credentials stopped working: the decision no longer applies.
+                await self.drop(session, "auth_failed")
+            out = _filtered(headers)
+            known = conn.known_length()
+            if known is not None and known <= CHUNK_BYTES:
+                data = b""
+                while not conn.body_done:
+                    data += await conn.read_body(timeout)
+                out.popall("Content-Length", None)
+                return web.Response(status=status, reason=reason, body=data, headers=out)
+            progress.response = response = web.StreamResponse(
+                status=status, reason=reason, headers=out)
+            await response.prepare(request)
+            while chunk := await conn.read_body(timeout):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            if conn is not None:
+                pool.release(conn)  # closes it unless its answer was read whole
+
+    async def _stream(self, request: web.Request, session: DeviceSession | None,
+                      progress: _Progress) -> web.StreamResponse:
+        """A request body of unknown or large size, streamed through aiohttp's client."""
+        assert self._client is not None
+        # The path and query go upstream exactly as the client sent them.
+        url = URL(self._base + request.raw_path, encoded=True)
+        headers = self._upstream_headers(request)
+        async with self._client.request(
+            request.method, url, headers=headers, data=request.content,
+            allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
+            compress=False, chunked=None,
+        ) as up:
+            if up.status == 401 and session is not None:
+                await self.drop(session, "auth_failed")
+            out_headers = self._downstream_headers(up)
+            progress.response = response = web.StreamResponse(
+                status=up.status, reason=up.reason, headers=out_headers)
+            await response.prepare(request)
+            async for chunk in up.content.iter_chunked(CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+class _Progress:
+    """How far an exchange got: the response, once one was started."""
+
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None
+
+
+def _filtered(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    """The upstream's response headers without hop-by-hop ones."""
+    named: set[str] = set()
+    for k, v in headers:
+        if k.lower() == "connection":
+            named.update(t.strip().lower() for t in v.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers:
+        lk = k.lower()
+        if lk not in HOP_BY_HOP and lk not in named:
+            out.add(k, v)
+    return out
 
 
 def _query_or_none(request: web.Request) -> EasQuery | None:
@@ -616,7 +1031,7 @@ class RunningActiveSync:
     name: str
     port: int
     frontend: ActiveSyncFrontend
-    runner: web.AppRunner
+    runner: web.BaseRunner
 
     async def close(self, grace_s: float) -> None:
         # Stop accepting first, then let open requests finish or answer them 503.
@@ -638,14 +1053,15 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     await frontend.start()
     # handler_cancellation: a client that hangs up mid long-poll frees its upstream
     # connection at once instead of when the upstream answers.
-    runner = web.AppRunner(make_app(frontend), access_log=None, handle_signals=False,
-                           handler_cancellation=True, shutdown_timeout=1.0)
+    # The low-level server: the one path needs no router (a third less CPU per request).
+    server = web.Server(frontend.serve, handler_cancellation=True, access_log=None)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port,
                        ssl_context=ctx.server_tls, backlog=1024)
     await site.start()
     port = ctx.listener.port
-    server = site._server  # the bound sockets are only reachable here
-    if server is not None and getattr(server, "sockets", None):
-        port = server.sockets[0].getsockname()[1]
+    bound = site._server  # the bound sockets are only reachable here
+    if bound is not None and getattr(bound, "sockets", None):
+        port = bound.sockets[0].getsockname()[1]
     return RunningActiveSync(ctx.listener.name, port, frontend, runner)
