@@ -104,6 +104,8 @@ RETRY_AFTER_S: Final = 30
 CHUNK_BYTES: Final = 64 * 1024
 #: Longest Basic credentials header accepted.
 MAX_AUTH_HEADER: Final = 4096
+#: Parsed query strings remembered (the cache is emptied when full).
+QUERY_CACHE_SIZE: Final = 4096
 #: Upstream keep-alive connections kept idle in the pool.
 POOL_IDLE_CONNECTIONS: Final = 100
 
@@ -555,6 +557,7 @@ class ActiveSyncFrontend:
         self._closing = False
         self._client: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
+        self._queries: dict[str, EasQuery] = {}  # parsed query strings (see _post)
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -651,10 +654,16 @@ class ActiveSyncFrontend:
             self._inflight.discard(task)
 
     async def _post(self, request: web.Request, task: asyncio.Task[Any]) -> web.StreamResponse:
-        try:
-            query = parse_query(request.rel_url.raw_query_string)
-        except QueryError as e:
-            return _text(400, f"Bad ActiveSync request: {e.detail}.")
+        raw_query = request.rel_url.raw_query_string
+        query = self._queries.get(raw_query)
+        if query is None:  # a phone repeats the same few query strings all day
+            try:
+                query = parse_query(raw_query)
+            except QueryError as e:
+                return _text(400, f"Bad ActiveSync request: {e.detail}.")
+            if len(self._queries) >= QUERY_CACHE_SIZE:
+                self._queries.clear()
+            self._queries[raw_query] = query
         auth = request.headers.get("Authorization")
         auth_user = basic_user(auth)
         if auth_user is None:
