@@ -637,3 +637,223 @@ def test_basic_user() -> None:
     assert basic_user("Basic !!!") is None
     assert basic_user("Basic " + base64.b64encode(b"nocolon").decode()) is None
     assert basic_user(None) is None
+
+
+# --------------------------------------------- small bodies: the lean upstream pool
+
+
+async def test_small_body_exact_bytes_and_headers(env: Env) -> None:
+    """A small known-length body (the lean pooled path) reaches the upstream byte for
+    byte with the same header handling as a streamed one; a client's X-Forwarded-For
+    is extended, its X-Forwarded-Proto replaced."""
+    await env.attest("dev-ok", [])
+    body = os.urandom(300)
+    query = f"Cmd=SendMail&User={USER.replace('@', '%40')}&DeviceId=dev-ok&DeviceType=iPhone"
+    sent = {
+        "MS-ASProtocolVersion": "16.1", "X-MS-PolicyKey": "1307",
+        "MS-ASAcceptMultiPart": "T", "User-Agent": "Apple-iPhone/1402.1",
+        "Content-Type": "message/rfc822", "Connection": "keep-alive, X-Hop",
+        "X-Hop": "secret", "TE": "trailers", "X-Forwarded-For": "198.51.100.7",
+        "X-Forwarded-Proto": "http",
+    }
+    for _ in range(3):  # the second and third reuse the pooled upstream connection
+        resp = await env.post(query, body, headers=sent)
+        assert resp.status == 200
+        assert resp.headers["X-Received-Sha256"] == hashlib.sha256(body).hexdigest()
+    seen = env.upstream.posts("SendMail")[-1]
+    assert seen.body == body and seen.raw_path == f"{EAS}?{query}"
+    for name in ("MS-ASProtocolVersion", "X-MS-PolicyKey", "MS-ASAcceptMultiPart",
+                 "User-Agent", "Content-Type", "Authorization"):
+        assert seen.headers.getall(name) == [sent.get(name, auth())], name
+    assert seen.headers["Content-Length"] == "300"
+    assert "X-Hop" not in seen.headers and "TE" not in seen.headers
+    assert seen.headers.getall("X-Forwarded-For") == ["198.51.100.7, 127.0.0.1"]
+    assert seen.headers.getall("X-Forwarded-Proto") == ["https"]
+    assert seen.headers["Host"] == f"127.0.0.1:{URL(env.proxy.frontend.cfg.upstream).port}"
+
+
+class _RawUpstream(asyncio.Protocol):
+    """Answers each request with the next canned answer; None closes the connection
+    without answering."""
+
+    answers: list[bytes | None]
+    connections: int = 0
+
+    def connection_made(self, transport: Any) -> None:
+        type(self).connections += 1
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:  # the tests send bodiless requests
+            self.buf = b""
+            answer = self.answers.pop(0)
+            if answer is None:
+                self.t.close()
+            else:
+                self.t.write(answer)
+                if b"Connection: close" in answer:
+                    self.t.close()
+
+
+async def _pool_exchange(pool: Any, answers: list[bytes | None]) -> list[tuple[int, bytes]]:
+    from proxy.frontends.activesync import UpstreamConnection
+
+    out = []
+    for _ in range(len([a for a in answers if a is not None])):
+        conn: UpstreamConnection | None = pool.get_idle()
+        while True:
+            conn = conn or await pool.connect()
+            conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"")
+            try:
+                status, _, _ = await conn.read_head("GET", 5)
+                break
+            except ConnectionError:
+                assert conn.reused and not conn.got_bytes
+                conn = None
+        body = b""
+        while chunk := await conn.read_body(5):
+            body += chunk
+        pool.release(conn)
+        out.append((status, body))
+    return out
+
+
+async def test_upstream_pool_framing_and_stale_connections() -> None:
+    """The lean upstream connections read Content-Length, chunked (with extensions and
+    trailers) and close-delimited bodies, skip interim 1xx answers, reuse keep-alive
+    connections and replace one the upstream closed while it was pooled."""
+    from proxy.frontends.activesync import UpstreamPool
+
+    answers: list[bytes | None] = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        None,  # the pooled connection is closed: the next request goes on a fresh one
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close",
+    ]
+
+    class Up(_RawUpstream):
+        pass
+
+    Up.answers = answers
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool(URL(f"http://127.0.0.1:{port}"), False, 2)
+    try:
+        got = await asyncio.wait_for(_pool_exchange(pool, list(answers)), 10)
+        assert got == [(200, b"hello"), (200, b"abc" + b"x" * 16), (204, b""),
+                       (200, b"until close")]
+        assert Up.connections == 2  # one keep-alive connection, then the replacement
+        assert pool.idle == []  # a close-delimited answer's connection is not pooled
+    finally:
+        pool.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------ slow
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+LONGPOLLS = 200
+#: Bound on the proxy's resident memory growth per parked long-poll (plain HTTP on
+#: both legs, uvloop, real gate, SQLite store and audit log; one device each).
+KIB_PER_LONGPOLL = 32
+
+
+@pytest.mark.slow
+async def test_200_concurrent_longpolls_stay_within_memory_bound() -> None:
+    """200 Pings parked at the upstream through one mailward process (the bench's
+    set-up: ``bench/activesync.py`` roles) cost at most KIB_PER_LONGPOLL KiB of
+    resident memory each, all stay open, and the process still answers a Sync."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    bench = str(ROOT / "bench" / "activesync.py")
+    up_port, mw_port = free_port(), free_port()
+    state = tempfile.mkdtemp(prefix="mailward-longpolls-")
+    procs = [subprocess.Popen([sys.executable, bench, "upstream", str(up_port)])]
+    procs.append(subprocess.Popen([sys.executable, bench, "mailward", str(mw_port),
+                                   str(up_port), state, str(LONGPOLLS + 1)]))
+    loop = asyncio.get_running_loop()
+
+    def request(device: str, command: str) -> bytes:
+        body = b"\x03\x01\x6a\x00"
+        return (f"POST {EAS}?Cmd={command}&User={USER.replace('@', '%40')}"
+                f"&DeviceId={device}&DeviceType=iPhone HTTP/1.1\r\nHost: t\r\n"
+                f"Authorization: {auth(password='pw')}\r\nMS-ASProtocolVersion: 14.1\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            self.lost = False
+
+        def data_received(self, data: bytes) -> None:
+            self.data += data
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost = True
+
+    try:
+        for _ in range(300):
+            try:
+                t, _ = await loop.create_connection(Client, "127.0.0.1", mw_port)
+                t.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        # warm up: the first request pays for imports, pools and the first decision
+        wt, warm = await loop.create_connection(Client, "127.0.0.1", mw_port)
+        wt.write(request(f"dev{LONGPOLLS}", "Sync"))
+        for _ in range(100):
+            if b"\r\n\r\n" in warm.data:
+                break
+            await asyncio.sleep(0.05)
+        assert warm.data.startswith(b"HTTP/1.1 200"), warm.data[:200]
+        await asyncio.sleep(0.5)
+        before = _rss_kib(procs[1].pid)
+        clients = []
+        for i in range(LONGPOLLS):
+            t, c = await loop.create_connection(Client, "127.0.0.1", mw_port)
+            t.write(request(f"dev{i}", "Ping"))
+            clients.append(c)
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(3)
+        after = _rss_kib(procs[1].pid)
+        assert [c for c in clients if c.data or c.lost] == []  # all still parked
+        warm.data = b""
+        wt.write(request(f"dev{LONGPOLLS}", "Sync"))  # the process still serves
+        for _ in range(100):
+            if b"\r\n\r\n" in warm.data:
+                break
+            await asyncio.sleep(0.05)
+        assert warm.data.startswith(b"HTTP/1.1 200")
+        per = (after - before) / LONGPOLLS
+        print(f"{per:.1f} KiB per parked long-poll ({before} -> {after} KiB)")
+        assert per <= KIB_PER_LONGPOLL, f"{per:.1f} KiB per long-poll"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
