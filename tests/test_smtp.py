@@ -663,12 +663,14 @@ class RawClient:
 @dataclass
 class ScriptedUpstream:
     """A tiny plaintext submission server whose failures the test chooses:
-    ``mode`` = ok | close_in_data | slow_data_reply | close_after_auth."""
+    ``mode`` = ok | close_in_data | slow_data_reply | close_after_auth | mute_quit
+    (QUIT is never answered). The password ``hang`` gets no answer to AUTH."""
 
     mode: str = "ok"
     delay_s: float = 5.0
     port: int = 0
     messages: list[bytes] = field(default_factory=list)
+    connected: int = 0  # connections from the proxy open now
     _server: asyncio.Server | None = None
 
     async def start(self, port: int = 0) -> None:
@@ -681,11 +683,13 @@ class ScriptedUpstream:
             self._server = None
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connected += 1
         try:
             await self._session(r, w)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.connected -= 1
             w.close()
 
     async def _session(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -696,7 +700,11 @@ class ScriptedUpstream:
                 w.write(b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
                         b"250 AUTH PLAIN LOGIN\r\n")
             elif verb == b"AUTH":
-                ok = base64.b64decode(line.split()[2]).split(b"\0")[2] == b"secret"
+                password = base64.b64decode(line.split()[2]).split(b"\0")[2]
+                if password == b"hang":
+                    await r.read()  # until the proxy gives up on us
+                    return
+                ok = password == b"secret"
                 w.write(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 no\r\n")
                 if ok and self.mode == "close_after_auth":
                     await w.drain()
@@ -714,6 +722,9 @@ class ScriptedUpstream:
                     await asyncio.sleep(self.delay_s)
                 self.messages.append(data)
                 w.write(b"250 2.0.0 queued as SCRIPTED\r\n")
+            elif verb == b"QUIT" and self.mode == "mute_quit":
+                await r.read()
+                return
             elif verb == b"QUIT":
                 w.write(b"221 bye\r\n")
                 await w.drain()
@@ -856,6 +867,72 @@ async def test_listener_close_ends_sessions_with_421(
         socket.create_connection(("127.0.0.1", port), 1).close()
     ends = await env.wait_records("session_end", 1)
     assert ends[0]["reason"] == "shutdown"
+
+
+def stuck_clients(port: int, pki: Pki, *, implicit: bool) -> list[smtplib.SMTP]:
+    """Clients that stop reading (blocking smtplib, as a phone that went to sleep): one
+    logged in and idle, one half-way through a message, one waiting for an AUTH the
+    upstream never answers."""
+
+    def connect() -> smtplib.SMTP:
+        if not implicit:
+            return starttls_client(port, pki, "alice-phone")
+        c = smtplib.SMTP_SSL("127.0.0.1", port, context=pki.client_ctx("alice-phone"),
+                             timeout=10)
+        c.ehlo("phone.example")
+        return c
+
+    idle = connect()
+    idle.login(ALICE, "secret")
+    sending = connect()
+    sending.login(ALICE, "secret")
+    sending.mail(ALICE)
+    sending.rcpt(BOB)
+    sending.putcmd("data")
+    assert sending.getreply()[0] == 354
+    sending.send(b"Subject: cut off\r\n\r\nthe first half\r\n")
+    authing = connect()
+    token = base64.b64encode(f"\0{ALICE}\0hang".encode()).decode()
+    authing.putcmd("AUTH", f"PLAIN {token}")
+    return [idle, sending, authing]
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+async def test_listener_close_is_bounded_by_the_grace(
+    env: Env, pki: Pki, scripted: ScriptedUpstream, tls: str
+) -> None:
+    """close(grace) returns within grace + SHUTDOWN_MARGIN_S although no client reads
+    (a TLS close would wait for their close_notify), one is mid-message, one waits for
+    an upstream AUTH, and the upstream never answers QUIT: every client gets
+    421 4.3.2, every session a session_end, the cut message is not taken upstream,
+    and no upstream connection is left open."""
+    port = await env.listen(scripted.port, tls=tls, upstream_tls="none",
+                            upstream_timeout_s=30)
+    scripted.mode = "mute_quit"
+    clients = await asyncio.to_thread(stuck_clients, port, pki, implicit=tls == "implicit")
+    try:
+        deadline = time.monotonic() + 5
+        while scripted.connected < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert scripted.connected == 3
+        listener = env.listeners.pop()
+        started = time.monotonic()
+        await listener.close(0.5)
+        elapsed = time.monotonic() - started
+        assert elapsed < 0.5 + smtp_frontend.SHUTDOWN_MARGIN_S + 0.2, elapsed
+        for client in clients:
+            code, text = await asyncio.to_thread(client.getreply)
+            assert (code, text[:6]) == (421, b"4.3.2 "), (code, text)
+    finally:
+        for client in clients:
+            client.close()
+    ends = env.records("session_end")
+    assert [e["reason"] for e in ends] == ["shutdown"] * 3, ends
+    assert {e["user"] for e in ends} == {ALICE}
+    assert [d["decision"] for d in env.records("decision")] == ["allow", "allow"]
+    await asyncio.sleep(0.2)
+    assert scripted.messages == []
+    assert scripted.connected == 0
 
 
 # ------------------------------------------------------------------ protocol details

@@ -35,7 +35,6 @@ import functools
 import socket
 import ssl
 import textwrap
-import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -69,6 +68,12 @@ POST_AUTH_IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 server timeout
 DATA_CHUNK_BYTES = 64 * 1024
 REPLY_TEXT_CHARS = 400  # per reply line; RFC 5321 allows 512 octets with the code
 UPSTREAM_QUIT_TIMEOUT_S = 2.0
+# Shutdown, after the grace: time for the 421 goodbye to be written (and TLS closed
+# politely) before connections are aborted; a shorter upstream QUIT; and the most
+# close() spends beyond its grace altogether.
+SHUTDOWN_FLUSH_S = 0.3
+SHUTDOWN_QUIT_TIMEOUT_S = 0.5
+SHUTDOWN_MARGIN_S = 1.0
 PROBE_TIMEOUT_S = 5.0
 
 # Extensions advertised to clients only as far as the upstream has them.
@@ -234,6 +239,9 @@ class UpstreamSession:
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(_describe(exc)) from exc
+        except asyncio.CancelledError:  # state unknown mid-command: never reuse it
+            self.abort()
+            raise
 
     async def data(self, content: bytes) -> SMTPResponse:
         """DATA and the message; the upstream's final reply (or its refusal of DATA)."""
@@ -244,15 +252,21 @@ class UpstreamSession:
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(_describe(exc)) from exc
+        except asyncio.CancelledError:  # cut mid-message: the upstream must not take it
+            self.abort()
+            raise
 
-    async def quit(self) -> None:
-        """Polite QUIT (aborts any open transaction upstream); never raises."""
+    async def quit(self, timeout_s: float = UPSTREAM_QUIT_TIMEOUT_S) -> None:
+        """Polite QUIT (aborts any open transaction upstream), best effort within
+        ``timeout_s``; never raises."""
         if not self._client.is_connected:
             return
-        with contextlib.suppress(Exception):  # closing anyway
-            async with asyncio.timeout(UPSTREAM_QUIT_TIMEOUT_S):
-                await self._client.quit()
-        self.abort()
+        try:
+            with contextlib.suppress(Exception):  # closing anyway
+                async with asyncio.timeout(timeout_s):
+                    await self._client.quit()
+        finally:
+            self.abort()
 
     def abort(self) -> None:
         self._client.close()
@@ -349,6 +363,9 @@ class SubmissionSession(SMTP):
             self._preauth_timer = self.loop.call_later(
                 self.listener.cfg.preauth_timeout_s, self._preauth_expired
             )
+            if self.listener.closing:  # accepted just before the listener closed
+                self._end_reason = "shutdown"
+                self._write_and_close(Replies.SHUTDOWN)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._ended:
@@ -375,7 +392,7 @@ class SubmissionSession(SMTP):
             self._write_and_close(Replies.PREAUTH_TIMEOUT)
 
     def _write_and_close(self, status: str) -> None:
-        """Last words from a timer callback (no await possible there)."""
+        """Last words without waiting (from a timer callback or at shutdown)."""
         if self._closing or self.transport is None:
             return
         self._closing = True
@@ -561,6 +578,9 @@ class SubmissionSession(SMTP):
         user = creds.login.decode("utf-8", "surrogateescape")
         device_id = device_id_from_ssl(self._ssl_object())
         identity = Identity(user, device_id, "client_cert" if device_id else "")
+        # As the client gave it, not verified: what was attempted, named in the
+        # session_end record if the attempt is cut off (client gone, shutdown).
+        self.identity = identity
         upstream = UpstreamSession(self.listener.cfg, self.listener.upstream_tls,
                                    self.listener.hostname)
         try:
@@ -715,10 +735,10 @@ class SubmissionSession(SMTP):
         self._close_after_reply = True
         return Replies.MESSAGE_NOT_SENT if message else Replies.UPSTREAM_DOWN
 
-    async def quit_upstream(self) -> None:
+    async def quit_upstream(self, timeout_s: float = UPSTREAM_QUIT_TIMEOUT_S) -> None:
         if self._upstream is not None:
             upstream, self._upstream = self._upstream, None
-            await upstream.quit()
+            await upstream.quit(timeout_s)
 
     # -- LiveSession -----------------------------------------------------------------
 
@@ -732,15 +752,37 @@ class SubmissionSession(SMTP):
         else:
             await self._goodbye(status)
 
-    async def shutdown(self) -> None:
-        """Server stopping: like terminate, with the shutdown reply."""
+    def shutdown(self) -> None:
+        """Server stopping and the grace is over: ``421 4.3.2``, whatever the session
+        is doing, and close. A message in transfer is not acknowledged (its upstream
+        connection is aborted, so the upstream does not take it either)."""
         self._end_reason = "shutdown"
         if self._upstream is not None:  # a live, allowed session
             self._ended_by = self._ended_by or "shutdown"
-        if self._busy:
-            self._pending_goodbye = Replies.SHUTDOWN
-        else:
-            await self._goodbye(Replies.SHUTDOWN)
+        self._pending_goodbye = None
+        self._write_and_close(Replies.SHUTDOWN)
+
+    def abort(self) -> None:
+        """Close hard: drop the connection without waiting for the client (a TLS
+        close waits for the client's close_notify), stop the command in progress."""
+        self._closing = True
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.abort()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    def forget(self) -> None:
+        """The connection is gone but connection_lost never came: end it here."""
+        self.abort()
+        if not self._ended:
+            self._ended = True
+            if self._preauth_timer is not None:
+                self._preauth_timer.cancel()
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self.listener.session_ended(self)
 
     @property
     def end_record(self) -> tuple[str, str] | None:
@@ -826,6 +868,8 @@ class SmtpListener:
         self.hooks = _Hooks(self)
         self.caps = UpstreamCapabilities()  # refreshed by the probe and every login
         self.sessions: set[SubmissionSession] = set()
+        self.closing = False  # close() has begun: new connections get 421 4.3.2
+        self._quit_timeout_s = UPSTREAM_QUIT_TIMEOUT_S
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -876,33 +920,53 @@ class SmtpListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _after_session(self, session: SubmissionSession) -> None:
-        await session.quit_upstream()
         record = session.end_record
-        if record is not None:
+        if record is not None:  # first: a slow upstream QUIT must not lose it
             reason, detail = record
             await self.gate.record_session_end(
                 session.origin, reason, identity=session.identity, detail=detail
             )
+        await session.quit_upstream(self._quit_timeout_s)
 
     async def close(self, grace_s: float) -> None:
+        """Stop accepting; sessions get ``grace_s`` to finish and leave; then every
+        one gets ``421 4.3.2`` and is closed hard. Returns within ``grace_s`` +
+        ``SHUTDOWN_MARGIN_S`` whatever clients and the upstream do."""
+        loop = asyncio.get_running_loop()
+        self.closing = True
         if self._server is not None:
             self._server.close()
-        deadline = time.monotonic() + grace_s
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        grace_end = loop.time() + max(grace_s, 0.0)
+        hard_end = grace_end + SHUTDOWN_MARGIN_S
+
+        async def until(deadline: float) -> None:
+            while self.sessions and loop.time() < deadline:
+                await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
+
+        await until(grace_end)
+        self._quit_timeout_s = SHUTDOWN_QUIT_TIMEOUT_S
         for session in list(self.sessions):
-            await session.shutdown()
-        # Sessions mid-message finish that message (bounded by the upstream timeout).
-        deadline = time.monotonic() + self.cfg.upstream_timeout_s + 5
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            session.shutdown()
+        await until(min(loop.time() + SHUTDOWN_FLUSH_S, hard_end))
         for session in list(self.sessions):
-            session._close_transport()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            session.abort()
+        await until(min(loop.time() + 0.1, hard_end))
+        for session in list(self.sessions):
+            session.forget()
+        # session_end records and upstream QUITs (each bounded by the QUIT timeout).
+        if self._tasks:
+            _, late = await asyncio.wait(
+                list(self._tasks), timeout=max(0.0, hard_end - loop.time()))
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("session clean-up cut short at shutdown",
+                            listener=self.name, tasks=len(late))
+                await asyncio.wait(late, timeout=0.1)
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+                await asyncio.wait_for(self._server.wait_closed(),
+                                       max(0.01, hard_end - loop.time()))
 
 
 async def start(ctx: FrontendContext) -> RunningListener:
