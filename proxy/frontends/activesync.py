@@ -19,9 +19,13 @@ How a request goes
    chunk by chunk in both directions (nothing buffers a whole body). EAS headers
    (``MS-ASProtocolVersion``, ``X-MS-PolicyKey``, ``MS-ASAcceptMultiPart``, ...) pass
    unchanged; hop-by-hop headers are dropped; ``X-Forwarded-For`` / ``-Proto`` /
-   ``-Host`` are added. Bodies pass byte for byte (no automatic decompression). One
-   pooled, keep-alive ``ClientSession`` serves all requests; a long-poll (``Ping``,
-   ``Sync`` with ``Wait``) may wait up to ``longpoll_timeout`` for the upstream.
+   ``-Host`` are added. Bodies pass byte for byte (no automatic decompression).
+   Requests with a body of known length up to ``CHUNK_BYTES`` (nearly all EAS
+   traffic) go over a small pool of keep-alive HTTP/1.1 connections
+   (:class:`UpstreamPool`; answers of any size or framing are streamed back); larger
+   or chunked request bodies are streamed through one pooled aiohttp
+   ``ClientSession``. A long-poll (``Ping``, ``Sync`` with ``Wait``) may wait up to
+   ``longpoll_timeout`` for the upstream.
 
 ``OPTIONS`` (protocol discovery) carries no device id and returns no mailbox data; it
 is passed through without a decision.
