@@ -663,7 +663,8 @@ class RawClient:
 @dataclass
 class ScriptedUpstream:
     """A tiny plaintext submission server whose failures the test chooses:
-    ``mode`` = ok | close_in_data | slow_data_reply | close_after_auth | mute_quit
+    ``mode`` = ok | close_in_data | slow_data_reply | close_after_auth | slow_auth |
+    mute_quit
     (QUIT is never answered). The password ``hang`` gets no answer to AUTH."""
 
     mode: str = "ok"
@@ -704,6 +705,8 @@ class ScriptedUpstream:
                 if password == b"hang":
                     await r.read()  # until the proxy gives up on us
                     return
+                if self.mode == "slow_auth":
+                    await asyncio.sleep(self.delay_s)
                 ok = password == b"secret"
                 w.write(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 no\r\n")
                 if ok and self.mode == "close_after_auth":
@@ -767,21 +770,32 @@ async def send_raw(port: int, pki: Pki, password: str = "secret") -> list[str]:
     return replies
 
 
-async def test_upstream_down_gives_421_and_a_logged_session_end(
+async def assert_one_upstream_unavailable_decision(env: Env, password: str) -> None:
+    """The login attempt's one decision record: a temporary deny for the user the
+    client named (unverified), no session_end, never the password."""
+    await asyncio.sleep(0.2)  # a session_end would be written once the line closes
+    (decision,) = env.records("decision")
+    assert decision["decision"] == "deny"
+    assert [r["code"] for r in decision["reasons"]] == ["upstream_unavailable"]
+    assert decision["user"] == ALICE
+    assert decision["device_id"] == "alice-phone"
+    assert env.records("session_end") == []
+    assert password not in (env.tmp / "audit.jsonl").read_text()
+
+
+async def test_upstream_down_gives_421_and_a_logged_decision(
     env: Env, pki: Pki
 ) -> None:
-    """Nothing listens upstream: AUTH gets 421 4.4.1, the session_end record names
-    the reason; once the upstream is back the next client is served."""
+    """Nothing listens upstream: AUTH gets 421 4.4.1 and the attempt is logged as a
+    temporary deny (upstream_unavailable); once the upstream is back the next client
+    is served."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     port = await env.listen(dead_port, upstream_tls="none", upstream_connect_timeout_s=1)
     replies = await send_raw(port, pki)
     assert replies[0].startswith("421 4.4.1 "), replies
-    ends = await env.wait_records("session_end", 1)
-    assert ends[0]["reason"] == "upstream_unavailable"
-    assert ends[0]["user"] == ALICE
-    assert env.records("decision") == []
+    await assert_one_upstream_unavailable_decision(env, "secret")
 
     up = ScriptedUpstream()
     await up.start(dead_port)
@@ -791,6 +805,25 @@ async def test_upstream_down_gives_421_and_a_logged_session_end(
         assert len(up.messages) == 1
     finally:
         await up.stop()
+
+
+async def test_upstream_auth_timeout_gives_421_and_a_logged_decision(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The upstream does not answer AUTH within upstream_timeout: 421 4.4.1, one
+    temporary deny record (upstream_unavailable), and the next client is served."""
+    port = await env.listen(scripted.port, upstream_tls="none", upstream_timeout_s=0.5)
+    scripted.mode, scripted.delay_s = "slow_auth", 3.0
+    started = time.monotonic()
+    replies = await send_raw(port, pki)
+    assert time.monotonic() - started < 2.5
+    assert replies[0].startswith("421 4.4.1 "), replies
+    await assert_one_upstream_unavailable_decision(env, "secret")
+
+    scripted.mode = "ok"
+    replies = await send_raw(port, pki)
+    assert replies[-2].startswith("250 2.0.0 queued"), replies
+    assert [d["decision"] for d in env.records("decision")] == ["deny", "allow"]
 
 
 async def test_upstream_closing_during_data_never_gives_250(

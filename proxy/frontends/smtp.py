@@ -56,7 +56,7 @@ from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext, RunningListener
-from proxy.gate import Gate, Identity, Origin
+from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
 from proxy.tls import device_id_from_ssl
 
 log = structlog.get_logger("mailward.smtp")
@@ -599,8 +599,13 @@ class SubmissionSession(SMTP):
         except UpstreamUnavailable as exc:
             log.warning("upstream unavailable at login", listener=self.origin.listener,
                         error=str(exc))
-            self.identity = identity  # unverified; named in the session_end record
-            self._end_reason, self._end_detail = "upstream_unavailable", str(exc)
+            # The login attempt's one decision record: a temporary deny, for the user
+            # as the client gave it (unverified: it is what was attempted).
+            await self.listener.gate.record_deny(
+                identity, self.origin, UPSTREAM_UNAVAILABLE,
+                f"The mail server could not be reached or did not answer ({exc}).",
+                temporary=True)
+            self._decided = True
             await self._goodbye(Replies.UPSTREAM_DOWN)
             return AuthResult(success=False, handled=True)
         except LookupError as exc:
