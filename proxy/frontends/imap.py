@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,11 @@ PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 MAX_UPSTREAM_RESPONSE_BYTES = 64 * 1024
 #: Raw bytes kept from a client before its implicit TLS handshake starts.
 MAX_EARLY_TLS_BYTES = 64 * 1024
+#: Receive buffer size (one buffer per event-loop thread, see :class:`_ReadBuffer`).
+SPLICE_READ_BYTES = 256 * 1024
+#: Write-buffer limits of each spliced transport: above HIGH the other side stops
+#: reading until the buffer drains to LOW (flow control, bounded memory per session).
+SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW = 1024 * 1024, 256 * 1024
 #: How long a closing connection may take to flush and finish TLS shutdown.
 CLOSE_LINGER_S = 2.0
 #: The same after a splice, where up to a write buffer of mail may still be in flight.
@@ -104,15 +110,51 @@ class UpstreamError(Exception):
 # ------------------------------------------------------------------------ transports
 
 
-class _Pipe(asyncio.Protocol):
-    """One side of a proxied connection.
+class _ReadBuffer(threading.local):
+    """One receive buffer per event-loop thread, shared by every connection on it.
 
-    Before the splice, received bytes go to ``on_data``; after it, straight into the
-    peer's transport. When our transport's write buffer fills (``pause_writing``), the
-    peer, which produces what we write, stops reading until it drains.
+    A read is consumed before the next one starts (``get_buffer``, the read into it and
+    ``buffer_updated`` run without other Python code in between), so idle sessions hold
+    no receive buffer at all. A writer that keeps a view of the buffer (a plain
+    transport that could not send everything at once) takes it over: the next read
+    gets a fresh buffer.
     """
 
-    __slots__ = ("closed", "closing", "on_close", "on_data", "on_made", "peer", "transport")
+    view: memoryview | None = None
+
+
+_read_buffer = _ReadBuffer()
+
+
+def _take_read_buffer() -> memoryview:
+    view = _read_buffer.view
+    if view is None:
+        view = _read_buffer.view = memoryview(bytearray(SPLICE_READ_BYTES))
+    return view
+
+
+def _keeps_write_views(transport: Any) -> bool:
+    """True if ``transport.write`` may hold on to the caller's buffer instead of
+    copying it. TLS transports (uvloop's and asyncio's) encrypt what they are given
+    into their outgoing BIO during ``write``; only a TLS 1.2 renegotiation could make
+    them keep it, which TLS 1.3 does not have. Plain transports keep unsent data as a
+    view (uvloop, asyncio on 3.12+) or a copy (asyncio on 3.11); assume a view."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is None or ssl_object.version() != "TLSv1.3"
+
+
+class _Pipe(asyncio.BufferedProtocol):
+    """One side of a proxied connection.
+
+    Reads land in the per-thread receive buffer (:func:`_take_read_buffer`). Before
+    the splice, the bytes go to ``on_data``; after it, a slice of the buffer goes
+    straight to the peer's transport, with no per-chunk work beyond that write. When
+    our transport's write buffer passes its high-water mark (``pause_writing``), the
+    peer, which produces what we write, stops reading until it drains to the low one.
+    """
+
+    __slots__ = ("closed", "closing", "keeps_views", "on_close", "on_data", "on_made",
+                 "peer", "transport")
 
     def __init__(
         self,
@@ -127,18 +169,36 @@ class _Pipe(asyncio.Protocol):
         self.transport: Any = None
         self.closed = False
         self.closing = False
+        self.keeps_views = True  # of our transport's write(); decided at the splice
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         if self.on_made is not None:
             self.on_made(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = _read_buffer.view
+        return view if view is not None else _take_read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = _read_buffer.view
+        assert view is not None  # set by get_buffer just before
         peer = self.peer
         if peer is not None:
-            peer.transport.write(data)
+            transport = peer.transport
+            transport.write(view[:nbytes])
+            if peer.keeps_views and transport.get_write_buffer_size():
+                _read_buffer.view = None  # the transport holds a view of it: let it go
         elif self.on_data is not None:
-            self.on_data(data)
+            self.on_data(bytes(view[:nbytes]))
+
+    def start_splice(self, peer: _Pipe) -> None:
+        """From now on, what we read goes to ``peer``'s transport."""
+        self.peer = peer
+        self.on_data = None
+        self.keeps_views = _keeps_write_views(self.transport)
+        with contextlib.suppress(Exception):  # a closing transport may refuse
+            self.transport.set_write_buffer_limits(SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW)
 
     def eof_received(self) -> bool:
         return False  # IMAP has no half-close: close both ways
@@ -751,8 +811,9 @@ class _ImapSession:
         client, upipe = self.client, up.pipe
         self._spliced = True
         self.conn = None  # the parser and its buffers are no longer needed
-        client.peer, upipe.peer = upipe, client
-        upipe.on_data, upipe.on_close = None, self._finish_spliced
+        client.start_splice(upipe)
+        upipe.start_splice(client)
+        upipe.on_close = self._finish_spliced
         if up.buf:
             client.write(bytes(up.buf))
         # Drop pre-auth state: phones hold sessions for hours, memory per session counts.
