@@ -79,6 +79,7 @@ class Upstream:
     first_chunk_read: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     streamed: bytes = b""
+    drop: set[str] = field(default_factory=set)  # commands answered by closing, once
 
     def posts(self, command: str | None = None) -> list[Seen]:
         return [s for s in self.seen if s.method == "POST" and (
@@ -96,6 +97,11 @@ class Upstream:
             body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers),
                               body))
+        if command in self.drop:  # act as if the keep-alive connection had died
+            self.drop.discard(command)
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
         if request.headers.get("Authorization") != auth() and \
                 request.headers.get("Authorization") != auth("bob@corp.example"):
             return web.Response(status=401, text="Unauthorized",
@@ -670,6 +676,23 @@ async def test_small_body_exact_bytes_and_headers(env: Env) -> None:
     assert seen.headers.getall("X-Forwarded-For") == ["198.51.100.7, 127.0.0.1"]
     assert seen.headers.getall("X-Forwarded-Proto") == ["https"]
     assert seen.headers["Host"] == f"127.0.0.1:{URL(env.proxy.frontend.cfg.upstream).port}"
+
+
+async def test_message_is_never_resent_on_a_dead_keepalive_connection(env: Env) -> None:
+    """When the upstream drops a reused connection without answering, a read-only
+    command is resent on a fresh connection, but SendMail is not: the client gets a
+    temporary error and the upstream saw the message exactly once."""
+    await env.attest("dev-ok", [])
+    q = "Cmd={}&User=alice%40corp.example&DeviceId=dev-ok&DeviceType=iPhone"
+    assert (await env.post(q.format("Sync"))).status == 200  # warms a pooled connection
+    env.upstream.drop.add("Ping")
+    resp = await env.post(q.format("Ping"), b"ping")
+    assert resp.status == 200
+    assert len(env.upstream.posts("Ping")) == 2  # dropped once, resent once
+    env.upstream.drop.add("SendMail")
+    resp = await env.post(q.format("SendMail"), b"the message")
+    assert resp.status in (502, 503)
+    assert len(env.upstream.posts("SendMail")) == 1
 
 
 class _RawUpstream(asyncio.Protocol):

@@ -694,7 +694,7 @@ class ActiveSyncFrontend:
         session.last_used = self.clock()
         session.tasks.add(task)
         try:
-            return await self._forward(request, session)
+            return await self._forward(request, session, query.command)
         finally:
             session.tasks.discard(task)
             session.last_used = self.clock()
@@ -819,8 +819,8 @@ class ActiveSyncFrontend:
                 out.add(k, v)
         return out
 
-    async def _forward(self, request: web.Request,
-                       session: DeviceSession | None) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, session: DeviceSession | None,
+                       command: str = "") -> web.StreamResponse:
         """Stream the request to the upstream and the answer back. A cancellation
         (the gate ended the session, or the listener closes) answers 403/503 if no
         answer has started, else cuts the connection.
@@ -843,7 +843,8 @@ class ActiveSyncFrontend:
         try:
             if body is None:
                 return await self._stream(request, session, progress)
-            return await self._exchange(request, session, body, progress)
+            resendable = request.method != "POST" or command in RESENDABLE_COMMANDS
+            return await self._exchange(request, session, body, progress, resendable)
         except asyncio.CancelledError:
             ended = session.ended if session is not None else None
             if ended is None and not self._closing:
@@ -907,9 +908,12 @@ class ActiveSyncFrontend:
         return b"".join(parts)
 
     async def _exchange(self, request: web.Request, session: DeviceSession | None,
-                        body: bytes, progress: _Progress) -> web.StreamResponse:
-        """One exchange over a pooled upstream connection. A pooled connection that the
-        upstream closed before answering anything is replaced by a fresh one, once."""
+                        body: bytes, progress: _Progress,
+                        resendable: bool) -> web.StreamResponse:
+        """One exchange over a pooled upstream connection. When a reused connection
+        turns out closed before any answer byte, a ``resendable`` request is sent once
+        more on a fresh one; any other request fails (503): the upstream may have acted
+        on it, and a message must never be sent twice."""
         pool = self._pool
         assert pool is not None
         head = self._upstream_head(request, body)
@@ -924,7 +928,7 @@ class ActiveSyncFrontend:
                     status, reason, headers = await conn.read_head(request.method, timeout)
                     break
                 except ConnectionError:
-                    if not conn.reused or conn.got_bytes:
+                    if not (resendable and conn.reused) or conn.got_bytes:
                         raise
                     conn.abort()  # a stale keep-alive connection: try a fresh one
                     conn = None
@@ -996,6 +1000,14 @@ def _filtered(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
             out.add(k, v)
     return out
 
+
+#: Commands that only read, so resending one after a stale keep-alive connection
+#: cannot change mailbox state. SendMail, SmartReply, SmartForward, Sync (which may
+#: carry client changes), MoveItems and the like are never resent.
+RESENDABLE_COMMANDS: Final = frozenset({
+    "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
+    "GetAttachment", "FolderSync", "Settings",
+})
 
 def _query_or_none(request: web.Request) -> EasQuery | None:
     try:
