@@ -44,10 +44,14 @@ lint: venv
 demo: venv
 	$(BIN)/mailward demo
 
+# Benchmarks print ratios against peers measured in the same run; slow tests are the
+# long load/soak runs kept out of `make test`.
 bench: venv peers
 	$(BIN)/python bench/decide.py
+	$(BIN)/python bench/startup.py
 	@for b in bench/imap.py bench/smtp.py bench/activesync.py; do \
-	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit 1; fi; done
+	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/pytest -q -m slow -o addopts=""
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
