@@ -420,6 +420,44 @@ async def test_rejected_recipient_stays_rejected_with_upstream_code(
     assert len(postfix.wait_for_messages(BOB, 1)) == 1
 
 
+async def test_null_reverse_path_is_relayed_to_the_upstream(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """``MAIL FROM:<>`` (a read receipt, a bounce; RFC 5321 4.5.5) goes to the upstream
+    like any other sender, parameters included, and the upstream's replies come back:
+    Postfix accepts it and delivers the message with ``Return-Path: <>``; RCPT TO:<>
+    stays a syntax error; a second MAIL in the transaction is still a nested MAIL."""
+    port = await env.listen(postfix.submission_port)
+    wire = message("Read: hello", b"Your message was read.\r\n")
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        await client.login(ALICE, PASSWORD[ALICE])
+        mail = await client.cmd(f"MAIL FROM:<> SIZE={len(wire)} BODY=8BITMIME")
+        nested = await client.cmd(f"MAIL FROM:<{ALICE}>")
+        null_rcpt = await client.cmd("RCPT TO:<>")
+        rcpt = await client.cmd(f"RCPT TO:<{BOB}>")
+        data = await client.cmd("DATA")
+        client.write(wire + b".\r\n")
+        done = await client.reply()
+        spaced = await client.cmd("MAIL FROM: <>")
+        reset = await client.cmd("RSET")
+    finally:
+        client.close()
+    assert mail.startswith("250 2.1.0"), mail
+    assert nested.startswith("503"), nested
+    assert null_rcpt.startswith("5"), null_rcpt
+    assert rcpt.startswith("250 2.1.5"), rcpt
+    assert data.startswith("354"), data
+    assert done.startswith("250 2.0.0") and "queued as" in done, done
+    assert spaced.startswith("250 2.1.0"), spaced
+    assert reset.startswith("250"), reset
+    (stored,) = postfix.wait_for_messages(BOB, 1)
+    trace, submitted = postfix.split_trace(stored)
+    assert b"Return-Path: <>\n" in trace
+    assert submitted == as_stored(wire)
+
+
 async def test_auth_before_starttls_is_refused_without_reaching_upstream(
     env: Env, pki: Pki, postfix: PostfixSubmission
 ) -> None:

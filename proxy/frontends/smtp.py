@@ -660,7 +660,7 @@ class SubmissionSession(SMTP):
             status = await self._relay_reset()
             if not status.startswith("250"):
                 return status
-        args = [b"FROM:<" + _wire(address) + b">", *(_wire(o) for o in options)]
+        args = [b"FROM:" + _path(address), *(_wire(o) for o in options)]
         resp = await self._relay(b"MAIL", *args)
         if resp is None:
             return Replies.UPSTREAM_DOWN
@@ -672,7 +672,7 @@ class SubmissionSession(SMTP):
         return relayed(resp)
 
     async def relay_rcpt(self, address: str, options: list[str]) -> str:
-        args = [b"TO:<" + _wire(address) + b">", *(_wire(o) for o in options)]
+        args = [b"TO:" + _path(address), *(_wire(o) for o in options)]
         resp = await self._relay(b"RCPT", *args)
         if resp is None:
             return Replies.UPSTREAM_DOWN
@@ -804,6 +804,18 @@ class SubmissionSession(SMTP):
 def _wire(text: str) -> bytes:
     """aiosmtpd decodes arguments as UTF-8 with surrogateescape; give the bytes back."""
     return text.encode("utf-8", "surrogateescape")
+
+
+# What aiosmtpd's parser (email's AngleAddr.addr_spec) makes of the null path ``<>``;
+# no real address can read so (angle brackets only occur quoted in one).
+NULL_PATH = "<>"
+
+
+def _path(address: str) -> bytes:
+    """An address as a path on the wire: ``<addr>``, and ``<>`` for the null path
+    (not ``<<>>``, which strict servers refuse). The upstream decides whether the null
+    path is acceptable where it appears."""
+    return b"<>" if address == NULL_PATH else b"<" + _wire(address) + b">"
 
 
 # ------------------------------------------------------------------ hooks

@@ -50,6 +50,10 @@ DEFAULT_USERS = {
 MESSAGE_SIZE_LIMIT = 64 * 1024 * 1024  # room for a 20 MB attachment after base64
 START_TIMEOUT_S = 20.0
 # Headers Postfix's submission + virtual delivery put in front of a submitted message.
+# A null reverse path sent as <<>> becomes a bare word, which strict_rfc821_envelopes
+# refuses with 501 5.1.7 (as Exchange refuses it).
+COMMAND_FILTER = "/^(MAIL FROM:) *<<>>(.*)$/ ${1}doubled-angle-brackets${2}\n"
+
 TRACE_HEADERS = (b"return-path", b"x-original-to", b"delivered-to", b"received")
 
 
@@ -284,6 +288,7 @@ service anvil {{
         (cfg / "vmailbox").write_text(
             "".join(f"{u} {u.split('@')[1]}/{u.split('@')[0]}/\n" for u in self.users)
         )
+        (cfg / "command_filter").write_text(COMMAND_FILTER)
         (cfg / "main.cf").write_text(self._main_cf(nobody.pw_uid, nobody.pw_gid))
         (cfg / "master.cf").write_text(self._master_cf())
         run = subprocess.run(
@@ -328,6 +333,11 @@ message_size_limit = {MESSAGE_SIZE_LIMIT}
 # Deliver exactly what was submitted: no address or header rewriting for local clients.
 local_header_rewrite_clients =
 smtpd_peername_lookup = no
+# Envelope addresses exactly as RFC 5321 writes them, as strict servers such as
+# Exchange expect: no bare addresses, and (command_filter) no doubled <<>> null path,
+# which Postfix alone would quietly take for <>.
+strict_rfc821_envelopes = yes
+smtpd_command_filter = regexp:{self.config_dir}/command_filter
 smtpd_relay_restrictions = reject_unauth_destination
 smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 virtual_mailbox_domains = {DOMAIN}
