@@ -81,6 +81,8 @@ SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW = 1024 * 1024, 256 * 1024
 CLOSE_LINGER_S = 2.0
 #: The same after a splice, where up to a write buffer of mail may still be in flight.
 SPLICE_CLOSE_LINGER_S = 30.0
+#: TLS 1.3 session tickets sent to IMAP clients (see ``ImapListener.start``).
+TLS_SESSION_TICKETS = 0
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
 TLS_HANDSHAKE_TIMEOUT_S = 20.0
 #: Tags of the proxy's own upstream commands (never sent to the client).
@@ -332,6 +334,14 @@ class ImapListener:
 
     async def start(self) -> ImapListener:
         loop = asyncio.get_running_loop()
+        tls = self.ctx.server_tls
+        if tls is not None:
+            # No TLS 1.3 session tickets: each one keeps a copy of the session, with the
+            # device's client certificate, for as long as the connection lives (about
+            # 10 KiB per idle mTLS session, measured), and a phone's IMAP connections
+            # are long-lived, so resumption would save little.
+            with contextlib.suppress(ValueError, AttributeError):
+                tls.num_tickets = TLS_SESSION_TICKETS
         self._server = await loop.create_server(
             self._new_connection, self.listener.host, self.listener.port,
             reuse_address=True, backlog=1024,
