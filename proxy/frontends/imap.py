@@ -13,7 +13,7 @@ One :class:`_ImapSession` per client connection:
    ``Gate.decide``. Deny: ``* NO [ALERT]``, ``NO [AUTHORIZATIONFAILED]``, ``* BYE``.
    Temporary deny or an unreachable upstream: ``NO [UNAVAILABLE]``.
 4. Allow: the upstream's tagged OK goes to the client and both transports are spliced
-   (``_Pipe`` protocols writing straight into each other's transport, with
+   (``_Pipe`` buffered protocols writing straight into each other's transport, with
    pause/resume_reading driven by the peer's write buffer; no per-byte Python work and
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
