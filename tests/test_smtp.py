@@ -864,6 +864,18 @@ async def test_upstream_auth_timeout_gives_421_and_a_logged_decision(
     assert [d["decision"] for d in env.records("decision")] == ["deny", "allow"]
 
 
+async def test_slow_upstream_auth_is_not_client_idleness(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The pre-auth idle timeout is for the client: an upstream AUTH slower than it
+    (within upstream_timeout) still completes, the client is not told it was idle."""
+    port = await env.listen(scripted.port, upstream_tls="none", preauth_idle_timeout_s=0.3)
+    scripted.mode, scripted.delay_s = "slow_auth", 1.0
+    replies = await send_raw(port, pki)
+    assert replies[0].startswith("235"), replies
+    assert replies[-2].startswith("250 2.0.0 queued"), replies
+
+
 async def test_upstream_closing_during_data_never_gives_250(
     env: Env, pki: Pki, scripted: ScriptedUpstream
 ) -> None:
@@ -940,10 +952,12 @@ async def test_listener_close_ends_sessions_with_421(
     assert ends[0]["reason"] == "shutdown"
 
 
-def stuck_clients(port: int, pki: Pki, *, implicit: bool) -> list[smtplib.SMTP]:
+def stuck_clients(
+    port: int, pki: Pki, *, implicit: bool, password: str = "secret"
+) -> list[smtplib.SMTP]:
     """Clients that stop reading (blocking smtplib, as a phone that went to sleep): one
     logged in and idle, one half-way through a message, one waiting for an AUTH the
-    upstream never answers."""
+    upstream never answers (the scripted upstream; Postfix answers it late)."""
 
     def connect() -> smtplib.SMTP:
         if not implicit:
@@ -954,9 +968,9 @@ def stuck_clients(port: int, pki: Pki, *, implicit: bool) -> list[smtplib.SMTP]:
         return c
 
     idle = connect()
-    idle.login(ALICE, "secret")
+    idle.login(ALICE, password)
     sending = connect()
-    sending.login(ALICE, "secret")
+    sending.login(ALICE, password)
     sending.mail(ALICE)
     sending.rcpt(BOB)
     sending.putcmd("data")
@@ -1116,11 +1130,7 @@ async def test_client_certificate_from_unknown_ca_fails_the_handshake(
 ) -> None:
     """An invalid device certificate fails STARTTLS; nothing reaches the upstream or
     the gate; a session_end tls_failed record is written."""
-    import trustme
-
-    rogue = trustme.CA().issue_cert("rogue-device")
-    ctx = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
-    rogue.configure_cert(ctx)
+    ctx = rogue_client_ctx(pki)
     port = await env.listen(postfix.submission_port)
     client = RawClient(port, ctx)
     with pytest.raises((ssl.SSLError, ConnectionError, AssertionError, asyncio.TimeoutError)):
@@ -1130,6 +1140,58 @@ async def test_client_certificate_from_unknown_ca_fails_the_handshake(
     ends = await env.wait_records("session_end", 1)
     assert ends[0]["reason"] == "tls_failed"
     assert env.records("decision") == []
+
+
+def rogue_client_ctx(pki: Pki) -> ssl.SSLContext:
+    """A client with a device certificate from a CA mailward does not know."""
+    import trustme
+
+    ctx = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    trustme.CA().issue_cert("rogue-device").configure_cert(ctx)
+    return ctx
+
+
+async def failed_implicit_handshakes(port: int, pki: Pki) -> None:
+    """Three connections to an implicit TLS listener that never get TLS up: a rogue
+    client certificate, a client speaking plaintext SMTP, one that sends nothing."""
+    with pytest.raises((ssl.SSLError, ConnectionError, AssertionError, asyncio.TimeoutError)):
+        rogue = RawClient(port, rogue_client_ctx(pki), implicit=True)
+        try:
+            await rogue.open()
+            await rogue.login(ALICE, PASSWORD[ALICE])
+        finally:
+            rogue.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"EHLO phone.example\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # no plaintext reply
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # handshake timeout
+    writer.close()
+
+
+async def test_failed_implicit_tls_handshakes_get_a_session_end(
+    env: Env, pki: Pki, postfix: PostfixSubmission
+) -> None:
+    """Implicit TLS: mailward runs the handshake itself, so a failed one (bad client
+    certificate, plaintext, timeout) is a session_end tls_failed record, and nothing
+    reaches the upstream or the gate; the next client is served."""
+    port = await env.listen(postfix.smtps_port, tls="implicit", upstream_tls="implicit",
+                            preauth_idle_timeout_s=0.5)
+    await failed_implicit_handshakes(port, pki)
+    ends = await env.wait_records("session_end", 3)
+    assert [e["reason"] for e in ends] == ["tls_failed"] * 3, ends
+    assert all(e["user"] is None for e in ends)
+    assert env.records("decision") == []
+
+    def send() -> Any:
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30,
+                              context=pki.client_ctx("alice-phone")) as s:
+            s.login(ALICE, PASSWORD[ALICE])
+            return s.sendmail(ALICE, [BOB], message("after", b"hi\r\n"))
+
+    assert await asyncio.to_thread(send) == {}
+    assert [d["decision"] for d in env.records("decision")] == ["allow"]
 
 
 async def test_posture_store_down_gives_a_temporary_refusal(
@@ -1158,7 +1220,9 @@ async def test_posture_store_down_gives_a_temporary_refusal(
 
 def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> None:
     """The server runs on uvloop: STARTTLS (aiosmtpd's own TLS upgrade) and implicit
-    TLS both work there."""
+    TLS (the session's own handshake; uvloop reads the ClientHello before start_tls)
+    both work there, failed implicit handshakes get their session_end, and close()
+    is bounded there too."""
     uvloop = pytest.importorskip("uvloop")
     wires = [message("uvloop starttls", b"a\r\n"), message("uvloop implicit", b"b\r\n")]
 
@@ -1169,7 +1233,7 @@ def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) ->
         try:
             starttls = await e.listen(postfix.submission_port)
             implicit = await e.listen(postfix.smtps_port, tls="implicit",
-                                      upstream_tls="implicit")
+                                      upstream_tls="implicit", preauth_idle_timeout_s=0.5)
 
             def send() -> None:
                 with starttls_client(starttls, pki, "alice-phone") as s:
@@ -1181,6 +1245,18 @@ def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) ->
                     assert s.sendmail(ALICE, [BOB], wires[1]) == {}
 
             await asyncio.to_thread(send)
+            await failed_implicit_handshakes(implicit, pki)
+            ends = await e.wait_records("session_end", 3)
+            assert [r["reason"] for r in ends] == ["tls_failed"] * 3, ends
+            clients = await asyncio.to_thread(stuck_clients, implicit, pki, implicit=True,
+                                              password=PASSWORD[ALICE])
+            try:
+                started = time.monotonic()
+                await e.listeners.pop().close(0.3)
+                assert time.monotonic() - started < 0.3 + smtp_frontend.SHUTDOWN_MARGIN_S
+            finally:
+                for client in clients:
+                    client.close()
         finally:
             await e.close()
 

@@ -2,7 +2,8 @@
 
 How a session goes (see DESIGN.md, "Sessions, in order"):
 
-1. TLS first. Implicit TLS listeners wrap the socket before the greeting; STARTTLS
+1. TLS first. Implicit TLS listeners run the handshake on the accepted connection
+   before the greeting (a failed one is a ``session_end``); STARTTLS
    listeners answer everything but EHLO/NOOP/STARTTLS/QUIT with ``530 5.7.0`` until
    TLS is up (unless ``allow_cleartext_auth`` on a loopback listener). A client
    certificate, when presented, names the device (``urn:mailward:device:<id>``).
@@ -66,6 +67,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # messages are held in memory while relaye
 MAX_AUTH_FAILURES = 3  # per connection; then 421
 POST_AUTH_IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 server timeout
 DATA_CHUNK_BYTES = 64 * 1024
+MAX_EARLY_TLS_BYTES = 64 * 1024  # implicit TLS: ClientHello bytes read before start_tls
 REPLY_TEXT_CHARS = 400  # per reply line; RFC 5321 allows 512 octets with the code
 UPSTREAM_QUIT_TIMEOUT_S = 2.0
 # Shutdown, after the grace: time for the 421 goodbye to be written (and TLS closed
@@ -306,6 +308,10 @@ class SubmissionSession(SMTP):
         self.origin = Origin("smtp", cfg.name, "", cfg.unidentified)
         self._cleartext_ok = cfg.allow_cleartext_auth and cfg.is_loopback
         self._implicit_tls = cfg.tls == "implicit"
+        # Implicit TLS: bytes read before the handshake starts (they are the TLS
+        # protocol's), None once it has.
+        self._early: bytearray | None = None
+        self._handshaking = False
         self._upstream: UpstreamSession | None = None
         self._refusal: str | None = None  # set when the gate denied: MAIL FROM answer
         self._decided = False  # a decision record was written for this connection
@@ -316,6 +322,7 @@ class SubmissionSession(SMTP):
         self._auth_failures = 0
         self._txn_open = False  # a MAIL FROM was accepted upstream and not finished
         self._busy = False  # a command (incl. a DATA transfer) is being handled
+        self._waiting = False  # for the upstream or the gate (the client is not idle)
         self._pending_goodbye: str | None = None  # sent once the current command ends
         self._close_after_reply = False  # the upstream is gone: close after this reply
         self._closing = False
@@ -339,10 +346,6 @@ class SubmissionSession(SMTP):
             authenticator=_capture_credentials,
             loop=asyncio.get_running_loop(),
         )
-        if self._implicit_tls:
-            # aiosmtpd takes a set _tls_protocol to mean "TLS is up" (AUTH offered and
-            # allowed); here the socket is TLS from the first byte.
-            self._tls_protocol = _TLS_UP  # type: ignore[assignment]
         self._smtp_methods = {
             name: self._guard(name, method) for name, method in self._smtp_methods.items()
         }
@@ -354,6 +357,12 @@ class SubmissionSession(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
+        if first and self._implicit_tls:
+            # The handshake runs in _handle_client, on this plain connection, so that a
+            # failed one is this session's. The ClientHello is for start_tls: stdlib
+            # asyncio honours this pause, uvloop reads anyway (kept in _early).
+            self._early = bytearray()
+            transport.pause_reading()  # type: ignore[attr-defined]
         super().connection_made(transport)
         if first:
             peer = transport.get_extra_info("peername")
@@ -377,12 +386,22 @@ class SubmissionSession(SMTP):
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early += data
+            if len(self._early) > MAX_EARLY_TLS_BYTES and self.transport is not None:
+                self.transport.abort()
+            return
         # A long DATA transfer is activity: keep the idle timer from firing mid-message.
         if self.session is not None and self.session.authenticated:
             self._reset_timeout()
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
+        if self._handshaking:  # start_tls has its own timeout (the same length)
+            return
+        if self._waiting:  # for the upstream or the gate, not for the client
+            self._reset_timeout()
+            return
         self._end_reason = "idle_timeout"
         self._write_and_close(Replies.IDLE_TIMEOUT)
 
@@ -396,8 +415,9 @@ class SubmissionSession(SMTP):
         if self._closing or self.transport is None:
             return
         self._closing = True
-        with contextlib.suppress(Exception):
-            self._writer.write(status.encode("ascii") + b"\r\n")
+        if not self._handshaking and self._early is None:  # never into a handshake
+            with contextlib.suppress(Exception):
+                self._writer.write(status.encode("ascii") + b"\r\n")
         self.transport.close()
 
     async def _goodbye(self, status: str) -> None:
@@ -490,28 +510,88 @@ class SubmissionSession(SMTP):
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         plain = self.transport
         try:
-            tls = await self.loop.start_tls(
-                plain, self, self.tls_context, server_side=True,  # type: ignore[arg-type]
-                ssl_handshake_timeout=self.listener.cfg.preauth_idle_timeout_s)
+            tls = await self._start_tls(plain, self.tls_context)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             raise TLSSetupException() from exc
         if tls is None:
             raise TLSSetupException()
-        # What aiosmtpd's connection_made does after its own upgrade: new transport
-        # everywhere, session state forgotten (the client must EHLO again).
+        # What aiosmtpd's connection_made does after its own upgrade: session state
+        # forgotten (the client must EHLO again), new transport everywhere.
+        peer = self.session.peer if self.session else None
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = peer
+        self._use_tls(plain, tls)
+
+    async def _start_tls(
+        self, plain: asyncio.BaseTransport, ctx: ssl.SSLContext, early: bytes = b""
+    ) -> asyncio.Transport | None:
+        """The server side of a TLS handshake on ``plain`` (bytes already read from it
+        first); the TLS transport, or None if the client left."""
+        if early:
+            # start_tls queues the TLS protocol's connection_made and resume_reading;
+            # this nested call_soon runs after both and before any further read.
+            self.loop.call_soon(self.loop.call_soon, _feed, plain, early)
+        self._handshaking = True
+        try:
+            return await self.loop.start_tls(
+                plain, self, ctx, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self.listener.cfg.preauth_idle_timeout_s)
+        finally:
+            self._handshaking = False
+
+    def _use_tls(self, plain: asyncio.BaseTransport, tls: asyncio.Transport) -> None:
+        """TLS is up: the TLS transport everywhere, and aiosmtpd told (a set
+        _tls_protocol means "TLS is up" to it: AUTH offered and allowed)."""
         self.transport = tls
         self._original_transport = plain
         self._reader._transport = tls  # type: ignore[attr-defined]
         self._writer._transport = tls  # type: ignore[attr-defined]
         self._tls_protocol = _TLS_UP  # type: ignore[assignment]
-        peer = self.session.peer if self.session else None
-        self._set_rset_state()
-        self.session = self._create_session()
-        self.session.peer = peer
         self._reset_timeout()
+        assert self.session is not None
         self.session.ssl = {"ssl_object": tls.get_extra_info("ssl_object"),
                             "peercert": tls.get_extra_info("peercert"),
                             "cipher": tls.get_extra_info("cipher")}
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd's session loop; on an implicit TLS listener, after the handshake."""
+        if self._early is not None:
+            if self._closing:  # refused at connection_made (listener closing)
+                return
+            if not await self._implicit_handshake():
+                return
+        await super()._handle_client()
+
+    async def _implicit_handshake(self) -> bool:
+        plain, early = self.transport, bytes(self._early or b"")
+        self._early = None
+        assert plain is not None and self.listener.server_tls is not None
+        error: BaseException | None = None
+        try:
+            tls = await self._start_tls(plain, self.listener.server_tls, early)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            tls, error = None, exc
+        except asyncio.CancelledError:  # aborted (shutdown): still a session_end
+            self._tls_failed(plain, "cancelled", None)
+            raise
+        if tls is None:
+            self._tls_failed(plain, _describe(error) if error else "client left", error)
+            return False
+        self._use_tls(plain, tls)
+        return True
+
+    def _tls_failed(
+        self, plain: asyncio.BaseTransport, detail: str, error: BaseException | None
+    ) -> None:
+        """The TLS layer never reached us, so neither will connection_lost: end here."""
+        if self._end_reason != "shutdown":
+            self._end_reason, self._end_detail = "tls_failed", detail
+        self._closing = True
+        with contextlib.suppress(Exception):
+            plain.abort()  # type: ignore[attr-defined]
+        if not self._ended:
+            self.connection_lost(error if isinstance(error, Exception) else None)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -583,11 +663,14 @@ class SubmissionSession(SMTP):
         self.identity = identity
         upstream = UpstreamSession(self.listener.cfg, self.listener.upstream_tls,
                                    self.listener.hostname)
+        self._waiting = True
         try:
             return await self._verify(creds, identity, upstream)
         except asyncio.CancelledError:  # the client went away meanwhile
             upstream.abort()
             raise
+        finally:
+            self._waiting = False
 
     async def _verify(
         self, creds: LoginPassword, identity: Identity, upstream: UpstreamSession
@@ -686,10 +769,13 @@ class SubmissionSession(SMTP):
         upstream = self._upstream
         if upstream is None:
             return self._lost("no upstream session", message=True)
+        self._waiting = True
         try:
             resp = await upstream.data(content)
         except UpstreamUnavailable as exc:
             return self._lost(str(exc), message=True)
+        finally:
+            self._waiting = False
         self._txn_open = False
         if resp.code == 421:
             return self._closing_upstream(resp)
@@ -715,11 +801,14 @@ class SubmissionSession(SMTP):
         if self._upstream is None:
             self._lost("no upstream session")
             return None
+        self._waiting = True
         try:
             resp = await self._upstream.command(*args)
         except UpstreamUnavailable as exc:
             self._lost(str(exc))
             return None
+        finally:
+            self._waiting = False
         if resp.code == 421:
             self._closing_upstream(resp)
         return resp
@@ -799,6 +888,23 @@ class SubmissionSession(SMTP):
         if self._ended_by is not None:
             return self._ended_by, self._end_detail
         return None
+
+
+def _feed(transport: Any, data: bytes) -> None:
+    """Give bytes read before start_tls to the TLS protocol now on ``transport``."""
+    proto = transport.get_protocol()
+    if transport.is_closing() or proto is None:
+        return
+    if hasattr(proto, "get_buffer"):  # asyncio and uvloop TLS protocols are buffered
+        view = memoryview(data)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    else:
+        proto.data_received(data)
 
 
 def _wire(text: str) -> bytes:
@@ -892,16 +998,12 @@ class SmtpListener:
 
     async def listen(self) -> None:
         loop = asyncio.get_running_loop()
-        implicit = self.cfg.tls == "implicit"
         if self.cfg.tls != "none" and self.server_tls is None:
             raise ValueError(f"listener {self.name}: tls = {self.cfg.tls} needs a server context")
+        # Implicit TLS too accepts plain TCP: the session runs the handshake itself,
+        # so a failed one is seen (and logged as a session_end).
         self._server = await loop.create_server(
-            lambda: SubmissionSession(self),
-            self.cfg.host,
-            self.cfg.port,
-            ssl=self.server_tls if implicit else None,
-            ssl_handshake_timeout=self.cfg.preauth_idle_timeout_s if implicit else None,
-        )
+            lambda: SubmissionSession(self), self.cfg.host, self.cfg.port)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def probe_upstream(self) -> None:
