@@ -52,7 +52,6 @@ Reading
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import collections
@@ -66,21 +65,24 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, TextIO
 
-import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from proxy.oplog import get_logger
+
 if TYPE_CHECKING:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     from proxy.config import AuditConfig
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ZERO_HASH = "0" * 64
 CHECKPOINT_EVENT = "checkpoint"
@@ -412,6 +414,7 @@ class AuditLog:
     async def start(self) -> None:
         """Start writing a checkpoint every ``checkpoint_interval_s`` while records
         are unsealed."""
+        import asyncio  # deferred: the CLI's sync path never needs it
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(
                 self._tick(), name="audit-checkpoints"
@@ -420,6 +423,7 @@ class AuditLog:
     async def close(self) -> None:
         """Stop the ticker, seal the log with a final checkpoint and close. Errors are
         logged, not raised (shutdown must go on)."""
+        import asyncio  # deferred: the CLI's sync path never needs it
         if self._closed:
             return
         if self._ticker is not None:
@@ -775,6 +779,7 @@ class AuditLog:
         self._settle(upto, None)
 
     async def _durable(self, seq: int) -> None:
+        import asyncio  # deferred: the CLI's sync path never needs it
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append((seq, waiter))
@@ -784,8 +789,11 @@ class AuditLog:
 
     async def _group_commit(self) -> None:
         """One fsync at a time, each covering everything written before it started."""
+        import asyncio  # deferred: the CLI's sync path never needs it
         loop = asyncio.get_running_loop()
         if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="audit-fsync")
         try:
             while self._waiters:
@@ -833,6 +841,7 @@ class AuditLog:
             self._retired_fds.append(fd)  # an fsync may be running on it
 
     async def _tick(self) -> None:
+        import asyncio  # deferred: the CLI's sync path never needs it
         while True:
             await asyncio.sleep(self._checkpoint_interval_s)
             try:

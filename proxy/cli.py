@@ -54,17 +54,6 @@ def _audit_log(cfg: Config) -> Any:
     return AuditLog.from_config(cfg.audit, signing_key=key)
 
 
-class _SyncAuditSink:
-    """Adapts the synchronous ``AuditLog.append`` (fsync per record) for the gate."""
-
-    def __init__(self, log: Any) -> None:
-        self.log = log
-
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.log.append(fields)
-        return result
-
-
 def load_public_key(path: Path) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -119,29 +108,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import asyncio
+    """Through the gate's own decision core (``gate.judge``) and record builder, but
+    synchronously: a one-shot command needs no event loop, and skipping asyncio keeps
+    start-up close to ``mailward --help``."""
     import json
+    import time
 
-    from proxy.gate import Gate, Identity, NullObserver, Origin
+    from proxy.gate import Identity, Origin, decision_record, judge
     from proxy.posture import open_store
 
     cfg = _load(args)
     policy = _policy(cfg)
-    log = _audit_log(cfg)
+    identity = Identity(args.user, args.device, "cli")
+    origin = Origin(args.protocol, "cli", "", "deny")
+    store = open_store(cfg.posture.store)
+    try:
+        started = time.perf_counter()
+        posture = store.get_sync(args.device)  # type: ignore[attr-defined]
+        decision = judge(identity, origin, policy, time.time(), posture)
+        latency_us = int((time.perf_counter() - started) * 1e6)
+    finally:
+        store.close_sync()  # type: ignore[attr-defined]
+    record = decision_record("explain", identity, origin, decision, posture, latency_us,
+                             time.time())
+    from proxy.audit import AuditUnavailable
 
-    async def go() -> Any:
-        store = open_store(cfg.posture.store)
-        try:
-            gate = Gate(store=store, audit=_SyncAuditSink(log), policy=lambda: policy,
-                        observer=NullObserver())
-            identity = Identity(args.user, args.device, "cli")
-            origin = Origin(args.protocol, "cli", "", "deny")
-            return await gate.decide(identity, origin, event="explain")
-        finally:
-            await store.close()
-
-    with log:  # closing seals the new records with a signed checkpoint
-        decision = asyncio.run(go())
+    try:
+        with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
+            log.append(record)
+    except AuditUnavailable as exc:
+        raise UserError(f"not answering: the audit log cannot be written ({exc})") from None
     if decision.temporary:
         raise UserError(f"cannot decide: {decision.reasons[0].code}")
     if args.json:

@@ -12,15 +12,13 @@ protocol's goodbye (:meth:`LiveSession.terminate`), logging a ``session_end`` re
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-import structlog
-
+from proxy.oplog import get_logger
 from proxy.policy import (
     UNKNOWN_DEVICE,
     Context,
@@ -31,7 +29,7 @@ from proxy.policy import (
 )
 from proxy.posture import Posture, PostureStore
 
-log = structlog.get_logger("mailward.gate")
+log = get_logger("mailward.gate")
 
 Unidentified = Literal["deny", "allow", "all-user-devices"]
 
@@ -206,35 +204,13 @@ class Gate:
     async def _evaluate(
         self, identity: Identity, origin: Origin, policy: Policy
     ) -> tuple[Decision, Posture | None]:
-        now = self._clock()
-        if identity.device_id is None:
-            return await self._evaluate_unidentified(identity, origin, policy, now)
-        posture = await self._store.get(identity.device_id)
-        ctx = _context(identity, identity.device_id, origin, now)
-        return evaluate(posture, policy, ctx), posture
-
-    async def _evaluate_unidentified(
-        self, identity: Identity, origin: Origin, policy: Policy, now: float
-    ) -> tuple[Decision, Posture | None]:
-        if origin.unidentified == "allow":
-            return Decision(True, (), policy.version, policy.sha256), None
-        if origin.unidentified == "deny":
-            reason = Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT)
-            return Decision(False, (reason,), policy.version, policy.sha256), None
-        # all-user-devices: allow only if every device of this user is compliant.
-        devices = await self._store.devices_for_user(identity.user_key)
-        if not devices:
-            ctx = _context(identity, "", origin, now)
-            return evaluate(None, policy, ctx), None
-        reasons: list[Reason] = []
-        allow, report_only = True, False
-        for posture in devices:
-            d = evaluate(posture, policy, _context(identity, posture.device_id, origin, now))
-            allow &= d.allow
-            report_only |= d.report_only
-            reasons.extend(d.reasons)
-        return Decision(allow, tuple(reasons), policy.version, policy.sha256,
-                        report_only=report_only and allow), None
+        """Fetch what the decision needs from the store, then :func:`judge`."""
+        posture, user_devices = None, None
+        if identity.device_id is not None:
+            posture = await self._store.get(identity.device_id)
+        elif origin.unidentified == "all-user-devices":
+            user_devices = await self._store.devices_for_user(identity.user_key)
+        return judge(identity, origin, policy, self._clock(), posture, user_devices), posture
 
     def _record(
         self,
@@ -245,25 +221,8 @@ class Gate:
         posture: Posture | None,
         latency_us: int,
     ) -> dict[str, Any]:
-        now = self._clock()
-        return {
-            "event": event,
-            "decision": decision.decision,
-            "reasons": [r.to_dict() for r in decision.reasons],
-            "protocol": origin.protocol,
-            "listener": origin.listener,
-            "client_ip": origin.client_ip,
-            "user": identity.user_key,
-            "device_id": identity.device_id,
-            "device_source": identity.device_source or None,
-            "platform": posture.platform if posture else None,
-            "posture_age_s": round(now - posture.iat, 3) if posture else None,
-            "posture_sha256": posture.sha256 if posture else None,
-            "policy_version": decision.policy_version,
-            "policy_sha256": decision.policy_sha256,
-            "mode": decision.mode,
-            "latency_us": latency_us,
-        }
+        return decision_record(event, identity, origin, decision, posture, latency_us,
+                               self._clock())
 
     # ---------------------------------------------------------- live sessions
 
@@ -326,7 +285,70 @@ class Gate:
         return ended
 
 
+def judge(
+    identity: Identity,
+    origin: Origin,
+    policy: Policy,
+    now: float,
+    posture: Posture | None,
+    user_devices: list[Posture] | None = None,
+) -> Decision:
+    """The decision itself, pure: ``posture`` is the device's (identified clients),
+    ``user_devices`` every device of the user (``all-user-devices`` listeners)."""
+    if identity.device_id is not None:
+        return evaluate(posture, policy, _context(identity, identity.device_id, origin, now))
+    if origin.unidentified == "allow":
+        return Decision(True, (), policy.version, policy.sha256)
+    if origin.unidentified == "deny" or user_devices is None:
+        reason = Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT)
+        return Decision(False, (reason,), policy.version, policy.sha256)
+    # all-user-devices: allow only if every device of this user is compliant.
+    if not user_devices:
+        return evaluate(None, policy, _context(identity, "", origin, now))
+    reasons: list[Reason] = []
+    allow, report_only = True, False
+    for p in user_devices:
+        d = evaluate(p, policy, _context(identity, p.device_id, origin, now))
+        allow &= d.allow
+        report_only |= d.report_only
+        reasons.extend(d.reasons)
+    return Decision(allow, tuple(reasons), policy.version, policy.sha256,
+                    report_only=report_only and allow)
+
+
+def decision_record(
+    event: str,
+    identity: Identity,
+    origin: Origin,
+    decision: Decision,
+    posture: Posture | None,
+    latency_us: int,
+    now: float,
+) -> dict[str, Any]:
+    """The audit fields of one decision (``event`` = ``decision`` or ``explain``)."""
+    return {
+        "event": event,
+        "decision": decision.decision,
+        "reasons": [r.to_dict() for r in decision.reasons],
+        "protocol": origin.protocol,
+        "listener": origin.listener,
+        "client_ip": origin.client_ip,
+        "user": identity.user_key,
+        "device_id": identity.device_id,
+        "device_source": identity.device_source or None,
+        "platform": posture.platform if posture else None,
+        "posture_age_s": round(now - posture.iat, 3) if posture else None,
+        "posture_sha256": posture.sha256 if posture else None,
+        "policy_version": decision.policy_version,
+        "policy_sha256": decision.policy_sha256,
+        "mode": decision.mode,
+        "latency_us": latency_us,
+    }
+
+
 async def _safe_terminate(session: LiveSession, text: str) -> None:
+    import asyncio
+
     try:
         await asyncio.wait_for(session.terminate(text), timeout=5)
     except Exception as exc:

@@ -20,7 +20,6 @@ that calls ``asyncio.run`` several times. The database uses WAL mode and
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sqlite3
 import time
@@ -125,11 +124,27 @@ class SqlitePostureStore:
         if self._closed:
             return
         self._closed = True
+        import asyncio  # deferred, like every asyncio use here: see get_sync
+
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._close_conn)
         finally:
             self._executor.shutdown(wait=False)
+
+    def get_sync(self, device_id: str) -> Posture | None:
+        """Blocking :meth:`get`, for one-shot CLI commands: no event loop needed, so
+        ``mailward explain`` starts without importing asyncio."""
+        return self._run_sync(self._get, device_id)
+
+    def devices_for_user_sync(self, user: str) -> list[Posture]:
+        """Blocking :meth:`devices_for_user`."""
+        return self._run_sync(self._devices_for_user, user)
+
+    def _run_sync(self, fn: Callable[..., T], *args: object) -> T:
+        if self._closed:
+            raise StoreClosed("posture store is closed")
+        return self._executor.submit(fn, *args).result()
 
     def close_sync(self) -> None:
         """Blocking :meth:`close`, for code without an event loop."""
@@ -144,6 +159,8 @@ class SqlitePostureStore:
     # -- plumbing ------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        import asyncio
+
         if self._closed:
             raise StoreClosed("posture store is closed")
         loop = asyncio.get_running_loop()
