@@ -372,8 +372,12 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
         store_url = f"sqlite://{db}"
-    elif not store_url.startswith("redis://"):
-        raise ps.error("store", "must start with sqlite:/// or redis://")
+    elif store_url.startswith("redis://"):
+        # DESIGN.md names a Redis store for scale-out; until it exists, say so here
+        # rather than let `serve` fail later.
+        raise ps.error("store", "redis:// is not available in this build; use sqlite:///")
+    else:
+        raise ps.error("store", "must start with sqlite:///")
     posture = PostureConfig(store=store_url)
     ps.done()
 
