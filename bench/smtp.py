@@ -16,6 +16,7 @@ and proxied runs alternate; the best of the rounds is reported for each, then th
 ratio proxied/direct (target >= 0.7).
 
     .venv/bin/python bench/smtp.py [--seconds 4] [--rounds 3] [--clients 10]
+        [--modes per-connection session] [--proxy-only]
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ async def bench(args: argparse.Namespace) -> None:
               f"{MESSAGE_BYTES // 1024} KB messages, STARTTLS + AUTH PLAIN, "
               f"{args.seconds:g} s per run, best of {args.rounds}")
         ratios = []
-        for mode in ("per-connection", "session"):
+        for mode in args.modes:
             best = {"direct": 0.0, "mailward": 0.0}
             errors, cpu_s, proxied = 0, 0.0, 0
             for _ in range(args.rounds):
@@ -181,6 +182,8 @@ async def bench(args: argparse.Namespace) -> None:
                     ("direct", postfix.submission_port, postfix.ca_pem, None),
                     ("mailward", listener.port, pki / "ca.pem", (cert_path, key_path)),
                 ):
+                    if name == "direct" and args.proxy_only:
+                        continue
                     cpu = time.process_time()
                     r = await run_clients(port, ca, mode, args.seconds, args.clients, dev)
                     if name == "mailward":  # the proxy's own CPU (clients run elsewhere)
@@ -212,6 +215,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--modes", nargs="+", choices=("per-connection", "session"),
+                   default=["per-connection", "session"])
+    p.add_argument("--proxy-only", action="store_true",
+                   help="skip the direct runs (for profiling the proxy)")
     args = p.parse_args()
     from peers.postfix import missing_reason
 

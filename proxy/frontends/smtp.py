@@ -57,6 +57,7 @@ from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext, RunningListener
+from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
 from proxy.tls import device_id_from_ssl
 
@@ -187,7 +188,8 @@ _UPSTREAM_ERRORS = (SMTPException, OSError, ssl.SSLError, TimeoutError, ValueErr
 
 
 class UpstreamSession:
-    """One connection to the real submission server (aiosmtplib)."""
+    """One connection to the real submission server: aiosmtplib for connect, STARTTLS
+    and AUTH; after a 235, :class:`RelayClient` on the same transport."""
 
     def __init__(
         self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str
@@ -203,6 +205,8 @@ class UpstreamSession:
             start_tls=mode == "starttls",
             tls_context=tls if mode != "none" else None,
         )
+        self._relay: RelayClient | None = None
+        self._chunking = False
 
     async def connect(self) -> UpstreamCapabilities:
         """Connect (TLS as configured) and EHLO; raises UpstreamUnavailable."""
@@ -215,45 +219,58 @@ class UpstreamSession:
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(_describe(exc)) from exc
+        self._chunking = "chunking" in c.esmtp_extensions
         return UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
 
     async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
         """The upstream's answer to the client's credentials (235 or its refusal).
         Raises UpstreamUnavailable, or LookupError when the upstream offers neither
-        PLAIN nor LOGIN."""
+        PLAIN nor LOGIN. After a 235 the relay client owns the connection."""
         c = self._client
         methods = {m.lower() for m in c.server_auth_methods}
         try:
             if "plain" in methods:
-                return await c.auth_plain(login, password)
-            if "login" in methods:
-                return await c.auth_login(login, password)
+                resp = await c.auth_plain(login, password)
+            elif "login" in methods:
+                resp = await c.auth_login(login, password)
+            else:
+                raise LookupError(
+                    f"upstream offers no PLAIN or LOGIN (offers {sorted(methods)})")
         except SMTPResponseException as exc:
             return SMTPResponse(exc.code, exc.message)
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(_describe(exc)) from exc
-        raise LookupError(f"upstream offers no PLAIN or LOGIN (offers {sorted(methods)})")
+        transport = c.transport
+        if resp.code == 235 and transport is not None and not transport.is_closing():
+            self._relay = RelayClient.take_over(
+                transport,  # type: ignore[arg-type]
+                self._cfg.upstream_timeout_s)
+        return resp
+
+    def _relay_client(self) -> RelayClient:
+        if self._relay is None:
+            raise RelayError("not authenticated upstream")
+        return self._relay
 
     async def command(self, *args: bytes) -> SMTPResponse:
         try:
-            return await self._client.execute_command(*args)
-        except _UPSTREAM_ERRORS as exc:
+            return await self._relay_client().command(*args)
+        except RelayError as exc:
             self.abort()
-            raise UpstreamUnavailable(_describe(exc)) from exc
+            raise UpstreamUnavailable(str(exc)) from exc
         except asyncio.CancelledError:  # state unknown mid-command: never reuse it
             self.abort()
             raise
 
     async def data(self, content: bytes) -> SMTPResponse:
-        """DATA and the message; the upstream's final reply (or its refusal of DATA)."""
+        """The message (BDAT when the upstream offers CHUNKING, else DATA); the
+        upstream's final reply (or its refusal of DATA)."""
         try:
-            return await self._client.data(content)
-        except SMTPResponseException as exc:
-            return SMTPResponse(exc.code, exc.message)
-        except _UPSTREAM_ERRORS as exc:
+            return await self._relay_client().message(content, chunking=self._chunking)
+        except RelayError as exc:
             self.abort()
-            raise UpstreamUnavailable(_describe(exc)) from exc
+            raise UpstreamUnavailable(str(exc)) from exc
         except asyncio.CancelledError:  # cut mid-message: the upstream must not take it
             self.abort()
             raise
@@ -261,17 +278,25 @@ class UpstreamSession:
     async def quit(self, timeout_s: float = UPSTREAM_QUIT_TIMEOUT_S) -> None:
         """Polite QUIT (aborts any open transaction upstream), best effort within
         ``timeout_s``; never raises."""
-        if not self._client.is_connected:
+        relay = self._relay
+        if relay is None and not self._client.is_connected:
             return
         try:
             with contextlib.suppress(Exception):  # closing anyway
                 async with asyncio.timeout(timeout_s):
-                    await self._client.quit()
+                    if relay is not None:
+                        if relay.is_connected:
+                            await relay.quit()
+                    else:
+                        await self._client.quit()
         finally:
             self.abort()
 
     def abort(self) -> None:
-        self._client.close()
+        if self._relay is not None:
+            self._relay.abort()
+        else:
+            self._client.close()
 
 
 def _describe(exc: BaseException) -> str:
