@@ -751,6 +751,8 @@ class ScriptedUpstream:
                 if ok and self.mode == "close_after_auth":
                     await w.drain()
                     return
+            elif verb == b"RCPT" and b"bare-code" in line:
+                w.write(b"550 no such user here\r\n")  # no enhanced code: relayed as is
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 w.write(b"250 2.0.0 ok\r\n")
             elif verb == b"DATA":
@@ -1044,6 +1046,60 @@ async def test_pipelined_commands_get_the_upstreams_replies_in_order(
     assert [r[:3] for r in replies] == ["250", "550", "250", "354", "250"], replies
     assert replies[1].startswith("550 5.1.1 ")
     assert len(postfix.wait_for_messages(BOB, 1)) == 1
+
+
+async def test_own_error_replies_carry_enhanced_codes_relayed_ones_untouched(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """aiosmtpd's own 4xx/5xx replies get RFC 3463 codes (ENHANCEDSTATUSCODES is
+    advertised); the upstream's replies reach the client exactly as it sent them."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        await client.login(ALICE, "secret")
+        got = [await client.cmd(line) for line in (
+            "",
+            f"MAIL FROM:<{ALICE}> SIZE=999999999999",
+            f"MAIL FROM:<{ALICE}>",
+            f"MAIL FROM:<{ALICE}>",
+            f"RCPT TO:<{BOB}> FOO=BAR",
+            "RCPT",
+            "RCPT TO:<bare-code@example.test>",
+            "BOGUS",
+        )]
+    finally:
+        client.close()
+    assert got[0] == "500 5.5.2 Error: bad syntax"
+    assert got[1].startswith("552 5.3.4 Error: message size exceeds"), got[1]
+    assert got[2] == "250 2.0.0 ok"
+    assert got[3] == "503 5.5.1 Error: nested MAIL command"
+    assert got[4].startswith("555 5.5.4 "), got[4]
+    assert got[5].startswith("501 5.5.4 Syntax: RCPT"), got[5]
+    assert got[6] == "550 no such user here"  # the upstream's, untouched
+    assert got[7].startswith("500 5.5.2 Error: command \"BOGUS\" not recognized"), got[7]
+
+
+def test_enhanced_codes_are_added_only_where_missing() -> None:
+    add = smtp_frontend.with_enhanced_code
+    assert add("550 5.7.1 already coded") == "550 5.7.1 already coded"
+    assert add("421 4.7.0 AUTH sent too many times") == "421 4.7.0 AUTH sent too many times"
+    assert add("500 Command line too long") == "500 5.5.2 Command line too long"
+    assert add("501-Syntax: a\r\n501 b") == "501-5.5.4 Syntax: a\r\n501 5.5.4 b"
+    assert add("554") == "554 5.0.0"
+    assert add("250 OK") == "250 OK"  # only 4xx/5xx
+
+
+@pytest.mark.parametrize("arg", [
+    "<a@b.c>", f"<{ALICE}> SIZE=123 BODY=8BITMIME", "<a.b+c@x-y.z>\tX", "<a..b@c>",
+    "<a@b>x", "<a@b> ", "<a@b> (comment) X", "<a@b>\r", '<"q q"@b>', "< a@b>",
+    "<a@[127.0.0.1]>", "<a@b.>", "<>", "<\u00fc@x.y>", "<.a@b>", "<A_1@B2.C3>  x=1  y=2",
+])
+def test_fast_path_parser_agrees_with_aiosmtpd(arg: str) -> None:
+    """The fast path for plain ``<local@domain>`` gives aiosmtpd's own answer."""
+    server = smtp_frontend.SubmissionSession.__new__(smtp_frontend.SubmissionSession)
+    server.local_part_limit = 0
+    assert server._getaddr(arg) == AiosmtpdSMTP._getaddr(server, arg)
 
 
 async def test_plaintext_pipelined_after_starttls_is_discarded(
