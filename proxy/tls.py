@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -68,3 +68,21 @@ def device_id_from_ssl(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     except (ValueError, ssl.SSLError):
         return None
     return device_id_from_der(der)
+
+
+def feed_early_tls_bytes(transport: Any, data: bytes) -> None:
+    """Hand bytes read before ``loop.start_tls`` (the start of a ClientHello: uvloop
+    keeps reading after ``connection_made``) to the TLS protocol now on ``transport``."""
+    proto = transport.get_protocol()
+    if transport.is_closing() or proto is None:
+        return
+    if hasattr(proto, "get_buffer"):  # asyncio and uvloop TLS protocols are buffered
+        view = memoryview(data)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    else:
+        proto.data_received(data)

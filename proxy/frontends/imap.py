@@ -55,7 +55,7 @@ from proxy.frontends.imap_wire import (
     quote,
 )
 from proxy.gate import Identity, Origin
-from proxy.tls import device_id_from_ssl
+from proxy.tls import device_id_from_ssl, feed_early_tls_bytes
 
 log = structlog.get_logger("mailward.imap")
 
@@ -512,7 +512,7 @@ class _ImapSession:
             raw = self.client.transport
             # start_tls queues the TLS protocol's connection_made and resume_reading;
             # this nested call_soon runs after both and before any further read.
-            loop.call_soon(loop.call_soon, _feed, raw, bytes(early))
+            loop.call_soon(loop.call_soon, feed_early_tls_bytes, raw, bytes(early))
         try:
             transport = await loop.start_tls(
                 self.client.transport, self.client, ctx, server_side=True,
@@ -875,23 +875,6 @@ class _ImapSession:
             self._end_reason = "shutdown"
             self._send(Connection.send_bye(SHUTDOWN_TEXT))
             self.client.close()
-
-
-def _feed(transport: Any, data: bytes) -> None:
-    """Give bytes read before start_tls to the TLS protocol now on ``transport``."""
-    proto = transport.get_protocol()
-    if transport.is_closing() or proto is None:
-        return
-    if hasattr(proto, "get_buffer"):  # asyncio and uvloop TLS protocols are buffered
-        view = memoryview(data)
-        while view:
-            buf = proto.get_buffer(len(view))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            proto.buffer_updated(n)
-            view = view[n:]
-    else:
-        proto.data_received(data)
 
 
 def _quotable(raw: bytes) -> bool:

@@ -60,7 +60,7 @@ from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
-from proxy.tls import device_id_from_ssl
+from proxy.tls import device_id_from_ssl, feed_early_tls_bytes
 
 log = structlog.get_logger("mailward.smtp")
 
@@ -628,7 +628,7 @@ class SubmissionSession(SMTP):
         if early:
             # start_tls queues the TLS protocol's connection_made and resume_reading;
             # this nested call_soon runs after both and before any further read.
-            self.loop.call_soon(self.loop.call_soon, _feed, plain, early)
+            self.loop.call_soon(self.loop.call_soon, feed_early_tls_bytes, plain, early)
         self._handshaking = True
         try:
             return await self.loop.start_tls(
@@ -985,23 +985,6 @@ class SubmissionSession(SMTP):
         if self._ended_by is not None:
             return self._ended_by, self._end_detail
         return None
-
-
-def _feed(transport: Any, data: bytes) -> None:
-    """Give bytes read before start_tls to the TLS protocol now on ``transport``."""
-    proto = transport.get_protocol()
-    if transport.is_closing() or proto is None:
-        return
-    if hasattr(proto, "get_buffer"):  # asyncio and uvloop TLS protocols are buffered
-        view = memoryview(data)
-        while view:
-            buf = proto.get_buffer(len(view))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            proto.buffer_updated(n)
-            view = view[n:]
-    else:
-        proto.data_received(data)
 
 
 def _wire(text: str) -> bytes:
