@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.attestation import CLOCK_SKEW_S, TYP, Verifier
 from proxy.pki import PrivateKey, device_cert_san, make_ca, make_claims, make_leaf, sign_report
-from proxy.posture import CommitResult, Posture
+from proxy.posture import App, CommitResult, Posture
 
 USER = "alice@corp.example"
 TIKTOK = "com.zhiliaoapp.musically"
@@ -180,3 +180,16 @@ class InMemoryPostureStore:
 
     async def close(self) -> None:
         return None
+
+
+def fresh_posture(device: str, user: str, apps: tuple[App, ...] = ()) -> Posture:
+    """A verified-looking Android posture attested 10 s ago, for front-end tests that
+    put postures into the store directly."""
+    import time
+    import uuid
+
+    now = int(time.time())
+    return Posture(device_id=device, user=user, platform="android", os_version="14",
+                   managed=True, apps=(App("com.example.notes", "1.0", "Notes"), *apps),
+                   iat=now - 10, exp=now + 3600, jti=uuid.uuid4().hex, issuer="test",
+                   attested_by="device")

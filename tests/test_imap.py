@@ -19,7 +19,6 @@ import shutil
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from imapclient import IMAPClient
 from peers.dovecot import Dovecot, make_message, require_dovecot
+from pki_helpers import fresh_posture as posture
 
 from proxy.audit import AuditLog
 from proxy.config import ListenerConfig, load_policy
@@ -98,14 +98,6 @@ def dovecot(pki: Pki) -> Iterator[Dovecot]:
         dv.deliver(ALICE, [make_message(i, 2000) for i in range(MESSAGES)])
         dv.deliver(SYNC, [make_message(i, 500 + 37 * i) for i in range(SYNC_MESSAGES)])
         yield dv
-
-
-def posture(device: str, user: str, apps: tuple[App, ...] = ()) -> Posture:
-    now = int(time.time())
-    return Posture(device_id=device, user=user, platform="android", os_version="14",
-                   managed=True, apps=(App("com.example.notes", "1.0", "Notes"), *apps),
-                   iat=now - 10, exp=now + 3600, jti=uuid.uuid4().hex, issuer="test",
-                   attested_by="device")
 
 
 class Env:

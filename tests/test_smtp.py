@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from peers.postfix import PeerUnavailable, PostfixSubmission
+from pki_helpers import fresh_posture as posture
 
 from proxy.audit import AuditLog
 from proxy.config import ListenerConfig, load_policy
@@ -87,14 +88,6 @@ def postfix() -> Iterator[PostfixSubmission]:
         pytest.skip(str(exc))
     with peer:
         yield peer
-
-
-def posture(device: str, user: str, apps: tuple[App, ...] = ()) -> Posture:
-    now = int(time.time())
-    return Posture(device_id=device, user=user, platform="android", os_version="14",
-                   managed=True, apps=(App("com.example.notes", "1.0", "Notes"), *apps),
-                   iat=now - 10, exp=now + 3600, jti=uuid.uuid4().hex, issuer="test",
-                   attested_by="device")
 
 
 class Env:
