@@ -483,6 +483,11 @@ class UpstreamThread:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.upstream.close())
+            # Held long-polls are still sleeping: end them before the loop goes.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=main, name="demo-upstream", daemon=True)
