@@ -72,7 +72,6 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TextIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from proxy.oplog import get_logger
 
@@ -139,8 +138,55 @@ def format_ts(posix: float) -> str:
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex characters of SHA-256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    raw = public_key.public_bytes_raw()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# DER prefixes of an Ed25519 key in PKCS#8 v1 (private) and SubjectPublicKeyInfo
+# (public) form, RFC 8410: the raw 32-byte key follows. Recognising them directly
+# spares one-shot CLI commands the import of cryptography's whole serialization
+# package; anything else goes through cryptography's PEM loader.
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+def _pem_body(pem: bytes) -> bytes | None:
+    lines = [ln.strip() for ln in pem.strip().splitlines()]
+    if len(lines) < 3 or not lines[0].startswith(b"-----BEGIN ") or not lines[-1].startswith(
+            b"-----END "):
+        return None
+    try:
+        return base64.b64decode(b"".join(lines[1:-1]), validate=True)
+    except binascii.Error:
+        return None
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 checkpoint key (PKCS#8 PEM). ValueError if it is not one."""
+    pem = path.read_bytes()
+    der = _pem_body(pem)
+    if der and len(der) == 48 and der.startswith(_ED25519_PKCS8_PREFIX):
+        return Ed25519PrivateKey.from_private_bytes(der[16:])
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_verify_key(path: Path) -> Ed25519PublicKey:
+    """The Ed25519 checkpoint public key (SubjectPublicKeyInfo PEM)."""
+    pem = path.read_bytes()
+    der = _pem_body(pem)
+    if der and len(der) == 44 and der.startswith(_ED25519_SPKI_PREFIX):
+        return Ed25519PublicKey.from_public_bytes(der[12:])
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: not an Ed25519 public key")
+    return key
 
 
 def checkpoint_message(head_seq: int, head: str) -> bytes:

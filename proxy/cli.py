@@ -44,20 +44,12 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _audit_log(cfg: Config) -> Any:
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    from proxy.audit import AuditLog
+    from proxy.audit import AuditLog, load_signing_key
 
     key = None
     if cfg.audit.signing_key and cfg.audit.signing_key.exists():
-        key = load_pem_private_key(cfg.audit.signing_key.read_bytes(), password=None)
+        key = load_signing_key(cfg.audit.signing_key)
     return AuditLog.from_config(cfg.audit, signing_key=key)
-
-
-def load_public_key(path: Path) -> Any:
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    return load_pem_public_key(path.read_bytes())
 
 
 def _policy(cfg: Config) -> Any:
@@ -115,20 +107,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import time
 
     from proxy.gate import Identity, Origin, decision_record, judge
-    from proxy.posture import open_store
 
     cfg = _load(args)
     policy = _policy(cfg)
     identity = Identity(args.user, args.device, "cli")
     origin = Origin(args.protocol, "cli", "", "deny")
-    store = open_store(cfg.posture.store)
-    try:
-        started = time.perf_counter()
-        posture = store.get_sync(args.device)  # type: ignore[attr-defined]
-        decision = judge(identity, origin, policy, time.time(), posture)
-        latency_us = int((time.perf_counter() - started) * 1e6)
-    finally:
-        store.close_sync()  # type: ignore[attr-defined]
+    if not cfg.posture.store.startswith("sqlite://"):
+        raise UserError(f"explain reads the sqlite posture store; {cfg.posture.store} is not")
+    from proxy.posture.sqlite import read_posture
+
+    started = time.perf_counter()
+    posture = read_posture(cfg.posture.store.removeprefix("sqlite://"), args.device)
+    decision = judge(identity, origin, policy, time.time(), posture)
+    latency_us = int((time.perf_counter() - started) * 1e6)
     record = decision_record("explain", identity, origin, decision, posture, latency_us,
                              time.time())
     from proxy.audit import AuditUnavailable
@@ -216,19 +207,19 @@ def _compliant(posture: Any, policy: Any) -> bool:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from proxy.audit import verify
+    from proxy.audit import load_verify_key, verify
 
     path, key = Path(args.log) if args.log else None, None
     try:
         cfg = _load(args)
         path = path or cfg.audit.path
         if cfg.audit.verify_key and cfg.audit.verify_key.exists():
-            key = load_public_key(cfg.audit.verify_key)
+            key = load_verify_key(cfg.audit.verify_key)
     except Exception:
         if path is None:
             raise
     if args.key:
-        key = load_public_key(Path(args.key))
+        key = load_verify_key(Path(args.key))
     assert path is not None
     if not path.exists():
         raise UserError(f"{path}: no such audit log")

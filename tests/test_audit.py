@@ -637,3 +637,27 @@ def test_parse_time() -> None:
     for bad in ("yesterday", "", "7x", "2025-13-01"):
         with pytest.raises(ValueError):
             parse_time(bad)
+
+
+def test_key_loaders_match_cryptography(tmp_path: Path) -> None:
+    """The fast Ed25519 PEM loaders give the same keys as cryptography's loaders, and
+    refuse a key of another type."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from proxy.audit import load_signing_key, load_verify_key
+
+    priv, pub = tmp_path / "k.pem", tmp_path / "k.pub"
+    priv.write_bytes(KEY.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(KEY.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert load_signing_key(priv).private_bytes_raw() == KEY.private_bytes_raw()
+    assert load_verify_key(pub).public_bytes_raw() == KEY.public_key().public_bytes_raw()
+    other = tmp_path / "ec.pem"
+    other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with pytest.raises(ValueError):
+        load_signing_key(other)

@@ -220,3 +220,20 @@ async def test_use_after_close_raises(tmp_path: Path) -> None:
     await s.close()  # idempotent
     with pytest.raises(RuntimeError):
         await s.get("dev-1")
+
+
+async def test_read_posture_is_read_only_and_matches_get(tmp_path: Path) -> None:
+    """The CLI's read-only lookup sees what the store holds, writes nothing, and a
+    store that does not exist yet has no devices."""
+    from proxy.posture.sqlite import read_posture
+
+    path = tmp_path / "posture.db"
+    assert read_posture(path, "dev-1") is None
+    assert not path.exists()
+    store = SqlitePostureStore(path)
+    p = make_posture()
+    assert await store.commit_attestation(p, None, p.iat) == "ok"
+    stored = await store.get("dev-1")
+    await store.close()
+    assert stored is not None and read_posture(path, "dev-1") == stored
+    assert read_posture(path, "dev-2") is None

@@ -24,11 +24,13 @@ import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from proxy.posture import CommitResult, Posture
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 #: Clock skew allowed by the attestation format; a ``jti`` is kept until ``exp`` + this.
 JTI_SKEW_S = 300
@@ -60,6 +62,23 @@ CREATE TABLE IF NOT EXISTS nonce (
 T = TypeVar("T")
 
 
+def read_posture(path: str | Path, device_id: str) -> Posture | None:
+    """The device's posture, read through a read-only connection: for one-shot CLI
+    commands (``mailward explain``), which need neither the worker thread nor an
+    event loop and must not write. A store that does not exist yet has no devices."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        row = conn.execute("SELECT json FROM posture WHERE device_id = ?",
+                           (device_id,)).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else Posture.from_json(row[0])
+
+
 class StoreClosed(RuntimeError):
     """The store was used after :meth:`SqlitePostureStore.close`."""
 
@@ -74,7 +93,10 @@ class SqlitePostureStore:
     def __init__(self, path: str | Path, *, purge_interval_s: float = PURGE_INTERVAL_S) -> None:
         self.path = Path(path)
         self._purge_interval_s = purge_interval_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posture-sqlite")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor: ThreadPoolExecutor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="posture-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._next_purge = 0.0
@@ -131,20 +153,6 @@ class SqlitePostureStore:
             await loop.run_in_executor(self._executor, self._close_conn)
         finally:
             self._executor.shutdown(wait=False)
-
-    def get_sync(self, device_id: str) -> Posture | None:
-        """Blocking :meth:`get`, for one-shot CLI commands: no event loop needed, so
-        ``mailward explain`` starts without importing asyncio."""
-        return self._run_sync(self._get, device_id)
-
-    def devices_for_user_sync(self, user: str) -> list[Posture]:
-        """Blocking :meth:`devices_for_user`."""
-        return self._run_sync(self._devices_for_user, user)
-
-    def _run_sync(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreClosed("posture store is closed")
-        return self._executor.submit(fn, *args).result()
 
     def close_sync(self) -> None:
         """Blocking :meth:`close`, for code without an event loop."""
