@@ -88,7 +88,7 @@ class GateObserver(Protocol):
     def decided(self, protocol: str, decision: Decision, latency_us: int) -> None: ...
     def session_opened(self, protocol: str) -> None: ...
     def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
-    def store_failed(self) -> None: ...
+    def upstream_failed(self, upstream: str) -> None: ...
 
 
 class NullObserver:
@@ -97,7 +97,7 @@ class NullObserver:
     def decided(self, protocol: str, decision: Decision, latency_us: int) -> None: ...
     def session_opened(self, protocol: str) -> None: ...
     def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
-    def store_failed(self) -> None: ...
+    def upstream_failed(self, upstream: str) -> None: ...
 
 
 class Gate:
@@ -137,7 +137,7 @@ class Gate:
             decision, posture = await self._evaluate(identity, origin, policy)
         except Exception as exc:  # the store is unreachable: fail closed
             log.error("posture store unavailable", error=str(exc))
-            self._observer.store_failed()
+            self._observer.upstream_failed("posture_store")
             decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
         latency_us = int((time.perf_counter() - started) * 1e6)
         fields = self._record(event, identity, origin, decision, posture, latency_us)
@@ -165,6 +165,8 @@ class Gate:
         """A deny the front end decided on protocol grounds (the identities in one
         request disagree; the upstream is unreachable, ``temporary``): still exactly
         one decision record for the login attempt."""
+        if code == UPSTREAM_UNAVAILABLE:
+            self._observer.upstream_failed(origin.protocol)
         policy = self._policy()
         reason = Reason(code, text)
         decision = Decision(False, (reason,), policy.version, policy.sha256,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -60,5 +61,21 @@ class PrometheusObserver:
         if ended_by_gate:
             SESSIONS_ENDED.labels(protocol).inc()
 
-    def store_failed(self) -> None:
-        UPSTREAM_ERRORS.labels("posture_store").inc()
+    def upstream_failed(self, upstream: str) -> None:
+        UPSTREAM_ERRORS.labels(upstream).inc()
+
+
+class TimedAuditSink:
+    """Wraps the audit log for the gate: times each append, group-commit fsync
+    included (``mailward_audit_write_seconds``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            record: dict[str, Any] = await self._inner.write(fields)
+            return record
+        finally:
+            AUDIT_WRITE_LATENCY.observe(time.perf_counter() - started)

@@ -265,7 +265,8 @@ class Server:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None
 
-        self.gate = Gate(store=self.store, audit=self.audit, policy=self.holder.current)
+        self.gate = Gate(store=self.store, audit=metrics.TimedAuditSink(self.audit),
+                         policy=self.holder.current)
         _publish_policy_metric(self.holder.current())
 
         for lc, (server_tls, upstream_tls), module in zip(

@@ -185,3 +185,52 @@ async def test_policy_change_ends_exactly_the_sessions_it_should() -> None:
     gate.holder["p"] = replace(POLICY, version="v2", prohibited=(RULE, chat))  # type: ignore[attr-defined]
     assert await gate.policy_changed() == 1
     assert s1.ended and not s2.ended
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+
+    def decided(self, protocol: str, decision: Any, latency_us: int) -> None:
+        self.events.append(("decided", protocol, decision.decision))
+
+    def session_opened(self, protocol: str) -> None:
+        self.events.append(("opened", protocol))
+
+    def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None:
+        self.events.append(("closed", protocol, str(ended_by_gate)))
+
+    def upstream_failed(self, upstream: str) -> None:
+        self.events.append(("upstream_failed", upstream))
+
+
+async def test_observer_sees_decisions_and_upstream_failures() -> None:
+    """Metrics hooks: each decision, a mail upstream that is down (recorded as a
+    temporary deny) and a posture store that fails are reported to the observer."""
+    store, audit, obs = FakeStore(), ListAudit(), RecordingObserver()
+    gate = Gate(store=store, audit=audit, policy=lambda: POLICY, observer=obs)
+    who = Identity("a@corp.example", "d1")
+    await gate.record_deny(who, IMAP, "upstream_unavailable", "later", temporary=True)
+    store.broken = True
+    await gate.decide(who, IMAP)
+    assert ("upstream_failed", "imap") in obs.events
+    assert ("upstream_failed", "posture_store") in obs.events
+    assert [e for e in obs.events if e[0] == "decided"] == [("decided", "imap", "deny")] * 2
+    assert audit.records[0]["reasons"][0]["code"] == "upstream_unavailable"
+
+
+async def test_timed_audit_sink_observes_write_latency() -> None:
+    """The server's audit wrapper feeds mailward_audit_write_seconds."""
+    from proxy import metrics
+
+    def count() -> float:
+        for family in metrics.AUDIT_WRITE_LATENCY.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    return sample.value
+        return 0.0
+
+    before = count()
+    inner = ListAudit()
+    await metrics.TimedAuditSink(inner).write({"event": "explain"})
+    assert count() == before + 1 and inner.records == [{"event": "explain"}]
