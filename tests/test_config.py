@@ -147,3 +147,15 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["check-config", "--config", cfg]) == 2
     err = capsys.readouterr().err
     assert f"{policy}:" in err and "mode" in err and "Traceback" not in err
+
+
+def test_readme_policy_example_is_valid(tmp_path: Path) -> None:
+    """The policy example ops staff read in README.md loads as it stands."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### The policy file\s+```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    policy = load_policy(_write(tmp_path, "policy.toml", block.group(1)))
+    assert policy.prohibited[0].name == "TikTok"
+    assert policy.exemptions and policy.approved and "finance" in policy.groups
