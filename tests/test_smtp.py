@@ -18,6 +18,7 @@ import smtplib
 import socket
 import ssl
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -221,6 +222,56 @@ def test_hook_names_exist_in_aiosmtpd() -> None:
     assert defined == set(smtp_frontend.HOOK_NAMES)
     assert defined <= known
     assert {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_RSET"} <= defined
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+async def test_session_init_matches_aiosmtpd(pki: Pki, tls: str) -> None:
+    """SubmissionSession sets up aiosmtpd's state itself (no per-connection
+    introspection): it must leave what SMTP.__init__ would, given mailward's arguments,
+    so an aiosmtpd upgrade that adds or changes state fails here."""
+    cfg = ListenerConfig(
+        name="submission", protocol="smtp", host="127.0.0.1", port=0,
+        upstream="127.0.0.1:1", tls=tls, client_cert="optional", upstream_tls="none",
+        preauth_idle_timeout_s=7)
+    server_tls = server_context(pki.dir / "server.pem", pki.dir / "server.key",
+                                client_ca=pki.dir / "device-ca.pem", client_cert="optional")
+    ctx = FrontendContext(listener=cfg, gate=None,  # type: ignore[arg-type]
+                          server_tls=server_tls, upstream_tls=None)
+    listener = smtp_frontend.SmtpListener(ctx, "mailward.test")
+    cls = smtp_frontend.SubmissionSession
+    fast = cls(listener)
+    ref = cls.__new__(cls)
+    ref.command_size_limits = type(AiosmtpdSMTP.command_size_limits)(int)  # not the class's
+    AiosmtpdSMTP.__init__(
+        ref, listener.hooks, data_size_limit=listener.caps.message_limit,
+        enable_SMTPUTF8=True, hostname="mailward.test", ident="mailward",
+        tls_context=server_tls if tls == "starttls" else None, require_starttls=False,
+        timeout=7, auth_required=True, auth_require_tls=True,
+        authenticator=smtp_frontend._capture_credentials, loop=asyncio.get_running_loop())
+    mine, theirs = vars(fast), vars(ref)
+    assert set(theirs) <= set(mine)
+    for key, want in theirs.items():
+        got = mine[key]
+        if key == "_auth_methods":
+            assert {k: (v.method.__func__, v.method.__self__, v.is_builtin)
+                    for k, v in got.items()} == {
+                k: (v.method.__func__, fast, v.is_builtin) for k, v in want.items()}
+        elif key == "_smtp_methods":
+            assert got.keys() == want.keys()
+            for name, method in got.items():
+                assert method.__self__ is fast
+                assert method.__func__.__wrapped__ is want[name].__func__, name
+        elif key == "_handle_hooks":
+            assert got == want
+        elif isinstance(want, types.MethodType):
+            assert (got.__func__, got.__self__) == (want.__func__, fast), key
+        elif want is None or isinstance(
+                want, (str, int, float, ssl.SSLContext, asyncio.AbstractEventLoop,
+                       types.FunctionType, smtp_frontend._Hooks)):
+            assert got == want, key
+        else:
+            assert type(got) is type(want), key
+    assert not AiosmtpdSMTP.command_size_limits  # the class's own is left alone
 
 
 def test_reply_catalogue_is_well_formed() -> None:

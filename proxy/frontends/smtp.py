@@ -37,6 +37,7 @@ import re
 import socket
 import ssl
 import textwrap
+import types
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
+    _AuthMechAttr,
     syntax,
 )
 from aiosmtplib import SMTP as SMTPClient
@@ -60,7 +62,7 @@ from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
-from proxy.tls import device_id_from_ssl, feed_early_tls_bytes
+from proxy.tls import device_id_from_der, feed_early_tls_bytes
 
 log = structlog.get_logger("mailward.smtp")
 
@@ -405,27 +407,56 @@ class SubmissionSession(SMTP):
         self._closing = False
         self._ended = False
         self._preauth_timer: asyncio.TimerHandle | None = None
+        self._smtp_init(listener, asyncio.get_running_loop())
+
+    def _smtp_init(self, listener: SmtpListener, loop: asyncio.AbstractEventLoop) -> None:
+        """What ``SMTP.__init__`` sets, with mailward's arguments, without its
+        per-connection introspection (``inspect.getmembers`` of the session and the
+        handler, ``dir()``, a signature check, an INFO log): the method tables come
+        from :func:`_class_tables` and the listener, built once. Kept in step with
+        aiosmtpd by ``test_session_init_matches_aiosmtpd``."""
+        cfg = listener.cfg
+        tls_context = listener.server_tls if cfg.tls == "starttls" else None
+        self.__ident__ = "mailward"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = listener.hooks
+        self.data_size_limit = listener.caps.message_limit
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
         # aiosmtpd keeps command_size_limits on the class; keep ours per connection.
         self.command_size_limits = type(SMTP.command_size_limits)(
-            lambda: SMTP.command_size_limit
-        )
-        super().__init__(
-            listener.hooks,
-            data_size_limit=listener.caps.message_limit,
-            enable_SMTPUTF8=True,
-            hostname=listener.hostname,
-            ident="mailward",
-            tls_context=listener.server_tls if cfg.tls == "starttls" else None,
-            require_starttls=False,  # enforced by _guard, with an enhanced code
-            timeout=cfg.preauth_idle_timeout_s,
-            auth_required=True,
-            auth_require_tls=not self._cleartext_ok,
-            authenticator=_capture_credentials,
-            loop=asyncio.get_running_loop(),
-        )
-        self._smtp_methods = {
-            name: self._guard(name, method) for name, method in self._smtp_methods.items()
+            lambda: SMTP.command_size_limit)
+        self.hostname = listener.hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False  # enforced by _guard instead
+        self._timeout_duration = cfg.preauth_idle_timeout_s
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = not self._cleartext_ok
+        self._proxy_timeout = None
+        self._authenticator = _capture_credentials
+        self._auth_callback = None
+        self._auth_required = True
+        smtp_names, auth_names = _class_tables(type(self))
+        self._auth_methods = {
+            mech: _AuthMechAttr(types.MethodType(func, self), True)
+            for mech, func in auth_names
         }
+        self._handle_hooks = listener.hook_table
+        self._ehlo_hook_ver = "new"
+        self._smtp_methods = {
+            name: types.MethodType(guarded, self) for name, guarded in smtp_names
+        }
+        self._enforce_call_limit = False
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -545,39 +576,34 @@ class SubmissionSession(SMTP):
 
     # -- every command passes here -------------------------------------------------
 
-    def _guard(
-        self, name: str, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        @functools.wraps(method)  # keeps aiosmtpd's @syntax attributes for HELP
-        async def guarded(arg: str | None) -> None:
-            if self._closing:
+    async def _guarded(self, name: str, method: Callable[..., Awaitable[None]],
+                       arg: str | None) -> None:
+        if self._closing:
+            return
+        assert self.session is not None
+        if not self.session.authenticated:
+            self._preauth_commands += 1
+            if self._preauth_commands > self.listener.cfg.max_preauth_commands:
+                self._end_reason = "too_many_commands"
+                await self._goodbye(Replies.TOO_MANY_COMMANDS)
                 return
-            assert self.session is not None
-            if not self.session.authenticated:
-                self._preauth_commands += 1
-                if self._preauth_commands > self.listener.cfg.max_preauth_commands:
-                    self._end_reason = "too_many_commands"
-                    await self._goodbye(Replies.TOO_MANY_COMMANDS)
-                    return
-            if self.tls_required and name not in ALLOWED_BEFORE_STARTTLS:
-                self._end_reason = "cleartext_refused"
-                await self.push(Replies.STARTTLS_FIRST)
-                return
-            if name == "STARTTLS" and self.is_tls:
-                await self.push(Replies.TLS_ACTIVE)
-                return
-            self._busy = True
-            try:
-                await method(arg)
-            finally:
-                self._busy = False
-            if self._close_after_reply:
-                self._closing = True
-                self._close_transport()
-            elif self._pending_goodbye is not None:
-                await self._goodbye(self._pending_goodbye)
-
-        return guarded
+        if self.tls_required and name not in ALLOWED_BEFORE_STARTTLS:
+            self._end_reason = "cleartext_refused"
+            await self.push(Replies.STARTTLS_FIRST)
+            return
+        if name == "STARTTLS" and self.is_tls:
+            await self.push(Replies.TLS_ACTIVE)
+            return
+        self._busy = True
+        try:
+            await method(self, arg)
+        finally:
+            self._busy = False
+        if self._close_after_reply:
+            self._closing = True
+            self._close_transport()
+        elif self._pending_goodbye is not None:
+            await self._goodbye(self._pending_goodbye)
 
     @property
     def is_tls(self) -> bool:
@@ -753,7 +779,7 @@ class SubmissionSession(SMTP):
         if not isinstance(creds, LoginPassword):
             return parsed  # malformed or aborted exchange: aiosmtpd already answered
         user = creds.login.decode("utf-8", "surrogateescape")
-        device_id = device_id_from_ssl(self._ssl_object())
+        device_id = self._device_id()
         identity = Identity(user, device_id, "client_cert" if device_id else "")
         # As the client gave it, not verified: what was attempted, named in the
         # session_end record if the attempt is cut off (client gone, shutdown).
@@ -830,6 +856,17 @@ class SubmissionSession(SMTP):
 
     def _ssl_object(self) -> Any:
         return None if self.transport is None else self.transport.get_extra_info("ssl_object")
+
+    def _device_id(self) -> str | None:
+        """The device id in the client's (verified) certificate, if any."""
+        obj = self._ssl_object()
+        if obj is None:
+            return None
+        try:
+            der = obj.getpeercert(binary_form=True)
+        except (ValueError, ssl.SSLError):
+            return None
+        return _device_id_from_der(der) if der else None
 
     # -- the relay (called by the hooks) -------------------------------------------
 
@@ -987,6 +1024,43 @@ class SubmissionSession(SMTP):
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _device_id_from_der(der: bytes) -> str | None:
+    """:func:`proxy.tls.device_id_from_der`, remembered by the certificate's bytes: a
+    phone presents the same certificate on every connection."""
+    return device_id_from_der(der)
+
+
+@functools.cache
+def _class_tables(
+    cls: type[SubmissionSession],
+) -> tuple[tuple[tuple[str, Callable[..., Any]], ...], tuple[tuple[str, Any], ...]]:
+    """Per session class, once: (command name, guarded method) for every ``smtp_*``
+    method and (mechanism, method) for every ``auth_*`` one, named as aiosmtpd names
+    them. The guarded methods keep the originals' ``@syntax`` attributes (HELP)."""
+    smtp: list[tuple[str, Callable[..., Any]]] = []
+    for attr in dir(cls):
+        if attr.startswith("smtp_"):
+            smtp.append((attr.replace("smtp_", ""), _guarded_method(attr, getattr(cls, attr))))
+    auth = [
+        (getattr(func, "__auth_mechanism_name__",
+                 attr.replace("auth_", "").replace("__", "-")), func)
+        for attr in dir(cls) if attr.startswith("auth_")
+        for func in (getattr(cls, attr),)
+    ]
+    return tuple(smtp), tuple(auth)
+
+
+def _guarded_method(attr: str, method: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
+    name = attr.replace("smtp_", "")
+
+    @functools.wraps(method)
+    async def guarded(self: SubmissionSession, arg: str | None) -> None:
+        await self._guarded(name, method, arg)
+
+    return guarded
+
+
 def _wire(text: str) -> bytes:
     """aiosmtpd decodes arguments as UTF-8 with surrogateescape; give the bytes back."""
     return text.encode("utf-8", "surrogateescape")
@@ -1069,6 +1143,11 @@ class SmtpListener:
         self.upstream_tls = ctx.upstream_tls
         self.hostname = hostname
         self.hooks = _Hooks(self)
+        # aiosmtpd's hook table for the handler (built per connection by SMTP.__init__).
+        self.hook_table: dict[str, Callable[..., Any]] = {
+            attr.replace("handle_", ""): getattr(self.hooks, attr)
+            for attr in dir(self.hooks) if attr.startswith("handle_")
+        }
         self.caps = UpstreamCapabilities()  # refreshed by the probe and every login
         self.sessions: set[SubmissionSession] = set()
         self.closing = False  # close() has begun: new connections get 421 4.3.2
