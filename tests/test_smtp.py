@@ -790,6 +790,10 @@ class ScriptedUpstream:
                     return
                 if self.mode == "slow_auth":
                     await asyncio.sleep(self.delay_s)
+                if self.mode == "auth_unavailable":
+                    w.write(b"454 4.7.0 Temporary authentication failure\r\n")
+                    await w.drain()
+                    continue
                 ok = password == b"secret"
                 w.write(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 no\r\n")
                 if ok and self.mode == "close_after_auth":
@@ -977,6 +981,23 @@ async def test_upstream_lost_between_commands_gives_421(
     assert [d["decision"] for d in env.records("decision")] == ["allow"]
     ends = await env.wait_records("session_end", 1)
     assert ends[0]["reason"] == "upstream_lost"
+
+
+async def test_upstream_temporary_auth_failure_is_one_decision(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """The upstream cannot check credentials now (454): the client gets that answer,
+    and the login attempt is exactly one temporary deny record, no session_end."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    scripted.mode = "auth_unavailable"
+    replies = await send_raw(port, pki)
+    assert replies[0].startswith("454 4.7.0"), replies
+    decisions = await env.wait_records("decision", 1)
+    assert [d["decision"] for d in decisions] == ["deny"]
+    assert decisions[0]["reasons"][0]["code"] == "upstream_auth_temporary"
+    await asyncio.sleep(0.3)
+    assert env.records("session_end") == []
+    assert len(env.records("decision")) == 1
 
 
 async def test_listener_close_ends_sessions_with_421(

@@ -818,7 +818,10 @@ class SubmissionSession(SMTP):
             log.error("upstream login impossible", listener=self.origin.listener,
                       error=str(exc))
             await upstream.quit()
-            self._end_reason, self._end_detail = "upstream_auth_unsupported", str(exc)
+            await self.listener.gate.record_deny(
+                identity, self.origin, "upstream_auth_unsupported",
+                f"The mail server offers no login method mailward can relay ({exc}).")
+            self._decided = True
             return AuthResult(success=False, handled=False, message=Replies.AUTH_UNSUPPORTED)
 
         if answer.code != 235:
@@ -831,8 +834,11 @@ class SubmissionSession(SMTP):
                     await self.push(relayed(answer))
                     await self._goodbye(Replies.TOO_MANY_AUTH_FAILURES)
                     return AuthResult(success=False, handled=True)
-            else:
-                self._end_reason = "upstream_auth_temporary"
+            else:  # the server could not check the credentials now: try later
+                await self.listener.gate.record_deny(
+                    identity, self.origin, "upstream_auth_temporary",
+                    f"The mail server answered {answer.code} to the login.", temporary=True)
+                self._decided = True
             return AuthResult(success=False, handled=False, message=relayed(answer))
 
         decision = await self.listener.gate.decide(identity, self.origin)
