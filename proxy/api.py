@@ -306,7 +306,9 @@ def _require_admin(request: web.Request) -> None:
         raise ApiError(403, "admin_disabled", "No admin token is configured.")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # compare_digest on bytes of any length: the time does not depend on the content.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+    # surrogateescape: a header that is not UTF-8 is just a wrong token, not an error.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <admin token>.",
                        {"WWW-Authenticate": 'Bearer realm="mailward"'})
 

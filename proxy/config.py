@@ -226,6 +226,12 @@ class _Table:
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
 
+    def positive_duration(self, key: str, default: float) -> float:
+        value = self.duration(key, default)
+        if value <= 0:
+            raise self.error(key, "must be longer than zero")
+        return value
+
     def positive_int(self, key: str, default: int) -> int:
         value = self.get(key, int, default)
         if value <= 0:
@@ -344,7 +350,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         state_dir=resolve(s, "state_dir", "state"),
         policy=resolve(s, "policy", "config/policy.toml"),
         shutdown_grace_s=s.duration("shutdown_grace", 10.0),
-        recheck_interval_s=s.duration("recheck_interval", 30.0),
+        recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
     )
     s.done()
 
@@ -387,7 +393,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         signing_key=resolve(a, "signing_key", "certs/audit-signing.key", optional=True),
         verify_key=resolve(a, "verify_key", "certs/audit-signing.pub", optional=True),
         checkpoint_every=a.positive_int("checkpoint_every", 1000),
-        checkpoint_interval_s=a.duration("checkpoint_interval", 60.0),
+        checkpoint_interval_s=a.positive_duration("checkpoint_interval", 60.0),
         rotate_bytes=a.positive_int("rotate_bytes", 64 * 1024 * 1024),
     )
     a.done()
@@ -452,12 +458,12 @@ def _listener(t: _Table, resolve: Callable[..., Any]) -> ListenerConfig:
         upstream_tls=t.choice("upstream_tls", ("implicit", "starttls", "none"), "implicit"),
         upstream_ca=resolve(t, "upstream_ca", "", optional=True),
         allow_cleartext_auth=cleartext,
-        preauth_idle_timeout_s=t.duration("preauth_idle_timeout", 60.0),
-        preauth_timeout_s=t.duration("preauth_timeout", 180.0),
+        preauth_idle_timeout_s=t.positive_duration("preauth_idle_timeout", 60.0),
+        preauth_timeout_s=t.positive_duration("preauth_timeout", 180.0),
         max_preauth_commands=t.positive_int("max_preauth_commands", 50),
-        upstream_connect_timeout_s=t.duration("upstream_connect_timeout", 10.0),
-        upstream_timeout_s=t.duration("upstream_timeout", 60.0),
-        longpoll_timeout_s=t.duration("longpoll_timeout", 3600.0),
+        upstream_connect_timeout_s=t.positive_duration("upstream_connect_timeout", 10.0),
+        upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
+        longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
     )
     t.done()
     return lst
@@ -498,9 +504,7 @@ def load_policy(path: Path | str) -> Policy:
     version = top.text("version", "") or sha[:12]
     mode = top.choice("mode", modes, "enforce")
     scope_platforms = platforms(top, "platforms", ["android", "ios", "ipados"])
-    max_age = top.duration("max_posture_age", 24 * 3600.0)
-    if max_age <= 0:
-        raise top.error("max_posture_age", "must be positive")
+    max_age = top.positive_duration("max_posture_age", 24 * 3600.0)
     require_nonce = top.get("require_nonce", bool, False)
     unknown = top.choice("unknown_device", handling, "deny")
     stale = top.choice("stale_posture", handling, "deny")

@@ -272,7 +272,9 @@ class Gate:
             except Exception as exc:
                 log.error("re-evaluation failed; keeping session", error=str(exc))
                 continue
-            if decision.allow:
+            # The session may have closed, or an overlapping re-check ended it, while
+            # we awaited the store: end it once only, and only while it is live.
+            if decision.allow or session not in self._sessions:
                 continue
             ended += 1
             self._unregister(session, ended_by_gate=True)

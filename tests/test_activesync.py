@@ -448,6 +448,18 @@ async def test_missing_basic_auth_is_401(env: Env) -> None:
     assert env.upstream.seen == []
 
 
+async def test_burst_of_first_requests_from_a_refused_device(env: Env) -> None:
+    """A non-compliant phone opening with several requests at once: every one gets the
+    403 (none a 500, none left hanging) and each refusal is its own decision record."""
+    await env.attest("dev-bad", ["com.zhiliaoapp.musically"])
+    q = "Cmd={}&User=alice%40corp.example&DeviceId=dev-bad&DeviceType=iPhone"
+    responses = await asyncio.wait_for(asyncio.gather(
+        *(env.post(q.format(cmd)) for cmd in ("FolderSync", "Ping", "Sync", "Sync"))), 10)
+    assert [r.status for r in responses] == [403] * 4
+    assert [d["decision"] for d in env.decisions("dev-bad")] == ["deny"] * 4
+    assert env.proxy.frontend._admitting == {}
+
+
 async def test_user_mismatch_is_403(env: Env) -> None:
     """A query User other than the Basic user is refused and recorded."""
     await env.attest("dev-ok", [])

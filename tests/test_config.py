@@ -60,6 +60,7 @@ BAD_CONFIGS = [
      2, "required"),
     (MINIMAL_LISTENER + MINIMAL_LISTENER, "listeners[1].name", 9, "duplicate"),
     ("[posture]\nstore = 'mysql://x'\n", "posture.store", 2, "sqlite"),
+    ("[audit]\ncheckpoint_interval = '0s'\n", "audit.checkpoint_interval", 2, "zero"),
     ("[posture]\nstore = 'redis://localhost:6379/0'\n", "posture.store", 2, "not available"),
 ]
 

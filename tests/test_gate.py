@@ -234,3 +234,30 @@ async def test_timed_audit_sink_observes_write_latency() -> None:
     inner = ListAudit()
     await metrics.TimedAuditSink(inner).write({"event": "explain"})
     assert count() == before + 1 and inner.records == [{"event": "explain"}]
+
+
+async def test_overlapping_rechecks_end_a_session_once() -> None:
+    """A posture change and a policy change re-checking at the same time end the
+    session once, with one session_end record; a session that closed meanwhile is
+    left alone."""
+    import asyncio
+
+    gate, store, audit = gate_with(make_posture("d1", "a@corp.example", TIKTOK),
+                                   make_posture("d2", "b@corp.example", TIKTOK))
+    s1 = FakeSession(Identity("a@corp.example", "d1"), IMAP)
+    s2 = FakeSession(Identity("b@corp.example", "d2"), IMAP)
+    gate.register(s1)
+    gate.register(s2)
+    slow_get = store.get
+
+    async def get(device_id: str) -> Posture | None:
+        await asyncio.sleep(0.01)  # both re-checks are now between lookup and action
+        if device_id == "d2":
+            gate.unregister(s2)  # closed normally while being re-checked
+        return await slow_get(device_id)
+
+    store.get = get  # type: ignore[method-assign]
+    ended = await asyncio.gather(gate.posture_changed("d1"), gate.policy_changed())
+    assert sum(ended) == 1
+    assert len(s1.ended) == 1 and s2.ended == []
+    assert [r["device_id"] for r in audit.records if r["event"] == "session_end"] == ["d1"]

@@ -84,7 +84,7 @@ from yarl import URL
 
 from proxy import metrics
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
-from proxy.gate import TEMPORARY_TEXT, Identity, Origin
+from proxy.gate import TEMPORARY_TEXT, UPSTREAM_UNAVAILABLE, Identity, Origin
 
 if TYPE_CHECKING:
     from proxy.frontends import FrontendContext
@@ -702,8 +702,7 @@ class ActiveSyncFrontend:
     async def _session_for(self, key: tuple[str, str]) -> DeviceSession | None:
         """The cached device-session, if still valid; waits for a concurrent admission
         of the same key so a burst of first requests writes one decision."""
-        pending = self._admitting.get(key)
-        if pending is not None:
+        while (pending := self._admitting.get(key)) is not None:
             await asyncio.shield(pending)
         session = self.sessions.get(key)
         if session is None:
@@ -726,6 +725,14 @@ class ActiveSyncFrontend:
         origin: Origin,
         key: tuple[str, str],
     ) -> DeviceSession | web.StreamResponse:
+        # One admission per key at a time: a burst of first requests waits for the
+        # one in flight, then reuses its session or (after a refusal, which is never
+        # cached) admits on its own. No await between this check and the claim below.
+        while (pending := self._admitting.get(key)) is not None:
+            await asyncio.shield(pending)
+            session = await self._session_for(key)
+            if session is not None:
+                return session
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._admitting[key] = done
         try:
@@ -746,7 +753,8 @@ class ActiveSyncFrontend:
             self.gate.register(session)
             return session
         finally:
-            del self._admitting[key]
+            if self._admitting.get(key) is done:
+                del self._admitting[key]
             done.set_result(None)
 
     async def _verify_credentials(
@@ -773,7 +781,10 @@ class ActiveSyncFrontend:
                 log.warning("upstream refused credential check", status=up.status)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             log.warning("upstream unavailable", error=str(e) or type(e).__name__)
-        metrics.UPSTREAM_ERRORS.labels("activesync").inc()
+        # The request's one decision record: a temporary deny (the gate counts it).
+        await self.gate.record_deny(identity, origin, UPSTREAM_UNAVAILABLE,
+                                    "The mail server could not check the credentials.",
+                                    temporary=True)
         return _unavailable()
 
     def _refusal(self, request: web.Request, query: EasQuery, identity: Identity,
