@@ -51,7 +51,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from proxy import metrics
 from proxy.attestation import AttestationError, Verifier, ingest
-from proxy.gate import AuditSink, Gate
+from proxy.gate import AuditSink, Gate, Identity, Origin, decision_record, judge
 from proxy.policy import Context, Decision, Policy, evaluate
 from proxy.posture import App, Posture, PostureStore
 
@@ -194,6 +194,10 @@ async def _attestations(request: web.Request) -> web.Response:
     except ApiError as e:
         await _record_attestation(st, None, client_ip, e.error)
         raise
+    if not getattr(st.audit, "healthy", True):
+        # An accepted report changes access: never without its audit record.
+        raise ApiError(503, "audit_unavailable",
+                       "The audit log cannot be written; retry later.", {"Retry-After": "30"})
     now = st.clock()
     pol = st.policy()
     try:
@@ -362,7 +366,9 @@ async def _device(request: web.Request) -> web.Response:
 
 async def _explain(request: web.Request) -> web.Response:
     """What-if: this posture (or the stored one) for this user, against the current
-    policy. Nothing is stored and no audit record is written."""
+    policy, through the gate's decision core. No posture is stored; the question and
+    its answer are an ``explain`` audit record (DESIGN: what-if questions are
+    auditable, never mistaken for access decisions)."""
     _require_admin(request)
     st = _state(request)
     try:
@@ -389,9 +395,17 @@ async def _explain(request: web.Request) -> web.Response:
         except Exception:
             raise ApiError(503, "unavailable", "The posture store is unavailable.") from None
     pol = st.policy()
-    ctx = Context(now=datetime.fromtimestamp(now, UTC), user=user.strip().lower(),
-                  device_id=device_id, protocol=protocol)
-    decision = evaluate(posture, pol, ctx)
+    identity = Identity(user, device_id, "api")
+    origin = Origin(protocol, "api", request.remote or "")
+    decision = judge(identity, origin, pol, now, posture)
+    try:
+        await st.audit.write(decision_record("explain", identity, origin, decision, posture,
+                                             0, now))
+    except Exception as e:
+        log.error("audit log unavailable for explain record", error=str(e))
+        raise ApiError(503, "audit_unavailable",
+                       "The audit log cannot be written; retry later.",
+                       {"Retry-After": "30"}) from None
     return web.json_response(_decision_json(decision))
 
 

@@ -126,6 +126,15 @@ async def test_good_report_is_accepted(env: Env) -> None:
     assert (await env.store.get("dev-1")) is not None
 
 
+async def test_report_refused_while_audit_log_is_down(env: Env) -> None:
+    """Fail closed: with the audit log unwritable a report is refused (503) and no
+    posture changes, since an accepted report changes access."""
+    env.audit.healthy = False  # type: ignore[attr-defined]
+    status, body = await post_report(env, report(env.pki.device(), apps=["com.example.mail"]))
+    assert status == 503 and body["error"] == "audit_unavailable"
+    assert (await env.store.get("dev-1")) is None
+
+
 async def test_tiktok_report_is_noncompliant_and_ends_live_sessions(env: Env) -> None:
     """A report listing TikTok is stored as non-compliant and ends the device's session."""
     session = FakeSession(Identity(USER, "dev-1", "eas"), Origin("activesync", "eas"))
@@ -264,7 +273,8 @@ async def test_device_summary(env: Env) -> None:
 
 
 async def test_explain_what_if_stores_nothing(env: Env) -> None:
-    """What-if: a TikTok posture is denied with the remediation; nothing is written."""
+    """What-if: a TikTok posture is denied with the remediation; no posture is stored,
+    and each question is an `explain` audit record (never a `decision`)."""
     before = len(env.audit.records)
     resp = await env.client.post(
         "/v1/explain", headers=ADMIN,
@@ -283,7 +293,10 @@ async def test_explain_what_if_stores_nothing(env: Env) -> None:
     resp = await env.client.post("/v1/explain", headers=ADMIN, json={"user": USER,
                                                                     "device_id": "nope"})
     assert (await resp.json())["reasons"][0]["code"] == "unknown_device"
-    assert len(env.audit.records) == before
+    explains = env.audit.records[before:]
+    assert [r["event"] for r in explains] == ["explain"] * 3
+    assert [r["decision"] for r in explains] == ["deny", "allow", "deny"]
+    assert explains[0]["listener"] == "api"
     assert (await env.store.get("phone-9")) is None
     resp = await env.client.post("/v1/explain", headers=ADMIN, json=[1])
     assert resp.status == 400 and (await resp.json())["error"] == "malformed"
