@@ -14,6 +14,7 @@ import contextlib
 import imaplib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -680,3 +681,64 @@ async def test_upstream_closing_after_greeting(env: Env, pki: Pki):
     assert [r["code"] for r in recs[0]["reasons"]] == ["upstream_unavailable"]
     rude_server.close()
     await run(works, pki, await env.listen())
+
+
+def _conversation(pki: Pki, port: int, device: str,
+                  sends: list[tuple[bytes, int]]) -> list[bytes]:
+    """Send each chunk over TLS with the device certificate and read N lines after it.
+    Each conversation comes from its own loopback address: Dovecot's penalty for
+    failed logins grows per client address (the proxy forwards it with ID)."""
+    source = (f"127.0.{random.randint(1, 254)}.{random.randint(1, 254)}", 0)
+    s = pki.client_ctx(device).wrap_socket(
+        socket.create_connection(("127.0.0.1", port), source_address=source),
+        server_hostname="localhost")
+    s.settimeout(8)
+    f = s.makefile("rb")
+    out = [f.readline()]
+    try:
+        for data, lines in sends:
+            s.sendall(data)
+            for _ in range(lines):
+                line = f.readline()
+                if not line:
+                    return out
+                out.append(line)
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        s.close()
+    return out
+
+
+async def test_client_cannot_use_the_proxys_own_tags(env: Env, pki: Pki) -> None:
+    """A client tag equal to the proxy's upstream ID tag must not let the upstream's
+    answer to that ID pass for a successful LOGIN (a password bypass): such tags are
+    refused, a wrong password stays wrong, and no allow is recorded."""
+    port = await env.listen()
+    out = await run(_conversation, pki, port, "alice-phone", [
+        (f"mw.id LOGIN {ALICE} WRONG\r\n".encode(), 1),
+        (f"b LOGIN {ALICE} WRONG\r\n".encode(), 1),
+        (b"c SELECT INBOX\r\n", 1),
+    ])
+    assert out[1].startswith(b"mw.id BAD"), out
+    assert out[2].startswith(b"b NO"), out
+    assert not out[3].startswith(b"c OK"), out
+    await asyncio.sleep(0.3)
+    assert [r["decision"] for r in env.records("decision")] == ["deny"]
+    assert env.records("decision")[0]["reasons"][0]["code"] == "auth_failed"
+
+
+async def test_crlf_in_an_id_field_name_is_not_sent_upstream(env: Env, pki: Pki) -> None:
+    """An ID field name carrying CR/LF (as a literal) must not inject an upstream
+    command whose answer could pass for the LOGIN result."""
+    port = await env.listen()
+    key = b"\r\nT NOOP\r\n"
+    out = await run(_conversation, pki, port, "alice-phone", [
+        (b"a ID ({%d}\r\n" % len(key), 1),
+        (key + b' "v")\r\n', 2),
+        (f"T LOGIN {ALICE} WRONG\r\n".encode(), 1),
+    ])
+    assert out[-1].startswith(b"T NO"), out
+    assert not any(line.startswith(b"T OK") for line in out), out
+    await asyncio.sleep(0.3)
+    assert [r["decision"] for r in env.records("decision")] == ["deny"]

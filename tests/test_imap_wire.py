@@ -294,3 +294,13 @@ def test_line_limit_boundary():
     assert isinstance(got[0], BadCommand | CommandReceived)
     got = events(Connection(), b"a NOOP " + b" " * (MAX_LINE_BYTES - 8) + b"\r\n")
     assert isinstance(got[0], LimitExceeded)
+
+
+def test_reserved_tags_are_refused() -> None:
+    """Tags the proxy uses upstream (mw.*) are refused before login, so an upstream
+    answer to the proxy can never be taken for the answer to a client command."""
+    conn = Connection()
+    conn.receive_data(b"mw.id LOGIN alice secret\r\nMW.X NOOP\r\n")
+    first, second = conn.next_event(), conn.next_event()
+    assert isinstance(first, BadCommand) and first.tag == "mw.id"
+    assert isinstance(second, BadCommand) and second.tag == "MW.X"

@@ -768,7 +768,8 @@ class _ImapSession:
         upper = {c.upper() for c in caps}
         literal_plus = "LITERAL+" in upper
         out = b""
-        if "ID" in upper:
+        sent_id = "ID" in upper
+        if sent_id:
             out += self._id_command()
         head, parts = f"{tag} LOGIN ".encode(), [user, password]
         # Pipelined: ID and LOGIN go out together, saving a round trip.
@@ -783,7 +784,10 @@ class _ImapSession:
             else:
                 up.write(out + b"{%d}\r\n" % len(raw))
                 out = b""
-                while True:  # skip the ID answers until the continuation request
+                if sent_id:  # the ID command's answers come first, under its own tag
+                    await up.read_tagged(_TAG_ID, deadline)
+                    sent_id = False
+                while True:  # until the continuation request for the literal
                     line = await up.read_response(deadline)
                     if line.startswith(b"+"):
                         break
@@ -791,15 +795,16 @@ class _ImapSession:
                         return [], line
                 out += raw + sep
         up.write(out)
-        untagged, tagged = await up.read_tagged(tag, deadline)
-        # Drop the ID command's answers; keep what belongs to LOGIN.
-        id_end = next((i for i, u in enumerate(untagged) if u.startswith(_TAG_ID.encode())), -1)
-        return untagged[id_end + 1 :], tagged
+        if sent_id:  # drop the ID command's answers; what follows belongs to LOGIN
+            await up.read_tagged(_TAG_ID, deadline)
+        return await up.read_tagged(tag, deadline)
 
     def _id_command(self) -> bytes:
         fields: list[tuple[str, str]] = []
         for k, v in self.client_id or ():
-            if v is not None and not k.lower().startswith("x-") and _quotable(v.encode()):
+            # Names as well as values: a CR/LF in either would inject upstream commands.
+            if (v is not None and not k.lower().startswith("x-") and _quotable(k.encode())
+                    and _quotable(v.encode())):
                 fields.append((k, v))
         fields.append(("x-originating-ip", self.origin.client_ip))
         fields.append(("x-originating-port", str(self.client_port)))

@@ -40,6 +40,9 @@ MAX_COMMAND_BYTES = 4 * 8 * 1024
 MAX_PREAUTH_COMMANDS = 50
 #: RFC 2971: at most 30 field/value pairs in an ID command.
 MAX_ID_FIELDS = 30
+#: Tags the proxy uses for its own upstream commands; a client may not use them, or an
+#: answer meant for the proxy could pass for the answer to the client's LOGIN.
+RESERVED_TAG_PREFIX = "mw."
 #: Mechanisms this proxy can relay (it needs the password to log in upstream).
 SUPPORTED_MECHANISMS = ("PLAIN",)
 
@@ -463,6 +466,8 @@ class Connection:
             if segments == [b""]:
                 return BadCommand("*", "Empty command line")
             return BadCommand("*", "Missing or invalid tag")
+        if tag.lower().startswith(RESERVED_TAG_PREFIX):
+            return BadCommand(tag, "Tags starting with mw. are reserved")
         first = segments[0]
         assert isinstance(first, bytes)
         segments = [first[len(tag) + 1 :], *segments[1:]]
