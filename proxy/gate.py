@@ -56,7 +56,9 @@ class Identity:
 
     @property
     def user_key(self) -> str:
-        return self.user.strip().lower()
+        # backslashreplace: a user name smuggled in with undecodable bytes still
+        # makes a writable (UTF-8) audit record instead of silently none.
+        return self.user.strip().lower().encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -986,6 +986,23 @@ async def test_upstream_lost_between_commands_gives_421(
     assert ends[0]["reason"] == "upstream_lost"
 
 
+async def test_user_name_that_is_not_utf8_is_refused_before_the_upstream(
+    env: Env, pki: Pki, scripted: ScriptedUpstream
+) -> None:
+    """A login name that is not UTF-8 cannot be a mailbox (nor be written to the audit
+    log): 501 without contacting the upstream, and the next client is served."""
+    port = await env.listen(scripted.port, upstream_tls="none")
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    token = base64.b64encode(b"\0al\xffice@corp.example\0secret").decode()
+    reply = await client.cmd(f"AUTH PLAIN {token}")
+    client.close()
+    assert reply.startswith("501 5.5.2"), reply
+    assert scripted.connected == 0 and env.records("decision") == []
+    replies = await send_raw(port, pki)
+    assert replies[0].startswith("235"), replies
+
+
 async def test_upstream_temporary_auth_failure_is_one_decision(
     env: Env, pki: Pki, scripted: ScriptedUpstream
 ) -> None:

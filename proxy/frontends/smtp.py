@@ -778,7 +778,11 @@ class SubmissionSession(SMTP):
         creds = parsed.auth_data
         if not isinstance(creds, LoginPassword):
             return parsed  # malformed or aborted exchange: aiosmtpd already answered
-        user = creds.login.decode("utf-8", "surrogateescape")
+        try:
+            user = creds.login.decode("utf-8")
+        except UnicodeDecodeError:  # never a mailbox; and it could not be logged
+            return AuthResult(success=False, handled=False,
+                              message="501 5.5.2 The user name is not valid UTF-8")
         device_id = self._device_id()
         identity = Identity(user, device_id, "client_cert" if device_id else "")
         # As the client gave it, not verified: what was attempted, named in the
@@ -798,6 +802,9 @@ class SubmissionSession(SMTP):
     async def _verify(
         self, creds: LoginPassword, identity: Identity, upstream: UpstreamSession
     ) -> AuthResult:
+        """Upstream AUTH, then the gate. ``_decided`` is set *before* each gate call:
+        if the client leaves while the record is being written (the handler is then
+        cancelled), the attempt must not also get a ``session_end`` record."""
         try:
             caps = await upstream.connect()
             self.listener.caps = caps  # what the next sessions advertise
@@ -807,42 +814,42 @@ class SubmissionSession(SMTP):
                         error=str(exc))
             # The login attempt's one decision record: a temporary deny, for the user
             # as the client gave it (unverified: it is what was attempted).
+            self._decided = True
             await self.listener.gate.record_deny(
                 identity, self.origin, UPSTREAM_UNAVAILABLE,
                 f"The mail server could not be reached or did not answer ({exc}).",
                 temporary=True)
-            self._decided = True
             await self._goodbye(Replies.UPSTREAM_DOWN)
             return AuthResult(success=False, handled=True)
         except LookupError as exc:
             log.error("upstream login impossible", listener=self.origin.listener,
                       error=str(exc))
             await upstream.quit()
+            self._decided = True
             await self.listener.gate.record_deny(
                 identity, self.origin, "upstream_auth_unsupported",
                 f"The mail server offers no login method mailward can relay ({exc}).")
-            self._decided = True
             return AuthResult(success=False, handled=False, message=Replies.AUTH_UNSUPPORTED)
 
         if answer.code != 235:
             await upstream.quit()
             if answer.code >= 500:
-                await self.listener.gate.record_auth_failed(identity, self.origin)
                 self._decided = True
+                await self.listener.gate.record_auth_failed(identity, self.origin)
                 self._auth_failures += 1
                 if self._auth_failures >= MAX_AUTH_FAILURES:
                     await self.push(relayed(answer))
                     await self._goodbye(Replies.TOO_MANY_AUTH_FAILURES)
                     return AuthResult(success=False, handled=True)
             else:  # the server could not check the credentials now: try later
+                self._decided = True
                 await self.listener.gate.record_deny(
                     identity, self.origin, "upstream_auth_temporary",
                     f"The mail server answered {answer.code} to the login.", temporary=True)
-                self._decided = True
             return AuthResult(success=False, handled=False, message=relayed(answer))
 
-        decision = await self.listener.gate.decide(identity, self.origin)
         self._decided = True
+        decision = await self.listener.gate.decide(identity, self.origin)
         if self._ended:  # the client left while we decided: nothing to register
             await upstream.quit()
             return AuthResult(success=False, handled=True)
