@@ -977,7 +977,10 @@ def verify(path: Path | str, verify_key: Ed25519PublicKey | None) -> VerifyResul
     try:
         for index, (file, handle, size) in enumerate(handles):
             number = _rotation_number(file) if file != path else None
-            if index == 0 and not standalone and number in (None, 1):
+            if index == 0 and not standalone:
+                if number not in (None, 1):  # deleting the oldest files is tampering too
+                    raise _Bad(file, 1, f"rotated files {path.name}.1 to .{number - 1} are "
+                                        f"missing: the chain must start at seq 1")
                 state.expected_seq, state.prev = 1, ZERO_HASH
             if index > 0 and number is not None:
                 previous = _rotation_number(files[index - 1])

@@ -379,6 +379,20 @@ def test_missing_rotated_file_detected(tmp_path: Path) -> None:
     assert not result.ok and result.bad_file == audit.rotated_files(path)[1]
 
 
+def test_deleting_the_oldest_rotated_files_is_detected(tmp_path: Path) -> None:
+    """Removing the oldest rotated files (the start of the chain) fails verification,
+    naming the first file left; the chain must start at seq 1."""
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 60, every=1000, rotate_bytes=4000)
+    rotated = audit.rotated_files(path)
+    assert len(rotated) >= 3
+    rotated[0].unlink()
+    rotated[1].unlink()
+    result = verify(path, KEY.public_key())
+    assert not result.ok and result.bad_file == rotated[2] and result.bad_line == 1
+    assert "missing" in (result.error or "")
+
+
 def test_reopen_after_rotation_continues(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     make_log(path, 30, every=1000, rotate_bytes=3000)
