@@ -68,8 +68,9 @@ def test_login_with_atoms_and_quoted_strings():
 
 
 def test_login_with_synchronizing_literal_asks_for_continuation():
-    """A {n} literal within limits yields ContinuationNeeded, then the literal is read."""
-    conn = Connection()
+    """Over TLS a {n} literal within limits yields ContinuationNeeded, then the literal
+    is read."""
+    conn = Connection(tls=True)
     assert events(conn, b"t1 LOGIN {5}\r\n") == [ContinuationNeeded("t1")]
     assert events(conn, b"alice {6}\r\n") == [ContinuationNeeded("t1")]
     assert events(conn, b"s\xc3\xa9cre\r\n") == [LoginAttempted("t1", "alice", "sécre")]
@@ -304,3 +305,18 @@ def test_reserved_tags_are_refused() -> None:
     first, second = conn.next_event(), conn.next_event()
     assert isinstance(first, BadCommand) and first.tag == "mw.id"
     assert isinstance(second, BadCommand) and second.tag == "MW.X"
+
+
+def test_login_literal_before_tls_is_not_invited() -> None:
+    """Before TLS a LOGIN with a synchronizing literal gets no `+`: the command is
+    dropped (PrivacyRequired) and the next command parses normally; with TLS, or
+    when config allows cleartext, the literal is invited as usual."""
+    from proxy.frontends.imap_wire import PrivacyRequired
+
+    conn = Connection()
+    conn.receive_data(b"a LOGIN {5}\r\nb NOOP\r\n")
+    assert conn.next_event() == PrivacyRequired("a")
+    assert conn.next_event() == CommandReceived("b", "NOOP")
+    for conn in (Connection(tls=True), Connection(cleartext_login=True)):
+        conn.receive_data(b"a LOGIN {5}\r\n")
+        assert isinstance(conn.next_event(), ContinuationNeeded)

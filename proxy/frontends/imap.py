@@ -50,6 +50,7 @@ from proxy.frontends.imap_wire import (
     ImapProtocolError,
     LimitExceeded,
     LoginAttempted,
+    PrivacyRequired,
     StartTlsRequested,
     decode_plain,
     quote,
@@ -419,6 +420,7 @@ class _ImapSession:
             max_commands=self.cfg.max_preauth_commands,
             tls=False,
             starttls=self.cfg.tls == "starttls",
+            cleartext_login=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
         )
         self.identity = Identity("")
         self.origin = Origin("imap", self.cfg.name, "", self.cfg.unidentified)
@@ -612,6 +614,8 @@ class _ImapSession:
                     return
             elif isinstance(ev, ContinuationNeeded):
                 self._send(Connection.send_continuation("Ready"))
+            elif isinstance(ev, PrivacyRequired):  # dropped by the parser: no LOGIN state
+                self._send_privacy_required(ev.tag)
             elif isinstance(ev, LoginAttempted):
                 if await self._login(ev.tag, ev.user, ev.password):
                     return
@@ -639,10 +643,13 @@ class _ImapSession:
 
     def _refuse_cleartext(self, tag: str) -> None:
         assert self.conn is not None
+        self._send_privacy_required(tag)
+        self.conn.login_refused()
+
+    def _send_privacy_required(self, tag: str) -> None:
         self._end_reason = "cleartext_refused"
         self._send(Connection.send_tagged(
             tag, "NO", "Use STARTTLS or the TLS port before logging in", "PRIVACYREQUIRED"))
-        self.conn.login_refused()
 
     async def _authenticate(self, tag: str, message: bytes) -> bool:
         assert self.conn is not None

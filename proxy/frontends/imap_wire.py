@@ -125,6 +125,15 @@ class AuthenticateCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyRequired:
+    """LOGIN announced a synchronizing literal before TLS: the command is dropped
+    without ``+``, so the client is never invited to send its password in the clear
+    (RFC 3501 7.5: after a tagged answer the client does not send the literal)."""
+
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
 class ContinuationNeeded:
     """A synchronizing literal within limits: send ``+ Ready`` so the client sends it."""
 
@@ -319,9 +328,11 @@ class Connection:
         max_commands: int = MAX_PREAUTH_COMMANDS,
         tls: bool = False,
         starttls: bool = True,
+        cleartext_login: bool = False,
     ) -> None:
         self.state = State.NOT_AUTHENTICATED
         self.tls = tls
+        self.cleartext_login = cleartext_login  # config allows LOGIN before TLS
         self.starttls_available = starttls
         self.max_commands = max_commands
         self.commands = 0
@@ -424,6 +435,11 @@ class Connection:
                 # No "+": a client waiting for it never sends the literal.
                 return self._limit(self._current_tag(), "literal",
                                    f"Literal too large (limit {MAX_LITERAL_BYTES} bytes)")
+            if not non_sync and not (self.tls or self.cleartext_login) and self._is_login():
+                tag = self._current_tag() or "*"
+                self._segments, self._command_bytes = [], 0
+                self.commands += 1  # counted like any command, so bounded the same way
+                return PrivacyRequired(tag)
             self._command_bytes += size
             self._literal_left = size
             if not non_sync:
@@ -431,6 +447,11 @@ class Connection:
 
     def _current_tag(self) -> str | None:
         return self._current_tag_of(self._segments)
+
+    def _is_login(self) -> bool:
+        first = self._segments[0] if self._segments else b""
+        words = first.split(None, 2) if isinstance(first, bytes) else []
+        return len(words) >= 2 and words[1].upper() == b"LOGIN"
 
     def _limit(self, tag: str | None, limit: str, text: str) -> LimitExceeded:
         self.state = TRANSITIONS[(self.state, "LimitExceeded")]
@@ -614,6 +635,7 @@ __all__ = [
     "ImapProtocolError",
     "LimitExceeded",
     "LoginAttempted",
+    "PrivacyRequired",
     "StartTlsRequested",
     "State",
     "decode_plain",
