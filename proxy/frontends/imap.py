@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -56,7 +57,8 @@ from proxy.frontends.imap_wire import (
     quote,
 )
 from proxy.gate import Identity, Origin
-from proxy.tls import device_id_from_ssl, feed_early_tls_bytes
+from proxy.socket_transport import SocketServer, SocketTransport
+from proxy.tls import device_id_from_ssl
 
 log = structlog.get_logger("mailward.imap")
 
@@ -71,8 +73,6 @@ DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 #: Longest upstream response (with literals) read before login; more is an error.
 MAX_UPSTREAM_RESPONSE_BYTES = 64 * 1024
-#: Raw bytes kept from a client before its implicit TLS handshake starts.
-MAX_EARLY_TLS_BYTES = 64 * 1024
 #: Receive buffer size (one buffer per event-loop thread, see :class:`_ReadBuffer`).
 SPLICE_READ_BYTES = 256 * 1024
 #: Write-buffer limits of each spliced transport: above HIGH the other side stops
@@ -138,10 +138,14 @@ def _take_read_buffer() -> memoryview:
 
 def _keeps_write_views(transport: Any) -> bool:
     """True if ``transport.write`` may hold on to the caller's buffer instead of
-    copying it. TLS transports (uvloop's and asyncio's) encrypt what they are given
-    into their outgoing BIO during ``write``; only a TLS 1.2 renegotiation could make
-    them keep it, which TLS 1.3 does not have. Plain transports keep unsent data as a
-    view (uvloop, asyncio on 3.12+) or a copy (asyncio on 3.11); assume a view."""
+    copying it. :class:`SocketTransport` says so itself (it copies). TLS transports
+    (uvloop's and asyncio's) encrypt what they are given into their outgoing BIO during
+    ``write``; only a TLS 1.2 renegotiation could make them keep it, which TLS 1.3 does
+    not have. Plain transports keep unsent data as a view (uvloop, asyncio on 3.12+) or
+    a copy (asyncio on 3.11); assume a view."""
+    declared = getattr(transport, "keeps_write_views", None)
+    if declared is not None:
+        return bool(declared)
     ssl_object = transport.get_extra_info("ssl_object")
     return ssl_object is None or ssl_object.version() != "TLSv1.3"
 
@@ -330,7 +334,7 @@ class ImapListener:
         self.port = 0
         self.sessions: set[_ImapSession] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
-        self._server: asyncio.Server | None = None
+        self._server: SocketServer | None = None
         self.closing = False
 
     async def start(self) -> ImapListener:
@@ -343,17 +347,20 @@ class ImapListener:
             # are long-lived, so resumption would save little.
             with contextlib.suppress(ValueError, AttributeError):
                 tls.num_tickets = TLS_SESSION_TICKETS
-        self._server = await loop.create_server(
-            self._new_connection, self.listener.host, self.listener.port,
-            reuse_address=True, backlog=1024,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        # Our own accept loop and transports (proxy.socket_transport): OpenSSL on the
+        # socket keeps an idle TLS session small, where the loop's TLS transport would
+        # keep a 256 KiB read buffer and BIO buffers as large as its biggest burst.
+        self._server = SocketServer(loop, self._new_connection, self.listener.host,
+                                    self.listener.port, backlog=1024)
+        self.port = self._server.port
         log.info("imap listener started", listener=self.name, port=self.port,
                  tls=self.listener.tls, upstream=self.listener.upstream)
         return self
 
-    def _new_connection(self) -> _Pipe:
-        return _ImapSession(self).client
+    def _new_connection(self, sock: socket.socket) -> None:
+        # Implicit TLS: nothing is read until the handshake, which reads it all.
+        SocketTransport(asyncio.get_running_loop(), sock, _ImapSession(self).client,
+                        start_reading=self.listener.tls != "implicit")
 
     def learn_capabilities(self, caps: list[str]) -> None:
         """Pre-auth capabilities of the upstream (from its greeting), minus our own."""
@@ -391,7 +398,6 @@ class _ImapSession:
     __slots__ = (
         "_deadline",
         "_decided",
-        "_early",
         "_end_detail",
         "_end_reason",
         "_reading_paused",
@@ -435,7 +441,6 @@ class _ImapSession:
         self._end_reason = "client_closed"
         self._end_detail = ""
         self._task: asyncio.Task[None] | None = None
-        self._early: bytearray | None = None  # raw bytes received before implicit TLS
         self._deadline = 0.0
 
     # ------------------------------------------------------------ callbacks
@@ -444,21 +449,10 @@ class _ImapSession:
         peer = transport.get_extra_info("peername") or ("", 0)
         self.origin = Origin("imap", self.cfg.name, str(peer[0]), self.cfg.unidentified)
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
-        if self.cfg.tls == "implicit":
-            # The ClientHello is for start_tls, not the parser. stdlib asyncio honours a
-            # pause here; uvloop starts reading after connection_made regardless, so
-            # early bytes are also kept in _early and handed to the TLS protocol.
-            self._early = bytearray()
-            transport.pause_reading()
         self.owner.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _on_client_data(self, data: bytes) -> None:
-        if self._early is not None:
-            self._early += data
-            if len(self._early) > MAX_EARLY_TLS_BYTES:
-                self.client.abort()
-            return
         conn = self.conn
         if conn is None:
             return
@@ -507,28 +501,14 @@ class _ImapSession:
         ctx = self.owner.ctx.server_tls
         if ctx is None:
             raise RuntimeError("TLS listener without a server TLS context")
-        loop = asyncio.get_running_loop()
         timeout = min(TLS_HANDSHAKE_TIMEOUT_S, self.cfg.preauth_idle_timeout_s)
-        early, self._early = self._early, None
-        if early:
-            raw = self.client.transport
-            # start_tls queues the TLS protocol's connection_made and resume_reading;
-            # this nested call_soon runs after both and before any further read.
-            loop.call_soon(loop.call_soon, feed_early_tls_bytes, raw, bytes(early))
-        try:
-            transport = await loop.start_tls(
-                self.client.transport, self.client, ctx, server_side=True,
-                ssl_handshake_timeout=timeout,
-            )
+        transport: SocketTransport = self.client.transport
+        try:  # aborts the connection if it fails
+            await transport.start_tls(ctx, server_side=True, timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self._end_reason, self._end_detail = "tls_failed", str(exc)[:200]
-            if self.client.transport is not None:
-                self.client.transport.abort()
-            return False
-        if transport is None:  # the client went away during the handshake
             self._end_reason = "tls_failed"
+            self._end_detail = str(exc)[:200] or type(exc).__name__
             return False
-        self.client.transport = transport
         self.device_id = device_id_from_ssl(transport.get_extra_info("ssl_object"))
         assert self.conn is not None
         if self.conn.state.value == "starttls":

@@ -1,0 +1,533 @@
+"""An asyncio transport over a non-blocking socket whose TLS is OpenSSL on the socket
+itself (``ssl.SSLSocket``), and the accept loop that makes them.
+
+Why not the event loop's own TLS transport: uvloop's and asyncio's run OpenSSL over
+memory BIOs. Each connection then owns a 256 KiB receive buffer and two BIO buffers
+that grow to the largest burst the connection ever carried and never shrink, so a
+phone's IMAP session that once fetched a large attachment keeps that much memory for
+hours (measured: about 1.3 MiB per idle connection after a 1 MiB burst, against 24 KiB
+here; ``bench/imap.py`` prints the figures). With OpenSSL on the socket, its record
+buffers are released whenever they are empty (CPython sets ``SSL_MODE_RELEASE_BUFFERS``)
+and plaintext is read into one buffer per thread, shared by every connection. It also
+saves two copies per byte each way.
+
+:class:`SocketTransport` speaks plain TCP until :meth:`SocketTransport.start_tls`
+upgrades it in place (implicit TLS starts there at once; STARTTLS after the OK), so no
+byte is ever read by a plaintext reader that the handshake needed. It implements the
+parts of ``asyncio.Transport`` that protocols use: write with flow control
+(``pause_writing``/``resume_writing``), pause/resume reading, close (flush, then TLS
+close_notify), abort, and ``get_extra_info`` (``peername``, ``sockname``, ``socket``,
+``ssl_object``, ``peercert``, ``cipher``). Protocols may be buffered
+(``get_buffer``/``buffer_updated``) or not (``data_received``).
+
+Only what the loop offers everywhere is used (``add_reader``/``add_writer``), so it runs
+on uvloop and stdlib asyncio alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("mailward.sockets")
+
+#: Plaintext receive buffer, one per event-loop thread (above a TLS record's 16 KiB,
+#: so one ``recv_into`` takes a whole record).
+READ_BUFFER_BYTES = 256 * 1024
+#: Reads per readiness callback before other connections get a turn.
+READS_PER_CALLBACK = 16
+#: Bytes handed to one ``send``: OpenSSL must be given the same bytes again after a
+#: would-block, so unsent TLS data is retried in pieces of at most this size.
+SEND_CHUNK_BYTES = 64 * 1024
+#: Default write-buffer limits (as asyncio's): above HIGH ``pause_writing``.
+WRITE_HIGH_BYTES, WRITE_LOW_BYTES = 64 * 1024, 16 * 1024
+#: Accepts per readiness callback of a listening socket.
+ACCEPTS_PER_CALLBACK = 64
+#: After running out of file descriptors, wait this long before accepting again.
+ACCEPT_RETRY_S = 0.1
+
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _ReadBuffer(threading.local):
+    view: memoryview | None = None
+
+
+_read_buffer = _ReadBuffer()
+
+
+def _shared_buffer() -> memoryview:
+    view = _read_buffer.view
+    if view is None:
+        view = _read_buffer.view = memoryview(bytearray(READ_BUFFER_BYTES))
+    return view
+
+
+class SocketTransport(asyncio.Transport):
+    """A connected stream socket as an asyncio transport; TLS once :meth:`start_tls`
+    has completed. Unsent bytes are always copied, never kept as views of the caller's
+    buffer (``keeps_write_views`` is False)."""
+
+    keeps_write_views = False
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        *,
+        start_reading: bool = True,
+    ) -> None:
+        super().__init__()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop = loop
+        self._sock: socket.socket | ssl.SSLSocket = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._extra: dict[str, Any] = {"socket": sock}
+        try:
+            self._extra["peername"] = sock.getpeername()
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            pass
+        self._tls = False
+        self._outgoing: collections.deque[bytes] = collections.deque()
+        self._outgoing_size = 0
+        self._inflight: memoryview | None = None  # TLS bytes OpenSSL must be offered again
+        self._high, self._low = WRITE_HIGH_BYTES, WRITE_LOW_BYTES
+        self._protocol_paused = False  # we called pause_writing
+        self._reading = False
+        self._read_paused = False
+        self._writer_added = False
+        self._closing = False  # close() called: flush, then shut down
+        self._closed = False  # socket closed, connection_lost scheduled
+        self._handshake: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._loop.call_soon(protocol.connection_made, self)
+        if start_reading:
+            self._loop.call_soon(self._start_reading)
+
+    # ------------------------------------------------------------- asyncio API
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        self._read_paused = True
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        self._read_paused = False
+        if not self._closing and self._handshake is None:
+            self._start_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._outgoing_size + (len(self._inflight) if self._inflight is not None else 0)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = WRITE_HIGH_BYTES if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._check_high_water()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._closed:
+            return  # as asyncio's: writes after close are dropped
+        if not data:
+            return
+        if not self._outgoing and self._inflight is None and self._handshake is None:
+            try:
+                data = self._send_now(memoryview(data))
+            except OSError as exc:  # ssl.SSLError included
+                self._fatal(exc)
+                return
+            if not data and self._inflight is None:
+                return
+        if data:
+            self._outgoing.append(bytes(data))  # a copy: the caller's buffer may be reused
+            self._outgoing_size += len(data)
+        if self._handshake is None:
+            self._add_writer()
+        self._check_high_water()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def close(self) -> None:
+        """Stop reading; send what is buffered, then (TLS) close_notify, then close."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        self._stop_reading()
+        if self._handshake is not None or not (self._outgoing or self._inflight):
+            self._shutdown()
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    # ------------------------------------------------------------------- TLS
+
+    async def start_tls(
+        self,
+        ctx: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        """Upgrade to TLS in place. Bytes still buffered for writing (a STARTTLS OK)
+        go out first, in plaintext; reading stops at once, so the handshake reads
+        everything after. Raises ``ssl.SSLError``, ``ConnectionError`` or
+        ``TimeoutError``; on failure the transport is aborted."""
+        if self._tls or self._closed or self._closing:
+            raise ConnectionError("transport closed or already TLS")
+        self._stop_reading()
+        self._handshake = self._loop.create_future()
+        try:
+            if self._outgoing or self._inflight is not None:  # flush plaintext first
+                self._drained = self._loop.create_future()
+                self._add_writer()
+                await asyncio.wait_for(self._drained, timeout)
+            raw = self._sock
+            assert not isinstance(raw, ssl.SSLSocket)
+            tls_sock = ctx.wrap_socket(
+                raw, server_side=server_side, server_hostname=server_hostname,
+                do_handshake_on_connect=False,
+            )
+            self._sock = tls_sock
+            self._extra["socket"] = tls_sock
+            self._tls = True
+            self._handshake_step()
+            await asyncio.wait_for(self._handshake, timeout)
+        except BaseException:
+            self._force_close(None)
+            raise
+        finally:
+            self._handshake = self._drained = None
+        assert isinstance(self._sock, ssl.SSLSocket)
+        self._extra.update(ssl_object=self._sock, peercert=self._sock.getpeercert(),
+                           cipher=self._sock.cipher())
+        if not self._read_paused and not self._closing:
+            self._start_reading()
+        if self._outgoing or self._inflight is not None:
+            self._add_writer()
+
+    def _handshake_step(self) -> None:
+        fut = self._handshake
+        if fut is None or fut.done() or self._closed:
+            return
+        self._loop.remove_reader(self._fd)
+        self._remove_writer()
+        sock = self._sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._loop.add_reader(self._fd, self._handshake_step)
+        except ssl.SSLWantWriteError:
+            self._add_writer(self._handshake_step)
+        except (ssl.SSLError, OSError) as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+
+    # --------------------------------------------------------------- reading
+
+    def _start_reading(self) -> None:
+        if self._reading or self._closed or self._closing or self._read_paused:
+            return
+        self._reading = True
+        self._loop.add_reader(self._fd, self._read_ready)
+        if self._tls and self._sock.pending():  # type: ignore[union-attr]
+            self._loop.call_soon(self._read_ready)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self._closed:
+                self._loop.remove_reader(self._fd)
+
+    def _read_ready(self) -> None:
+        sock = self._sock
+        for _ in range(READS_PER_CALLBACK):
+            if not self._reading:
+                return
+            buffered = self._buffered
+            buf = self._protocol.get_buffer(-1) if buffered else _shared_buffer()  # type: ignore[attr-defined]
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+                return
+            except ssl.SSLWantWriteError:
+                return  # only renegotiation wants this, and it is refused
+            except (ssl.SSLError, OSError) as exc:
+                self._fatal(exc)
+                return
+            if n == 0:
+                self._eof()
+                return
+            try:
+                if buffered:
+                    self._protocol.buffer_updated(n)  # type: ignore[attr-defined]
+                else:
+                    self._protocol.data_received(bytes(buf[:n]))  # type: ignore[attr-defined]
+            except Exception as exc:
+                self._fatal(exc)
+                return
+        if self._reading and self._tls and self._sock.pending():  # type: ignore[union-attr]
+            self._loop.call_soon(self._read_ready)
+
+    def _eof(self) -> None:
+        self._stop_reading()
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._fatal(exc)
+            return
+        if not keep_open:
+            self.close()
+
+    # --------------------------------------------------------------- writing
+
+    def _send_now(self, data: memoryview) -> memoryview:
+        """Send what the socket takes now; return the rest (empty when all went)."""
+        sock = self._sock
+        if not self._tls:
+            while data:
+                try:
+                    n = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    return data
+                data = data[n:]
+            return data
+        while data:
+            chunk = data[:SEND_CHUNK_BYTES]
+            try:
+                sock.send(chunk)  # all of it, or would-block with OpenSSL holding state
+            except ssl.SSLWantWriteError:
+                self._inflight = memoryview(bytes(chunk))
+                return data[len(chunk):]
+            except ssl.SSLWantReadError:  # renegotiation: refused (OP_NO_RENEGOTIATION)
+                raise ConnectionError("TLS renegotiation is not supported") from None
+            data = data[len(chunk):]
+        return data
+
+    def _write_ready(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                rest = self._send_now(inflight)
+                if self._inflight is not None or rest:
+                    return  # still would block (rest is empty: inflight < one chunk)
+            while self._outgoing:
+                data = self._outgoing.popleft()
+                self._outgoing_size -= len(data)
+                rest = self._send_now(memoryview(data))
+                if rest:
+                    self._outgoing.appendleft(bytes(rest))
+                    self._outgoing_size += len(rest)
+                if self._inflight is not None or rest:
+                    break
+        except (ssl.SSLError, OSError) as exc:
+            self._fatal(exc)
+            return
+        if self._protocol_paused and self.get_write_buffer_size() <= self._low:
+            self._protocol_paused = False
+            self._call_protocol("resume_writing")
+        if not self._outgoing and self._inflight is None:
+            self._remove_writer()
+            drained = self._drained
+            if drained is not None and not drained.done():
+                drained.set_result(None)  # start_tls: plaintext flushed, wrap now
+            elif self._closing:
+                self._shutdown()
+
+    def _add_writer(self, callback: Callable[[], None] | None = None) -> None:
+        if self._closed:
+            return
+        self._loop.add_writer(self._fd, callback or self._write_ready)
+        self._writer_added = True
+
+    def _remove_writer(self) -> None:
+        if self._writer_added and not self._closed:
+            self._loop.remove_writer(self._fd)
+        self._writer_added = False
+
+    def _check_high_water(self) -> None:
+        if not self._protocol_paused and self.get_write_buffer_size() > self._high:
+            self._protocol_paused = True
+            self._call_protocol("pause_writing")
+
+    # --------------------------------------------------------------- closing
+
+    def _shutdown(self) -> None:
+        """Send close_notify (TLS, best effort, never waiting for the peer's), close."""
+        sock = self._sock
+        if self._tls and self._handshake is None and isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # ours is sent; the peer's is not awaited
+            except ssl.SSLWantWriteError:
+                self._add_writer(self._retry_shutdown)
+                return
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+        self._force_close(None)
+
+    def _retry_shutdown(self) -> None:
+        self._remove_writer()
+        self._shutdown()
+
+    def _fatal(self, exc: BaseException) -> None:
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.debug("connection error", error=str(exc)[:200])
+        elif isinstance(exc, OSError):
+            log.debug("socket error", error=str(exc)[:200])
+        else:
+            log.exception("protocol callback failed")
+        self._force_close(exc if isinstance(exc, Exception) else None)
+
+    def _force_close(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        if self._reading:
+            self._reading = False
+        self._loop.remove_reader(self._fd)
+        if self._writer_added:
+            self._loop.remove_writer(self._fd)
+            self._writer_added = False
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        self._inflight = None
+        for fut in (self._handshake, self._drained):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError("connection closed before TLS was up"))
+                fut.exception()  # retrieved: start_tls may already have given up on it
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._protocol = asyncio.Protocol()  # drop references to the session
+
+    def _call_protocol(self, name: str) -> None:
+        try:
+            getattr(self._protocol, name)()
+        except Exception:
+            log.exception("protocol callback failed", callback=name)
+
+
+class SocketServer:
+    """A listening TCP socket that hands each accepted connection to ``on_accept``
+    (which builds its :class:`SocketTransport`). Like ``loop.create_server``, but the
+    connections' transports are ours."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_accept: Callable[[socket.socket], None],
+        host: str,
+        port: int,
+        *,
+        backlog: int = 1024,
+    ) -> None:
+        self._loop = loop
+        self._on_accept = on_accept
+        self.sockets: list[socket.socket] = []
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        try:
+            for family, type_, proto, _, addr in infos:
+                sock = socket.socket(family, type_, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(backlog)
+                sock.setblocking(False)
+                if port == 0:  # every address family on the same, first chosen, port
+                    port = sock.getsockname()[1]
+                    infos = [(f, t, p, c, (a[0], port, *a[2:])) for f, t, p, c, a in infos]
+        except OSError:
+            self.close()
+            raise
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_CALLBACK):
+            try:
+                conn, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.warning("accept failed; pausing", error=str(exc))
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_S, self._resume, listener)
+                return  # ECONNABORTED and the like: the next readiness will do
+            try:
+                self._on_accept(conn)
+            except Exception:
+                log.exception("accept handler failed")
+                conn.close()
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener.fileno() >= 0:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+
+__all__ = ["SocketServer", "SocketTransport"]
