@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import os
 import socket
 import ssl
 import threading
@@ -50,6 +51,9 @@ READS_PER_CALLBACK = 16
 SEND_CHUNK_BYTES = 64 * 1024
 #: Default write-buffer limits (as asyncio's): above HIGH ``pause_writing``.
 WRITE_HIGH_BYTES, WRITE_LOW_BYTES = 64 * 1024, 16 * 1024
+#: After a close, how long the peer's further input is read and discarded (see
+#: :meth:`SocketTransport._linger`).
+LINGER_S = 2.0
 #: Accepts per readiness callback of a listening socket.
 ACCEPTS_PER_CALLBACK = 64
 #: After running out of file descriptors, wait this long before accepting again.
@@ -115,6 +119,8 @@ class SocketTransport(asyncio.Transport):
         self._closed = False  # socket closed, connection_lost scheduled
         self._handshake: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._lost_scheduled = False
         self._loop.call_soon(protocol.connection_made, self)
         if start_reading:
             self._loop.call_soon(self._start_reading)
@@ -410,7 +416,31 @@ class SocketTransport(asyncio.Transport):
                 return
             except (ssl.SSLError, OSError, ValueError):
                 pass
-        self._force_close(None)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop what the peer still sends until it closes
+        or ``LINGER_S`` passes. Closing a socket with unread input makes the kernel
+        send RST, and a peer that gets RST may lose our last response before reading
+        it (a ``BAD``/``BYE`` after a flood of pipelined commands, say)."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)  # an SSLSocket drops its SSL state here
+        except OSError:
+            self._force_close(None)
+            return
+        self._loop.add_reader(self._fd, self._linger_read)
+        self._linger_timer = self._loop.call_later(LINGER_S, self._force_close, None)
+        self._schedule_connection_lost(None)  # for the protocol, the connection is over
+
+    def _linger_read(self) -> None:
+        try:
+            data = os.read(self._fd, 64 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._force_close(None)
 
     def _retry_shutdown(self) -> None:
         self._remove_writer()
@@ -429,8 +459,9 @@ class SocketTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = self._closing = True
-        if self._reading:
-            self._reading = False
+        self._reading = False
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._loop.remove_reader(self._fd)
         if self._writer_added:
             self._loop.remove_writer(self._fd)
@@ -444,7 +475,12 @@ class SocketTransport(asyncio.Transport):
                 fut.exception()  # retrieved: start_tls may already have given up on it
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._loop.call_soon(self._call_connection_lost, exc)
+        self._schedule_connection_lost(exc)
+
+    def _schedule_connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost_scheduled:
+            self._lost_scheduled = True
+            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
         try:
@@ -457,6 +493,46 @@ class SocketTransport(asyncio.Transport):
             getattr(self._protocol, name)()
         except Exception:
             log.exception("protocol callback failed", callback=name)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    protocol: asyncio.BaseProtocol,
+    *,
+    tls: ssl.SSLContext | None = None,
+    timeout: float,
+) -> SocketTransport:
+    """Connect to ``host:port`` (each resolved address in turn) and, with ``tls``,
+    complete a verified TLS handshake, all within ``timeout``. ``protocol`` gets
+    ``connection_made`` once connected; raises ``OSError``/``ssl.SSLError``/
+    ``TimeoutError`` (the socket closed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def left() -> float:
+        return max(0.0, deadline - loop.time())
+
+    infos = await asyncio.wait_for(
+        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), left())
+    error: OSError = OSError(f"no address for {host}")
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), left())
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise
+            error = exc
+            continue
+        transport = SocketTransport(loop, sock, protocol, start_reading=tls is None)
+        if tls is not None:
+            await transport.start_tls(tls, server_side=False, server_hostname=host,
+                                      timeout=left())
+        return transport
+    raise error
 
 
 class SocketServer:
@@ -530,4 +606,4 @@ class SocketServer:
                 sock.close()
 
 
-__all__ = ["SocketServer", "SocketTransport"]
+__all__ = ["SocketServer", "SocketTransport", "open_connection"]

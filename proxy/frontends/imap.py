@@ -57,7 +57,7 @@ from proxy.frontends.imap_wire import (
     quote,
 )
 from proxy.gate import Identity, Origin
-from proxy.socket_transport import SocketServer, SocketTransport
+from proxy.socket_transport import SocketServer, SocketTransport, open_connection
 from proxy.tls import device_id_from_ssl
 
 log = structlog.get_logger("mailward.imap")
@@ -716,15 +716,9 @@ class _ImapSession:
         if cfg.upstream_tls != "none" and tls_ctx is None:
             raise UpstreamError("upstream TLS configured without a TLS context")
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: up.pipe, host, port,
-                    ssl=tls_ctx if implicit else None,
-                    server_hostname=host if implicit else None,
-                    ssl_handshake_timeout=cfg.upstream_connect_timeout_s if implicit else None,
-                ),
-                cfg.upstream_connect_timeout_s,
-            )
+            up.pipe.transport = await open_connection(
+                host, port, up.pipe, tls=tls_ctx if implicit else None,
+                timeout=cfg.upstream_connect_timeout_s)
         except TimeoutError:
             raise UpstreamError("connecting to the upstream timed out") from None
         deadline = loop.time() + cfg.upstream_timeout_s
@@ -738,11 +732,8 @@ class _ImapSession:
             if _status(line, _TAG_TLS) != "OK":
                 raise UpstreamError("upstream refused STARTTLS")
             assert tls_ctx is not None
-            transport = await asyncio.wait_for(
-                loop.start_tls(up.pipe.transport, up.pipe, tls_ctx, server_hostname=host),
-                max(0.1, deadline - loop.time()),
-            )
-            up.pipe.transport = transport
+            await up.pipe.transport.start_tls(tls_ctx, server_side=False, server_hostname=host,
+                                              timeout=max(0.1, deadline - loop.time()))
             caps_m = None  # capabilities before TLS are not to be trusted
         if caps_m is not None:
             caps = _capabilities(caps_m.group(1))
