@@ -289,34 +289,55 @@ class SocketTransport(asyncio.Transport):
                 self._loop.remove_reader(self._fd)
 
     def _read_ready(self) -> None:
-        sock = self._sock
         for _ in range(READS_PER_CALLBACK):
             if not self._reading:
                 return
             buffered = self._buffered
-            buf = self._protocol.get_buffer(-1) if buffered else _shared_buffer()  # type: ignore[attr-defined]
+            buf = memoryview(
+                self._protocol.get_buffer(-1) if buffered else _shared_buffer())  # type: ignore[attr-defined]
             try:
-                n = sock.recv_into(buf)
-            except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
-                return
-            except ssl.SSLWantWriteError:
-                return  # only renegotiation wants this, and it is refused
+                n, more = self._fill(buf)
             except (ssl.SSLError, OSError) as exc:
                 self._fatal(exc)
                 return
-            if n == 0:
+            if n:
+                try:
+                    if buffered:
+                        self._protocol.buffer_updated(n)  # type: ignore[attr-defined]
+                    else:
+                        self._protocol.data_received(bytes(buf[:n]))  # type: ignore[attr-defined]
+                except Exception as exc:
+                    self._fatal(exc)
+                    return
+            if more is None:
                 self._eof()
                 return
-            try:
-                if buffered:
-                    self._protocol.buffer_updated(n)  # type: ignore[attr-defined]
-                else:
-                    self._protocol.data_received(bytes(buf[:n]))  # type: ignore[attr-defined]
-            except Exception as exc:
-                self._fatal(exc)
+            if not more:
                 return
-        if self._reading and self._tls and self._sock.pending():  # type: ignore[union-attr]
+        if self._reading:  # budget spent with input left: come back after the others
             self._loop.call_soon(self._read_ready)
+
+    def _fill(self, buf: memoryview) -> tuple[int, bool | None]:
+        """Read into ``buf``: ``(bytes read, more)``, ``more`` None at end of input.
+
+        With TLS, one ``recv_into`` returns one record (a peer may send small ones), so
+        records are gathered until the buffer is full or the socket is drained: what is
+        passed on, and so what is written to the other side, comes in large pieces."""
+        sock = self._sock
+        filled = 0
+        while filled < len(buf):
+            try:
+                n = sock.recv_into(buf[filled:] if filled else buf)
+            except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+                return filled, False
+            except ssl.SSLWantWriteError:
+                return filled, False  # only renegotiation wants this, and it is refused
+            if n == 0:
+                return filled, None
+            filled += n
+            if not self._tls:
+                break  # one recv takes what the kernel holds
+        return filled, True
 
     def _eof(self) -> None:
         self._stop_reading()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
+from loops import event_loop_policy  # noqa: F401  (every test on asyncio and uvloop)
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
 
@@ -51,16 +52,6 @@ PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret", SYNC: "sync-secret"}
 SYNC_MESSAGES = 300
 TIKTOK = App("com.zhiliaoapp.musically", "35.1.3", "TikTok")
 MESSAGES = 20
-
-
-@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every test runs on stdlib asyncio and on uvloop (the production default), whose
-    transports differ in details such as when reading starts."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
 
 
 @dataclass
