@@ -83,6 +83,12 @@ class SocketTransport(asyncio.Transport):
 
     keeps_write_views = False
 
+    # Phones hold IMAP sessions for hours: no per-instance __dict__.
+    __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
+                 "_high", "_inflight", "_linger_timer", "_loop", "_lost_scheduled", "_low",
+                 "_outgoing", "_outgoing_size", "_protocol", "_protocol_paused",
+                 "_read_paused", "_reading", "_sock", "_tls", "_writer_added")
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -91,7 +97,6 @@ class SocketTransport(asyncio.Transport):
         *,
         start_reading: bool = True,
     ) -> None:
-        super().__init__()
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -100,14 +105,10 @@ class SocketTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
-        self._extra: dict[str, Any] = {"socket": sock}
-        try:
-            self._extra["peername"] = sock.getpeername()
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            pass
+        super().__init__()
         self._tls = False
-        self._outgoing: collections.deque[bytes] = collections.deque()
+        # Unsent bytes; None while there are none (an empty deque alone is 600 bytes).
+        self._outgoing: collections.deque[bytes] | None = None
         self._outgoing_size = 0
         self._inflight: memoryview | None = None  # TLS bytes OpenSSL must be offered again
         self._high, self._low = WRITE_HIGH_BYTES, WRITE_LOW_BYTES
@@ -128,6 +129,21 @@ class SocketTransport(asyncio.Transport):
     # ------------------------------------------------------------- asyncio API
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # Asked of the socket (and OpenSSL) when wanted, not kept per connection.
+        if name == "socket":
+            return self._sock
+        if name in ("peername", "sockname") and not self._closed:
+            try:
+                return self._sock.getpeername() if name == "peername" else self._sock.getsockname()
+            except OSError:
+                return default
+        if self._tls and self._handshake is None and isinstance(self._sock, ssl.SSLSocket):
+            if name == "ssl_object":
+                return self._sock
+            if name == "peercert":
+                return self._sock.getpeercert()
+            if name == "cipher":
+                return self._sock.cipher()
         return self._extra.get(name, default)
 
     def is_closing(self) -> bool:
@@ -185,6 +201,8 @@ class SocketTransport(asyncio.Transport):
             if not data and self._inflight is None:
                 return
         if data:
+            if self._outgoing is None:
+                self._outgoing = collections.deque()
             self._outgoing.append(bytes(data))  # a copy: the caller's buffer may be reused
             self._outgoing_size += len(data)
         if self._handshake is None:
@@ -236,7 +254,6 @@ class SocketTransport(asyncio.Transport):
                 do_handshake_on_connect=False,
             )
             self._sock = tls_sock
-            self._extra["socket"] = tls_sock
             self._tls = True
             self._handshake_step()
             await asyncio.wait_for(self._handshake, timeout)
@@ -245,9 +262,6 @@ class SocketTransport(asyncio.Transport):
             raise
         finally:
             self._handshake = self._drained = None
-        assert isinstance(self._sock, ssl.SSLSocket)
-        self._extra.update(ssl_object=self._sock, peercert=self._sock.getpeercert(),
-                           cipher=self._sock.cipher())
         if not self._read_paused and not self._closing:
             self._start_reading()
         if self._outgoing or self._inflight is not None:
@@ -385,9 +399,13 @@ class SocketTransport(asyncio.Transport):
                     return  # still would block (rest is empty: inflight < one chunk)
             while self._outgoing:
                 data = self._outgoing.popleft()
+                if not self._outgoing:
+                    self._outgoing = None
                 self._outgoing_size -= len(data)
                 rest = self._send_now(memoryview(data))
                 if rest:
+                    if self._outgoing is None:
+                        self._outgoing = collections.deque()
                     self._outgoing.appendleft(bytes(rest))
                     self._outgoing_size += len(rest)
                 if self._inflight is not None or rest:
@@ -487,7 +505,7 @@ class SocketTransport(asyncio.Transport):
         if self._writer_added:
             self._loop.remove_writer(self._fd)
             self._writer_added = False
-        self._outgoing.clear()
+        self._outgoing = None
         self._outgoing_size = 0
         self._inflight = None
         for fut in (self._handshake, self._drained):

@@ -149,7 +149,13 @@ async def test_tls_echo_of_large_payloads_is_byte_exact(
     with serving(server_ctx, protocols, on_data=echo) as server:
 
         def client() -> tuple[bytes, bytes]:
-            s = client_ctx.wrap_socket(connect(server), server_hostname="localhost")
+            raw = socket.socket()
+            raw.settimeout(20)
+            # Small, so what the kernel can hold (this plus the server's send buffer,
+            # at most 4 MiB) is well below the payload: the server must buffer.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            raw.connect(("127.0.0.1", server.port))
+            s = client_ctx.wrap_socket(raw, server_hostname="localhost")
             sender = threading.Thread(target=s.sendall, args=(payload,))
             sender.start()
             sender.join()  # reading only now: the echo backs up in the server meanwhile

@@ -247,6 +247,8 @@ class _Pipe(asyncio.BufferedProtocol):
 class _Upstream:
     """Pre-auth conversation with the upstream server: read response lines."""
 
+    __slots__ = ("_wakeup", "buf", "capabilities", "pipe")
+
     def __init__(self) -> None:
         self.pipe = _Pipe(self._on_data, self._on_close)
         self.buf = bytearray()
