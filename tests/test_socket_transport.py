@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -189,6 +190,7 @@ async def test_close_flushes_everything_then_sends_close_notify(
         def client() -> tuple[bytes, bool]:
             s = client_ctx.wrap_socket(connect(server), server_hostname="localhost")
             s.sendall(b"go")
+            time.sleep(0.3)  # not reading yet: the 4 MiB write must be buffered, in parts
             got = bytearray()
             clean = False
             while True:
