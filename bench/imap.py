@@ -21,7 +21,10 @@ What is measured:
   opened (after a warm-up batch and a first batch), divided by that batch's size; each
   session is logged in and in IDLE (its ``+`` continuation read). The upstream's memory
   is not counted, mailward's connection to it is. Reported with a plain upstream (the
-  issue's figure) and with a TLS upstream (two TLS connections per session).
+  issue's figure), with a TLS upstream (two TLS connections per session), and with a
+  plain upstream for sessions that each fetched a 1 MiB message before idling (what a
+  phone does after syncing an attachment; a TLS transport whose buffers keep their
+  high-water mark would show it here).
 
 Processes: this one (clients, uvloop), a mailward listener process (uvloop, real Gate
 with SqlitePostureStore and AuditLog), an aiohttp ``auth_http`` process doing the same
@@ -58,6 +61,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 USER, PASSWORD, DEVICE = "bench@corp.example", "bench-secret", "bench-phone"
 NGINX_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 CONCURRENCY = 8
+#: Size of the message each "after a burst" idle session fetches before it idles.
+BURST_BYTES = 1024 * 1024
 MESSAGE_BYTES = 100 * 1024
 
 
@@ -187,6 +192,10 @@ async def serve_fake_upstream(certs: Path | None = None) -> None:
                 tag, cmd = parts[0], parts[1].upper().strip()
                 if cmd == b"IDLE":
                     self.t.write(b"+ idling\r\n")
+                elif cmd == b"FETCH":  # one message of BURST_BYTES, whatever was asked
+                    body = (b"x" * 1022 + b"\r\n") * (BURST_BYTES // 1024)
+                    self.t.write(b"* 1 FETCH (BODY[] {%d}\r\n" % len(body)
+                                 + body + b")\r\n" + tag + b" OK done\r\n")
                 elif cmd == b"LOGIN":
                     self.t.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
                 elif cmd == b"ID":
@@ -360,14 +369,36 @@ async def bench_fetch(
     return counter.n / elapsed / 1e6, counter.n, cpu
 
 
-async def open_idle_sessions(port: int, ctx: ssl.SSLContext, n: int) -> list[Any]:
-    """``n`` sessions logged in through the proxy, each in IDLE (continuation seen)."""
+def aead_seal_cpu_per_gb(cipher: str) -> float:
+    """CPU seconds per GB to seal 16 KiB TLS records with ``cipher``'s AEAD (OpenSSL,
+    through ``cryptography``): the least one TLS side of any proxy spends per byte
+    (opening costs about the same)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    aead: Any = (ChaCha20Poly1305(os.urandom(32)) if "CHACHA" in cipher
+                 else AESGCM(os.urandom(32 if "256" in cipher else 16)))
+    record, nonce, total = os.urandom(16384), os.urandom(12), 512 * 1024 * 1024
+    start = time.process_time()
+    for _ in range(total // len(record)):
+        aead.encrypt(nonce, record, None)
+    return (time.process_time() - start) / (total / 1e9)
+
+
+async def open_idle_sessions(
+    port: int, ctx: ssl.SSLContext, n: int, *, burst: bool = False
+) -> list[Any]:
+    """``n`` sessions logged in through the proxy, each in IDLE (continuation seen);
+    with ``burst``, each first fetches a message of ``BURST_BYTES`` (a phone that synced
+    a large attachment, then idles)."""
     sem = asyncio.Semaphore(64)
     out = []
 
     async def one() -> None:
         async with sem:
             r, w = await _login(port, ctx)
+            if burst:
+                w.write(b"f FETCH 1 BODY[]\r\n")
+                await _tagged(r, b"f")
             w.write(b"i IDLE\r\n")
             line = await r.readline()
             if not line.startswith(b"+"):
@@ -475,16 +506,18 @@ async def main(args: argparse.Namespace) -> None:
         # one-off allocations (caches, the first TLS contexts, heap growth for
         # handshakes) do not count.
         memory: dict[str, float] = {}
-        for name in ("idle", "idle-tls"):
-            warm = await open_idle_sessions(ports[name], ctx, 200)
+        for name, port, burst in (("idle", ports["idle"], False),
+                                  ("idle-tls", ports["idle-tls"], False),
+                                  ("idle-after-burst", ports["idle"], True)):
+            warm = await open_idle_sessions(port, ctx, 200, burst=burst)
             for w in warm:
                 w.close()
             await asyncio.sleep(1)
             half = args.sessions // 2
-            first = await open_idle_sessions(ports[name], ctx, half)
+            first = await open_idle_sessions(port, ctx, half, burst=burst)
             await asyncio.sleep(1)
             base = _rss_bytes(mw.pid)
-            second = await open_idle_sessions(ports[name], ctx, args.sessions - half)
+            second = await open_idle_sessions(port, ctx, args.sessions - half, burst=burst)
             await asyncio.sleep(1)
             memory[name] = (_rss_bytes(mw.pid) - base) / len(second)
             for w in first + second:
@@ -498,6 +531,19 @@ async def main(args: argparse.Namespace) -> None:
               f"({args.sessions} sessions): {memory['idle'] / 1024:.1f} KiB")
         print(f"mailward memory per idle IDLE TLS session, TLS upstream "
               f"({args.sessions} sessions): {memory['idle-tls'] / 1024:.1f} KiB")
+        print(f"mailward memory per idle IDLE TLS session after a {BURST_BYTES >> 10} KiB "
+              f"FETCH, plain upstream ({args.sessions} sessions): "
+              f"{memory['idle-after-burst'] / 1024:.1f} KiB")
+        # The floor for a TLS proxy on this machine, measured now: the cleartext splice
+        # (kernel TCP work on loopback, both socket ends) plus the AEAD of each TLS side.
+        _, probe = await _login(ports["mailward"], ctx)
+        cipher = probe.get_extra_info("cipher")[0]
+        probe.close()
+        seal = aead_seal_cpu_per_gb(cipher)
+        clear_cpu = cpu_per_gb["mailward-cleartext"]
+        print(f"{cipher} seal (one TLS side, no I/O): {seal:.2f} CPU-s/GB; floor with TLS "
+              f"to the client only: {clear_cpu + seal:.2f}, with TLS both sides: "
+              f"{clear_cpu + 2 * seal:.2f} (cleartext splice + AEAD per side)")
         print()
         print("ratios (targets from issue 4):")
         if "nginx+auth_http" in logins:

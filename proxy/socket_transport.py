@@ -69,7 +69,13 @@ class _ReadBuffer(threading.local):
 _read_buffer = _ReadBuffer()
 
 
-def _shared_buffer() -> memoryview:
+def shared_read_buffer() -> memoryview:
+    """The receive buffer of this event-loop thread, shared by all its connections.
+
+    A read is handed on before the next one starts (the read into it and the
+    protocol's ``buffer_updated`` run with no other Python code in between), and a
+    :class:`SocketTransport` copies what it cannot send at once, so idle connections
+    hold no receive buffer at all."""
     view = _read_buffer.view
     if view is None:
         view = _read_buffer.view = memoryview(bytearray(READ_BUFFER_BYTES))
@@ -79,9 +85,7 @@ def _shared_buffer() -> memoryview:
 class SocketTransport(asyncio.Transport):
     """A connected stream socket as an asyncio transport; TLS once :meth:`start_tls`
     has completed. Unsent bytes are always copied, never kept as views of the caller's
-    buffer (``keeps_write_views`` is False)."""
-
-    keeps_write_views = False
+    buffer (which may be :func:`shared_read_buffer`)."""
 
     # Phones hold IMAP sessions for hours: no per-instance __dict__.
     __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
@@ -308,7 +312,7 @@ class SocketTransport(asyncio.Transport):
                 return
             buffered = self._buffered
             buf = memoryview(
-                self._protocol.get_buffer(-1) if buffered else _shared_buffer())  # type: ignore[attr-defined]
+                self._protocol.get_buffer(-1) if buffered else shared_read_buffer())  # type: ignore[attr-defined]
             try:
                 n, more = self._fill(buf)
             except (ssl.SSLError, OSError) as exc:
@@ -645,4 +649,4 @@ class SocketServer:
                 sock.close()
 
 
-__all__ = ["SocketServer", "SocketTransport", "open_connection"]
+__all__ = ["SocketServer", "SocketTransport", "open_connection", "shared_read_buffer"]

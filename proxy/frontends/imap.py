@@ -18,6 +18,10 @@ One :class:`_ImapSession` per client connection:
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
 
+Both connections of a session are ``proxy.socket_transport.SocketTransport`` objects
+(OpenSSL on the socket), not the event loop's transports: an idle session then holds
+no receive buffer and no TLS buffers, however much mail it once carried.
+
 Audit: a login attempt gives one ``decision`` record (from the gate; an unreachable
 upstream is a temporary deny ``upstream_unavailable``); a connection that ends before
 any login attempt gives one ``session_end`` record with the reason.
@@ -30,7 +34,6 @@ import contextlib
 import re
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +60,12 @@ from proxy.frontends.imap_wire import (
     quote,
 )
 from proxy.gate import Identity, Origin
-from proxy.socket_transport import SocketServer, SocketTransport, open_connection
+from proxy.socket_transport import (
+    SocketServer,
+    SocketTransport,
+    open_connection,
+    shared_read_buffer,
+)
 from proxy.tls import device_id_from_ssl
 
 log = structlog.get_logger("mailward.imap")
@@ -73,8 +81,6 @@ DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 #: Longest upstream response (with literals) read before login; more is an error.
 MAX_UPSTREAM_RESPONSE_BYTES = 64 * 1024
-#: Receive buffer size (one buffer per event-loop thread, see :class:`_ReadBuffer`).
-SPLICE_READ_BYTES = 256 * 1024
 #: Write-buffer limits of each spliced transport: above HIGH the other side stops
 #: reading until the buffer drains to LOW (flow control, bounded memory per session).
 SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW = 1024 * 1024, 256 * 1024
@@ -113,55 +119,17 @@ class UpstreamError(Exception):
 # ------------------------------------------------------------------------ transports
 
 
-class _ReadBuffer(threading.local):
-    """One receive buffer per event-loop thread, shared by every connection on it.
-
-    A read is consumed before the next one starts (``get_buffer``, the read into it and
-    ``buffer_updated`` run without other Python code in between), so idle sessions hold
-    no receive buffer at all. A writer that keeps a view of the buffer (a plain
-    transport that could not send everything at once) takes it over: the next read
-    gets a fresh buffer.
-    """
-
-    view: memoryview | None = None
-
-
-_read_buffer = _ReadBuffer()
-
-
-def _take_read_buffer() -> memoryview:
-    view = _read_buffer.view
-    if view is None:
-        view = _read_buffer.view = memoryview(bytearray(SPLICE_READ_BYTES))
-    return view
-
-
-def _keeps_write_views(transport: Any) -> bool:
-    """True if ``transport.write`` may hold on to the caller's buffer instead of
-    copying it. :class:`SocketTransport` says so itself (it copies). TLS transports
-    (uvloop's and asyncio's) encrypt what they are given into their outgoing BIO during
-    ``write``; only a TLS 1.2 renegotiation could make them keep it, which TLS 1.3 does
-    not have. Plain transports keep unsent data as a view (uvloop, asyncio on 3.12+) or
-    a copy (asyncio on 3.11); assume a view."""
-    declared = getattr(transport, "keeps_write_views", None)
-    if declared is not None:
-        return bool(declared)
-    ssl_object = transport.get_extra_info("ssl_object")
-    return ssl_object is None or ssl_object.version() != "TLSv1.3"
-
-
 class _Pipe(asyncio.BufferedProtocol):
     """One side of a proxied connection.
 
-    Reads land in the per-thread receive buffer (:func:`_take_read_buffer`). Before
+    Reads land in the per-thread receive buffer (``shared_read_buffer``). Before
     the splice, the bytes go to ``on_data``; after it, a slice of the buffer goes
     straight to the peer's transport, with no per-chunk work beyond that write. When
     our transport's write buffer passes its high-water mark (``pause_writing``), the
     peer, which produces what we write, stops reading until it drains to the low one.
     """
 
-    __slots__ = ("closed", "closing", "keeps_views", "on_close", "on_data", "on_made",
-                 "peer", "transport")
+    __slots__ = ("closed", "closing", "on_close", "on_data", "on_made", "peer", "transport")
 
     def __init__(
         self,
@@ -176,7 +144,6 @@ class _Pipe(asyncio.BufferedProtocol):
         self.transport: Any = None
         self.closed = False
         self.closing = False
-        self.keeps_views = True  # of our transport's write(); decided at the splice
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -184,26 +151,20 @@ class _Pipe(asyncio.BufferedProtocol):
             self.on_made(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        view = _read_buffer.view
-        return view if view is not None else _take_read_buffer()
+        return shared_read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        view = _read_buffer.view
-        assert view is not None  # set by get_buffer just before
+        view = shared_read_buffer()[:nbytes]
         peer = self.peer
         if peer is not None:
-            transport = peer.transport
-            transport.write(view[:nbytes])
-            if peer.keeps_views and transport.get_write_buffer_size():
-                _read_buffer.view = None  # the transport holds a view of it: let it go
+            peer.transport.write(view)  # what it cannot send now, it copies
         elif self.on_data is not None:
-            self.on_data(bytes(view[:nbytes]))
+            self.on_data(bytes(view))
 
     def start_splice(self, peer: _Pipe) -> None:
         """From now on, what we read goes to ``peer``'s transport."""
         self.peer = peer
         self.on_data = None
-        self.keeps_views = _keeps_write_views(self.transport)
         with contextlib.suppress(Exception):  # a closing transport may refuse
             self.transport.set_write_buffer_limits(SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW)
 
