@@ -194,9 +194,11 @@ class SocketTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._closed:
             return  # as asyncio's: writes after close are dropped
+        if self._handshake is not None:
+            raise RuntimeError("write() while start_tls() is upgrading the connection")
         if not data:
             return
-        if not self._outgoing and self._inflight is None and self._handshake is None:
+        if not self._outgoing and self._inflight is None:
             try:
                 data = self._send_now(memoryview(data))
             except OSError as exc:  # ssl.SSLError included
@@ -209,8 +211,7 @@ class SocketTransport(asyncio.Transport):
                 self._outgoing = collections.deque()
             self._outgoing.append(bytes(data))  # a copy: the caller's buffer may be reused
             self._outgoing_size += len(data)
-        if self._handshake is None:
-            self._add_writer()
+        self._add_writer()
         self._check_high_water()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -220,9 +221,12 @@ class SocketTransport(asyncio.Transport):
         """Stop reading; send what is buffered, then (TLS) close_notify, then close."""
         if self._closing or self._closed:
             return
+        if self._handshake is not None:  # mid-upgrade: nothing to flush, no TLS to end
+            self._force_close(None)
+            return
         self._closing = True
         self._stop_reading()
-        if self._handshake is not None or not (self._outgoing or self._inflight):
+        if not (self._outgoing or self._inflight):
             self._shutdown()
 
     def abort(self) -> None:

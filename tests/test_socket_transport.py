@@ -385,3 +385,22 @@ async def test_server_close_stops_accepting() -> None:
         s.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+async def test_close_during_the_handshake_ends_it_at_once(server_ctx: ssl.SSLContext) -> None:
+    protocols: list[Recorder] = []
+    with serving(server_ctx, protocols, handshake_timeout=30) as server:
+        s = connect(server)
+        try:
+            while not protocols:
+                await asyncio.sleep(0.01)
+            proto = protocols[0]
+            await asyncio.sleep(0.05)  # the handshake is waiting for a ClientHello
+            with pytest.raises(RuntimeError):
+                proto.transport.write(b"not in the middle of an upgrade")
+            proto.transport.close()
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(proto.handshake, 2)  # type: ignore[attr-defined]
+            await asyncio.wait_for(proto.lost.wait(), 2)
+        finally:
+            s.close()
