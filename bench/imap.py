@@ -213,6 +213,52 @@ async def serve_fake_upstream(certs: Path | None = None) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
+async def serve_loop_tls_splice(certs: Path, upstream_port: int) -> None:
+    """Child: the event loop's own TLS transport (uvloop's ``SSLProtocol``) in front of
+    the plain fake upstream, bytes spliced both ways with no IMAP logic. The reference
+    for what that transport keeps per idle connection, which mailward's IMAP front end
+    does not use (see ``proxy/socket_transport.py``)."""
+    from proxy.tls import server_context
+
+    loop = asyncio.get_running_loop()
+
+    class Half(asyncio.Protocol):
+        def __init__(self, peer: Half | None = None) -> None:
+            self.peer, self.t, self.early = peer, None, bytearray()
+
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is not None and self.peer.t is not None:
+                self.peer.t.write(data)
+            else:
+                self.early += data
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None and self.peer.t is not None:
+                self.peer.t.close()
+
+    class Client(Half):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            up = self.peer = Half(self)
+
+            async def connect() -> None:
+                await loop.create_connection(lambda: up, "127.0.0.1", upstream_port)
+                if self.early:
+                    up.t.write(bytes(self.early))  # type: ignore[attr-defined]
+
+            self.connecting = loop.create_task(connect())
+
+    tls = server_context(certs / "server.pem", certs / "server.key",
+                         client_ca=certs / "device-ca.pem", client_cert="optional")
+    tls.num_tickets = 0  # as mailward's IMAP listener
+    server = await loop.create_server(Client, "127.0.0.1", 0, backlog=4096, ssl=tls)
+    print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+
+
 def _spawn(*args: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -516,27 +562,30 @@ async def main(args: argparse.Namespace) -> None:
         # one-off allocations (caches, the first TLS contexts, heap growth for
         # handshakes) do not count.
         memory: dict[str, float] = {}
-        for name in ("idle", "idle-tls"):
-            warm = await open_idle_sessions(ports[name], ctx, 200)
+        ref, ref_ports = _spawn("loop-tls-splice", str(certs), str(fake_ports["port"]))
+        procs.append(ref)
+        half = args.sessions // 2
+        for name, port, pid in (("idle", ports["idle"], mw.pid),
+                                ("idle-tls", ports["idle-tls"], mw.pid),
+                                ("loop-tls", ref_ports["port"], ref.pid)):
+            warm = await open_idle_sessions(port, ctx, 200)
             for _, w in warm:
                 w.close()
             await asyncio.sleep(1)
-            half = args.sessions // 2
-            first = await open_idle_sessions(ports[name], ctx, half)
+            first = await open_idle_sessions(port, ctx, half)
             await asyncio.sleep(1)
-            base = _rss_bytes(mw.pid)
-            second = await open_idle_sessions(ports[name], ctx, args.sessions - half)
+            base = _rss_bytes(pid)
+            second = await open_idle_sessions(port, ctx, args.sessions - half)
             await asyncio.sleep(1)
-            memory[name] = (_rss_bytes(mw.pid) - base) / len(second)
-            if name == "idle":
+            memory[name] = (_rss_bytes(pid) - base) / len(second)
+            if name != "idle-tls":
                 # What a session keeps after carrying a burst: RSS growth once every
                 # session of the second batch has fetched 1 MiB (8 at a time) and is
-                # idle again, per session. A transport whose buffers keep their
-                # high-water mark would add about a MiB each here.
-                base = _rss_bytes(mw.pid)
+                # idle again, per session.
+                base = _rss_bytes(pid)
                 await fetch_then_idle_again(second)
                 await asyncio.sleep(1)
-                memory["after-burst"] = (_rss_bytes(mw.pid) - base) / len(second)
+                memory[f"{name}-after-burst"] = (_rss_bytes(pid) - base) / len(second)
             for _, w in first + second:
                 w.close()
             await asyncio.sleep(2)
@@ -550,7 +599,11 @@ async def main(args: argparse.Namespace) -> None:
               f"({args.sessions} sessions): {memory['idle-tls'] / 1024:.1f} KiB")
         print(f"mailward memory kept per idle session after each fetched "
               f"{BURST_BYTES >> 10} KiB, plain upstream ({args.sessions - half} sessions): "
-              f"{memory['after-burst'] / 1024:+.1f} KiB")
+              f"{memory['idle-after-burst'] / 1024:+.1f} KiB")
+        print(f"reference, uvloop's own TLS transport spliced to the plain upstream: "
+              f"{memory['loop-tls'] / 1024:.1f} KiB per idle session, then "
+              f"{memory['loop-tls-after-burst'] / 1024:+.1f} KiB kept after each fetched "
+              f"{BURST_BYTES >> 10} KiB")
         # The floor for a TLS proxy on this machine, measured now: the cleartext splice
         # (kernel TCP work on loopback, both socket ends) plus the AEAD of each TLS side.
         _, probe = await _login(ports["mailward"], ctx)
@@ -594,6 +647,8 @@ if __name__ == "__main__":
         asyncio.run(serve_mailward(Path(sys.argv[2]), json.loads(sys.argv[3])))
     elif len(sys.argv) > 1 and sys.argv[1] == "auth-http":
         asyncio.run(serve_auth_http(Path(sys.argv[2]), int(sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "loop-tls-splice":
+        asyncio.run(serve_loop_tls_splice(Path(sys.argv[2]), int(sys.argv[3])))
     elif len(sys.argv) > 1 and sys.argv[1] == "fake-upstream":
         asyncio.run(serve_fake_upstream(Path(sys.argv[2]) if len(sys.argv) > 2 else None))
     else:
