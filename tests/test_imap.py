@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
-from loops import event_loop_policy  # noqa: F401  (every test on asyncio and uvloop)
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
 
@@ -40,10 +39,8 @@ from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 from proxy.tls import server_context, upstream_context
 
-pytestmark = [
-    pytest.mark.peer,
-    pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture'),
-]
+pytestmark = pytest.mark.peer
+RUN_ON_BOTH_LOOPS = True  # see conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "alice@corp.example", "bob@corp.example"
