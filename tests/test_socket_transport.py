@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -405,4 +406,38 @@ async def test_close_during_the_handshake_ends_it_at_once(server_ctx: ssl.SSLCon
                 await asyncio.wait_for(proto.handshake, 2)  # type: ignore[attr-defined]
             await asyncio.wait_for(proto.lost.wait(), 2)
         finally:
+            s.close()
+
+
+async def test_accept_backs_off_when_out_of_file_descriptors() -> None:
+    """EMFILE from accept() pauses accepting for a moment instead of spinning on a
+    readable listening socket, then accepting resumes."""
+    loop = asyncio.get_running_loop()
+    accepted: list[socket.socket] = []
+    server = SocketServer(loop, accepted.append, "127.0.0.1", 0)
+    listener = server.sockets[0]
+    calls = 0
+
+    class Exhausted:
+        def fileno(self) -> int:
+            return listener.fileno()
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return listener.accept()
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)):
+            server._accept(Exhausted())  # type: ignore[arg-type]
+            assert calls == 1
+            await asyncio.sleep(0.02)
+            assert not accepted  # paused: the pending connection waits
+            await asyncio.sleep(0.3)  # past ACCEPT_RETRY_S: accepting again
+            assert len(accepted) == 1
+    finally:
+        server.close()
+        for s in accepted:
             s.close()
