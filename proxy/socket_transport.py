@@ -17,7 +17,7 @@ byte is ever read by a plaintext reader that the handshake needed. It implements
 parts of ``asyncio.Transport`` that protocols use: write with flow control
 (``pause_writing``/``resume_writing``), pause/resume reading, close (flush, then TLS
 close_notify), abort, and ``get_extra_info`` (``peername``, ``sockname``, ``socket``,
-``ssl_object``, ``peercert``, ``cipher``). Protocols may be buffered
+``ssl_object``, ``sslcontext``, ``peercert``, ``cipher``). Protocols may be buffered
 (``get_buffer``/``buffer_updated``) or not (``data_received``).
 
 Only what the loop offers everywhere is used (``add_reader``/``add_writer``), so it runs
@@ -112,7 +112,7 @@ class SocketTransport(asyncio.Transport):
         super().__init__()
         self._tls = False
         # Unsent bytes; None while there are none (an empty deque alone is 600 bytes).
-        self._outgoing: collections.deque[bytes] | None = None
+        self._outgoing: collections.deque[memoryview] | None = None
         self._outgoing_size = 0
         self._inflight: memoryview | None = None  # TLS bytes OpenSSL must be offered again
         self._high, self._low = WRITE_HIGH_BYTES, WRITE_LOW_BYTES
@@ -144,6 +144,8 @@ class SocketTransport(asyncio.Transport):
         if self._tls and self._handshake is None and isinstance(self._sock, ssl.SSLSocket):
             if name == "ssl_object":
                 return self._sock
+            if name == "sslcontext":
+                return self._sock.context
             if name == "peercert":
                 return self._sock.getpeercert()
             if name == "cipher":
@@ -209,7 +211,8 @@ class SocketTransport(asyncio.Transport):
         if data:
             if self._outgoing is None:
                 self._outgoing = collections.deque()
-            self._outgoing.append(bytes(data))  # a copy: the caller's buffer may be reused
+            # A copy (the caller's buffer may be reused), then views of it as it goes out.
+            self._outgoing.append(memoryview(bytes(data)))
             self._outgoing_size += len(data)
         self._add_writer()
         self._check_high_water()
@@ -410,11 +413,11 @@ class SocketTransport(asyncio.Transport):
                 if not self._outgoing:
                     self._outgoing = None
                 self._outgoing_size -= len(data)
-                rest = self._send_now(memoryview(data))
+                rest = self._send_now(data)
                 if rest:
                     if self._outgoing is None:
                         self._outgoing = collections.deque()
-                    self._outgoing.appendleft(bytes(rest))
+                    self._outgoing.appendleft(rest)  # a view of our own copy
                     self._outgoing_size += len(rest)
                 if self._inflight is not None or rest:
                     break

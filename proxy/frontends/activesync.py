@@ -85,6 +85,7 @@ from yarl import URL
 from proxy import metrics
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import TEMPORARY_TEXT, UPSTREAM_UNAVAILABLE, Identity, Origin
+from proxy.socket_transport import SocketServer, SocketTransport
 
 if TYPE_CHECKING:
     from proxy.frontends import FrontendContext
@@ -102,6 +103,8 @@ IDLE_S: Final = 2 * 3600.0
 SWEEP_INTERVAL_S: Final = 60.0
 #: Retry-After on temporary refusals (upstream, posture store or audit unavailable).
 RETRY_AFTER_S: Final = 30
+#: Cap on a client's TLS handshake.
+TLS_HANDSHAKE_TIMEOUT_S: Final = 20.0
 #: Read size when streaming bodies. A body of known length up to this size is moved in
 #: one piece (most EAS requests and answers are a few hundred bytes); larger or
 #: unknown-length bodies are streamed chunk by chunk.
@@ -1068,9 +1071,12 @@ class RunningActiveSync:
     port: int
     frontend: ActiveSyncFrontend
     runner: web.BaseRunner
+    accept: SocketServer | None = None  # HTTPS: our own accept loop, not a site
 
     async def close(self, grace_s: float) -> None:
         # Stop accepting first, then let open requests finish or answer them 503.
+        if self.accept is not None:
+            self.accept.close()
         for site in list(self.runner.sites):
             await site.stop()
         await self.frontend.close(grace_s)
@@ -1093,11 +1099,35 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     server = web.Server(frontend.serve, handler_cancellation=True, access_log=None)
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port,
-                       ssl_context=ctx.server_tls, backlog=1024)
+    if ctx.server_tls is not None:
+        accept = _serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
+        return RunningActiveSync(ctx.listener.name, accept.port, frontend, runner, accept)
+    site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port, backlog=1024)
     await site.start()
     port = ctx.listener.port
     bound = site._server  # the bound sockets are only reachable here
     if bound is not None and getattr(bound, "sockets", None):
         port = bound.sockets[0].getsockname()[1]
     return RunningActiveSync(ctx.listener.name, port, frontend, runner)
+
+
+def _serve_https(server: web.Server, tls: Any, host: str, port: int) -> SocketServer:
+    """HTTPS connections on ``proxy.socket_transport`` (OpenSSL on the socket) rather
+    than the event loop's TLS transport, which would keep per connection a 256 KiB
+    receive buffer and TLS buffers as large as the biggest Sync response or attachment
+    it ever carried: phones hold these connections open for long-polls all day."""
+    loop = asyncio.get_running_loop()
+    handshakes: set[asyncio.Task[None]] = set()
+
+    async def handshake(transport: SocketTransport) -> None:
+        with contextlib.suppress(OSError, TimeoutError, ConnectionError):  # aborted
+            await transport.start_tls(tls, server_side=True, timeout=TLS_HANDSHAKE_TIMEOUT_S)
+
+    def accept(sock: Any) -> None:
+        # aiohttp's protocol is connected now; it sees bytes once TLS is up.
+        transport = SocketTransport(loop, sock, server(), start_reading=False)
+        task = loop.create_task(handshake(transport))
+        handshakes.add(task)
+        task.add_done_callback(handshakes.discard)
+
+    return SocketServer(loop, accept, host, port, backlog=1024)
