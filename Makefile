@@ -49,7 +49,7 @@ demo: venv
 bench: venv peers
 	$(BIN)/python bench/decide.py
 	$(BIN)/python bench/startup.py
-	@for b in bench/imap.py bench/smtp.py bench/activesync.py; do \
+	@for b in bench/imap.py bench/smtp.py bench/activesync.py bench/tls_memory.py; do \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
 	$(BIN)/pytest -q -m slow -o addopts=""
 

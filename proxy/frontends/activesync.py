@@ -1100,7 +1100,7 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     if ctx.server_tls is not None:
-        accept = _serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
+        accept = serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
         return RunningActiveSync(ctx.listener.name, accept.port, frontend, runner, accept)
     site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port, backlog=1024)
     await site.start()
@@ -1111,7 +1111,7 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     return RunningActiveSync(ctx.listener.name, port, frontend, runner)
 
 
-def _serve_https(server: web.Server, tls: Any, host: str, port: int) -> SocketServer:
+def serve_https(server: web.Server, tls: Any, host: str, port: int) -> SocketServer:
     """HTTPS connections on ``proxy.socket_transport`` (OpenSSL on the socket) rather
     than the event loop's TLS transport, which would keep per connection a 256 KiB
     receive buffer and TLS buffers as large as the biggest Sync response or attachment
