@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.socket_transport import SocketServer, SocketTransport, open_connection
 
@@ -441,3 +443,39 @@ async def test_accept_backs_off_when_out_of_file_descriptors() -> None:
         server.close()
         for s in accepted:
             s.close()
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.integers(1, 70_000), min_size=1, max_size=12),
+       pauses=st.lists(st.sampled_from([0.0, 0.0, 0.002, 0.01]), min_size=1, max_size=12))
+async def test_echo_is_exact_for_any_write_sizes_and_pacing(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, pieces: list[int],
+    pauses: list[float],
+) -> None:
+    """Whatever sizes the client writes in and however it paces them, over TLS the
+    server receives every byte in order, and what it echoes comes back exact."""
+    protocols: list[Recorder] = []
+    payload = os.urandom(sum(pieces))
+
+    def echo(proto: Recorder) -> None:
+        proto.transport.write(bytes(proto.data))
+        proto.data.clear()
+
+    with serving(server_ctx, protocols, on_data=echo) as server:
+
+        def client() -> bytes:
+            s = client_ctx.wrap_socket(connect(server), server_hostname="localhost")
+            got = bytearray()
+            offset = 0
+            for i, size in enumerate(pieces):
+                s.sendall(payload[offset:offset + size])
+                offset += size
+                time.sleep(pauses[i % len(pauses)])
+            while len(got) < len(payload):
+                got += s.recv(65536)
+            s.close()
+            return bytes(got)
+
+        got = await asyncio.wait_for(in_thread(client), 30)
+    assert got == payload
