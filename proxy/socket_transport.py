@@ -390,13 +390,15 @@ class SocketTransport(asyncio.Transport):
         while data:
             chunk = data[:SEND_CHUNK_BYTES]
             try:
-                sock.send(chunk)  # all of it, or would-block with OpenSSL holding state
+                # All of it (CPython does not enable partial writes), or would-block
+                # with OpenSSL holding the state of the records it has sealed.
+                sent = sock.send(chunk)
             except ssl.SSLWantWriteError:
                 self._inflight = memoryview(bytes(chunk))
                 return data[len(chunk):]
             except ssl.SSLWantReadError:  # renegotiation: refused (OP_NO_RENEGOTIATION)
                 raise ConnectionError("TLS renegotiation is not supported") from None
-            data = data[len(chunk):]
+            data = data[sent:]
         return data
 
     def _write_ready(self) -> None:
@@ -455,6 +457,8 @@ class SocketTransport(asyncio.Transport):
 
     def _shutdown(self) -> None:
         """Send close_notify (TLS, best effort, never waiting for the peer's), close."""
+        if self._closed or self._linger_timer is not None:
+            return  # already done, or lingering
         sock = self._sock
         if self._tls and self._handshake is None and isinstance(sock, ssl.SSLSocket):
             try:
