@@ -730,3 +730,58 @@ async def test_crlf_in_an_id_field_name_is_not_sent_upstream(env: Env, pki: Pki)
     assert not any(line.startswith(b"T OK") for line in out), out
     await asyncio.sleep(0.3)
     assert [r["decision"] for r in env.records("decision")] == ["deny"]
+
+
+@pytest.mark.parametrize("upstream_tls", ["implicit", "starttls"])
+async def test_later_logins_resume_the_upstream_tls_session(
+    env: Env, pki: Pki, upstream_tls: str
+):
+    """The first login's TLS session with the upstream is kept and later logins resume
+    it (no certificate exchange). The upstream here is a small IMAP server on Python's
+    ssl, which resumes deterministically; Dovecot resumes only in its performance
+    mode (its default runs a login process per connection)."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki.dir / "server.pem", pki.dir / "server.key")
+    resumed: list[bool] = []
+    caps = b"IMAP4rev1 ID LITERAL+"
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if upstream_tls == "implicit":
+            resumed.append(writer.get_extra_info("ssl_object").session_reused)
+        writer.write(b"* OK [CAPABILITY " + caps + b"] fake ready\r\n")
+        while line := await reader.readline():
+            tag, _, rest = line.partition(b" ")
+            command = rest.split(b" ", 1)[0].strip().upper()
+            if command == b"STARTTLS":
+                writer.write(tag + b" OK Begin TLS\r\n")
+                await writer.drain()
+                await writer.start_tls(server_ctx)
+                resumed.append(writer.get_extra_info("ssl_object").session_reused)
+            elif command == b"CAPABILITY":
+                writer.write(b"* CAPABILITY " + caps + b"\r\n" + tag + b" OK done\r\n")
+            elif command == b"LOGOUT":
+                writer.write(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                break
+            else:  # ID, LOGIN (any password), NOOP
+                writer.write(tag + b" OK done\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(
+        upstream, "127.0.0.1", 0, ssl=server_ctx if upstream_tls == "implicit" else None)
+    up_port = server.sockets[0].getsockname()[1]
+    port = await env.listen(upstream=f"127.0.0.1:{up_port}", upstream_tls=upstream_tls)
+
+    def login_logout() -> None:
+        m = imaps(pki, port)
+        assert m.login(ALICE, PASSWORDS[ALICE])[0] == "OK"
+        assert m.noop()[0] == "OK"
+        m.logout()
+
+    try:
+        for _ in range(3):
+            await run(login_logout)
+    finally:
+        server.close()
+    assert resumed == [False, True, True]
+    assert env.listeners[-1].upstream_tls_session is not None
