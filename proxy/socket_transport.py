@@ -243,14 +243,12 @@ class SocketTransport(asyncio.Transport):
         *,
         server_side: bool,
         server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
         timeout: float = 60.0,
     ) -> None:
         """Upgrade to TLS in place. Bytes still buffered for writing (a STARTTLS OK)
         go out first, in plaintext; reading stops at once, so the handshake reads
-        everything after. A client may offer ``session`` (from an earlier connection
-        with the same ``ctx``) for resumption. Raises ``ssl.SSLError``,
-        ``ConnectionError`` or ``TimeoutError``; on failure the transport is aborted."""
+        everything after. Raises ``ssl.SSLError``, ``ConnectionError`` or
+        ``TimeoutError``; on failure the transport is aborted."""
         if self._tls or self._closed or self._closing:
             raise ConnectionError("transport closed or already TLS")
         self._stop_reading()
@@ -264,7 +262,7 @@ class SocketTransport(asyncio.Transport):
             assert not isinstance(raw, ssl.SSLSocket)
             tls_sock = ctx.wrap_socket(
                 raw, server_side=server_side, server_hostname=server_hostname,
-                do_handshake_on_connect=False, session=session,
+                do_handshake_on_connect=False,
             )
             self._sock = tls_sock
             self._tls = True
@@ -557,12 +555,10 @@ async def open_connection(
     protocol: asyncio.BaseProtocol,
     *,
     tls: ssl.SSLContext | None = None,
-    tls_session: ssl.SSLSession | None = None,
     timeout: float,
 ) -> SocketTransport:
     """Connect to ``host:port`` (each resolved address in turn) and, with ``tls``,
-    complete a verified TLS handshake (resuming ``tls_session`` if the server agrees),
-    all within ``timeout``. ``protocol`` gets
+    complete a verified TLS handshake, all within ``timeout``. ``protocol`` gets
     ``connection_made`` once connected; raises ``OSError``/``ssl.SSLError``/
     ``TimeoutError`` (the socket closed)."""
     loop = asyncio.get_running_loop()
@@ -588,7 +584,7 @@ async def open_connection(
         transport = SocketTransport(loop, sock, protocol, start_reading=tls is None)
         if tls is not None:
             await transport.start_tls(tls, server_side=False, server_hostname=host,
-                                      session=tls_session, timeout=left())
+                                      timeout=left())
         return transport
     raise error
 

@@ -297,10 +297,6 @@ class ImapListener:
         self.port = 0
         self.sessions: set[_ImapSession] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
-        # The last resumable TLS session with the upstream: later logins resume it,
-        # skipping the certificate exchange and sharing one copy of the upstream's
-        # certificate chain instead of parsing it per session.
-        self.upstream_tls_session: ssl.SSLSession | None = None
         self._server: SocketServer | None = None
         self.closing = False
 
@@ -685,7 +681,6 @@ class _ImapSession:
         try:
             up.pipe.transport = await open_connection(
                 host, port, up.pipe, tls=tls_ctx if implicit else None,
-                tls_session=self.owner.upstream_tls_session if implicit else None,
                 timeout=cfg.upstream_connect_timeout_s)
         except TimeoutError:
             raise UpstreamError("connecting to the upstream timed out") from None
@@ -700,10 +695,8 @@ class _ImapSession:
             if _status(line, _TAG_TLS) != "OK":
                 raise UpstreamError("upstream refused STARTTLS")
             assert tls_ctx is not None
-            await up.pipe.transport.start_tls(
-                tls_ctx, server_side=False, server_hostname=host,
-                session=self.owner.upstream_tls_session,
-                timeout=max(0.1, deadline - loop.time()))
+            await up.pipe.transport.start_tls(tls_ctx, server_side=False, server_hostname=host,
+                                              timeout=max(0.1, deadline - loop.time()))
             caps_m = None  # capabilities before TLS are not to be trusted
         if caps_m is not None:
             caps = _capabilities(caps_m.group(1))
@@ -713,7 +706,6 @@ class _ImapSession:
             caps = next((_capabilities(u[len(b"* CAPABILITY "):].strip()) for u in untagged
                          if u.upper().startswith(b"* CAPABILITY ")), [])
         self.owner.learn_capabilities(caps)
-        self._keep_upstream_tls_session()
         upper = {c.upper() for c in caps}
         literal_plus = "LITERAL+" in upper
         out = b""
@@ -747,15 +739,6 @@ class _ImapSession:
         if sent_id:  # drop the ID command's answers; what follows belongs to LOGIN
             await up.read_tagged(_TAG_ID, deadline)
         return await up.read_tagged(tag, deadline)
-
-    def _keep_upstream_tls_session(self) -> None:
-        """Remember a resumable TLS session with the upstream. TLS 1.3 tickets follow
-        the handshake, so once a response has been read after it they are in."""
-        up = self.upstream
-        ssl_object = up.pipe.transport.get_extra_info("ssl_object") if up else None
-        session = ssl_object.session if ssl_object is not None else None
-        if session is not None and session.has_ticket:
-            self.owner.upstream_tls_session = session
 
     def _id_command(self) -> bytes:
         fields: list[tuple[str, str]] = []
