@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
+from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
 
@@ -324,9 +325,7 @@ async def test_mbsync_syncs_mailbox_with_device_certificate(env: Env, pki: Pki, 
     """mbsync (isync) pulls a few hundred messages through the proxy with a client cert;
     the local copies equal what Dovecot stores."""
     if shutil.which("mbsync") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mbsync missing (Debian package isync)")
-        pytest.skip("mbsync missing (Debian package isync)")
+        peer_missing("mbsync missing (Debian package isync)")
     port = await env.listen()
     cert, key = pki.device("sync-phone")
     local = tmp_path / "local"

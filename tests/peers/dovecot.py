@@ -24,7 +24,7 @@ import uuid
 from email.message import EmailMessage
 from pathlib import Path
 
-import pytest
+from peers import peer_missing
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 MAIL_USER = "nobody"  # Dovecot will not run mail processes as root
@@ -32,14 +32,9 @@ MAIL_USER = "nobody"  # Dovecot will not run mail processes as root
 
 def require_dovecot() -> None:
     if not (os.path.exists(DOVECOT) and os.access(DOVECOT, os.X_OK)):
-        msg = "dovecot is not installed (Debian package dovecot-imapd; `make peers`)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        peer_missing("dovecot is not installed (Debian package dovecot-imapd; `make peers`)")
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the test Dovecot must be started as root (CI runs as root)")
-        pytest.skip("the test Dovecot must be started as root")
+        peer_missing("the test Dovecot must be started as root (CI runs as root)")
 
 
 def free_port() -> int:
