@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import imaplib
-import json
 import os
 import random
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from audit_records import read_records, wait_records
 from imapclient import IMAPClient
 from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
@@ -123,18 +123,10 @@ class Env:
         assert await self.store.commit_attestation(p, None, time.time()) == "ok"
 
     def records(self, event: str | None = None) -> list[dict]:
-        lines = (self.tmp / "audit.jsonl").read_text().splitlines()
-        recs = [json.loads(line) for line in lines if line.strip()]
-        return [r for r in recs if event is None or r.get("event") == event]
+        return read_records(self.tmp / "audit.jsonl", event)
 
     async def wait_records(self, n: int, event: str | None = None, timeout: float = 5) -> list:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            recs = self.records(event)
-            if len(recs) >= n:
-                return recs
-            await asyncio.sleep(0.02)
-        return self.records(event)
+        return await wait_records(self.tmp / "audit.jsonl", n, event, timeout)
 
     async def close(self) -> None:
         for lst in self.listeners:

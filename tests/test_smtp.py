@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import shutil
 import smtplib
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from audit_records import read_records, wait_records
 from peers import peer_missing
 from peers.postfix import PeerUnavailable, PostfixSubmission
 from pki_helpers import fresh_posture as posture
@@ -126,17 +126,10 @@ class Env:
         assert await self.store.commit_attestation(p, None, time.time()) == "ok"
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        path = self.tmp / "audit.jsonl"
-        if not path.exists():
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-        return [r for r in rows if event is None or r["event"] == event]
+        return read_records(self.tmp / "audit.jsonl", event)
 
     async def wait_records(self, event: str, count: int, timeout: float = 5) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.records(event)) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.records(event)
+        return await wait_records(self.tmp / "audit.jsonl", count, event, timeout)
 
     async def close(self) -> None:
         for running in self.listeners:
