@@ -8,11 +8,12 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync \
+            libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
             nginx libnginx-mod-mail
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so
 
-.PHONY: all venv peers test lint demo bench clean
+.PHONY: all venv peers test test-fast lint demo bench clean
 
 all: test
 
@@ -27,6 +28,7 @@ venv: $(STAMP)
 # Debian packages of the real peer servers, installed only when one is missing.
 peers:
 	@missing=0; for b in $(PEER_BINS); do [ -e $$b ] || missing=1; done; \
+	perl -MNet::SSLeay -MIO::Socket::SSL -MAuthen::SASL -e1 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  echo "installing peer servers: $(APT_PKGS)"; \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
@@ -38,8 +40,14 @@ test: venv peers
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/pytest -q
 
+# ruff on everything, mypy --strict on proxy/ (settings in pyproject.toml).
 lint: venv
 	$(BIN)/ruff check proxy tests bench
+	$(BIN)/mypy
+
+# The fast loop: pure and conversation tests, no peer servers.
+test-fast: venv
+	$(BIN)/pytest -q -m "not peer and not slow"
 
 demo: venv
 	$(BIN)/mailward demo
@@ -54,4 +62,4 @@ bench: venv peers
 	$(BIN)/pytest -q -m slow -o addopts=""
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -109,7 +109,7 @@ async def serve_mailward(workdir: Path, upstreams: dict[str, str]) -> None:
     from proxy.config import ListenerConfig
     from proxy.frontends import FrontendContext
     from proxy.frontends.imap import start
-    from proxy.tls import server_context, upstream_context
+    from proxy.net.tls import server_context, upstream_context
 
     gate = _gate(workdir)
     certs = workdir / "certs"
@@ -142,7 +142,7 @@ async def serve_auth_http(workdir: Path, backend_port: int) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from proxy.gate import Identity, Origin
-    from proxy.tls import device_id_from_der
+    from proxy.ids import device_id_from_der
 
     gate = _gate(workdir)
 
@@ -217,8 +217,8 @@ async def serve_loop_tls_splice(certs: Path, upstream_port: int) -> None:
     """Child: the event loop's own TLS transport (uvloop's ``SSLProtocol``) in front of
     the plain fake upstream, bytes spliced both ways with no IMAP logic. The reference
     for what that transport keeps per idle connection, which mailward's IMAP front end
-    does not use (see ``proxy/socket_transport.py``)."""
-    from proxy.tls import server_context
+    does not use (see ``proxy/net/socket_transport.py``)."""
+    from proxy.net.tls import server_context
 
     loop = asyncio.get_running_loop()
 

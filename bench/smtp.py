@@ -135,10 +135,10 @@ async def bench(args: argparse.Namespace) -> None:
     from proxy.frontends import FrontendContext
     from proxy.frontends import smtp as smtp_frontend
     from proxy.gate import Gate
+    from proxy.net.tls import server_context, upstream_context
     from proxy.pki import certs_init, enroll_device
     from proxy.posture import App, Posture
     from proxy.posture.sqlite import SqlitePostureStore
-    from proxy.tls import server_context, upstream_context
 
     tmp = Path(tempfile.mkdtemp(prefix="mailward-bench-smtp-"))
     pki = tmp / "pki"

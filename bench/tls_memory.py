@@ -1,6 +1,6 @@
 """Memory per idle HTTPS keep-alive connection: aiohttp on the event loop's own TLS
 transport (``web.TCPSite`` with an SSL context, uvloop's ``SSLProtocol``) against
-aiohttp on ``proxy.socket_transport`` (how the ActiveSync listener serves HTTPS).
+aiohttp on ``proxy.net.socket_transport`` (how the ActiveSync listener serves HTTPS).
 
 Run by ``make bench``:
 
@@ -48,7 +48,7 @@ async def serve(kind: str, certs: Path) -> None:
     from aiohttp import web
 
     from proxy.frontends.activesync import serve_https
-    from proxy.tls import server_context
+    from proxy.net.tls import server_context
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path != "/burst":

@@ -49,6 +49,7 @@ from cryptography.x509.verification import (
 )
 from jwt.algorithms import get_default_algorithms
 
+from proxy.ids import DEVICE_ID_RE, USER_RE, device_uri
 from proxy.posture import PLATFORMS, App, Posture, PostureStore
 
 MAX_REPORT_BYTES: Final = 256 * 1024
@@ -57,7 +58,6 @@ MAX_CHAIN_LEN: Final = 8
 CLOCK_SKEW_S: Final = 300
 ALLOWED_ALGS: Final = ("ES256", "EdDSA")
 TYP: Final = "mailward-posture+jwt"
-DEVICE_URI_PREFIX: Final = "urn:mailward:device:"
 
 ReasonCode = Literal[
     "too_large",
@@ -83,8 +83,6 @@ NOT_YET_VALID: Final = "not_yet_valid"
 BAD_NONCE: Final = "bad_nonce"
 REPLAY: Final = "replay"
 
-DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-USER_RE: Final = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}")
 _B64URL_RE: Final = re.compile(rb"[A-Za-z0-9_-]*")
 # Strings from reports end up in logs and protocol replies: no control characters.
 _TEXT_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
@@ -326,7 +324,7 @@ class Verifier:
             _refuse(MALFORMED, "the report nonce is not a string.")
         apps = _parse_apps(c.get("apps"))
 
-        if signer.attester is None and DEVICE_URI_PREFIX + sub not in signer.device_uris:
+        if signer.attester is None and device_uri(sub) not in signer.device_uris:
             _refuse(
                 DEVICE_MISMATCH,
                 "the signing certificate is neither an MDM attester nor "

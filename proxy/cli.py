@@ -308,7 +308,7 @@ def cmd_device_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import main as demo_main
+    from proxy.demo.run import main as demo_main
 
     return demo_main()
 

@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.attestation import DEVICE_ID_RE, DEVICE_URI_PREFIX, TYP, USER_RE
+from proxy.attestation import TYP
+from proxy.ids import DEVICE_ID_RE, USER_RE, device_uri
 from proxy.posture import PLATFORMS
 
 __all__ = [
@@ -221,7 +222,7 @@ def make_leaf(
 def device_cert_san(device_id: str, user: str) -> list[x509.GeneralName]:
     """SAN entries of a device certificate: the device URN and the user's address."""
     return [
-        x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id),
+        x509.UniformResourceIdentifier(device_uri(device_id)),
         x509.RFC822Name(user),
     ]
 
@@ -463,7 +464,7 @@ def make_claims(
         app_list.append(entry)
     iat = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
-        "iss": issuer if issuer is not None else DEVICE_URI_PREFIX + device_id,
+        "iss": issuer if issuer is not None else device_uri(device_id),
         "sub": device_id,
         "user": user.lower(),
         "platform": platform,

@@ -44,8 +44,8 @@ from proxy import metrics
 from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
+from proxy.net.tls import server_context, upstream_context
 from proxy.policy import Policy
-from proxy.tls import server_context, upstream_context
 
 log = structlog.get_logger("mailward.server")
 

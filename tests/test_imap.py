@@ -35,10 +35,10 @@ from proxy.config import ListenerConfig, load_policy
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap import start
 from proxy.gate import Gate
+from proxy.net.tls import server_context, upstream_context
 from proxy.pki import certs_init, enroll_device
 from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
-from proxy.tls import server_context, upstream_context
 
 pytestmark = pytest.mark.peer
 RUN_ON_BOTH_LOOPS = True  # see conftest.py

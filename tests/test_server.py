@@ -1,7 +1,7 @@
 """``mailward serve`` end to end: one process, every listener, real clients at once.
 
 The server runs as a subprocess (the same start command as the Docker image) in front
-of the embedded upstream (:mod:`proxy.demo_upstream`). Three phones: Alice's becomes
+of the embedded upstream (:mod:`proxy.demo.upstream`). Three phones: Alice's becomes
 non-compliant when the policy bans Telegram, Carol's stays compliant, Bob's has TikTok
 and is refused throughout. The module's tests form one scenario, in order: health,
 all protocols at once plus a valid reload, an invalid reload, SIGTERM. Start-up
@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 
 from proxy.audit import query
-from proxy.demo import Phone
-from proxy.demo_upstream import UpstreamThread
+from proxy.demo.run import Phone
+from proxy.demo.upstream import UpstreamThread
 from proxy.pki import (
     certs_init,
     enroll_device,

@@ -1,4 +1,4 @@
-"""proxy.socket_transport against real TLS peers (Python's ssl module as the other
+"""proxy.net.socket_transport against real TLS peers (Python's ssl module as the other
 end, certificates from trustme), on stdlib asyncio and on uvloop."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.socket_transport import SocketServer, SocketTransport, open_connection
+from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
 
 RUN_ON_BOTH_LOOPS = True  # see conftest.py
 

@@ -85,7 +85,7 @@ from yarl import URL
 from proxy import metrics
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import TEMPORARY_TEXT, UPSTREAM_UNAVAILABLE, Identity, Origin
-from proxy.socket_transport import SocketServer, SocketTransport
+from proxy.net.socket_transport import SocketServer, SocketTransport
 
 if TYPE_CHECKING:
     from proxy.frontends import FrontendContext
@@ -1112,7 +1112,7 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
 
 
 def serve_https(server: web.Server, tls: Any, host: str, port: int) -> SocketServer:
-    """HTTPS connections on ``proxy.socket_transport`` (OpenSSL on the socket) rather
+    """HTTPS connections on ``proxy.net.socket_transport`` (OpenSSL on the socket) rather
     than the event loop's TLS transport, which would keep per connection a 256 KiB
     receive buffer and TLS buffers as large as the biggest Sync response or attachment
     it ever carried: phones hold these connections open for long-polls all day."""

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 from urllib.parse import unquote
 
+from proxy.ids import DEVICE_ID_RE
+
 #: Longest query accepted, in characters (a full base64 query is well under 1 KiB).
 MAX_QUERY_CHARS: Final = 4 * 1024
-#: Same pattern as ``proxy.attestation.DEVICE_ID_RE`` (kept here so this module has no
-#: crypto imports); a device id must be attestable to be useful.
-DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _DEVICE_TYPE_RE: Final = re.compile(r"[\x21-\x7e]{0,128}")
 _B64_RE: Final = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _MAX_PARAM_CHARS: Final = 1024

@@ -4,7 +4,7 @@ One :class:`_ImapSession` per client connection:
 
 1. TLS: implicit (the handshake starts at once) or STARTTLS (bytes pipelined after the
    command are discarded by the parser). A verified client certificate's SAN names the
-   device (``proxy.tls.device_id_from_ssl``).
+   device (``proxy.net.tls.device_id_from_ssl``).
 2. Pre-auth: CAPABILITY, NOOP, ID, LOGOUT are answered here; LOGIN / AUTHENTICATE PLAIN
    before TLS get ``NO [PRIVACYREQUIRED]`` without touching the upstream or the gate.
 3. Login: connect upstream (implicit TLS / STARTTLS / none, certificate verified), send
@@ -18,7 +18,7 @@ One :class:`_ImapSession` per client connection:
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
 
-Both connections of a session are ``proxy.socket_transport.SocketTransport`` objects
+Both connections of a session are ``proxy.net.socket_transport.SocketTransport`` objects
 (OpenSSL on the socket), not the event loop's transports: an idle session then holds
 no receive buffer and no TLS buffers, however much mail it once carried.
 
@@ -60,13 +60,13 @@ from proxy.frontends.imap_wire import (
     quote,
 )
 from proxy.gate import Identity, Origin
-from proxy.socket_transport import (
+from proxy.net.socket_transport import (
     SocketServer,
     SocketTransport,
     open_connection,
     shared_read_buffer,
 )
-from proxy.tls import device_id_from_ssl
+from proxy.net.tls import device_id_from_ssl
 
 log = structlog.get_logger("mailward.imap")
 
@@ -310,7 +310,7 @@ class ImapListener:
             # are long-lived, so resumption would save little.
             with contextlib.suppress(ValueError, AttributeError):
                 tls.num_tickets = TLS_SESSION_TICKETS
-        # Our own accept loop and transports (proxy.socket_transport): OpenSSL on the
+        # Our own accept loop and transports (proxy.net.socket_transport): OpenSSL on the
         # socket keeps an idle TLS session small, where the loop's TLS transport would
         # keep a 256 KiB read buffer and BIO buffers as large as its biggest burst.
         self._server = SocketServer(loop, self._new_connection, self.listener.host,

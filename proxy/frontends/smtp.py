@@ -62,7 +62,8 @@ from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
-from proxy.tls import device_id_from_der, feed_early_tls_bytes
+from proxy.ids import device_id_from_der
+from proxy.net.tls import feed_early_tls_bytes
 
 log = structlog.get_logger("mailward.smtp")
 
@@ -1039,7 +1040,7 @@ class SubmissionSession(SMTP):
 
 @functools.lru_cache(maxsize=4096)
 def _device_id_from_der(der: bytes) -> str | None:
-    """:func:`proxy.tls.device_id_from_der`, remembered by the certificate's bytes: a
+    """:func:`proxy.ids.device_id_from_der`, remembered by the certificate's bytes: a
     phone presents the same certificate on every connection."""
     return device_id_from_der(der)
 

@@ -2,7 +2,7 @@
 
 1. ``certs init`` in a temporary deployment root, a config with every listener on a
    free loopback port, and a policy that bans TikTok on phones;
-2. an embedded upstream mail server (:mod:`proxy.demo_upstream`, in a thread);
+2. an embedded upstream mail server (:mod:`proxy.demo.upstream`, in a thread);
 3. ``mailward serve`` as a child process (the same interpreter), exactly as ops run it;
 4. two phones enrolled (device certificates) and their signed posture reports POSTed
    to ``/v1/attestations``: Alice's is compliant, Bob's has TikTok;
@@ -119,7 +119,7 @@ class Demo:
         say(f"1. certs init in {self.certs}: local CA, server certificate, device CA, "
             "MDM attester, audit signing key")
 
-        from proxy.demo_upstream import UpstreamThread
+        from proxy.demo.upstream import UpstreamThread
 
         sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         sctx.load_cert_chain(self.certs / "server.pem", self.certs / "server.key")

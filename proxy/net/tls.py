@@ -1,5 +1,5 @@
-"""TLS contexts for listeners and upstream connections, and device identity from
-client certificates.
+"""TLS contexts for listeners and upstream connections, and the device id of a TLS
+connection's verified client certificate.
 
 Listeners accept TLS 1.2+ only. A client certificate, when presented, must verify
 against ``[tls] client_ca`` (an invalid one fails the handshake); its SAN
@@ -12,9 +12,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography import x509
-
-DEVICE_URI_PREFIX = "urn:mailward:device:"
+from proxy.ids import device_id_from_der
 
 
 def server_context(
@@ -42,21 +40,6 @@ def upstream_context(ca: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def device_id_from_der(der: bytes | None) -> str | None:
-    """The device id in a (verified) client certificate's SAN, if any."""
-    if not der:
-        return None
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(DEVICE_URI_PREFIX) and len(uri) > len(DEVICE_URI_PREFIX):
-            return uri[len(DEVICE_URI_PREFIX) :]
-    return None
 
 
 def device_id_from_ssl(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:

@@ -10,7 +10,7 @@ mailbox per user, in memory, no persistence.
 
 :class:`DemoUpstream` runs on the caller's event loop; :class:`UpstreamThread` runs
 it on a private loop in a daemon thread for synchronous callers (the demo, tests that
-drive stdlib clients). ``python -m proxy.demo_upstream`` runs one in the foreground.
+drive stdlib clients). ``python -m proxy.demo.upstream`` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -513,7 +513,7 @@ class UpstreamThread:
 
 def main(argv: list[str] | None = None) -> int:
     """Run an upstream in the foreground; prints its ports as JSON."""
-    p = argparse.ArgumentParser(prog="python -m proxy.demo_upstream")
+    p = argparse.ArgumentParser(prog="python -m proxy.demo.upstream")
     p.add_argument("--user", action="append", default=[], metavar="ADDR:PASSWORD")
     p.add_argument("--cert")
     p.add_argument("--key")
