@@ -45,17 +45,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from proxy import metrics
 from proxy.attestation import AttestationError, Verifier, ingest
 from proxy.gate import AuditSink, Gate, Identity, Origin, decision_record, judge
+from proxy.oplog import get_logger
 from proxy.policy import Context, Decision, Policy, evaluate
 from proxy.posture import App, Posture, PostureStore
 
-log = structlog.get_logger("mailward.api")
+log = get_logger("mailward.api")
 
 JOSE: Final = "application/jose"
 #: How long a challenge nonce may be used.

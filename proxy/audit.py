@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
     from proxy.config import AuditConfig
 
-log = get_logger(__name__)
+log = get_logger("mailward.audit")
 
 ZERO_HASH = "0" * 64
 CHECKPOINT_EVENT = "checkpoint"

@@ -45,9 +45,10 @@ from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
 from proxy.net.tls import server_context, upstream_context
+from proxy.oplog import get_logger
 from proxy.policy import Policy
 
-log = structlog.get_logger("mailward.server")
+log = get_logger("mailward.server")
 
 EXIT_OK = 0
 EXIT_ERROR = 2

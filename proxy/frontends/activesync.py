@@ -77,7 +77,6 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import aiohttp
-import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -86,13 +85,14 @@ from proxy import metrics
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import TEMPORARY_TEXT, UPSTREAM_UNAVAILABLE, Identity, Origin
 from proxy.net.socket_transport import SocketServer, SocketTransport
+from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
     from proxy.frontends import FrontendContext
     from proxy.gate import Gate
     from proxy.policy import Decision
 
-log = structlog.get_logger("mailward.activesync")
+log = get_logger("mailward.activesync")
 
 EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
 #: A decision covers a device-session for at most this long, then is made again.

@@ -37,8 +37,6 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_wire import (
     NEED_DATA,
@@ -67,8 +65,9 @@ from proxy.net.socket_transport import (
     shared_read_buffer,
 )
 from proxy.net.tls import device_id_from_ssl
+from proxy.oplog import get_logger
 
-log = structlog.get_logger("mailward.imap")
+log = get_logger("mailward.imap")
 
 #: Capabilities the proxy itself implements before login.
 PROXY_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")

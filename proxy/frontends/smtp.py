@@ -43,7 +43,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
     SMTP,
@@ -64,8 +63,9 @@ from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
 from proxy.ids import device_id_from_der
 from proxy.net.tls import feed_early_tls_bytes
+from proxy.oplog import get_logger
 
-log = structlog.get_logger("mailward.smtp")
+log = get_logger("mailward.smtp")
 
 # Limits (units in the names).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # messages are held in memory while relayed

@@ -38,9 +38,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import structlog
+from proxy.oplog import get_logger
 
-log = structlog.get_logger("mailward.sockets")
+log = get_logger("mailward.sockets")
 
 #: Plaintext receive buffer, one per event-loop thread (above a TLS record's 16 KiB,
 #: so one ``recv_into`` takes a whole record).
