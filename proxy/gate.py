@@ -123,6 +123,11 @@ class Gate:
         self._clock = clock
         self._sessions: set[LiveSession] = set()
 
+    @property
+    def observer(self) -> GateObserver:
+        """Where front ends report what only they see (upstream failures)."""
+        return self._observer
+
     # ------------------------------------------------------------------ deciding
 
     async def decide(

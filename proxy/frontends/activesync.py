@@ -81,7 +81,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import metrics
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import TEMPORARY_TEXT, UPSTREAM_UNAVAILABLE, Identity, Origin
 from proxy.net.socket_transport import SocketServer, SocketTransport
@@ -877,7 +876,7 @@ class ActiveSyncFrontend:
                 return blocked_response(q.command if q else "", version, ended)
             return _unavailable()
         except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as e:
-            metrics.UPSTREAM_ERRORS.labels("activesync").inc()
+            self.gate.observer.upstream_failed("activesync")
             log.warning("upstream request failed", error=str(e) or type(e).__name__)
             response = progress.response
             if response is not None and response.prepared:
