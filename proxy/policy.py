@@ -303,6 +303,17 @@ class Decision:
     report_only: bool = False  # True when violations were found but only reported
     temporary: bool = False  # deny because something is unavailable (retry later)
 
+    @classmethod
+    def deny(cls, policy: Policy, reason: Reason, *, temporary: bool = False) -> Decision:
+        """A deny for one reason decided outside :func:`evaluate` (protocol grounds,
+        an unidentified device, something unavailable), stamped with ``policy``."""
+        return cls(False, (reason,), policy.version, policy.sha256, temporary=temporary)
+
+    @classmethod
+    def allowed(cls, policy: Policy) -> Decision:
+        """An allow with no reasons, stamped with ``policy``."""
+        return cls(True, (), policy.version, policy.sha256)
+
     @property
     def decision(self) -> str:
         return "allow" if self.allow else "deny"
