@@ -356,6 +356,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+_Add = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mailward",
@@ -373,23 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
+    def group(name: str, help: str) -> Any:
+        return sub.add_parser(name, help=help).add_subparsers(
+            dest=f"{name}_command", required=True, metavar="COMMAND")
+
     add("serve", cmd_serve, "run the proxy")
     add("check-config", cmd_check_config, "validate mailward.toml and the policy (exit 2 if not)")
-
     sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
     sp.add_argument("--user", required=True)
     sp.add_argument("--device", required=True)
     sp.add_argument("--protocol", choices=("imap", "smtp", "activesync"), default="imap")
     sp.add_argument("--json", action="store_true")
-
-    posture = sub.add_parser("posture", help="device posture reports").add_subparsers(
-        dest="posture_command", required=True, metavar="COMMAND")
     sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
-             posture)
+             group("posture", "device posture reports"))
     sp.add_argument("files", nargs="+", metavar="FILE")
+    _audit_commands(add, group("audit", "the decision log"))
+    sp = add("init", cmd_certs_init, "create a local CA, server, device CA, attester, audit key",
+             group("certs", "certificates and keys"))
+    sp.add_argument("--dir", default="certs")
+    sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
+    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
+    _device_commands(add, group("device", "device certificates and test reports"))
+    add("demo", cmd_demo, "self-contained demonstration (see README)")
+    return p
 
-    audit = sub.add_parser("audit", help="the decision log").add_subparsers(
-        dest="audit_command", required=True, metavar="COMMAND")
+
+def _audit_commands(add: _Add, audit: Any) -> None:
     sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
     sp.add_argument("--log", help="audit log (default: [audit] path)")
     sp.add_argument("--key", help="checkpoint public key (default: [audit] verify_key)")
@@ -404,16 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--until")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
-    certs = sub.add_parser("certs", help="certificates and keys").add_subparsers(
-        dest="certs_command", required=True, metavar="COMMAND")
-    sp = add("init", cmd_certs_init, "create a local CA, server, device CA, attester, audit key",
-             certs)
-    sp.add_argument("--dir", default="certs")
-    sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
-    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
 
-    device = sub.add_parser("device", help="device certificates and test reports").add_subparsers(
-        dest="device_command", required=True, metavar="COMMAND")
+def _device_commands(add: _Add, device: Any) -> None:
     sp = add("enroll", cmd_device_enroll, "issue a device certificate", device)
     sp.add_argument("--id", required=True)
     sp.add_argument("--user", required=True)
@@ -432,9 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nonce")
     sp.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default 3600)")
     sp.add_argument("--out")
-
-    add("demo", cmd_demo, "self-contained demonstration (see README)")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
