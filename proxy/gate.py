@@ -216,7 +216,8 @@ class Gate:
             self._observer.upstream_failed("posture_store")
             decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
         latency_us = int((time.perf_counter() - started) * 1e6)
-        fields = self._record(event, identity, origin, decision, posture, latency_us)
+        fields = decision_record(event, identity, origin, decision, posture, latency_us,
+                                 self._clock())
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
@@ -242,12 +243,10 @@ class Gate:
         if code == UPSTREAM_UNAVAILABLE:
             self._observer.upstream_failed(origin.protocol)
         decision = Decision.deny(self._policy(), Reason(code, text), temporary=temporary)
-        fields = self._record("decision", identity, origin, decision, None, 0)
+        fields = decision_record("decision", identity, origin, decision, None, 0,
+                                 self._clock())
         self._observer.decided(origin.protocol, decision, 0)
-        try:
-            await self._audit.write(fields)
-        except Exception as exc:
-            log.error("audit log unavailable", error=str(exc))
+        await self._write_quietly(fields)
 
     async def record_session_end(
         self,
@@ -269,10 +268,7 @@ class Gate:
         }
         if detail:
             fields["detail"] = detail
-        try:
-            await self._audit.write(fields)
-        except Exception as exc:
-            log.error("audit log unavailable", error=str(exc))
+        await self._write_quietly(fields)
 
     # ------------------------------------------------------------ attestations
 
@@ -284,7 +280,7 @@ class Gate:
         raised: the posture is committed either way (callers check the log's health
         before they ingest)."""
         decision = self.assess(posture, source.via)
-        await self._write_attestation(attestation_record(source, posture, decision))
+        await self._write_quietly(attestation_record(source, posture, decision))
         self._observer.attestation("accepted")
         try:
             await self.posture_changed(posture.device_id, posture.user)
@@ -303,14 +299,16 @@ class Gate:
         """A report was refused (``code``: an attestation reason code, ``too_large``
         for an oversized body, ``unavailable`` when the store failed): its
         ``attestation`` record."""
-        await self._write_attestation(attestation_record(source, None, None, code=code))
+        await self._write_quietly(attestation_record(source, None, None, code=code))
         self._observer.attestation(code)
 
-    async def _write_attestation(self, fields: dict[str, Any]) -> None:
+    async def _write_quietly(self, fields: dict[str, Any]) -> None:
+        """Records that follow what already happened (a refusal, a closed session, a
+        committed posture): a failed write is logged, not raised; readyz shows it."""
         try:
             await self._audit.write(fields)
-        except Exception as exc:  # readyz and the caller's health check show the fault
-            log.error("audit log unavailable for attestation record", error=str(exc))
+        except Exception as exc:
+            log.error("audit log unavailable", error=str(exc), audit_event=fields["event"])
 
     async def _evaluate(
         self, identity: Identity, origin: Origin, policy: Policy
@@ -322,18 +320,6 @@ class Gate:
         elif origin.unidentified == "all-user-devices":
             user_devices = await self._store.devices_for_user(identity.user_key)
         return judge(identity, origin, policy, self._clock(), posture, user_devices), posture
-
-    def _record(
-        self,
-        event: str,
-        identity: Identity,
-        origin: Origin,
-        decision: Decision,
-        posture: Posture | None,
-        latency_us: int,
-    ) -> dict[str, Any]:
-        return decision_record(event, identity, origin, decision, posture, latency_us,
-                               self._clock())
 
     # ---------------------------------------------------------- live sessions
 

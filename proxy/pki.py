@@ -75,13 +75,17 @@ class PkiError(Exception):
 # --------------------------------------------------------------------------- loading
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise PkiError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
 def load_certs(path: Path | str) -> list[x509.Certificate]:
     """All certificates in a PEM file, in file order (raises PkiError if none)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PkiError(f"cannot read certificate file {path}: {e.strerror or e}") from e
+    data = _read(path, "certificate file")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as e:
@@ -92,10 +96,7 @@ def load_certs(path: Path | str) -> list[x509.Certificate]:
 def load_private_key(path: Path | str) -> PrivateKey:
     """An unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PkiError(f"cannot read private key file {path}: {e.strerror or e}") from e
+    data = _read(path, "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
