@@ -12,7 +12,8 @@ Endpoints
 ``GET  /v1/challenge``      a single-use nonce for reports, with its expiry.
 ``GET  /v1/devices/{id}``   latest posture summary, current evaluation (admin).
 ``POST /v1/explain``        what-if evaluation against the current policy (admin);
-                            nothing is stored.
+                            no posture is stored; the question is an ``explain``
+                            audit record.
 ``GET  /healthz``           the process is up.
 ``GET  /readyz``            listeners bound, audit writable, store reachable, policy.
 ``GET  /metrics``           Prometheus text format.
@@ -33,26 +34,35 @@ posture store unavailable                                           503
 
 Admin endpoints take ``Authorization: Bearer <token>``, compared in constant time;
 without a configured token they are disabled (403).
+
+The API evaluates and records nothing itself: attestations, what-if questions and
+device summaries go through the gate (``Gate.attest``, ``Gate.explain``,
+``Gate.assess``), and metrics through the gate's observer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from proxy import metrics
 from proxy.attestation import AttestationError, Verifier, ingest
-from proxy.gate import AuditSink, Gate, Identity, Origin, decision_record, judge
+from proxy.gate import (
+    AUDIT_UNAVAILABLE,
+    AuditSink,
+    Gate,
+    Identity,
+    Origin,
+    ReportSource,
+)
 from proxy.oplog import get_logger
-from proxy.policy import Context, Decision, Policy, evaluate
+from proxy.policy import Decision, Policy
 from proxy.posture import App, Posture, PostureStore
 
 log = get_logger("mailward.api")
@@ -188,38 +198,32 @@ async def _attestations(request: web.Request) -> web.Response:
     if request.content_type != JOSE:
         raise ApiError(415, "unsupported_media_type",
                        f"Send the report with Content-Type: {JOSE}.")
-    client_ip = request.remote or ""
+    source = ReportSource("api", request.remote or "")
     try:
         body = await _read_limited(request, st.max_body_bytes)
     except ApiError as e:
-        await _record_attestation(st, None, client_ip, e.error)
+        await st.gate.attest_refused(source, e.error)
         raise
     if not getattr(st.audit, "healthy", True):
         # An accepted report changes access: never without its audit record.
         raise ApiError(503, "audit_unavailable",
                        "The audit log cannot be written; retry later.", {"Retry-After": "30"})
-    now = st.clock()
     pol = st.policy()
     try:
-        posture = await ingest(st.verifier(), st.store, body, now=now,
+        posture = await ingest(st.verifier(), st.store, body, now=st.clock(),
                                max_age_s=pol.max_posture_age_s,
                                require_nonce=pol.require_nonce)
     except AttestationError as e:
-        await _record_attestation(st, None, client_ip, e.code)
+        await st.gate.attest_refused(source, e.code)
         raise ApiError(ATTESTATION_STATUS.get(e.code, 400), e.code, e.detail) from None
     except Exception as e:  # the store failed: nothing was committed
         log.error("posture store unavailable during ingest", error=str(e))
-        metrics.UPSTREAM_ERRORS.labels("posture_store").inc()
-        await _record_attestation(st, None, client_ip, "unavailable")
+        st.gate.observer.upstream_failed("posture_store")
+        await st.gate.attest_refused(source, "unavailable")
         raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
                        {"Retry-After": "30"}) from None
-    decision = _evaluate(posture, pol, now, "api")
-    await _record_attestation(st, posture, client_ip, None, decision)
-    # Continuous access evaluation: a now non-compliant device loses its live sessions.
-    try:
-        await st.gate.posture_changed(posture.device_id, posture.user)
-    except Exception as e:
-        log.error("re-evaluating live sessions failed", error=str(e))
+    # Records it and ends the device's live sessions it no longer allows.
+    decision = await st.gate.attest(source, posture)
     return web.json_response(
         {
             "device_id": posture.device_id,
@@ -241,45 +245,6 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
             raise ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _record_attestation(
-    st: ApiState,
-    posture: Posture | None,
-    client_ip: str,
-    code: str | None,
-    decision: Decision | None = None,
-) -> None:
-    """One ``attestation`` audit record per ingest, accepted or refused."""
-    result = "accepted" if code is None else "refused"
-    metrics.ATTESTATIONS.labels(result if code is None else code).inc()
-    fields: dict[str, Any] = {
-        "event": "attestation",
-        "result": result,
-        "code": code,
-        "client_ip": client_ip,
-        "device_id": posture.device_id if posture else None,
-        "user": posture.user if posture else None,
-    }
-    if posture is not None and decision is not None:
-        fields.update(
-            platform=posture.platform,
-            attested_by=posture.attested_by,
-            jti=posture.jti,
-            posture_sha256=posture.sha256,
-            compliant=decision.allow,
-            violations=[r.code for r in decision.reasons],
-        )
-    try:
-        await st.audit.write(fields)
-    except Exception as e:  # the posture is committed either way; readyz shows the fault
-        log.error("audit log unavailable for attestation record", error=str(e))
-
-
-def _evaluate(posture: Posture, pol: Policy, now: float, protocol: str) -> Decision:
-    ctx = Context(now=datetime.fromtimestamp(now, UTC), user=posture.user,
-                  device_id=posture.device_id, protocol=protocol)
-    return evaluate(posture, pol, ctx)
 
 
 # --------------------------------------------------------------------- challenge
@@ -329,8 +294,7 @@ async def _device(request: web.Request) -> web.Response:
     if posture is None:
         raise ApiError(404, "not_found", "No posture is stored for this device.")
     now = st.clock()
-    pol = st.policy()
-    decision = _evaluate(posture, pol, now, "api")
+    decision = st.gate.assess(posture, "api")
     live = [s for s in st.gate.live_sessions() if s.identity.device_id == device_id]
     last = getattr(st.audit, "last_decision", None)
     last_decision = None
@@ -386,26 +350,19 @@ async def _explain(request: web.Request) -> web.Response:
         raise ApiError(400, "malformed", "device_id must be a string.")
     if protocol not in ("imap", "smtp", "activesync"):
         raise ApiError(400, "malformed", "protocol must be imap, smtp or activesync.")
-    now = st.clock()
+    what_if = None
     if "posture" in doc:
-        posture = _what_if_posture(doc["posture"], device_id, user, now)
-    else:
-        try:
-            posture = await st.store.get(device_id)
-        except Exception:
-            raise ApiError(503, "unavailable", "The posture store is unavailable.") from None
-    pol = st.policy()
-    identity = Identity(user, device_id, "api")
-    origin = Origin(protocol, "api", request.remote or "")
-    decision = judge(identity, origin, pol, now, posture)
-    try:
-        await st.audit.write(decision_record("explain", identity, origin, decision, posture,
-                                             0, now))
-    except Exception as e:
-        log.error("audit log unavailable for explain record", error=str(e))
-        raise ApiError(503, "audit_unavailable",
-                       "The audit log cannot be written; retry later.",
-                       {"Retry-After": "30"}) from None
+        what_if = _what_if_posture(doc["posture"], device_id, user, st.clock())
+    decision = await st.gate.explain(Identity(user, device_id, "api"),
+                                     Origin(protocol, "api", request.remote or ""),
+                                     posture=what_if)
+    if decision.temporary:
+        code = decision.reasons[0].code
+        if code == AUDIT_UNAVAILABLE:
+            raise ApiError(503, "audit_unavailable",
+                           "The audit log cannot be written; retry later.",
+                           {"Retry-After": "30"})
+        raise ApiError(503, "unavailable", "The posture store is unavailable.")
     return web.json_response(_decision_json(decision))
 
 
@@ -481,15 +438,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     st = _state(request)
-    try:
-        pol = st.policy()
-        metrics.POLICY_INFO.clear()  # exactly one series: the policy in force now
-        metrics.POLICY_INFO.labels(pol.version, pol.sha256).set(1)
-    except Exception:
-        pass
-    body = generate_latest(REGISTRY)
+    observer = st.gate.observer
+    with contextlib.suppress(Exception):  # a broken policy getter must not hide metrics
+        observer.policy_loaded(st.policy())
+    body, content_type = observer.expose()
     resp = web.Response(body=body)
-    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    resp.headers["Content-Type"] = content_type
     return resp
 
 
@@ -516,7 +470,8 @@ async def start_api(cfg: Any, app: web.Application, ssl_context: Any = None) -> 
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context)
     await site.start()
     port = cfg.port
-    server = site._server  # aiohttp exposes the bound sockets only here
-    if server is not None and getattr(server, "sockets", None):
-        port = server.sockets[0].getsockname()[1]
+    # aiohttp exposes the bound sockets only on its (asyncio.Server) _server.
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        port = sockets[0].getsockname()[1]
     return RunningApi("api", port, runner)

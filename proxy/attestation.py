@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -34,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, get_args
+from typing import Any, Final, Literal, NoReturn, TypeGuard, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -301,62 +302,67 @@ class Verifier:
         max_age_s: float,
         require_nonce: bool,
     ) -> Posture:
-        iss, sub, user, platform = (c.get(k) for k in ("iss", "sub", "user", "platform"))
-        os_version, managed = c.get("os_version", ""), c.get("managed", False)
-        iat, exp, jti, nonce = (c.get(k) for k in ("iat", "exp", "jti", "nonce"))
-        if not _text(iss):
-            _refuse(MALFORMED, "the report iss is missing or not a string.")
-        if not isinstance(sub, str) or not DEVICE_ID_RE.fullmatch(sub):
-            _refuse(MALFORMED, "the report sub is not a valid device id.")
-        if not isinstance(user, str) or not USER_RE.fullmatch(user):
-            _refuse(MALFORMED, "the report user is not an e-mail address.")
-        if platform not in PLATFORMS:
-            _refuse(MALFORMED, f"the report platform is not one of {', '.join(PLATFORMS)}.")
-        if not _text(os_version, empty_ok=True):
-            _refuse(MALFORMED, "the report os_version is not a string.")
-        if not isinstance(managed, bool):
-            _refuse(MALFORMED, "the report managed claim is not a boolean.")
-        if not _is_int(iat) or not _is_int(exp) or exp < iat:
-            _refuse(MALFORMED, "the report iat/exp are not integers with exp >= iat.")
-        if not _text(jti):
-            _refuse(MALFORMED, "the report jti is missing or not a string.")
-        if nonce is not None and not _text(nonce):
-            _refuse(MALFORMED, "the report nonce is not a string.")
-        apps = _parse_apps(c.get("apps"))
-
-        if signer.attester is None and device_uri(sub) not in signer.device_uris:
+        """The claims' meaning, once their syntax is checked: who may attest this
+        device, the time window, the nonce the policy requires."""
+        p = _well_formed(c)
+        if signer.attester is None and device_uri(p.device_id) not in signer.device_uris:
             _refuse(
                 DEVICE_MISMATCH,
                 "the signing certificate is neither an MDM attester nor "
                 "the certificate of the reported device.",
             )
-
-        if iat > now + self.skew_s:
+        if p.iat > now + self.skew_s:
             _refuse(NOT_YET_VALID, "the report was issued in the future (check the clock).")
-        if now > exp + self.skew_s:
+        if now > p.exp + self.skew_s:
             _refuse(EXPIRED, "the report has expired.")
-        if now - iat > max_age_s + self.skew_s:
+        if now - p.iat > max_age_s + self.skew_s:
             _refuse(EXPIRED, "the report is older than the maximum posture age.")
-        if exp - iat > max_age_s:
+        if p.exp - p.iat > max_age_s:
             _refuse(EXPIRED, "the report lifetime (exp - iat) exceeds the maximum posture age.")
-        if require_nonce and nonce is None:
+        if require_nonce and p.nonce is None:
             _refuse(BAD_NONCE, "the policy requires a nonce from /v1/challenge.")
+        attested_by = "device" if signer.attester is None else f"mdm:{signer.attester}"
+        return dataclasses.replace(p, attested_by=attested_by, received_at=now)
 
-        return Posture(
-            device_id=sub,
-            user=user.lower(),
-            platform=platform,
-            os_version=os_version,
-            managed=managed,
-            apps=apps,
-            iat=iat,
-            exp=exp,
-            jti=jti,
-            issuer=iss,
-            attested_by="device" if signer.attester is None else f"mdm:{signer.attester}",
-            received_at=now,
-            nonce=nonce,
-        )
+
+def _well_formed(c: dict[str, Any]) -> Posture:
+    """The claims as a :class:`Posture` (not yet attributed to its signer), or
+    ``malformed`` naming the first claim of the wrong type or syntax."""
+    iss, sub, user, platform = (c.get(k) for k in ("iss", "sub", "user", "platform"))
+    os_version, managed = c.get("os_version", ""), c.get("managed", False)
+    iat, exp, jti, nonce = (c.get(k) for k in ("iat", "exp", "jti", "nonce"))
+    if not _text(iss):
+        _refuse(MALFORMED, "the report iss is missing or not a string.")
+    if not isinstance(sub, str) or not DEVICE_ID_RE.fullmatch(sub):
+        _refuse(MALFORMED, "the report sub is not a valid device id.")
+    if not isinstance(user, str) or not USER_RE.fullmatch(user):
+        _refuse(MALFORMED, "the report user is not an e-mail address.")
+    if not isinstance(platform, str) or platform not in PLATFORMS:
+        _refuse(MALFORMED, f"the report platform is not one of {', '.join(PLATFORMS)}.")
+    if not _text(os_version, empty_ok=True):
+        _refuse(MALFORMED, "the report os_version is not a string.")
+    if not isinstance(managed, bool):
+        _refuse(MALFORMED, "the report managed claim is not a boolean.")
+    if not _is_int(iat) or not _is_int(exp) or exp < iat:
+        _refuse(MALFORMED, "the report iat/exp are not integers with exp >= iat.")
+    if not _text(jti):
+        _refuse(MALFORMED, "the report jti is missing or not a string.")
+    if nonce is not None and not _text(nonce):
+        _refuse(MALFORMED, "the report nonce is not a string.")
+    return Posture(
+        device_id=sub,
+        user=user.lower(),
+        platform=platform,
+        os_version=os_version,
+        managed=managed,
+        apps=_parse_apps(c.get("apps")),
+        iat=iat,
+        exp=exp,
+        jti=jti,
+        issuer=iss,
+        attested_by="",
+        nonce=nonce,
+    )
 
 
 def _check_size(token: str | bytes) -> bytes:
@@ -441,12 +447,12 @@ def _load_pem(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def _text(v: object, *, empty_ok: bool = False) -> bool:
+def _text(v: object, *, empty_ok: bool = False) -> TypeGuard[str]:
     """A string of at most 1024 characters without control characters."""
     return isinstance(v, str) and (bool(_TEXT_RE.fullmatch(v)) or (empty_ok and v == ""))
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

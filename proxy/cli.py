@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     from proxy.config import Config
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a report refused, the audit log broken
@@ -100,38 +102,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Through the gate's own decision core (``gate.judge``) and record builder, but
-    synchronously: a one-shot command needs no event loop, and skipping asyncio keeps
-    start-up close to ``mailward --help``."""
-    import json
-    import time
-
-    from proxy.gate import Identity, Origin, decision_record, judge
+    """Asks the gate (:meth:`proxy.gate.Gate.explain`), which evaluates and writes the
+    ``explain`` record, but without an event loop: the store is read and the record
+    appended synchronously (see :func:`_complete`), so start-up stays close to
+    ``mailward --help``."""
+    from proxy.gate import AUDIT_UNAVAILABLE, Gate, Identity, NullObserver, Origin
 
     cfg = _load(args)
     policy = _policy(cfg)
-    identity = Identity(args.user, args.device, "cli")
-    origin = Origin(args.protocol, "cli", "", "deny")
     if not cfg.posture.store.startswith("sqlite://"):
         raise UserError(f"explain reads the sqlite posture store; {cfg.posture.store} is not")
-    from proxy.posture.sqlite import read_posture
-
-    started = time.perf_counter()
-    posture = read_posture(cfg.posture.store.removeprefix("sqlite://"), args.device)
-    decision = judge(identity, origin, policy, time.time(), posture)
-    latency_us = int((time.perf_counter() - started) * 1e6)
-    record = decision_record("explain", identity, origin, decision, posture, latency_us,
-                             time.time())
-    from proxy.audit import AuditUnavailable
-
-    try:
-        with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
-            log.append(record)
-    except AuditUnavailable as exc:
-        raise UserError(f"not answering: the audit log cannot be written ({exc})") from None
+    with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
+        gate = Gate(store=_SqliteReader(cfg.posture.store.removeprefix("sqlite://")),
+                    audit=_AppendingSink(log), policy=lambda: policy,
+                    observer=NullObserver())
+        decision = _complete(gate.explain(Identity(args.user, args.device, "cli"),
+                                          Origin(args.protocol, "cli", "", "deny")))
     if decision.temporary:
-        raise UserError(f"cannot decide: {decision.reasons[0].code}")
+        code = decision.reasons[0].code
+        if code == AUDIT_UNAVAILABLE:
+            raise UserError("not answering: the audit log cannot be written"
+                            + (f" ({log.last_error})" if log.last_error else ""))
+        raise UserError(f"cannot decide: {code}")
+    _print_decision(args, decision)
+    return EXIT_OK if decision.allow else EXIT_DENY
+
+
+def _print_decision(args: argparse.Namespace, decision: Any) -> None:
     if args.json:
+        import json
+
         out = {
             "decision": decision.decision,
             "mode": decision.mode,
@@ -140,55 +140,77 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "reasons": [r.to_dict() for r in decision.reasons],
         }
         print(json.dumps(out, indent=2))
-    else:
-        print(f"{decision.decision} ({args.user}, device {args.device}, {args.protocol}; "
-              f"policy {decision.policy_version}, {decision.mode})")
-        for r in decision.reasons:
-            flag = "" if r.enforced else " [not enforced]"
-            print(f"  - {r.code}{flag}: {r.text}")
-    return EXIT_OK if decision.allow else EXIT_DENY
+        return
+    print(f"{decision.decision} ({args.user}, device {args.device}, {args.protocol}; "
+          f"policy {decision.policy_version}, {decision.mode})")
+    for r in decision.reasons:
+        flag = "" if r.enforced else " [not enforced]"
+        print(f"  - {r.code}{flag}: {r.text}")
+
+
+class _SqliteReader:
+    """The gate's posture reader for one-shot commands: reads the sqlite store
+    through a read-only connection, synchronously (no worker thread, no loop)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    async def get(self, device_id: str) -> Any:
+        from proxy.posture.sqlite import read_posture
+
+        return read_posture(self._path, device_id)
+
+    async def devices_for_user(self, user: str) -> list[Any]:
+        raise UserError("explain does not evaluate all-user-devices listeners")
+
+
+class _AppendingSink:
+    """The gate's audit sink for one-shot commands: ``AuditLog.append`` (writes
+    and fsyncs before returning), without an event loop."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = self._log.append(fields)
+        return record
+
+
+def _complete(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its awaits reach only the synchronous
+    reader and sink above) to its result, without importing asyncio (~35 ms)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("a one-shot command awaited real I/O; use asyncio.run")
 
 
 def cmd_posture_ingest(args: argparse.Namespace) -> int:
+    """Verify and store each file's report; the gate records each one (the same
+    ``attestation`` record as ``POST /v1/attestations``)."""
     import asyncio
-    import time
 
-    from proxy.attestation import AttestationError, Verifier, ingest
+    from proxy.attestation import Verifier
+    from proxy.gate import Gate, NullObserver
     from proxy.posture import open_store
 
     cfg = _load(args)
     policy = _policy(cfg)
     verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters))
     log = _audit_log(cfg)
+    if not log.healthy:  # an accepted report changes access: never without its record
+        log.close_sync()
+        raise UserError(f"not ingesting: the audit log cannot be written ({log.last_error})")
 
     async def go() -> int:
         store = open_store(cfg.posture.store)
-        refused = 0
+        gate = Gate(store=store, audit=_AppendingSink(log), policy=lambda: policy,
+                    observer=NullObserver())
         try:
-            for name in args.files:
-                fields: dict[str, Any] = {"event": "attestation", "source": "cli", "file": name}
-                try:
-                    token = Path(name).read_bytes()
-                except OSError as exc:
-                    print(f"{name}: refused unreadable: {exc.strerror}")
-                    refused += 1
-                    continue
-                try:
-                    posture = await ingest(
-                        verifier, store, token, now=time.time(),
-                        max_age_s=policy.max_posture_age_s, require_nonce=policy.require_nonce,
-                    )
-                except AttestationError as exc:
-                    refused += 1
-                    print(f"{name}: refused {exc.code}: {exc.detail}")
-                    log.append({**fields, "result": "refused", "code": exc.code})
-                    continue
-                compliant = _compliant(posture, policy)
-                state = "compliant" if compliant else "noncompliant"
-                print(f"{name}: accepted {posture.device_id} {state}")
-                log.append({**fields, "result": "accepted", "device_id": posture.device_id,
-                            "user": posture.user, "platform": posture.platform,
-                            "compliant": compliant, "posture_sha256": posture.sha256})
+            refused = [name for name in args.files
+                       if not await _ingest_file(verifier, policy, store, gate, name)]
         finally:
             await store.close()
         return EXIT_FAILED if refused else EXIT_OK
@@ -197,13 +219,31 @@ def cmd_posture_ingest(args: argparse.Namespace) -> int:
         return asyncio.run(go())
 
 
-def _compliant(posture: Any, policy: Any) -> bool:
-    from datetime import UTC, datetime
+async def _ingest_file(verifier: Any, policy: Any, store: Any, gate: Any, name: str) -> bool:
+    """One file: print its line, let the gate record it; True if accepted."""
+    import time
 
-    from proxy.policy import Context, evaluate
+    from proxy.attestation import AttestationError, ingest
+    from proxy.gate import ReportSource
 
-    ctx = Context(now=datetime.now(UTC), user=posture.user, device_id=posture.device_id)
-    return evaluate(posture, policy, ctx).allow
+    source = ReportSource("cli", file=name)
+    try:
+        token = Path(name).read_bytes()
+    except OSError as exc:
+        print(f"{name}: refused unreadable: {exc.strerror}")
+        return False
+    try:
+        posture = await ingest(verifier, store, token, now=time.time(),
+                               max_age_s=policy.max_posture_age_s,
+                               require_nonce=policy.require_nonce)
+    except AttestationError as exc:
+        print(f"{name}: refused {exc.code}: {exc.detail}")
+        await gate.attest_refused(source, exc.code)
+        return False
+    decision = await gate.attest(source, posture)
+    state = "compliant" if decision.allow else "noncompliant"
+    print(f"{name}: accepted {posture.device_id} {state}")
+    return True
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -316,6 +356,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+_Add = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mailward",
@@ -333,23 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
+    def group(name: str, help: str) -> Any:
+        return sub.add_parser(name, help=help).add_subparsers(
+            dest=f"{name}_command", required=True, metavar="COMMAND")
+
     add("serve", cmd_serve, "run the proxy")
     add("check-config", cmd_check_config, "validate mailward.toml and the policy (exit 2 if not)")
-
     sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
     sp.add_argument("--user", required=True)
     sp.add_argument("--device", required=True)
     sp.add_argument("--protocol", choices=("imap", "smtp", "activesync"), default="imap")
     sp.add_argument("--json", action="store_true")
-
-    posture = sub.add_parser("posture", help="device posture reports").add_subparsers(
-        dest="posture_command", required=True, metavar="COMMAND")
     sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
-             posture)
+             group("posture", "device posture reports"))
     sp.add_argument("files", nargs="+", metavar="FILE")
+    _audit_commands(add, group("audit", "the decision log"))
+    sp = add("init", cmd_certs_init, "create a local CA, server, device CA, attester, audit key",
+             group("certs", "certificates and keys"))
+    sp.add_argument("--dir", default="certs")
+    sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
+    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
+    _device_commands(add, group("device", "device certificates and test reports"))
+    add("demo", cmd_demo, "self-contained demonstration (see README)")
+    return p
 
-    audit = sub.add_parser("audit", help="the decision log").add_subparsers(
-        dest="audit_command", required=True, metavar="COMMAND")
+
+def _audit_commands(add: _Add, audit: Any) -> None:
     sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
     sp.add_argument("--log", help="audit log (default: [audit] path)")
     sp.add_argument("--key", help="checkpoint public key (default: [audit] verify_key)")
@@ -364,16 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--until")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
-    certs = sub.add_parser("certs", help="certificates and keys").add_subparsers(
-        dest="certs_command", required=True, metavar="COMMAND")
-    sp = add("init", cmd_certs_init, "create a local CA, server, device CA, attester, audit key",
-             certs)
-    sp.add_argument("--dir", default="certs")
-    sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
-    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
 
-    device = sub.add_parser("device", help="device certificates and test reports").add_subparsers(
-        dest="device_command", required=True, metavar="COMMAND")
+def _device_commands(add: _Add, device: Any) -> None:
     sp = add("enroll", cmd_device_enroll, "issue a device certificate", device)
     sp.add_argument("--id", required=True)
     sp.add_argument("--user", required=True)
@@ -392,9 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nonce")
     sp.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default 3600)")
     sp.add_argument("--out")
-
-    add("demo", cmd_demo, "self-contained demonstration (see README)")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,19 @@ Live sessions register with the gate (:meth:`Gate.register`). When a device's po
 changes (new attestation), the policy changes (reload) or posture ages out, the gate
 re-evaluates the affected sessions and ends the ones now denied through their own
 protocol's goodbye (:meth:`LiveSession.terminate`), logging a ``session_end`` record.
+
+Everything else that evaluates policy or records an outcome goes through the gate
+too, so there is one record builder per event:
+
+* :meth:`Gate.explain` answers what-if questions (``mailward explain``,
+  ``POST /v1/explain``) with the same evaluation and an ``explain`` record;
+* :meth:`Gate.attest` / :meth:`Gate.attest_refused` record posture reports (API and
+  ``mailward posture ingest``) with one ``attestation`` schema, and end the live
+  sessions a new non-compliant posture no longer allows.
+
+What the gate does is reported to an :class:`Observer` (Prometheus in a server,
+:class:`NullObserver` for one-shot CLI commands); the API and the server report
+through the same object (``gate.observer``).
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from proxy.policy import (
     Reason,
     evaluate,
 )
-from proxy.posture import Posture, PostureStore
+from proxy.posture import Posture, PostureReader
 
 log = get_logger("mailward.gate")
 
@@ -84,13 +97,29 @@ class AuditSink(Protocol):
     async def write(self, fields: dict[str, Any]) -> dict[str, Any]: ...
 
 
-class GateObserver(Protocol):
-    """Receives what the gate does (the Prometheus observer in a server)."""
+class Observer(Protocol):
+    """Receives what the gate, the API and the server do: the one way to metrics.
+
+    A server creates one (``proxy.metrics.PrometheusObserver``) and hands it to the
+    gate; everything else reaches it as ``gate.observer``.
+    """
 
     def decided(self, protocol: str, decision: Decision, latency_us: int) -> None: ...
     def session_opened(self, protocol: str) -> None: ...
     def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
     def upstream_failed(self, upstream: str) -> None: ...
+    def attestation(self, result: str) -> None:
+        """A posture report was ``accepted`` or refused (``result`` = its code)."""
+    def policy_loaded(self, policy: Policy) -> None:
+        """``policy`` is in force now."""
+    def policy_reload_failed(self) -> None: ...
+    def expose(self) -> tuple[bytes, str]:
+        """The metrics in the text exposition format, and its content type."""
+        ...
+
+
+#: The old name of :class:`Observer`.
+GateObserver = Observer
 
 
 class NullObserver:
@@ -100,18 +129,35 @@ class NullObserver:
     def session_opened(self, protocol: str) -> None: ...
     def session_closed(self, protocol: str, *, ended_by_gate: bool) -> None: ...
     def upstream_failed(self, upstream: str) -> None: ...
+    def attestation(self, result: str) -> None: ...
+    def policy_loaded(self, policy: Policy) -> None: ...
+    def policy_reload_failed(self) -> None: ...
+    def expose(self) -> tuple[bytes, str]:
+        return b"", "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSource:
+    """Where a posture report came in: the API (with the client's address) or a
+    file given to ``mailward posture ingest``."""
+
+    via: Literal["api", "cli"]
+    client_ip: str = ""
+    file: str | None = None
 
 
 class Gate:
     def __init__(
         self,
         *,
-        store: PostureStore,
+        store: PostureReader,
         audit: AuditSink,
         policy: Callable[[], Policy],
         clock: Callable[[], float] = time.time,
-        observer: GateObserver | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        """``store`` is only read (``get``, ``devices_for_user``). Without an
+        ``observer`` the gate feeds the process's Prometheus metrics."""
         if observer is None:
             from proxy.metrics import PrometheusObserver
 
@@ -124,38 +170,60 @@ class Gate:
         self._sessions: set[LiveSession] = set()
 
     @property
-    def observer(self) -> GateObserver:
-        """Where front ends report what only they see (upstream failures)."""
+    def observer(self) -> Observer:
+        """Where front ends, the API and the server report what only they see
+        (upstream failures, attestations, policy reloads)."""
         return self._observer
 
     # ------------------------------------------------------------------ deciding
 
-    async def decide(
-        self, identity: Identity, origin: Origin, *, event: str = "decision"
-    ) -> Decision:
-        """Decide and log one record (``event`` = ``decision`` or ``explain``).
+    async def decide(self, identity: Identity, origin: Origin) -> Decision:
+        """Decide and log one ``decision`` record.
 
         Never raises for store or audit failures: those give a temporary deny
         (fail closed), which front ends answer with their "try later" reply.
         """
+        decision, latency_us = await self._decide("decision", identity, origin, None)
+        self._observer.decided(origin.protocol, decision, latency_us)
+        return decision
+
+    async def explain(
+        self, identity: Identity, origin: Origin, *, posture: Posture | None = None
+    ) -> Decision:
+        """What-if: the decision :meth:`decide` would take, recorded as an ``explain``
+        record (never counted as an access decision). ``posture`` replaces the stored
+        one (a hypothetical device); without it the store is read.
+
+        Like :meth:`decide` it never raises for store or audit failures: the answer
+        is then a temporary deny whose reason is :data:`STORE_UNAVAILABLE` or
+        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer"."""
+        decision, _ = await self._decide("explain", identity, origin, posture)
+        return decision
+
+    async def _decide(
+        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None
+    ) -> tuple[Decision, int]:
         started = time.perf_counter()
         policy = self._policy()
         try:
-            decision, posture = await self._evaluate(identity, origin, policy)
+            if what_if is None:
+                decision, posture = await self._evaluate(identity, origin, policy)
+            else:
+                posture = what_if
+                decision = judge(identity, origin, policy, self._clock(), posture)
         except Exception as exc:  # the store is unreachable: fail closed
             log.error("posture store unavailable", error=str(exc))
             self._observer.upstream_failed("posture_store")
             decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
         latency_us = int((time.perf_counter() - started) * 1e6)
-        fields = self._record(event, identity, origin, decision, posture, latency_us)
+        fields = decision_record(event, identity, origin, decision, posture, latency_us,
+                                 self._clock())
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
             log.error("audit log unavailable; refusing", error=str(exc))
             decision = _temporary(policy, AUDIT_UNAVAILABLE)
-        if event == "decision":
-            self._observer.decided(origin.protocol, decision, latency_us)
-        return decision
+        return decision, latency_us
 
     @property
     def policy(self) -> Policy:
@@ -174,16 +242,11 @@ class Gate:
         one decision record for the login attempt."""
         if code == UPSTREAM_UNAVAILABLE:
             self._observer.upstream_failed(origin.protocol)
-        policy = self._policy()
-        reason = Reason(code, text)
-        decision = Decision(False, (reason,), policy.version, policy.sha256,
-                            temporary=temporary)
-        fields = self._record("decision", identity, origin, decision, None, 0)
+        decision = Decision.deny(self._policy(), Reason(code, text), temporary=temporary)
+        fields = decision_record("decision", identity, origin, decision, None, 0,
+                                 self._clock())
         self._observer.decided(origin.protocol, decision, 0)
-        try:
-            await self._audit.write(fields)
-        except Exception as exc:
-            log.error("audit log unavailable", error=str(exc))
+        await self._write_quietly(fields)
 
     async def record_session_end(
         self,
@@ -205,10 +268,47 @@ class Gate:
         }
         if detail:
             fields["detail"] = detail
+        await self._write_quietly(fields)
+
+    # ------------------------------------------------------------ attestations
+
+    async def attest(self, source: ReportSource, posture: Posture) -> Decision:
+        """A verified report was stored: evaluate the device's new posture, write
+        its ``attestation`` record and end the device's live sessions that it no
+        longer allows (continuous access evaluation). Returns the evaluation (its
+        reasons are the report's violations). An audit failure is logged, not
+        raised: the posture is committed either way (callers check the log's health
+        before they ingest)."""
+        decision = self.assess(posture, source.via)
+        await self._write_quietly(attestation_record(source, posture, decision))
+        self._observer.attestation("accepted")
+        try:
+            await self.posture_changed(posture.device_id, posture.user)
+        except Exception as exc:
+            log.error("re-evaluating live sessions failed", error=str(exc))
+        return decision
+
+    def assess(self, posture: Posture, protocol: str) -> Decision:
+        """The device's own posture under the policy in force, for its own user: is
+        the device compliant? Nothing is recorded (the caller's record carries it)."""
+        context = Context(now=datetime.fromtimestamp(self._clock(), UTC), user=posture.user,
+                          device_id=posture.device_id, protocol=protocol)
+        return evaluate(posture, self._policy(), context)
+
+    async def attest_refused(self, source: ReportSource, code: str) -> None:
+        """A report was refused (``code``: an attestation reason code, ``too_large``
+        for an oversized body, ``unavailable`` when the store failed): its
+        ``attestation`` record."""
+        await self._write_quietly(attestation_record(source, None, None, code=code))
+        self._observer.attestation(code)
+
+    async def _write_quietly(self, fields: dict[str, Any]) -> None:
+        """Records that follow what already happened (a refusal, a closed session, a
+        committed posture): a failed write is logged, not raised; readyz shows it."""
         try:
             await self._audit.write(fields)
         except Exception as exc:
-            log.error("audit log unavailable", error=str(exc))
+            log.error("audit log unavailable", error=str(exc), audit_event=fields["event"])
 
     async def _evaluate(
         self, identity: Identity, origin: Origin, policy: Policy
@@ -220,18 +320,6 @@ class Gate:
         elif origin.unidentified == "all-user-devices":
             user_devices = await self._store.devices_for_user(identity.user_key)
         return judge(identity, origin, policy, self._clock(), posture, user_devices), posture
-
-    def _record(
-        self,
-        event: str,
-        identity: Identity,
-        origin: Origin,
-        decision: Decision,
-        posture: Posture | None,
-        latency_us: int,
-    ) -> dict[str, Any]:
-        return decision_record(event, identity, origin, decision, posture, latency_us,
-                               self._clock())
 
     # ---------------------------------------------------------- live sessions
 
@@ -309,10 +397,9 @@ def judge(
     if identity.device_id is not None:
         return evaluate(posture, policy, _context(identity, identity.device_id, origin, now))
     if origin.unidentified == "allow":
-        return Decision(True, (), policy.version, policy.sha256)
+        return Decision.allowed(policy)
     if origin.unidentified == "deny" or user_devices is None:
-        reason = Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT)
-        return Decision(False, (reason,), policy.version, policy.sha256)
+        return Decision.deny(policy, Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT))
     # all-user-devices: allow only if every device of this user is compliant.
     if not user_devices:
         return evaluate(None, policy, _context(identity, "", origin, now))
@@ -357,6 +444,34 @@ def decision_record(
     }
 
 
+def attestation_record(
+    source: ReportSource,
+    posture: Posture | None,
+    decision: Decision | None,
+    *,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The audit fields of one posture report, accepted (``posture`` and its
+    evaluation) or refused (``code``): the same keys either way, from either path."""
+    accepted = posture is not None and decision is not None
+    return {
+        "event": "attestation",
+        "result": "accepted" if accepted else "refused",
+        "code": None if accepted else code,
+        "source": source.via,
+        "file": source.file,
+        "client_ip": source.client_ip,
+        "device_id": posture.device_id if posture else None,
+        "user": posture.user if posture else None,
+        "platform": posture.platform if posture else None,
+        "attested_by": posture.attested_by if posture else None,
+        "jti": posture.jti if posture else None,
+        "posture_sha256": posture.sha256 if posture else None,
+        "compliant": decision.allow if decision else None,
+        "violations": [r.code for r in decision.reasons] if decision else None,
+    }
+
+
 async def _safe_terminate(session: LiveSession, text: str) -> None:
     import asyncio
 
@@ -376,16 +491,23 @@ def _context(identity: Identity, device_id: str, origin: Origin, now: float) -> 
 
 
 def _temporary(policy: Policy, code: str) -> Decision:
-    reason = Reason(code, TEMPORARY_TEXT)
-    return Decision(False, (reason,), policy.version, policy.sha256, temporary=True)
+    return Decision.deny(policy, Reason(code, TEMPORARY_TEXT), temporary=True)
 
 
 __all__ = [
+    "AUDIT_UNAVAILABLE",
     "AUTH_FAILED",
+    "STORE_UNAVAILABLE",
     "UNIDENTIFIED_DEVICE",
     "UNKNOWN_DEVICE",
     "Gate",
     "Identity",
     "LiveSession",
+    "NullObserver",
+    "Observer",
     "Origin",
+    "ReportSource",
+    "attestation_record",
+    "decision_record",
+    "judge",
 ]

@@ -1,14 +1,27 @@
-"""Prometheus metrics, defined once. ``/metrics`` on the API listener exposes them."""
+"""Prometheus metrics, defined once. ``/metrics`` on the API listener exposes them.
+
+This is the only module that touches Prometheus objects. Everything else reports
+through one :class:`PrometheusObserver` (the ``proxy.gate.Observer`` protocol), which
+the server creates once and hands to the gate; the API, the server and later the
+limits and MDM connectors reach it as ``gate.observer``.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 if TYPE_CHECKING:
-    from proxy.policy import Decision
+    from proxy.policy import Decision, Policy
 
 DECISIONS = Counter(
     "mailward_decisions_total",
@@ -63,6 +76,20 @@ class PrometheusObserver:
 
     def upstream_failed(self, upstream: str) -> None:
         UPSTREAM_ERRORS.labels(upstream).inc()
+
+    def attestation(self, result: str) -> None:
+        ATTESTATIONS.labels(result).inc()
+
+    def policy_loaded(self, policy: Policy) -> None:
+        POLICY_INFO.clear()  # exactly one series: the policy in force now
+        POLICY_INFO.labels(policy.version, policy.sha256).set(1)
+
+    def policy_reload_failed(self) -> None:
+        POLICY_RELOAD_FAILURES.inc()
+
+    def expose(self) -> tuple[bytes, str]:
+        body: bytes = generate_latest(REGISTRY)
+        return body, str(CONTENT_TYPE_LATEST)
 
 
 class TimedAuditSink:

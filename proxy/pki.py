@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography import x509
@@ -75,13 +75,17 @@ class PkiError(Exception):
 # --------------------------------------------------------------------------- loading
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise PkiError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
 def load_certs(path: Path | str) -> list[x509.Certificate]:
     """All certificates in a PEM file, in file order (raises PkiError if none)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PkiError(f"cannot read certificate file {path}: {e.strerror or e}") from e
+    data = _read(path, "certificate file")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as e:
@@ -92,10 +96,7 @@ def load_certs(path: Path | str) -> list[x509.Certificate]:
 def load_private_key(path: Path | str) -> PrivateKey:
     """An unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PkiError(f"cannot read private key file {path}: {e.strerror or e}") from e
+    data = _read(path, "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -114,7 +115,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _sign_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _sign_hash(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -298,6 +299,14 @@ def _mkdir(directory: Path) -> None:
         raise PkiError(f"cannot create directory {directory}: {e.strerror or e}") from e
 
 
+#: What ``mailward certs init`` writes.
+TRIAL_FILES: Final = (
+    "ca.pem", "ca.key", "server.pem", "server.key", "device-ca.pem", "device-ca.key",
+    "mdm-attester.pem", "mdm-attester.key", "audit-signing.key", "audit-signing.pub",
+    "admin.token",
+)
+
+
 def certs_init(
     directory: Path, *, force: bool = False, hostnames: Sequence[str] = ()
 ) -> list[Path]:
@@ -305,25 +314,22 @@ def certs_init(
 
     Refuses (PkiError naming the file) if any output file exists, unless ``force``."""
     directory = Path(directory)
-    out = {
-        name: directory / name
-        for name in (
-            "ca.pem",
-            "ca.key",
-            "server.pem",
-            "server.key",
-            "device-ca.pem",
-            "device-ca.key",
-            "mdm-attester.pem",
-            "mdm-attester.key",
-            "audit-signing.key",
-            "audit-signing.pub",
-            "admin.token",
-        )
-    }
+    out = {name: directory / name for name in TRIAL_FILES}
     _refuse_existing(out.values(), force)
-    san = _server_names(hostnames)
+    files = _trial_pki(_server_names(hostnames))
+    _mkdir(directory)
+    written = []
+    for name, data, mode in files:
+        try:
+            _write(out[name], data, mode)
+        except OSError as e:
+            raise PkiError(f"cannot write {out[name]}: {e.strerror or e}") from e
+        written.append(out[name])
+    return written
 
+
+def _trial_pki(san: list[x509.GeneralName]) -> list[tuple[str, bytes, int]]:
+    """(file name, contents, mode) of every file in :data:`TRIAL_FILES`, keys first."""
     ca, ca_key = make_ca("mailward local CA")
     server, server_key = make_leaf(
         ca,
@@ -337,8 +343,10 @@ def certs_init(
         dca, dca_key, cn="mailward MDM attester", eku=[ExtendedKeyUsageOID.CLIENT_AUTH]
     )
     audit_key = ed25519.Ed25519PrivateKey.generate()
-
-    files: list[tuple[str, bytes, int]] = [
+    audit_pub = audit_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return [
         ("ca.key", _key_pem(ca_key), 0o600),
         ("ca.pem", _pem(ca), 0o644),
         ("server.key", _key_pem(server_key), 0o600),
@@ -348,24 +356,9 @@ def certs_init(
         ("mdm-attester.key", _key_pem(mdm_key), 0o600),
         ("mdm-attester.pem", _pem(mdm) + _pem(dca), 0o644),
         ("audit-signing.key", _key_pem(audit_key), 0o600),
-        (
-            "audit-signing.pub",
-            audit_key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-            0o644,
-        ),
+        ("audit-signing.pub", audit_pub, 0o644),
         ("admin.token", secrets.token_urlsafe(32).encode(), 0o600),
     ]
-    _mkdir(directory)
-    written = []
-    for name, data, mode in files:
-        try:
-            _write(out[name], data, mode)
-        except OSError as e:
-            raise PkiError(f"cannot write {out[name]}: {e.strerror or e}") from e
-        written.append(out[name])
-    return written
 
 
 def _check_device_id(device_id: str) -> None:

@@ -303,6 +303,17 @@ class Decision:
     report_only: bool = False  # True when violations were found but only reported
     temporary: bool = False  # deny because something is unavailable (retry later)
 
+    @classmethod
+    def deny(cls, policy: Policy, reason: Reason, *, temporary: bool = False) -> Decision:
+        """A deny for one reason decided outside :func:`evaluate` (protocol grounds,
+        an unidentified device, something unavailable), stamped with ``policy``."""
+        return cls(False, (reason,), policy.version, policy.sha256, temporary=temporary)
+
+    @classmethod
+    def allowed(cls, policy: Policy) -> Decision:
+        """An allow with no reasons, stamped with ``policy``."""
+        return cls(True, (), policy.version, policy.sha256)
+
     @property
     def decision(self) -> str:
         return "allow" if self.allow else "deny"
@@ -368,7 +379,11 @@ def _violations(posture: Posture | None, policy: Policy, ctx: Context) -> list[R
         ]
     if not policy.in_scope(posture.platform):
         return []
+    return _prohibited(posture, policy, ctx) + _unapproved(posture, policy, ctx)
 
+
+def _prohibited(posture: Posture, policy: Policy, ctx: Context) -> list[Reason]:
+    """Step 3: installed apps that a prohibited-app rule covers."""
     reasons: list[Reason] = []
     for app in posture.apps:
         for rule in policy.rules_for(app.id):
@@ -395,6 +410,12 @@ def _violations(posture: Posture | None, policy: Policy, ctx: Context) -> list[R
                     enforced=active and mode == "enforce",
                 )
             )
+    return reasons
+
+
+def _unapproved(posture: Posture, policy: Policy, ctx: Context) -> list[Reason]:
+    """Step 4: with an approved-apps list for the platform, every app not on it."""
+    reasons: list[Reason] = []
     approved = policy.approved_list(posture.platform)
     if approved is not None and approved.scope.covers(ctx.user, policy):
         mode = approved.mode or policy.mode

@@ -7,9 +7,11 @@ How the parts fit:
   (bad config, missing certificate, unreadable key, port in use) are one line on
   stderr and exit code 2; a clean SIGTERM/SIGINT shutdown is exit code 0.
 * :class:`Server` owns the long-lived objects: the posture store, the audit log, the
-  :class:`PolicyHolder` (the one place the current policy lives), the
-  :class:`~proxy.gate.Gate`, the listeners (each started by its protocol's front end
-  module, ``proxy.frontends.<protocol>.start``) and the control-plane API.
+  :class:`PolicyHolder` (the one place the current policy lives), the metrics
+  observer (created once, handed to the gate; everything else reports through
+  ``gate.observer``), the :class:`~proxy.gate.Gate`, the listeners (each started
+  by its protocol's front end module, ``proxy.frontends.<protocol>.start``) and the
+  control-plane API.
 * Hot reload: SIGHUP and a change of the policy file (watchfiles) both call
   :meth:`Server.reload`. A valid policy is swapped in atomically (one attribute
   assignment on the event loop), recorded as a ``policy_reload`` audit record, and
@@ -120,11 +122,6 @@ class PolicyHolder:
         return old
 
 
-def _publish_policy_metric(policy: Policy) -> None:
-    metrics.POLICY_INFO.clear()
-    metrics.POLICY_INFO.labels(policy.version, policy.sha256).set(1)
-
-
 # ------------------------------------------------------------------ building blocks
 
 
@@ -225,6 +222,7 @@ class Server:
         self.store: Any = None
         self.audit: Any = None
         self.gate: Gate | None = None
+        self.observer = metrics.PrometheusObserver()
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.draining = False
@@ -267,8 +265,8 @@ class Server:
                 from None
 
         self.gate = Gate(store=self.store, audit=metrics.TimedAuditSink(self.audit),
-                         policy=self.holder.current)
-        _publish_policy_metric(self.holder.current())
+                         policy=self.holder.current, observer=self.observer)
+        self.observer.policy_loaded(self.holder.current())
 
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
@@ -442,7 +440,7 @@ class Server:
         try:
             new = load_policy(path)
         except ConfigError as exc:
-            metrics.POLICY_RELOAD_FAILURES.inc()
+            self.observer.policy_reload_failed()
             log.error("policy reload refused; keeping the current policy", trigger=trigger,
                       error=str(exc), file=exc.file, line=exc.line, key=exc.key,
                       policy_version=old.version)
@@ -456,7 +454,7 @@ class Server:
             log.info("policy unchanged", trigger=trigger, policy_version=old.version)
             return False
         self.holder.swap(new)
-        _publish_policy_metric(new)
+        self.observer.policy_loaded(new)
         log.info("policy reloaded", trigger=trigger, old_version=old.version,
                  new_version=new.version, new_sha256=new.sha256)
         await self._audit_write({

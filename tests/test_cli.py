@@ -127,6 +127,21 @@ def test_audit_verify_detects_any_change(deploy: Path, tmp_path: Path) -> None:
     assert ":2:" in r.stderr
 
 
+def test_ingest_records_share_the_api_schema(deploy: Path) -> None:
+    """Every `attestation` record written by posture ingest, accepted or refused,
+    has the keys of the API's records (one record builder in the gate)."""
+    from proxy.gate import ReportSource, attestation_record
+
+    (deploy / "garbage-2.jws").write_text("not.a.jws")
+    mailward(deploy, "posture", "ingest", "phone-clean.jws", "garbage-2.jws")
+    lines = (deploy / "state/audit.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r.get("event") == "attestation"]
+    assert {r["result"] for r in records} == {"accepted", "refused"}
+    keys = set(attestation_record(ReportSource("api"), None, None, code="x"))
+    assert all(keys <= set(r) and r["source"] == "cli" and r["file"] for r in records)
+    assert len({frozenset(r) for r in records}) == 1
+
+
 HEAVY = ("asyncio", "structlog", "prometheus_client", "jwt", "aiohttp", "aiosmtpd",
          "aiosmtplib", "uvloop", "watchfiles", "proxy.server", "proxy.api",
          "proxy.frontends.imap", "proxy.frontends.smtp", "proxy.frontends.activesync")

@@ -7,7 +7,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from proxy.gate import Gate, Identity, Origin
+from proxy.gate import (
+    AUDIT_UNAVAILABLE,
+    STORE_UNAVAILABLE,
+    Gate,
+    Identity,
+    NullObserver,
+    Origin,
+    ReportSource,
+    attestation_record,
+)
 from proxy.policy import Policy, ProhibitedApp
 from proxy.posture import App, CommitResult, Posture
 
@@ -203,6 +212,18 @@ class RecordingObserver:
     def upstream_failed(self, upstream: str) -> None:
         self.events.append(("upstream_failed", upstream))
 
+    def attestation(self, result: str) -> None:
+        self.events.append(("attestation", result))
+
+    def policy_loaded(self, policy: Policy) -> None:
+        self.events.append(("policy", policy.version))
+
+    def policy_reload_failed(self) -> None:
+        self.events.append(("reload_failed",))
+
+    def expose(self) -> tuple[bytes, str]:
+        return b"", "text/plain"
+
 
 async def test_observer_sees_decisions_and_upstream_failures() -> None:
     """Metrics hooks: each decision, a mail upstream that is down (recorded as a
@@ -261,3 +282,94 @@ async def test_overlapping_rechecks_end_a_session_once() -> None:
     assert sum(ended) == 1
     assert len(s1.ended) == 1 and s2.ended == []
     assert [r["device_id"] for r in audit.records if r["event"] == "session_end"] == ["d1"]
+
+
+# ------------------------------------------------------------------ what-if
+
+
+async def test_explain_is_one_explain_record_and_no_decision() -> None:
+    """explain evaluates like decide but writes an `explain` record and is not
+    counted as an access decision."""
+    store, audit, obs = FakeStore(make_posture("d1", "a@corp.example", TIKTOK)), ListAudit(), \
+        RecordingObserver()
+    gate = Gate(store=store, audit=audit, policy=lambda: POLICY, observer=obs)
+    d = await gate.explain(Identity("a@corp.example", "d1", "cli"), Origin("imap", "cli"))
+    assert not d.allow and d.reasons[0].code == "prohibited_app"
+    assert [r["event"] for r in audit.records] == ["explain"]
+    assert audit.records[0]["device_id"] == "d1" and audit.records[0]["platform"] == "android"
+    assert not [e for e in obs.events if e[0] == "decided"]
+
+
+async def test_explain_what_if_posture_is_not_read_from_the_store() -> None:
+    """A what-if posture is judged as given; the store (here broken) is not read."""
+    gate, store, audit = gate_with()
+    store.broken = True
+    what_if = make_posture("d9", "a@corp.example", "com.mail")
+    d = await gate.explain(Identity("a@corp.example", "d9"), IMAP, posture=what_if)
+    assert d.allow and audit.records[0]["posture_sha256"] == what_if.sha256
+
+
+async def test_explain_says_what_is_unavailable() -> None:
+    """With the store or the audit log down, explain answers a temporary deny naming
+    which one, so callers can say they cannot answer."""
+    gate, store, audit = gate_with(make_posture("d1", "a@corp.example"))
+    store.broken = True
+    d = await gate.explain(Identity("a@corp.example", "d1"), IMAP)
+    assert d.temporary and d.reasons[0].code == STORE_UNAVAILABLE
+    store.broken, audit.broken = False, True
+    d = await gate.explain(Identity("a@corp.example", "d1"), IMAP)
+    assert d.temporary and d.reasons[0].code == AUDIT_UNAVAILABLE
+
+
+# ------------------------------------------------------------------ attestations
+
+
+async def test_attestation_records_have_one_schema() -> None:
+    """Accepted and refused reports, from the API or the CLI, give records with the
+    same keys; the accepted one carries the evaluation."""
+    gate, _, audit = gate_with()
+    posture = make_posture("d1", "a@corp.example", TIKTOK)
+    d = await gate.attest(ReportSource("api", "192.0.2.9"), posture)
+    await gate.attest_refused(ReportSource("cli", file="x.jws"), "replay")
+    accepted, refused = audit.records
+    assert set(accepted) == set(refused) == set(
+        attestation_record(ReportSource("api"), None, None, code="x"))
+    assert (accepted["result"], accepted["source"], accepted["client_ip"]) == (
+        "accepted", "api", "192.0.2.9")
+    assert accepted["compliant"] is False and accepted["violations"] == ["prohibited_app"]
+    assert not d.allow
+    assert (refused["result"], refused["code"], refused["source"], refused["file"]) == (
+        "refused", "replay", "cli", "x.jws")
+
+
+async def test_attest_ends_the_devices_sessions_and_tells_the_observer() -> None:
+    """A stored non-compliant report ends the device's live session (continuous
+    access evaluation) and is counted by result."""
+    store, audit, obs = FakeStore(), ListAudit(), RecordingObserver()
+    gate = Gate(store=store, audit=audit, policy=lambda: POLICY, observer=obs)
+    session = FakeSession(Identity("a@corp.example", "d1"), IMAP)
+    gate.register(session)
+    posture = make_posture("d1", "a@corp.example", TIKTOK)
+    store.postures["d1"] = posture  # what ingest committed
+    await gate.attest(ReportSource("api"), posture)
+    await gate.attest_refused(ReportSource("api"), "bad_signature")
+    assert session.ended and "TikTok" in session.ended[0]
+    assert ("attestation", "accepted") in obs.events
+    assert ("attestation", "bad_signature") in obs.events
+
+
+async def test_attestation_record_survives_a_broken_audit_log() -> None:
+    """The posture is committed either way: a failed attestation record is logged,
+    not raised."""
+    gate, _, audit = gate_with()
+    audit.broken = True
+    d = await gate.attest(ReportSource("cli", file="f"), make_posture("d1", "a@corp.example"))
+    assert d.allow and audit.records == []
+
+
+def test_null_observer_exposes_nothing() -> None:
+    """The CLI's observer accepts every report and exposes an empty metrics page."""
+    obs = NullObserver()
+    obs.attestation("accepted")
+    obs.policy_loaded(POLICY)
+    assert obs.expose()[0] == b""

@@ -194,3 +194,15 @@ def test_glob_memo_gives_same_answer() -> None:
     for _ in range(3):
         assert not evaluate(posture("com.ss.a"), pol, ctx()).allow
         assert evaluate(posture("com.sx.a"), pol, ctx()).allow
+
+
+def test_decision_deny_is_stamped_with_the_policy() -> None:
+    """Decision.deny: one reason, the policy's version and digest, temporary on request."""
+    from proxy.policy import Decision, Reason
+
+    policy = Policy(version="v7", sha256="b" * 64)
+    d = Decision.deny(policy, Reason("upstream_unavailable", "later"), temporary=True)
+    assert (d.allow, d.decision, d.policy_version, d.policy_sha256, d.temporary) == (
+        False, "deny", "v7", "b" * 64, True)
+    assert d.user_text() == "later"
+    assert Decision.allowed(policy).allow and Decision.allowed(policy).reasons == ()

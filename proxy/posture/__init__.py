@@ -67,7 +67,15 @@ class Posture:
         return cls(**d)
 
 
-class PostureStore(Protocol):
+class PostureReader(Protocol):
+    """What deciding needs from a store: the gate only reads."""
+
+    async def get(self, device_id: str) -> Posture | None: ...
+
+    async def devices_for_user(self, user: str) -> list[Posture]: ...
+
+
+class PostureStore(PostureReader, Protocol):
     """Latest verified posture per device, and the attestation replay memory.
 
     Implementations must be safe under concurrent use from one event loop.
@@ -80,10 +88,6 @@ class PostureStore(Protocol):
         the posture. Returns ``"bad_nonce"`` or ``"replay"`` (and changes nothing)
         when the nonce is unknown/expired/used or the jti was seen before."""
         ...
-
-    async def get(self, device_id: str) -> Posture | None: ...
-
-    async def devices_for_user(self, user: str) -> list[Posture]: ...
 
     async def issue_nonce(self, nonce: str, expires_at: float) -> None: ...
 

@@ -214,7 +214,7 @@ class SqlitePostureStore:
             self._conn = None
 
     def _ping(self) -> bool:
-        return self._db().execute("SELECT 1").fetchone() == (1,)
+        return bool(self._db().execute("SELECT 1").fetchone() == (1,))
 
     def _purge_expired(self, now: float) -> None:
         """Delete rows expired at ``now`` (the caller's clock), at most once per purge

@@ -1,0 +1,279 @@
+"""``config/mailward.toml`` (how the proxy runs) -> frozen dataclasses.
+
+:func:`load_config` reads one table at a time (a small builder per table) and
+resolves relative paths against the deployment root, the parent of the ``config/``
+directory that holds the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from proxy.config.reading import (
+    ConfigError,
+    Locator,
+    Table,
+    is_loopback,
+    read_toml,
+    split_hostport,
+)
+
+DEFAULT_CONFIG = Path("config/mailward.toml")
+_S = TypeVar("_S")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    state_dir: Path
+    policy: Path
+    shutdown_grace_s: float = 10.0
+    recheck_interval_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    device_ca: Path
+    attesters: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PostureConfig:
+    store: str  # sqlite://<absolute path> or redis://...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: Path
+    signing_key: Path | None
+    verify_key: Path | None
+    checkpoint_every: int = 1000
+    checkpoint_interval_s: float = 60.0
+    rotate_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    host: str
+    port: int
+    tls: bool
+    admin_token_file: Path | None
+    max_body_bytes: int = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    protocol: Literal["imap", "smtp", "activesync"]
+    host: str
+    port: int
+    upstream: str
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    client_cert: Literal["none", "optional", "required"] = "optional"
+    unidentified: Literal["deny", "allow", "all-user-devices"] = "deny"
+    upstream_tls: Literal["implicit", "starttls", "none"] = "implicit"
+    upstream_ca: Path | None = None
+    allow_cleartext_auth: bool = False  # only accepted on a loopback listener
+    preauth_idle_timeout_s: float = 60.0
+    preauth_timeout_s: float = 180.0
+    max_preauth_commands: int = 50
+    upstream_connect_timeout_s: float = 10.0
+    upstream_timeout_s: float = 60.0
+    longpoll_timeout_s: float = 3600.0
+
+    @property
+    def upstream_host(self) -> str:
+        return _split_upstream(self.upstream)[0]
+
+    @property
+    def upstream_port(self) -> int:
+        return _split_upstream(self.upstream)[1]
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    root: Path
+    server: ServerConfig
+    tls: TlsConfig
+    trust: TrustConfig
+    posture: PostureConfig
+    audit: AuditConfig
+    api: ApiConfig
+    listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
+
+
+def _split_upstream(upstream: str) -> tuple[str, int]:
+    if "://" in upstream:
+        u = urlsplit(upstream)
+        return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    return split_hostport(upstream)
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
+    """Read ``mailward.toml``; :class:`ConfigError` names file, key and line."""
+    path = Path(path).resolve()
+    doc, text = read_toml(path)
+    loc = Locator(text)
+    top = Table(doc, "", path, loc)
+    resolve = _Resolver(path.parent.parent)
+    server = _section(top, "server", lambda t: _server(t, resolve))
+    tls = _section(top, "tls", lambda t: TlsConfig(
+        cert=resolve(t, "cert", "certs/server.pem"),
+        key=resolve(t, "key", "certs/server.key"),
+        client_ca=resolve(t, "client_ca", "certs/device-ca.pem", optional=True),
+    ))
+    trust = _section(top, "trust", lambda t: TrustConfig(
+        device_ca=resolve(t, "device_ca", "certs/device-ca.pem"),
+        attesters=tuple(resolve.path(p)
+                        for p in t.strings("attesters", ["certs/mdm-attester.pem"])),
+    ))
+    posture = _section(top, "posture", lambda t: _posture(t, resolve.root))
+    audit = _section(top, "audit", lambda t: _audit(t, resolve))
+    api = _section(top, "api", lambda t: _api(t, resolve))
+    listeners = tuple(_listener(lt, resolve) for lt in top.tables("listeners"))
+    names = [lst.name for lst in listeners]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            p = f"listeners[{i}].name"
+            raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
+    top.done()
+    return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners)
+
+
+class _Resolver:
+    """Reads a path setting; relative paths resolve against the deployment root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p
+
+    def __call__(self, t: Table, key: str, default: Any = ..., *,
+                 optional: bool = False) -> Any:
+        """The path under ``key`` (``None`` when the default is ``None`` or, with
+        ``optional``, when the value is empty)."""
+        value = t.text(key, default)
+        if value is None or (optional and value == ""):
+            return None
+        return self.path(value)
+
+
+def _section(top: Table, key: str, build: Callable[[Table], _S]) -> _S:
+    """Build one table's dataclass, then refuse keys the builder did not read."""
+    table = top.table(key)
+    built = build(table)
+    table.done()
+    return built
+
+
+def _server(s: Table, resolve: _Resolver) -> ServerConfig:
+    return ServerConfig(
+        state_dir=resolve(s, "state_dir", "state"),
+        policy=resolve(s, "policy", "config/policy.toml"),
+        shutdown_grace_s=s.duration("shutdown_grace", 10.0),
+        recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
+    )
+
+
+def _posture(ps: Table, root: Path) -> PostureConfig:
+    store_url = ps.text("store", "sqlite:///state/posture.db")
+    if store_url.startswith("sqlite:///"):
+        rest = store_url.removeprefix("sqlite:///")
+        db = Path(rest) if rest.startswith("/") else root / rest
+        return PostureConfig(store=f"sqlite://{db}")
+    if store_url.startswith("redis://"):
+        # DESIGN.md names a Redis store for scale-out; until it exists, say so here
+        # rather than let `serve` fail later.
+        raise ps.error("store", "redis:// is not available in this build; use sqlite:///")
+    raise ps.error("store", "must start with sqlite:///")
+
+
+def _audit(a: Table, resolve: _Resolver) -> AuditConfig:
+    return AuditConfig(
+        path=resolve(a, "path", "state/audit.jsonl"),
+        signing_key=resolve(a, "signing_key", "certs/audit-signing.key", optional=True),
+        verify_key=resolve(a, "verify_key", "certs/audit-signing.pub", optional=True),
+        checkpoint_every=a.positive_int("checkpoint_every", 1000),
+        checkpoint_interval_s=a.positive_duration("checkpoint_interval", 60.0),
+        rotate_bytes=a.positive_int("rotate_bytes", 64 * 1024 * 1024),
+    )
+
+
+def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
+    try:
+        host, port = split_hostport(ap.text("listen", "127.0.0.1:8443"))
+    except ValueError as exc:
+        raise ap.error("listen", str(exc)) from None
+    return ApiConfig(
+        host=host,
+        port=port,
+        tls=ap.get("tls", bool, True),
+        admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
+        max_body_bytes=ap.positive_int("max_body_bytes", 512 * 1024),
+    )
+
+
+def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
+    protocol = t.choice("protocol", ("imap", "smtp", "activesync"))
+    try:
+        host, port = split_hostport(t.text("listen"))
+    except ValueError as exc:
+        raise t.error("listen", str(exc)) from None
+    tls = t.choice("tls", ("implicit", "starttls", "none"), "implicit")
+    if tls == "none" and not is_loopback(host):
+        raise t.error("tls", '"none" is only allowed on a loopback address')
+    if protocol == "activesync" and tls == "starttls":
+        raise t.error("tls", "ActiveSync is HTTPS: use implicit or none")
+    upstream = t.text("upstream")
+    try:
+        if protocol == "activesync":
+            u = urlsplit(upstream)
+            if u.scheme not in ("https", "http") or not u.hostname:
+                raise ValueError("must be an https://host[:port] URL")
+        else:
+            split_hostport(upstream)
+    except ValueError as exc:
+        raise t.error("upstream", str(exc)) from None
+    cleartext = t.get("allow_cleartext_auth", bool, False)
+    if cleartext and not is_loopback(host):
+        raise t.error("allow_cleartext_auth", "is only allowed on a loopback listener")
+    lst = ListenerConfig(
+        name=t.text("name"),
+        protocol=protocol,
+        host=host,
+        port=port,
+        upstream=upstream,
+        tls=tls,
+        client_cert=t.choice("client_cert", ("none", "optional", "required"), "optional"),
+        unidentified=t.choice("unidentified", ("deny", "allow", "all-user-devices"), "deny"),
+        upstream_tls=t.choice("upstream_tls", ("implicit", "starttls", "none"), "implicit"),
+        upstream_ca=resolve(t, "upstream_ca", "", optional=True),
+        allow_cleartext_auth=cleartext,
+        preauth_idle_timeout_s=t.positive_duration("preauth_idle_timeout", 60.0),
+        preauth_timeout_s=t.positive_duration("preauth_timeout", 180.0),
+        max_preauth_commands=t.positive_int("max_preauth_commands", 50),
+        upstream_connect_timeout_s=t.positive_duration("upstream_connect_timeout", 10.0),
+        upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
+        longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
+    )
+    t.done()
+    return lst
+
+
