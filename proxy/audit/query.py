@@ -7,10 +7,9 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, NamedTuple, TextIO
 
 from proxy.audit.files import log_files
 from proxy.audit.record import canonical_json, is_checkpoint, parse_line
@@ -46,8 +45,7 @@ def query(
     return (record for record in _records(Path(path)) if wanted.matches(record))
 
 
-@dataclass(frozen=True, slots=True)
-class _Filter:
+class _Filter(NamedTuple):
     user: str | None  # casefolded
     device: str | None
     decision: str | None

@@ -9,9 +9,8 @@ unreadable, raises :class:`AuditIntegrityError` and is never extended.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.audit.files import (
     RECOVERY_SCAN_BYTES,
@@ -35,8 +34,7 @@ from proxy.oplog import get_logger
 log = get_logger("mailward.audit")
 
 
-@dataclass(frozen=True, slots=True)
-class ChainHead:
+class ChainHead(NamedTuple):
     """Where the chain ends: ``size`` bytes of complete records in the live file, the
     last record's ``seq`` and ``hash``, and how many records follow the last checkpoint."""
 
