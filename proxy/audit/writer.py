@@ -357,8 +357,9 @@ class AuditLog:
             fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         try:
             st = os.fstat(fd)
-            known = ChainHead(self._size, self._seq, self._head, self._unsealed) if delta \
-                else None
+            known = (
+                ChainHead(self._size, self._seq, self._head, self._unsealed) if delta else None
+            )
             found, window = find_head(self.path, fd, st.st_size, known)
             self._reconcile_head_file(found.seq, window, opening=opening)
         except BaseException:
