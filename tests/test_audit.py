@@ -555,6 +555,7 @@ async def test_two_writers_share_one_chain(tmp_path: Path) -> None:
     assert result.records == len(lines_of(path))
 
 
+@pytest.mark.peer
 async def test_separate_processes_share_one_chain(tmp_path: Path) -> None:
     """CLI processes appending while the server writes (and rotates) keep one chain."""
     import subprocess
