@@ -9,10 +9,10 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TextIO
+from typing import Any, Literal, TextIO
 
 from proxy.audit.files import log_files
-from proxy.audit.record import canonical_json, is_checkpoint, parse_line
+from proxy.audit.record import CHECKPOINT_EVENT, canonical_json, parse_line
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.audit")
@@ -33,46 +33,25 @@ def query(
     live file. ``user`` is compared case-insensitively; ``since <= ts < until`` (naive
     datetimes are UTC). Checkpoints are left out unless ``event="checkpoint"``.
     Unreadable lines are skipped with a warning (use :func:`verify` to find them)."""
-    wanted = _Filter(
-        user=user.casefold() if user is not None else None,
-        device=device,
-        decision=decision,
-        protocol=protocol,
-        event=event,
-        since=_as_utc(since),
-        until=_as_utc(until),
-    )
-    return (record for record in _records(Path(path)) if wanted.matches(record))
-
-
-class _Filter(NamedTuple):
-    user: str | None  # casefolded
-    device: str | None
-    decision: str | None
-    protocol: str | None
-    event: str | None
-    since: datetime | None  # aware, UTC
-    until: datetime | None
-
-    def matches(self, record: Mapping[str, Any]) -> bool:
-        if self.event is None:
-            if is_checkpoint(record):
-                return False
-        elif record.get("event") != self.event:
-            return False
-        if self.user is not None and str(record.get("user") or "").casefold() != self.user:
-            return False
-        if self.device is not None and record.get("device_id") != self.device:
-            return False
-        if self.decision is not None and record.get("decision") != self.decision:
-            return False
-        if self.protocol is not None and record.get("protocol") != self.protocol:
-            return False
-        if self.since or self.until:
+    want_user = user.casefold() if user is not None else None
+    since_utc, until_utc = _as_utc(since), _as_utc(until)
+    for record in _records(Path(path)):
+        kind = record.get("event")
+        if (event is None and kind == CHECKPOINT_EVENT) or (event is not None and kind != event):
+            continue
+        if want_user is not None and str(record.get("user") or "").casefold() != want_user:
+            continue
+        if device is not None and record.get("device_id") != device:
+            continue
+        if decision is not None and record.get("decision") != decision:
+            continue
+        if protocol is not None and record.get("protocol") != protocol:
+            continue
+        if since_utc or until_utc:
             ts = _record_time(record)
-            if ts is None or (self.since and ts < self.since) or (self.until and ts >= self.until):
-                return False
-        return True
+            if ts is None or (since_utc and ts < since_utc) or (until_utc and ts >= until_utc):
+                continue
+        yield record
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
