@@ -46,12 +46,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _audit_log(cfg: Config) -> Any:
-    from proxy.audit import AuditLog, load_signing_key
+    from proxy.audit import open_audit_log
 
-    key = None
-    if cfg.audit.signing_key and cfg.audit.signing_key.exists():
-        key = load_signing_key(cfg.audit.signing_key)
-    return AuditLog.from_config(cfg.audit, signing_key=key)
+    return open_audit_log(cfg)
 
 
 def _policy(cfg: Config) -> Any:
@@ -93,6 +90,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if missing:
         return EXIT_ERROR
+    from proxy.audit import signing_key_from_config
+
+    signing_key_from_config(cfg)  # ConfigError (one line, exit 2) unless it is Ed25519
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "

@@ -197,17 +197,12 @@ def _bind_error(what: str, host: str, port: int, exc: OSError) -> StartupError:
 
 
 def _audit_log(cfg: Config) -> Any:
-    from proxy.audit import AuditLog
-    from proxy.pki import PkiError, load_private_key
+    from proxy.audit import open_audit_log
 
-    key = None
-    if cfg.audit.signing_key is not None:
-        _require_file(cfg.audit.signing_key, "audit.signing_key")
-        try:
-            key = load_private_key(cfg.audit.signing_key)
-        except PkiError as exc:
-            raise StartupError(f"audit.signing_key: {exc}") from None
-    return AuditLog.from_config(cfg.audit, signing_key=key)
+    try:
+        return open_audit_log(cfg)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ server

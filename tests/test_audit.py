@@ -7,6 +7,7 @@ import asyncio
 import base64
 import csv
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -14,6 +15,9 @@ import json
 import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from proxy.audit import (
     AuditLog,
     AuditUnavailable,
     format_records,
+    open_audit_log,
     parse_time,
     query,
     record_hash,
@@ -550,6 +555,7 @@ async def test_two_writers_share_one_chain(tmp_path: Path) -> None:
     assert result.records == len(lines_of(path))
 
 
+@pytest.mark.peer
 async def test_separate_processes_share_one_chain(tmp_path: Path) -> None:
     """CLI processes appending while the server writes (and rotates) keep one chain."""
     import subprocess
@@ -675,3 +681,126 @@ def test_key_loaders_match_cryptography(tmp_path: Path) -> None:
         serialization.NoEncryption()))
     with pytest.raises(ValueError):
         load_signing_key(other)
+
+
+# -- building the log from configuration --------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+MAILWARD = Path(sys.executable).with_name("mailward")
+
+
+@functools.cache
+def other_keys() -> dict[str, bytes]:
+    """PKCS#8 PEM private keys of the types the audit key must not be."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    def pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    return {"ec": pem(ec.generate_private_key(ec.SECP256R1())),
+            "rsa": pem(rsa.generate_private_key(65537, 2048)),
+            "garbage": b"not a key\n"}
+
+
+def config_with_key(root: Path, name: str, key_file: str) -> Path:
+    """``config/<name>.toml``: the shipped config with ``[audit] signing_key = key_file``."""
+    (root / "config").mkdir(exist_ok=True)
+    for shipped in ("mailward.toml", "policy.toml"):
+        if not (root / "config" / shipped).exists():
+            shutil.copy(ROOT / "config" / shipped, root / "config" / shipped)
+    text = (ROOT / "config/mailward.toml").read_text()
+    assert '"certs/audit-signing.key"' in text
+    path = root / "config" / f"{name}.toml"
+    path.write_text(text.replace('"certs/audit-signing.key"', f'"{key_file}"'))
+    return path
+
+
+WHAT = {"ec": "holds an EC (secp256r1) key", "rsa": "holds an RSA-2048 key",
+        "garbage": "does not hold an unencrypted PEM private key",
+        "missing": "file not found"}
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("kind", sorted(WHAT))
+def test_open_audit_log_refuses_a_key_that_is_not_ed25519(tmp_path: Path, kind: str) -> None:
+    """open_audit_log raises ConfigError, one line naming the config and the key file,
+    when the signing key is missing or not an Ed25519 PKCS#8 PEM key."""
+    from proxy.config import ConfigError, load_config
+
+    keys = other_keys()
+    (tmp_path / "certs").mkdir()
+    if kind in keys:
+        (tmp_path / "certs" / f"{kind}.key").write_bytes(keys[kind])
+    cfg_path = config_with_key(tmp_path, kind, f"certs/{kind}.key")
+    with pytest.raises(ConfigError) as caught:
+        open_audit_log(load_config(cfg_path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{cfg_path}: audit.signing_key: ")
+    assert str(tmp_path / "certs" / f"{kind}.key") in message and WHAT[kind] in message
+    assert not (tmp_path / "state").exists()  # refused before touching the log
+
+
+@pytest.mark.pure
+def test_open_audit_log_signs_with_the_configured_key(tmp_path: Path) -> None:
+    """open_audit_log builds the log [audit] describes, its checkpoints signed with the
+    configured Ed25519 key; signing_key = "" gives unsigned checkpoints."""
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.config import load_config
+
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs/audit.key").write_bytes(KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with open_audit_log(load_config(config_with_key(tmp_path, "good", "certs/audit.key"))) as log:
+        log.append(decision(1))
+    assert verify(tmp_path / "state/audit.jsonl", KEY.public_key()).ok
+    unsigned = config_with_key(tmp_path, "unsigned", "")
+    unsigned.write_text(unsigned.read_text().replace("state/audit.jsonl", "state/u.jsonl"))
+    with open_audit_log(load_config(unsigned)) as log:
+        log.append(decision(1))
+    checkpoint = json.loads(lines_of(tmp_path / "state/u.jsonl")[-1])
+    assert checkpoint["event"] == "checkpoint" and "sig" not in checkpoint
+
+
+@pytest.fixture(scope="module")
+def deploy_wrong_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deployment root with fresh certs (`mailward certs init`) and configs naming an
+    EC and an RSA key as the audit signing key."""
+    root = tmp_path_factory.mktemp("deploy")
+    config_with_key(root, "mailward", "certs/audit-signing.key")
+    r = subprocess.run([str(MAILWARD), "certs", "init", "--dir", "certs"], cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for kind, pem in other_keys().items():
+        (root / "certs" / f"{kind}.key").write_bytes(pem)
+        config_with_key(root, kind, f"certs/{kind}.key")
+    return root
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+@pytest.mark.parametrize("command", [
+    ("serve",),
+    ("check-config",),
+    ("explain", "--user", "alice@corp.example", "--device", "phone-1"),
+])
+def test_commands_refuse_a_non_ed25519_audit_key(
+    deploy_wrong_keys: Path, kind: str, command: tuple[str, ...]
+) -> None:
+    """serve, check-config and explain with an EC or RSA audit signing key print one
+    line naming the key file and exit 2, without a traceback."""
+    root = deploy_wrong_keys
+    cfg = root / "config" / f"{kind}.toml"
+    r = subprocess.run([str(MAILWARD), *command], cwd=root, capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "MAILWARD_CONFIG": str(cfg)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"mailward: {cfg}: audit.signing_key: {root}/certs/{kind}.key "
+                               f"{WHAT[kind]}; ")
+    assert "Ed25519" in lines[0]
