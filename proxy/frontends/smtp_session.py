@@ -23,7 +23,6 @@ while it waits for the upstream or the gate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 from aiosmtplib import SMTPResponse
 
 from proxy.frontends.smtp_replies import Replies, relayed
-from proxy.frontends.smtp_upstream import UpstreamSession, UpstreamUnavailable, describe
+from proxy.frontends.smtp_upstream import (
+    Relay,
+    UpstreamSession,
+    UpstreamUnavailable,
+    describe,
+)
 from proxy.frontends.smtp_wire import (
     PAUSED,
     AuthCancelled,
@@ -117,15 +121,13 @@ class SmtpSession(asyncio.Protocol):
         self._handshaking = False
         self._idle_timeout_s = cfg.preauth_idle_timeout_s
         self._deadline = 0.0  # end of the pre-auth time
-        self._upstream: UpstreamSession | None = None
+        self._relay: Relay | None = None  # once allowed: the upstream session
         self._refusal: str | None = None  # the gate denied: every MAIL FROM's answer
         self._sasl: list[bytes] = []  # SASL responses of the AUTH in progress
         self._mechanism = ""
         self._auth_failures = 0
-        self._txn_open = False  # a MAIL FROM was accepted upstream and not finished
         self._busy = False  # an event is being handled
         self._pending_goodbye: str | None = None  # sent once the current command ends
-        self._close_after_reply = False  # the upstream is gone: close after this reply
         self._closing = False
         self._ended = False
         self._decided = False  # a decision record was written for this connection
@@ -202,7 +204,7 @@ class SmtpSession(asyncio.Protocol):
                 await _HANDLERS[type(event)](self, event)
             finally:
                 self._busy = False
-            if self._close_after_reply or self.conn.state is State.CLOSED:
+            if self._upstream_gone() or self.conn.state is State.CLOSED:
                 self._close()
                 return
             if self._pending_goodbye is not None and self.conn.state is State.COMMAND:
@@ -451,7 +453,7 @@ class SmtpSession(asyncio.Protocol):
             await upstream.quit()
             return None
         if decision.allow:
-            self.identity, self._upstream = identity, upstream
+            self.identity, self._relay = identity, Relay(upstream)
             self._idle_timeout_s = POST_AUTH_IDLE_TIMEOUT_S
             self.listener.gate.register(self)  # type: ignore[arg-type]
             return Replies.AUTH_OK
@@ -465,89 +467,40 @@ class SmtpSession(asyncio.Protocol):
     # -- the relay ---------------------------------------------------------------------
 
     async def _on_mail(self, event: MailFrom) -> None:
-        if self._refusal is not None:
-            self._write(self._refusal)
+        if self._refusal is not None or self._relay is None:
+            self._write(self._refusal or Replies.UPSTREAM_DOWN)
             return
-        if self._txn_open:  # the client reset (EHLO, a refused message): sync up
-            status = await self._relay_reset()
-            if not status.startswith("250"):
-                self._write(status)
-                return
-        resp = await self._relay(b"MAIL", b"FROM:" + event.path, *event.params)
-        if resp is not None and resp.code == 250:
-            self._txn_open = True
-        self._write(Replies.UPSTREAM_DOWN if resp is None else relayed(resp))
+        self._write(await self._relay.mail(event.path, event.params))
 
     async def _on_rcpt(self, event: RcptTo) -> None:
-        resp = await self._relay(b"RCPT", b"TO:" + event.path)
-        self._write(Replies.UPSTREAM_DOWN if resp is None else relayed(resp))
+        assert self._relay is not None  # the wire asks for MAIL first
+        self._write(await self._relay.rcpt(event.path))
 
     async def _on_data(self, event: DataRequested) -> None:
         self._write(Replies.START_MAIL)
 
     async def _on_message(self, event: MessageReceived) -> None:
-        self._write(await self._relay_message(event.content))
+        assert self._relay is not None  # the wire asks for MAIL and RCPT first
+        self._write(await self._relay.message(event.content))
 
     async def _on_reset(self, event: ResetRequested) -> None:
-        self._write(await self._relay_reset() if self._txn_open else Replies.OK)
+        self._write(Replies.OK if self._relay is None else await self._relay.reset())
 
-    async def _relay_message(self, content: bytes) -> str:
-        upstream = self._upstream
-        if upstream is None:
-            return self._upstream_lost("no upstream session", message=True)
-        try:
-            resp = await upstream.data(content)
-        except UpstreamUnavailable as exc:
-            return self._upstream_lost(str(exc), message=True)
-        self._txn_open = False
-        if resp.code == 421:
-            return self._closing_upstream(resp)
-        if resp.code != 250:  # refused: make sure no half transaction stays open
-            with contextlib.suppress(UpstreamUnavailable):
-                await upstream.command(b"RSET")
-        return relayed(resp)
-
-    async def _relay_reset(self) -> str:
-        resp = await self._relay(b"RSET")
-        if resp is None:
-            return Replies.UPSTREAM_DOWN
-        self._txn_open = False
-        return relayed(resp)
-
-    async def _relay(self, *args: bytes) -> SMTPResponse | None:
-        """One command upstream; None when the upstream is gone (session ends)."""
-        if self._upstream is None:
-            self._upstream_lost("no upstream session")
-            return None
-        try:
-            resp = await self._upstream.command(*args)
-        except UpstreamUnavailable as exc:
-            self._upstream_lost(str(exc))
-            return None
-        if resp.code == 421:
-            self._closing_upstream(resp)
-        return resp
-
-    def _closing_upstream(self, resp: SMTPResponse) -> str:
-        """The upstream said 421 (it is closing): relay that, then end this session."""
-        self._txn_open = False
-        self._ended_by, self._end_detail = "upstream_lost", f"upstream {resp.code}"
-        self._close_after_reply = True
-        return relayed(resp)
-
-    def _upstream_lost(self, detail: str, *, message: bool = False) -> str:
-        """The upstream is gone: a 4xx reply, then close."""
-        log.warning("upstream lost", listener=self.origin.listener,
-                    client_ip=self.origin.client_ip, error=detail)
-        self._txn_open = False
-        self._ended_by, self._end_detail = "upstream_lost", detail
-        self._close_after_reply = True
-        return Replies.MESSAGE_NOT_SENT if message else Replies.UPSTREAM_DOWN
+    def _upstream_gone(self) -> bool:
+        """The upstream failed or said 421: log it once; the session is to close."""
+        relay = self._relay
+        if relay is None or relay.ended is None:
+            return False
+        if self._ended_by is None:
+            log.warning("upstream lost", listener=self.origin.listener,
+                        client_ip=self.origin.client_ip, error=relay.ended)
+            self._ended_by, self._end_detail = "upstream_lost", relay.ended
+        return True
 
     async def quit_upstream(self, timeout_s: float) -> None:
-        if self._upstream is not None:
-            upstream, self._upstream = self._upstream, None
-            await upstream.quit(timeout_s)
+        if self._relay is not None:
+            relay, self._relay = self._relay, None
+            await relay.upstream.quit(timeout_s)
 
     # -- LiveSession and the listener's calls ------------------------------------------
 
@@ -566,7 +519,7 @@ class SmtpSession(asyncio.Protocol):
         is doing, and close. A message in transfer is not acknowledged (its upstream
         connection is aborted, so the upstream does not take it either)."""
         self._end_reason = "shutdown"
-        if self._upstream is not None:  # a live, allowed session
+        if self._relay is not None:  # a live, allowed session
             self._ended_by = self._ended_by or "shutdown"
         self._pending_goodbye = None
         self._goodbye(Replies.SHUTDOWN)

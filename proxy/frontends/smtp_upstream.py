@@ -23,6 +23,7 @@ from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
 from proxy.config import ListenerConfig
 from proxy.frontends.smtp_relay import RelayClient, RelayError
+from proxy.frontends.smtp_replies import Replies, relayed
 from proxy.frontends.smtp_wire import MAX_MESSAGE_BYTES
 
 #: Extensions advertised to clients only as far as the upstream has them.
@@ -175,6 +176,71 @@ class UpstreamSession:
             self._client.close()
 
 
+class Relay:
+    """An allowed client's transactions on its upstream session, one command at a
+    time; each method returns the reply for the client. When the upstream fails or
+    says 421, ``ended`` says why (the session closes after that reply)."""
+
+    def __init__(self, upstream: UpstreamSession) -> None:
+        self.upstream = upstream
+        self.txn_open = False  # a MAIL FROM was accepted upstream and not finished
+        self.ended: str | None = None  # why the upstream is gone
+
+    async def mail(self, path: bytes, params: tuple[bytes, ...]) -> str:
+        if self.txn_open:  # the client reset (EHLO, a refused message): sync up
+            status = await self.reset()
+            if not status.startswith("250"):
+                return status
+        resp = await self._command(b"MAIL", b"FROM:" + path, *params)
+        if resp is None:
+            return Replies.UPSTREAM_DOWN
+        self.txn_open = resp.code == 250
+        return relayed(resp)
+
+    async def rcpt(self, path: bytes) -> str:
+        resp = await self._command(b"RCPT", b"TO:" + path)
+        return Replies.UPSTREAM_DOWN if resp is None else relayed(resp)
+
+    async def reset(self) -> str:
+        if not self.txn_open:
+            return Replies.OK
+        resp = await self._command(b"RSET")
+        if resp is None:
+            return Replies.UPSTREAM_DOWN
+        self.txn_open = False
+        return relayed(resp)
+
+    async def message(self, content: bytes) -> str:
+        """The message; the upstream's final reply, never a 250 of mailward's own."""
+        try:
+            resp = await self.upstream.data(content)
+        except UpstreamUnavailable as exc:
+            return self._lost(str(exc), Replies.MESSAGE_NOT_SENT)
+        self.txn_open = False
+        if resp.code == 421:
+            return self._lost(f"upstream {resp.code}", relayed(resp))
+        if resp.code != 250:  # refused: make sure no half transaction stays open
+            with contextlib.suppress(UpstreamUnavailable):
+                await self.upstream.command(b"RSET")
+        return relayed(resp)
+
+    async def _command(self, *args: bytes) -> SMTPResponse | None:
+        """One command upstream; None when the upstream is gone."""
+        try:
+            resp = await self.upstream.command(*args)
+        except UpstreamUnavailable as exc:
+            self._lost(str(exc), "")
+            return None
+        if resp.code == 421:  # the upstream is closing: relay that, then end
+            self._lost(f"upstream {resp.code}", "")
+        return resp
+
+    def _lost(self, detail: str, reply: str) -> str:
+        self.txn_open = False
+        self.ended = detail
+        return reply
+
+
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -182,6 +248,7 @@ def describe(exc: BaseException) -> str:
 __all__ = [
     "RELAYED_EXTENSIONS",
     "UPSTREAM_QUIT_TIMEOUT_S",
+    "Relay",
     "UpstreamCapabilities",
     "UpstreamSession",
     "UpstreamUnavailable",
