@@ -472,19 +472,30 @@ class Connection:
         usage = f"{command}: <address>"
         return usage + " [SP <mail-parameters>]" if self.extended else usage
 
-    def _mail(self, name: str, arg: bytes) -> Event:
-        refusal = self._needs_session("HELO")
-        if refusal is not None:
-            return self._reply(name, refusal)
-        usage = self._path_usage("MAIL FROM")
-        if arg[:5].upper() != b"FROM:":
+    def _path_argument(
+        self, name: str, arg: bytes, keyword: bytes, usage: str
+    ) -> ReplyNeeded | tuple[bytes, bytes]:
+        """``FROM:<path> params`` / ``TO:<path> params`` -> (path, params), or the
+        reply refusing it."""
+        if arg[: len(keyword)].upper() != keyword:
             return self._reply(name, Replies.syntax(usage))
-        parsed = parse_path(arg[5:])
+        parsed = parse_path(arg[len(keyword) :])
         if parsed is None:
             return self._reply(name, Replies.BAD_ADDRESS)
         path, rest = parsed
         if not path or (rest and not self.extended):
             return self._reply(name, Replies.syntax(usage))
+        return path, rest
+
+    def _mail(self, name: str, arg: bytes) -> Event:
+        refusal = self._needs_session("HELO")
+        if refusal is not None:
+            return self._reply(name, refusal)
+        usage = self._path_usage("MAIL FROM")
+        parsed = self._path_argument(name, arg, b"FROM:", usage)
+        if isinstance(parsed, ReplyNeeded):
+            return parsed
+        path, rest = parsed
         if self.in_mail:
             return self._reply(name, Replies.NESTED_MAIL)
         params = rest.upper().split()
@@ -500,14 +511,10 @@ class Connection:
         if refusal is not None:
             return self._reply(name, refusal)
         usage = self._path_usage("RCPT TO")
-        if arg[:3].upper() != b"TO:":
-            return self._reply(name, Replies.syntax(usage))
-        parsed = parse_path(arg[3:])
-        if parsed is None:
-            return self._reply(name, Replies.BAD_ADDRESS)
+        parsed = self._path_argument(name, arg, b"TO:", usage)
+        if isinstance(parsed, ReplyNeeded):
+            return parsed
         path, rest = parsed
-        if not path or (rest and not self.extended):
-            return self._reply(name, Replies.syntax(usage))
         params = _parameters(rest.upper().split())
         if params is None:
             return self._reply(name, Replies.syntax(usage))
