@@ -1060,7 +1060,7 @@ async def test_pipelined_commands_get_the_upstreams_replies_in_order(
 async def test_own_error_replies_carry_enhanced_codes_relayed_ones_untouched(
     env: Env, pki: Pki, scripted: ScriptedUpstream
 ) -> None:
-    """aiosmtpd's own 4xx/5xx replies get RFC 3463 codes (ENHANCEDSTATUSCODES is
+    """mailward's own 4xx/5xx replies carry RFC 3463 codes (ENHANCEDSTATUSCODES is
     advertised); the upstream's replies reach the client exactly as it sent them."""
     port = await env.listen(scripted.port, upstream_tls="none")
     client = RawClient(port, pki.client_ctx("alice-phone"))
@@ -1272,9 +1272,8 @@ async def test_posture_store_down_gives_a_temporary_refusal(
 
 
 def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> None:
-    """The server runs on uvloop: STARTTLS (aiosmtpd's own TLS upgrade) and implicit
-    TLS (the session's own handshake; uvloop reads the ClientHello before start_tls)
-    both work there, failed implicit handshakes get their session_end, and close()
+    """The server runs on uvloop: STARTTLS and implicit TLS (both the socket
+    transport's own handshake) work there, failed implicit handshakes get their session_end, and close()
     is bounded there too."""
     uvloop = pytest.importorskip("uvloop")
     wires = [message("uvloop starttls", b"a\r\n"), message("uvloop implicit", b"b\r\n")]
