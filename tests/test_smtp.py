@@ -1273,8 +1273,8 @@ async def test_posture_store_down_gives_a_temporary_refusal(
 
 def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> None:
     """The server runs on uvloop: STARTTLS and implicit TLS (both the socket
-    transport's own handshake) work there, failed implicit handshakes get their session_end, and close()
-    is bounded there too."""
+    transport's own handshake) work there, failed implicit handshakes get their
+    session_end, and close() is bounded there too."""
     uvloop = pytest.importorskip("uvloop")
     wires = [message("uvloop starttls", b"a\r\n"), message("uvloop implicit", b"b\r\n")]
 

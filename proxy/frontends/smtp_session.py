@@ -23,7 +23,6 @@ while it waits for the upstream or the gate.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +59,7 @@ from proxy.frontends.smtp_wire import (
     decode_plain,
 )
 from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
-from proxy.ids import device_id_from_der
+from proxy.net.tls import device_id_from_ssl
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
@@ -78,24 +77,6 @@ READ_PAUSE_BYTES = 64 * 1024
 #: Why a connection broke a limit of the wire, as its session_end reason.
 _LIMIT_REASONS = {"commands": "too_many_commands", "line": "line_too_long",
                   "unrecognized": "too_many_unrecognized"}
-
-
-@functools.lru_cache(maxsize=4096)
-def _device_id_from_der(der: bytes) -> str | None:
-    """:func:`proxy.ids.device_id_from_der`, remembered by the certificate's bytes: a
-    phone presents the same certificate on every connection."""
-    return device_id_from_der(der)
-
-
-def _device_id(obj: Any) -> str | None:
-    """The device id in a TLS connection's verified client certificate, if any."""
-    if obj is None:
-        return None
-    try:
-        der = obj.getpeercert(binary_form=True)
-    except (ValueError, ssl.SSLError):
-        return None
-    return _device_id_from_der(der) if der else None
 
 
 class SmtpSession(asyncio.Protocol):
@@ -303,7 +284,7 @@ class SmtpSession(asyncio.Protocol):
             raise
         finally:
             self._handshaking = False
-        self.device_id = _device_id(transport.get_extra_info("ssl_object"))
+        self.device_id = device_id_from_ssl(transport.get_extra_info("ssl_object"))
         return True
 
     def _tls_failed(self, detail: str) -> None:
