@@ -17,7 +17,6 @@ import smtplib
 import socket
 import ssl
 import time
-import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from audit_records import read_records, wait_records
 from peers import peer_missing
 from peers.postfix import PeerUnavailable, PostfixSubmission
@@ -201,70 +199,6 @@ async def swaks(*args: str) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------ contract
-
-
-def test_hook_names_exist_in_aiosmtpd() -> None:
-    """Every hook the handler defines is one aiosmtpd calls (misspelt hooks are silently
-    ignored), and the relay hooks are all there."""
-    known = {"handle_" + name[len("smtp_"):] for name in dir(AiosmtpdSMTP)
-             if name.startswith("smtp_")}
-    defined = {n for n in dir(smtp_frontend._Hooks) if n.startswith("handle_")}
-    assert defined == set(smtp_frontend.HOOK_NAMES)
-    assert defined <= known
-    assert {"handle_MAIL", "handle_RCPT", "handle_DATA", "handle_RSET"} <= defined
-
-
-@pytest.mark.parametrize("tls", ["starttls", "implicit"])
-async def test_session_init_matches_aiosmtpd(pki: Pki, tls: str) -> None:
-    """SubmissionSession sets up aiosmtpd's state itself (no per-connection
-    introspection): it must leave what SMTP.__init__ would, given mailward's arguments,
-    so an aiosmtpd upgrade that adds or changes state fails here."""
-    cfg = ListenerConfig(
-        name="submission", protocol="smtp", host="127.0.0.1", port=0,
-        upstream="127.0.0.1:1", tls=tls, client_cert="optional", upstream_tls="none",
-        preauth_idle_timeout_s=7)
-    server_tls = server_context(pki.dir / "server.pem", pki.dir / "server.key",
-                                client_ca=pki.dir / "device-ca.pem", client_cert="optional")
-    ctx = FrontendContext(listener=cfg, gate=None,  # type: ignore[arg-type]
-                          server_tls=server_tls, upstream_tls=None)
-    # Other aiosmtpd servers in this process (the demo upstream) share the class's
-    # dict: compare against what it holds now, not against empty.
-    class_limits = dict(AiosmtpdSMTP.command_size_limits)
-    listener = smtp_frontend.SmtpListener(ctx, "mailward.test")
-    cls = smtp_frontend.SubmissionSession
-    fast = cls(listener)
-    ref = cls.__new__(cls)
-    ref.command_size_limits = type(AiosmtpdSMTP.command_size_limits)(int)  # not the class's
-    AiosmtpdSMTP.__init__(
-        ref, listener.hooks, data_size_limit=listener.caps.message_limit,
-        enable_SMTPUTF8=True, hostname="mailward.test", ident="mailward",
-        tls_context=server_tls if tls == "starttls" else None, require_starttls=False,
-        timeout=7, auth_required=True, auth_require_tls=True,
-        authenticator=smtp_frontend._capture_credentials, loop=asyncio.get_running_loop())
-    mine, theirs = vars(fast), vars(ref)
-    assert set(theirs) <= set(mine)
-    for key, want in theirs.items():
-        got = mine[key]
-        if key == "_auth_methods":
-            assert {k: (v.method.__func__, v.method.__self__, v.is_builtin)
-                    for k, v in got.items()} == {
-                k: (v.method.__func__, fast, v.is_builtin) for k, v in want.items()}
-        elif key == "_smtp_methods":
-            assert got.keys() == want.keys()
-            for name, method in got.items():
-                assert method.__self__ is fast
-                assert method.__func__.__wrapped__ is want[name].__func__, name
-        elif key == "_handle_hooks":
-            assert got == want
-        elif isinstance(want, types.MethodType):
-            assert (got.__func__, got.__self__) == (want.__func__, fast), key
-        elif want is None or isinstance(
-                want, (str, int, float, ssl.SSLContext, asyncio.AbstractEventLoop,
-                       types.FunctionType, smtp_frontend._Hooks)):
-            assert got == want, key
-        else:
-            assert type(got) is type(want), key
-    assert dict(AiosmtpdSMTP.command_size_limits) == class_limits  # left alone
 
 
 def test_reply_catalogue_is_well_formed() -> None:
@@ -1126,7 +1060,7 @@ async def test_pipelined_commands_get_the_upstreams_replies_in_order(
 async def test_own_error_replies_carry_enhanced_codes_relayed_ones_untouched(
     env: Env, pki: Pki, scripted: ScriptedUpstream
 ) -> None:
-    """aiosmtpd's own 4xx/5xx replies get RFC 3463 codes (ENHANCEDSTATUSCODES is
+    """mailward's own 4xx/5xx replies carry RFC 3463 codes (ENHANCEDSTATUSCODES is
     advertised); the upstream's replies reach the client exactly as it sent them."""
     port = await env.listen(scripted.port, upstream_tls="none")
     client = RawClient(port, pki.client_ctx("alice-phone"))
@@ -1153,28 +1087,6 @@ async def test_own_error_replies_carry_enhanced_codes_relayed_ones_untouched(
     assert got[5].startswith("501 5.5.4 Syntax: RCPT"), got[5]
     assert got[6] == "550 no such user here"  # the upstream's, untouched
     assert got[7].startswith("500 5.5.2 Error: command \"BOGUS\" not recognized"), got[7]
-
-
-def test_enhanced_codes_are_added_only_where_missing() -> None:
-    add = smtp_frontend.with_enhanced_code
-    assert add("550 5.7.1 already coded") == "550 5.7.1 already coded"
-    assert add("421 4.7.0 AUTH sent too many times") == "421 4.7.0 AUTH sent too many times"
-    assert add("500 Command line too long") == "500 5.5.2 Command line too long"
-    assert add("501-Syntax: a\r\n501 b") == "501-5.5.4 Syntax: a\r\n501 5.5.4 b"
-    assert add("554") == "554 5.0.0"
-    assert add("250 OK") == "250 OK"  # only 4xx/5xx
-
-
-@pytest.mark.parametrize("arg", [
-    "<a@b.c>", f"<{ALICE}> SIZE=123 BODY=8BITMIME", "<a.b+c@x-y.z>\tX", "<a..b@c>",
-    "<a@b>x", "<a@b> ", "<a@b> (comment) X", "<a@b>\r", '<"q q"@b>', "< a@b>",
-    "<a@[127.0.0.1]>", "<a@b.>", "<>", "<\u00fc@x.y>", "<.a@b>", "<A_1@B2.C3>  x=1  y=2",
-])
-def test_fast_path_parser_agrees_with_aiosmtpd(arg: str) -> None:
-    """The fast path for plain ``<local@domain>`` gives aiosmtpd's own answer."""
-    server = smtp_frontend.SubmissionSession.__new__(smtp_frontend.SubmissionSession)
-    server.local_part_limit = 0
-    assert server._getaddr(arg) == AiosmtpdSMTP._getaddr(server, arg)
 
 
 async def test_plaintext_pipelined_after_starttls_is_discarded(
@@ -1295,11 +1207,20 @@ async def failed_implicit_handshakes(port: int, pki: Pki) -> None:
             rogue.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"EHLO phone.example\r\n")
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # no plaintext reply
+    assert await read_to_end(reader) == b""  # no plaintext reply
     writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # handshake timeout
+    assert await read_to_end(reader) == b""  # handshake timeout
     writer.close()
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """What the server sends before it closes; a reset (the server closed with the
+    client's unread plaintext still queued) is a close too."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        return b""
 
 
 async def test_failed_implicit_tls_handshakes_get_a_session_end(
@@ -1351,10 +1272,9 @@ async def test_posture_store_down_gives_a_temporary_refusal(
 
 
 def test_runs_on_uvloop(pki: Pki, postfix: PostfixSubmission, tmp_path: Path) -> None:
-    """The server runs on uvloop: STARTTLS (aiosmtpd's own TLS upgrade) and implicit
-    TLS (the session's own handshake; uvloop reads the ClientHello before start_tls)
-    both work there, failed implicit handshakes get their session_end, and close()
-    is bounded there too."""
+    """The server runs on uvloop: STARTTLS and implicit TLS (both the socket
+    transport's own handshake) work there, failed implicit handshakes get their
+    session_end, and close() is bounded there too."""
     uvloop = pytest.importorskip("uvloop")
     wires = [message("uvloop starttls", b"a\r\n"), message("uvloop implicit", b"b\r\n")]
 

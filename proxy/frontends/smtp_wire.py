@@ -1,0 +1,583 @@
+"""Sans-IO parser and state machine for the server side of SMTP submission.
+
+This module contains no networking code. A :class:`Connection` takes the bytes a client
+sent with :meth:`Connection.receive_data` and hands out one event at a time with
+:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`). After each event
+it pauses until the executor (``smtp.py``) answers it with :meth:`Connection.send`,
+which turns a reply into bytes and moves the state machine by the reply's code: a
+``354`` to DATA starts reading the message, a ``334`` to AUTH reads one SASL line, a
+``235`` authenticates, a ``250`` to MAIL opens the transaction, and so on. So commands a
+client pipelines are handled one by one, each only after the previous one's reply, and
+bytes after the end of a message are commands, never part of it.
+
+Understood: EHLO/HELO, STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954), MAIL
+(with SIZE, BODY, SMTPUTF8), RCPT, DATA, RSET, NOOP, QUIT, HELP, VRFY, EXPN. Syntax
+and sequence errors, and commands answered the same way every time, come out as
+:class:`ReplyNeeded` with the reply to send (texts from ``smtp_replies.Replies``).
+
+Smuggling (the 2023 SMTP smuggling attacks): only ``<CRLF>.<CRLF>`` ends a message.
+A dot between bare LFs or CRs (``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n``, ...) is message
+content, and whatever follows it stays inside the message. Bytes pipelined after
+STARTTLS are discarded (RFC 3207 4.2).
+
+Limits are the constants below; breaking one gives a :class:`LimitExceeded` event whose
+reply ends the connection. Time limits belong to the executor (a parser has no clock).
+
+Errors: the client's bad input is never an exception, it is an event (and
+:func:`decode_plain` raises :class:`ClientError`); :class:`UsageError` means the
+executor used the connection in a state that does not allow it.
+
+The events, errors and sentinels are defined in ``smtp_events`` and re-exported here.
+Everything that affects the state machine lives in :data:`TRANSITIONS`,
+:meth:`Connection.send` and :meth:`Connection.starttls_done`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from collections.abc import Callable
+
+from proxy.frontends.smtp_events import (
+    MECHANISMS,
+    NEED_DATA,
+    PAUSED,
+    AuthCancelled,
+    AuthResponse,
+    AuthStarted,
+    ClientError,
+    DataRequested,
+    Event,
+    Hello,
+    LimitExceeded,
+    MailFrom,
+    MessageReceived,
+    PrivacyRequired,
+    QuitRequested,
+    RcptTo,
+    ReplyNeeded,
+    ResetRequested,
+    Sentinel,
+    SmtpWireError,
+    StartTlsRequested,
+    UsageError,
+    check_reply,
+)
+from proxy.frontends.smtp_replies import Replies
+
+# ----------------------------------------------------------------------------- limits
+
+#: Longest line outside a message (CRLF included); longer ends the connection.
+MAX_LINE_BYTES = 8 * 1024
+#: Longest command line (RFC 5321 4.5.3.1.4); longer gets ``500`` and the session goes on.
+MAX_COMMAND_BYTES = 512
+#: What MAIL may add after EHLO: SIZE (RFC 1870 says 26 octets) and SMTPUTF8 (10).
+MAIL_PARAMETER_BYTES = 26 + 10
+#: Largest message by default; the executor sets the upstream's, if lower.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Default number of commands a client may send before it is authenticated.
+MAX_PREAUTH_COMMANDS = 50
+#: Unrecognised commands per connection; the last one ends the connection.
+MAX_UNRECOGNIZED_COMMANDS = 5
+#: Commands allowed before TLS on a STARTTLS listener (RFC 3207 4).
+ALLOWED_BEFORE_TLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+
+# ----------------------------------------------------------------------------- states
+
+
+class State(enum.Enum):
+    COMMAND = "command"  # reading a command line
+    REPLYING = "replying"  # an event is out; its reply (send) comes next
+    SASL = "sasl"  # reading one SASL response line (after a 334)
+    DATA = "data"  # reading the message (after a 354)
+    STARTTLS = "starttls"  # after the 220: handshake; bytes received are discarded
+    CLOSED = "closed"  # QUIT answered, a 421 sent or a limit broken
+
+
+#: (command being answered, reply code) -> state after the reply; ``*`` matches any
+#: code. A 421 closes in every state (it may also be sent unasked). Anything else
+#: goes back to COMMAND.
+TRANSITIONS: dict[tuple[str, str], State] = {
+    ("STARTTLS", "220"): State.STARTTLS,
+    ("AUTH", "334"): State.SASL,
+    ("DATA", "354"): State.DATA,
+    ("QUIT", "221"): State.CLOSED,
+    ("LIMIT", "*"): State.CLOSED,
+    ("*", "421"): State.CLOSED,
+}
+
+# ----------------------------------------------------------------------------- syntax
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is whitespace, CR/LF end lines
+
+
+def parse_path(text: bytes) -> tuple[bytes, bytes] | None:
+    """A reverse or forward path at the start of ``text``: (``<path>``, the rest).
+    A bare address is put in angle brackets; ``(b"", b"")`` when there is none; None
+    when it is malformed. What is inside the brackets is the upstream's to judge."""
+    text = text.strip()
+    if not text:
+        return b"", b""
+    if not text.startswith(b"<"):
+        address, _, rest = text.partition(b" ")
+        if b"<" in address or b">" in address:
+            return None
+        return b"<" + address + b">", rest.strip()
+    quoted, i = False, 1
+    while i < len(text):
+        c = text[i]
+        if quoted and c == 0x5C:  # backslash: the next byte is quoted
+            i += 2
+            continue
+        if c == 0x22:
+            quoted = not quoted
+        elif not quoted and c == 0x3E:
+            return text[: i + 1], text[i + 1 :].strip()
+        elif not quoted and c == 0x3C:
+            return None
+        i += 1
+    return None
+
+
+def _parameters(params: list[bytes]) -> dict[bytes, bytes | None] | None:
+    """``KEY[=VALUE]`` parameters (RFC 5321 4.1.2), or None if one is malformed."""
+    out: dict[bytes, bytes | None] = {}
+    for param in params:
+        key, eq, value = param.partition(b"=")
+        if not key.isalnum() or (eq and not value):
+            return None
+        out[key] = value if eq else None
+    return out
+
+
+def _mail_parameters(params: list[bytes], limit: int, usage: str) -> str | None:
+    """The error reply for MAIL parameters mailward does not accept, or None."""
+    parsed = _parameters(params)
+    if parsed is None:
+        return Replies.syntax(usage)
+    if parsed.pop(b"BODY", b"7BIT") not in (b"7BIT", b"8BITMIME"):
+        return Replies.BAD_BODY
+    if parsed.pop(b"SMTPUTF8", None) is not None:
+        return Replies.BAD_SMTPUTF8
+    if b"SIZE" in parsed:
+        size = parsed.pop(b"SIZE")
+        if size is None or not size.isdigit():
+            return Replies.syntax(usage)
+        if int(size) > limit:
+            return Replies.SIZE_EXCEEDED
+    return Replies.MAIL_PARAMETERS if parsed else None
+
+
+def b64decode(data: bytes) -> bytes:
+    """A SASL response (RFC 4954: ``=`` is empty); raises ClientError."""
+    if data == b"=":
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(Replies.BAD_BASE64) from None
+
+
+def decode_plain(message: bytes) -> tuple[bytes, bytes, bytes]:
+    """RFC 4616 PLAIN message -> (authzid, authcid, password); raises ClientError."""
+    parts = message.split(b"\x00")
+    if len(parts) != 3:
+        raise ClientError(Replies.BAD_PLAIN)
+    return parts[0], parts[1], parts[2]
+
+
+# ------------------------------------------------------------------------- connection
+
+_Handler = Callable[["Connection", str, bytes], Event]
+
+
+class Connection:
+    """The server side of one client connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        starttls: bool = False,
+        cleartext_auth: bool = False,
+        max_commands: int = MAX_PREAUTH_COMMANDS,
+        message_limit: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.state = State.COMMAND
+        self.tls = tls  # implicit TLS, or STARTTLS completed
+        self.starttls_available = starttls
+        self.cleartext_auth = cleartext_auth  # config allows AUTH without TLS
+        self.max_commands = max_commands
+        self.message_limit = message_limit
+        self.helo: str | None = None  # the name given in EHLO/HELO
+        self.extended = False  # EHLO rather than HELO
+        self.authenticated = False  # a 235 was sent
+        self.in_mail = False  # a 250 answered MAIL; the transaction is open
+        self.recipients = 0  # RCPTs answered 250/251 in this transaction
+        self.commands = 0  # commands before authentication
+        self.unrecognized = 0
+        self._greeted = False
+        self._pending = ""  # the command whose reply is due
+        self._buf = bytearray()
+        self._pos = 0  # start of unparsed data in _buf
+        self._scan = 0  # DATA: where to look for the end of the message from
+        self._too_big = False  # DATA: over the limit; the rest is read and dropped
+
+    # ------------------------------------------------------------- input side
+
+    @property
+    def buffered(self) -> int:
+        """Unparsed bytes held (the executor stops reading when this grows)."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the client (dropped after STARTTLS and once closed)."""
+        if self.state not in (State.STARTTLS, State.CLOSED):
+            self._buf += data
+
+    def next_event(self) -> Event | Sentinel:
+        """The next event, NEED_DATA, or PAUSED (an answer is due, or it is over)."""
+        if self.state in (State.REPLYING, State.STARTTLS, State.CLOSED):
+            return PAUSED
+        if self.state is State.DATA:
+            return self._message()
+        line = self._line()
+        if line is None:
+            if self._pos:  # keep only unparsed bytes
+                del self._buf[: self._pos]
+                self._pos = 0
+            return NEED_DATA
+        if isinstance(line, LimitExceeded):
+            return line
+        if self.state is State.SASL:
+            return self._sasl(line)
+        return self._command(line)
+
+    def _line(self) -> bytes | LimitExceeded | None:
+        nl = self._buf.find(b"\n", self._pos, self._pos + MAX_LINE_BYTES)
+        if nl < 0:
+            if len(self._buf) - self._pos >= MAX_LINE_BYTES:
+                return self._limit("line", Replies.LINE_LIMIT)
+            return None
+        line = bytes(self._buf[self._pos : nl]).rstrip(b"\r\n")
+        self._pos = nl + 1
+        return line
+
+    # ------------------------------------------------------------ output side
+
+    def send(self, reply: str) -> bytes:
+        """The bytes of ``reply`` (lines joined by CRLF, no final CRLF), answering the
+        last event; a 421 may also be sent unasked, and a 220 greeting first."""
+        code = check_reply(reply)
+        if self.state is State.CLOSED:
+            raise UsageError("the connection is closed")
+        if self.state is State.REPLYING:
+            self._answered(code)
+        elif TRANSITIONS.get(("*", code)) is State.CLOSED:  # unasked: a 421
+            self._closed()
+        elif code == "220" and not self._greeted and self.state is State.COMMAND:
+            pass  # the greeting
+        else:
+            raise UsageError(f"no command awaits a reply (state {self.state.value})")
+        self._greeted = True
+        return reply.encode("ascii") + b"\r\n"
+
+    def starttls_done(self) -> None:
+        """TLS is up: everything pipelined after STARTTLS is dropped, and the client
+        starts afresh with EHLO (RFC 3207 4.2)."""
+        if self.state is not State.STARTTLS:
+            raise UsageError(f"starttls_done in state {self.state.value}")
+        self.state = State.COMMAND
+        self.tls = True
+        self._buf.clear()
+        self._pos = 0
+        self.helo, self.extended = None, False
+        self._reset_transaction()
+
+    def _answered(self, code: str) -> None:
+        """The reply to the pending command: what it records, and the next state."""
+        pending = self._pending
+        if pending == "AUTH" and code == "235":
+            self.authenticated = True
+        elif pending == "MAIL" and code == "250":
+            self.in_mail = True
+        elif pending == "RCPT" and code in ("250", "251"):
+            self.recipients += 1
+        elif pending == "MESSAGE":
+            self._reset_transaction()
+        self.state = (TRANSITIONS.get((pending, code)) or TRANSITIONS.get((pending, "*"))
+                      or TRANSITIONS.get(("*", code)) or State.COMMAND)
+        if self.state is State.DATA:
+            del self._buf[: self._pos]
+            self._pos = self._scan = 0
+            self._too_big = False
+        elif self.state is State.CLOSED:
+            self._closed()
+        if self.state is not State.SASL:
+            self._pending = ""
+
+    def _closed(self) -> None:
+        self.state = State.CLOSED
+        self._buf.clear()
+        self._pos = 0
+
+    def _reset_transaction(self) -> None:
+        self.in_mail, self.recipients = False, 0
+
+    def _event(self, command: str, event: Event) -> Event:
+        self._pending = command
+        self.state = State.REPLYING
+        return event
+
+    def _reply(self, command: str, reply: str) -> ReplyNeeded:
+        self._pending = command
+        self.state = State.REPLYING
+        return ReplyNeeded(reply)
+
+    def _limit(self, limit: str, reply: str) -> LimitExceeded:
+        self._buf.clear()
+        self._pos = 0
+        self._pending = "LIMIT"
+        self.state = State.REPLYING
+        return LimitExceeded(limit, reply)
+
+    # ---------------------------------------------------------------- messages
+
+    def _message(self) -> Event | Sentinel:
+        """DATA: the message once ``<CRLF>.<CRLF>`` (and nothing else) ended it."""
+        buf = self._buf
+        if not self._too_big and buf.startswith(b".\r\n", self._pos):  # empty message
+            end = after = self._pos
+            after += 3
+        else:
+            i = buf.find(b"\r\n.\r\n", max(self._scan - 4, self._pos))
+            if i < 0:
+                if len(buf) - self._pos > self.message_limit + 2:
+                    # Too big: read on to the end, keeping only a tail that may begin
+                    # the end mark (not its start: ".\r\n" there ends nothing).
+                    self._too_big = True
+                    del buf[self._pos : len(buf) - 4]
+                self._scan = len(buf)
+                return NEED_DATA
+            end, after = i + 2, i + 5
+        content = bytes(buf[self._pos : end])
+        self._pos = after
+        if self._too_big or len(content) > self.message_limit:
+            return self._reply("MESSAGE", Replies.MESSAGE_TOO_BIG)
+        content = content.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
+        if content.startswith(b"."):
+            content = content[1:]
+        return self._event("MESSAGE", MessageReceived(content))
+
+    def _sasl(self, line: bytes) -> Event:
+        line = line.strip()
+        if line == b"*":
+            return self._event("AUTH", AuthCancelled())
+        try:
+            return self._event("AUTH", AuthResponse(b64decode(line)))
+        except ClientError as exc:
+            return self._reply("AUTH", exc.reply)
+
+    # ---------------------------------------------------------------- commands
+
+    def _command(self, line: bytes) -> Event:
+        word, _, arg = line.partition(b" ")
+        name = word.upper().decode("ascii", "replace")
+        if not line or not word.isascii() or _CONTROL.search(line):
+            return self._reply("", Replies.BAD_SYNTAX)
+        arg = arg.strip()
+        limit = MAX_COMMAND_BYTES
+        if name == "AUTH":
+            limit = MAX_LINE_BYTES  # RFC 4954 4: AUTH lines may be up to 12288
+        elif name == "MAIL" and self.extended:
+            limit += MAIL_PARAMETER_BYTES
+        if len(line) > limit:
+            return self._reply("", Replies.LINE_TOO_LONG)
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            return self._unrecognized(name)
+        if not self.authenticated:
+            self.commands += 1
+            if self.commands > self.max_commands:
+                return self._limit("commands", Replies.TOO_MANY_COMMANDS)
+        if (self.starttls_available and not self.tls and not self.cleartext_auth
+                and name not in ALLOWED_BEFORE_TLS):
+            return self._event(name, PrivacyRequired(name))
+        return handler(self, name, arg)
+
+    def _unrecognized(self, name: str) -> Event:
+        self.unrecognized += 1
+        if self.unrecognized >= MAX_UNRECOGNIZED_COMMANDS:
+            return self._limit("unrecognized", Replies.TOO_MANY_UNRECOGNIZED)
+        if not (name.isprintable() and len(name) <= 32):
+            return self._reply("", Replies.BAD_SYNTAX)
+        return self._reply("", Replies.unrecognized(name))
+
+    def _needs_session(self, hello: str) -> str | None:
+        """The reply refusing a transaction command before EHLO/HELO or AUTH."""
+        if self.helo is None:
+            return Replies.send_hello_first(hello)
+        return None if self.authenticated else Replies.AUTH_REQUIRED
+
+    def _hello(self, name: str, arg: bytes) -> Event:
+        if not arg:
+            return self._reply(name, Replies.syntax(f"{name} hostname"))
+        self.helo = arg.decode("utf-8", "surrogateescape")
+        self.extended = name == "EHLO"
+        self._reset_transaction()
+        return self._event(name, Hello(self.helo, self.extended))
+
+    def _starttls(self, name: str, arg: bytes) -> Event:
+        if self.tls:
+            return self._reply(name, Replies.TLS_ACTIVE)
+        if arg:
+            return self._reply(name, Replies.syntax("STARTTLS"))
+        if not self.starttls_available:
+            return self._reply(name, Replies.TLS_UNAVAILABLE)
+        return self._event(name, StartTlsRequested())
+
+    def _auth(self, name: str, arg: bytes) -> Event:
+        refusal = self._auth_refusal(arg)
+        if refusal is not None:
+            return self._reply(name, refusal)
+        args = arg.split()
+        mechanism = args[0].upper().decode("ascii", "replace")
+        try:
+            response = b64decode(args[1]) if len(args) == 2 else None
+        except ClientError as exc:
+            return self._reply(name, exc.reply)
+        return self._event(name, AuthStarted(mechanism, response))
+
+    def _auth_refusal(self, arg: bytes) -> str | None:
+        if self.helo is None:
+            return Replies.send_hello_first("EHLO")
+        if not self.extended:
+            return Replies.AUTH_NOT_RECOGNIZED
+        if not (self.tls or self.cleartext_auth):
+            return Replies.ENCRYPTION_REQUIRED
+        if self.authenticated:
+            return Replies.ALREADY_AUTHENTICATED
+        args = arg.split()
+        if not args:
+            return Replies.AUTH_NOT_ENOUGH
+        if len(args) > 2:
+            return Replies.AUTH_TOO_MANY
+        if args[0].upper().decode("ascii", "replace") not in MECHANISMS:
+            return Replies.AUTH_MECHANISM
+        return None
+
+    def _path_usage(self, command: str) -> str:
+        usage = f"{command}: <address>"
+        return usage + " [SP <mail-parameters>]" if self.extended else usage
+
+    def _path_argument(
+        self, name: str, arg: bytes, keyword: bytes, usage: str
+    ) -> ReplyNeeded | tuple[bytes, bytes]:
+        """``FROM:<path> params`` / ``TO:<path> params`` -> (path, params), or the
+        reply refusing it."""
+        if arg[: len(keyword)].upper() != keyword:
+            return self._reply(name, Replies.syntax(usage))
+        parsed = parse_path(arg[len(keyword) :])
+        if parsed is None:
+            return self._reply(name, Replies.BAD_ADDRESS)
+        path, rest = parsed
+        if not path or (rest and not self.extended):
+            return self._reply(name, Replies.syntax(usage))
+        return path, rest
+
+    def _mail(self, name: str, arg: bytes) -> Event:
+        refusal = self._needs_session("HELO")
+        if refusal is not None:
+            return self._reply(name, refusal)
+        usage = self._path_usage("MAIL FROM")
+        parsed = self._path_argument(name, arg, b"FROM:", usage)
+        if isinstance(parsed, ReplyNeeded):
+            return parsed
+        path, rest = parsed
+        if self.in_mail:
+            return self._reply(name, Replies.NESTED_MAIL)
+        params = rest.upper().split()
+        error = _mail_parameters(params, self.message_limit, usage)
+        if error is not None:
+            return self._reply(name, error)
+        return self._event(name, MailFrom(path, tuple(params)))
+
+    def _rcpt(self, name: str, arg: bytes) -> Event:
+        refusal = self._needs_session("HELO")
+        if refusal is None and not self.in_mail:
+            refusal = Replies.NEED_MAIL
+        if refusal is not None:
+            return self._reply(name, refusal)
+        usage = self._path_usage("RCPT TO")
+        parsed = self._path_argument(name, arg, b"TO:", usage)
+        if isinstance(parsed, ReplyNeeded):
+            return parsed
+        path, rest = parsed
+        params = _parameters(rest.upper().split())
+        if params is None:
+            return self._reply(name, Replies.syntax(usage))
+        if params:
+            return self._reply(name, Replies.RCPT_PARAMETERS)
+        return self._event(name, RcptTo(path))
+
+    def _data(self, name: str, arg: bytes) -> Event:
+        refusal = self._needs_session("HELO")
+        if refusal is None and not self.recipients:
+            refusal = Replies.NEED_RCPT
+        if refusal is None and arg:
+            refusal = Replies.syntax("DATA")
+        if refusal is not None:
+            return self._reply(name, refusal)
+        return self._event(name, DataRequested())
+
+    def _rset(self, name: str, arg: bytes) -> Event:
+        if arg:
+            return self._reply(name, Replies.syntax("RSET"))
+        self._reset_transaction()
+        return self._event(name, ResetRequested())
+
+    def _quit(self, name: str, arg: bytes) -> Event:
+        if arg:
+            return self._reply(name, Replies.syntax("QUIT"))
+        return self._event(name, QuitRequested())
+
+    def _simple(self, name: str, arg: bytes) -> Event:
+        """NOOP, HELP, VRFY, EXPN: answered the same way every time."""
+        if name == "NOOP":
+            return self._reply(name, Replies.OK)
+        if name == "EXPN":
+            return self._reply(name, Replies.EXPN)
+        if not self.authenticated:
+            return self._reply(name, Replies.AUTH_REQUIRED)
+        if name == "HELP":
+            return self._reply(name, Replies.HELP)
+        return self._reply(name, Replies.VRFY if arg else Replies.syntax("VRFY <address>"))
+
+
+_HANDLERS: dict[str, _Handler] = {
+    "EHLO": Connection._hello,
+    "HELO": Connection._hello,
+    "STARTTLS": Connection._starttls,
+    "AUTH": Connection._auth,
+    "MAIL": Connection._mail,
+    "RCPT": Connection._rcpt,
+    "DATA": Connection._data,
+    "RSET": Connection._rset,
+    "QUIT": Connection._quit,
+    "NOOP": Connection._simple,
+    "HELP": Connection._simple,
+    "VRFY": Connection._simple,
+    "EXPN": Connection._simple,
+}
+
+__all__ = [  # the events and errors too: users import everything from here
+    "ALLOWED_BEFORE_TLS", "MAX_COMMAND_BYTES", "MAX_LINE_BYTES", "MAX_MESSAGE_BYTES",
+    "MAX_PREAUTH_COMMANDS", "MAX_UNRECOGNIZED_COMMANDS", "MECHANISMS", "NEED_DATA",
+    "PAUSED", "TRANSITIONS", "AuthCancelled", "AuthResponse", "AuthStarted", "ClientError",
+    "Connection", "DataRequested", "Event", "Hello", "LimitExceeded", "MailFrom",
+    "MessageReceived", "PrivacyRequired", "QuitRequested", "RcptTo", "ReplyNeeded",
+    "ResetRequested", "Sentinel", "SmtpWireError", "StartTlsRequested", "State",
+    "UsageError", "b64decode", "decode_plain", "parse_path",
+]
