@@ -734,13 +734,14 @@ class _RawUpstream(asyncio.Protocol):
 
 async def _pool_exchange(pool: Any, answers: list[bytes | None]) -> list[tuple[int, bytes]]:
     from proxy.frontends.activesync import UpstreamClosedEarly, UpstreamConnection
+    from proxy.frontends.activesync.wire import request_head
 
     out = []
     for _ in range(len([a for a in answers if a is not None])):
         conn: UpstreamConnection | None = pool.get_idle()
         while True:
             conn = conn or await pool.connect()
-            conn.send(b"GET", b"/", [(b"Host", b"x")], b"")
+            conn.send(request_head(b"GET", b"/", [(b"Host", b"x")], 0), b"")
             try:
                 status = (await conn.read_head(5)).status
                 break

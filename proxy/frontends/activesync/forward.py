@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
+import h11
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -31,6 +32,7 @@ from proxy.frontends.activesync.wire import (
     end_to_end,
     forwarded_headers,
     header_text,
+    request_head,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ RESENDABLE_COMMANDS: Final = frozenset({
     "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
     "GetAttachment", "FolderSync", "Settings",
 })
+#: Request heads remembered (the cache is emptied when full).
+HEAD_CACHE_SIZE: Final = 1024
 #: Longest upstream answer body passed on from a refused credential check.
 _REFUSAL_BODY_BYTES: Final = 64 * 1024
 _CONTENT_LENGTH: Final = frozenset({b"content-length"})
@@ -85,6 +89,7 @@ class Forwarder:
             self._ssl = upstream_tls if upstream_tls is not None else True
         self.pool = UpstreamPool(self.upstream, self._ssl, cfg.upstream_connect_timeout_s)
         self._client: aiohttp.ClientSession | None = None
+        self._heads: dict[tuple[Any, ...], h11.Request] = {}  # see _request_head
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -113,6 +118,25 @@ class Forwarder:
                  ) -> list[Header]:
         return forwarded_headers(request.raw_headers, request.remote or "", request.scheme,
                                  drop)
+
+    def _request_head(self, request: web.BaseRequest, body_length: int) -> h11.Request:
+        """The head the pooled path sends upstream: ``Host`` the upstream's, the
+        forwarded headers, ``Content-Length`` the body's. Validating one costs more than
+        the rest of a small exchange, and a phone repeats the same few requests all
+        day, so heads are remembered."""
+        key = (request.method, request.raw_path, request.raw_headers, request.remote,
+               request.scheme, body_length)
+        head = self._heads.get(key)
+        if head is None:
+            headers = [(b"Host", self.pool.host_header),
+                       *self._headers(request, _CONTENT_LENGTH)]
+            head = request_head(request.method.encode(),
+                                request.raw_path.encode("utf-8", "surrogateescape"),
+                                headers, body_length)
+            if len(self._heads) >= HEAD_CACHE_SIZE:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
 
     async def check_credentials(self, request: web.BaseRequest) -> web.Response | None:
         """Ask the upstream to check the credentials (``OPTIONS`` with the same
@@ -158,20 +182,18 @@ class Forwarder:
         closed before any answer byte, a ``resendable`` request is sent once more on a
         fresh one; any other request fails (503): the upstream may have acted on it,
         and a message must never be sent twice."""
+        try:
+            request_head = self._request_head(request, len(body))
+        except UnsendableRequest:
+            return text_response(400, "The request cannot be forwarded.")
         pool = self.pool
-        method = request.method.encode()
-        target = request.raw_path.encode("utf-8", "surrogateescape")
-        headers = [(b"Host", pool.host_header), *self._headers(request, _CONTENT_LENGTH)]
         timeout = self.cfg.longpoll_timeout_s
         conn = pool.get_idle()
         try:
             while True:
                 if conn is None:
                     conn = await pool.connect()
-                try:
-                    conn.send(method, target, headers, body)
-                except UnsendableRequest:
-                    return text_response(400, "The request cannot be forwarded.")
+                conn.send(request_head, body)
                 try:
                     head = await conn.read_head(timeout)
                     break

@@ -15,11 +15,11 @@ import asyncio
 import time
 from typing import Any, Final, cast
 
+import h11
 from yarl import URL
 
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
-    Header,
     ResponseHead,
     UpstreamProtocolError,
     UpstreamWire,
@@ -98,11 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- one exchange
-    def send(self, method: bytes, target: bytes, headers: list[Header], body: bytes) -> None:
-        """Write a request with its body (``UnsendableRequest`` when h11 refuses its
-        headers)."""
+    def send(self, head: h11.Request, body: bytes) -> None:
+        """Write a request (``head`` from ``wire.request_head``) with its body."""
         assert self.transport is not None
-        self.transport.write(self.wire.request(method, target, headers, body))
+        self.transport.write(self.wire.request(head, body))
 
     async def _next_event(self, timeout: float) -> ResponseHead | bytes:
         wire = self.wire

@@ -4,11 +4,13 @@ what mailward forwards.
 * :func:`end_to_end` is the one hop-by-hop header filter (RFC 9110 section 7.6.1): it
   serves requests to the upstream and answers to the client, on both upstream paths.
   :func:`forwarded_headers` adds ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` to it.
+* :func:`request_head` validates a request head once (a phone repeats the same few
+  requests all day, so a head may be kept and sent again).
 * :class:`UpstreamWire` is one upstream connection's client side: ``request()`` turns
-  a request into bytes to write, ``receive_data()`` takes what the upstream sent
-  (``b""`` at the end of the connection) and ``next_event()`` hands out the answer:
-  a :class:`ResponseHead`, then the body in pieces, then ``b""``; ``None`` while more
-  bytes are needed. Interim 1xx answers are skipped. Keep-alive cycles follow h11.
+  a head and a body into bytes to write, ``receive_data()`` takes what the upstream
+  sent (``b""`` at the end of the connection) and ``next_event()`` hands out the
+  answer: a :class:`ResponseHead`, then the body in pieces, then ``b""``; ``None``
+  while more bytes are needed. Interim 1xx answers are skipped. Keep-alive cycles follow h11.
 
 Errors say whose fault they are. Whatever the upstream sends, ``next_event`` returns
 an event or raises :class:`UpstreamProtocolError` (the peer's fault; answer 503), never
@@ -100,6 +102,19 @@ def header_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def request_head(method: bytes, target: bytes, headers: list[Header], body_length: int
+                 ) -> h11.Request:
+    """A validated request head (``UnsendableRequest`` when h11 refuses it); with a
+    body, or for POST, ``Content-Length`` is added. Immutable: the same head may be sent
+    any number of times."""
+    if body_length or method == b"POST":
+        headers = [*headers, (b"Content-Length", b"%d" % body_length)]
+    try:
+        return h11.Request(method=method, target=target, headers=headers)
+    except h11.LocalProtocolError as e:
+        raise UnsendableRequest(str(e)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
     """Status line and headers of the upstream's answer (names as sent)."""
@@ -124,22 +139,18 @@ class UpstreamWire:
         self._done = False  # the answer to the current request was read whole
         self._eof = False  # the upstream closed the connection
 
-    def request(self, method: bytes, target: bytes, headers: list[Header],
-                body: bytes) -> bytes:
-        """The bytes of a request with a body of known length (Content-Length is set
-        here when there is a body or the method is POST)."""
+    def request(self, head: h11.Request, body: bytes) -> bytes:
+        """The bytes of a request (``head`` from :func:`request_head`) and its body."""
         conn = self._h11
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-        if body or method == b"POST":
-            headers = [*headers, (b"Content-Length", b"%d" % len(body))]
-        self._method, self._got_bytes, self._done = method, False, False
+        self._method, self._got_bytes, self._done = head.method, False, False
         try:
-            out = conn.send(h11.Request(method=method, target=target, headers=headers))
+            out = conn.send(head)
             if body:
                 out += conn.send(h11.Data(data=body))
             return out + conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as e:
+        except h11.LocalProtocolError as e:  # the body's length is not the head's
             raise UnsendableRequest(str(e)) from None
 
     def receive_data(self, data: bytes) -> None:
