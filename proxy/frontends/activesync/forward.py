@@ -152,9 +152,9 @@ class Forwarder:
             if 200 <= up.status < 300:
                 return None
             if up.status in (401, 403):
-                body = await up.content.read(_REFUSAL_BODY_BYTES)
-                return web.Response(status=up.status, body=body,
-                                    headers=_to_client(list(up.raw_headers)))
+                body = await up.content.read(_REFUSAL_BODY_BYTES)  # may be cut short
+                return web.Response(status=up.status, body=body, headers=_to_client(
+                    list(up.raw_headers), _CONTENT_LENGTH))
             raise UpstreamProtocolError(f"credential check answered {up.status}")
 
     async def forward(self, request: web.BaseRequest, progress: Progress, *,
