@@ -47,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self._pending = bytearray()  # received, not yet given to the wire
         self._eof_fed = False
+        self._starved = False  # the wire asked for more bytes than it was given
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -102,24 +103,29 @@ class UpstreamConnection(asyncio.Protocol):
         """Write a request (``head`` from ``wire.request_head``) with its body."""
         assert self.transport is not None
         self.transport.write(self.wire.request(head, body))
+        self._starved = True  # nothing of the answer has been given to the wire yet
 
     async def _next_event(self, timeout: float) -> ResponseHead | bytes:
         wire = self.wire
         while True:
+            if self._starved:  # the wire needs bytes: give it some, or wait for them
+                if self._pending:
+                    piece = bytes(self._pending[:CHUNK_BYTES])
+                    del self._pending[:CHUNK_BYTES]
+                    wire.receive_data(piece)
+                elif self.closed and not self._eof_fed:
+                    self._eof_fed = True
+                    wire.receive_data(b"")
+                elif self.closed:
+                    raise UpstreamProtocolError("upstream answer cut short")
+                else:
+                    await self._more(timeout)
+                    continue
+                self._starved = False
             event = wire.next_event()
             if event is not None:
                 return event
-            if self._pending:
-                piece = bytes(self._pending[:CHUNK_BYTES])
-                del self._pending[:CHUNK_BYTES]
-                wire.receive_data(piece)
-            elif self.closed and not self._eof_fed:
-                self._eof_fed = True
-                wire.receive_data(b"")
-            else:
-                if self.closed:
-                    raise UpstreamProtocolError("upstream answer cut short")
-                await self._more(timeout)
+            self._starved = True
 
     async def read_head(self, timeout: float) -> ResponseHead:
         """The answer's status line and headers (``UpstreamClosedEarly`` when the

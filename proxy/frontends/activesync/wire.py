@@ -191,18 +191,19 @@ class UpstreamWire:
             raise UpstreamProtocolError(f"unexpected upstream event {event!r}")
 
     def _head(self, event: h11.Response) -> ResponseHead:
+        headers = event.headers.raw_items()  # h11 has validated them
         length: int | None = None
         if self._method == b"HEAD" or event.status_code in _NO_BODY:
             length = 0
         else:
-            for name, value in event.headers:  # h11 gives lower-case names here
-                if name == b"transfer-encoding":
+            for name, value in headers:
+                lower = name.lower()
+                if lower == b"transfer-encoding":
                     length = None
                     break
-                if name == b"content-length":
+                if lower == b"content-length":
                     length = int(value)
-        return ResponseHead(event.status_code, bytes(event.reason),
-                            list(event.headers.raw_items()), length)
+        return ResponseHead(event.status_code, bytes(event.reason), headers, length)
 
     @property
     def reusable(self) -> bool:
