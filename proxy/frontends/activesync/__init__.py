@@ -43,7 +43,8 @@ The modules
   the upstream give an answer or :class:`UpstreamProtocolError`; and the one
   hop-by-hop header filter.
 
-Dependencies run one way: handler -> sessions, refusal, forward -> upstream -> wire.
+Dependencies run one way: handler -> sessions, refusal, forward; forward -> upstream
+-> wire.
 """
 
 from proxy.frontends.activesync.forward import EAS_PATH, RESENDABLE_COMMANDS, Forwarder

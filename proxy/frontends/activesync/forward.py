@@ -1,7 +1,7 @@
 """Forwarding an admitted request to the upstream and its answer back, streaming.
 
 Requests with a body of known length up to ``CHUNK_BYTES`` (nearly all EAS traffic)
-go over the pool of keep-alive HTTP/1.1 connections on h11
+go over the pool of keep-alive HTTP/1.1 connections
 (:mod:`~proxy.frontends.activesync.upstream`); answers of any size or framing are
 streamed back. Larger or chunked request bodies are streamed through one pooled
 aiohttp ``ClientSession``, which also carries the credential check (``OPTIONS``).
@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-import h11
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -26,6 +25,7 @@ from proxy.frontends.activesync.upstream import UpstreamPool
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
     Header,
+    RequestHead,
     UnsendableRequest,
     UpstreamClosedEarly,
     UpstreamProtocolError,
@@ -51,7 +51,9 @@ RESENDABLE_COMMANDS: Final = frozenset({
     "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
     "GetAttachment", "FolderSync", "Settings",
 })
-#: Request heads remembered (the cache is emptied when full).
+#: Request heads remembered (the cache is emptied when full). A head holds the
+#: client's headers, credentials included, as a parsed query string does not: about
+#: 2 KiB each, 2 MiB at most.
 HEAD_CACHE_SIZE: Final = 1024
 #: Longest upstream answer body passed on from a refused credential check.
 _REFUSAL_BODY_BYTES: Final = 64 * 1024
@@ -89,7 +91,7 @@ class Forwarder:
             self._ssl = upstream_tls if upstream_tls is not None else True
         self.pool = UpstreamPool(self.upstream, self._ssl, cfg.upstream_connect_timeout_s)
         self._client: aiohttp.ClientSession | None = None
-        self._heads: dict[tuple[Any, ...], h11.Request] = {}  # see _request_head
+        self._heads: dict[tuple[Any, ...], RequestHead] = {}  # see _request_head
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -119,7 +121,7 @@ class Forwarder:
         return forwarded_headers(request.raw_headers, request.remote or "", request.scheme,
                                  drop)
 
-    def _request_head(self, request: web.BaseRequest, body_length: int) -> h11.Request:
+    def _request_head(self, request: web.BaseRequest, body_length: int) -> RequestHead:
         """The head the pooled path sends upstream: ``Host`` the upstream's, the
         forwarded headers, ``Content-Length`` the body's. Validating one costs more than
         the rest of a small exchange, and a phone repeats the same few requests all

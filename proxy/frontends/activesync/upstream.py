@@ -15,11 +15,11 @@ import asyncio
 import time
 from typing import Any, Final, cast
 
-import h11
 from yarl import URL
 
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
+    RequestHead,
     ResponseHead,
     UpstreamProtocolError,
     UpstreamWire,
@@ -99,7 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- one exchange
-    def send(self, head: h11.Request, body: bytes) -> None:
+    def send(self, head: RequestHead, body: bytes) -> None:
         """Write a request (``head`` from ``wire.request_head``) with its body."""
         assert self.transport is not None
         self.transport.write(self.wire.request(head, body))
