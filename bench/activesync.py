@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -363,7 +364,7 @@ def run_load(port: int, seconds: float, conns: int, pids: list[int]) -> None:
         protos = []
         for c in range(conns):
             mine = reqs[c % DEVICES:] + reqs[: c % DEVICES]
-            _, p = await loop.create_connection(lambda m=mine: _Client(m, stats, stop),
+            _, p = await loop.create_connection(functools.partial(_Client, mine, stats, stop),
                                                 "127.0.0.1", port)
             p.peer = ("127.0.0.1", port)
             protos.append(p)

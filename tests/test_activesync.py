@@ -317,7 +317,7 @@ async def test_pyactivesync_compliant_device_syncs(env: Env) -> None:
     [decision] = env.decisions("dev-ok")
     assert (decision["decision"], decision["protocol"], decision["user"]) == (
         "allow", "activesync", USER)
-    session = env.proxy.frontend.sessions[("dev-ok", USER)]
+    session = env.proxy.frontend.sessions.by_key[("dev-ok", USER)]
     assert session.requests == 5
 
 
@@ -457,7 +457,7 @@ async def test_burst_of_first_requests_from_a_refused_device(env: Env) -> None:
         *(env.post(q.format(cmd)) for cmd in ("FolderSync", "Ping", "Sync", "Sync"))), 10)
     assert [r.status for r in responses] == [403] * 4
     assert [d["decision"] for d in env.decisions("dev-bad")] == ["deny"] * 4
-    assert env.proxy.frontend._admitting == {}
+    assert env.proxy.frontend.sessions.admitting == {}
 
 
 async def test_user_mismatch_is_403(env: Env) -> None:
@@ -480,7 +480,7 @@ async def test_wrong_password_passes_401_and_is_not_cached(env: Env) -> None:
     assert resp.status == 401 and "upstream" in resp.headers["WWW-Authenticate"]
     [rec] = env.decisions("dev-ok")
     assert rec["reasons"][0]["code"] == "auth_failed"
-    assert env.proxy.frontend.sessions == {}
+    assert env.proxy.frontend.sessions.by_key == {}
     assert (await env.post(q)).status == 200
     assert [r["decision"] for r in env.decisions("dev-ok")] == ["deny", "allow"]
 
@@ -491,7 +491,7 @@ async def test_cached_session_dropped_when_upstream_says_401(env: Env) -> None:
     q = f"Cmd=Sync&User={USER}&DeviceId=dev-ok&DeviceType=x"
     assert (await env.post(q)).status == 200
     assert (await env.post(q, headers={"Authorization": auth(password="nope")})).status == 401
-    assert env.proxy.frontend.sessions == {}
+    assert env.proxy.frontend.sessions.by_key == {}
     ends = [r for r in env.records if r.get("reason") == "eas_session"]
     assert ends and ends[-1]["detail"] == "auth_failed requests=2"
 
@@ -560,7 +560,7 @@ async def test_live_longpoll_ends_403_within_2s_on_noncompliant_posture(env: Env
     assert resp.status == 403 and elapsed < 2.0
     assert "TikTok" in resp.headers["X-Mailward-Refusal"]
     assert text_of(find(WBXMLReader(body).parse(), "Ping.Status")) == "129"
-    assert ("dev-ok", USER) not in env.proxy.frontend.sessions
+    assert ("dev-ok", USER) not in env.proxy.frontend.sessions.by_key
     assert any(r.get("event") == "session_end" and r.get("reason") == "posture_changed"
                for r in env.records)
     # The next request is decided afresh, and refused.
@@ -733,19 +733,20 @@ class _RawUpstream(asyncio.Protocol):
 
 
 async def _pool_exchange(pool: Any, answers: list[bytes | None]) -> list[tuple[int, bytes]]:
-    from proxy.frontends.activesync import UpstreamConnection
+    from proxy.frontends.activesync import UpstreamClosedEarly, UpstreamConnection
+    from proxy.frontends.activesync.wire import request_head
 
     out = []
     for _ in range(len([a for a in answers if a is not None])):
         conn: UpstreamConnection | None = pool.get_idle()
         while True:
             conn = conn or await pool.connect()
-            conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"")
+            conn.send(request_head(b"GET", b"/", [(b"Host", b"x")], 0), b"")
             try:
-                status, _, _ = await conn.read_head("GET", 5)
+                status = (await conn.read_head(5)).status
                 break
-            except ConnectionError:
-                assert conn.reused and not conn.got_bytes
+            except UpstreamClosedEarly:
+                assert conn.reused
                 conn = None
         body = b""
         while chunk := await conn.read_body(5):

@@ -1,0 +1,104 @@
+"""Exchange ActiveSync front end: an aiohttp reverse proxy for /Microsoft-Server-ActiveSync.
+
+How a request goes
+------------------
+1. The query (plain or base64 form, :mod:`proxy.frontends.eas_query`) names the command
+   and device; HTTP Basic auth names the user. No device id, or a bad query -> 400. No
+   Basic credentials -> 401 (mailward decides per user, so it needs the user name; the
+   password is only ever checked by the upstream). A query ``User`` that is not the
+   Basic user (ignoring a ``DOMAIN\\`` prefix, and matching an alias to an address
+   with the same local part) -> 403.
+2. The device-session cache is consulted (one ``decision`` record covers a run of
+   requests of one device and user: :mod:`.sessions`).
+3. On a miss, the upstream first verifies the credentials: ``OPTIONS`` with the
+   client's ``Authorization`` header. 401 is passed through (recorded as a deny with
+   reason ``auth_failed``) and nothing is cached; only then does the gate decide, so
+   refusal texts reach authenticated users only.
+4. Deny -> HTTP 403 as Exchange answers a blocked device (:mod:`.refusal`). Store or
+   audit unavailable, or upstream down -> 503 with ``Retry-After``.
+5. Allow -> the request is streamed to the upstream and the answer streamed back,
+   chunk by chunk in both directions (nothing buffers a whole body; :mod:`.forward`).
+   EAS headers (``MS-ASProtocolVersion``, ``X-MS-PolicyKey``, ``MS-ASAcceptMultiPart``,
+   ...) pass unchanged; hop-by-hop headers are dropped; ``X-Forwarded-For`` /
+   ``-Proto`` / ``-Host`` are added. A long-poll (``Ping``, ``Sync`` with ``Wait``)
+   may wait up to ``longpoll_timeout`` for the upstream.
+
+``OPTIONS`` (protocol discovery) carries no device id and returns no mailbox data; it
+is passed through without a decision.
+
+The modules
+-----------
+* :mod:`.handler` -- the aiohttp handler (steps 1-5), the listener, :func:`start` and
+  the HTTPS accept loop on ``proxy.net.socket_transport``.
+* :mod:`.sessions` -- device-sessions: the decision cache, registered with the gate
+  so it can end them.
+* :mod:`.refusal` -- the answers mailward gives itself: 403 with EAS status 129 in
+  WBXML, 503 with ``Retry-After``, plain-text errors.
+* :mod:`.forward` -- forwarding an admitted request and streaming the answer back:
+  small bodies over the keep-alive pool, large or chunked ones through aiohttp's
+  client, which also runs the credential check.
+* :mod:`.upstream` -- the keep-alive pool and its connections (``asyncio.Protocol``
+  with flow control around the wire below).
+* :mod:`.wire` -- HTTP/1.1 on the upstream leg without I/O, on h11: any bytes from
+  the upstream give an answer or :class:`UpstreamProtocolError`; and the one
+  hop-by-hop header filter.
+
+Dependencies run one way: handler -> sessions, refusal, forward; forward -> upstream
+-> wire.
+"""
+
+from proxy.frontends.activesync.forward import EAS_PATH, RESENDABLE_COMMANDS, Forwarder
+from proxy.frontends.activesync.handler import (
+    ActiveSyncFrontend,
+    RunningActiveSync,
+    basic_user,
+    resolve_user,
+    serve_https,
+    start,
+)
+from proxy.frontends.activesync.refusal import blocked_response, status_wbxml
+from proxy.frontends.activesync.sessions import (
+    DECISION_MAX_AGE_S,
+    IDLE_S,
+    DeviceSession,
+    DeviceSessions,
+)
+from proxy.frontends.activesync.upstream import UpstreamConnection, UpstreamPool
+from proxy.frontends.activesync.wire import (
+    CHUNK_BYTES,
+    HOP_BY_HOP,
+    ResponseHead,
+    UnsendableRequest,
+    UpstreamClosedEarly,
+    UpstreamProtocolError,
+    UpstreamWire,
+    end_to_end,
+)
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DECISION_MAX_AGE_S",
+    "EAS_PATH",
+    "HOP_BY_HOP",
+    "IDLE_S",
+    "RESENDABLE_COMMANDS",
+    "ActiveSyncFrontend",
+    "DeviceSession",
+    "DeviceSessions",
+    "Forwarder",
+    "ResponseHead",
+    "RunningActiveSync",
+    "UnsendableRequest",
+    "UpstreamClosedEarly",
+    "UpstreamConnection",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamWire",
+    "basic_user",
+    "blocked_response",
+    "end_to_end",
+    "resolve_user",
+    "serve_https",
+    "start",
+    "status_wbxml",
+]

@@ -1,0 +1,251 @@
+"""Forwarding an admitted request to the upstream and its answer back, streaming.
+
+Requests with a body of known length up to ``CHUNK_BYTES`` (nearly all EAS traffic)
+go over the pool of keep-alive HTTP/1.1 connections
+(:mod:`~proxy.frontends.activesync.upstream`); answers of any size or framing are
+streamed back. Larger or chunked request bodies are streamed through one pooled
+aiohttp ``ClientSession``, which also carries the credential check (``OPTIONS``).
+Both paths forward the same headers (:func:`~proxy.frontends.activesync.wire.
+forwarded_headers`) and pass bodies byte for byte (no automatic decompression).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.frontends.activesync.refusal import text_response
+from proxy.frontends.activesync.upstream import UpstreamPool
+from proxy.frontends.activesync.wire import (
+    CHUNK_BYTES,
+    Header,
+    RequestHead,
+    UnsendableRequest,
+    UpstreamClosedEarly,
+    UpstreamProtocolError,
+    end_to_end,
+    forwarded_headers,
+    header_text,
+    request_head,
+)
+
+if TYPE_CHECKING:
+    import ssl
+
+    from proxy.config import ListenerConfig
+
+EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
+#: What an unreachable or misbehaving upstream raises, on either path.
+UPSTREAM_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError,
+                          asyncio.IncompleteReadError)
+#: Commands that only read, so resending one after a stale keep-alive connection
+#: cannot change mailbox state. SendMail, SmartReply, SmartForward, Sync (which may
+#: carry client changes), MoveItems and the like are never resent.
+RESENDABLE_COMMANDS: Final = frozenset({
+    "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
+    "GetAttachment", "FolderSync", "Settings",
+})
+#: Request heads remembered (the cache is emptied when full). A head holds the
+#: client's headers, credentials included, as a parsed query string does not: about
+#: 2 KiB each, 2 MiB at most.
+HEAD_CACHE_SIZE: Final = 1024
+#: Longest upstream answer body passed on from a refused credential check.
+_REFUSAL_BODY_BYTES: Final = 64 * 1024
+_CONTENT_LENGTH: Final = frozenset({b"content-length"})
+_NO_BODY_HEADERS: Final = frozenset({b"content-length", b"content-type"})
+
+OnAuthFailed = Callable[[], Awaitable[None]]
+
+
+class Progress:
+    """How far an exchange got: the response, once one was started."""
+
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None
+
+
+def _to_client(headers: list[Header], drop: frozenset[bytes] = frozenset()
+               ) -> CIMultiDict[str]:
+    """Upstream answer headers for the client: end to end only, as aiohttp text."""
+    return CIMultiDict((header_text(k), header_text(v)) for k, v in end_to_end(headers, drop))
+
+
+class Forwarder:
+    """The upstream of one listener: its connection pool and aiohttp client."""
+
+    def __init__(self, cfg: ListenerConfig, upstream_tls: ssl.SSLContext | None) -> None:
+        self.cfg = cfg
+        base = URL(cfg.upstream)
+        self.upstream = base.with_path("").with_query(None).with_fragment(None)
+        self._base = str(self.upstream).rstrip("/")
+        self._ssl: Any = False
+        if self.upstream.scheme == "https":
+            self._ssl = upstream_tls if upstream_tls is not None else True
+        self.pool = UpstreamPool(self.upstream, self._ssl, cfg.upstream_connect_timeout_s)
+        self._client: aiohttp.ClientSession | None = None
+        self._heads: dict[tuple[Any, ...], RequestHead] = {}  # see _request_head
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl, limit=0, limit_per_host=0,  # every long-poll holds a connection
+            keepalive_timeout=30, ttl_dns_cache=60,
+        )
+        self._client = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # pass bodies byte for byte
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # never mix clients' cookies
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        self.pool.close()
+
+    def _timeout(self, read_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.upstream_connect_timeout_s,
+                                     sock_read=read_s)
+
+    @staticmethod
+    def _headers(request: web.BaseRequest, drop: frozenset[bytes] = frozenset()
+                 ) -> list[Header]:
+        return forwarded_headers(request.raw_headers, request.remote or "", request.scheme,
+                                 drop)
+
+    def _request_head(self, request: web.BaseRequest, body_length: int) -> RequestHead:
+        """The head the pooled path sends upstream: ``Host`` the upstream's, the
+        forwarded headers, ``Content-Length`` the body's. Validating one costs more than
+        the rest of a small exchange, and a phone repeats the same few requests all
+        day, so heads are remembered."""
+        key = (request.method, request.raw_path, request.raw_headers, request.remote,
+               request.scheme, body_length)
+        head = self._heads.get(key)
+        if head is None:
+            headers = [(b"Host", self.pool.host_header),
+                       *self._headers(request, _CONTENT_LENGTH)]
+            head = request_head(request.method.encode(),
+                                request.raw_path.encode("utf-8", "surrogateescape"),
+                                headers, body_length)
+            if len(self._heads) >= HEAD_CACHE_SIZE:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
+
+    async def check_credentials(self, request: web.BaseRequest) -> web.Response | None:
+        """Ask the upstream to check the credentials (``OPTIONS`` with the same
+        ``Authorization``). None when it accepted them, its answer when it refused
+        them (401, 403); one of :data:`UPSTREAM_ERRORS` when it cannot tell."""
+        assert self._client is not None
+        headers = CIMultiDict((header_text(k), header_text(v))
+                              for k, v in self._headers(request, _NO_BODY_HEADERS))
+        async with self._client.options(
+            self.upstream.with_path(EAS_PATH), headers=headers, allow_redirects=False,
+            timeout=self._timeout(self.cfg.upstream_timeout_s),
+        ) as up:
+            if 200 <= up.status < 300:
+                return None
+            if up.status in (401, 403):
+                body = await up.content.read(_REFUSAL_BODY_BYTES)  # may be cut short
+                return web.Response(status=up.status, body=body, headers=_to_client(
+                    list(up.raw_headers), _CONTENT_LENGTH))
+            raise UpstreamProtocolError(f"credential check answered {up.status}")
+
+    async def forward(self, request: web.BaseRequest, progress: Progress, *,
+                      resendable: bool, on_auth_failed: OnAuthFailed | None
+                      ) -> web.StreamResponse:
+        """Stream ``request`` to the upstream and the answer back; ``on_auth_failed``
+        runs when the upstream answers 401. A body of known length up to CHUNK_BYTES
+        (nearly every EAS request) is read first and goes over the pool; larger or
+        chunked request bodies are streamed through aiohttp's client."""
+        body = b""
+        if request.body_exists:
+            length = request.content_length
+            if length is None or length > CHUNK_BYTES:
+                return await self._stream(request, progress, on_auth_failed)
+            try:
+                body = await request.content.readexactly(length)
+            except asyncio.IncompleteReadError:
+                return text_response(400, "The request body ended early.")
+        return await self._exchange(request, body, progress, resendable, on_auth_failed)
+
+    async def _exchange(self, request: web.BaseRequest, body: bytes, progress: Progress,
+                        resendable: bool, on_auth_failed: OnAuthFailed | None
+                        ) -> web.StreamResponse:
+        """One exchange over a pooled connection. When a reused connection turns out
+        closed before any answer byte, a ``resendable`` request is sent once more on a
+        fresh one; any other request fails (503): the upstream may have acted on it,
+        and a message must never be sent twice."""
+        try:
+            request_head = self._request_head(request, len(body))
+        except UnsendableRequest:
+            return text_response(400, "The request cannot be forwarded.")
+        pool = self.pool
+        timeout = self.cfg.longpoll_timeout_s
+        conn = pool.get_idle()
+        try:
+            while True:
+                if conn is None:
+                    conn = await pool.connect()
+                conn.send(request_head, body)
+                try:
+                    head = await conn.read_head(timeout)
+                    break
+                except UpstreamClosedEarly:
+                    if not (resendable and conn.reused):
+                        raise
+                    conn.abort()  # a stale keep-alive connection: try a fresh one
+                    conn = None
+            if head.status == 401 and on_auth_failed is not None:
+                await on_auth_failed()
+            reason = header_text(head.reason)
+            if head.length is not None and head.length <= CHUNK_BYTES:
+                data = b""
+                while chunk := await conn.read_body(timeout):
+                    data += chunk
+                return web.Response(status=head.status, reason=reason, body=data,
+                                    headers=_to_client(head.headers, _CONTENT_LENGTH))
+            # A chunked answer's Content-Length, if any, is not the client's framing.
+            out = _to_client(head.headers, _CONTENT_LENGTH if head.length is None
+                             else frozenset())
+            progress.response = response = web.StreamResponse(
+                status=head.status, reason=reason, headers=out)
+            await response.prepare(request)
+            while chunk := await conn.read_body(timeout):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            if conn is not None:
+                pool.release(conn)  # closes it unless its answer was read whole
+
+    async def _stream(self, request: web.BaseRequest, progress: Progress,
+                      on_auth_failed: OnAuthFailed | None) -> web.StreamResponse:
+        """A request body of unknown or large size, streamed through aiohttp's client."""
+        assert self._client is not None
+        # The path and query go upstream exactly as the client sent them.
+        url = URL(self._base + request.raw_path, encoded=True)
+        headers = CIMultiDict((header_text(k), header_text(v))
+                              for k, v in self._headers(request))
+        async with self._client.request(
+            request.method, url, headers=headers, data=request.content,
+            allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
+            compress=False, chunked=None,
+        ) as up:
+            if up.status == 401 and on_auth_failed is not None:
+                await on_auth_failed()
+            progress.response = response = web.StreamResponse(
+                status=up.status, reason=up.reason, headers=_to_client(list(up.raw_headers)))
+            await response.prepare(request)
+            async for chunk in up.content.iter_chunked(CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
