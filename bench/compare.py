@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/compare.py bench/decide.py --base 1fb88ba --rounds 5
     .venv/bin/python bench/compare.py bench/startup.py --base main -- --runs 9
+    make bench-compare BASE=1fb88ba BENCH=bench/startup.py ROUNDS=7
 
-The base revision runs from its own ``git worktree`` checkout (``/work/wt/base-<sha>``
-unless ``--checkout-dir`` says otherwise) with its own ``.venv`` (``pip install -e
-'.[test]'``), both made on first use and reused after; the new side is this working
+The base revision runs from its own ``git worktree`` checkout (``../base-<sha>`` beside
+this one unless ``--checkout-dir`` says otherwise) with its own ``.venv`` (``pip install
+-e '.[test]'``), both made on first use and reused after; the new side is this working
 tree with its ``.venv``, uncommitted changes included (``--new REV`` checks out a
 revision instead). Each round runs the script once per side, each run a fresh
 subprocess with its side's interpreter and the checkout as working directory; the
@@ -131,10 +132,10 @@ def git(*args: str, cwd: Path = ROOT) -> str:
                           text=True).stdout.strip()
 
 
-def checkout(rev: str, where: Path | None, extras: str) -> Side:
+def checkout(rev: str, where: Path | None, extras: str, name: str = "base") -> Side:
     """A detached ``git worktree`` of ``rev`` with its own venv, made once, reused."""
     sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    path = where or ROOT.parent / f"base-{sha[:7]}"
+    path = where or ROOT.parent / f"{name}-{sha[:7]}"
     if not (path / ".git").exists():
         log(f"git worktree add {path} {sha[:7]}")
         git("worktree", "add", "--detach", str(path), sha)
@@ -146,11 +147,13 @@ def checkout(rev: str, where: Path | None, extras: str) -> Side:
         log(f"creating {venv} (pip install -e '.[{extras}]')")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         spec = f".[{extras}]" if extras else "."
-        subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "-e", spec],
-                       cwd=path, check=True)
+        r = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "-e", spec],
+                           cwd=path, capture_output=True, text=True, check=False)
+        if r.returncode:
+            raise SystemExit(f"pip install in {path} failed:\n{r.stdout}{r.stderr}")
         stamp.touch()
-    label = f"{rev} = {sha[:10]} {git('log', '-1', '--format=%s', sha)[:60]}"
-    return Side("base", label, path, venv / "bin/python")
+    label = f"{rev} = {sha[:10]} {git('log', '-1', '--format=%s', sha)[:72]}"
+    return Side(name, label, path, venv / "bin/python")
 
 
 def working_tree() -> Side:
@@ -252,7 +255,8 @@ def table(base: Side, new: Side) -> list[tuple[str, ...]]:
     return rows
 
 
-def report(script: str, base: Side, new: Side, rounds: int, load: tuple[float, float]) -> None:
+def report(script: str, base: Side, new: Side, rounds: int, load: tuple[float, float],
+           per_round: bool) -> None:
     print(f"{script}: {rounds} alternating rounds, each run a fresh process")
     print(f"  base: {base.label}")
     print(f"  new:  {new.label}")
@@ -267,6 +271,12 @@ def report(script: str, base: Side, new: Side, rounds: int, load: tuple[float, f
         print("  " + "  ".join(cells))
         if k == 0:
             print("  " + "  ".join("-" * w for w in widths))
+    if per_round:
+        print("  rounds 1..N (base | new):")
+        for name, *_ in rows[1:]:
+            b = " ".join(_fmt(r[name]) for r in base.runs)
+            n = " ".join(_fmt(r[name]) for r in new.runs)
+            print(f"    {name}: {b} | {n}")
     only = sorted(set().union(*base.runs, *new.runs) - {r[0] for r in rows[1:]})
     if only:
         print(f"  not in every run of both sides (left out): {', '.join(only)}")
@@ -291,6 +301,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--extras", default="test", help="pip extras for the base venv")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--show-output", action="store_true", help="echo each run's output")
+    ap.add_argument("--per-round", action="store_true", help="also list every round's value")
     args, rest = ap.parse_known_args(argv)
     if args.rounds < 5:
         ap.error("--rounds: at least 5 rounds, or the spread says little")
@@ -300,11 +311,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, bench_args = parse_args(argv)
     base = checkout(args.base, args.checkout_dir, args.extras)
-    if args.new is None:
-        new = working_tree()
-    else:
-        new = checkout(args.new, None, args.extras)
-        new.name = "new"
+    new = working_tree() if args.new is None else checkout(args.new, None, args.extras, "new")
     for side in (base, new):
         check_imports(side)
     scripts = {s.name: script_for(s, args.script, args.script_from) for s in (base, new)}
@@ -314,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         for side in order:
             log(f"round {r + 1}/{args.rounds}: {side.name}")
             run_once(side, scripts[side.name], bench_args, args.timeout, args.show_output)
-    report(str(args.script), base, new, args.rounds, (load_before, os.getloadavg()[0]))
+    report(str(args.script), base, new, args.rounds, (load_before, os.getloadavg()[0]),
+           args.per_round)
 
 
 if __name__ == "__main__":
