@@ -263,6 +263,10 @@ def report(script: str, base: Side, new: Side, rounds: int, load: tuple[float, f
     print(f"  wall time per run, median: base {statistics.median(base.seconds):.1f} s, "
           f"new {statistics.median(new.seconds):.1f} s; load average {load[0]:.1f} before, "
           f"{load[1]:.1f} after")
+    cores = os.cpu_count() or 1
+    if max(load) > cores:
+        print(f"  note: load average above the {cores} cores: other work shared the CPUs, "
+              "so expect wide spreads")
     rows = table(base, new)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
