@@ -13,7 +13,7 @@ APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync 
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so
 
-.PHONY: all venv peers test test-fast lint demo bench clean
+.PHONY: all venv peers test test-fast lint demo bench bench-compare clean
 
 all: test
 
@@ -60,6 +60,14 @@ bench: venv peers
 	@for b in bench/imap.py bench/smtp.py bench/activesync.py bench/tls_memory.py; do \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
 	$(BIN)/pytest -q -m slow -o addopts=""
+
+# One benchmark on a base revision and on this tree, in alternating rounds (fresh
+# processes), with medians, ratios and spreads: make bench-compare BASE=1fb88ba BENCH=bench/startup.py
+BASE   ?= main
+BENCH  ?= bench/decide.py
+ROUNDS ?= 5
+bench-compare: venv
+	$(BIN)/python bench/compare.py $(BENCH) --base $(BASE) --rounds $(ROUNDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -118,6 +118,23 @@ def serving(
 
 def connect(server: SocketServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=20)
+
+
+@contextlib.asynccontextmanager
+async def silent_tls_client(
+    server_ctx: ssl.SSLContext, *, handshake_timeout: float
+) -> AsyncIterator[Recorder]:
+    """An implicit-TLS server and one client that connects and sends nothing; yields
+    the server side's protocol once the connection is accepted."""
+    protocols: list[Recorder] = []
+    with serving(server_ctx, protocols, handshake_timeout=handshake_timeout) as server:
+        s = connect(server)
+        try:
+            while not protocols:
+                await asyncio.sleep(0.01)
+            yield protocols[0]
+        finally:
+            s.close()
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
@@ -261,17 +278,10 @@ async def test_handshake_garbage_fails_start_tls_and_loses_connection_once(
 
 
 async def test_silent_client_times_the_handshake_out(server_ctx: ssl.SSLContext) -> None:
-    protocols: list[Recorder] = []
-    with serving(server_ctx, protocols, handshake_timeout=0.3) as server:
-        s = connect(server)
-        try:
-            while not protocols:
-                await asyncio.sleep(0.01)
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(protocols[0].handshake, 5)  # type: ignore[attr-defined]
-            await asyncio.wait_for(protocols[0].lost.wait(), 5)
-        finally:
-            s.close()
+    async with silent_tls_client(server_ctx, handshake_timeout=0.3) as proto:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(proto.handshake, 5)  # type: ignore[attr-defined]
+        await asyncio.wait_for(proto.lost.wait(), 5)
 
 
 async def test_starttls_upgrade_sends_the_ok_in_plaintext_first(
@@ -393,22 +403,14 @@ async def test_server_close_stops_accepting() -> None:
 
 
 async def test_close_during_the_handshake_ends_it_at_once(server_ctx: ssl.SSLContext) -> None:
-    protocols: list[Recorder] = []
-    with serving(server_ctx, protocols, handshake_timeout=30) as server:
-        s = connect(server)
-        try:
-            while not protocols:
-                await asyncio.sleep(0.01)
-            proto = protocols[0]
-            await asyncio.sleep(0.05)  # the handshake is waiting for a ClientHello
-            with pytest.raises(RuntimeError):
-                proto.transport.write(b"not in the middle of an upgrade")
-            proto.transport.close()
-            with pytest.raises(ConnectionError):
-                await asyncio.wait_for(proto.handshake, 2)  # type: ignore[attr-defined]
-            await asyncio.wait_for(proto.lost.wait(), 2)
-        finally:
-            s.close()
+    async with silent_tls_client(server_ctx, handshake_timeout=30) as proto:
+        await asyncio.sleep(0.05)  # the handshake is waiting for a ClientHello
+        with pytest.raises(RuntimeError):
+            proto.transport.write(b"not in the middle of an upgrade")
+        proto.transport.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(proto.handshake, 2)  # type: ignore[attr-defined]
+        await asyncio.wait_for(proto.lost.wait(), 2)
 
 
 async def test_accept_backs_off_when_out_of_file_descriptors() -> None:

@@ -71,6 +71,64 @@ remediation = "Uninstall Telegram from this device to restore company mail."
 """
 
 
+CONFIG = """\
+# Written by `mailward demo`; every path is relative to {root}.
+[server]
+state_dir = "state"
+policy = "config/policy.toml"
+shutdown_grace = "2s"
+recheck_interval = "5s"
+
+[audit]
+path = "state/audit.jsonl"
+checkpoint_every = 1000
+checkpoint_interval = "60s"
+
+[api]
+listen = "127.0.0.1:{api}"
+tls = true
+"""
+
+#: One ``[[listeners]]`` table per front end, in front of the embedded upstream.
+LISTENERS = {
+    "imap": """
+[[listeners]]
+name = "imaps"
+protocol = "imap"
+listen = "127.0.0.1:{ports[imaps]}"
+tls = "implicit"
+client_cert = "optional"
+unidentified = "deny"
+upstream = "127.0.0.1:{up_ports[imap]}"
+upstream_tls = "implicit"
+upstream_ca = "certs/ca.pem"
+""",
+    "smtp": """
+[[listeners]]
+name = "submission"
+protocol = "smtp"
+listen = "127.0.0.1:{ports[submission]}"
+tls = "starttls"
+client_cert = "optional"
+unidentified = "deny"
+upstream = "127.0.0.1:{up_ports[smtp]}"
+upstream_tls = "starttls"
+upstream_ca = "certs/ca.pem"
+""",
+    "activesync": """
+[[listeners]]
+name = "activesync"
+protocol = "activesync"
+listen = "127.0.0.1:{ports[activesync]}"
+tls = "implicit"
+client_cert = "optional"
+upstream = "{eas_url}"
+upstream_tls = "implicit"
+upstream_ca = "certs/ca.pem"
+""",
+}
+
+
 class DemoError(Exception):
     """A step of the demo did not go as it should."""
 
@@ -143,60 +201,10 @@ class Demo:
         # Only listeners whose front end is part of this build.
         self.protocols = [p for p in ("imap", "smtp", "activesync")
                           if importlib.util.find_spec(f"proxy.frontends.{p}") is not None]
-        listeners = {
-            "imap": f"""
-[[listeners]]
-name = "imaps"
-protocol = "imap"
-listen = "127.0.0.1:{self.ports['imaps']}"
-tls = "implicit"
-client_cert = "optional"
-unidentified = "deny"
-upstream = "127.0.0.1:{up.ports['imap']}"
-upstream_tls = "implicit"
-upstream_ca = "certs/ca.pem"
-""",
-            "smtp": f"""
-[[listeners]]
-name = "submission"
-protocol = "smtp"
-listen = "127.0.0.1:{self.ports['submission']}"
-tls = "starttls"
-client_cert = "optional"
-unidentified = "deny"
-upstream = "127.0.0.1:{up.ports['smtp']}"
-upstream_tls = "starttls"
-upstream_ca = "certs/ca.pem"
-""",
-            "activesync": f"""
-[[listeners]]
-name = "activesync"
-protocol = "activesync"
-listen = "127.0.0.1:{self.ports['activesync']}"
-tls = "implicit"
-client_cert = "optional"
-upstream = "{up.eas_url}"
-upstream_tls = "implicit"
-upstream_ca = "certs/ca.pem"
-""",
-        }
-        self.config.write_text(f"""\
-# Written by `mailward demo`; every path is relative to {self.root}.
-[server]
-state_dir = "state"
-policy = "config/policy.toml"
-shutdown_grace = "2s"
-recheck_interval = "5s"
-
-[audit]
-path = "state/audit.jsonl"
-checkpoint_every = 1000
-checkpoint_interval = "60s"
-
-[api]
-listen = "127.0.0.1:{self.ports['api']}"
-tls = true
-""" + "".join(listeners[p] for p in self.protocols))
+        listeners = "".join(
+            LISTENERS[p].format(ports=self.ports, up_ports=up.ports, eas_url=up.eas_url)
+            for p in self.protocols)
+        self.config.write_text(CONFIG.format(root=self.root, api=self.ports["api"]) + listeners)
 
     def start_server(self) -> None:
         for attempt in range(3):  # a free port can be taken between probe and bind
@@ -216,6 +224,7 @@ tls = true
             if attempt == 2 or "already in use" not in self.server_log.read_text():
                 raise DemoError("mailward serve did not become ready; see " +
                                 str(self.server_log))
+        assert self.proc is not None
         names = {"imap": "imaps", "smtp": "submission", "activesync": "activesync"}
         bound = ", ".join(f"{names[p]} :{self.ports[names[p]]}" for p in self.protocols)
         say(f"3. mailward serve (pid {self.proc.pid}) is ready in "
@@ -301,7 +310,8 @@ tls = true
         if "imap" in self.protocols:
             m = self.imap_login(ALICE)
             _, data = m.select("INBOX")
-            say(f"   {ALICE.device_id:<12} IMAP  login OK, INBOX has {data[0].decode()} "
+            count = (data[0] or b"?").decode()
+            say(f"   {ALICE.device_id:<12} IMAP  login OK, INBOX has {count} "
                 "message(s)")
             m.logout()
             try:
@@ -375,7 +385,8 @@ tls = true
         from proxy.audit import query
 
         say("7. what happened, read back from the audit log (state/audit.jsonl):")
-        rows = [("time", "event", "user", "device", "proto", "result", "why")]
+        rows: list[tuple[str, ...]] = [
+            ("time", "event", "user", "device", "proto", "result", "why")]
         for r in query(self.root / "state" / "audit.jsonl"):
             rows.append(_row(r))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,5 +1,7 @@
 """An asyncio transport over a non-blocking socket whose TLS is OpenSSL on the socket
-itself (``ssl.SSLSocket``), and the accept loop that makes them.
+itself (``ssl.SSLSocket``), and :func:`open_connection`, which connects one. The accept
+loop that makes them for listeners, :class:`SocketServer`, is in :mod:`proxy.net.listener`
+and re-exported here.
 
 Why not the event loop's own TLS transport: uvloop's and asyncio's run OpenSSL over
 memory BIOs. Each connection then owns a 256 KiB receive buffer and two BIO buffers
@@ -30,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import os
 import socket
 import ssl
@@ -38,6 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from proxy.net.listener import SocketServer
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -55,13 +57,6 @@ WRITE_HIGH_BYTES, WRITE_LOW_BYTES = 64 * 1024, 16 * 1024
 #: After a close, how long the peer's further input is read and discarded (see
 #: :meth:`SocketTransport._linger`).
 LINGER_S = 2.0
-#: Accepts per readiness callback of a listening socket.
-ACCEPTS_PER_CALLBACK = 64
-#: After running out of file descriptors, wait this long before accepting again.
-ACCEPT_RETRY_S = 0.1
-
-_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
 
 class _ReadBuffer(threading.local):
     view: memoryview | None = None
@@ -151,7 +146,7 @@ class SocketTransport(asyncio.Transport):
                 return self._sock.getpeercert()
             if name == "cipher":
                 return self._sock.cipher()
-        return self._extra.get(name, default)
+        return default  # nothing is passed as ``extra``
 
     def is_closing(self) -> bool:
         return self._closing or self._closed
@@ -588,77 +583,6 @@ async def open_connection(
                                       timeout=left())
         return transport
     raise error
-
-
-class SocketServer:
-    """A listening TCP socket that hands each accepted connection to ``on_accept``
-    (which builds its :class:`SocketTransport`). Like ``loop.create_server``, but the
-    connections' transports are ours."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_accept: Callable[[socket.socket], None],
-        host: str,
-        port: int,
-        *,
-        backlog: int = 1024,
-    ) -> None:
-        self._loop = loop
-        self._on_accept = on_accept
-        self.sockets: list[socket.socket] = []
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        try:
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_, proto)
-                self.sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
-                sock.listen(backlog)
-                sock.setblocking(False)
-                if port == 0:  # every address family on the same, first chosen, port
-                    port = sock.getsockname()[1]
-                    infos = [(f, t, p, c, (a[0], port, *a[2:])) for f, t, p, c, a in infos]
-        except OSError:
-            self.close()
-            raise
-        for sock in self.sockets:
-            loop.add_reader(sock.fileno(), self._accept, sock)
-
-    @property
-    def port(self) -> int:
-        return int(self.sockets[0].getsockname()[1])
-
-    def _accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_CALLBACK):
-            try:
-                conn, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
-                    log.warning("accept failed; pausing", error=str(exc))
-                    self._loop.remove_reader(listener.fileno())
-                    self._loop.call_later(ACCEPT_RETRY_S, self._resume, listener)
-                return  # ECONNABORTED and the like: the next readiness will do
-            try:
-                self._on_accept(conn)
-            except Exception:
-                log.exception("accept handler failed")
-                conn.close()
-
-    def _resume(self, listener: socket.socket) -> None:
-        if listener.fileno() >= 0:
-            self._loop.add_reader(listener.fileno(), self._accept, listener)
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            if sock.fileno() >= 0:
-                self._loop.remove_reader(sock.fileno())
-                sock.close()
 
 
 __all__ = ["SocketServer", "SocketTransport", "open_connection", "shared_read_buffer"]
