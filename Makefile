@@ -1,6 +1,6 @@
 # mailward — make demo, make test, make bench.
 # `make test` works on a fresh Debian machine: it installs the peer servers the tests
-# drive (Dovecot, Postfix, swaks, mbsync, nginx) when missing, creates .venv and
+# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail) when missing, creates .venv and
 # installs the package with its test extras.
 
 PY      ?= python3
@@ -9,9 +9,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync \
             libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
-            nginx libnginx-mod-mail
+            nginx libnginx-mod-mail dovecot-pop3d fetchmail
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync \
-             /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so
+             /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so \
+             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail
 
 .PHONY: all venv peers test test-fast lint demo bench bench-compare clean
 

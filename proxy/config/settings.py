@@ -74,7 +74,7 @@ class ApiConfig:
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
-    protocol: Literal["imap", "smtp", "activesync"]
+    protocol: Literal["imap", "smtp", "activesync", "pop3"]
     host: str
     port: int
     upstream: str
@@ -231,7 +231,7 @@ def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
 
 
 def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
-    protocol = t.choice("protocol", ("imap", "smtp", "activesync"))
+    protocol = t.choice("protocol", ("imap", "smtp", "activesync", "pop3"))
     try:
         host, port = split_hostport(t.text("listen"))
     except ValueError as exc:

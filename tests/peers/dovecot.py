@@ -2,7 +2,9 @@
 
 ``Dovecot(workdir, cert, key, users)`` writes its own config, passwd-file and Maildirs
 under ``workdir`` and runs ``dovecot -F -c <conf>`` in the foreground, listening on
-127.0.0.1 with implicit TLS (``port_tls``) and plain/STARTTLS (``port_plain``). Mail
+127.0.0.1 with implicit TLS (``port_tls``) and plain/STARTTLS (``port_plain``); with
+``pop3=True`` also POP3 on ``pop3_port_tls`` (implicit TLS) and ``pop3_port_plain``
+(plain/STLS; Debian package dovecot-pop3d). Mail
 runs as ``nobody`` (Dovecot refuses root). 127.0.0.0/8 is in
 ``login_trusted_networks`` so the proxy's ``ID x-originating-ip`` is believed.
 
@@ -63,6 +65,7 @@ class Dovecot:
         *,
         workdir: Path | None = None,
         performance: bool = False,
+        pop3: bool = False,
     ) -> None:
         # Under /tmp with 0755 so the unprivileged mail and login processes can enter it.
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mailward-dovecot-"))
@@ -71,6 +74,8 @@ class Dovecot:
         self.cert, self.key, self.users = cert, key, users
         self.port_plain, self.port_tls = free_port(), free_port()
         self.performance = performance
+        self.pop3 = pop3
+        self.pop3_port_plain, self.pop3_port_tls = (free_port(), free_port()) if pop3 else (0, 0)
         self.proc: subprocess.Popen[bytes] | None = None
         pw = pwd.getpwnam(MAIL_USER)
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -107,7 +112,7 @@ base_dir = {d}/run
 state_dir = {d}/state
 instance_name = mailward-test-{d.name}
 log_path = {d}/dovecot.log
-protocols = imap
+protocols = imap{" pop3" if self.pop3 else ""}
 listen = 127.0.0.1
 ssl = yes
 ssl_cert = <{d}/cert.pem
@@ -145,7 +150,7 @@ service imap-login {{
 service imap {{
   process_limit = 20000
 }}
-default_process_limit = 20000
+{self._pop3_config()}default_process_limit = 20000
 default_client_limit = 20000
 service anvil {{
   client_limit = 40100
@@ -157,6 +162,24 @@ service auth {{
         path = d / "dovecot.conf"
         path.write_text(conf)
         return path
+
+    def _pop3_config(self) -> str:
+        if not self.pop3:
+            return ""
+        return f"""
+pop3_uidl_format = %08Xu%08Xv
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.pop3_port_plain}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {self.pop3_port_tls}
+    ssl = yes
+  }}
+}}
+"""
 
     def _chown(self, root: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -187,7 +210,9 @@ service auth {{
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dovecot exited: {self.log_tail()}")
             try:
-                for port in (self.port_plain, self.port_tls):
+                ports = (self.port_plain, self.port_tls, self.pop3_port_plain,
+                         self.pop3_port_tls) if self.pop3 else (self.port_plain, self.port_tls)
+                for port in ports:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return self
             except OSError:

@@ -1,0 +1,437 @@
+"""The POP3 pre-auth conversation as a sans-IO layer: events in, commands out.
+
+As mitmproxy's layers (and ``imap_preauth``): :class:`Preauth` holds the state of one
+client connection before login and has no I/O, no clock and no ``await``. The executor
+(``pop3.py``) feeds it events, past tense (:class:`Connected`, :class:`DataReceived`,
+:class:`TlsEstablished`, :class:`UpstreamAnswered`, :class:`DecisionMade`,
+:class:`TimedOut`, ...), and performs the commands it returns, imperative
+(:class:`SendToClient`, :class:`StartTls`, :class:`OpenUpstream`,
+:class:`RequestDecision`, :class:`Splice`, :class:`Close`, ...), in order. A command
+that has an outcome (``StartTls``, ``OpenUpstream``, ``RequestDecision``) is the last of
+its list; the executor feeds the outcome back as the next event. Client bytes go
+through the sans-IO parser ``pop3_wire.Connection``.
+
+The rules (DESIGN.md, "Sessions, in order" and "Refusals the user sees"):
+
+- Before TLS, CAPA shows STLS and neither USER nor SASL; USER, PASS and AUTH PLAIN get
+  ``-ERR [SYS/PERM]`` (RFC 3206: not a credentials problem, so not ``[AUTH]``) without
+  reaching the upstream or the gate, unless cleartext is allowed on loopback. Bytes
+  pipelined after STLS are discarded by the parser.
+- The upstream checks the credentials first: its ``-ERR`` goes to the client as it is
+  and is recorded as ``auth_failed``; the client may try again.
+- Only then the gate decides. Deny: ``-ERR [SYS/PERM] <reason>`` and close (not
+  ``[AUTH]``, which makes mail apps ask for the password again). Temporary deny:
+  ``-ERR [SYS/TEMP] <text>``, the client may retry. Upstream unreachable:
+  ``-ERR [SYS/TEMP]``, close, a temporary deny record. Allow: the upstream's ``+OK``
+  goes to the client and the connections are spliced.
+- One ``decision`` record per login attempt (the gate writes it); a connection that
+  ends before any gets one ``session_end`` record (carried by :class:`Close`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from proxy.frontends.pop3_wire import (
+    MECHANISMS,
+    AuthCancelled,
+    AuthData,
+    AuthStarted,
+    BadCommand,
+    CapaRequested,
+    Connection,
+    Event,
+    LimitExceeded,
+    LoginAttempted,
+    MechanismsRequested,
+    PrivacyRequired,
+    QuitRequested,
+    RemoteProtocolError,
+    Sentinel,
+    State,
+    StlsRequested,
+    UserGiven,
+    capa_response,
+    continuation_line,
+    decode_plain,
+    err_line,
+    mechanisms_response,
+    ok_line,
+)
+from proxy.gate import Identity
+from proxy.policy import Decision
+
+#: Capabilities the proxy itself implements before login (RFC 2449, RFC 3206).
+PROXY_CAPABILITIES = ("RESP-CODES", "AUTH-RESP-CODE")
+GREETING_TEXT = "mailward POP3 ready"
+UNAVAILABLE_TEXT = "The mail server is temporarily unavailable. Please try again later."
+SHUTDOWN_TEXT = "Server shutting down. Please try again later."
+PRIVACY_TEXT = "Use STLS or the TLS port (995) before logging in"
+TIMEOUT_TEXT = "Autologout; too slow before login"
+#: RFC 3206 response codes: a condition of the system that will not change by itself
+#: (the user must act: uninstall the app, use TLS), and one that will.
+PERMANENT, TEMPORARY = "SYS/PERM", "SYS/TEMP"
+
+# ------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The client connected (implicit TLS: nothing has been read yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    data: bytes = field(repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    device_id: str | None  # from a verified client certificate's SAN
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFailed:
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswered:
+    """The upstream's answer to the login: its whole ``+OK`` or ``-ERR`` line."""
+
+    ok: bool
+    line: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The upstream is unreachable, timed out or answered nonsense."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionMade:
+    decision: Decision
+    shutting_down: bool = False  # the listener is closing: start no session
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    total: bool  # the total pre-auth limit (else the idle one)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """The executor hit a bug; the connection has been aborted."""
+
+    detail: str
+
+
+PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
+                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
+                | Crashed)
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Handshake with the client; then feed TlsEstablished or TlsFailed."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """Connect upstream and log in (``pop3_upstream``); then feed UpstreamAnswered or
+    UpstreamFailed."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecision:
+    """Ask the gate (it writes the decision record); then feed DecisionMade."""
+
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAuthFailed:
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUnavailable:
+    """The login attempt's one decision record: a temporary deny."""
+
+    identity: Identity
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseUpstream:
+    """Say QUIT to the upstream connection (not logged in, or not to be used) and close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """Send ``answer`` (the upstream's ``+OK``) and join client and upstream, if both
+    are still there (else close: no false success); ``pipelined`` is what the client
+    sent after its login, for the upstream."""
+
+    answer: bytes
+    pipelined: bytes = field(repr=False)
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    reason: str
+    detail: str = ""
+    identity: Identity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the client (after what was sent), drop the upstream, and write
+    ``record`` as a ``session_end`` (None: a decision record exists)."""
+
+    record: SessionEnd | None
+
+
+PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
+                  | RecordUnavailable | CloseUpstream | Splice | Close)
+
+# ------------------------------------------------------------------------------- layer
+
+
+class Preauth:
+    """One client connection before login (see the module docstring)."""
+
+    def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
+                 upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
+        self.conn = Connection(max_commands=max_commands, tls=False,
+                               stls=tls_mode == "starttls",
+                               cleartext_login=cleartext_allowed)
+        self.tls_mode = tls_mode
+        self.upstream_capabilities = upstream_capabilities
+        self.device_id: str | None = None
+        self.identity = Identity("")
+        self.decided = False  # a decision record exists for this connection
+        self.finished = False  # Close or Splice was returned; later events are ignored
+        self.end_reason = "client_closed"
+        self._answer = b""  # the upstream's +OK, sent to the client once allowed
+
+    @property
+    def buffered(self) -> int:
+        """Unparsed client bytes held (the executor pauses reading above a limit)."""
+        return self.conn.buffered
+
+    def capabilities(self) -> list[str]:
+        """CAPA before login: the upstream's (TOP, UIDL, ...), then the proxy's own."""
+        caps = [*self.upstream_capabilities(), *PROXY_CAPABILITIES]
+        if not self.conn.tls and self.tls_mode == "starttls":
+            caps.append("STLS")
+        if self._cleartext_ok():
+            caps += ["USER", "SASL " + " ".join(MECHANISMS)]
+        return caps
+
+    def _cleartext_ok(self) -> bool:
+        return self.conn.tls or self.conn.cleartext_login
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: PreauthEvent) -> list[PreauthCommand]:
+        """Feed one event; returns the commands to perform, in order."""
+        if self.finished:
+            return []
+        match event:
+            case DataReceived(data):
+                self.conn.receive_data(data)
+                return self._drain()
+            case Connected():
+                if self.tls_mode == "implicit":
+                    return [StartTls()]
+                return [SendToClient(ok_line(GREETING_TEXT))]
+            case TlsEstablished(device_id):
+                return self._tls_established(device_id)
+            case TlsFailed(detail):
+                return self._close("tls_failed", detail)
+            case UpstreamAnswered(ok, line):
+                return self._upstream_answered(ok, line)
+            case UpstreamFailed(detail):
+                self.decided = True  # RecordUnavailable is this attempt's decision record
+                return [SendToClient(err_line(UNAVAILABLE_TEXT, TEMPORARY)),
+                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
+            case DecisionMade(decision, shutting_down):
+                return self._decided(decision, shutting_down)
+            case TimedOut(total):
+                return [SendToClient(err_line(TIMEOUT_TEXT)),
+                        *self._close("preauth_timeout" if total else "idle_timeout")]
+            case ClientClosed():
+                return self._close(self.end_reason)
+            case ShutdownRequested():
+                return [SendToClient(err_line(SHUTDOWN_TEXT, TEMPORARY)),
+                        *self._close("shutdown")]
+            case Crashed(detail):
+                return self._close("internal_error", detail)
+        raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+    def _close(self, reason: str, detail: str = "") -> list[PreauthCommand]:
+        self.finished = True
+        self.end_reason = reason
+        if self.decided:
+            return [Close(None)]
+        identity = self.identity if self.identity.user else None
+        return [Close(SessionEnd(reason, detail, identity))]
+
+    def _tls_established(self, device_id: str | None) -> list[PreauthCommand]:
+        self.device_id = device_id
+        if self.conn.state is State.STLS:
+            self.conn.stls_done()  # drops what was pipelined after STLS
+            return self._drain()
+        self.conn.tls = True  # implicit TLS: now greet
+        return [SendToClient(ok_line(GREETING_TEXT)), *self._drain()]
+
+    def _upstream_answered(self, ok: bool, line: bytes) -> list[PreauthCommand]:
+        if ok:
+            self._answer = line
+            return [RequestDecision(self.identity)]
+        self.decided = True
+        self.conn.login_refused()
+        # The upstream's own answer, e.g. -ERR [AUTH]; the client may retry.
+        return [SendToClient(line), CloseUpstream(), RecordAuthFailed(self.identity),
+                *self._drain()]
+
+    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+        self.decided = True
+        if not decision.allow:
+            text = decision.user_text()
+            if decision.temporary:
+                self.conn.login_refused()
+                return [CloseUpstream(), SendToClient(err_line(text, TEMPORARY)),
+                        *self._drain()]
+            return [CloseUpstream(), SendToClient(err_line(text, PERMANENT)),
+                    *self._close("denied")]
+        if shutting_down:
+            return [CloseUpstream(), SendToClient(err_line(SHUTDOWN_TEXT, TEMPORARY)),
+                    *self._close("shutdown")]
+        self.finished = True
+        answer, self._answer = self._answer, b""
+        return [Splice(answer, self.conn.login_accepted(), self.identity)]
+
+    # ------------------------------------------------------------ client commands
+
+    def _drain(self) -> list[PreauthCommand]:
+        """Parser events until it needs data or waits for an outcome."""
+        out: list[PreauthCommand] = []
+        while not self.finished:
+            ev = self.conn.next_event()
+            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
+                break
+            out += self._client_event(ev)
+        return out
+
+    def _client_event(self, ev: Event) -> list[PreauthCommand]:
+        """One parsed client command -> commands (login and limits in their methods)."""
+        match ev:
+            case CapaRequested():
+                return [SendToClient(capa_response(self.capabilities()))]
+            case QuitRequested():
+                return [SendToClient(ok_line("Logging out")), *self._close("logout")]
+            case StlsRequested():
+                return [SendToClient(ok_line("Begin TLS negotiation now")), StartTls()]
+            case UserGiven():
+                return [SendToClient(ok_line("Send PASS"))]
+            case LoginAttempted(user, password):
+                return self._login(user, password)
+            case MechanismsRequested():
+                mechs = MECHANISMS if self._cleartext_ok() else ()
+                return [SendToClient(mechanisms_response(mechs))]
+            case AuthStarted(_, None):
+                return [SendToClient(continuation_line())]
+            case AuthStarted(_, initial_response) | AuthData(initial_response):
+                assert initial_response is not None
+                return self._authenticate(initial_response)
+            case AuthCancelled():
+                return [SendToClient(err_line("AUTH cancelled"))]
+            case PrivacyRequired():
+                self.end_reason = "cleartext_refused"
+                return [SendToClient(err_line(PRIVACY_TEXT, PERMANENT))]
+            case BadCommand(text):
+                self.end_reason = "bad_syntax"
+                return [SendToClient(err_line(text))]
+            case LimitExceeded(limit, text):
+                return [SendToClient(err_line(text)), *self._close(f"limit_{limit}")]
+        raise AssertionError(f"unhandled parser event {ev!r}")  # pragma: no cover
+
+    def _authenticate(self, message: bytes) -> list[PreauthCommand]:
+        try:
+            authzid, user, password = decode_plain(message)
+        except RemoteProtocolError as exc:
+            self.end_reason = "bad_syntax"
+            self.conn.login_refused()
+            return [SendToClient(err_line(str(exc)))]
+        if authzid and authzid != user:
+            # Logging in as someone else would bypass the per-user device check.
+            self.end_reason = "authzid_refused"
+            self.conn.login_refused()
+            return [SendToClient(err_line("Authorization identity not supported"))]
+        return self._login(user, password)
+
+    def _login(self, user: str, password: str) -> list[PreauthCommand]:
+        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
+        return [OpenUpstream(user, password)]
+
+
+__all__ = [
+    "GREETING_TEXT",
+    "PERMANENT",
+    "PRIVACY_TEXT",
+    "PROXY_CAPABILITIES",
+    "SHUTDOWN_TEXT",
+    "TEMPORARY",
+    "TIMEOUT_TEXT",
+    "UNAVAILABLE_TEXT",
+    "ClientClosed",
+    "Close",
+    "CloseUpstream",
+    "Connected",
+    "Crashed",
+    "DataReceived",
+    "DecisionMade",
+    "OpenUpstream",
+    "Preauth",
+    "PreauthCommand",
+    "PreauthEvent",
+    "RecordAuthFailed",
+    "RecordUnavailable",
+    "RequestDecision",
+    "SendToClient",
+    "SessionEnd",
+    "ShutdownRequested",
+    "Splice",
+    "StartTls",
+    "TimedOut",
+    "TlsEstablished",
+    "TlsFailed",
+    "UpstreamAnswered",
+    "UpstreamFailed",
+]
