@@ -40,6 +40,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from proxy.frontends.smtp_events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
@@ -78,21 +79,9 @@ class SyntaxProblem(Exception):
 # ----------------------------------------------------------------------------- events
 
 
-class Sentinel:
-    """The type of NEED_DATA and PAUSED (not events)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-#: ``next_event`` needs more bytes from the client.
-NEED_DATA = Sentinel("NEED_DATA")
-#: ``next_event`` gives no events until an outcome is reported (STLS handshake, login
-#: result) or because the conversation is over.
-PAUSED = Sentinel("PAUSED")
+# NEED_DATA (``next_event`` needs more bytes from the client) and PAUSED (no events
+# until an outcome is reported: STLS handshake, login result; or the conversation is
+# over) are the sans-IO sentinels the SMTP wire module defined first.
 
 
 @dataclass(frozen=True, slots=True)
