@@ -172,9 +172,9 @@ class _Pop3Session:
     """One client connection: the executor of its pre-auth layer (``pop3_preauth``),
     then a registered live session. Every ``await`` of the pre-auth phase is here."""
 
-    __slots__ = ("_deadline", "_inbox", "_reading_paused", "_spliced", "_wakeup", "cfg",
-                 "client", "client_port", "gate", "identity", "layer", "origin", "owner",
-                 "upstream")
+    __slots__ = ("_deadline", "_inbox", "_reading_paused", "_spliced", "_task", "_wakeup",
+                 "cfg", "client", "client_port", "gate", "identity", "layer", "origin",
+                 "owner", "upstream")
 
     def __init__(self, owner: Pop3Listener) -> None:
         self.owner = owner
@@ -195,6 +195,7 @@ class _Pop3Session:
         self._wakeup: asyncio.Event | None = asyncio.Event()
         self._reading_paused = False
         self._spliced = False
+        self._task: asyncio.Task[None] | None = None  # the loop keeps only weak references
         self._deadline = 0.0
 
     # ------------------------------------------------------------ callbacks
@@ -204,7 +205,7 @@ class _Pop3Session:
         self.origin = Origin("pop3", self.cfg.name, str(peer[0]), self.cfg.unidentified)
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
         self.owner.sessions.add(self)
-        asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _on_client_data(self, data: bytes) -> None:
         layer = self.layer
@@ -245,6 +246,7 @@ class _Pop3Session:
                 self._quit_upstream()
                 self.layer = None
                 self.owner.sessions.discard(self)
+            self._task = None  # a live session keeps no task or coroutine alive
 
     async def _client_event(self) -> PreauthEvent:
         """What the client did next: sent bytes, closed, or let a time limit pass."""
