@@ -557,10 +557,10 @@ def test_missing_certificate_is_one_line_and_exit_2(deploy: Path, upstream: Any)
 def test_bad_config_is_one_line_with_file_and_line(deploy: Path) -> None:
     cfg = write_config(deploy, "config-bad", """
 [[listeners]]
-name = "pop"
-protocol = "pop3"
-listen = "127.0.0.1:1110"
-upstream = "127.0.0.1:110"
+name = "news"
+protocol = "nntp"
+listen = "127.0.0.1:1119"
+upstream = "127.0.0.1:119"
 """, api_port=free_port())
     lines = _start_and_fail(cfg, deploy / "bad.log")
     assert len(lines) == 1
