@@ -3,7 +3,7 @@ the chain across the rotated files and the live file.
 
 ``<path>``        the live log          ``<path>.1, .2, ...``  rotated logs, oldest first
 ``<path>.head``   latest checkpoint     ``<path>.torn``        torn tails moved aside
-``<path>.lock``   writers' lock
+``<path>.lock``   writers' lock        ``<path>.writers``     held by each open writer
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def torn_path(path: Path) -> Path:
 
 def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
+
+
+def writers_path(path: Path) -> Path:
+    return path.with_name(path.name + ".writers")
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -147,6 +151,11 @@ def flock(fd: int, operation: int, timeout_s: float = LOCK_TIMEOUT_S) -> None:
 def open_lock(path: Path) -> int:
     """A new descriptor on the log's lock file (``flock`` locks are per descriptor)."""
     return os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+
+
+def open_writers(path: Path) -> int:
+    """A new descriptor on ``<path>.writers``, which every open writer holds shared."""
+    return os.open(writers_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
 
 
 # -- reading --------------------------------------------------------------------------
