@@ -96,7 +96,12 @@ from proxy.audit.files import (
     rotated_files,
     torn_path,
 )
-from proxy.audit.keys import load_signing_key, load_verify_key, signing_key_from_config
+from proxy.audit.keys import (
+    load_signing_key,
+    load_verify_key,
+    signing_key_from_config,
+    signing_key_warnings,
+)
 from proxy.audit.query import (
     CSV_COLUMNS,
     TABLE_COLUMNS,
@@ -170,6 +175,7 @@ __all__ = [
     "record_hash",
     "rotated_files",
     "signing_key_from_config",
+    "signing_key_warnings",
     "torn_path",
     "verify",
 ]
