@@ -530,3 +530,94 @@ def test_check_config_warns_about_a_writable_signing_key(
     assert main(["check-config", "--config", cfg]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "audit.signing_key" in err and "writable" in err
+
+
+# -- mailward serve killed mid-writes ---------------------------------------------------
+
+
+def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as err:
+        return subprocess.Popen(
+            [str(Path(sys.executable).with_name("mailward")), "serve"],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            env={**os.environ, "MAILWARD_CONFIG": str(config), "MAILWARD_LOG_FORMAT": "json"},
+        )
+
+
+def http(port: int, method: str, path: str, body: bytes | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                 headers={"Content-Type": "application/jose"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if http(port, "GET", "/readyz") == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not ready: {log.read_text()}")
+
+
+@pytest.mark.peer
+def test_mailward_serve_killed_mid_writes_restarts_with_a_recovery_checkpoint(
+    deployment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL of `mailward serve` while it records refused reports: the next start-up
+    seals the tail with a recovery checkpoint; verify passes (and with the server's
+    own log lines as witness), --strict fails."""
+    port = free_port()
+    cfg = deployment / "config" / "mailward.toml"
+    cfg.write_text(f"""\
+[server]
+state_dir = "state"
+policy = "config/policy.toml"
+shutdown_grace = "1s"
+instance = "mail1"
+
+[audit]
+checkpoint_every = 10000
+
+[api]
+listen = "127.0.0.1:{port}"
+tls = false
+""")
+    logs = [deployment / "serve1.log", deployment / "serve2.log"]
+    first = serve(cfg, logs[0])
+    try:
+        wait_ready(first, port, logs[0])
+        audit_log = deployment / "state" / "audit.jsonl"
+        while len(audit_log.read_text().splitlines()) < 30:
+            assert http(port, "POST", "/v1/attestations", b"not.a.report") == 400
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    killed_at = len(lines_of(audit_log))
+    second = serve(cfg, logs[1])
+    try:
+        wait_ready(second, port, logs[1])
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(15) == 0, logs[1].read_text()
+    recovery = lines_of(audit_log)[killed_at]
+    assert recovery["recovery"] is True and recovery["sealed"] >= 30
+    assert recovery["instance"] == "mail1"
+    capsys.readouterr()
+    rc, out, err = cli(capsys, "--config", str(cfg))
+    assert rc == 0, err
+    assert "sealed after a crash, unwitnessed" in out
+    assert cli(capsys, "--config", str(cfg), "--strict")[0] == 1
+    rc, out, err = cli(capsys, "--config", str(cfg), "--witness", str(logs[0]),
+                       "--witness", str(logs[1]))
+    assert rc == 0 and "heads match" in out, err
