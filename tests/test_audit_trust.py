@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from test_server import serve  # `mailward serve` as the image runs it
 
 from proxy import audit
 from proxy.audit import AuditLog, Witness, read_witness_file, record_hash, verify
@@ -71,12 +72,12 @@ def crash(log: AuditLog) -> None:
     log._closed = True
 
 
-def save_witness(path: Path, logs: list[dict[str, Any]]) -> Path:
+def save_witness(path: Path, logs: Sequence[Mapping[str, Any]]) -> Path:
     """The operational log lines as a SIEM keeps them: a syslog prefix, other lines
     in between."""
     with path.open("a") as f:
         for entry in logs:
-            f.write("Jun 15 10:00:00 mail1 mailward[4242]: " + json.dumps(entry) + "\n")
+            f.write("Jun 15 10:00:00 mail1 mailward[4242]: " + json.dumps(dict(entry)) + "\n")
             f.write('{"event": "listening", "listener": "imaps"}\nplain text line\n')
     return path
 
@@ -533,15 +534,6 @@ def test_check_config_warns_about_a_writable_signing_key(
 
 
 # -- mailward serve killed mid-writes ---------------------------------------------------
-
-
-def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as err:
-        return subprocess.Popen(
-            [str(Path(sys.executable).with_name("mailward")), "serve"],
-            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            env={**os.environ, "MAILWARD_CONFIG": str(config), "MAILWARD_LOG_FORMAT": "json"},
-        )
 
 
 def http(port: int, method: str, path: str, body: bytes | None = None) -> int:

@@ -153,9 +153,19 @@ def open_lock(path: Path) -> int:
     return os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
 
 
-def open_writers(path: Path) -> int:
-    """A new descriptor on ``<path>.writers``, which every open writer holds shared."""
-    return os.open(writers_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+def open_writers(path: Path) -> tuple[int, bool]:
+    """A new descriptor on ``<path>.writers``, which every open writer holds shared,
+    and whether no other writer holds it: then it is locked exclusively (until the
+    caller takes it shared)."""
+    fd = os.open(writers_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, False
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, True
 
 
 # -- reading --------------------------------------------------------------------------

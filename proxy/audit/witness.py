@@ -82,6 +82,7 @@ class Witness:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._written: collections.deque[Mapping[str, Any]] = collections.deque()
         self._observer: WitnessObserver | None = None
         self._wake: asyncio.Event | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -91,6 +92,22 @@ class Witness:
     def pending(self) -> int:
         """Checkpoints not yet accepted by the witness URL."""
         return len(self._queue)
+
+    def written(self, checkpoint: Mapping[str, Any]) -> None:
+        """``checkpoint`` is in the log, not yet durable."""
+        self._written.append(checkpoint)
+
+    def durable(self, upto: int, head: str | None, instance: str) -> None:
+        """An fsync made records up to ``upto`` durable: report the checkpoints among
+        them, and ``head`` (the hash of record ``upto``, after a group commit) unless
+        that record is one of them."""
+        last = 0
+        while self._written and self._written[0]["seq"] <= upto:
+            checkpoint = self._written.popleft()
+            last = checkpoint["seq"]
+            self.checkpoint(checkpoint)
+        if head is not None and last != upto:
+            self.head(upto, head, instance)
 
     def head(self, seq: int, hash: str, instance: str) -> None:
         log.info(HEAD_LINE, seq=seq, hash=hash, instance=instance)

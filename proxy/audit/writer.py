@@ -70,11 +70,10 @@ DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 
 def open_audit_log(cfg: Config, *, witnessed: bool = True) -> AuditLog:
     """The audit log as ``[audit]`` in mailward.toml describes it: the one way the
-    server and the CLI build it. ``witnessed``: report checkpoints and group-commit
-    heads (:mod:`.witness`); one-shot commands pass False (their records are witnessed
-    by the server's next head, which chains over them). Raises
-    :class:`proxy.config.ConfigError` (one line) if the signing key is missing,
-    unreadable or not Ed25519 (PKCS#8 PEM)."""
+    server and the CLI build it. ``witnessed``: report checkpoints and heads
+    (:mod:`.witness`); one-shot commands pass False (the server's next head chains over
+    their records). Raises :class:`proxy.config.ConfigError` (one line) if the signing
+    key is missing, unreadable or not Ed25519 (PKCS#8 PEM)."""
     return AuditLog.from_config(
         cfg.audit,
         signing_key=signing_key_from_config(cfg),
@@ -117,7 +116,6 @@ class AuditLog:
 
         self.healthy = True
         self.last_error: str | None = None
-
         # Chain state, valid while _needs_recover is false.
         self._fd: int | None = None
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of _fd
@@ -125,8 +123,7 @@ class AuditLog:
         self._seq = 0
         self._head = ZERO_HASH
         self._unsealed = 0  # records since the last checkpoint
-        # (seq, hash) of the last checkpoint (of the record before the unsealed ones),
-        # and how many unsealed records may follow it before the next checkpoint.
+        # (seq, hash) of the last checkpoint, and unsealed records allowed after it.
         self._sealed_head: tuple[int, str] = (0, ZERO_HASH)
         self._seal_limit = checkpoint_every
         self._needs_recover = True
@@ -145,7 +142,6 @@ class AuditLog:
         self._head_lock = threading.Lock()
         self._pending_head: dict[str, Any] | None = None
         self._head_written_seq = 0
-        self._unwitnessed: collections.deque[dict[str, Any]] = collections.deque()
 
         try:
             with self._locked():
@@ -356,7 +352,7 @@ class AuditLog:
             self._sealed_head = (seq, record["hash"])
             self._seal_limit = self._checkpoint_every
             if self.witness is not None:
-                self._unwitnessed.append(record)
+                self.witness.written(record)
         else:
             self._unsealed += 1
         return record
@@ -425,13 +421,8 @@ class AuditLog:
         succeeds only if no other writer is alive: unsealed records are then the
         tail of a process that died (a crash), sealed here by a recovery checkpoint
         (DESIGN "Audit log"). Holds the lock."""
-        fd = open_writers(self.path)
+        fd, alone = open_writers(self.path)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                alone = True
-            except BlockingIOError:
-                alone = False
             if alone and self._unsealed:
                 self._seal_after_crash()
             flock(fd, fcntl.LOCK_SH)
@@ -448,9 +439,9 @@ class AuditLog:
         record = self._write_record(self._checkpoint_body(
             {"previous_head": digest, "previous_head_seq": seq, "sealed": count}
         ))
-        level = log.error if count > self._seal_limit else log.warning
-        level("audit_recovery_checkpoint", path=str(self.path), seq=record["seq"],
-              sealed=count, previous_head_seq=seq, checkpoint_every=self._seal_limit)
+        (log.error if count > self._seal_limit else log.warning)(
+            "audit_recovery_checkpoint", path=str(self.path), seq=record["seq"],
+            sealed=count, previous_head_seq=seq, checkpoint_every=self._seal_limit)
 
     def _reconcile_head_file(
         self, last_seq: int, window: list[dict[str, Any]], *, opening: bool
@@ -514,21 +505,9 @@ class AuditLog:
             self._settle(upto, AuditUnavailable(f"fsync of {self.path} failed: {exc}"))
             raise AuditUnavailable(f"fsync of {self.path} failed: {exc}") from exc
         self._ok()
-        self._witness_durable(upto, None)
+        if self.witness is not None:
+            self.witness.durable(upto, None, self.instance)
         self._settle(upto, None)
-
-    def _witness_durable(self, upto: int, head: str | None) -> None:
-        """Report the checkpoints an fsync up to ``upto`` made durable, and ``head``
-        (the hash of record ``upto``) unless that record is one of them."""
-        if self.witness is None:
-            return
-        last = 0
-        while self._unwitnessed and self._unwitnessed[0]["seq"] <= upto:
-            checkpoint = self._unwitnessed.popleft()
-            last = checkpoint["seq"]
-            self.witness.checkpoint(checkpoint)
-        if head is not None and last != upto:
-            self.witness.head(upto, head, self.instance)
 
     async def _durable(self, seq: int) -> None:
         import asyncio  # deferred: the CLI's sync path never needs it
@@ -560,7 +539,8 @@ class AuditLog:
                     self._settle(upto, AuditUnavailable(f"fsync of {self.path} failed: {exc}"))
                 else:
                     self._ok()
-                    self._witness_durable(upto, head)
+                    if self.witness is not None:
+                        self.witness.durable(upto, head, self.instance)
                     self._settle(upto, None)
         finally:
             self._sync_task = None
