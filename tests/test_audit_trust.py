@@ -613,3 +613,13 @@ tls = false
     rc, out, err = cli(capsys, "--config", str(cfg), "--witness", str(logs[0]),
                        "--witness", str(logs[1]))
     assert rc == 0 and "heads match" in out, err
+
+
+def test_audit_files_are_private_to_the_service_user(tmp_path: Path) -> None:
+    """The log, its sidecars and a directory the writer creates are 0600 / 0700."""
+    path = tmp_path / "state" / "audit.jsonl"
+    with AuditLog(path, signing_key=KEY) as log:
+        log.append(decision(1))
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    for f in (path, audit.head_path(path), audit.lock_path(path)):
+        assert (f.stat().st_mode & 0o777) == 0o600, f

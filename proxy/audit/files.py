@@ -33,7 +33,7 @@ RECOVERY_SCAN_BYTES = 4 * MAX_RECORD_BYTES
 #: How long a writer waits for another process holding the log lock.
 LOCK_TIMEOUT_S = 2.0
 LOCK_RETRY_S = 0.002
-FILE_MODE = 0o640
+FILE_MODE = 0o600  # records name users and devices: the service user only (dirs 0700)
 #: How the writer opens the live file.
 OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 

@@ -303,7 +303,7 @@ class AuditLog:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if self._lock_fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_fd = open_lock(self.path)
         flock(self._lock_fd, fcntl.LOCK_EX)
         try:
@@ -393,7 +393,7 @@ class AuditLog:
             if self._fd is not None:
                 self._retire_fd(self._fd)
                 self._fd = None
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         try:
             st = os.fstat(fd)
