@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace) -> Config:
 def _audit_log(cfg: Config) -> Any:
     from proxy.audit import open_audit_log
 
-    return open_audit_log(cfg)
+    return open_audit_log(cfg, witnessed=False)  # the server's next head witnesses it
 
 
 def _policy(cfg: Config) -> Any:
@@ -90,9 +90,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if missing:
         return EXIT_ERROR
-    from proxy.audit import signing_key_from_config
+    from proxy.audit import signing_key_from_config, signing_key_warnings
 
     signing_key_from_config(cfg)  # ConfigError (one line, exit 2) unless it is Ed25519
+    for warning in signing_key_warnings(cfg.audit.signing_key):
+        print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
@@ -247,30 +249,24 @@ async def _ingest_file(verifier: Any, policy: Any, store: Any, gate: Any, name: 
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from proxy.audit import load_verify_key, verify
+    from proxy.audit.command import run_verify
 
-    path, key = Path(args.log) if args.log else None, None
-    try:
-        cfg = _load(args)
-        path = path or cfg.audit.path
-        if cfg.audit.verify_key and cfg.audit.verify_key.exists():
-            key = load_verify_key(cfg.audit.verify_key)
-    except Exception:
-        if path is None:
-            raise
-    if args.key:
-        key = load_verify_key(Path(args.key))
-    assert path is not None
-    if not path.exists():
-        raise UserError(f"{path}: no such audit log")
-    result = verify(path, key)
-    if result.ok:
-        sealed = "no checkpoint key" if key is None else f"{result.checkpoints} checkpoints"
-        print(f"{path}: ok, {result.records} records, {sealed}, "
-              f"{result.unsealed} after the last checkpoint")
-        return EXIT_OK
-    print(f"{result.bad_file or path}:{result.bad_line}: {result.error}", file=sys.stderr)
-    return EXIT_FAILED
+    logs = [Path(p) for p in args.log or ()]
+    keys = [Path(k) for k in args.key or ()]
+    if not logs or not keys:
+        try:
+            cfg = _load(args)
+        except Exception:
+            if not logs:
+                raise
+        else:
+            logs = logs or [cfg.audit.path]
+            if not keys and cfg.audit.verify_key and cfg.audit.verify_key.exists():
+                keys = [cfg.audit.verify_key]
+    return run_verify(logs, keys, pins=args.key_fingerprint or (), strict=args.strict,
+                      from_checkpoint=args.from_checkpoint,
+                      witness_files=[Path(w) for w in args.witness or ()],
+                      out=sys.stdout, err=sys.stderr)
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
@@ -403,8 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _audit_commands(add: _Add, audit: Any) -> None:
     sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
-    sp.add_argument("--log", help="audit log (default: [audit] path)")
-    sp.add_argument("--key", help="checkpoint public key (default: [audit] verify_key)")
+    sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
+                    "instance (default: [audit] path)")
+    sp.add_argument("--key", action="append", help="checkpoint public key, repeatable for "
+                    "rotated keys (default: [audit] verify_key)")
+    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
+                    help="use only the key with this SHA-256 fingerprint (or key_id)")
+    sp.add_argument("--witness", action="append", metavar="FILE", help="audit_checkpoint/"
+                    "audit_head log lines as a SIEM collected them: the log must hold them")
+    sp.add_argument("--from-checkpoint", type=int, metavar="SEQ",
+                    help="start at this signed checkpoint (older files deleted)")
+    sp.add_argument("--strict", action="store_true",
+                    help="fail on records sealed after a crash (unwitnessed)")
     sp = add("query", cmd_audit_query, "filter decisions", audit)
     sp.add_argument("--log")
     sp.add_argument("--user")

@@ -254,7 +254,7 @@ class Server:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
         self.audit = _audit_log(cfg)
         try:
-            await self.audit.start()
+            await self.audit.start(self.observer)  # reports the witness queue
         except OSError as exc:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None

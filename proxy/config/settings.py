@@ -7,6 +7,7 @@ directory that holds the file.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class ServerConfig:
     policy: Path
     shutdown_grace_s: float = 10.0
     recheck_interval_s: float = 30.0
+    instance: str = ""  # names this instance in checkpoints and records [host name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class AuditConfig:
     checkpoint_every: int = 1000
     checkpoint_interval_s: float = 60.0
     rotate_bytes: int = 64 * 1024 * 1024
+    witness_url: str | None = None  # checkpoints are POSTed here
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,7 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
         policy=resolve(s, "policy", "config/policy.toml"),
         shutdown_grace_s=s.duration("shutdown_grace", 10.0),
         recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
+        instance=s.text("instance", "") or socket.gethostname(),
     )
 
 
@@ -213,7 +217,15 @@ def _audit(a: Table, resolve: _Resolver) -> AuditConfig:
         checkpoint_every=a.positive_int("checkpoint_every", 1000),
         checkpoint_interval_s=a.positive_duration("checkpoint_interval", 60.0),
         rotate_bytes=a.positive_int("rotate_bytes", 64 * 1024 * 1024),
+        witness_url=_witness_url(a),
     )
+
+
+def _witness_url(a: Table) -> str | None:
+    url = a.text("witness_url", "")
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise a.error("witness_url", "must be an http:// or https:// URL")
+    return url or None
 
 
 def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
