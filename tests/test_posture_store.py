@@ -258,7 +258,7 @@ async def test_newest_per_authority_and_mdm_in_force(store: SqlitePostureStore) 
     assert await store.commit_attestation(phone, None, NOW) == "ok"
     tiktok = mdm(apps=(App("com.zhiliaoapp.musically"),))
     assert await store.commit_attestation(tiktok, None, NOW) == "ok"
-    both = await store.postures("DEV-1")
+    both = await store.device_postures("DEV-1")
     assert {p.authority for p in both} == {"device", "attester:0123abcd"}
     got = await store.get("dev-1")
     assert got is not None and got.is_mdm and got.apps[0].id == "com.zhiliaoapp.musically"

@@ -145,7 +145,7 @@ class SqlitePostureStore:
         (compared case-insensitively)."""
         return await self._run(self._devices_for_user, user)
 
-    async def postures(self, device_id: str) -> list[Posture]:
+    async def device_postures(self, device_id: str) -> list[Posture]:
         """The device's newest posture per authority (the id resolved through aliases)."""
         return await self._run(self._postures, device_id)
 
