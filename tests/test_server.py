@@ -177,7 +177,7 @@ def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     certs_init(root / "certs")
     for p in PHONES:
         enroll_device(device_ca_cert=root / "certs/device-ca.pem",
-                      device_ca_key=root / "certs/device-ca.key", device_id=p.device_id,
+                      device_ca_key=root / "certs/offline/device-ca.key", device_id=p.device_id,
                       user=p.user, out_dir=root / "certs/devices" / p.device_id)
     (root / "config").mkdir()
     (root / "config/policy.toml").write_text(policy_text("t-1"))

@@ -227,10 +227,14 @@ def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
         host, port = split_hostport(ap.text("listen", "127.0.0.1:8443"))
     except ValueError as exc:
         raise ap.error("listen", str(exc)) from None
+    tls = ap.get("tls", bool, True)
+    if not tls and not is_loopback(host):
+        # Admin tokens and posture reports would cross the network in cleartext.
+        raise ap.error("tls", f"false is only allowed on a loopback address, not {host}")
     return ApiConfig(
         host=host,
         port=port,
-        tls=ap.get("tls", bool, True),
+        tls=tls,
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
         max_body_bytes=ap.positive_int("max_body_bytes", 512 * 1024),
     )

@@ -62,7 +62,7 @@ from proxy.frontends import FrontendContext, RunningListener
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin
 from proxy.ids import device_id_from_der
-from proxy.net.tls import feed_early_tls_bytes
+from proxy.net.tls import client_cert_from_ssl, feed_early_tls_bytes
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.smtp")
@@ -785,7 +785,8 @@ class SubmissionSession(SMTP):
             return AuthResult(success=False, handled=False,
                               message="501 5.5.2 The user name is not valid UTF-8")
         device_id = self._device_id()
-        identity = Identity(user, device_id, "client_cert" if device_id else "")
+        identity = Identity(user, device_id, "client_cert" if device_id else "",
+                            cert=client_cert_from_ssl(self._ssl_object()))
         # As the client gave it, not verified: what was attempted, named in the
         # session_end record if the attempt is cut off (client gone, shutdown).
         self.identity = identity

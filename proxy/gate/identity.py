@@ -28,7 +28,8 @@ one (every check is a dictionary lookup in the in-memory :class:`TrustState`):
 4. the certificate's rfc822 SAN names another user than the login -> ``user_mismatch``;
 5. no device certificate, and the listener requires one (``client_cert =
    "required"``), or the claimed device was seen before with a certificate naming it
-   (sticky binding) -> ``certificate_required``;
+   (sticky binding: recorded when an ActiveSync request carries a DeviceId *and* a
+   verified certificate naming that device) -> ``certificate_required``;
 6. a bare claim on a listener with ``eas_claims = "deny"`` -> ``device_claim_refused``.
 """
 
@@ -177,7 +178,10 @@ def check_identity(identity: Identity, origin: Origin, trust: TrustState,
         if device is not None and origin.eas_claims == "deny":
             return Verdict(device, Reason(DEVICE_CLAIM_REFUSED, CLAIM_REFUSED_TEXT))
         return Verdict(device)
-    bind = cert_device if cert_device not in trust.bindings else None
+    # A binding is a DeviceId seen with its certificate: an ActiveSync request that
+    # carried both (IMAP and SMTP have no DeviceId to claim).
+    claimed = identity.device_source == "claim" and presented is not None
+    bind = cert_device if claimed and cert_device not in trust.bindings else None
     return Verdict(device, bind=bind)
 
 
