@@ -83,7 +83,6 @@ def cmd_device(args: argparse.Namespace) -> int:
     from proxy.posture import open_store
 
     cfg = _load(args)
-    policy = _policy(cfg)
     log = _audit_log(cfg)
     if not log.healthy:  # a revocation without its record is not auditable
         log.close_sync()
@@ -94,7 +93,9 @@ def cmd_device(args: argparse.Namespace) -> int:
 
     async def go() -> str:
         store = open_store(cfg.posture.store)
-        gate = Gate(store=store, audit=_AppendingSink(log), policy=lambda: policy,
+        # The policy is never read (no live sessions here to re-check): a broken
+        # policy file must not stop a lost phone from being cut off.
+        gate = Gate(store=store, audit=_AppendingSink(log), policy=lambda: _policy(cfg),
                     observer=NullObserver())
         try:
             await gate.load_trust()
