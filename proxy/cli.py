@@ -48,7 +48,16 @@ def _load(args: argparse.Namespace) -> Config:
 def _audit_log(cfg: Config) -> Any:
     from proxy.audit import open_audit_log
 
+    _private_dir(cfg.server.state_dir)
+    _private_dir(cfg.audit.path.parent)
     return open_audit_log(cfg)
+
+
+def _private_dir(path: Path) -> None:
+    """Create a state directory 0700 (posture and audit data are personal data);
+    an existing one is left as the operator made it."""
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
 
 
 def _policy(cfg: Config) -> Any:
