@@ -649,7 +649,7 @@ def test_crl_revoked_signer_refused(tmp_path: Path, pki: TestPki) -> None:
     path.write_bytes(make_crl(pki, [stolen.cert.serial_number]))
     v.crl = CrlSet([path], [pki.ca])
     refused(v, token, "revoked")
-    path.write_bytes(make_crl(pki, [], next_update_s=-10))
+    path.write_bytes(make_crl(pki, [], next_update_s=-3600))  # before NOW (module import)
     os.utime(path, (time.time() + 5, time.time() + 5))  # a new mtime even within a tick
     assert v.crl.reload_if_changed()  # reloaded on change, like the policy
     refused(v, token, "untrusted_chain")
