@@ -359,6 +359,9 @@ def evaluate_authorities(postures: Sequence[Posture], policy: Policy,
     ``stale_posture``; the device's word never takes over), and the device's own
     report can only *add* violations (its prohibited apps, a user mismatch), never
     remove one."""
+    if len(postures) == 1:  # one authority: nothing to combine
+        only = postures[0]
+        return evaluate(only, policy, context), only
     mdm = device = None
     for p in postures:
         if p.is_mdm:

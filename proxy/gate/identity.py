@@ -152,11 +152,17 @@ class Verdict:
 
 def check_identity(identity: Identity, origin: Origin, trust: TrustState,
                    crl: CrlSet | None, now: float) -> Verdict:
-    """The binding rules (see module docstring), pure but for the CRL's log line."""
+    """The binding rules (see module docstring), pure but for the CRL's log line.
+    Dictionary lookups only: this runs before every decision."""
     cert, presented = identity.cert, identity.device_id
     cert_dev = identity.cert_device_id
-    device = trust.resolve(presented) if presented else (
-        trust.resolve(cert_dev) if cert_dev else None)
+    aliases = trust.aliases
+    presented_key = presented.lower() if presented else None
+    cert_key = cert_dev.lower() if cert_dev else None
+    device = aliases.get(presented_key, presented_key) if presented_key else None
+    cert_device = aliases.get(cert_key, cert_key) if cert_key else None
+    if device is None:
+        device = cert_device
     if cert is not None and crl:
         status = crl.check(cert.issuer, cert.serial, now)
         if status == "revoked":
@@ -165,10 +171,11 @@ def check_identity(identity: Identity, origin: Origin, trust: TrustState,
             from proxy.gate.records import TEMPORARY_TEXT
 
             return Verdict(device, Reason(CRL_EXPIRED, TEMPORARY_TEXT), temporary=True)
-    if trust.revoked and _revoked(trust, device, presented, cert_dev):
+    revoked = trust.revoked
+    if revoked and any(k in revoked for k in (device, presented_key, cert_device, cert_key)
+                       if k is not None):
         return Verdict(device, Reason(REVOKED, REVOKED_TEXT))
-    cert_device = trust.resolve(cert_dev) if cert_dev else None
-    if presented and cert_device is not None and cert_device != device:
+    if presented_key is not None and cert_device is not None and cert_device != device:
         return Verdict(device, Reason(DEVICE_MISMATCH, MISMATCH_TEXT))
     if cert is not None and cert.user is not None and cert.user != identity.user_key:
         return Verdict(device, Reason(USER_MISMATCH, USER_MISMATCH_TEXT))
@@ -183,14 +190,6 @@ def check_identity(identity: Identity, origin: Origin, trust: TrustState,
     claimed = identity.device_source == "claim" and presented is not None
     bind = cert_device if claimed and cert_device not in trust.bindings else None
     return Verdict(device, bind=bind)
-
-
-def _revoked(trust: TrustState, device: str | None, *ids: str | None) -> bool:
-    revoked = trust.revoked
-    if device is not None and device in revoked:
-        return True
-    return any(i is not None and (i.lower() in revoked or trust.resolve(i) in revoked)
-               for i in ids)
 
 
 def session_devices(identity: Identity, trust: TrustState) -> set[str]:
