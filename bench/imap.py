@@ -482,7 +482,8 @@ async def main(args: argparse.Namespace) -> None:
     work.chmod(0o755)
     certs = work / "certs"
     certs_init(certs)
-    enroll_device(device_ca_cert=certs / "device-ca.pem", device_ca_key=certs / "device-ca.key",
+    enroll_device(device_ca_cert=certs / "device-ca.pem",
+                  device_ca_key=certs / "offline" / "device-ca.key",
                   device_id=DEVICE, user=USER, out_dir=certs / "devices" / DEVICE)
     now = int(time.time())
     store = SqlitePostureStore(work / "posture.db")

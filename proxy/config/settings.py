@@ -47,6 +47,8 @@ class TlsConfig:
 class TrustConfig:
     device_ca: Path
     attesters: tuple[Path, ...]
+    device_reports: Literal["allow", "deny"] = "allow"
+    crl: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class ListenerConfig:
     upstream_connect_timeout_s: float = 10.0
     upstream_timeout_s: float = 60.0
     longpoll_timeout_s: float = 3600.0
+    #: ActiveSync: "deny" refuses a bare DeviceId claim (no device certificate).
+    eas_claims: Literal["allow", "deny"] = "allow"
 
     @property
     def upstream_host(self) -> str:
@@ -144,6 +148,8 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         device_ca=resolve(t, "device_ca", "certs/device-ca.pem"),
         attesters=tuple(resolve.path(p)
                         for p in t.strings("attesters", ["certs/mdm-attester.pem"])),
+        device_reports=t.choice("device_reports", ("allow", "deny"), "allow"),
+        crl=tuple(resolve.path(p) for p in t.strings("crl", [])),
     ))
     posture = _section(top, "posture", lambda t: _posture(t, resolve.root))
     audit = _section(top, "audit", lambda t: _audit(t, resolve))
@@ -233,10 +239,14 @@ def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
         host, port = split_hostport(ap.text("listen", "127.0.0.1:8443"))
     except ValueError as exc:
         raise ap.error("listen", str(exc)) from None
+    tls = ap.get("tls", bool, True)
+    if not tls and not is_loopback(host):
+        # Admin tokens and posture reports would cross the network in cleartext.
+        raise ap.error("tls", f"false is only allowed on a loopback address, not {host}")
     return ApiConfig(
         host=host,
         port=port,
-        tls=ap.get("tls", bool, True),
+        tls=tls,
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
         max_body_bytes=ap.positive_int("max_body_bytes", 512 * 1024),
     )
@@ -284,7 +294,10 @@ def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
         upstream_connect_timeout_s=t.positive_duration("upstream_connect_timeout", 10.0),
         upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
+        eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
     )
+    if lst.eas_claims == "deny" and protocol != "activesync":
+        raise t.error("eas_claims", "applies to activesync listeners only")
     t.done()
     return lst
 

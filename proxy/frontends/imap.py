@@ -64,7 +64,7 @@ from proxy.net.socket_transport import (
     open_connection,
     shared_read_buffer,
 )
-from proxy.net.tls import device_id_from_ssl
+from proxy.net.tls import client_cert_from_ssl, device_id_from_ssl
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.imap")
@@ -620,7 +620,9 @@ class _ImapSession:
         if not self._cleartext_ok():
             self._refuse_cleartext(tag)
             return False
-        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
+        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
+                                 cert=client_cert_from_ssl(
+                                     self.client.transport.get_extra_info("ssl_object")))
         try:
             untagged, tagged = await self._upstream_login(tag, user, password)
         except (UpstreamError, OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
