@@ -67,7 +67,9 @@ from proxy.frontends.imap_syntax import (
 # ----------------------------------------------------------------------------- events
 
 
-class _Sentinel:
+class Sentinel:
+    """The type of NEED_DATA and PAUSED (not events)."""
+
     def __init__(self, name: str) -> None:
         self._name = name
 
@@ -76,10 +78,10 @@ class _Sentinel:
 
 
 #: ``next_event`` needs more bytes from the client.
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA = Sentinel("NEED_DATA")
 #: ``next_event`` will not produce events until the executor reports an outcome
 #: (STARTTLS handshake, login result) or because the conversation is over.
-PAUSED = _Sentinel("PAUSED")
+PAUSED = Sentinel("PAUSED")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +260,7 @@ class Connection:
             return  # pipelined after STARTTLS: discarded (STARTTLS injection)
         self._buf += data
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit", reply="BYE")
         if self.state in (State.STARTTLS, State.AWAITING_LOGIN, State.AUTHENTICATED,
@@ -300,7 +302,7 @@ class Connection:
 
     # ----------------------------------------------------------------- parsing
 
-    def _parse(self) -> Event | _Sentinel:
+    def _parse(self) -> Event | Sentinel:
         while True:
             if self._literal_left is not None:
                 avail = len(self._buf) - self._pos
