@@ -17,7 +17,7 @@ One :class:`_ImapSession` per client connection:
 3. Login: connect upstream (implicit TLS / STARTTLS / none, certificate verified) and
    run ``imap_upstream.UpstreamLogin`` to the tagged answer.
 4. Allow: the upstream's tagged OK goes to the client and both transports are spliced
-   (``_Pipe`` buffered protocols writing straight into each other's transport, with
+   (``Pipe`` buffered protocols writing straight into each other's transport, with
    pause/resume_reading driven by the peer's write buffer; no per-byte Python work and
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
@@ -38,8 +38,6 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_preauth import (
@@ -68,7 +66,8 @@ from proxy.frontends.imap_preauth import (
     UpstreamAnswered,
     UpstreamFailed,
 )
-from proxy.frontends.imap_syntax import MAX_UPSTREAM_RESPONSE_BYTES, RemoteProtocolError, bye_line
+from proxy.frontends.imap_syntax import RemoteProtocolError, bye_line
+from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.imap_upstream import (
     LoginAnswered,
     ReportCapabilities,
@@ -85,7 +84,6 @@ from proxy.net.socket_transport import (
     SocketServer,
     SocketTransport,
     open_connection,
-    shared_read_buffer,
 )
 from proxy.net.tls import device_id_from_ssl
 from proxy.oplog import get_logger
@@ -99,162 +97,10 @@ _OWN_CAPABILITIES = {"IMAP4REV1", "SASL-IR", "LITERAL+", "ID", "STARTTLS", "LOGI
 DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
 #: Pause reading from a pre-auth client when this many unparsed bytes are held.
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
-#: Write-buffer limits of each spliced transport: above HIGH the other side stops
-#: reading until the buffer drains to LOW (flow control, bounded memory per session).
-SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW = 1024 * 1024, 256 * 1024
-#: How long a closing connection may take to flush and finish TLS shutdown.
-CLOSE_LINGER_S = 2.0
-#: The same after a splice, where up to a write buffer of mail may still be in flight.
-SPLICE_CLOSE_LINGER_S = 30.0
 #: TLS 1.3 session tickets sent to IMAP clients (see ``ImapListener.start``).
 TLS_SESSION_TICKETS = 0
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
 TLS_HANDSHAKE_TIMEOUT_S = 20.0
-
-
-class _NoEvent:
-    """Stands in for an asyncio.Event once a session no longer waits for anything."""
-
-    def set(self) -> None:
-        pass
-
-
-_NO_EVENT: Any = _NoEvent()
-
-
-class UpstreamError(Exception):
-    """The upstream is unreachable, timed out or answered nonsense."""
-
-
-# ------------------------------------------------------------------------ transports
-
-
-class _Pipe(asyncio.BufferedProtocol):
-    """One side of a proxied connection.
-
-    Reads land in the per-thread receive buffer (``shared_read_buffer``). Before
-    the splice, the bytes go to ``on_data``; after it, a slice of the buffer goes
-    straight to the peer's transport, with no per-chunk work beyond that write. When
-    our transport's write buffer passes its high-water mark (``pause_writing``), the
-    peer, which produces what we write, stops reading until it drains to the low one.
-    """
-
-    __slots__ = ("closed", "closing", "on_close", "on_data", "on_made", "peer", "transport")
-
-    def __init__(
-        self,
-        on_data: Callable[[bytes], None] | None,
-        on_close: Callable[[], None] | None = None,
-        on_made: Callable[[asyncio.BaseTransport], None] | None = None,
-    ) -> None:
-        self.on_data = on_data
-        self.on_close = on_close
-        self.on_made = on_made
-        self.peer: _Pipe | None = None
-        self.transport: Any = None
-        self.closed = False
-        self.closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if self.on_made is not None:
-            self.on_made(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return shared_read_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        view = shared_read_buffer()[:nbytes]
-        peer = self.peer
-        if peer is not None:
-            peer.transport.write(view)  # what it cannot send now, it copies
-        elif self.on_data is not None:
-            self.on_data(bytes(view))
-
-    def start_splice(self, peer: _Pipe) -> None:
-        """From now on, what we read goes to ``peer``'s transport."""
-        self.peer = peer
-        self.on_data = None
-        with contextlib.suppress(Exception):  # a closing transport may refuse
-            self.transport.set_write_buffer_limits(SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW)
-
-    def eof_received(self) -> bool:
-        return False  # IMAP has no half-close: close both ways
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            peer.close(SPLICE_CLOSE_LINGER_S)  # flushes what is buffered first
-        if self.on_close is not None:
-            self.on_close()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self, linger_s: float | None = None) -> None:
-        """Close after flushing; abort if still open after ``linger_s`` (a TLS peer
-        that never answers close_notify would otherwise hold it for 30 s)."""
-        if self.transport is not None and not self.closed and not self.closing:
-            self.closing = True
-            self.transport.close()
-            asyncio.get_running_loop().call_later(
-                CLOSE_LINGER_S if linger_s is None else linger_s, self.abort)
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
-
-
-class _Upstream:
-    """The upstream connection before the splice: its pipe and the bytes it sent."""
-
-    __slots__ = ("_wakeup", "inbox", "pipe")
-
-    def __init__(self) -> None:
-        self.pipe = _Pipe(self._on_data, self._on_close)
-        self.inbox = bytearray()
-        self._wakeup = asyncio.Event()
-
-    def _on_data(self, data: bytes) -> None:
-        self.inbox += data
-        if len(self.inbox) > MAX_UPSTREAM_RESPONSE_BYTES:
-            self.pipe.transport.pause_reading()  # resumed by receive() or the splice
-        self._wakeup.set()
-
-    def _on_close(self) -> None:
-        self._wakeup.set()
-
-    def take(self) -> bytes:
-        data = bytes(self.inbox)
-        self.inbox.clear()
-        if len(data) > MAX_UPSTREAM_RESPONSE_BYTES:
-            self.pipe.transport.resume_reading()
-        return data
-
-    async def receive(self, deadline: float) -> bytes:
-        """What the upstream sent since the last call (waits for at least a byte)."""
-        while not self.inbox:
-            if self.pipe.closed:
-                raise UpstreamError("upstream closed the connection")
-            self._wakeup.clear()
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0:
-                raise UpstreamError("upstream timed out")
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                raise UpstreamError("upstream timed out") from None
-        return self.take()
 
 
 # -------------------------------------------------------------------------- listener
@@ -358,7 +204,7 @@ class _ImapSession:
         self.owner = owner
         self.cfg = owner.listener
         self.gate = owner.ctx.gate
-        self.client = _Pipe(self._on_client_data, self._on_client_close, self._on_made)
+        self.client = Pipe(self._on_client_data, self._on_client_close, self._on_made)
         self.layer: Preauth | None = Preauth(
             tls_mode=self.cfg.tls,
             cleartext_allowed=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
@@ -367,7 +213,7 @@ class _ImapSession:
         )
         self.identity = Identity("")
         self.origin = Origin("imap", self.cfg.name, "", self.cfg.unidentified)
-        self.upstream: _Upstream | None = None
+        self.upstream: UpstreamConnection | None = None
         self.client_port = 0
         self._inbox = bytearray()  # client bytes not yet fed to the layer
         self._wakeup = asyncio.Event()
@@ -520,7 +366,7 @@ class _ImapSession:
         """Connect and run the sans-IO ``UpstreamLogin`` to its tagged answer."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        up = self.upstream = _Upstream()
+        up = self.upstream = UpstreamConnection()
         tls_ctx = self.owner.ctx.upstream_tls
         if cfg.upstream_tls != "none" and tls_ctx is None:
             raise UpstreamError("upstream TLS configured without a TLS context")
@@ -576,14 +422,13 @@ class _ImapSession:
         # Drop pre-auth state: phones hold sessions for hours, memory per session counts.
         self.layer = None
         self._inbox = bytearray()
-        self._wakeup = _NO_EVENT
+        self._wakeup = NO_EVENT
         client.start_splice(upipe)
         upipe.start_splice(client)
         upipe.on_close = self._finish_spliced
-        if up.inbox:
-            client.write(up.take())
-        up.inbox = bytearray()
-        up._wakeup = _NO_EVENT
+        leftover = up.release()
+        if leftover:
+            client.write(leftover)
         if pipelined:
             upipe.write(pipelined)
         if self._reading_paused:
