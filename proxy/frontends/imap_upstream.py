@@ -135,8 +135,9 @@ def login_segments(tag: str, user: str, password: str, literal_plus: bool) -> li
 
 
 def _status(line: bytes, tag: str) -> str:
-    rest = line[len(tag) + 1 :]
-    return rest.split(b" ", 1)[0].upper().decode("ascii", "replace")
+    """``OK``, ``NO`` or ``BAD`` of a tagged response (also without text after it)."""
+    words = line[len(tag) + 1 :].split(None, 1)
+    return words[0].upper().decode("ascii", "replace") if words else ""
 
 
 def _capabilities(text: bytes) -> tuple[str, ...]:
