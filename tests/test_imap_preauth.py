@@ -108,8 +108,8 @@ def test_login_allowed_splices_with_the_upstreams_answer_and_pipelined_bytes():
          (UpstreamAnswered(True, b"* CAPABILITY IMAP4rev1 IDLE\r\n", b"t1 OK Logged in\r\n"),
           [RequestDecision(PHONE)]),
          (DecisionMade(ALLOW), [
-             send(b"* CAPABILITY IMAP4rev1 IDLE\r\n", b"t1 OK Logged in\r\n"),
-             Splice(b"t2 SELECT INBOX\r\n", PHONE)]),
+             Splice(b"* CAPABILITY IMAP4rev1 IDLE\r\nt1 OK Logged in\r\n",
+                    b"t2 SELECT INBOX\r\n", PHONE)]),
          (ClientClosed(), []))  # spliced: the layer is done
     assert p.finished and p.decided
 
@@ -127,7 +127,7 @@ def test_wrong_password_passes_the_upstreams_answer_and_records_auth_failed():
                                              RecordAuthFailed(PHONE)]),
          (DataReceived(f"t2 LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t2", ALICE, PW)]),
          (UpstreamAnswered(True, b"", b"t2 OK\r\n"), [RequestDecision(PHONE)]),
-         (DecisionMade(ALLOW), [send(b"t2 OK\r\n"), Splice(b"", PHONE)]))
+         (DecisionMade(ALLOW), [Splice(b"t2 OK\r\n", b"", PHONE)]))
 
 
 def test_deny_sends_alert_authorizationfailed_and_bye():

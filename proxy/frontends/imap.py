@@ -327,8 +327,8 @@ class _ImapSession:
                     f"upstream unavailable: {detail}", temporary=True)
             case CloseUpstream():
                 self._logout_upstream()
-            case Splice(pipelined, identity):
-                self._splice(pipelined, identity)
+            case Splice(answer, pipelined, identity):
+                self._splice(answer, pipelined, identity)
             case Close(record):
                 self.client.close()
                 self._logout_upstream()
@@ -411,11 +411,12 @@ class _ImapSession:
 
     # ------------------------------------------------------------------ splice
 
-    def _splice(self, pipelined: bytes, identity: Identity) -> None:
+    def _splice(self, answer: bytes, pipelined: bytes, identity: Identity) -> None:
         """Join client and upstream; from here on bytes flow without Python parsing."""
         up, client = self.upstream, self.client
         if client.closed or up is None or up.pipe.closed:
             return  # nothing to join: the executor's cleanup closes what is left
+        client.write(answer)
         upipe = up.pipe
         self.identity = identity
         self._spliced = True

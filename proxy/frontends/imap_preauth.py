@@ -190,8 +190,11 @@ class CloseUpstream:
 
 @dataclass(frozen=True, slots=True)
 class Splice:
-    """Join client and upstream; ``pipelined`` is what the client sent after LOGIN."""
+    """Send ``answer`` (the upstream's OK) and join client and upstream, if both are
+    still there (else close: no false success); ``pipelined`` is what the client sent
+    after LOGIN, for the upstream."""
 
+    answer: bytes
     pipelined: bytes = field(repr=False)
     identity: Identity
 
@@ -337,7 +340,7 @@ class Preauth:
                     *self._close("shutdown")]
         self.finished = True
         answer, self._answer = self._answer, b""
-        return [SendToClient(answer), Splice(self.conn.login_accepted(), self.identity)]
+        return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands
 
