@@ -32,6 +32,8 @@ from proxy.frontends.imap_wire import (
     decode_plain,
 )
 
+pytestmark = pytest.mark.pure
+
 
 def events(conn: Connection, data: bytes = b"") -> list[object]:
     """Feed ``data`` and drain every event until NEED_DATA or PAUSED."""

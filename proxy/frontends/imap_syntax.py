@@ -68,6 +68,7 @@ class LocalProtocolError(ImapProtocolError):
 LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n\Z")
 #: A tag: ASTRING-CHAR minus "+".
 TAG_RE = re.compile(rb"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]+")
+_UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x20)) | {0x7F}
 
 
@@ -201,7 +202,7 @@ def quote(text: str) -> str:
 
 def quotable(raw: bytes) -> bool:
     """Safe as an IMAP4rev1 quoted string: 7-bit, no CR/LF/NUL, not too long."""
-    return len(raw) <= MAX_QUOTED_BYTES and all(0x20 <= b < 0x7F for b in raw)
+    return len(raw) <= MAX_QUOTED_BYTES and _UNQUOTABLE.search(raw) is None
 
 
 def greeting_line(capabilities: list[str], text: str = "mailward ready") -> bytes:

@@ -163,7 +163,7 @@ class UpstreamLogin:
         self.rest = b""  # what the server sent after the LOGIN answer (for the client)
         self._tag, self._user, self._password = tag, user, password
         self._starttls = starttls
-        self._id = id_command(id_fields, client_ip, client_port)
+        self._client = (id_fields, client_ip, client_port)  # for the ID command
         self._buf = bytearray()
         self._expect: list[str] = []  # awaited answers: tags, or _CONTINUATION
         self._untagged: list[bytes] = []
@@ -274,7 +274,7 @@ class UpstreamLogin:
         # synchronizing literal; then LOGIN's tagged answer.
         self._expect = [TAG_ID] * send_id + [_CONTINUATION] * len(self._segments) + [self._tag]
         # Pipelined: ID and LOGIN go out together, saving a round trip.
-        data = (self._id if send_id else b"") + first
+        data = (id_command(*self._client) if send_id else b"") + first
         return [ReportCapabilities(caps), SendToUpstream(data)]
 
     def _finish(self, tagged: bytes, *, untagged: bytes) -> LoginAnswered:
