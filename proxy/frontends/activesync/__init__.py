@@ -39,9 +39,9 @@ The modules
   client, which also runs the credential check.
 * :mod:`.upstream` -- the keep-alive pool and its connections (``asyncio.Protocol``
   with flow control around the wire below).
-* :mod:`.wire` -- HTTP/1.1 on the upstream leg without I/O, on h11: any bytes from
-  the upstream give an answer or :class:`UpstreamProtocolError`; and the one
-  hop-by-hop header filter.
+* :mod:`.wire` -- HTTP/1.1 on the upstream leg without I/O, on httptools (llhttp):
+  any bytes from the upstream give an answer or :class:`UpstreamProtocolError`;
+  request heads that carry no injected line; and the one hop-by-hop header filter.
 
 Dependencies run one way: handler -> sessions, refusal, forward; forward -> upstream
 -> wire.

@@ -51,10 +51,6 @@ RESENDABLE_COMMANDS: Final = frozenset({
     "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
     "GetAttachment", "FolderSync", "Settings",
 })
-#: Request heads remembered (the cache is emptied when full). A head holds the
-#: client's headers, credentials included, as a parsed query string does not: about
-#: 2 KiB each, 2 MiB at most.
-HEAD_CACHE_SIZE: Final = 1024
 #: Longest upstream answer body passed on from a refused credential check.
 _REFUSAL_BODY_BYTES: Final = 64 * 1024
 _CONTENT_LENGTH: Final = frozenset({b"content-length"})
@@ -91,7 +87,6 @@ class Forwarder:
             self._ssl = upstream_tls if upstream_tls is not None else True
         self.pool = UpstreamPool(self.upstream, self._ssl, cfg.upstream_connect_timeout_s)
         self._client: aiohttp.ClientSession | None = None
-        self._heads: dict[tuple[Any, ...], RequestHead] = {}  # see _request_head
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -123,22 +118,13 @@ class Forwarder:
 
     def _request_head(self, request: web.BaseRequest, body_length: int) -> RequestHead:
         """The head the pooled path sends upstream: ``Host`` the upstream's, the
-        forwarded headers, ``Content-Length`` the body's. Validating one costs more than
-        the rest of a small exchange, and a phone repeats the same few requests all
-        day, so heads are remembered."""
-        key = (request.method, request.raw_path, request.raw_headers, request.remote,
-               request.scheme, body_length)
-        head = self._heads.get(key)
-        if head is None:
-            headers = [(b"Host", self.pool.host_header),
-                       *self._headers(request, _CONTENT_LENGTH)]
-            head = request_head(request.method.encode(),
-                                request.raw_path.encode("utf-8", "surrogateescape"),
-                                headers, body_length)
-            if len(self._heads) >= HEAD_CACHE_SIZE:
-                self._heads.clear()
-            self._heads[key] = head
-        return head
+        forwarded headers, ``Content-Length`` the body's (``UnsendableRequest`` when a
+        header is not valid HTTP). Written anew for every request: nothing of a
+        client's credentials outlives it."""
+        headers = [(b"Host", self.pool.host_header), *self._headers(request, _CONTENT_LENGTH)]
+        return request_head(request.method.encode(),
+                            request.raw_path.encode("utf-8", "surrogateescape"),
+                            headers, body_length)
 
     async def check_credentials(self, request: web.BaseRequest) -> web.Response | None:
         """Ask the upstream to check the credentials (``OPTIONS`` with the same
