@@ -106,19 +106,16 @@ def connection_names(value: bytes) -> frozenset[bytes]:
 def forwarded_headers(headers: Sequence[Header], remote: str, scheme: str,
                       drop: frozenset[bytes] = frozenset()) -> list[Header]:
     """The client's request headers as the upstream gets them: end to end only, without
-    ``Host`` and the names in ``drop``; ``X-Forwarded-For`` extended with ``remote``,
-    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's ``Host``) set."""
-    prior: bytes | None = None
+    ``Host`` and the names in ``drop``; ``X-Forwarded-For`` (``remote``: a client's own
+    value is dropped, since no proxy in front of mailward is trusted),
+    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's first ``Host``) set."""
     host: bytes | None = None
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"x-forwarded-for" and prior is None:
-            prior = value
-        elif lower == b"host" and host is None:
+        if name.lower() == b"host":
             host = value
+            break
     out = end_to_end(headers, _REPLACED | drop)
-    addr = remote.encode()
-    out.append((b"X-Forwarded-For", prior + b", " + addr if prior else addr))
+    out.append((b"X-Forwarded-For", remote.encode()))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
     if host is not None:
         out.append((b"X-Forwarded-Host", host))

@@ -1,0 +1,68 @@
+"""What an ActiveSync request must not carry before mailward judges it, and the target
+it goes upstream with. Pure functions on the request line and raw headers.
+
+mailward decides on what it reads (the Basic user from ``Authorization``, the query,
+``Host``, the body's length, ``MS-ASProtocolVersion``), so the upstream must act on the
+same request. A request is refused with 400 when it could mean something else to the
+upstream (:func:`refusal`):
+
+* more than one ``Authorization`` header (mailward judges one user, an upstream that
+  takes the last one serves another);
+* an absolute-form target (``POST https://other/...``) or a ``#fragment``: the
+  upstream target is rebuilt from the path and query only (:func:`upstream_target`);
+* a ``Connection`` header naming a header mailward relies on (the hop-by-hop filter
+  would drop it, so the upstream would not see what mailward saw).
+
+Headers that would let a client speak for mailward are dropped rather than refused
+(:data:`NOT_FORWARDED`, given to :func:`~proxy.frontends.activesync.wire.
+forwarded_headers`, which also replaces the client's ``X-Forwarded-*`` with what
+mailward saw): method overrides (an upstream honouring one would run another method
+than the one judged) and RFC 7239 ``Forwarded`` (mailward trusts no proxy in front of
+it: the config has no ``trusted_proxies`` yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from proxy.frontends.activesync.wire import Header, connection_names
+
+EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
+
+#: End-to-end request headers mailward reads itself (lower case).
+RELIED_ON: Final = frozenset({b"authorization", b"host", b"content-length",
+                              b"ms-asprotocolversion"})
+#: Headers asking a server to run another method than the request line's.
+METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-http-method",
+                                     b"x-method-override"})
+#: Client request headers never forwarded, besides the hop-by-hop ones and those
+#: ``forwarded_headers`` replaces.
+NOT_FORWARDED: Final = METHOD_OVERRIDES | {b"forwarded"}
+
+
+def refusal(raw_target: str, headers: Iterable[Header]) -> str | None:
+    """Why the request must be refused with 400 (a short reason code), or None.
+
+    ``raw_target`` is the request target as received (aiohttp's ``raw_path``)."""
+    if not raw_target.startswith("/"):
+        return "absolute_form"
+    if "#" in raw_target:
+        return "fragment"
+    authorizations = 0
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"authorization":
+            authorizations += 1
+        elif lower == b"connection" and not connection_names(value).isdisjoint(RELIED_ON):
+            return "connection_names_end_to_end"
+    if authorizations > 1:
+        return "duplicate_authorization"
+    return None
+
+
+def upstream_target(raw_target: str) -> str:
+    """The target the upstream gets: the one path mailward serves and the query exactly
+    as the client sent it (for a request :func:`refusal` let through)."""
+    _, sep, query = raw_target.partition("?")
+    return EAS_PATH + sep + query
