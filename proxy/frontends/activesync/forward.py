@@ -74,8 +74,17 @@ class Progress:
 
 def _to_client(headers: list[Header], drop: frozenset[bytes] = frozenset()
                ) -> CIMultiDict[str]:
-    """Upstream answer headers for the client: end to end only, as aiohttp text."""
-    return CIMultiDict((header_text(k), header_text(v)) for k, v in end_to_end(headers, drop))
+    """Upstream answer headers for the client: end to end only, as aiohttp text (all
+    decoded at once when they are UTF-8 and hold no line feed, as parsed headers
+    cannot; else one by one)."""
+    kept = end_to_end(headers, drop)
+    try:
+        items = b"\n".join([k + b"\n" + v for k, v in kept]).decode().split("\n")
+    except UnicodeDecodeError:
+        items = []
+    if len(items) == 2 * len(kept) and kept:
+        return CIMultiDict(zip(items[::2], items[1::2], strict=True))
+    return CIMultiDict((header_text(k), header_text(v)) for k, v in kept)
 
 
 class Forwarder:

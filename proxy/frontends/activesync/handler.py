@@ -143,7 +143,7 @@ class ActiveSyncFrontend:
         """The low-level server's handler (no router: one path is served)."""
         if request.path != EAS_PATH:
             return text_response(404, "Not found.")
-        refused = refusal(request.raw_path, request.raw_headers)
+        refused = refusal(request.raw_path, request.headers)
         if refused is not None:
             log.info("request refused", reason=refused, remote=request.remote)
             return text_response(400, "Bad ActiveSync request.")

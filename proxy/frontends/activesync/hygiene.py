@@ -23,10 +23,11 @@ it: the config has no ``trusted_proxies`` yet).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Final
 
-from proxy.frontends.activesync.wire import Header, connection_names
+from multidict import MultiMapping
+
+from proxy.frontends.activesync.wire import connection_names
 
 EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
 
@@ -41,23 +42,20 @@ METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-http-method"
 NOT_FORWARDED: Final = METHOD_OVERRIDES | {b"forwarded"}
 
 
-def refusal(raw_target: str, headers: Iterable[Header]) -> str | None:
+def refusal(raw_target: str, headers: MultiMapping[str]) -> str | None:
     """Why the request must be refused with 400 (a short reason code), or None.
 
-    ``raw_target`` is the request target as received (aiohttp's ``raw_path``)."""
+    ``raw_target`` is the request target as received (aiohttp's ``raw_path``),
+    ``headers`` the request's (case-insensitive, as aiohttp's ``request.headers``)."""
     if not raw_target.startswith("/"):
         return "absolute_form"
     if "#" in raw_target:
         return "fragment"
-    authorizations = 0
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"authorization":
-            authorizations += 1
-        elif lower == b"connection" and not connection_names(value).isdisjoint(RELIED_ON):
-            return "connection_names_end_to_end"
-    if authorizations > 1:
+    if len(headers.getall("Authorization", ())) > 1:
         return "duplicate_authorization"
+    for value in headers.getall("Connection", ()):
+        if not connection_names(value.encode("utf-8", "surrogateescape")).isdisjoint(RELIED_ON):
+            return "connection_names_end_to_end"
     return None
 
 
