@@ -193,7 +193,7 @@ class UpstreamWire:
     The ``on_*`` methods are llhttp's callbacks (httptools calls them from
     ``feed_data``), not for callers."""
 
-    __slots__ = ("_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_headers",
+    __slots__ = ("_body", "_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_headers",
                  "_interim", "_keep_alive", "_method", "_parser", "_reason", "_stall",
                  "_started", "_to_close", "_trailing")
 
@@ -202,6 +202,7 @@ class UpstreamWire:
         self._dead = False  # the parser was stopped: the next request needs a new one
         self._eof = False  # the upstream closed the connection
         self._events: deque[ResponseHead | bytes] = deque()
+        self._body: list[bytes] = []  # pieces of the body from one receive_data
         self._error: UpstreamProtocolError | None = None
         self._headers: list[Header] = []
         self._reset(b"")
@@ -239,14 +240,8 @@ class UpstreamWire:
             return
         if not data:
             self._eof = True
-            if self._done or self._error is not None:
-                pass
-            elif not self._got_bytes:
-                self._error = UpstreamClosedEarly("upstream closed the connection")
-            elif self._to_close:
-                self._done = True
-            else:
-                self._error = UpstreamProtocolError("upstream answer cut short")
+            if not self._done and self._error is None:
+                self._error = self._end_of_connection()
             return
         self._got_bytes = True
         if self._done or self._dead or self._error is not None:
@@ -259,9 +254,22 @@ class UpstreamWire:
             self._dead = True
             if not self._done and self._error is None:
                 self._error = UpstreamProtocolError(f"bad upstream answer: {e}")
-            return
-        if not self._done and self._stall > MAX_HEAD_BYTES:
+        finally:
+            if self._body:
+                self._events.append(b"".join(self._body))
+                self._body.clear()
+        if not self._done and self._error is None and self._stall > MAX_HEAD_BYTES:
             self._error = UpstreamProtocolError("upstream answer head too long")
+
+    def _end_of_connection(self) -> UpstreamProtocolError | None:
+        """What the end of the connection means for an unfinished answer: the end of a
+        close-delimited body (None), or an error."""
+        if not self._got_bytes:
+            return UpstreamClosedEarly("upstream closed the connection")
+        if self._to_close:
+            self._done = True
+            return None
+        return UpstreamProtocolError("upstream answer cut short")
 
     def next_event(self) -> ResponseHead | bytes | None:
         """The answer's head, then body pieces, then ``b""`` (again on every later
@@ -339,11 +347,7 @@ class UpstreamWire:
 
     def on_body(self, piece: bytes) -> None:
         self._stall = 0
-        events = self._events
-        if events and isinstance(last := events[-1], bytes):
-            events[-1] = last + piece
-        else:
-            events.append(piece)
+        self._body.append(piece)  # joined into one event per receive_data
 
     def on_message_complete(self) -> None:
         self._stall = 0
