@@ -37,8 +37,7 @@ peers:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PKGS); \
 	fi
 
-test: venv peers
-	$(BIN)/ruff check proxy tests bench
+test: lint peers
 	$(BIN)/pytest -q
 
 # ruff on everything, mypy --strict on proxy/ (settings in pyproject.toml).

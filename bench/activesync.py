@@ -8,10 +8,11 @@ long-poll, for four set-ups measured in one run:
                 that does the same posture check per request) -> upstream
 
 Run: ``.venv/bin/python bench/activesync.py [--seconds 3] [--reps 5] [--conns 64]
-[--idle 500]`` (``make bench``). Everything runs on loopback without TLS, so the
-figures are the proxies' own HTTP and decision costs, not TLS. The upstream is a
-minimal asyncio/uvloop HTTP responder; the load generator keeps ``--conns`` keep-alive
-connections busy (one request in flight per connection).
+[--idle 500] [--tree NAME=DIR ...] [--only NAME,...]`` (``make bench``). Everything
+runs on loopback without TLS, so the figures are the proxies' own HTTP and decision
+costs, not TLS. The upstream is a minimal asyncio/uvloop HTTP responder; the load
+generator keeps ``--conns`` keep-alive connections busy (one request in flight per
+connection).
 
 Fairness: every proxy set-up runs on the same single CPU (``--proxy-cpu``, default
 the last one): mailward's one process; nginx's one worker; for nginx+auth the worker
@@ -35,6 +36,11 @@ The check service behind auth_request does per request what mailward does per
 device-session: parse the EAS query, look up the posture (SQLite store) and evaluate
 the policy. It writes no audit record (mailward writes one per device-session), which
 favours the nginx set-up.
+
+Revisions: each ``--tree NAME=DIR`` adds a set-up ``NAME``, mailward run from another
+source tree (``git archive REV | tar -x -C DIR``; its own ``bench/activesync.py``
+starts it), measured in the same interleaved rounds as this tree's ``mailward``: the
+same-run comparison "no slower than main" asks for. ``--only`` keeps the named set-ups.
 
 Idle long-polls: ``--idle`` clients each park a Ping (the upstream never answers); the
 figure is the growth of the proxy's resident memory (nginx: worker plus check
@@ -412,8 +418,8 @@ def run_idle(port: int, count: int, hold_s: float, pids: list[int]) -> None:
 # ------------------------------------------------------------------ orchestrator
 
 
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL)
+def _spawn(*args: str, script: str = __file__) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, script, *args], stdin=subprocess.DEVNULL)
 
 
 def _wait_port(port: int, timeout: float = 15) -> None:
@@ -457,6 +463,14 @@ def orchestrate(args: argparse.Namespace) -> None:
         procs.append(mw)
         _wait_port(ports["mw"], 60)
         setups["mailward"] = (ports["mw"], [mw.pid])
+        for name, tree in args.tree:
+            port = _free_port()
+            (tmp / name).mkdir()
+            other = _spawn("mailward", str(port), str(ports["up"]), str(tmp / name), str(seed),
+                           script=str(Path(tree) / "bench" / "activesync.py"))
+            procs.append(other)
+            _wait_port(port, 60)
+            setups[name] = (port, [other.pid])
 
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if Path(nginx).exists():
@@ -482,6 +496,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         else:
             print("nginx not found: skipping the nginx set-ups", file=sys.stderr)
 
+        if args.only:
+            setups = {k: v for k, v in setups.items() if k in args.only}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         names = list(setups)
         for r in range(args.reps):
@@ -497,6 +513,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             "rps": statistics.median(x["rps"] for x in rs),
             "rps_min": min(x["rps"] for x in rs), "rps_max": max(x["rps"] for x in rs),
             "per_cpu_s": statistics.median(x["per_cpu_s"] for x in rs),
+            "cpu_min": min(x["per_cpu_s"] for x in rs), "cpu_max": max(x["per_cpu_s"] for x in rs),
             "bad": sum(x["bad"] for x in rs),
         } for name, rs in runs.items()}
         for name in setups:
@@ -517,11 +534,12 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> N
           f"{args.seconds:g} s per run after 1 s warm-up, median of {args.reps} interleaved "
           f"rounds, {DEVICES} devices; {args.idle} idle Pings (plain HTTP on loopback; "
           f"{os.cpu_count()} CPUs, each proxy set-up pinned to CPU {args.proxy_cpu})")
-    print(f"{'set-up':<12} {'req/s':>9} {'(min-max)':>15} {'req/CPU-s':>10} {'errors':>7} "
-          f"{'KiB/idle long-poll':>19}")
+    print(f"{'set-up':<12} {'req/s':>9} {'(min-max)':>15} {'req/CPU-s':>10} {'(min-max)':>15} "
+          f"{'errors':>7} {'KiB/idle long-poll':>19}")
     for name, r in results.items():
         span = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
-        print(f"{name:<12} {r['rps']:>9.0f} {span:>15} {r['per_cpu_s']:>10.0f} "
+        cpu_span = f"{r['cpu_min']:.0f}-{r['cpu_max']:.0f}"
+        print(f"{name:<12} {r['rps']:>9.0f} {span:>15} {r['per_cpu_s']:>10.0f} {cpu_span:>15} "
               f"{int(r['bad']):>7} {r['kib_per_longpoll']:>19.1f}")
     mw = results.get("mailward")
     if mw:
@@ -564,7 +582,18 @@ def main() -> None:
     ap.add_argument("--proxy-cpu", type=int, default=(os.cpu_count() or 1) - 1,
                     help="the one CPU every proxy set-up runs on")
     ap.add_argument("--idle", type=int, default=500)
+    ap.add_argument("--tree", type=_tree, action="append", default=[], metavar="NAME=DIR",
+                    help="also measure mailward from another source tree")
+    ap.add_argument("--only", type=lambda v: set(v.split(",")), default=None,
+                    metavar="NAME,...", help="measure only these set-ups")
     orchestrate(ap.parse_args())
+
+
+def _tree(value: str) -> tuple[str, str]:
+    name, sep, tree = value.partition("=")
+    if not sep or not (Path(tree) / "bench" / "activesync.py").is_file():
+        raise argparse.ArgumentTypeError("NAME=DIR, DIR a source tree with bench/activesync.py")
+    return name, tree
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -468,21 +469,28 @@ async def fetch_then_idle_again(sessions: list[Any], concurrency: int = 8) -> No
 # ------------------------------------------------------------------------------- main
 
 
-async def main(args: argparse.Namespace) -> None:
-    from peers.dovecot import Dovecot, make_message
+@dataclass
+class Targets:
+    """The running helper processes and the ports the measurements use."""
 
+    procs: list[subprocess.Popen[Any]]
+    mailward_pid: int
+    ports: dict[str, int]  # mailward's listeners by name
+    fake_port: int  # the plain fake upstream (the uvloop TLS reference splices to it)
+    logins: dict[str, int]  # targets of the login and FETCH benchmarks
+    cpu_pids: dict[str, tuple[int, ...]]  # whose CPU counts for each target
+
+
+async def _prepare(work: Path) -> ssl.SSLContext:
+    """Certificates, the bench device and its posture; returns the client context."""
     from proxy.pki import certs_init, enroll_device
     from proxy.posture import App, Posture
     from proxy.posture.sqlite import SqlitePostureStore
 
-    if os.geteuid() != 0 or not shutil.which("dovecot"):
-        sys.exit("bench/imap.py needs root and dovecot (Debian dovecot-imapd)")
-    have_nginx = shutil.which("nginx") is not None and Path(NGINX_MODULE).exists()
-    work = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
-    work.chmod(0o755)
     certs = work / "certs"
     certs_init(certs)
-    enroll_device(device_ca_cert=certs / "device-ca.pem", device_ca_key=certs / "device-ca.key",
+    enroll_device(device_ca_cert=certs / "device-ca.pem",
+                  device_ca_key=certs / "offline" / "device-ca.key",
                   device_id=DEVICE, user=USER, out_dir=certs / "devices" / DEVICE)
     now = int(time.time())
     store = SqlitePostureStore(work / "posture.db")
@@ -490,142 +498,175 @@ async def main(args: argparse.Namespace) -> None:
         DEVICE, USER, "android", "14", True, (App("com.example.notes", "1", "Notes"),),
         now, now + 86400, uuid.uuid4().hex, "bench", "device"), None, now)
     await store.close()
-
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     ctx.load_cert_chain(certs / "devices" / DEVICE / "device.pem",
                         certs / "devices" / DEVICE / "device.key")
+    return ctx
 
+
+def _start_targets(work: Path, dv: Any, procs: list[subprocess.Popen[Any]]) -> Targets:
+    """The fake upstreams, mailward's listeners and, when installed, nginx."""
+    fake, fake_ports = _spawn("fake-upstream")
+    procs.append(fake)
+    fake_tls, fake_tls_ports = _spawn("fake-upstream", str(work / "certs"))
+    procs.append(fake_tls)
+    mw, ports = _spawn("mailward", str(work), json.dumps({
+        "mailward": f"implicit=127.0.0.1:{dv.port_tls}",
+        "mailward-plain": f"none=127.0.0.1:{dv.port_plain}",
+        "mailward-cleartext": f"none+cleartext=127.0.0.1:{dv.port_plain}",
+        "idle": f"none=127.0.0.1:{fake_ports['port']}",
+        "idle-tls": f"implicit=127.0.0.1:{fake_tls_ports['port']}",
+    }))
+    procs.append(mw)
+    targets = Targets(procs, mw.pid, ports, fake_ports["port"],
+                      {"direct": dv.port_tls, "mailward": ports["mailward"],
+                       "mailward-plain": ports["mailward-plain"]},
+                      {"mailward": (mw.pid,), "mailward-plain": (mw.pid,)})
+    if shutil.which("nginx") is not None and Path(NGINX_MODULE).exists():
+        auth, auth_port = _spawn("auth-http", str(work), str(dv.port_plain))
+        procs.append(auth)
+        ngx, ngx_port = _start_nginx(work, auth_port["port"])
+        procs.append(ngx)
+        targets.logins["nginx+auth_http"] = ngx_port
+        targets.cpu_pids["nginx+auth_http"] = tuple(_children(ngx.pid))
+    else:
+        print("nginx or its mail module missing: skipping the nginx comparison")
+    return targets
+
+
+async def measure_throughput(
+    t: Targets, ctx: ssl.SSLContext, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Logins/s and best FETCH MB/s per target, and CPU-s per GB spliced."""
+    logins: dict[str, float] = {}
+    fetch: dict[str, float] = {}
+    print(f"{'target':<18}{'logins/s':>10}{'FETCH MB/s':>12}")
+    cpu: dict[str, list[float]] = {}
+
+    async def fetches(name: str, port: int, client: ssl.SSLContext | None) -> float:
+        best = 0.0
+        for _ in range(args.fetches):
+            mbps, n, c = await bench_fetch(port, client, t.cpu_pids.get(name, ()))
+            totals = cpu.setdefault(name, [0.0, 0.0])
+            totals[0] += c
+            totals[1] += n
+            best = max(best, mbps)
+        return best
+
+    for name, port in t.logins.items():
+        logins[name] = await bench_logins(port, ctx, args.seconds)
+        fetch[name] = await fetches(name, port, ctx)
+        print(f"{name:<18}{logins[name]:>10.0f}{fetch[name]:>12.1f}", flush=True)
+    # No TLS on either side: what the kernel (loopback TCP, both socket ends) and
+    # Python cost per GB, without OpenSSL. Not a deployment, a floor.
+    t.cpu_pids["mailward-cleartext"] = (t.mailward_pid,)
+    clear = await fetches("mailward-cleartext", t.ports["mailward-cleartext"], None)
+    print(f"{'mailward-cleartext':<18}{'':>10}{clear:>12.1f}  (no TLS either side)")
+    cpu_per_gb = {name: c[0] / (c[1] / 1e9) for name, c in cpu.items() if name in t.cpu_pids}
+    return logins, fetch, cpu_per_gb
+
+
+async def measure_memory(
+    t: Targets, ctx: ssl.SSLContext, work: Path, sessions: int
+) -> dict[str, float]:
+    """Bytes per idle session, and kept after a burst, per listener (see the module
+    docstring): RSS growth of the serving process between two batches of idle
+    sessions, after a warm-up batch that is opened and closed first, so one-off
+    allocations (caches, the first TLS contexts, heap growth for handshakes) do not
+    count."""
+    memory: dict[str, float] = {}
+    ref, ref_ports = _spawn("loop-tls-splice", str(work / "certs"), str(t.fake_port))
+    t.procs.append(ref)
+    half = sessions // 2
+    for name, port, pid in (("idle", t.ports["idle"], t.mailward_pid),
+                            ("idle-tls", t.ports["idle-tls"], t.mailward_pid),
+                            ("loop-tls", ref_ports["port"], ref.pid)):
+        warm = await open_idle_sessions(port, ctx, 200)
+        for _, w in warm:
+            w.close()
+        await asyncio.sleep(1)
+        first = await open_idle_sessions(port, ctx, half)
+        await asyncio.sleep(1)
+        base = _rss_bytes(pid)
+        second = await open_idle_sessions(port, ctx, sessions - half)
+        await asyncio.sleep(1)
+        memory[name] = (_rss_bytes(pid) - base) / len(second)
+        if name != "idle-tls":
+            # What a session keeps after carrying a burst: RSS growth once every
+            # session of the second batch has fetched 1 MiB (8 at a time) and is
+            # idle again, per session.
+            base = _rss_bytes(pid)
+            await fetch_then_idle_again(second)
+            await asyncio.sleep(1)
+            memory[f"{name}-after-burst"] = (_rss_bytes(pid) - base) / len(second)
+        for _, w in first + second:
+            w.close()
+        await asyncio.sleep(2)
+    return memory
+
+
+async def report(t: Targets, ctx: ssl.SSLContext, sessions: int, logins: dict[str, float],
+                 fetch: dict[str, float], cpu_per_gb: dict[str, float],
+                 memory: dict[str, float]) -> None:
+    """Print CPU, memory, the TLS floor measured now, and the ratios to the targets."""
+    print()
+    for name, v in cpu_per_gb.items():
+        print(f"{name} CPU per GB spliced (FETCH only): {v:.2f} CPU-s/GB")
+    print(f"mailward memory per idle IDLE TLS session, plain upstream "
+          f"({sessions} sessions): {memory['idle'] / 1024:.1f} KiB")
+    print(f"mailward memory per idle IDLE TLS session, TLS upstream "
+          f"({sessions} sessions): {memory['idle-tls'] / 1024:.1f} KiB")
+    print(f"mailward memory kept per idle session after each fetched "
+          f"{BURST_BYTES >> 10} KiB, plain upstream ({sessions - sessions // 2} sessions): "
+          f"{memory['idle-after-burst'] / 1024:+.1f} KiB")
+    print(f"reference, uvloop's own TLS transport spliced to the plain upstream: "
+          f"{memory['loop-tls'] / 1024:.1f} KiB per idle session, then "
+          f"{memory['loop-tls-after-burst'] / 1024:+.1f} KiB kept after each fetched "
+          f"{BURST_BYTES >> 10} KiB")
+    # The floor for a TLS proxy on this machine, measured now: the cleartext splice
+    # (kernel TCP work on loopback, both socket ends) plus the AEAD of each TLS side.
+    _, probe = await _login(t.ports["mailward"], ctx)
+    cipher = probe.get_extra_info("cipher")[0]
+    probe.close()
+    seal = aead_seal_cpu_per_gb(cipher)
+    clear_cpu = cpu_per_gb["mailward-cleartext"]
+    print(f"{cipher} seal (one TLS side, no I/O): {seal:.2f} CPU-s/GB; floor with TLS "
+          f"to the client only: {clear_cpu + seal:.2f}, with TLS both sides: "
+          f"{clear_cpu + 2 * seal:.2f} (cleartext splice + AEAD per side)")
+    print()
+    print("ratios (targets from issue 4):")
+    if "nginx+auth_http" in logins:
+        for name in ("mailward", "mailward-plain"):
+            r = logins[name] / logins["nginx+auth_http"]
+            print(f"  logins/s {name} / nginx+auth_http = {r:.2f}  (target >= 1.0)")
+    for name in ("mailward", "mailward-plain"):
+        print(f"  FETCH {name} / direct = {fetch[name] / fetch['direct']:.2f}  (target >= 0.8)")
+    for name, v in cpu_per_gb.items():
+        if name.startswith("mailward"):
+            print(f"  CPU-s per GB {name} = {v:.2f}  (target <= 0.4)")
+    print(f"  KiB per idle TLS session = {memory['idle'] / 1024:.1f}  (target <= 32)")
+
+
+async def main(args: argparse.Namespace) -> None:
+    from peers.dovecot import Dovecot, make_message
+
+    if os.geteuid() != 0 or not shutil.which("dovecot"):
+        sys.exit("bench/imap.py needs root and dovecot (Debian dovecot-imapd)")
+    work = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
+    work.chmod(0o755)
+    ctx = await _prepare(work)
     procs: list[subprocess.Popen[Any]] = []
-    dv = Dovecot(certs / "server.pem", certs / "server.key", {USER: PASSWORD},
-                 workdir=work / "dovecot", performance=True)
+    dv = Dovecot(work / "certs" / "server.pem", work / "certs" / "server.key",
+                 {USER: PASSWORD}, workdir=work / "dovecot", performance=True)
     try:
         dv.start()
         count = args.mailbox_mb * 1024 * 1024 // MESSAGE_BYTES
         dv.deliver(USER, [make_message(i, MESSAGE_BYTES) for i in range(count)])
-        fake, fake_ports = _spawn("fake-upstream")
-        procs.append(fake)
-        fake_tls, fake_tls_ports = _spawn("fake-upstream", str(certs))
-        procs.append(fake_tls)
-        mw, ports = _spawn("mailward", str(work), json.dumps({
-            "mailward": f"implicit=127.0.0.1:{dv.port_tls}",
-            "mailward-plain": f"none=127.0.0.1:{dv.port_plain}",
-            "mailward-cleartext": f"none+cleartext=127.0.0.1:{dv.port_plain}",
-            "idle": f"none=127.0.0.1:{fake_ports['port']}",
-            "idle-tls": f"implicit=127.0.0.1:{fake_tls_ports['port']}",
-        }))
-        procs.append(mw)
-        targets = {"direct": dv.port_tls, "mailward": ports["mailward"],
-                   "mailward-plain": ports["mailward-plain"]}
-        cpu_pids: dict[str, tuple[int, ...]] = {"mailward": (mw.pid,),
-                                                "mailward-plain": (mw.pid,)}
-        if have_nginx:
-            auth, auth_port = _spawn("auth-http", str(work), str(dv.port_plain))
-            procs.append(auth)
-            ngx, ngx_port = _start_nginx(work, auth_port["port"])
-            procs.append(ngx)
-            targets["nginx+auth_http"] = ngx_port
-            cpu_pids["nginx+auth_http"] = tuple(_children(ngx.pid))
-        else:
-            print("nginx or its mail module missing: skipping the nginx comparison")
-
+        targets = _start_targets(work, dv, procs)
         await bench_fetch(dv.port_tls, ctx)  # warm Dovecot's index and page cache
-        logins: dict[str, float] = {}
-        fetch: dict[str, float] = {}
-        print(f"{'target':<18}{'logins/s':>10}{'FETCH MB/s':>12}")
-        cpu: dict[str, list[float]] = {}
-
-        async def fetches(name: str, port: int, client: ssl.SSLContext | None) -> float:
-            best = 0.0
-            for _ in range(args.fetches):
-                mbps, n, c = await bench_fetch(port, client, cpu_pids.get(name, ()))
-                totals = cpu.setdefault(name, [0.0, 0.0])
-                totals[0] += c
-                totals[1] += n
-                best = max(best, mbps)
-            return best
-
-        for name, port in targets.items():
-            logins[name] = await bench_logins(port, ctx, args.seconds)
-            fetch[name] = await fetches(name, port, ctx)
-            print(f"{name:<18}{logins[name]:>10.0f}{fetch[name]:>12.1f}", flush=True)
-        # No TLS on either side: what the kernel (loopback TCP, both socket ends) and
-        # Python cost per GB, without OpenSSL. Not a deployment, a floor.
-        cpu_pids["mailward-cleartext"] = (mw.pid,)
-        clear = await fetches("mailward-cleartext", ports["mailward-cleartext"], None)
-        print(f"{'mailward-cleartext':<18}{'':>10}{clear:>12.1f}  (no TLS either side)")
-        cpu_per_gb = {name: c[0] / (c[1] / 1e9) for name, c in cpu.items()
-                      if name in cpu_pids}
-
-        # Memory per idle session: RSS growth of the mailward process (its upstream
-        # connections included, the upstream server's memory not) between two batches
-        # of idle sessions, after a warm-up batch that is opened and closed first, so
-        # one-off allocations (caches, the first TLS contexts, heap growth for
-        # handshakes) do not count.
-        memory: dict[str, float] = {}
-        ref, ref_ports = _spawn("loop-tls-splice", str(certs), str(fake_ports["port"]))
-        procs.append(ref)
-        half = args.sessions // 2
-        for name, port, pid in (("idle", ports["idle"], mw.pid),
-                                ("idle-tls", ports["idle-tls"], mw.pid),
-                                ("loop-tls", ref_ports["port"], ref.pid)):
-            warm = await open_idle_sessions(port, ctx, 200)
-            for _, w in warm:
-                w.close()
-            await asyncio.sleep(1)
-            first = await open_idle_sessions(port, ctx, half)
-            await asyncio.sleep(1)
-            base = _rss_bytes(pid)
-            second = await open_idle_sessions(port, ctx, args.sessions - half)
-            await asyncio.sleep(1)
-            memory[name] = (_rss_bytes(pid) - base) / len(second)
-            if name != "idle-tls":
-                # What a session keeps after carrying a burst: RSS growth once every
-                # session of the second batch has fetched 1 MiB (8 at a time) and is
-                # idle again, per session.
-                base = _rss_bytes(pid)
-                await fetch_then_idle_again(second)
-                await asyncio.sleep(1)
-                memory[f"{name}-after-burst"] = (_rss_bytes(pid) - base) / len(second)
-            for _, w in first + second:
-                w.close()
-            await asyncio.sleep(2)
-
-        print()
-        for name, v in cpu_per_gb.items():
-            print(f"{name} CPU per GB spliced (FETCH only): {v:.2f} CPU-s/GB")
-        print(f"mailward memory per idle IDLE TLS session, plain upstream "
-              f"({args.sessions} sessions): {memory['idle'] / 1024:.1f} KiB")
-        print(f"mailward memory per idle IDLE TLS session, TLS upstream "
-              f"({args.sessions} sessions): {memory['idle-tls'] / 1024:.1f} KiB")
-        print(f"mailward memory kept per idle session after each fetched "
-              f"{BURST_BYTES >> 10} KiB, plain upstream ({args.sessions - half} sessions): "
-              f"{memory['idle-after-burst'] / 1024:+.1f} KiB")
-        print(f"reference, uvloop's own TLS transport spliced to the plain upstream: "
-              f"{memory['loop-tls'] / 1024:.1f} KiB per idle session, then "
-              f"{memory['loop-tls-after-burst'] / 1024:+.1f} KiB kept after each fetched "
-              f"{BURST_BYTES >> 10} KiB")
-        # The floor for a TLS proxy on this machine, measured now: the cleartext splice
-        # (kernel TCP work on loopback, both socket ends) plus the AEAD of each TLS side.
-        _, probe = await _login(ports["mailward"], ctx)
-        cipher = probe.get_extra_info("cipher")[0]
-        probe.close()
-        seal = aead_seal_cpu_per_gb(cipher)
-        clear_cpu = cpu_per_gb["mailward-cleartext"]
-        print(f"{cipher} seal (one TLS side, no I/O): {seal:.2f} CPU-s/GB; floor with TLS "
-              f"to the client only: {clear_cpu + seal:.2f}, with TLS both sides: "
-              f"{clear_cpu + 2 * seal:.2f} (cleartext splice + AEAD per side)")
-        print()
-        print("ratios (targets from issue 4):")
-        if "nginx+auth_http" in logins:
-            for name in ("mailward", "mailward-plain"):
-                r = logins[name] / logins["nginx+auth_http"]
-                print(f"  logins/s {name} / nginx+auth_http = {r:.2f}  (target >= 1.0)")
-        for name in ("mailward", "mailward-plain"):
-            print(f"  FETCH {name} / direct = {fetch[name] / fetch['direct']:.2f}  (target >= 0.8)")
-        for name, v in cpu_per_gb.items():
-            if name.startswith("mailward"):
-                print(f"  CPU-s per GB {name} = {v:.2f}  (target <= 0.4)")
-        print(f"  KiB per idle TLS session = {memory['idle'] / 1024:.1f}  (target <= 32)")
+        logins, fetch, cpu_per_gb = await measure_throughput(targets, ctx, args)
+        memory = await measure_memory(targets, ctx, work, args.sessions)
+        await report(targets, ctx, args.sessions, logins, fetch, cpu_per_gb, memory)
     finally:
         for p in procs:
             if p.stdin:

@@ -146,7 +146,7 @@ async def bench(args: argparse.Namespace) -> None:
     pki = tmp / "pki"
     certs_init(pki)
     device = enroll_device(device_ca_cert=pki / "device-ca.pem",
-                           device_ca_key=pki / "device-ca.key", device_id="bench-phone",
+                           device_ca_key=pki / "offline" / "device-ca.key", device_id="bench-phone",
                            user=USER, out_dir=pki / "devices" / "bench-phone")
     key_path, cert_path = device
     postfix = await asyncio.to_thread(PostfixSubmission.start)

@@ -8,9 +8,16 @@ drive it without a server; :func:`start_api` binds it.
 Endpoints
 ---------
 ``POST /v1/attestations``   body = one JWS, ``Content-Type: application/jose``.
-                            201 ``{"device_id", "compliant", "violations"}``.
+                            201 ``{"device_id", "device", "compliant", "violations",
+                            "source", "posture"}``: the posture now *in force* for the
+                            device (the MDM's when there is one; ``source`` is its
+                            authority) and its evaluation, not just the report received.
 ``GET  /v1/challenge``      a single-use nonce for reports, with its expiry.
 ``GET  /v1/devices/{id}``   latest posture summary, current evaluation (admin).
+``POST /v1/devices/{id}/revoke``  revoke a device (admin; body ``{"why": TEXT}``
+                            optional): refused everywhere, live sessions end; an id
+                            never seen is revoked in advance. A ``device_revoked``
+                            record with ``actor`` = ``admin``.
 ``POST /v1/explain``        what-if evaluation against the current policy (admin);
                             no posture is stored; the question is an ``explain``
                             audit record.
@@ -24,10 +31,12 @@ refusals use the stable reason codes of ``proxy.attestation``, mapped to HTTP st
 ==================================================================  ======
 ``too_large`` (report over 256 KiB, or body over the API limit)     413
 ``replay`` (jti seen before)                                        409
+``revoked`` (the device or the signing certificate), and            403
+``device_reports_disabled`` (device-signed reports not accepted)
 ``malformed``, ``alg_not_allowed`` (cannot be processed at all)     400
 ``bad_signature``, ``untrusted_chain``, ``device_mismatch``,        422
-``expired``, ``not_yet_valid``, ``bad_nonce`` (well-formed but
-refused on its merits)
+``expired``, ``not_yet_valid``, ``bad_nonce``, ``platform_mismatch``,
+``user_mismatch`` (well-formed but refused on its merits)
 wrong Content-Type                                                  415
 posture store unavailable                                           503
 ==================================================================  ======
@@ -61,6 +70,7 @@ from proxy.gate import (
     Origin,
     ReportSource,
 )
+from proxy.ids import DEVICE_ID_RE
 from proxy.oplog import get_logger
 from proxy.policy import Decision, Policy
 from proxy.posture import App, Posture, PostureStore
@@ -86,6 +96,10 @@ ATTESTATION_STATUS: Final[dict[str, int]] = {
     "expired": 422,
     "not_yet_valid": 422,
     "bad_nonce": 422,
+    "platform_mismatch": 422,
+    "user_mismatch": 422,
+    "revoked": 403,
+    "device_reports_disabled": 403,
 }
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +113,7 @@ class ApiState:
     max_body_bytes: int
     audit: AuditSink
     clock: Callable[[], float]
+    degraded: Callable[[], list[str]]
 
 
 _CFG: Final = web.AppKey("mailward_api", ApiState)
@@ -159,9 +174,11 @@ def make_app(
     readiness: Callable[[], dict[str, bool]] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     clock: Callable[[], float] = time.time,
+    degraded: Callable[[], list[str]] | None = None,
 ) -> web.Application:
     """Build the API application. Pass ``verifier`` or ``verifier_factory`` (the latter
-    lets the server swap trust anchors on reload)."""
+    lets the server swap trust anchors on reload). ``degraded`` names what
+    ``/readyz`` reports as degraded without failing (a CRL past nextUpdate)."""
     if verifier_factory is None:
         if verifier is None:
             raise ValueError("make_app needs verifier or verifier_factory")
@@ -172,13 +189,15 @@ def make_app(
         if not admin_token:
             admin_token = None  # an empty token file must not mean "no password"
     state = ApiState(gate, store, verifier_factory, policy, admin_token,
-                     readiness or (lambda: {}), max_body_bytes, audit, clock)
+                     readiness or (lambda: {}), max_body_bytes, audit, clock,
+                     degraded or (lambda: []))
     # client_max_size bounds every body read through aiohttp (JSON endpoints).
     app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
     app[_CFG] = state
     app.router.add_post("/v1/attestations", _attestations)
     app.router.add_get("/v1/challenge", _challenge)
     app.router.add_get("/v1/devices/{device_id}", _device)
+    app.router.add_post("/v1/devices/{device_id}/revoke", _revoke)
     app.router.add_post("/v1/explain", _explain)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -223,12 +242,22 @@ async def _attestations(request: web.Request) -> web.Response:
         raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
                        {"Retry-After": "30"}) from None
     # Records it and ends the device's live sessions it no longer allows.
-    decision = await st.gate.attest(source, posture)
+    decision, in_force = await st.gate.attest_report(source, posture)
     return web.json_response(
         {
             "device_id": posture.device_id,
+            "device": st.gate.trust.resolve(posture.device_id),
             "compliant": decision.allow,
             "violations": [r.to_dict() for r in decision.reasons],
+            "source": in_force.authority,
+            "posture": {
+                "source": in_force.authority,
+                "attested_by": in_force.attested_by,
+                "platform": in_force.platform,
+                "iat": in_force.iat,
+                "posture_sha256": in_force.sha256,
+            },
+            "received": {"source": posture.authority, "posture_sha256": posture.sha256},
         },
         status=201,
     )
@@ -326,6 +355,32 @@ async def _device(request: web.Request) -> web.Response:
             ],
         }
     )
+
+
+async def _revoke(request: web.Request) -> web.Response:
+    """Revoke a device through the gate (which records ``device_revoked`` and ends
+    its live sessions). Ids never seen may be revoked in advance."""
+    _require_admin(request)
+    st = _state(request)
+    device_id = request.match_info["device_id"]
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise ApiError(400, "malformed", "The device id is not valid.")
+    why: object = ""
+    if request.can_read_body:
+        try:
+            doc = await request.json()
+        except ValueError:
+            raise ApiError(400, "malformed", "The body is not JSON.") from None
+        why = doc.get("why", "") if isinstance(doc, dict) else None
+        if not isinstance(why, str) or len(why) > 1024:
+            raise ApiError(400, "malformed", "why must be a string.")
+    try:
+        device = await st.gate.revoke(device_id, why=str(why), actor="admin", via="api")
+    except Exception as e:
+        log.error("posture store unavailable for revoke", error=str(e))
+        raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
+                       {"Retry-After": "30"}) from None
+    return web.json_response({"device_id": device_id, "device": device, "revoked": True})
 
 
 async def _explain(request: web.Request) -> web.Response:
@@ -433,7 +488,10 @@ async def _readyz(request: web.Request) -> web.Response:
     if healthy is not None:
         checks.setdefault("audit_writable", bool(healthy() if callable(healthy) else healthy))
     ready = all(checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    # Degraded is not unready: one external blip must not pull every instance out of
+    # the load balancer at once (DESIGN "Health").
+    return web.json_response({"ready": ready, "checks": checks, "degraded": st.degraded()},
+                             status=200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -14,12 +14,23 @@ the first failure with a stable reason code:
 5. chain      -- the leaf chains to the configured device CA bundle (never to anything
                  in ``x5c``), is valid now and has the digitalSignature key usage
                  (``untrusted_chain``). Successful results are cached per chain;
+   A signing certificate on a configured CRL is ``revoked``;
 6. claims     -- types and formats (``malformed``), device binding (``device_mismatch``),
-                 times (``expired``, ``not_yet_valid``), nonce presence (``bad_nonce``).
+                 device reports allowed at all (``device_reports_disabled`` under
+                 ``[trust] device_reports = "deny"``), the device certificate's rfc822
+                 user (``user_mismatch``), times (``expired``, ``not_yet_valid``: ``iat``
+                 more than 60 s ahead), nonce presence (``bad_nonce``).
 
-Replay and nonce consumption come last and need the store: :func:`ingest` verifies and
-then commits atomically through :meth:`PostureStore.commit_attestation`, so a refused
-report changes nothing and does not use up its ``jti``.
+Revocation of the device (``revoked``), the platform rule (``platform_mismatch``: a
+device's own report may not change the platform its MDM posture or first report
+gave), replay (per issuer: the signing certificate's SHA-256 plus ``jti``) and nonce
+consumption come last and need the store: :func:`ingest` verifies and then commits
+atomically through :meth:`PostureStore.commit_attestation`, so a refused report
+changes nothing and does not use up its ``jti``.
+
+A verified report's :class:`~proxy.posture.Posture` names its authority
+(``source``): ``device`` for a device certificate, ``attester:<first 8 hex of the
+attester certificate's SHA-256>`` for an MDM attester.
 """
 
 from __future__ import annotations
@@ -50,8 +61,9 @@ from cryptography.x509.verification import (
 )
 from jwt.algorithms import get_default_algorithms
 
+from proxy.crl import CrlSet
 from proxy.ids import DEVICE_ID_RE, USER_RE, device_uri
-from proxy.posture import PLATFORMS, App, Posture, PostureStore
+from proxy.posture import DEVICE_AUTHORITY, PLATFORMS, App, Posture, PostureStore
 
 MAX_REPORT_BYTES: Final = 256 * 1024
 MAX_APPS: Final = 5000
@@ -71,6 +83,10 @@ ReasonCode = Literal[
     "not_yet_valid",
     "bad_nonce",
     "replay",
+    "revoked",
+    "platform_mismatch",
+    "user_mismatch",
+    "device_reports_disabled",
 ]
 REASON_CODES: Final[tuple[ReasonCode, ...]] = get_args(ReasonCode)
 TOO_LARGE: Final = "too_large"
@@ -83,6 +99,12 @@ EXPIRED: Final = "expired"
 NOT_YET_VALID: Final = "not_yet_valid"
 BAD_NONCE: Final = "bad_nonce"
 REPLAY: Final = "replay"
+REVOKED: Final = "revoked"
+PLATFORM_MISMATCH: Final = "platform_mismatch"
+USER_MISMATCH: Final = "user_mismatch"
+DEVICE_REPORTS_DISABLED: Final = "device_reports_disabled"
+#: How far ``iat`` may be ahead of the clock (DESIGN: 60 s; ``exp`` gets the full skew).
+IAT_AHEAD_S: Final = 60
 
 _B64URL_RE: Final = re.compile(rb"[A-Za-z0-9_-]*")
 # Strings from reports end up in logs and protocol replies: no control characters.
@@ -124,6 +146,10 @@ class _Signer:
     device_uris: frozenset[str]
     valid_from: float
     valid_until: float
+    users: frozenset[str] = frozenset()  # rfc822 SANs, lower-cased
+    fingerprint: str = ""  # SHA-256 hex of the leaf: the jti issuer
+    serial: int = 0
+    issuer: bytes = b""  # DER of the leaf's issuer name (for CRLs)
 
 
 def _fingerprint(der: bytes) -> bytes:
@@ -168,7 +194,11 @@ class Verifier:
         attesters: Sequence[x509.Certificate] = (),
         *,
         skew_s: float = CLOCK_SKEW_S,
+        device_reports: bool = True,
+        crl: CrlSet | None = None,
     ) -> None:
+        """``device_reports`` False refuses reports signed by device certificates
+        (``[trust] device_reports = "deny"``); ``crl`` lists revoked signers."""
         if not device_ca:
             raise ValueError("the device CA bundle holds no certificates")
         self._anchors = list(device_ca)
@@ -183,6 +213,24 @@ class Verifier:
         self.skew_s = skew_s
         self._cache: OrderedDict[tuple[bytes, ...], _Signer] = OrderedDict()
         self._client_verifier: tuple[int, ClientVerifier] | None = None
+        self.device_reports = device_reports
+        self.crl = crl
+
+    @property
+    def anchors(self) -> list[x509.Certificate]:
+        """The device CA bundle (CRLs are checked against it)."""
+        return list(self._anchors)
+
+    def forget_device(self, device: str) -> int:
+        """Drop cached chain verifications of certificates naming ``device``
+        (compared case-insensitively): after a revocation, nothing of it is trusted
+        from memory. Returns how many were dropped."""
+        uri = device_uri(device).lower()
+        stale = [k for k, s in self._cache.items()
+                 if any(u.lower() == uri for u in s.device_uris)]
+        for k in stale:
+            del self._cache[k]
+        return len(stale)
 
     @classmethod
     def from_files(
@@ -191,13 +239,16 @@ class Verifier:
         attester_paths: Sequence[Path | str] = (),
         *,
         skew_s: float = CLOCK_SKEW_S,
+        device_reports: bool = True,
+        crl_paths: Sequence[Path] = (),
     ) -> Verifier:
         """Load the device CA bundle and attester certificates (the first certificate of
-        each attester file is the attester; the rest is its chain). Raises ValueError
-        or OSError naming the file."""
+        each attester file is the attester; the rest is its chain) and the CRLs.
+        Raises ValueError or OSError naming the file."""
         anchors = _load_pem(Path(device_ca_path))
         attesters = [_load_pem(Path(p))[0] for p in attester_paths]
-        return cls(anchors, attesters, skew_s=skew_s)
+        crl = CrlSet(list(crl_paths), anchors) if crl_paths else None
+        return cls(anchors, attesters, skew_s=skew_s, device_reports=device_reports, crl=crl)
 
     # ---------------------------------------------------------------- verification
 
@@ -221,6 +272,13 @@ class Verifier:
         if signer is None:
             assert certs is not None
             signer = self._verify_chain(certs, key, now)
+        if self.crl:
+            status = self.crl.check(signer.issuer, signer.serial, now)
+            if status == "revoked":
+                _refuse(REVOKED, "the signing certificate is revoked (CRL).")
+            if status == "stale":
+                _refuse(UNTRUSTED_CHAIN, "the CRL for the signing certificate is past its "
+                        "nextUpdate; it cannot be checked.")
         return self._check_claims(claims, signer, now, max_age_s, require_nonce)
 
     def _cached(self, key: tuple[bytes, ...], now: float) -> _Signer | None:
@@ -265,12 +323,12 @@ class Verifier:
             verified = self._verifier_at(now).verify(leaf, intermediates)
             usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
             digital_signature = usage.digital_signature
-            uris = frozenset(
-                uri
-                for ext in leaf.extensions
-                if isinstance(ext.value, x509.SubjectAlternativeName)
-                for uri in ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-            )
+            sans = [ext.value for ext in leaf.extensions
+                    if isinstance(ext.value, x509.SubjectAlternativeName)]
+            uris = frozenset(u for san in sans
+                             for u in san.get_values_for_type(x509.UniformResourceIdentifier))
+            users = frozenset(m.lower() for san in sans
+                              for m in san.get_values_for_type(x509.RFC822Name))
         except x509.ExtensionNotFound:
             _refuse(UNTRUSTED_CHAIN, "the signing certificate has no key usage extension.")
         except Exception:  # VerificationError, or malformed extensions in hostile input
@@ -288,6 +346,10 @@ class Verifier:
             device_uris=uris,
             valid_from=max(c.not_valid_before_utc for c in verified.chain).timestamp(),
             valid_until=min(c.not_valid_after_utc for c in verified.chain).timestamp(),
+            users=users,
+            fingerprint=key[0].hex(),
+            serial=leaf.serial_number,
+            issuer=leaf.issuer.public_bytes(),
         )
         self._cache[key] = signer
         if len(self._cache) > self.CACHE_SIZE:
@@ -311,7 +373,13 @@ class Verifier:
                 "the signing certificate is neither an MDM attester nor "
                 "the certificate of the reported device.",
             )
-        if p.iat > now + self.skew_s:
+        if signer.attester is None and not self.device_reports:
+            _refuse(DEVICE_REPORTS_DISABLED, "reports signed by a device certificate are not "
+                    "accepted here; the device management service reports posture.")
+        if signer.attester is None and signer.users and p.user not in signer.users:
+            _refuse(USER_MISMATCH, "the report names another user than the device "
+                    "certificate.")
+        if p.iat > now + min(self.skew_s, IAT_AHEAD_S):
             _refuse(NOT_YET_VALID, "the report was issued in the future (check the clock).")
         if now > p.exp + self.skew_s:
             _refuse(EXPIRED, "the report has expired.")
@@ -321,8 +389,12 @@ class Verifier:
             _refuse(EXPIRED, "the report lifetime (exp - iat) exceeds the maximum posture age.")
         if require_nonce and p.nonce is None:
             _refuse(BAD_NONCE, "the policy requires a nonce from /v1/challenge.")
-        attested_by = "device" if signer.attester is None else f"mdm:{signer.attester}"
-        return dataclasses.replace(p, attested_by=attested_by, received_at=now)
+        if signer.attester is None:
+            attested_by, source = "device", DEVICE_AUTHORITY
+        else:
+            attested_by, source = f"mdm:{signer.attester}", f"attester:{signer.fingerprint[:8]}"
+        return dataclasses.replace(p, attested_by=attested_by, received_at=now, source=source,
+                                   signer=signer.fingerprint)
 
 
 def _well_formed(c: dict[str, Any]) -> Posture:
@@ -488,4 +560,9 @@ async def ingest(
         _refuse(BAD_NONCE, "the nonce is unknown, expired or already used.")
     if result == "replay":
         _refuse(REPLAY, "a report with this jti was already accepted.")
+    if result == "revoked":
+        _refuse(REVOKED, "the device is revoked.")
+    if result == "platform_mismatch":
+        _refuse(PLATFORM_MISMATCH, "a device's own report cannot change the platform its "
+                "device management (or its first report) gave.")
     return posture

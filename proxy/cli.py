@@ -48,7 +48,16 @@ def _load(args: argparse.Namespace) -> Config:
 def _audit_log(cfg: Config) -> Any:
     from proxy.audit import open_audit_log
 
-    return open_audit_log(cfg)
+    _private_dir(cfg.server.state_dir)
+    _private_dir(cfg.audit.path.parent)
+    return open_audit_log(cfg, witnessed=False)  # the server's next head witnesses it
+
+
+def _private_dir(path: Path) -> None:
+    """Create a state directory 0700 (posture and audit data are personal data);
+    an existing one is left as the operator made it."""
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
 
 
 def _policy(cfg: Config) -> Any:
@@ -81,6 +90,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             ("audit.verify_key", cfg.audit.verify_key),
             ("api.admin_token_file", cfg.api.admin_token_file),
             *((f"trust.attesters[{i}]", p) for i, p in enumerate(cfg.trust.attesters)),
+            *((f"trust.crl[{i}]", p) for i, p in enumerate(cfg.trust.crl)),
             *((f"listeners.{lst.name}.upstream_ca", lst.upstream_ca) for lst in cfg.listeners),
         )
         if p is not None and not p.exists()
@@ -90,9 +100,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if missing:
         return EXIT_ERROR
-    from proxy.audit import signing_key_from_config
+    from proxy.audit import signing_key_from_config, signing_key_warnings
 
     signing_key_from_config(cfg)  # ConfigError (one line, exit 2) unless it is Ed25519
+    for warning in signing_key_warnings(cfg.audit.signing_key):
+        print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
+    _check_crls(cfg)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
@@ -101,23 +114,66 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_crls(cfg: Config) -> None:
+    """Each CRL loads and verifies (else exit 2 naming the file); a ``warning:`` line
+    when its nextUpdate is less than 7 days away or past."""
+    if not cfg.trust.crl:
+        return
+    import time
+
+    from cryptography import x509
+
+    from proxy.crl import CrlError, CrlSet
+
+    anchors = x509.load_pem_x509_certificates(cfg.trust.device_ca.read_bytes())
+    if cfg.tls.client_ca is not None and cfg.tls.client_ca.exists():
+        anchors += x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
+    try:
+        crls = CrlSet(list(cfg.trust.crl), anchors)
+    except CrlError as exc:
+        raise UserError(f"{cfg.source}: trust.crl: {exc}") from None
+    now = time.time()
+    for path, next_update in crls.expiring(now):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(next_update))
+        state = "is past" if next_update < now else "is near"
+        print(f"warning: {path}: CRL nextUpdate {when} {state}; certificate-identified "
+              "sessions are refused once it has passed. Publish a new CRL.")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Asks the gate (:meth:`proxy.gate.Gate.explain`), which evaluates and writes the
-    ``explain`` record, but without an event loop: the store is read and the record
-    appended synchronously (see :func:`_complete`), so start-up stays close to
+    ``explain`` record, but without an event loop: the store (posture and trust
+    records: revocations, bindings, aliases) is read and the record appended
+    synchronously (see :func:`_complete`), so start-up stays close to
     ``mailward --help``."""
-    from proxy.gate import AUDIT_UNAVAILABLE, Gate, Identity, NullObserver, Origin
+    from proxy.gate import AUDIT_UNAVAILABLE, Gate, Identity, NullObserver, Origin, TrustState
+    from proxy.ids import ClientCert
+    from proxy.posture.sqlite import read_trust
 
     cfg = _load(args)
     policy = _policy(cfg)
     if not cfg.posture.store.startswith("sqlite://"):
         raise UserError(f"explain reads the sqlite posture store; {cfg.posture.store} is not")
+    path = cfg.posture.store.removeprefix("sqlite://")
+    trust = TrustState()
+    trust.replace(read_trust(path))
+    origin = Origin(args.protocol, "cli", "", "deny")
+    if args.listener:
+        listener = next((lc for lc in cfg.listeners if lc.name == args.listener), None)
+        if listener is None:
+            raise UserError(f"no listener named {args.listener!r} in {cfg.source}")
+        from proxy.gate import origin_for
+
+        origin = origin_for(listener)
+    if args.client_cert or origin.protocol != "activesync":
+        identity = Identity(args.user, args.device, "client_cert",
+                            cert=ClientCert(args.device) if args.client_cert else None)
+    else:
+        identity = Identity(args.user, args.device, "claim")
     with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
-        gate = Gate(store=_SqliteReader(cfg.posture.store.removeprefix("sqlite://")),
-                    audit=_AppendingSink(log), policy=lambda: policy,
-                    observer=NullObserver())
-        decision = _complete(gate.explain(Identity(args.user, args.device, "cli"),
-                                          Origin(args.protocol, "cli", "", "deny")))
+        gate = Gate(store=_SqliteReader(path), audit=_AppendingSink(log),
+                    policy=lambda: policy, observer=NullObserver(), trust=trust)
+        decision = _complete(gate.explain(identity, origin))
     if decision.temporary:
         code = decision.reasons[0].code
         if code == AUDIT_UNAVAILABLE:
@@ -160,6 +216,11 @@ class _SqliteReader:
 
         return read_posture(self._path, device_id)
 
+    async def device_postures(self, device_id: str) -> list[Any]:
+        from proxy.posture.sqlite import read_postures
+
+        return read_postures(self._path, device_id)
+
     async def devices_for_user(self, user: str) -> list[Any]:
         raise UserError("explain does not evaluate all-user-devices listeners")
 
@@ -198,7 +259,9 @@ def cmd_posture_ingest(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     policy = _policy(cfg)
-    verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters))
+    verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters),
+                                   device_reports=cfg.trust.device_reports == "allow",
+                                   crl_paths=cfg.trust.crl)
     log = _audit_log(cfg)
     if not log.healthy:  # an accepted report changes access: never without its record
         log.close_sync()
@@ -240,37 +303,31 @@ async def _ingest_file(verifier: Any, policy: Any, store: Any, gate: Any, name: 
         print(f"{name}: refused {exc.code}: {exc.detail}")
         await gate.attest_refused(source, exc.code)
         return False
-    decision = await gate.attest(source, posture)
-    state = "compliant" if decision.allow else "noncompliant"
-    print(f"{name}: accepted {posture.device_id} {state}")
+    decision, in_force = await gate.attest_report(source, posture)
+    state = "compliant" if decision.allow else "noncompliant"  # the posture in force
+    print(f"{name}: accepted {posture.device_id} {state} source={in_force.authority}")
     return True
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from proxy.audit import load_verify_key, verify
+    from proxy.audit.command import run_verify
 
-    path, key = Path(args.log) if args.log else None, None
-    try:
-        cfg = _load(args)
-        path = path or cfg.audit.path
-        if cfg.audit.verify_key and cfg.audit.verify_key.exists():
-            key = load_verify_key(cfg.audit.verify_key)
-    except Exception:
-        if path is None:
-            raise
-    if args.key:
-        key = load_verify_key(Path(args.key))
-    assert path is not None
-    if not path.exists():
-        raise UserError(f"{path}: no such audit log")
-    result = verify(path, key)
-    if result.ok:
-        sealed = "no checkpoint key" if key is None else f"{result.checkpoints} checkpoints"
-        print(f"{path}: ok, {result.records} records, {sealed}, "
-              f"{result.unsealed} after the last checkpoint")
-        return EXIT_OK
-    print(f"{result.bad_file or path}:{result.bad_line}: {result.error}", file=sys.stderr)
-    return EXIT_FAILED
+    logs = [Path(p) for p in args.log or ()]
+    keys = [Path(k) for k in args.key or ()]
+    if not logs or not keys:
+        try:
+            cfg = _load(args)
+        except Exception:
+            if not logs:
+                raise
+        else:
+            logs = logs or [cfg.audit.path]
+            if not keys and cfg.audit.verify_key and cfg.audit.verify_key.exists():
+                keys = [cfg.audit.verify_key]
+    return run_verify(logs, keys, pins=args.key_fingerprint or (), strict=args.strict,
+                      from_checkpoint=args.from_checkpoint,
+                      witness_files=[Path(w) for w in args.witness or ()],
+                      out=sys.stdout, err=sys.stderr)
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
@@ -291,59 +348,15 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from proxy.pki import certs_init
+    from proxy.pki import OFFLINE_DIR, certs_init
 
-    written = certs_init(Path(args.dir), force=args.force, hostnames=args.hostname or ())
+    directory = Path(args.dir)
+    written = certs_init(directory, force=args.force, hostnames=args.hostname or ())
     for p in written:
         print(p)
-    return EXIT_OK
-
-
-def _device_ca(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(device CA cert, its key, deployment root) from the config, or ./certs."""
-    try:
-        cfg = _load(args)
-        ca, root = cfg.trust.device_ca, cfg.root
-    except Exception:
-        if args.config:
-            raise
-        ca, root = Path("certs/device-ca.pem"), Path(".")
-    return ca, ca.with_suffix(".key"), root
-
-
-def cmd_device_enroll(args: argparse.Namespace) -> int:
-    from proxy.pki import enroll_device
-
-    ca, ca_key, root = _device_ca(args)
-    out = Path(args.out) if args.out else root / "certs" / "devices" / args.id
-    key, cert = enroll_device(
-        device_ca_cert=ca, device_ca_key=ca_key, device_id=args.id, user=args.user,
-        out_dir=out, force=args.force,
-    )
-    print(key)
-    print(cert)
-    return EXIT_OK
-
-
-def cmd_device_attest(args: argparse.Namespace) -> int:
-    from proxy.pki import load_certs, load_private_key, make_claims, sign_report
-
-    _, _, root = _device_ca(args)
-    base = root / "certs" / "devices" / args.id
-    key = load_private_key(Path(args.key) if args.key else base / "device.key")
-    chain = load_certs(Path(args.cert) if args.cert else base / "device.pem")
-    apps = [a for a in (args.apps or "").split(",") if a]
-    claims = make_claims(
-        device_id=args.id, user=args.user, platform=args.platform, apps=apps,
-        os_version=args.os_version, managed=args.managed, nonce=args.nonce,
-        ttl_s=args.ttl,
-    )
-    token = sign_report(claims, key, chain)
-    if args.out:
-        Path(args.out).write_text(token + "\n")
-        print(args.out)
-    else:
-        print(token)
+    print(f"The CA keys (ca.key, device-ca.key, mdm-attester.key) are in "
+          f"{directory / OFFLINE_DIR}/: the server never needs them and no setting names "
+          "that directory; keep it offline (device enroll/attest read it with --ca-dir).")
     return EXIT_OK
 
 
@@ -386,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--user", required=True)
     sp.add_argument("--device", required=True)
     sp.add_argument("--protocol", choices=("imap", "smtp", "activesync"), default="imap")
+    sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
+                    "eas_claims, unidentified settings)")
+    sp.add_argument("--client-cert", action="store_true",
+                    help="the device presents its certificate (ActiveSync)")
     sp.add_argument("--json", action="store_true")
     sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
              group("posture", "device posture reports"))
@@ -396,15 +413,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", default="certs")
     sp.add_argument("--hostname", action="append", help="extra server host name (repeatable)")
     sp.add_argument("--force", action="store_true", help="overwrite existing keys")
-    _device_commands(add, group("device", "device certificates and test reports"))
+    from proxy.cli_device import device_commands
+
+    device_commands(add, group("device", "device certificates, trust and test reports"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 
 
 def _audit_commands(add: _Add, audit: Any) -> None:
     sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
-    sp.add_argument("--log", help="audit log (default: [audit] path)")
-    sp.add_argument("--key", help="checkpoint public key (default: [audit] verify_key)")
+    sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
+                    "instance (default: [audit] path)")
+    sp.add_argument("--key", action="append", help="checkpoint public key, repeatable for "
+                    "rotated keys (default: [audit] verify_key)")
+    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
+                    help="use only the key with this SHA-256 fingerprint (or key_id)")
+    sp.add_argument("--witness", action="append", metavar="FILE", help="audit_checkpoint/"
+                    "audit_head log lines as a SIEM collected them: the log must hold them")
+    sp.add_argument("--from-checkpoint", type=int, metavar="SEQ",
+                    help="start at this signed checkpoint (older files deleted)")
+    sp.add_argument("--strict", action="store_true",
+                    help="fail on records sealed after a crash (unwitnessed)")
     sp = add("query", cmd_audit_query, "filter decisions", audit)
     sp.add_argument("--log")
     sp.add_argument("--user")
@@ -415,27 +444,6 @@ def _audit_commands(add: _Add, audit: Any) -> None:
     sp.add_argument("--since", help="RFC 3339 time, a date, or 7d / 24h / 30m ago")
     sp.add_argument("--until")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
-
-
-def _device_commands(add: _Add, device: Any) -> None:
-    sp = add("enroll", cmd_device_enroll, "issue a device certificate", device)
-    sp.add_argument("--id", required=True)
-    sp.add_argument("--user", required=True)
-    sp.add_argument("--out", help="directory (default: certs/devices/<id>)")
-    sp.add_argument("--force", action="store_true")
-    sp = add("attest", cmd_device_attest, "sign a posture report for a device", device)
-    sp.add_argument("--id", required=True)
-    sp.add_argument("--user", required=True)
-    sp.add_argument("--platform", required=True,
-                    choices=("android", "ios", "ipados", "windows", "macos", "linux"))
-    sp.add_argument("--apps", default="", help="comma-separated app ids")
-    sp.add_argument("--os-version", default="")
-    sp.add_argument("--managed", action="store_true")
-    sp.add_argument("--key")
-    sp.add_argument("--cert")
-    sp.add_argument("--nonce")
-    sp.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default 3600)")
-    sp.add_argument("--out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,9 @@ POLICY_INFO = Gauge(
 POLICY_RELOAD_FAILURES = Counter(
     "mailward_policy_reload_failures_total", "Policy reloads refused as invalid"
 )
+AUDIT_WITNESS_PENDING = Gauge(
+    "mailward_audit_witness_pending", "Audit checkpoints not yet accepted by [audit] witness_url"
+)
 SESSIONS_ENDED = Counter(
     "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
 )
@@ -86,6 +89,10 @@ class PrometheusObserver:
 
     def policy_reload_failed(self) -> None:
         POLICY_RELOAD_FAILURES.inc()
+
+    def audit_witness_pending(self, count: int) -> None:
+        """Checkpoints queued for the witness URL (``proxy.audit.witness``)."""
+        AUDIT_WITNESS_PENDING.set(count)
 
     def expose(self) -> tuple[bytes, str]:
         body: bytes = generate_latest(REGISTRY)

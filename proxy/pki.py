@@ -305,6 +305,15 @@ TRIAL_FILES: Final = (
     "mdm-attester.pem", "mdm-attester.key", "audit-signing.key", "audit-signing.pub",
     "admin.token",
 )
+#: Keys the server never needs: written to ``<certs>/offline/``, which no server
+#: setting names (``device enroll`` / ``device attest`` take ``--ca-dir``).
+OFFLINE_DIR: Final = "offline"
+OFFLINE_KEYS: Final = frozenset({"ca.key", "device-ca.key", "mdm-attester.key"})
+
+
+def trial_path(directory: Path, name: str) -> Path:
+    """Where ``certs init`` puts ``name`` (CA keys under :data:`OFFLINE_DIR`)."""
+    return directory / OFFLINE_DIR / name if name in OFFLINE_KEYS else directory / name
 
 
 def certs_init(
@@ -314,10 +323,15 @@ def certs_init(
 
     Refuses (PkiError naming the file) if any output file exists, unless ``force``."""
     directory = Path(directory)
-    out = {name: directory / name for name in TRIAL_FILES}
+    out = {name: trial_path(directory, name) for name in TRIAL_FILES}
     _refuse_existing(out.values(), force)
     files = _trial_pki(_server_names(hostnames))
     _mkdir(directory)
+    try:
+        (directory / OFFLINE_DIR).mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise PkiError(f"cannot create directory {directory / OFFLINE_DIR}: "
+                       f"{e.strerror or e}") from e
     written = []
     for name, data, mode in files:
         try:

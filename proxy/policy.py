@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -347,6 +347,41 @@ def evaluate(posture: Posture | None, policy: Policy, context: Context) -> Decis
         policy_sha256=policy.sha256,
         report_only=reported and not enforced,
     )
+
+
+def evaluate_authorities(postures: Sequence[Posture], policy: Policy,
+                         context: Context) -> tuple[Decision, Posture | None]:
+    """Decide from a device's posture per authority (DESIGN "Posture authority"), and
+    return the posture in force. Pure.
+
+    Without MDM posture this is :func:`evaluate` of the device's own report. With
+    it, the newest MDM posture decides, fresh or stale (stale: the policy's
+    ``stale_posture``; the device's word never takes over), and the device's own
+    report can only *add* violations (its prohibited apps, a user mismatch), never
+    remove one."""
+    if len(postures) == 1:  # one authority: nothing to combine
+        only = postures[0]
+        return evaluate(only, policy, context), only
+    mdm = device = None
+    for p in postures:
+        if p.is_mdm:
+            if mdm is None or p.iat > mdm.iat:
+                mdm = p
+        elif device is None or p.iat > device.iat:
+            device = p
+    if mdm is None:
+        return evaluate(device, policy, context), device
+    decision = evaluate(mdm, policy, context)
+    if device is None:
+        return decision, mdm
+    extra = [r for r in _violations(device, policy, context)
+             if r.code not in (STALE_POSTURE, UNKNOWN_DEVICE) and r not in decision.reasons]
+    if not extra:
+        return decision, mdm
+    reasons = decision.reasons + tuple(extra)
+    enforced = any(r.enforced for r in reasons)
+    return Decision(not enforced, reasons, policy.version, policy.sha256,
+                    report_only=not enforced and any(not r.enforced for r in reasons)), mdm
 
 
 def _violations(posture: Posture | None, policy: Policy, ctx: Context) -> list[Reason]:

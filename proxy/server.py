@@ -20,6 +20,11 @@ How the parts fit:
   stays.
 * A periodic sweep (``[server] recheck_interval``) ends sessions whose posture aged
   past ``max_posture_age``.
+* Device trust: the gate's trust records are loaded at start and kept current by a
+  poll of the store's change feed every :data:`TRUST_POLL_S` (``mailward device
+  revoke`` in another process ends the device's sessions within it); the same loop
+  reloads changed CRL files (``[trust] crl``) and re-checks every session when one
+  changed. A CRL past nextUpdate is named in ``/readyz``'s ``degraded`` list.
 * Shutdown: stop accepting, give sessions ``[server] shutdown_grace`` to finish, end
   the rest with the protocol's goodbye, close the audit log (final signed checkpoint).
 """
@@ -30,24 +35,21 @@ import asyncio
 import errno
 import hashlib
 import importlib
-import logging
 import os
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from proxy import metrics
 from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
 from proxy.net.tls import server_context, upstream_context
-from proxy.oplog import get_logger
+from proxy.oplog import configure_logging, get_logger
 from proxy.policy import Policy
 
 log = get_logger("mailward.server")
@@ -57,50 +59,11 @@ EXIT_ERROR = 2
 
 #: Time a listener gets beyond ``shutdown_grace`` to say goodbye and close.
 CLOSE_MARGIN_S = 5.0
-
-# Keys whose values never reach the operational log, whoever logs them.
-_SECRET_KEYS = frozenset({"password", "passwd", "pass", "secret", "token", "authorization"})
-
+#: How often the store's change feed (CLI revocations) and the CRL files are polled.
+TRUST_POLL_S = 0.5
 
 class StartupError(Exception):
     """The server cannot start; ``str()`` is the one line shown to the operator."""
-
-
-# ------------------------------------------------------------------ logging
-
-
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in event.keys() & _SECRET_KEYS:
-        event[key] = "[redacted]"
-    return event
-
-
-def configure_logging(fmt: str | None = None, level: int = logging.INFO) -> None:
-    """Structlog to stderr: JSON lines (default when stderr is not a terminal) or
-    console. ``MAILWARD_LOG_FORMAT=json|console`` overrides."""
-    fmt = fmt or os.environ.get("MAILWARD_LOG_FORMAT") or (
-        "console" if sys.stderr.isatty() else "json"
-    )
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    # Libraries (aiohttp, asyncio) log through stdlib logging: warnings and up only.
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
 
 
 # ------------------------------------------------------------------ policy
@@ -205,6 +168,33 @@ def _audit_log(cfg: Config) -> Any:
         raise StartupError(str(exc)) from None
 
 
+def _trust_anchors(cfg: Config) -> tuple[Any, Any]:
+    """The report verifier and the CRL set it shares with the gate (client
+    certificates are checked against the same CRLs: their CAs are the device CA and
+    ``[tls] client_ca``)."""
+    from cryptography import x509
+
+    from proxy.attestation import Verifier
+    from proxy.crl import CrlSet
+
+    _require_file(cfg.trust.device_ca, "trust.device_ca")
+    for i, p in enumerate(cfg.trust.attesters):
+        _require_file(p, f"trust.attesters[{i}]")
+    for i, p in enumerate(cfg.trust.crl):
+        _require_file(p, f"trust.crl[{i}]")
+    try:
+        verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters),
+                                       device_reports=cfg.trust.device_reports == "allow")
+        anchors = verifier.anchors
+        if cfg.tls.client_ca is not None and cfg.tls.client_ca.exists():
+            anchors += x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
+        crl = CrlSet(list(cfg.trust.crl), anchors)
+    except Exception as exc:
+        raise StartupError(f"trust: cannot load trust anchors: {exc}") from None
+    verifier.crl = crl or None
+    return verifier, crl
+
+
 # ------------------------------------------------------------------ server
 
 
@@ -220,6 +210,8 @@ class Server:
         self.observer = metrics.PrometheusObserver()
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
+        self.verifier: Any = None  # proxy.attestation.Verifier
+        self.crl: Any = None  # proxy.crl.CrlSet
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
@@ -239,8 +231,9 @@ class Server:
         contexts = [build_tls(cfg, lc) for lc in cfg.listeners]  # fail before binding
         modules = [_frontend_module(lc.protocol) for lc in cfg.listeners]
         try:
-            cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
-            cfg.audit.path.parent.mkdir(parents=True, exist_ok=True)
+            if not cfg.server.state_dir.exists():
+                cfg.server.state_dir.mkdir(mode=0o700, parents=True)
+            cfg.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"server.state_dir: cannot create {exc.filename}: "
                                f"{exc.strerror}") from None
@@ -254,13 +247,21 @@ class Server:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
         self.audit = _audit_log(cfg)
         try:
-            await self.audit.start()
+            await self.audit.start(self.observer)  # reports the witness queue
         except OSError as exc:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None
 
+        self.verifier, self.crl = _trust_anchors(cfg)
         self.gate = Gate(store=self.store, audit=metrics.TimedAuditSink(self.audit),
-                         policy=self.holder.current, observer=self.observer)
+                         policy=self.holder.current, observer=self.observer,
+                         crl=lambda: self.crl)
+        self.gate.on_revoked(self.verifier.forget_device)
+        try:
+            await self.gate.load_trust()
+        except Exception as exc:
+            raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
+                from None
         self.observer.policy_loaded(self.holder.current())
 
         for lc, (server_tls, upstream_tls), module in zip(
@@ -294,8 +295,6 @@ class Server:
                 raise StartupError(f"api cannot load: {exc}") from None
             log.warning("no control-plane API in this build; /healthz is not served")
             return
-        from proxy.attestation import Verifier
-
         cfg = self.cfg
         ssl_ctx = None
         if cfg.api.tls:
@@ -303,13 +302,6 @@ class Server:
             _require_file(cfg.tls.key, "tls.key")
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, client_ca=None,
                                      client_cert="none")
-        _require_file(cfg.trust.device_ca, "trust.device_ca")
-        for i, p in enumerate(cfg.trust.attesters):
-            _require_file(p, f"trust.attesters[{i}]")
-        try:
-            verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters))
-        except Exception as exc:
-            raise StartupError(f"trust: cannot load trust anchors: {exc}") from None
         token = None
         if cfg.api.admin_token_file is not None and cfg.api.admin_token_file.exists():
             try:
@@ -323,10 +315,11 @@ class Server:
             store=self.store,
             policy=self.holder.current,
             audit=self.audit,
-            verifier=verifier,
+            verifier=self.verifier,
             admin_token=token,
             readiness=self.readiness,
             max_body_bytes=cfg.api.max_body_bytes,
+            degraded=self.degraded,
         )
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
@@ -345,6 +338,12 @@ class Server:
             "audit_writable": bool(self.audit is not None and self.audit.healthy),
             "policy_loaded": self.holder.current() is not None,
         }
+
+    def degraded(self) -> list[str]:
+        """What ``/readyz`` names without failing: CRLs past their nextUpdate."""
+        if not self.crl:
+            return []
+        return [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
 
     # -------------------------------------------------------------- running
 
@@ -381,6 +380,7 @@ class Server:
         """Run until SIGTERM/SIGINT (or :meth:`stop`)."""
         self._spawn(self._watch_policy(), "watch-policy")
         self._spawn(self._recheck_loop(), "recheck")
+        self._spawn(self._trust_loop(), "trust")
         await self._stop.wait()
 
     def stop(self) -> None:
@@ -398,6 +398,22 @@ class Server:
                 continue
             if ended:
                 log.info("sessions ended by posture sweep", ended=ended)
+
+    async def _trust_loop(self) -> None:
+        """Apply the store's change feed (revocations, bindings, aliases and posture
+        written by other processes) and reload changed CRL files."""
+        assert self.gate is not None
+        while True:
+            await asyncio.sleep(TRUST_POLL_S)
+            try:
+                ended = await self.gate.sync_changes()
+                if self.crl and self.crl.reload_if_changed():
+                    ended += await self.gate.recheck_all("crl_reload")
+            except Exception as exc:
+                log.error("device trust sync failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if ended:
+                log.info("sessions ended by device trust changes", ended=ended)
 
     async def _watch_policy(self) -> None:
         """Reload when the policy file changes. The directory is watched, not the

@@ -193,3 +193,21 @@ def fresh_posture(device: str, user: str, apps: tuple[App, ...] = ()) -> Posture
                    managed=True, apps=(App("com.example.notes", "1.0", "Notes"), *apps),
                    iat=now - 10, exp=now + 3600, jti=uuid.uuid4().hex, issuer="test",
                    attested_by="device")
+
+
+def make_crl(pki: TestPki, serials: Sequence[int] = (), *, next_update_s: float = 86400,
+             last_update_s: float = -60) -> bytes:
+    """A CRL (PEM) of the test device CA revoking ``serials``, with nextUpdate
+    ``next_update_s`` from now (negative: already past)."""
+    from cryptography.hazmat.primitives import hashes
+
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(pki.ca.subject)
+               .last_update(now + dt.timedelta(seconds=min(last_update_s, next_update_s - 1)))
+               .next_update(now + dt.timedelta(seconds=next_update_s)))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    crl = builder.sign(pki.ca_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)

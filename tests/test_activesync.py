@@ -663,7 +663,7 @@ def test_basic_user() -> None:
 async def test_small_body_exact_bytes_and_headers(env: Env) -> None:
     """A small known-length body (the lean pooled path) reaches the upstream byte for
     byte with the same header handling as a streamed one; a client's X-Forwarded-For
-    is extended, its X-Forwarded-Proto replaced."""
+    and X-Forwarded-Proto are replaced by what mailward saw."""
     await env.attest("dev-ok", [])
     body = os.urandom(300)
     query = f"Cmd=SendMail&User={USER.replace('@', '%40')}&DeviceId=dev-ok&DeviceType=iPhone"
@@ -685,7 +685,7 @@ async def test_small_body_exact_bytes_and_headers(env: Env) -> None:
         assert seen.headers.getall(name) == [sent.get(name, auth())], name
     assert seen.headers["Content-Length"] == "300"
     assert "X-Hop" not in seen.headers and "TE" not in seen.headers
-    assert seen.headers.getall("X-Forwarded-For") == ["198.51.100.7, 127.0.0.1"]
+    assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.headers.getall("X-Forwarded-Proto") == ["https"]
     assert seen.headers["Host"] == f"127.0.0.1:{URL(env.proxy.frontend.cfg.upstream).port}"
 
@@ -893,3 +893,147 @@ async def test_200_concurrent_longpolls_stay_within_memory_bound() -> None:
         import shutil
 
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ---------------------------------------------------------- request hygiene (issue 12)
+
+
+async def raw_exchange(env: Env, head: bytes) -> tuple[int, bytes]:
+    """Send ``head`` as is over TLS and return the answer's status and bytes."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", env.proxy.port, ssl=env.client_ssl, server_hostname="127.0.0.1")
+    try:
+        writer.write(head)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    return int(data.split(b" ", 2)[1]), data
+
+
+def _raw_post(target: bytes, *extra: bytes, body: bytes = b"") -> bytes:
+    lines = [b"POST " + target + b" HTTP/1.1", b"Host: 127.0.0.1",
+             b"Authorization: " + auth().encode(), b"MS-ASProtocolVersion: 14.1",
+             b"Content-Length: %d" % len(body), *extra]
+    if not any(x.lower().startswith(b"connection:") for x in extra):
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+RAW_Q = b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice%40corp.example&DeviceId=dev-ok" \
+        b"&DeviceType=iPhone"
+
+
+@pytest.mark.parametrize(("head", "reason"), [
+    (_raw_post(RAW_Q, b"Authorization: " + auth("bob@corp.example").encode()),
+     "duplicate_authorization"),
+    (_raw_post(b"https://other.example" + RAW_Q), "absolute_form"),
+    (_raw_post(b"http://127.0.0.1" + RAW_Q), "absolute_form"),
+    (_raw_post(RAW_Q + b"#frag"), "fragment"),
+    (_raw_post(RAW_Q, b"Connection: close, Authorization"), "connection_names_end_to_end"),
+    (_raw_post(RAW_Q, b"Connection: Host, close"), "connection_names_end_to_end"),
+    (_raw_post(RAW_Q, b"Connection: close, MS-ASProtocolVersion"),
+     "connection_names_end_to_end"),
+], ids=["two-authorization", "absolute-form", "absolute-form-same-host", "fragment",
+        "connection-authorization", "connection-host", "connection-protocol-version"])
+async def test_ambiguous_requests_are_400_and_never_reach_the_upstream(
+        env: Env, head: bytes, reason: str) -> None:
+    """Two Authorization headers, an absolute-form target, a fragment or a Connection
+    header naming a header mailward reads: 400, logged with its reason, no decision
+    and nothing sent upstream (not even the credential check)."""
+    from structlog.testing import capture_logs
+
+    await env.attest("dev-ok", [])
+    with capture_logs() as logs:
+        status, _ = await raw_exchange(env, head)
+    assert status == 400
+    assert env.upstream.seen == []
+    assert env.decisions("dev-ok") == []
+    assert [e["reason"] for e in logs if e["event"] == "request refused"] == [reason]
+
+
+async def test_client_forwarding_and_method_override_headers_are_dropped(env: Env) -> None:
+    """On the pooled and the streamed path, a client's X-Forwarded-For, Forwarded and
+    X-HTTP-Method-Override / X-HTTP-Method / X-Method-Override never reach the
+    upstream; X-Forwarded-For is the client's address as mailward saw it."""
+    await env.attest("dev-ok", [])
+    sent = {"X-Forwarded-For": "10.66.0.1", "Forwarded": "for=10.66.0.1",
+            "X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE",
+            "X-Method-Override": "PUT", "X-Forwarded-Host": "evil.example"}
+    query = f"Cmd=SendMail&User={USER.replace('@', '%40')}&DeviceId=dev-ok&DeviceType=iPhone"
+    for body in (b"small", os.urandom(200_000)):  # pooled, then streamed through aiohttp
+        assert (await env.post(query, body, headers=sent)).status == 200
+    for seen in env.upstream.posts("SendMail"):
+        assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+        assert seen.headers.getall("X-Forwarded-Host") == [f"127.0.0.1:{env.proxy.port}"]
+        for name in ("Forwarded", "X-HTTP-Method-Override", "X-HTTP-Method",
+                     "X-Method-Override"):
+            assert name not in seen.headers, name
+    [options] = [s for s in env.upstream.seen if s.method == "OPTIONS"]  # credential check
+    assert options.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert "X-HTTP-Method-Override" not in options.headers
+
+
+async def test_upstream_target_is_rebuilt_from_path_and_query(env: Env) -> None:
+    """A path spelt another way (percent-encoded) reaches the upstream as the one served
+    path, with the query byte for byte."""
+    await env.attest("dev-ok", [])
+    status, _ = await raw_exchange(env, _raw_post(
+        RAW_Q.replace(b"/Microsoft-Server", b"/Microsoft%2DServer"), body=b"\x03\x01\x6a\x00"))
+    assert status == 200
+    [seen] = env.upstream.posts("Sync")
+    assert seen.raw_path == RAW_Q.decode()
+
+
+@pytest.mark.peer
+async def test_options_goes_upstream_without_a_body(env: Env) -> None:
+    """An OPTIONS request with a body (curl) is answered, and the upstream receives it
+    without the body, Content-Length or Content-Type."""
+    import shutil
+    import subprocess
+
+    from peers import peer_missing
+
+    curl = shutil.which("curl")
+    if curl is None:
+        peer_missing("curl not installed")
+    proc = await asyncio.create_subprocess_exec(
+        curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(env.ca_path),
+        "-X", "OPTIONS", "-H", f"Authorization: {auth()}", "-H",
+        "Content-Type: application/vnd.ms-sync.wbxml", "--data-binary", "smuggled body",
+        env.url, stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert out == b"200"
+    [seen] = env.upstream.seen
+    assert seen.method == "OPTIONS" and seen.body == b""
+    assert "Content-Length" not in seen.headers and "Content-Type" not in seen.headers
+    assert seen.raw_path == EAS
+
+
+async def test_pyactivesync_traffic_passes_the_hygiene_rules(env: Env) -> None:
+    """A real client's ordinary requests are not refused: each reaches the upstream with
+    one Authorization, an origin-form target and mailward's X-Forwarded-For."""
+    await env.attest("dev-hyg", ["com.example.mail"])
+
+    def run() -> None:
+        with pyclient(env, "dev-hyg") as c:
+            c.list_folders()
+            c.sync_folder("5")
+
+    await in_thread(run)
+    assert env.upstream.posts("FolderSync") and env.upstream.posts("Sync")
+    for seen in env.upstream.seen:
+        assert len(seen.headers.getall("Authorization")) == 1
+        assert seen.raw_path.startswith(EAS + "?") or seen.raw_path == EAS
+        assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("path", [b"/autodiscover/autodiscover.xml",
+                                  b"/Autodiscover/Autodiscover.xml"])
+async def test_autodiscover_paths_are_not_served_yet(env: Env, path: bytes) -> None:
+    """Autodiscover (issue 14) is untouched by the hygiene rules: 404, even with two
+    Authorization headers, and nothing reaches the upstream."""
+    for extra in ((), (b"Authorization: " + auth("bob@corp.example").encode(),)):
+        status, _ = await raw_exchange(env, _raw_post(path, *extra))
+        assert status == 404
+    assert env.upstream.seen == []

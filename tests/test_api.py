@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from pki_helpers import TIKTOK as TIKTOK_ID
 from pki_helpers import USER, TestPki, default_header, hand_jws, report
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,7 +119,9 @@ async def test_good_report_is_accepted(env: Env) -> None:
     """A clean device report: 201, compliant, and one accepted attestation record."""
     status, body = await post_report(env, report(env.pki.device(), apps=["com.example.mail"]))
     assert status == 201
-    assert body == {"device_id": "dev-1", "compliant": True, "violations": []}
+    assert {k: body[k] for k in ("device_id", "compliant", "violations", "source")} == {
+        "device_id": "dev-1", "compliant": True, "violations": [], "source": "device"}
+    assert body["posture"]["source"] == "device"  # the posture in force, with its source
     rec = env.audit.records[-1]
     assert (rec["event"], rec["result"], rec["code"], rec["device_id"], rec["user"]) == (
         "attestation", "accepted", None, "dev-1", USER
@@ -372,3 +375,121 @@ async def test_start_api_binds_and_closes(env: Env) -> None:
             assert r.status == 200
     finally:
         await running.close(1)
+
+
+# ------------------------------------------------------- issue 12: posture authority
+
+
+async def test_future_iat_device_report_cannot_outvote_the_mdm(env: Env) -> None:
+    """A phone's clean report with iat in the future does not displace the MDM's
+    later TikTok report: the MDM answer's 201 body reports the MDM posture in force,
+    noncompliant, and the phone's next clean report still leaves it noncompliant."""
+    phone, mdm = env.pki.device(), env.pki.attesters[0]
+    status, body = await post_report(env, report(phone, apps=[], now=time.time() + 55))
+    assert status == 201 and body["compliant"] and body["source"] == "device"
+    status, body = await post_report(env, report(mdm))  # TikTok, iat = now
+    assert status == 201 and not body["compliant"]
+    assert body["source"].startswith("attester:")
+    assert body["violations"][0]["code"] == "prohibited_app"
+    status, body = await post_report(env, report(phone, apps=[], now=time.time() + 58))
+    assert status == 201 and not body["compliant"] and body["source"].startswith("attester:")
+    d = await env.gate.decide(Identity(USER, "dev-1", "claim"), Origin("activesync", "eas"))
+    assert not d.allow and d.reasons[0].code == "prohibited_app"
+    rec = env.audit.records[-1]
+    assert rec["posture_source"].startswith("attester:") and rec["device"] == "dev-1"
+    assert rec["posture_cached"] is False and rec["device_source"] == "claim"
+
+
+async def test_report_sixty_one_seconds_ahead_is_not_yet_valid(env: Env) -> None:
+    """iat more than 60 s in the future is refused not_yet_valid."""
+    status, body = await post_report(env, report(env.pki.device(), now=time.time() + 90))
+    assert (status, body["error"]) == (422, "not_yet_valid")
+
+
+async def test_device_cannot_burn_the_mdms_jti(env: Env) -> None:
+    """jti memory is per issuer: a device using the jti the MDM will send does not
+    make the MDM's report a replay."""
+    phone, mdm = env.pki.device(), env.pki.attesters[0]
+    assert (await post_report(env, report(phone, apps=[], jti="mdm-42")))[0] == 201
+    status, body = await post_report(env, report(mdm, jti="mdm-42"))
+    assert status == 201 and not body["compliant"]
+    assert (await post_report(env, report(mdm, jti="mdm-42")))[1]["error"] == "replay"
+
+
+async def test_platform_change_by_the_device_is_refused(env: Env) -> None:
+    """A phone cannot report itself as windows to fall out of scope
+    (platform_mismatch, recorded); the MDM may change the platform."""
+    phone, mdm = env.pki.device(), env.pki.attesters[0]
+    assert (await post_report(env, report(phone, apps=[TIKTOK_ID])))[0] == 201
+    status, body = await post_report(env, report(phone, apps=[TIKTOK_ID], platform="windows"))
+    assert (status, body["error"]) == (422, "platform_mismatch")
+    assert env.audit.records[-1]["code"] == "platform_mismatch"
+    assert (await post_report(env, report(mdm, platform="ios")))[0] == 201
+
+
+async def test_user_claim_mismatch_is_refused(env: Env) -> None:
+    """A device certificate issued to bob cannot attest alice's mailbox."""
+    bobs = env.pki.device("bob-phone", "bob@corp.example")
+    status, body = await post_report(env, report(bobs, device_id="bob-phone", apps=[]))
+    assert (status, body["error"]) == (422, "user_mismatch")
+
+
+async def test_device_reports_disabled(env: Env, tmp_path: Path) -> None:
+    """With device_reports = deny the API refuses device-signed reports (403)."""
+    # the same gate and store; a verifier that refuses device reports
+    app = make_app(gate=env.gate, store=env.store, verifier=env.pki.verifier(
+        device_reports=False), policy=lambda: env.policy[0], audit=env.audit)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        resp = await client.post("/v1/attestations", data=report(env.pki.device()),
+                                 headers=JOSE)
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "device_reports_disabled"
+    finally:
+        await client.close()
+
+
+# ------------------------------------------------------------- issue 12: revocation
+
+
+async def test_revoke_endpoint(env: Env) -> None:
+    """POST /v1/devices/{id}/revoke needs the admin token; the device is then denied
+    (revoked), its reports are refused, its live sessions end, and a device_revoked
+    record names the actor. Ids match case-insensitively; unseen ids can be revoked."""
+    phone = env.pki.device()
+    assert (await post_report(env, report(phone, apps=[])))[0] == 201
+    session = FakeSession(Identity(USER, "DEV-1", "claim"), Origin("activesync", "eas"))
+    env.gate.register(session)
+    bad = await env.client.post("/v1/devices/dev-1/revoke",
+                                headers={"Authorization": "Bearer wrong"})
+    assert bad.status == 401
+    resp = await env.client.post("/v1/devices/Dev-1/revoke", json={"why": "lost"},
+                                 headers=ADMIN)
+    assert resp.status == 200 and (await resp.json())["device"] == "dev-1"
+    assert session.ended is not None
+    rec = [r for r in env.audit.records if r["event"] == "device_revoked"][-1]
+    assert (rec["actor"], rec["why"], rec["device"]) == ("admin", "lost", "dev-1")
+    status, body = await post_report(env, report(phone, apps=[]))
+    assert (status, body["error"]) == (403, "revoked")
+    d = await env.gate.decide(Identity(USER, "dev-1", "claim"), Origin("activesync", "eas"))
+    assert [r.code for r in d.reasons] == ["revoked"]
+    resp = await env.client.post("/v1/devices/never-seen/revoke", headers=ADMIN)
+    assert resp.status == 200
+    d = await env.gate.decide(Identity(USER, "NEVER-SEEN", "claim"), Origin("activesync", "e"))
+    assert [r.code for r in d.reasons] == ["revoked"]
+
+
+async def test_readyz_names_degraded_without_failing(env: Env) -> None:
+    """A degraded state (a CRL past nextUpdate) is named in /readyz's body; 200."""
+    app = make_app(gate=env.gate, store=env.store, verifier=env.pki.verifier(),
+                   policy=lambda: env.policy[0], audit=env.audit,
+                   degraded=lambda: ["crl_past_next_update:certs/device-ca.crl"])
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        resp = await client.get("/readyz")
+        assert resp.status == 200
+        assert (await resp.json())["degraded"] == ["crl_past_next_update:certs/device-ca.crl"]
+    finally:
+        await client.close()

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import os
 import time
 from pathlib import Path
 
@@ -155,6 +156,10 @@ def test_reason_codes_are_the_documented_set() -> None:
         "not_yet_valid",
         "bad_nonce",
         "replay",
+        "revoked",
+        "platform_mismatch",
+        "user_mismatch",
+        "device_reports_disabled",
     }
 
 
@@ -422,8 +427,11 @@ def test_exp_passed(verifier: Verifier, device: Signer) -> None:
 
 
 def test_iat_in_the_future(verifier: Verifier, device: Signer) -> None:
+    """iat may be at most 60 s ahead of the clock (DESIGN; exp keeps 5 minutes)."""
     refused(verifier, report(device, now=NOW + 600), "not_yet_valid")
-    assert verify(verifier, report(device, now=NOW + 200))
+    refused(verifier, report(device, now=NOW + 200), "not_yet_valid")
+    refused(verifier, report(device, now=NOW + 61), "not_yet_valid")
+    assert verify(verifier, report(device, now=NOW + 60))
 
 
 def test_iat_older_than_max_age(verifier: Verifier, device: Signer) -> None:
@@ -595,3 +603,61 @@ _FUZZ_PKI = TestPki()
 _FUZZ_DEVICE = _FUZZ_PKI.device("dev-1")
 _FUZZ_VERIFIER = _FUZZ_PKI.verifier()
 _FUZZ_TOKEN = report(_FUZZ_DEVICE, now=NOW)
+
+
+# ------------------------------------------------------------ issue 12: authority
+
+
+def test_report_names_its_authority_and_issuer(pki: TestPki, verifier: Verifier,
+                                               device: Signer) -> None:
+    """A device report's authority is `device`; an MDM attester's is
+    `attester:<fp8>`; each carries its signing certificate's fingerprint (jti issuer)."""
+    mine = verify(verifier, report(device))
+    assert mine.source == "device" and len(mine.signer) == 64
+    mdm = verify(verifier, report(pki.attesters[0]))
+    assert mdm.source == f"attester:{mdm.signer[:8]}" and mdm.is_mdm
+    assert mdm.signer != mine.signer
+
+
+def test_device_reports_disabled(pki: TestPki, device: Signer) -> None:
+    """With [trust] device_reports = "deny", a device-signed report is refused
+    device_reports_disabled; the MDM's still goes through."""
+    v = pki.verifier(device_reports=False)
+    refused(v, report(device), "device_reports_disabled")
+    assert verify(v, report(pki.attesters[0]))
+
+
+def test_device_certificate_of_bob_cannot_attest_alice(pki: TestPki, verifier: Verifier) -> None:
+    """The rfc822 SAN of a device certificate binds the report's user."""
+    bobs = pki.device("bob-phone", "bob@corp.example")
+    refused(verifier, report(bobs, device_id="bob-phone", user=USER), "user_mismatch")
+    assert verify(verifier, report(bobs, device_id="bob-phone", user="Bob@corp.example"))
+
+
+def test_crl_revoked_signer_refused(tmp_path: Path, pki: TestPki) -> None:
+    """A signing certificate on a configured CRL is refused `revoked`, even when its
+    chain verification was cached; a CRL past nextUpdate fails closed."""
+    from pki_helpers import make_crl
+
+    from proxy.crl import CrlSet
+
+    stolen = pki.device("dev-crl")
+    v = pki.verifier()
+    token = report(stolen, device_id="dev-crl")
+    assert verify(v, token)  # cached now
+    path = tmp_path / "device-ca.crl"
+    path.write_bytes(make_crl(pki, [stolen.cert.serial_number]))
+    v.crl = CrlSet([path], [pki.ca])
+    refused(v, token, "revoked")
+    path.write_bytes(make_crl(pki, [], next_update_s=-3600))  # before NOW (module import)
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a new mtime even within a tick
+    assert v.crl.reload_if_changed()  # reloaded on change, like the policy
+    refused(v, token, "untrusted_chain")
+
+
+def test_forget_device_drops_cached_chains(pki: TestPki) -> None:
+    """Revoking a device drops its cached chain verifications (ids case-insensitive)."""
+    v = pki.verifier()
+    verify(v, report(pki.device("Phone-X"), device_id="Phone-X"))
+    assert v.forget_device("phone-x") == 1
+    assert v.forget_device("phone-x") == 0

@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -185,7 +186,8 @@ async def test_write_waits_for_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_checkpoint_signature(tmp_path: Path) -> None:
-    """A checkpoint seals the head with an Ed25519 signature over the documented text."""
+    """A checkpoint seals the head, its instance and checkpoint_every with an Ed25519
+    signature over the documented text."""
     path = tmp_path / "audit.jsonl"
     with AuditLog(path, signing_key=KEY) as log:
         last = log.append(decision(1))
@@ -194,7 +196,10 @@ def test_checkpoint_signature(tmp_path: Path) -> None:
     assert cp["head"] == last["hash"] and cp["head_seq"] == last["seq"] == cp["seq"] - 1
     raw_pub = KEY.public_key().public_bytes_raw()
     assert cp["key_id"] == hashlib.sha256(raw_pub).hexdigest()[:16]
-    message = f"mailward-audit-checkpoint\n{cp['head_seq']}\n{cp['head']}".encode()
+    assert cp["instance"] == socket.gethostname() and cp["checkpoint_every"] == 1000
+    meta = json.dumps({"checkpoint_every": 1000, "instance": cp["instance"]},
+                      sort_keys=True, separators=(",", ":"))
+    message = f"mailward-audit-checkpoint\n{cp['head_seq']}\n{cp['head']}\n{meta}".encode()
     KEY.public_key().verify(base64.b64decode(cp["sig"]), message)  # raises if bad
     assert json.loads((tmp_path / "audit.jsonl.head").read_text()) == cp
 

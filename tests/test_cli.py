@@ -174,3 +174,83 @@ def test_user_errors_are_one_line(deploy: Path) -> None:
     assert r.returncode == 2 and "file not found" in r.stderr
     r = mailward(deploy, "certs", "init", "--dir", "certs")
     assert r.returncode == 2 and "exists" in r.stderr.lower()
+
+
+# ------------------------------------------------------------------ issue 12
+
+
+def test_ingest_line_names_the_source_in_force(deploy: Path) -> None:
+    """The accepted line reports the posture now in force with its source."""
+    r = mailward(deploy, "device", "attest", "--id", "phone-clean", "--user",
+                 "bob@corp.example", "--platform", "android", "--apps", "com.example.mail",
+                 "--out", "again.jws")
+    assert r.returncode == 0, r.stderr
+    r = mailward(deploy, "posture", "ingest", "again.jws")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("accepted phone-clean compliant source=device"), r.stdout
+
+
+def test_device_commands_and_explain_show_revoked(deploy: Path) -> None:
+    """revoke (an id never seen, in advance), list, explain naming `revoked`,
+    alias, unbind, forget and unrevoke: each an audit record with the OS user."""
+    r = mailward(deploy, "device", "revoke", "Lost-Phone", "--why", "left on a train")
+    assert r.returncode == 0, r.stderr
+    r = mailward(deploy, "explain", "--user", "alice@corp.example", "--device", "lost-phone",
+                 "--protocol", "activesync")
+    assert r.returncode == 3 and "- revoked: " in r.stdout, r.stdout
+    r = mailward(deploy, "device", "list", "--revoked", "--format", "json")
+    assert [json.loads(x)["device"] for x in r.stdout.splitlines()] == ["lost-phone"]
+    for args in (("alias", "phone-clean", "EAS-CLEAN"), ("unbind", "phone-clean"),
+                 ("unrevoke", "lost-phone", "--why", "found"), ("forget", "lost-phone")):
+        r = mailward(deploy, "device", *args)
+        assert r.returncode == 0, (args, r.stderr)
+    r = mailward(deploy, "audit", "query", "--format", "json")
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    mine = [e for e in events if e["event"].startswith("device_")]
+    assert [e["event"] for e in mine] == ["device_revoked", "device_alias", "device_unbound",
+                                          "device_unrevoked", "device_forgotten"]
+    assert all(e["actor"] for e in mine)
+    r = mailward(deploy, "device", "unrevoke", "x")
+    assert r.returncode == 2 and "--why" in r.stderr  # unrevoke needs a reason
+
+
+def test_check_config_refuses_cleartext_api_off_loopback(deploy: Path, tmp_path: Path) -> None:
+    """[api] tls = false on a non-loopback address: exit 2, file:line message."""
+    cfg = tmp_path / "config" / "mailward.toml"
+    cfg.parent.mkdir()
+    text = (deploy / "config/mailward.toml").read_text()
+    cfg.write_text(text.replace('listen = "127.0.0.1:8443"\ntls = true',
+                                'listen = "0.0.0.0:8443"\ntls = false'))
+    r = mailward(deploy, "check-config", "--config", str(cfg))
+    assert r.returncode == 2
+    line = next(n for n, x in enumerate(cfg.read_text().splitlines(), 1) if x == "tls = false")
+    assert f"mailward.toml:{line}: api.tls: " in r.stderr, r.stderr
+
+
+def test_check_config_warns_about_a_crl_near_next_update(deploy: Path, tmp_path: Path) -> None:
+    """A CRL whose nextUpdate is less than 7 days away is a `warning:` line, exit 0;
+    a CRL no configured CA signed is exit 2 naming the file."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from proxy.pki import load_private_key
+
+    ca = x509.load_pem_x509_certificate((deploy / "certs/device-ca.pem").read_bytes())
+    key = load_private_key(deploy / "certs/offline/device-ca.key")
+    now = dt.datetime.now(dt.UTC)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+           .last_update(now).next_update(now + dt.timedelta(days=3))
+           .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    (tmp_path / "device-ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    cfg = deploy / "config" / "crl.toml"
+    text = (deploy / "config/mailward.toml").read_text()
+    cfg.write_text(text.replace('# crl = ["certs/device-ca.crl"]',
+                                f'crl = ["{tmp_path / "device-ca.crl"}"]'))
+    r = mailward(deploy, "check-config", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "warning: " in r.stdout and "device-ca.crl" in r.stdout and "nextUpdate" in r.stdout
+    (tmp_path / "device-ca.crl").write_bytes(b"not a crl")
+    r = mailward(deploy, "check-config", "--config", str(cfg))
+    assert r.returncode == 2 and "device-ca.crl" in r.stderr

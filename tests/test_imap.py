@@ -75,7 +75,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     devices = (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB),
                ("sync-phone", SYNC))
     for device, user in devices:
-        enroll_device(device_ca_cert=d / "device-ca.pem", device_ca_key=d / "device-ca.key",
+        enroll_device(device_ca_cert=d / "device-ca.pem",
+                      device_ca_key=d / "offline" / "device-ca.key",
                       device_id=device, user=user, out_dir=d / "devices" / device)
     return Pki(d)
 

@@ -23,11 +23,16 @@ from proxy.frontends.imap_wire import (
     IdReceived,
     ImapProtocolError,
     LimitExceeded,
+    LocalProtocolError,
     LoginAttempted,
+    PrivacyRequired,
+    RemoteProtocolError,
     StartTlsRequested,
     State,
     decode_plain,
 )
+
+pytestmark = pytest.mark.pure
 
 
 def events(conn: Connection, data: bytes = b"") -> list[object]:
@@ -91,7 +96,7 @@ def test_login_refused_then_retry_and_accept_hands_over_pipelined_bytes():
     assert events(conn, b"b LOGIN u q\r\nc SELECT INBOX\r\n") == [LoginAttempted("b", "u", "q")]
     assert conn.login_accepted() == b"c SELECT INBOX\r\n"
     assert conn.state is State.AUTHENTICATED
-    with pytest.raises(ImapProtocolError):
+    with pytest.raises(LocalProtocolError):  # the caller's mistake, not the client's
         conn.login_refused()
 
 
@@ -128,9 +133,11 @@ def test_authenticate_bad_base64_and_unknown_mechanism():
 
 
 def test_decode_plain_rejects_malformed():
-    with pytest.raises(ImapProtocolError):
+    """Malformed PLAIN credentials are the client's fault, answered BAD."""
+    with pytest.raises(RemoteProtocolError) as err:
         decode_plain(b"alice\x00secret")
-    with pytest.raises(ImapProtocolError):
+    assert err.value.reply == "BAD"
+    with pytest.raises(RemoteProtocolError):
         decode_plain(b"\x00\x00secret")
 
 
@@ -172,8 +179,9 @@ def test_line_too_long_is_fatal_and_bounded():
     assert got == [LimitExceeded("a", "line", "Command line too long")]
     conn.receive_data(b"y" * 100_000)
     assert conn.buffered == 0
-    with pytest.raises(ImapProtocolError):
+    with pytest.raises(RemoteProtocolError) as err:
         conn.next_event()
+    assert err.value.reply == "BYE"
 
 
 def test_huge_literal_refused_without_continuation():
@@ -249,7 +257,7 @@ _pieces = st.sampled_from([
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4000))
 def test_arbitrary_bytes_only_raise_protocol_error(data: bytes):
-    """Any input either parses or raises ImapProtocolError, never anything else."""
+    """Any input either parses or raises RemoteProtocolError, never anything else."""
     conn = Connection()
     conn.receive_data(data)
     try:
@@ -262,7 +270,7 @@ def test_arbitrary_bytes_only_raise_protocol_error(data: bytes):
                     conn.login_refused()
                     continue
                 break
-    except ImapProtocolError:
+    except RemoteProtocolError:
         pass
 
 
@@ -311,8 +319,6 @@ def test_login_literal_before_tls_is_not_invited() -> None:
     """Before TLS a LOGIN with a synchronizing literal gets no `+`: the command is
     dropped (PrivacyRequired) and the next command parses normally; with TLS, or
     when config allows cleartext, the literal is invited as usual."""
-    from proxy.frontends.imap_wire import PrivacyRequired
-
     conn = Connection()
     conn.receive_data(b"a LOGIN {5}\r\nb NOOP\r\n")
     assert conn.next_event() == PrivacyRequired("a")
@@ -320,3 +326,15 @@ def test_login_literal_before_tls_is_not_invited() -> None:
     for conn in (Connection(tls=True), Connection(cleartext_login=True)):
         conn.receive_data(b"a LOGIN {5}\r\n")
         assert isinstance(conn.next_event(), ContinuationNeeded)
+
+
+def test_error_types_say_whose_fault_it_is() -> None:
+    """Both error types are ImapProtocolError; the peer's carries a reply hint, and
+    PrivacyRequired is one of the parser's events."""
+    assert issubclass(RemoteProtocolError, ImapProtocolError)
+    assert issubclass(LocalProtocolError, ImapProtocolError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
+    assert RemoteProtocolError("x").reply == "BAD"
+    from proxy.frontends import imap_wire
+
+    assert PrivacyRequired in imap_wire.Event.__args__  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from proxy.pki import (
     load_private_key,
     make_claims,
     sign_report,
+    trial_path,
 )
 
 FILES = {
@@ -67,10 +68,18 @@ def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
+OFFLINE = {"ca.key", "device-ca.key", "mdm-attester.key"}
+
+
 def test_certs_init_writes_every_file(tmp_path: Path) -> None:
+    """Every file is written; the keys the server never needs go to offline/ (0700)."""
     written = certs_init(tmp_path / "c")
     assert {p.name for p in written} == FILES
-    assert {p.name for p in (tmp_path / "c").iterdir()} == FILES  # no temp files left
+    assert {p.name for p in written if p.parent.name == "offline"} == OFFLINE
+    # no temp files left
+    assert {p.name for p in (tmp_path / "c").iterdir()} == FILES - OFFLINE | {"offline"}
+    assert {p.name for p in (tmp_path / "c" / "offline").iterdir()} == OFFLINE
+    assert _mode(tmp_path / "c" / "offline") == 0o700
     for p in written:
         assert p.stat().st_size > 0
         if p.name in PRIVATE:
@@ -79,9 +88,9 @@ def test_certs_init_writes_every_file(tmp_path: Path) -> None:
 
 def test_keys_and_token(certs: Path) -> None:
     for name in ("ca.key", "server.key", "device-ca.key", "mdm-attester.key"):
-        text = (certs / name).read_text()
+        text = trial_path(certs, name).read_text()
         assert text.startswith("-----BEGIN PRIVATE KEY-----")  # PKCS#8
-        key = load_private_key(certs / name)
+        key = load_private_key(trial_path(certs, name))
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert isinstance(key.curve, ec.SECP256R1)
     audit = serialization.load_pem_private_key((certs / "audit-signing.key").read_bytes(), None)
@@ -92,7 +101,7 @@ def test_keys_and_token(certs: Path) -> None:
     pub.verify(audit.sign(b"head"), b"head")
     token = (certs / "admin.token").read_text()
     assert len(token) == 43 and token.strip() == token  # 32 bytes, urlsafe base64
-    assert token != (certs / "ca.key").read_text()
+    assert token != trial_path(certs, "ca.key").read_text()
 
 
 def test_rfc5280_profile(certs: Path) -> None:
@@ -196,10 +205,10 @@ def test_server_pem_rejected_by_client_trusting_other_ca(certs: Path, tmp_path: 
 def test_refuses_overwrite_without_force(tmp_path: Path) -> None:
     d = tmp_path / "c"
     certs_init(d)
-    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    before = {p.name: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     with pytest.raises(PkiError, match=r"ca\.pem|ca\.key"):
         certs_init(d)
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
     # A single existing key is enough to refuse, and the message names it.
     (d2 := tmp_path / "d").mkdir()
     (d2 / "audit-signing.key").write_text("precious")
@@ -208,8 +217,8 @@ def test_refuses_overwrite_without_force(tmp_path: Path) -> None:
     assert [p.name for p in d2.iterdir()] == ["audit-signing.key"]
     written = certs_init(d, force=True)
     assert {p.name for p in written} == FILES
-    assert (d / "ca.key").read_bytes() != before["ca.key"]
-    assert _mode(d / "ca.key") == 0o600
+    assert trial_path(d, "ca.key").read_bytes() != before["ca.key"]
+    assert _mode(trial_path(d, "ca.key")) == 0o600
 
 
 def test_invalid_hostname(tmp_path: Path) -> None:
@@ -225,7 +234,7 @@ def test_enroll_device(certs: Path, tmp_path: Path) -> None:
     out = tmp_path / "devices" / "phone-1"
     key_path, cert_path = enroll_device(
         device_ca_cert=certs / "device-ca.pem",
-        device_ca_key=certs / "device-ca.key",
+        device_ca_key=trial_path(certs, "device-ca.key"),
         device_id="phone-1",
         user="Alice@Corp.Example",
         out_dir=out,
@@ -269,7 +278,7 @@ def test_enroll_device(certs: Path, tmp_path: Path) -> None:
 def test_enroll_refuses_overwrite_and_bad_input(certs: Path, tmp_path: Path) -> None:
     kw = {
         "device_ca_cert": certs / "device-ca.pem",
-        "device_ca_key": certs / "device-ca.key",
+        "device_ca_key": trial_path(certs, "device-ca.key"),
         "user": "bob@corp.example",
         "out_dir": tmp_path,
     }
@@ -286,7 +295,8 @@ def test_enroll_refuses_overwrite_and_bad_input(certs: Path, tmp_path: Path) -> 
         enroll_device(device_id="d2", **{**kw, "user": "nobody", "out_dir": tmp_path / "y"})
     with pytest.raises(PkiError, match="not the key"):
         enroll_device(
-            device_id="d3", **{**kw, "device_ca_key": certs / "ca.key", "out_dir": tmp_path / "z"}
+            device_id="d3",
+            **{**kw, "device_ca_key": trial_path(certs, "ca.key"), "out_dir": tmp_path / "z"}
         )
     with pytest.raises(PkiError, match="cannot read"):
         enroll_device(
@@ -332,7 +342,7 @@ def test_make_claims() -> None:
 def test_enrolled_device_and_attester_reports_verify(certs: Path, tmp_path: Path) -> None:
     key_path, cert_path = enroll_device(
         device_ca_cert=certs / "device-ca.pem",
-        device_ca_key=certs / "device-ca.key",
+        device_ca_key=trial_path(certs, "device-ca.key"),
         device_id="phone-2",
         user="carol@corp.example",
         out_dir=tmp_path,
@@ -355,7 +365,7 @@ def test_enrolled_device_and_attester_reports_verify(certs: Path, tmp_path: Path
     assert (p.device_id, p.attested_by, p.apps[0].name) == ("phone-2", "device", "TikTok")
     token = sign_report(
         {**claims, "sub": "anything", "jti": "j2"},
-        load_private_key(certs / "mdm-attester.key"),
+        load_private_key(trial_path(certs, "mdm-attester.key")),
         load_certs(certs / "mdm-attester.pem"),
     )
     p = v.verify(token, now=now, max_age_s=86400, require_nonce=False)

@@ -84,12 +84,14 @@ async def test_get_unknown_device(store: SqlitePostureStore) -> None:
 
 async def test_replay_is_refused_and_changes_nothing(store: SqlitePostureStore) -> None:
     """A second report with the same jti is a replay and does not replace the posture."""
-    first = make_posture(platform="android")
+    first = make_posture(os_version="14")
     assert await store.commit_attestation(first, None, NOW) == "ok"
-    again = make_posture(platform="ios", iat=int(NOW))  # same jti, different content
+    # same jti, different content (the platform stays: a change would be refused
+    # platform_mismatch before replay is checked)
+    again = make_posture(os_version="15", iat=int(NOW))
     assert await store.commit_attestation(again, None, NOW + 5) == "replay"
     got = await store.get("dev-1")
-    assert got is not None and got.platform == "android"
+    assert got is not None and got.os_version == "14"
 
 
 async def test_jti_forgotten_after_exp_plus_skew(store: SqlitePostureStore) -> None:
@@ -237,3 +239,134 @@ async def test_read_posture_is_read_only_and_matches_get(tmp_path: Path) -> None
     await store.close()
     assert stored is not None and read_posture(path, "dev-1") == stored
     assert read_posture(path, "dev-2") is None
+
+
+# ----------------------------------------------------------- issue 12: trust records
+
+
+def mdm(device_id: str = "dev-1", **kw) -> Posture:
+    """A report signed by an MDM attester (its own authority and jti issuer)."""
+    kw.setdefault("jti", f"mdm-{device_id}")
+    return make_posture(device_id, attested_by="mdm:Intune", source="attester:0123abcd",
+                        signer="f" * 64, **kw)
+
+
+async def test_newest_per_authority_and_mdm_in_force(store: SqlitePostureStore) -> None:
+    """A future-iat device report does not displace the MDM's report: the store keeps
+    one per authority and the MDM posture is the one in force."""
+    phone = make_posture(iat=int(NOW) + 50, jti="phone", signer="d" * 64)
+    assert await store.commit_attestation(phone, None, NOW) == "ok"
+    tiktok = mdm(apps=(App("com.zhiliaoapp.musically"),))
+    assert await store.commit_attestation(tiktok, None, NOW) == "ok"
+    both = await store.device_postures("DEV-1")
+    assert {p.authority for p in both} == {"device", "attester:0123abcd"}
+    got = await store.get("dev-1")
+    assert got is not None and got.is_mdm and got.apps[0].id == "com.zhiliaoapp.musically"
+
+
+async def test_jti_memory_is_per_issuer(store: SqlitePostureStore) -> None:
+    """A device cannot burn a jti the MDM will send: replay memory is per issuer."""
+    phone = make_posture(jti="shared", signer="d" * 64)
+    assert await store.commit_attestation(phone, None, NOW) == "ok"
+    assert await store.commit_attestation(mdm(jti="shared"), None, NOW) == "ok"
+    assert await store.commit_attestation(mdm(jti="shared"), None, NOW) == "replay"
+
+
+async def test_device_report_cannot_change_platform(store: SqlitePostureStore) -> None:
+    """A device's own report may not change the platform the MDM (or its first report)
+    gave; the MDM may."""
+    assert await store.commit_attestation(make_posture(jti="a"), None, NOW) == "ok"
+    windows = make_posture(jti="b", platform="windows", iat=int(NOW))
+    assert await store.commit_attestation(windows, None, NOW) == "platform_mismatch"
+    assert await store.commit_attestation(mdm(platform="ios"), None, NOW) == "ok"
+    android = make_posture(jti="c", iat=int(NOW))
+    assert await store.commit_attestation(android, None, NOW) == "platform_mismatch"
+    assert await store.commit_attestation(make_posture(jti="d", platform="ios"), None,
+                                          NOW) == "ok"
+
+
+async def test_revoked_in_advance_refuses_reports_without_using_jti(
+        store: SqlitePostureStore) -> None:
+    """An id never seen can be revoked; its reports are refused and use up nothing;
+    ids match case-insensitively."""
+    device, new = await store.revoke("Lost-Phone", "lost on the train", "ops")
+    assert (device, new) == ("lost-phone", True)
+    p = make_posture("LOST-PHONE", jti="x")
+    assert await store.commit_attestation(p, None, NOW) == "revoked"
+    assert (await store.unrevoke("lost-PHONE")) == ("lost-phone", True)
+    assert await store.commit_attestation(p, None, NOW) == "ok"
+
+
+async def test_alias_moves_posture_binding_and_revocation(store: SqlitePostureStore) -> None:
+    """`device alias ID OTHER`: OTHER's posture, binding and revocation move to ID's
+    device, and OTHER resolves to it from then on."""
+    await store.commit_attestation(make_posture("EAS-77", jti="a"), None, NOW)
+    await store.bind("eas-77")
+    await store.revoke("eas-77", "lost", "ops")
+    assert await store.alias("phone-7", "EAS-77") == "phone-7"
+    records = await store.trust_records()
+    assert records.aliases == {"eas-77": "phone-7"}
+    assert records.bindings == frozenset({"phone-7"})
+    assert set(records.revoked) == {"phone-7"}
+    got = await store.get("Eas-77")
+    assert got is not None and got.device_id == "EAS-77"
+    listed = await store.list_devices(revoked_only=True)
+    assert [d["device"] for d in listed] == ["phone-7"] and listed[0]["aliases"] == ["eas-77"]
+    device, _ = await store.forget("eas-77")
+    assert device == "phone-7" and await store.get("phone-7") is None
+    assert (await store.trust_records()).aliases == {}
+
+
+async def test_change_feed_reports_other_stores_changes(tmp_path: Path) -> None:
+    """A server's store sees the CLI's changes in the change feed, not its own."""
+    path = tmp_path / "posture.db"
+    server, cli = SqlitePostureStore(path), SqlitePostureStore(path)
+    try:
+        seq, _ = await server.changes_since(0)
+        await server.bind("mine")
+        await cli.revoke("Phone-1", "lost", "alice")
+        seq, changes = await server.changes_since(seq)
+        assert [(c.device, c.kind) for c in changes] == [("phone-1", "revoked")]
+        assert await server.changes_since(seq) == (seq, [])
+    finally:
+        await server.close()
+        await cli.close()
+
+
+async def test_files_created_private(tmp_path: Path) -> None:
+    """The state directory is created 0700 and the database 0600."""
+    s = SqlitePostureStore(tmp_path / "state" / "posture.db")
+    await s.commit_attestation(make_posture(), None, NOW)
+    await s.close()
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state" / "posture.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_migrates_a_version_1_database(tmp_path: Path) -> None:
+    """An existing state dir from before authorities (schema 1) opens: each posture
+    is kept under the authority that signed it, and old jti values stay remembered."""
+    path = tmp_path / "posture.db"
+    old = make_posture("Dev-1", jti="old-jti")
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            CREATE TABLE posture (device_id TEXT PRIMARY KEY, user TEXT NOT NULL,
+                                  json TEXT NOT NULL, received_at REAL NOT NULL);
+            CREATE INDEX posture_user ON posture (user);
+            CREATE TABLE jti (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+            CREATE TABLE nonce (nonce TEXT PRIMARY KEY, expires_at REAL NOT NULL,
+                                used INTEGER NOT NULL DEFAULT 0);
+            PRAGMA user_version = 1;
+        """)
+        text = old.to_json().replace(',"signer":""', "").replace(',"source":""', "")
+        conn.execute("INSERT INTO posture VALUES (?, ?, ?, ?)",
+                     ("Dev-1", old.user, text, NOW))
+        conn.execute("INSERT INTO jti VALUES (?, ?)", ("old-jti", NOW + 9999))
+    s = SqlitePostureStore(path)
+    try:
+        assert asyncio.run(s.get("dev-1")) == old
+        assert asyncio.run(s.commit_attestation(old, None, NOW)) == "replay"
+        assert asyncio.run(s.devices_for_user("alice@corp.example")) == [old]
+    finally:
+        s.close_sync()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -11,6 +11,7 @@ errors each get a fresh process.
 from __future__ import annotations
 
 import base64
+import getpass
 import imaplib
 import importlib.util
 import json
@@ -177,7 +178,7 @@ def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     certs_init(root / "certs")
     for p in PHONES:
         enroll_device(device_ca_cert=root / "certs/device-ca.pem",
-                      device_ca_key=root / "certs/device-ca.key", device_id=p.device_id,
+                      device_ca_key=root / "certs/offline/device-ca.key", device_id=p.device_id,
                       user=p.user, out_dir=root / "certs/devices" / p.device_id)
     (root / "config").mkdir()
     (root / "config/policy.toml").write_text(policy_text("t-1"))
@@ -468,6 +469,47 @@ def test_invalid_reload_changes_nothing_and_is_reported(served: Served) -> None:
         imap_idle(s, ALICE)  # the t-2 ban still holds
     assert c["carol_smtp"].noop()[0] == 250
     assert c["carol_eas"].is_alive()
+
+
+def test_cli_revoke_ends_a_live_idle_session(served: Served) -> None:
+    """`mailward device revoke`, a separate process, ends Dave's live IMAP IDLE session
+    of the running server within 2 s of its exit (the server polls the store's change
+    feed), is recorded with the OS user as actor, refuses Dave's next login
+    (`revoked`), shows in `device list --revoked`; `unrevoke` lets Dave back in."""
+    s = served
+    m = imap_idle(s, DAVE)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(Path(sys.executable).with_name("mailward")), *args],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MAILWARD_CONFIG": str(s.config)})
+
+    r = cli("device", "revoke", "DAVE-TABLET", "--why", "lost on the train")
+    revoked = time.monotonic()
+    assert r.returncode == 0, r.stderr
+    bye = read_bye(m, REACT_S + 0.5)
+    assert b"blocked" in bye, bye
+    assert time.monotonic() - revoked < REACT_S
+    m.shutdown()
+    with pytest.raises(imaplib.IMAP4.error, match="blocked"):
+        imap_idle(s, DAVE)
+    (rec,) = s.audit(event="device_revoked")
+    assert (rec["actor"], rec["device"], rec["why"]) == (
+        getpass.getuser(), DAVE.device_id, "lost on the train")
+    denied = s.audit(event="decision", device=DAVE.device_id)[-1]
+    assert [x["code"] for x in denied["reasons"]] == ["revoked"]
+    listed = cli("device", "list", "--revoked", "--format", "json")
+    assert [json.loads(line)["device"] for line in listed.stdout.splitlines()] == [
+        DAVE.device_id]
+    assert cli("device", "unrevoke", DAVE.device_id, "--why", "found").returncode == 0
+    deadline = time.monotonic() + REACT_S
+    while True:
+        try:
+            imap_idle(s, DAVE).shutdown()
+            break
+        except imaplib.IMAP4.error:
+            assert time.monotonic() < deadline, "unrevoke did not reach the server"
+            time.sleep(0.1)
 
 
 def test_new_attestation_ends_that_devices_sessions(served: Served) -> None:

@@ -73,7 +73,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     certs_init(d)
     for device, user in DEVICES:
-        enroll_device(device_ca_cert=d / "device-ca.pem", device_ca_key=d / "device-ca.key",
+        enroll_device(device_ca_cert=d / "device-ca.pem",
+                      device_ca_key=d / "offline" / "device-ca.key",
                       device_id=device, user=user, out_dir=d / "devices" / device)
     return Pki(d)
 
@@ -1254,6 +1255,9 @@ async def test_posture_store_down_gives_a_temporary_refusal(
 
     class DownStore(SqlitePostureStore):
         async def get(self, device_id: str) -> Posture | None:
+            raise OSError("database is gone")
+
+        async def device_postures(self, device_id: str) -> list[Posture]:
             raise OSError("database is gone")
 
     env.gate._store = DownStore(env.tmp / "down.db")

@@ -5,6 +5,7 @@ How the parts fit
     :mod:`.keys`      the Ed25519 checkpoint keys, checked when they are loaded
     :mod:`.files`     names, rotation, locking, durable writes, reading the files in order
     :mod:`.recovery`  finding the chain head on disk (torn tails, other writers, ``.head``)
+    :mod:`.witness`   reporting durable heads outside the log; reading what a SIEM kept
     :mod:`.writer`    :class:`AuditLog`, the one writer: group commit, fsync, fail closed;
                       :func:`open_audit_log` builds it from ``[audit]`` in mailward.toml
     :mod:`.verify`    checks a log end to end and names the first bad line
@@ -29,20 +30,42 @@ Records
 Checkpoints
     The chain alone shows that the records are consistent, not that nobody rewrote
     or cut it. Every ``checkpoint_every`` records, every ``checkpoint_interval_s``
-    seconds while running, before rotation and on close, the writer appends a
+    seconds while running, before rotation and on close (so every process that
+    appends seals what it wrote before it exits), the writer appends a
     ``checkpoint`` record sealing the chain head: ``head`` (hash of the record before
-    it), ``head_seq``, ``key_id`` (first 16 hex chars of SHA-256 of the raw Ed25519
-    public key) and ``sig``, the base64 Ed25519 signature over
-    ``f"mailward-audit-checkpoint\\n{head_seq}\\n{head}"``. Once the checkpoint line is
-    on disk, the writer atomically replaces ``<path>.head`` with a copy of it. A tail
+    it), ``head_seq``, ``instance``, ``checkpoint_every``, ``key_id`` (first 16 hex
+    chars of SHA-256 of the raw Ed25519 public key) and ``sig``, the base64 Ed25519
+    signature over ``f"mailward-audit-checkpoint\\n{head_seq}\\n{head}"`` followed by
+    ``"\\n"`` and the canonical JSON of the other fields (:func:`checkpoint_meta`:
+    all but ``event``, ``head``, ``head_seq``, ``key_id``, ``sig`` and the writer's),
+    so none of them can be changed without the key. Once the checkpoint line is on
+    disk, the writer atomically replaces ``<path>.head`` with a copy of it. A tail
     cut after the last checkpoint, including the checkpoint line itself, is then
     detectable because ``.head`` names a record the log no longer has. Records after
-    the last checkpoint are *unsealed*: deleting them is not detectable.
+    the last checkpoint are *unsealed*; :func:`verify` fails a log with records but
+    no checkpoint, or with more unsealed records than ``checkpoint_every``.
+
+Crashes
+    Every open writer holds ``<path>.writers`` shared. A writer that opens the log
+    and can take it exclusively knows no other writer is alive, so unsealed records
+    are the tail of a process that died: it seals them at once with a checkpoint
+    marked ``"recovery": true`` that names the seal before them (``previous_head``,
+    ``previous_head_seq``) and their number (``sealed``). :func:`verify` reports
+    such ranges as sealed after a crash, unwitnessed (``strict`` fails on them): an
+    attacker who edits an unsealed tail and forces a restart gets it signed only
+    this way, and the witness still holds the heads the tail had.
+
+Witnesses
+    Once a checkpoint is on disk it is reported (operational log event
+    ``audit_checkpoint``, and POSTed to ``[audit] witness_url``), and so is the head
+    of every group commit (``audit_head``), see :mod:`.witness`. ``verify`` given
+    those lines fails when the log lacks (a cut back) or contradicts (a rewrite)
+    any of them.
 
 Files
     ``<path>``        the live log          ``<path>.1, .2, ...``  rotated logs, oldest first
     ``<path>.head``   latest checkpoint     ``<path>.torn``        torn tails moved aside
-    ``<path>.lock``   writers' lock
+    ``<path>.lock``   writers' lock        ``<path>.writers``     held by each open writer
 
     When the live file exceeds ``rotate_bytes`` it is sealed with a checkpoint and
     renamed to the next ``<path>.<n>``; the chain continues in a fresh file.
@@ -73,7 +96,12 @@ from proxy.audit.files import (
     rotated_files,
     torn_path,
 )
-from proxy.audit.keys import load_signing_key, load_verify_key, signing_key_from_config
+from proxy.audit.keys import (
+    load_signing_key,
+    load_verify_key,
+    signing_key_from_config,
+    signing_key_warnings,
+)
 from proxy.audit.query import (
     CSV_COLUMNS,
     TABLE_COLUMNS,
@@ -84,6 +112,7 @@ from proxy.audit.query import (
 )
 from proxy.audit.record import (
     CHECKPOINT_EVENT,
+    DEFAULT_CHECKPOINT_EVERY,
     MAX_RECORD_BYTES,
     SIGNATURE_CONTEXT,
     WRITER_FIELDS,
@@ -92,13 +121,14 @@ from proxy.audit.record import (
     AuditUnavailable,
     canonical_json,
     checkpoint_message,
+    checkpoint_meta,
     format_ts,
     key_id,
     record_hash,
 )
 from proxy.audit.verify import VerifyResult, verify
+from proxy.audit.witness import Witness, Witnessed, WitnessObserver, read_witness_file
 from proxy.audit.writer import (
-    DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_INTERVAL_S,
     DEFAULT_ROTATE_BYTES,
     AuditLog,
@@ -124,8 +154,12 @@ __all__ = [
     "AuditLog",
     "AuditUnavailable",
     "VerifyResult",
+    "Witness",
+    "WitnessObserver",
+    "Witnessed",
     "canonical_json",
     "checkpoint_message",
+    "checkpoint_meta",
     "format_records",
     "format_ts",
     "head_path",
@@ -136,10 +170,12 @@ __all__ = [
     "open_audit_log",
     "parse_time",
     "query",
+    "read_witness_file",
     "reason_codes",
     "record_hash",
     "rotated_files",
     "signing_key_from_config",
+    "signing_key_warnings",
     "torn_path",
     "verify",
 ]

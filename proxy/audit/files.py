@@ -3,7 +3,7 @@ the chain across the rotated files and the live file.
 
 ``<path>``        the live log          ``<path>.1, .2, ...``  rotated logs, oldest first
 ``<path>.head``   latest checkpoint     ``<path>.torn``        torn tails moved aside
-``<path>.lock``   writers' lock
+``<path>.lock``   writers' lock        ``<path>.writers``     held by each open writer
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ RECOVERY_SCAN_BYTES = 4 * MAX_RECORD_BYTES
 #: How long a writer waits for another process holding the log lock.
 LOCK_TIMEOUT_S = 2.0
 LOCK_RETRY_S = 0.002
-FILE_MODE = 0o640
+FILE_MODE = 0o600  # records name users and devices: the service user only (dirs 0700)
 #: How the writer opens the live file.
 OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
@@ -53,6 +53,10 @@ def torn_path(path: Path) -> Path:
 
 def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
+
+
+def writers_path(path: Path) -> Path:
+    return path.with_name(path.name + ".writers")
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -147,6 +151,21 @@ def flock(fd: int, operation: int, timeout_s: float = LOCK_TIMEOUT_S) -> None:
 def open_lock(path: Path) -> int:
     """A new descriptor on the log's lock file (``flock`` locks are per descriptor)."""
     return os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+
+
+def open_writers(path: Path) -> tuple[int, bool]:
+    """A new descriptor on ``<path>.writers``, which every open writer holds shared,
+    and whether no other writer holds it: then it is locked exclusively (until the
+    caller takes it shared)."""
+    fd = os.open(writers_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, False
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, True
 
 
 # -- reading --------------------------------------------------------------------------

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import getpass
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,3 +110,32 @@ def signing_key_from_config(cfg: Config) -> Ed25519PrivateKey | None:
     except ValueError as exc:
         problem = str(exc)
     raise ConfigError(cfg.source, "audit.signing_key", problem)
+
+
+def signing_key_warnings(path: Path | None) -> list[str]:
+    """Why whoever runs this could replace the signing key (one line each; none when
+    ``path`` is None). What is checkable: run as the serving user (not root), whether
+    that user may write the file or its directory (and so swap the key); run as root,
+    only the file's mode and owner: group or others may write, or a non-root owner
+    may."""
+    if path is None or not path.exists():
+        return []
+    if os.geteuid() == 0:
+        st = path.stat()
+        if st.st_mode & 0o022:
+            return [f"{path} is writable by its group or others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 0440"]
+        if st.st_uid != 0 and st.st_mode & 0o200:
+            return [f"{path} is writable by its owner, uid {st.st_uid}; if that is the "
+                    "serving user, make the key read-only to it (chown root, chmod 0440)"]
+        return []
+    user = getpass.getuser()
+    warnings = []
+    if os.access(path, os.W_OK):
+        warnings.append(f"{path} is writable by {user} (this user); the serving user must "
+                        "only read it (owned by root or a key admin, chmod 0440)")
+    if os.access(path.parent, os.W_OK):
+        warnings.append(f"{path.parent} is writable by {user} (this user), who can replace "
+                        "the key in it; keep the key in a directory the serving user cannot "
+                        "write")
+    return warnings

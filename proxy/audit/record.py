@@ -21,6 +21,9 @@ CHECKPOINT_EVENT = "checkpoint"
 SIGNATURE_CONTEXT = "mailward-audit-checkpoint"
 #: Fields the writer assigns; callers may not pass them.
 WRITER_FIELDS = frozenset({"seq", "ts", "prev", "hash"})
+#: Records between checkpoints when ``[audit] checkpoint_every`` is not set, and the
+#: limit ``verify`` applies after a checkpoint that does not say.
+DEFAULT_CHECKPOINT_EVERY = 1000
 #: Largest record line the writer accepts.
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -126,19 +129,45 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def checkpoint_message(head_seq: int, head: str) -> bytes:
-    """The bytes a checkpoint signature covers."""
-    return f"{SIGNATURE_CONTEXT}\n{head_seq}\n{head}".encode()
+#: Checkpoint fields the signature covers beyond ``head_seq`` and ``head`` are all the
+#: others except these (``key_id`` only selects the key; the rest the writer assigns).
+_UNSIGNED_CHECKPOINT_FIELDS = frozenset({"event", "head", "head_seq", "key_id", "sig"})
+
+
+def checkpoint_meta(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a checkpoint its signature covers besides ``head_seq`` and
+    ``head``: ``instance``, ``checkpoint_every`` and, for a recovery checkpoint,
+    ``recovery``, ``previous_head``, ``previous_head_seq`` and ``sealed``."""
+    skip = _UNSIGNED_CHECKPOINT_FIELDS | WRITER_FIELDS
+    return {k: v for k, v in record.items() if k not in skip}
+
+
+def checkpoint_message(head_seq: int, head: str, meta: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes a checkpoint signature covers: ``"mailward-audit-checkpoint\n{head_seq}
+    \n{head}"``, then ``"\n"`` and the canonical JSON of :func:`checkpoint_meta` when
+    the checkpoint has such fields (so none of them can be changed or removed without
+    the key; checkpoints written before they existed keep verifying)."""
+    message = f"{SIGNATURE_CONTEXT}\n{head_seq}\n{head}"
+    if meta:
+        message += "\n" + canonical_json(meta)
+    return message.encode()
 
 
 def checkpoint_body(
-    head_seq: int, head: str, signing_key: Ed25519PrivateKey | None, kid: str | None
+    head_seq: int,
+    head: str,
+    signing_key: Ed25519PrivateKey | None,
+    kid: str | None,
+    meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The fields of a checkpoint sealing ``head`` (record ``head_seq``), signed when
-    there is a key (``kid`` is its :func:`key_id`)."""
-    body: dict[str, Any] = {"event": CHECKPOINT_EVENT, "head": head, "head_seq": head_seq}
+    """The fields of a checkpoint sealing ``head`` (record ``head_seq``) with ``meta``
+    (see :func:`checkpoint_meta`), signed when there is a key (``kid`` is its
+    :func:`key_id`)."""
+    body: dict[str, Any] = {
+        "event": CHECKPOINT_EVENT, "head": head, "head_seq": head_seq, **(meta or {})
+    }
     if signing_key is not None:
-        sig = signing_key.sign(checkpoint_message(head_seq, head))
+        sig = signing_key.sign(checkpoint_message(head_seq, head, checkpoint_meta(body)))
         body["key_id"] = kid
         body["sig"] = base64.b64encode(sig).decode("ascii")
     return body

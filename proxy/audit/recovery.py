@@ -23,6 +23,7 @@ from proxy.audit.files import (
     torn_path,
 )
 from proxy.audit.record import (
+    DEFAULT_CHECKPOINT_EVERY,
     ZERO_HASH,
     AuditIntegrityError,
     count_unsealed,
@@ -42,6 +43,35 @@ class ChainHead(NamedTuple):
     seq: int
     hash: str
     unsealed: int
+
+
+class Seal(NamedTuple):
+    """The last checkpoint (or, before the first one, the record before the unsealed
+    ones): its ``seq`` and ``hash``, and the ``checkpoint_every`` it announced (None:
+    no checkpoint seen)."""
+
+    seq: int
+    hash: str
+    every: int | None
+
+
+def last_seal(
+    window: list[dict[str, Any]], head: ChainHead, known: tuple[int, str] | None
+) -> Seal | None:
+    """Where the sealed part of the chain ends, from the records :func:`find_head`
+    read. ``known``: the seal already known for the records before ``window`` (then
+    None is returned when ``window`` holds no checkpoint)."""
+    for record in reversed(window):
+        if is_checkpoint(record):
+            every = record.get("checkpoint_every")
+            if type(every) is not int or every < 1:
+                every = DEFAULT_CHECKPOINT_EVERY  # written before checkpoints said
+            return Seal(record["seq"], record["hash"], every)
+    if known is not None:
+        return None
+    if window:  # every record read is unsealed: the seal is just before them
+        return Seal(window[0]["seq"] - 1, window[0].get("prev", ZERO_HASH), None)
+    return Seal(head.seq, head.hash, None)
 
 
 def find_head(

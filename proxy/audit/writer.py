@@ -17,6 +17,7 @@ import collections
 import contextlib
 import fcntl
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,11 +35,13 @@ from proxy.audit.files import (
     head_path,
     next_rotated,
     open_lock,
+    open_writers,
     read_head_file,
     write_all,
 )
 from proxy.audit.keys import signing_key_from_config
 from proxy.audit.record import (
+    DEFAULT_CHECKPOINT_EVERY,
     MAX_RECORD_BYTES,
     ZERO_HASH,
     AuditUnavailable,
@@ -49,7 +52,8 @@ from proxy.audit.record import (
     seal,
     validated,
 )
-from proxy.audit.recovery import ChainHead, check_head_file, find_head
+from proxy.audit.recovery import ChainHead, check_head_file, find_head, last_seal
+from proxy.audit.witness import Witness, WitnessObserver
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
@@ -60,16 +64,22 @@ if TYPE_CHECKING:
 
 log = get_logger("mailward.audit")
 
-DEFAULT_CHECKPOINT_EVERY = 1000  # records
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
 DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 
 
-def open_audit_log(cfg: Config) -> AuditLog:
+def open_audit_log(cfg: Config, *, witnessed: bool = True) -> AuditLog:
     """The audit log as ``[audit]`` in mailward.toml describes it: the one way the
-    server and the CLI build it. Raises :class:`proxy.config.ConfigError` (one line)
-    if the signing key is missing, unreadable or not Ed25519 (PKCS#8 PEM)."""
-    return AuditLog.from_config(cfg.audit, signing_key=signing_key_from_config(cfg))
+    server and the CLI build it. ``witnessed``: report checkpoints and heads
+    (:mod:`.witness`); one-shot commands pass False (the server's next head chains over
+    their records). Raises :class:`proxy.config.ConfigError` (one line) if the signing
+    key is missing, unreadable or not Ed25519 (PKCS#8 PEM)."""
+    return AuditLog.from_config(
+        cfg.audit,
+        signing_key=signing_key_from_config(cfg),
+        instance=cfg.server.instance,
+        witness=Witness(cfg.audit.witness_url) if witnessed else None,
+    )
 
 
 class AuditLog:
@@ -89,10 +99,14 @@ class AuditLog:
         checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         clock: Callable[[], float] = time.time,
+        instance: str | None = None,
+        witness: Witness | None = None,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_interval_s <= 0 or rotate_bytes < 1:
             raise ValueError("checkpoint_every, checkpoint_interval_s, rotate_bytes must be > 0")
         self.path = Path(path)
+        self.instance = instance or socket.gethostname()
+        self.witness = witness
         self._signing_key = signing_key
         self._key_id = key_id(signing_key.public_key()) if signing_key else None
         self._checkpoint_every = checkpoint_every
@@ -102,7 +116,6 @@ class AuditLog:
 
         self.healthy = True
         self.last_error: str | None = None
-
         # Chain state, valid while _needs_recover is false.
         self._fd: int | None = None
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of _fd
@@ -110,8 +123,12 @@ class AuditLog:
         self._seq = 0
         self._head = ZERO_HASH
         self._unsealed = 0  # records since the last checkpoint
+        # (seq, hash) of the last checkpoint, and unsealed records allowed after it.
+        self._sealed_head: tuple[int, str] = (0, ZERO_HASH)
+        self._seal_limit = checkpoint_every
         self._needs_recover = True
         self._lock_fd: int | None = None
+        self._live_fd: int | None = None  # <path>.writers, held shared while open
         self._closed = False
 
         # Durability: waiters (seq, future) settled by fsyncs, oldest first.
@@ -129,13 +146,22 @@ class AuditLog:
         try:
             with self._locked():
                 self._recover(opening=True)
+            if self._head_behind():  # a recovery checkpoint, or .head left behind
+                self._sync_now()
         except (OSError, AuditUnavailable) as exc:
             self._fail(exc)
 
     # -- public API -----------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: AuditConfig, *, signing_key: Ed25519PrivateKey | None) -> AuditLog:
+    def from_config(
+        cls,
+        cfg: AuditConfig,
+        *,
+        signing_key: Ed25519PrivateKey | None,
+        instance: str | None = None,
+        witness: Witness | None = None,
+    ) -> AuditLog:
         """The log as ``[audit]`` in mailward.toml describes it."""
         return cls(
             cfg.path,
@@ -143,6 +169,8 @@ class AuditLog:
             checkpoint_every=cfg.checkpoint_every,
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             rotate_bytes=cfg.rotate_bytes,
+            instance=instance,
+            witness=witness,
         )
 
     @property
@@ -169,10 +197,13 @@ class AuditLog:
         self._sync_now()
         return record
 
-    async def start(self) -> None:
+    async def start(self, observer: WitnessObserver | None = None) -> None:
         """Start writing a checkpoint every ``checkpoint_interval_s`` while records
-        are unsealed."""
+        are unsealed, and posting checkpoints to the witness URL (the queue length
+        goes to ``observer``)."""
         import asyncio  # deferred: the CLI's sync path never needs it
+        if self.witness is not None:
+            await self.witness.start(observer)
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(
                 self._tick(), name="audit-checkpoints"
@@ -193,6 +224,8 @@ class AuditLog:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._sync_task)
         self.close_sync()
+        if self.witness is not None:
+            await self.witness.close()
 
     def close_sync(self) -> None:
         """Blocking :meth:`close` for code without an event loop (the CLI)."""
@@ -206,11 +239,11 @@ class AuditLog:
         self._closed = True
         with contextlib.suppress(RuntimeError):  # futures of an event loop already closed
             self._settle(self._seq, AuditUnavailable("audit log closed"))
-        for fd in [self._fd, self._lock_fd, *self._retired_fds]:
+        for fd in [self._fd, self._lock_fd, self._live_fd, *self._retired_fds]:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._fd = self._lock_fd = None
+        self._fd = self._lock_fd = self._live_fd = None
         self._retired_fds.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -254,7 +287,7 @@ class AuditLog:
                         return None
                     return self._write_record(self._checkpoint_body())
                 record = self._write_record(body)
-                if self._unsealed >= self._checkpoint_every:
+                if self._unsealed >= self._seal_limit:
                     # A failure is logged by _write_record and retried after the next record.
                     with contextlib.suppress(AuditUnavailable):
                         self._write_record(self._checkpoint_body())
@@ -270,7 +303,7 @@ class AuditLog:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if self._lock_fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_fd = open_lock(self.path)
         flock(self._lock_fd, fcntl.LOCK_EX)
         try:
@@ -316,12 +349,19 @@ class AuditLog:
         if is_checkpoint(body):
             self._unsealed = 0
             self._pending_head = record
+            self._sealed_head = (seq, record["hash"])
+            self._seal_limit = self._checkpoint_every
+            if self.witness is not None:
+                self.witness.written(record)
         else:
             self._unsealed += 1
         return record
 
-    def _checkpoint_body(self) -> dict[str, Any]:
-        return checkpoint_body(self._seq, self._head, self._signing_key, self._key_id)
+    def _checkpoint_body(self, recovery: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        meta = {"instance": self.instance, "checkpoint_every": self._checkpoint_every}
+        if recovery is not None:
+            meta.update(recovery, recovery=True)
+        return checkpoint_body(self._seq, self._head, self._signing_key, self._key_id, meta)
 
     def _rotate(self) -> None:
         """Seal the live file, rename it to the next ``<path>.<n>``, start a new one."""
@@ -353,7 +393,7 @@ class AuditLog:
             if self._fd is not None:
                 self._retire_fd(self._fd)
                 self._fd = None
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         try:
             st = os.fstat(fd)
@@ -369,6 +409,39 @@ class AuditLog:
         self._fd, self._file_id, self._size = fd, (st.st_dev, st.st_ino), found.size
         self._seq, self._head, self._unsealed = found.seq, found.hash, found.unsealed
         self._needs_recover = False
+        seal = last_seal(window, found, self._sealed_head if delta else None)
+        if seal is not None:
+            self._sealed_head = (seal.seq, seal.hash)
+            self._seal_limit = min(self._checkpoint_every, seal.every or self._checkpoint_every)
+        if self._live_fd is None:
+            self._claim_writer()
+
+    def _claim_writer(self) -> None:
+        """Hold ``<path>.writers`` shared while open. Taking it exclusively first
+        succeeds only if no other writer is alive: unsealed records are then the
+        tail of a process that died (a crash), sealed here by a recovery checkpoint
+        (DESIGN "Audit log"). Holds the lock."""
+        fd, alone = open_writers(self.path)
+        try:
+            if alone and self._unsealed:
+                self._seal_after_crash()
+            flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._live_fd = fd
+
+    def _seal_after_crash(self) -> None:
+        """A checkpoint marked ``recovery`` naming the head before the tail it seals
+        and how many records that tail holds; ``verify`` reports the range as sealed
+        after a crash, unwitnessed (``--strict`` fails on it)."""
+        count, (seq, digest) = self._unsealed, self._sealed_head
+        record = self._write_record(self._checkpoint_body(
+            {"previous_head": digest, "previous_head_seq": seq, "sealed": count}
+        ))
+        (log.error if count > self._seal_limit else log.warning)(
+            "audit_recovery_checkpoint", path=str(self.path), seq=record["seq"],
+            sealed=count, previous_head_seq=seq, checkpoint_every=self._seal_limit)
 
     def _reconcile_head_file(
         self, last_seq: int, window: list[dict[str, Any]], *, opening: bool
@@ -432,6 +505,8 @@ class AuditLog:
             self._settle(upto, AuditUnavailable(f"fsync of {self.path} failed: {exc}"))
             raise AuditUnavailable(f"fsync of {self.path} failed: {exc}") from exc
         self._ok()
+        if self.witness is not None:
+            self.witness.durable(upto, None, self.instance)
         self._settle(upto, None)
 
     async def _durable(self, seq: int) -> None:
@@ -453,7 +528,7 @@ class AuditLog:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="audit-fsync")
         try:
             while self._waiters:
-                fd, upto = self._fd, self._seq
+                fd, upto, head = self._fd, self._seq, self._head
                 if fd is None:
                     self._settle(upto, AuditUnavailable(f"audit log {self.path} is not open"))
                     continue
@@ -464,6 +539,8 @@ class AuditLog:
                     self._settle(upto, AuditUnavailable(f"fsync of {self.path} failed: {exc}"))
                 else:
                     self._ok()
+                    if self.witness is not None:
+                        self.witness.durable(upto, head, self.instance)
                     self._settle(upto, None)
         finally:
             self._sync_task = None

@@ -7,6 +7,7 @@ directory that holds the file.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class ServerConfig:
     policy: Path
     shutdown_grace_s: float = 10.0
     recheck_interval_s: float = 30.0
+    instance: str = ""  # names this instance in checkpoints and records [host name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class TlsConfig:
 class TrustConfig:
     device_ca: Path
     attesters: tuple[Path, ...]
+    device_reports: Literal["allow", "deny"] = "allow"
+    crl: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,7 @@ class AuditConfig:
     checkpoint_every: int = 1000
     checkpoint_interval_s: float = 60.0
     rotate_bytes: int = 64 * 1024 * 1024
+    witness_url: str | None = None  # checkpoints are POSTed here
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,8 @@ class ListenerConfig:
     upstream_connect_timeout_s: float = 10.0
     upstream_timeout_s: float = 60.0
     longpoll_timeout_s: float = 3600.0
+    #: ActiveSync: "deny" refuses a bare DeviceId claim (no device certificate).
+    eas_claims: Literal["allow", "deny"] = "allow"
 
     @property
     def upstream_host(self) -> str:
@@ -141,6 +148,8 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         device_ca=resolve(t, "device_ca", "certs/device-ca.pem"),
         attesters=tuple(resolve.path(p)
                         for p in t.strings("attesters", ["certs/mdm-attester.pem"])),
+        device_reports=t.choice("device_reports", ("allow", "deny"), "allow"),
+        crl=tuple(resolve.path(p) for p in t.strings("crl", [])),
     ))
     posture = _section(top, "posture", lambda t: _posture(t, resolve.root))
     audit = _section(top, "audit", lambda t: _audit(t, resolve))
@@ -189,6 +198,7 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
         policy=resolve(s, "policy", "config/policy.toml"),
         shutdown_grace_s=s.duration("shutdown_grace", 10.0),
         recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
+        instance=s.text("instance", "") or socket.gethostname(),
     )
 
 
@@ -213,7 +223,15 @@ def _audit(a: Table, resolve: _Resolver) -> AuditConfig:
         checkpoint_every=a.positive_int("checkpoint_every", 1000),
         checkpoint_interval_s=a.positive_duration("checkpoint_interval", 60.0),
         rotate_bytes=a.positive_int("rotate_bytes", 64 * 1024 * 1024),
+        witness_url=_witness_url(a),
     )
+
+
+def _witness_url(a: Table) -> str | None:
+    url = a.text("witness_url", "")
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise a.error("witness_url", "must be an http:// or https:// URL")
+    return url or None
 
 
 def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
@@ -221,10 +239,14 @@ def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
         host, port = split_hostport(ap.text("listen", "127.0.0.1:8443"))
     except ValueError as exc:
         raise ap.error("listen", str(exc)) from None
+    tls = ap.get("tls", bool, True)
+    if not tls and not is_loopback(host):
+        # Admin tokens and posture reports would cross the network in cleartext.
+        raise ap.error("tls", f"false is only allowed on a loopback address, not {host}")
     return ApiConfig(
         host=host,
         port=port,
-        tls=ap.get("tls", bool, True),
+        tls=tls,
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
         max_body_bytes=ap.positive_int("max_body_bytes", 512 * 1024),
     )
@@ -272,7 +294,10 @@ def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
         upstream_connect_timeout_s=t.positive_duration("upstream_connect_timeout", 10.0),
         upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
+        eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
     )
+    if lst.eas_claims == "deny" and protocol != "activesync":
+        raise t.error("eas_claims", "applies to activesync listeners only")
     t.done()
     return lst
 

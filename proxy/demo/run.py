@@ -282,7 +282,7 @@ class Demo:
             out = self.certs / "devices" / phone.device_id
             key_path, cert_path = enroll_device(
                 device_ca_cert=self.certs / "device-ca.pem",
-                device_ca_key=self.certs / "device-ca.key",
+                device_ca_key=self.certs / "offline" / "device-ca.key",
                 device_id=phone.device_id, user=phone.user, out_dir=out,
             )
             claims = make_claims(device_id=phone.device_id, user=phone.user,

@@ -1,19 +1,23 @@
-"""IMAP front end: the I/O executor around the sans-IO parser in ``imap_wire``.
+"""IMAP front end: the I/O executor of the sans-IO pre-auth conversation.
+
+The protocol logic has no I/O and lives beside this file: ``imap_wire`` parses what
+the client sends before login, ``imap_preauth`` is the conversation (events in,
+commands out: greet, answer CAPABILITY/ID/NOOP, STARTTLS, refuse cleartext logins, log
+in upstream, ask the gate, refuse or splice), and ``imap_upstream`` is the login to the
+upstream server. This module performs their commands; every ``await`` is here.
 
 One :class:`_ImapSession` per client connection:
 
-1. TLS: implicit (the handshake starts at once) or STARTTLS (bytes pipelined after the
-   command are discarded by the parser). A verified client certificate's SAN names the
-   device (``proxy.net.tls.device_id_from_ssl``).
-2. Pre-auth: CAPABILITY, NOOP, ID, LOGOUT are answered here; LOGIN / AUTHENTICATE PLAIN
-   before TLS get ``NO [PRIVACYREQUIRED]`` without touching the upstream or the gate.
-3. Login: connect upstream (implicit TLS / STARTTLS / none, certificate verified), send
-   ``ID ("x-originating-ip" ...)`` where advertised, then LOGIN with the client's tag
-   and credentials. A NO is passed back and recorded as ``auth_failed``; an OK goes to
-   ``Gate.decide``. Deny: ``* NO [ALERT]``, ``NO [AUTHORIZATIONFAILED]``, ``* BYE``.
-   Temporary deny or an unreachable upstream: ``NO [UNAVAILABLE]``.
+1. TLS: implicit (the handshake starts at once) or STARTTLS. A verified client
+   certificate's SAN names the device (``proxy.net.tls.client_cert_from_ssl``).
+2. Pre-auth: client bytes go to the layer (:meth:`_ImapSession._client_event`, with the
+   idle and total time limits), its commands are performed in order
+   (:meth:`_ImapSession._perform`), and outcomes (TLS up, the upstream's answer, the
+   gate's decision) are fed back as events.
+3. Login: connect upstream (implicit TLS / STARTTLS / none, certificate verified) and
+   run ``imap_upstream.UpstreamLogin`` to the tagged answer.
 4. Allow: the upstream's tagged OK goes to the client and both transports are spliced
-   (``_Pipe`` buffered protocols writing straight into each other's transport, with
+   (``Pipe`` buffered protocols writing straight into each other's transport, with
    pause/resume_reading driven by the peer's write buffer; no per-byte Python work and
    no coroutine per session). The session is registered with the gate, which may
    :meth:`_ImapSession.terminate` it (``* BYE <reason>``).
@@ -31,46 +35,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections import deque
 
 from proxy.frontends import FrontendContext
-from proxy.frontends.imap_wire import (
-    NEED_DATA,
-    PAUSED,
-    AuthenticateCancelled,
-    AuthenticateData,
-    AuthenticateStarted,
-    BadCommand,
-    CommandReceived,
-    Connection,
-    ContinuationNeeded,
-    IdReceived,
-    ImapProtocolError,
-    LimitExceeded,
-    LoginAttempted,
-    PrivacyRequired,
-    StartTlsRequested,
-    decode_plain,
-    quote,
+from proxy.frontends.imap_preauth import (
+    SHUTDOWN_TEXT,
+    ClientClosed,
+    Close,
+    CloseUpstream,
+    Connected,
+    Crashed,
+    DataReceived,
+    DecisionMade,
+    OpenUpstream,
+    Preauth,
+    PreauthCommand,
+    PreauthEvent,
+    RecordAuthFailed,
+    RecordUnavailable,
+    RequestDecision,
+    SendToClient,
+    ShutdownRequested,
+    Splice,
+    StartTls,
+    TimedOut,
+    TlsEstablished,
+    TlsFailed,
+    UpstreamAnswered,
+    UpstreamFailed,
+)
+from proxy.frontends.imap_syntax import RemoteProtocolError, bye_line
+from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
+from proxy.frontends.imap_upstream import (
+    LoginAnswered,
+    ReportCapabilities,
+    SendToUpstream,
+    StartUpstreamTls,
+    UpstreamCommand,
+    UpstreamDataReceived,
+    UpstreamLogin,
+    UpstreamTlsEstablished,
+    logout_command,
 )
 from proxy.gate import Identity, Origin
 from proxy.net.socket_transport import (
     SocketServer,
     SocketTransport,
     open_connection,
-    shared_read_buffer,
 )
-from proxy.net.tls import device_id_from_ssl
+from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.imap")
 
-#: Capabilities the proxy itself implements before login.
-PROXY_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")
 #: Upstream pre-auth capabilities the proxy replaces with its own view.
 _OWN_CAPABILITIES = {"IMAP4REV1", "SASL-IR", "LITERAL+", "ID", "STARTTLS", "LOGINDISABLED",
                      "LOGIN-REFERRALS"}
@@ -78,209 +97,10 @@ _OWN_CAPABILITIES = {"IMAP4REV1", "SASL-IR", "LITERAL+", "ID", "STARTTLS", "LOGI
 DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
 #: Pause reading from a pre-auth client when this many unparsed bytes are held.
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
-#: Longest upstream response (with literals) read before login; more is an error.
-MAX_UPSTREAM_RESPONSE_BYTES = 64 * 1024
-#: Write-buffer limits of each spliced transport: above HIGH the other side stops
-#: reading until the buffer drains to LOW (flow control, bounded memory per session).
-SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW = 1024 * 1024, 256 * 1024
-#: How long a closing connection may take to flush and finish TLS shutdown.
-CLOSE_LINGER_S = 2.0
-#: The same after a splice, where up to a write buffer of mail may still be in flight.
-SPLICE_CLOSE_LINGER_S = 30.0
 #: TLS 1.3 session tickets sent to IMAP clients (see ``ImapListener.start``).
 TLS_SESSION_TICKETS = 0
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
 TLS_HANDSHAKE_TIMEOUT_S = 20.0
-#: Tags of the proxy's own upstream commands (never sent to the client).
-_TAG_ID, _TAG_TLS, _TAG_CAP, _TAG_BYE = "mw.id", "mw.tls", "mw.cap", "mw.bye"
-
-UNAVAILABLE_TEXT = "The mail server is temporarily unavailable. Please try again later."
-SHUTDOWN_TEXT = "Server shutting down"
-
-_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
-_CAPS_IN_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
-
-
-class _NoEvent:
-    """Stands in for an asyncio.Event once a session no longer waits for anything."""
-
-    def set(self) -> None:
-        pass
-
-
-_NO_EVENT: Any = _NoEvent()
-
-
-class UpstreamError(Exception):
-    """The upstream is unreachable, timed out or answered nonsense."""
-
-
-# ------------------------------------------------------------------------ transports
-
-
-class _Pipe(asyncio.BufferedProtocol):
-    """One side of a proxied connection.
-
-    Reads land in the per-thread receive buffer (``shared_read_buffer``). Before
-    the splice, the bytes go to ``on_data``; after it, a slice of the buffer goes
-    straight to the peer's transport, with no per-chunk work beyond that write. When
-    our transport's write buffer passes its high-water mark (``pause_writing``), the
-    peer, which produces what we write, stops reading until it drains to the low one.
-    """
-
-    __slots__ = ("closed", "closing", "on_close", "on_data", "on_made", "peer", "transport")
-
-    def __init__(
-        self,
-        on_data: Callable[[bytes], None] | None,
-        on_close: Callable[[], None] | None = None,
-        on_made: Callable[[asyncio.BaseTransport], None] | None = None,
-    ) -> None:
-        self.on_data = on_data
-        self.on_close = on_close
-        self.on_made = on_made
-        self.peer: _Pipe | None = None
-        self.transport: Any = None
-        self.closed = False
-        self.closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if self.on_made is not None:
-            self.on_made(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return shared_read_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        view = shared_read_buffer()[:nbytes]
-        peer = self.peer
-        if peer is not None:
-            peer.transport.write(view)  # what it cannot send now, it copies
-        elif self.on_data is not None:
-            self.on_data(bytes(view))
-
-    def start_splice(self, peer: _Pipe) -> None:
-        """From now on, what we read goes to ``peer``'s transport."""
-        self.peer = peer
-        self.on_data = None
-        with contextlib.suppress(Exception):  # a closing transport may refuse
-            self.transport.set_write_buffer_limits(SPLICE_WRITE_HIGH, SPLICE_WRITE_LOW)
-
-    def eof_received(self) -> bool:
-        return False  # IMAP has no half-close: close both ways
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            peer.close(SPLICE_CLOSE_LINGER_S)  # flushes what is buffered first
-        if self.on_close is not None:
-            self.on_close()
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self, linger_s: float | None = None) -> None:
-        """Close after flushing; abort if still open after ``linger_s`` (a TLS peer
-        that never answers close_notify would otherwise hold it for 30 s)."""
-        if self.transport is not None and not self.closed and not self.closing:
-            self.closing = True
-            self.transport.close()
-            asyncio.get_running_loop().call_later(
-                CLOSE_LINGER_S if linger_s is None else linger_s, self.abort)
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
-
-
-class _Upstream:
-    """Pre-auth conversation with the upstream server: read response lines."""
-
-    __slots__ = ("_wakeup", "buf", "capabilities", "pipe")
-
-    def __init__(self) -> None:
-        self.pipe = _Pipe(self._on_data, self._on_close)
-        self.buf = bytearray()
-        self._wakeup = asyncio.Event()
-        self.capabilities: list[str] = []
-
-    def _on_data(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > MAX_UPSTREAM_RESPONSE_BYTES:
-            self.pipe.transport.pause_reading()
-        self._wakeup.set()
-
-    def _on_close(self) -> None:
-        self._wakeup.set()
-
-    async def _fill(self, deadline: float) -> None:
-        if self.pipe.closed:
-            raise UpstreamError("upstream closed the connection")
-        self._wakeup.clear()
-        timeout = deadline - asyncio.get_running_loop().time()
-        if timeout <= 0:
-            raise UpstreamError("upstream timed out")
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            raise UpstreamError("upstream timed out") from None
-
-    async def read_response(self, deadline: float) -> bytes:
-        """One response line, literals inlined; CRLF included."""
-        pos = 0
-        while True:
-            nl = self.buf.find(b"\n", pos)
-            if nl < 0:
-                if len(self.buf) > MAX_UPSTREAM_RESPONSE_BYTES:
-                    raise UpstreamError("upstream response too long")
-                await self._fill(deadline)
-                continue
-            m = _LITERAL_AT_END.search(self.buf, pos, nl + 1)
-            if m is None:
-                line = bytes(self.buf[: nl + 1])
-                del self.buf[: nl + 1]
-                return line
-            end = nl + 1 + int(m.group(1))
-            while len(self.buf) < end:
-                if len(self.buf) > MAX_UPSTREAM_RESPONSE_BYTES:
-                    raise UpstreamError("upstream response too long")
-                await self._fill(deadline)
-            pos = end
-
-    async def read_tagged(self, tag: str, deadline: float) -> tuple[list[bytes], bytes]:
-        """Lines up to and including the response tagged ``tag``."""
-        untagged: list[bytes] = []
-        prefix = tag.encode() + b" "
-        while True:
-            line = await self.read_response(deadline)
-            if line.startswith(prefix):
-                return untagged, line
-            if line.startswith(b"* BYE"):
-                raise UpstreamError(f"upstream said {line[:200]!r}")
-            untagged.append(line)
-
-    def write(self, data: bytes) -> None:
-        self.pipe.write(data)
-
-
-def _status(line: bytes, tag: str) -> str:
-    rest = line[len(tag) + 1 :]
-    return rest.split(b" ", 1)[0].upper().decode("ascii", "replace")
-
-
-def _capabilities(text: bytes) -> list[str]:
-    return [c.decode("ascii", "replace") for c in text.split() if c]
 
 
 # -------------------------------------------------------------------------- listener
@@ -324,6 +144,10 @@ class ImapListener:
         SocketTransport(asyncio.get_running_loop(), sock, _ImapSession(self).client,
                         start_reading=self.listener.tls != "implicit")
 
+    def capabilities(self) -> list[str]:
+        """What pre-auth CAPABILITY shows of the upstream's capabilities."""
+        return self.upstream_capabilities
+
     def learn_capabilities(self, caps: list[str]) -> None:
         """Pre-auth capabilities of the upstream (from its greeting), minus our own."""
         keep = [c for c in caps
@@ -355,25 +179,22 @@ async def start(ctx: FrontendContext) -> ImapListener:
 
 
 class _ImapSession:
-    """One client connection: pre-auth conversation, then a registered live session."""
+    """One client connection: the executor of its pre-auth layer (``imap_preauth``),
+    then a registered live session. Every ``await`` of the pre-auth phase is here."""
 
     __slots__ = (
         "_deadline",
-        "_decided",
-        "_end_detail",
-        "_end_reason",
+        "_inbox",
         "_reading_paused",
         "_spliced",
         "_task",
         "_wakeup",
         "cfg",
         "client",
-        "client_id",
         "client_port",
-        "conn",
-        "device_id",
         "gate",
         "identity",
+        "layer",
         "origin",
         "owner",
         "upstream",
@@ -383,25 +204,21 @@ class _ImapSession:
         self.owner = owner
         self.cfg = owner.listener
         self.gate = owner.ctx.gate
-        self.client = _Pipe(self._on_client_data, self._on_client_close, self._on_made)
-        self.conn: Connection | None = Connection(
+        self.client = Pipe(self._on_client_data, self._on_client_close, self._on_made)
+        self.layer: Preauth | None = Preauth(
+            tls_mode=self.cfg.tls,
+            cleartext_allowed=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
             max_commands=self.cfg.max_preauth_commands,
-            tls=False,
-            starttls=self.cfg.tls == "starttls",
-            cleartext_login=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
+            upstream_capabilities=owner.capabilities,
         )
         self.identity = Identity("")
         self.origin = Origin("imap", self.cfg.name, "", self.cfg.unidentified)
-        self.device_id: str | None = None
-        self.upstream: _Upstream | None = None
-        self.client_id: tuple[tuple[str, str | None], ...] | None = None
+        self.upstream: UpstreamConnection | None = None
         self.client_port = 0
+        self._inbox = bytearray()  # client bytes not yet fed to the layer
         self._wakeup = asyncio.Event()
         self._reading_paused = False
-        self._decided = False
         self._spliced = False
-        self._end_reason = "client_closed"
-        self._end_detail = ""
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0
 
@@ -415,11 +232,12 @@ class _ImapSession:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _on_client_data(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None:
+        layer = self.layer
+        if layer is None:
             return
-        conn.receive_data(data)
-        if conn.buffered > PREAUTH_READ_PAUSE_BYTES and not self._reading_paused:
+        self._inbox += data
+        held = len(self._inbox) + layer.buffered
+        if held > PREAUTH_READ_PAUSE_BYTES and not self._reading_paused:
             self._reading_paused = True
             self.client.transport.pause_reading()
         self._wakeup.set()
@@ -429,37 +247,98 @@ class _ImapSession:
         if self._spliced:
             self._finish_spliced()
 
-    # ---------------------------------------------------------------- run
+    # ------------------------------------------------------------ executor
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            if self.cfg.tls == "implicit" and not await self._start_tls():
-                return
-            self._send(Connection.send_greeting(self._capabilities(), "mailward ready"))
-            await self._preauth()
+            assert self.layer is not None
+            await self._execute(self.layer.handle(Connected()))
+            self._deadline = loop.time() + self.cfg.preauth_timeout_s
+            while self.layer is not None and not self.layer.finished:
+                await self._execute(self.layer.handle(await self._client_event()))
         except Exception as exc:  # a bug must not take the listener down
             log.exception("imap session failed", client_ip=self.origin.client_ip)
-            self._end_reason, self._end_detail = "internal_error", type(exc).__name__
             self.client.abort()
+            if self.layer is not None:
+                await self._execute(self.layer.handle(Crashed(type(exc).__name__)))
         finally:
             if not self._spliced:
-                await self._finish_preauth()
+                self.client.close()
+                self._logout_upstream()
+                self.layer = None
+                self.owner.sessions.discard(self)
             self._task = None  # a live session keeps no task or coroutine alive
 
-    async def _finish_preauth(self) -> None:
-        self.client.close()
-        if self.upstream is not None:
-            self._logout_upstream()
-        if not self._decided:
-            await self.gate.record_session_end(
-                self.origin, self._end_reason,
-                identity=self.identity if self.identity.user else None,
-                detail=self._end_detail,
-            )
-        self.conn = None
-        self.owner.sessions.discard(self)
+    async def _client_event(self) -> PreauthEvent:
+        """What the client did next: sent bytes, closed, or let a time limit pass."""
+        loop = asyncio.get_running_loop()
+        while not self._inbox:
+            if self.client.closed:
+                return ClientClosed()
+            if self._reading_paused:
+                self._reading_paused = False
+                self.client.transport.resume_reading()
+            remaining = self._deadline - loop.time()
+            self._wakeup.clear()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(
+                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
+            except TimeoutError:
+                return TimedOut(total=loop.time() >= self._deadline)
+        return DataReceived(self._take_inbox())
 
-    async def _start_tls(self) -> bool:
+    def _take_inbox(self) -> bytes:
+        data = bytes(self._inbox)
+        self._inbox.clear()
+        return data
+
+    async def _execute(self, commands: list[PreauthCommand]) -> None:
+        """Perform commands in order; an outcome goes back to the layer, after the
+        client bytes that arrived before it (events in the order they happened)."""
+        queue = deque(commands)
+        while queue:
+            outcome = await self._perform(queue.popleft())
+            layer = self.layer
+            if outcome is not None and layer is not None:
+                if self._inbox:
+                    queue.extend(layer.handle(DataReceived(self._take_inbox())))
+                queue.extend(layer.handle(outcome))
+
+    async def _perform(self, command: PreauthCommand) -> PreauthEvent | None:
+        """One command; returns the outcome event of those that have one."""
+        match command:
+            case SendToClient(data):
+                self.client.write(data)
+            case StartTls():
+                return await self._start_tls()
+            case OpenUpstream():
+                return await self._open_upstream(command)
+            case RequestDecision(identity):
+                decision = await self.gate.decide(identity, self.origin)
+                return DecisionMade(decision, shutting_down=self.owner.closing)
+            case RecordAuthFailed(identity):
+                await self.gate.record_auth_failed(identity, self.origin)
+            case RecordUnavailable(identity, detail):
+                await self.gate.record_deny(
+                    identity, self.origin, "upstream_unavailable",
+                    f"upstream unavailable: {detail}", temporary=True)
+            case CloseUpstream():
+                self._logout_upstream()
+            case Splice(answer, pipelined, identity):
+                self._splice(answer, pipelined, identity)
+            case Close(record):
+                self.client.close()
+                self._logout_upstream()
+                if record is not None:
+                    await self.gate.record_session_end(
+                        self.origin, record.reason, identity=record.identity,
+                        detail=record.detail)
+        return None
+
+    async def _start_tls(self) -> PreauthEvent:
         ctx = self.owner.ctx.server_tls
         if ctx is None:
             raise RuntimeError("TLS listener without a server TLS context")
@@ -468,315 +347,90 @@ class _ImapSession:
         try:  # aborts the connection if it fails
             await transport.start_tls(ctx, server_side=True, timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self._end_reason = "tls_failed"
-            self._end_detail = str(exc)[:200] or type(exc).__name__
-            return False
-        self.device_id = device_id_from_ssl(transport.get_extra_info("ssl_object"))
-        assert self.conn is not None
-        if self.conn.state.value == "starttls":
-            self.conn.starttls_done()
-        else:
-            self.conn.tls = True
-        return True
+            return TlsFailed(str(exc)[:200] or type(exc).__name__)
+        cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
+        return TlsEstablished(cert.device_id if cert else None, cert)
 
-    def _send(self, data: bytes) -> None:
-        self.client.write(data)
+    # ------------------------------------------------------------------ upstream
 
-    def _cleartext_ok(self) -> bool:
-        assert self.conn is not None
-        return self.conn.tls or (self.cfg.allow_cleartext_auth and self.cfg.is_loopback)
-
-    def _capabilities(self) -> list[str]:
-        caps = list(PROXY_CAPABILITIES)
-        assert self.conn is not None
-        if not self.conn.tls and self.cfg.tls == "starttls":
-            caps.append("STARTTLS")
-        if self._cleartext_ok():
-            caps.append("AUTH=PLAIN")
-        else:
-            caps.append("LOGINDISABLED")
-        return caps + self.owner.upstream_capabilities
-
-    async def _next_event(self) -> Any:
-        """The next parser event, or None when the connection should end."""
-        conn = self.conn
-        assert conn is not None
-        loop = asyncio.get_running_loop()
-        deadline = self._deadline
-        while True:
-            ev = conn.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            if self.client.closed:
-                return None
-            if self._reading_paused:
-                self._reading_paused = False
-                self.client.transport.resume_reading()
-            remaining = deadline - loop.time()
-            self._wakeup.clear()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(
-                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining)
-                )
-            except TimeoutError:
-                total = loop.time() >= deadline
-                self._end_reason = "preauth_timeout" if total else "idle_timeout"
-                self._send(Connection.send_bye("Autologout; too slow before login"))
-                return None
-
-    async def _preauth(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self.cfg.preauth_timeout_s
-        conn = self.conn
-        assert conn is not None
-        while True:
-            ev = await self._next_event()
-            if ev is None or ev is PAUSED:
-                return
-            if isinstance(ev, CommandReceived):
-                if ev.name == "CAPABILITY":
-                    self._send(Connection.send_capability(self._capabilities())
-                               + Connection.send_tagged(ev.tag, "OK", "CAPABILITY completed"))
-                elif ev.name == "NOOP":
-                    self._send(Connection.send_tagged(ev.tag, "OK", "NOOP completed"))
-                else:  # LOGOUT
-                    self._end_reason = "logout"
-                    self._send(Connection.send_bye("Logging out")
-                               + Connection.send_tagged(ev.tag, "OK", "LOGOUT completed"))
-                    return
-            elif isinstance(ev, IdReceived):
-                self.client_id = ev.fields
-                self._send(Connection.send_id({"name": "mailward"})
-                           + Connection.send_tagged(ev.tag, "OK", "ID completed"))
-            elif isinstance(ev, StartTlsRequested):
-                self._send(Connection.send_tagged(ev.tag, "OK", "Begin TLS negotiation now"))
-                if not await self._start_tls():
-                    return
-            elif isinstance(ev, ContinuationNeeded):
-                self._send(Connection.send_continuation("Ready"))
-            elif isinstance(ev, PrivacyRequired):  # dropped by the parser: no LOGIN state
-                self._send_privacy_required(ev.tag)
-            elif isinstance(ev, LoginAttempted):
-                if await self._login(ev.tag, ev.user, ev.password):
-                    return
-            elif isinstance(ev, AuthenticateStarted):
-                if not self._cleartext_ok():
-                    self._refuse_cleartext(ev.tag)
-                elif ev.initial_response is None:
-                    self._send(Connection.send_continuation())
-                elif await self._authenticate(ev.tag, ev.initial_response):
-                    return
-            elif isinstance(ev, AuthenticateData):
-                if await self._authenticate(ev.tag, ev.data):
-                    return
-            elif isinstance(ev, AuthenticateCancelled):
-                self._send(Connection.send_tagged(ev.tag, "BAD", "AUTHENTICATE cancelled"))
-            elif isinstance(ev, BadCommand):
-                self._end_reason = "bad_syntax"
-                self._send(Connection.send_tagged(ev.tag, "BAD", ev.text))
-            elif isinstance(ev, LimitExceeded):
-                self._end_reason = f"limit_{ev.limit}"
-                if ev.tag:
-                    self._send(Connection.send_tagged(ev.tag, "BAD", ev.text))
-                self._send(Connection.send_bye(ev.text))
-                return
-
-    def _refuse_cleartext(self, tag: str) -> None:
-        assert self.conn is not None
-        self._send_privacy_required(tag)
-        self.conn.login_refused()
-
-    def _send_privacy_required(self, tag: str) -> None:
-        self._end_reason = "cleartext_refused"
-        self._send(Connection.send_tagged(
-            tag, "NO", "Use STARTTLS or the TLS port before logging in", "PRIVACYREQUIRED"))
-
-    async def _authenticate(self, tag: str, message: bytes) -> bool:
-        assert self.conn is not None
+    async def _open_upstream(self, command: OpenUpstream) -> PreauthEvent:
         try:
-            authzid, user, password = decode_plain(message)
-        except ImapProtocolError as exc:
-            self._end_reason = "bad_syntax"
-            self._send(Connection.send_tagged(tag, "BAD", str(exc)))
-            self.conn.login_refused()
-            return False
-        if authzid and authzid != user:
-            # Logging in as someone else would bypass the per-user device check.
-            self._end_reason = "authzid_refused"
-            self._send(Connection.send_tagged(
-                tag, "NO", "Authorization identity not supported", "CANNOT"))
-            self.conn.login_refused()
-            return False
-        return await self._login(tag, user, password)
-
-    # ------------------------------------------------------------------ login
-
-    async def _login(self, tag: str, user: str, password: str) -> bool:
-        """Returns True when the connection is over (refused for good or spliced)."""
-        conn = self.conn
-        assert conn is not None
-        if not self._cleartext_ok():
-            self._refuse_cleartext(tag)
-            return False
-        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
-        try:
-            untagged, tagged = await self._upstream_login(tag, user, password)
-        except (UpstreamError, OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            answer = await self._upstream_login(command)
+        except (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
+                ConnectionError) as exc:
             detail = str(exc)[:200] or type(exc).__name__
             log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
-            self._send(Connection.send_tagged(tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
-                       + Connection.send_bye(UNAVAILABLE_TEXT))
-            # A login attempt over TLS: its one decision record is a temporary deny.
-            self._decided = True
-            await self.gate.record_deny(
-                self.identity, self.origin, "upstream_unavailable",
-                f"upstream unavailable: {detail}", temporary=True)
-            return True
-        if _status(tagged, tag) != "OK":
-            self._send(tagged)  # the upstream's own answer, e.g. NO [AUTHENTICATIONFAILED]
-            self._logout_upstream()
-            self._decided = True
-            await self.gate.record_auth_failed(self.identity, self.origin)
-            conn.login_refused()
-            return False
-        decision = await self.gate.decide(self.identity, self.origin)
-        self._decided = True
-        if not decision.allow:
-            self._logout_upstream()
-            text = decision.user_text()
-            if decision.temporary:
-                self._send(Connection.send_tagged(tag, "NO", text, "UNAVAILABLE"))
-                conn.login_refused()
-                return False
-            self._send(Connection.send_untagged("NO", text, "ALERT")
-                       + Connection.send_tagged(tag, "NO", text, "AUTHORIZATIONFAILED")
-                       + Connection.send_bye("Access denied by policy"))
-            return True
-        if self.owner.closing:  # the listener is shutting down: do not start a session
-            self._logout_upstream()
-            self._send(Connection.send_tagged(tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
-                       + Connection.send_bye(SHUTDOWN_TEXT))
-            return True
-        if self.client.closed or self.upstream is None or self.upstream.pipe.closed:
-            return True
-        self._send(b"".join(untagged) + tagged)
-        self._splice(conn.login_accepted())
-        return True
+            return UpstreamFailed(detail)
+        return UpstreamAnswered(answer.ok, answer.untagged, answer.tagged)
 
-    async def _upstream_login(
-        self, tag: str, user: str, password: str
-    ) -> tuple[list[bytes], bytes]:
+    async def _upstream_login(self, command: OpenUpstream) -> LoginAnswered:
+        """Connect and run the sans-IO ``UpstreamLogin`` to its tagged answer."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        up = _Upstream()
-        self.upstream = up
-        host, port = cfg.upstream_host, cfg.upstream_port
+        up = self.upstream = UpstreamConnection()
         tls_ctx = self.owner.ctx.upstream_tls
-        implicit = cfg.upstream_tls == "implicit"
         if cfg.upstream_tls != "none" and tls_ctx is None:
             raise UpstreamError("upstream TLS configured without a TLS context")
         try:
             up.pipe.transport = await open_connection(
-                host, port, up.pipe, tls=tls_ctx if implicit else None,
+                cfg.upstream_host, cfg.upstream_port, up.pipe,
+                tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
                 timeout=cfg.upstream_connect_timeout_s)
         except TimeoutError:
             raise UpstreamError("connecting to the upstream timed out") from None
         deadline = loop.time() + cfg.upstream_timeout_s
-        greeting = await up.read_response(deadline)
-        if not greeting.upper().startswith(b"* OK"):
-            raise UpstreamError(f"upstream greeting {greeting[:100]!r}")
-        caps_m = _CAPS_IN_CODE.search(greeting)
-        if cfg.upstream_tls == "starttls":
-            up.write(f"{_TAG_TLS} STARTTLS\r\n".encode())
-            _, line = await up.read_tagged(_TAG_TLS, deadline)
-            if _status(line, _TAG_TLS) != "OK":
-                raise UpstreamError("upstream refused STARTTLS")
-            assert tls_ctx is not None
-            await up.pipe.transport.start_tls(tls_ctx, server_side=False, server_hostname=host,
-                                              timeout=max(0.1, deadline - loop.time()))
-            caps_m = None  # capabilities before TLS are not to be trusted
-        if caps_m is not None:
-            caps = _capabilities(caps_m.group(1))
-        else:
-            up.write(f"{_TAG_CAP} CAPABILITY\r\n".encode())
-            untagged, _ = await up.read_tagged(_TAG_CAP, deadline)
-            caps = next((_capabilities(u[len(b"* CAPABILITY "):].strip()) for u in untagged
-                         if u.upper().startswith(b"* CAPABILITY ")), [])
-        self.owner.learn_capabilities(caps)
-        upper = {c.upper() for c in caps}
-        literal_plus = "LITERAL+" in upper
-        out = b""
-        sent_id = "ID" in upper
-        if sent_id:
-            out += self._id_command()
-        head, parts = f"{tag} LOGIN ".encode(), [user, password]
-        # Pipelined: ID and LOGIN go out together, saving a round trip.
-        out += head
-        for i, value in enumerate(parts):
-            raw = value.encode("utf-8")
-            sep = b" " if i == 0 else b"\r\n"
-            if _quotable(raw):
-                out += quote(value).encode() + sep
-            elif literal_plus:
-                out += b"{%d+}\r\n" % len(raw) + raw + sep
-            else:
-                up.write(out + b"{%d}\r\n" % len(raw))
-                out = b""
-                if sent_id:  # the ID command's answers come first, under its own tag
-                    await up.read_tagged(_TAG_ID, deadline)
-                    sent_id = False
-                while True:  # until the continuation request for the literal
-                    line = await up.read_response(deadline)
-                    if line.startswith(b"+"):
-                        break
-                    if line.startswith(tag.encode() + b" "):
-                        return [], line
-                out += raw + sep
-        up.write(out)
-        if sent_id:  # drop the ID command's answers; what follows belongs to LOGIN
-            await up.read_tagged(_TAG_ID, deadline)
-        return await up.read_tagged(tag, deadline)
-
-    def _id_command(self) -> bytes:
-        fields: list[tuple[str, str]] = []
-        for k, v in self.client_id or ():
-            # Names as well as values: a CR/LF in either would inject upstream commands.
-            if (v is not None and not k.lower().startswith("x-") and _quotable(k.encode())
-                    and _quotable(v.encode())):
-                fields.append((k, v))
-        fields.append(("x-originating-ip", self.origin.client_ip))
-        fields.append(("x-originating-port", str(self.client_port)))
-        body = " ".join(f"{quote(k)} {quote(v)}" for k, v in fields[-30:])
-        return f"{_TAG_ID} ID ({body})\r\n".encode()
+        login = UpstreamLogin(
+            tag=command.tag, user=command.user, password=command.password,
+            starttls=cfg.upstream_tls == "starttls", id_fields=command.client_id,
+            client_ip=self.origin.client_ip, client_port=self.client_port)
+        queue: deque[UpstreamCommand] = deque()
+        while True:
+            if not queue:
+                queue.extend(login.handle(UpstreamDataReceived(await up.receive(deadline))))
+                continue
+            match queue.popleft():
+                case SendToUpstream(data):
+                    up.pipe.write(data)
+                case StartUpstreamTls():
+                    assert tls_ctx is not None
+                    await up.pipe.transport.start_tls(
+                        tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
+                        timeout=max(0.1, deadline - loop.time()))
+                    queue.extend(login.handle(UpstreamDataReceived(up.take())))
+                    queue.extend(login.handle(UpstreamTlsEstablished()))
+                case ReportCapabilities(caps):
+                    self.owner.learn_capabilities(list(caps))
+                case LoginAnswered() as answer:
+                    up.inbox[:0] = login.rest  # the client's, once spliced
+                    return answer
 
     def _logout_upstream(self) -> None:
         up, self.upstream = self.upstream, None
         if up is not None and not up.pipe.closed:
-            up.write(f"{_TAG_BYE} LOGOUT\r\n".encode())
+            up.pipe.write(logout_command())
             up.pipe.close()
 
     # ------------------------------------------------------------------ splice
 
-    def _splice(self, pipelined: bytes) -> None:
+    def _splice(self, answer: bytes, pipelined: bytes, identity: Identity) -> None:
         """Join client and upstream; from here on bytes flow without Python parsing."""
-        up = self.upstream
-        assert up is not None
-        client, upipe = self.client, up.pipe
+        up, client = self.upstream, self.client
+        if client.closed or up is None or up.pipe.closed:
+            return  # nothing to join: the executor's cleanup closes what is left
+        client.write(answer)
+        upipe = up.pipe
+        self.identity = identity
         self._spliced = True
-        self.conn = None  # the parser and its buffers are no longer needed
+        # Drop pre-auth state: phones hold sessions for hours, memory per session counts.
+        self.layer = None
+        self._inbox = bytearray()
+        self._wakeup = NO_EVENT
         client.start_splice(upipe)
         upipe.start_splice(client)
         upipe.on_close = self._finish_spliced
-        if up.buf:
-            client.write(bytes(up.buf))
-        # Drop pre-auth state: phones hold sessions for hours, memory per session counts.
-        up.buf = bytearray()
-        up.capabilities = []
-        self.client_id = None
-        self._wakeup = _NO_EVENT
-        up._wakeup = _NO_EVENT
+        leftover = up.release()
+        if leftover:
+            client.write(leftover)
         if pipelined:
             upipe.write(pipelined)
         if self._reading_paused:
@@ -803,7 +457,7 @@ class _ImapSession:
     async def terminate(self, text: str) -> None:
         """End a live session now (``LiveSession``); never raises."""
         with contextlib.suppress(Exception):
-            self._send(Connection.send_bye(text))
+            self.client.write(bye_line(text))
             self.client.close()
             if self.upstream is not None:
                 self.upstream.pipe.close()
@@ -816,15 +470,10 @@ class _ImapSession:
             self.gate.unregister(self)
             await self.gate.record_session_end(self.origin, "shutdown", identity=self.identity)
             await self.terminate(SHUTDOWN_TEXT)
+        elif self.layer is not None:
+            await self._execute(self.layer.handle(ShutdownRequested()))
         else:
-            self._end_reason = "shutdown"
-            self._send(Connection.send_bye(SHUTDOWN_TEXT))
             self.client.close()
-
-
-def _quotable(raw: bytes) -> bool:
-    """Safe as an IMAP4rev1 quoted string: 7-bit, no CR/LF/NUL, not too long."""
-    return len(raw) < 1000 and all(0x20 <= b < 0x7F for b in raw)
 
 
 __all__ = ["ImapListener", "start"]

@@ -11,51 +11,65 @@ bytes, talks to the upstream and the gate, and tells the connection how things w
 Only what a client may say before login is understood: CAPABILITY, NOOP, LOGOUT, ID
 (RFC 2971), STARTTLS, LOGIN (atoms, quoted strings, literals ``{n}`` and ``{n+}``) and
 AUTHENTICATE PLAIN with or without an initial response (RFC 4959). Anything else gets a
-:class:`BadCommand`. Every buffer is bounded by the limits below; exceeding one gives a
+:class:`BadCommand`. Every buffer is bounded by the limits in ``imap_syntax``
+(``MAX_LINE_BYTES`` and friends, re-exported here); exceeding one gives a
 :class:`LimitExceeded` event, after which the connection is dead (the executor answers
 and closes). Time limits (idle, total pre-auth time) belong to the executor: a sans-IO
 parser has no clock.
 
+Errors say whose fault they are: :class:`RemoteProtocolError` when the client's input
+made the connection unusable (any input either parses or raises this, never anything
+else), :class:`LocalProtocolError` when the caller reports an outcome the state does not
+allow. Both are :class:`ImapProtocolError`.
+
 Everything that affects the state machine lives in :data:`TRANSITIONS` and the methods
-that use it.
+that use it. The lexer and the reply builders live in ``imap_syntax``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
-import re
 from dataclasses import dataclass, field
 
-# ----------------------------------------------------------------------------- limits
-
-#: Longest command line (without literals), CRLF included.
-MAX_LINE_BYTES = 8 * 1024
-#: Largest literal accepted before login (LOGIN user/password, ID values).
-MAX_LITERAL_BYTES = 8 * 1024
-#: Largest whole command, lines plus literals (bounds a command built of many literals).
-MAX_COMMAND_BYTES = 4 * 8 * 1024
-#: Default number of commands a client may send before it is logged in.
-MAX_PREAUTH_COMMANDS = 50
-#: RFC 2971: at most 30 field/value pairs in an ID command.
-MAX_ID_FIELDS = 30
-#: Tags the proxy uses for its own upstream commands; a client may not use them, or an
-#: answer meant for the proxy could pass for the answer to the client's LOGIN.
-RESERVED_TAG_PREFIX = "mw."
-#: Mechanisms this proxy can relay (it needs the password to log in upstream).
-SUPPORTED_MECHANISMS = ("PLAIN",)
-
-
-class ImapProtocolError(Exception):
-    """The connection cannot be used any more: the peer broke a limit earlier or the
-    caller used the connection in a state that does not allow it."""
-
+from proxy.frontends.imap_syntax import (
+    LITERAL_AT_END,
+    LPAREN,
+    MAX_COMMAND_BYTES,
+    MAX_ID_FIELDS,
+    MAX_LINE_BYTES,
+    MAX_LITERAL_BYTES,
+    MAX_PREAUTH_COMMANDS,
+    RESERVED_TAG_PREFIX,
+    RPAREN,
+    SUPPORTED_MECHANISMS,
+    TAG_RE,
+    ImapProtocolError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StringToken,
+    SyntaxProblem,
+    Token,
+    astring,
+    bye_line,
+    capability_line,
+    continuation_line,
+    decode_plain,
+    greeting_line,
+    id_line,
+    nstring,
+    quote,
+    sasl_base64,
+    tagged_line,
+    tokens,
+    untagged_line,
+)
 
 # ----------------------------------------------------------------------------- events
 
 
-class _Sentinel:
+class Sentinel:
+    """The type of NEED_DATA and PAUSED (not events)."""
+
     def __init__(self, name: str) -> None:
         self._name = name
 
@@ -64,10 +78,10 @@ class _Sentinel:
 
 
 #: ``next_event`` needs more bytes from the client.
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA = Sentinel("NEED_DATA")
 #: ``next_event`` will not produce events until the executor reports an outcome
 #: (STARTTLS handshake, login result) or because the conversation is over.
-PAUSED = _Sentinel("PAUSED")
+PAUSED = Sentinel("PAUSED")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +180,7 @@ Event = (
     | AuthenticateData
     | AuthenticateCancelled
     | ContinuationNeeded
+    | PrivacyRequired
     | BadCommand
     | LimitExceeded
 )
@@ -201,121 +216,6 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AWAITING_LOGIN, "login_accepted"): State.AUTHENTICATED,
 }
 
-# ----------------------------------------------------------------------------- lexing
-
-_LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n\Z")
-_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x20)) | {0x7F}
-_TAG_RE = re.compile(rb"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]+")  # ASTRING-CHAR minus "+"
-
-
-class _Syntax(Exception):
-    """Internal: a command is malformed (becomes a BadCommand)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Literal:
-    data: bytes
-
-
-_LPAREN, _RPAREN = object(), object()
-_Token = bytes | _Literal | object  # atom bytes, string, or a paren marker
-
-
-def _tokens(segments: list[bytes | _Literal]) -> list[_Token]:
-    """Split a command (text segments and literals, in order) into tokens. A quoted
-    string becomes a ``_Literal`` too: both are strings, unlike atoms."""
-    out: list[_Token] = []
-    for seg in segments:
-        if isinstance(seg, _Literal):
-            out.append(seg)
-            continue
-        i, n = 0, len(seg)
-        while i < n:
-            c = seg[i]
-            if c == 0x20:
-                i += 1
-            elif c == 0x28:
-                out.append(_LPAREN)
-                i += 1
-            elif c == 0x29:
-                out.append(_RPAREN)
-                i += 1
-            elif c == 0x22:
-                buf = bytearray()
-                i += 1
-                while True:
-                    if i >= n:
-                        raise _Syntax("unterminated quoted string")
-                    c = seg[i]
-                    if c == 0x5C:
-                        if i + 1 >= n or seg[i + 1] not in (0x22, 0x5C):
-                            raise _Syntax("bad escape in quoted string")
-                        buf.append(seg[i + 1])
-                        i += 2
-                    elif c == 0x22:
-                        i += 1
-                        break
-                    elif c in (0x0D, 0x0A, 0x00):
-                        raise _Syntax("bad character in quoted string")
-                    else:
-                        buf.append(c)
-                        i += 1
-                out.append(_Literal(bytes(buf)))
-            else:
-                start = i
-                while i < n and seg[i] not in _ATOM_SPECIALS:
-                    i += 1
-                if i == start:
-                    raise _Syntax(f"unexpected character {chr(c)!r}")
-                out.append(seg[start:i])
-    return out
-
-
-def _text(tok: _Token, what: str) -> str:
-    """An astring as text: atom or string, UTF-8."""
-    if isinstance(tok, _Literal):
-        raw = tok.data
-    elif isinstance(tok, bytes):
-        raw = tok
-    else:
-        raise _Syntax(f"{what}: expected a string")
-    if b"\x00" in raw:
-        raise _Syntax(f"{what}: NUL is not allowed")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Syntax(f"{what}: not UTF-8") from None
-
-
-def _nstring(tok: _Token, what: str) -> str | None:
-    if isinstance(tok, bytes) and tok.upper() == b"NIL":
-        return None
-    if not isinstance(tok, _Literal):
-        raise _Syntax(f"{what}: expected a string or NIL")
-    return _text(tok, what)
-
-
-def decode_plain(message: bytes) -> tuple[str, str, str]:
-    """RFC 4616 PLAIN message -> (authzid, authcid, password)."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3 or not parts[1]:
-        raise ImapProtocolError("malformed PLAIN credentials")
-    try:
-        authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    except UnicodeDecodeError:
-        raise ImapProtocolError("PLAIN credentials are not UTF-8") from None
-    return authzid, authcid, password
-
-
-def _b64(data: bytes) -> bytes:
-    if data == b"=":  # RFC 4959: "=" is an empty initial response
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise _Syntax("invalid base64") from None
-
-
 # ------------------------------------------------------------------------- connection
 
 
@@ -339,7 +239,7 @@ class Connection:
         self._buf = bytearray()
         self._pos = 0  # start of unparsed data in _buf
         # The command being assembled: text segments and literals, in order.
-        self._segments: list[bytes | _Literal] = []
+        self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
         self._literal_left: int | None = None  # bytes still to read into a literal
         self._literal_sync_pending = False
@@ -360,9 +260,9 @@ class Connection:
             return  # pipelined after STARTTLS: discarded (STARTTLS injection)
         self._buf += data
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
-            raise ImapProtocolError("connection is unusable after a broken limit")
+            raise RemoteProtocolError("connection is unusable after a broken limit", reply="BYE")
         if self.state in (State.STARTTLS, State.AWAITING_LOGIN, State.AUTHENTICATED,
                           State.LOGGED_OUT):
             return PAUSED
@@ -397,18 +297,19 @@ class Connection:
         try:
             self.state = TRANSITIONS[(self.state, trigger)]
         except KeyError:
-            raise ImapProtocolError(f"{trigger} not allowed in state {self.state.value}") from None
+            raise LocalProtocolError(
+                f"{trigger} not allowed in state {self.state.value}") from None
 
     # ----------------------------------------------------------------- parsing
 
-    def _parse(self) -> Event | _Sentinel:
+    def _parse(self) -> Event | Sentinel:
         while True:
             if self._literal_left is not None:
                 avail = len(self._buf) - self._pos
                 if avail < self._literal_left:
                     return NEED_DATA
                 end = self._pos + self._literal_left
-                self._segments.append(_Literal(bytes(self._buf[self._pos : end])))
+                self._segments.append(StringToken(bytes(self._buf[self._pos : end])))
                 self._pos = end
                 self._literal_left = None
             nl = self._buf.find(b"\n", self._pos, self._pos + MAX_LINE_BYTES)
@@ -425,7 +326,7 @@ class Connection:
                 return self._limit(self._current_tag(), "command", "Command too long")
             if self.state is State.AUTHENTICATING:
                 return self._sasl_response(line)
-            m = _LITERAL_AT_END.search(line)
+            m = LITERAL_AT_END.search(line)
             if m is None:
                 self._segments.append(line.rstrip(b"\r\n"))
                 return self._finish_command()
@@ -469,8 +370,8 @@ class Connection:
             self._transition("AuthenticateCancelled")
             return AuthenticateCancelled(tag)
         try:
-            decoded = _b64(data) if data else b""
-        except _Syntax as exc:
+            decoded = sasl_base64(data) if data else b""
+        except SyntaxProblem as exc:
             self._transition("BadCommand")
             return BadCommand(tag, f"AUTHENTICATE: {exc}")
         self._transition("AuthenticateData")
@@ -494,33 +395,33 @@ class Connection:
         segments = [first[len(tag) + 1 :], *segments[1:]]
         try:
             return self._command(tag, segments)
-        except _Syntax as exc:
+        except SyntaxProblem as exc:
             return BadCommand(tag, str(exc))
 
     @staticmethod
-    def _current_tag_of(segments: list[bytes | _Literal]) -> str | None:
+    def _current_tag_of(segments: list[bytes | StringToken]) -> str | None:
         first = segments[0] if segments else b""
-        if isinstance(first, _Literal):
+        if isinstance(first, StringToken):
             return None
-        m = _TAG_RE.match(first)
+        m = TAG_RE.match(first)
         if m is None or m.end() >= len(first) or first[m.end()] != 0x20:
             return None
         return m.group().decode("ascii")
 
-    def _command(self, tag: str, segments: list[bytes | _Literal]) -> Event:
-        toks = _tokens(segments)
+    def _command(self, tag: str, segments: list[bytes | StringToken]) -> Event:
+        toks = tokens(segments)
         if not toks or not isinstance(toks[0], bytes):
-            raise _Syntax("Missing command")
+            raise SyntaxProblem("Missing command")
         name = toks[0].upper().decode("ascii", "replace")
         args = toks[1:]
         if name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"):
             if args:
-                raise _Syntax(f"{name} takes no arguments")
+                raise SyntaxProblem(f"{name} takes no arguments")
             if name == "STARTTLS":
                 if self.tls:
-                    raise _Syntax("TLS is already active")
+                    raise SyntaxProblem("TLS is already active")
                 if not self.starttls_available:
-                    raise _Syntax("STARTTLS is not available here")
+                    raise SyntaxProblem("STARTTLS is not available here")
                 self._transition("StartTlsRequested")
                 return StartTlsRequested(tag)
             if name == "LOGOUT":
@@ -530,23 +431,23 @@ class Connection:
             return IdReceived(tag, self._id_fields(args))
         if name == "LOGIN":
             if len(args) != 2:
-                raise _Syntax("LOGIN needs a user name and a password")
-            user, password = _text(args[0], "user name"), _text(args[1], "password")
+                raise SyntaxProblem("LOGIN needs a user name and a password")
+            user, password = astring(args[0], "user name"), astring(args[1], "password")
             self._transition("LoginAttempted")
             return LoginAttempted(tag, user, password)
         if name == "AUTHENTICATE":
             return self._authenticate(tag, args)
-        raise _Syntax(f"Command {name[:32]} not allowed before login"
+        raise SyntaxProblem(f"Command {name[:32]} not allowed before login"
                       if name.isascii() and name.isprintable() else "Unknown command")
 
-    def _authenticate(self, tag: str, args: list[_Token]) -> Event:
+    def _authenticate(self, tag: str, args: list[Token]) -> Event:
         if not args or len(args) > 2 or not all(isinstance(a, bytes) for a in args):
-            raise _Syntax("AUTHENTICATE needs a mechanism and at most an initial response")
+            raise SyntaxProblem("AUTHENTICATE needs a mechanism and at most an initial response")
         mech = args[0].upper().decode("ascii", "replace")  # type: ignore[union-attr]
         if mech not in SUPPORTED_MECHANISMS:
-            raise _Syntax(f"Unsupported authentication mechanism {mech[:32]}")
+            raise SyntaxProblem(f"Unsupported authentication mechanism {mech[:32]}")
         if len(args) == 2:
-            ir = _b64(args[1])  # type: ignore[arg-type]
+            ir = sasl_base64(args[1])  # type: ignore[arg-type]
             self._transition("AuthenticateStarted+ir")
             return AuthenticateStarted(tag, mech, ir)
         self._transition("AuthenticateStarted")
@@ -554,65 +455,32 @@ class Connection:
         return AuthenticateStarted(tag, mech, None)
 
     @staticmethod
-    def _id_fields(args: list[_Token]) -> tuple[tuple[str, str | None], ...] | None:
+    def _id_fields(args: list[Token]) -> tuple[tuple[str, str | None], ...] | None:
         if len(args) == 1 and isinstance(args[0], bytes) and args[0].upper() == b"NIL":
             return None
-        if len(args) < 2 or args[0] is not _LPAREN or args[-1] is not _RPAREN:
-            raise _Syntax("ID needs NIL or a parenthesized list")
+        if len(args) < 2 or args[0] is not LPAREN or args[-1] is not RPAREN:
+            raise SyntaxProblem("ID needs NIL or a parenthesized list")
         inner = args[1:-1]
         if len(inner) % 2 or len(inner) > 2 * MAX_ID_FIELDS:
-            raise _Syntax("ID needs at most 30 field/value pairs")
+            raise SyntaxProblem("ID needs at most 30 field/value pairs")
         fields = []
         for k, v in zip(inner[::2], inner[1::2], strict=True):
-            if not isinstance(k, _Literal):
-                raise _Syntax("ID field names are strings")
-            fields.append((_text(k, "ID field")[:30], _nstring(v, "ID value")))
+            if not isinstance(k, StringToken):
+                raise SyntaxProblem("ID field names are strings")
+            fields.append((astring(k, "ID field")[:30], nstring(v, "ID value")))
         return tuple(fields)
 
     # ------------------------------------------------------------ output side
+    # Replies are pure functions of their arguments (``imap_syntax``); they are reachable
+    # from here so that the parser and its replies read as one API, as in h11.
 
-    @staticmethod
-    def send_greeting(capabilities: list[str], text: str = "mailward ready") -> bytes:
-        return b"* OK [CAPABILITY " + " ".join(capabilities).encode() + b"] " + _clean(text)
-
-    @staticmethod
-    def send_capability(capabilities: list[str]) -> bytes:
-        return b"* CAPABILITY " + " ".join(capabilities).encode() + b"\r\n"
-
-    @staticmethod
-    def send_tagged(tag: str | None, status: str, text: str, code: str = "") -> bytes:
-        head = (tag or "*").encode() + b" " + status.encode() + b" "
-        if code:
-            head += b"[" + code.encode() + b"] "
-        return head + _clean(text)
-
-    @staticmethod
-    def send_untagged(status: str, text: str, code: str = "") -> bytes:
-        return Connection.send_tagged("*", status, text, code)
-
-    @staticmethod
-    def send_bye(text: str) -> bytes:
-        return b"* BYE " + _clean(text)
-
-    @staticmethod
-    def send_continuation(text: str = "") -> bytes:
-        return b"+ " + _clean(text) if text else b"+ \r\n"
-
-    @staticmethod
-    def send_id(fields: dict[str, str]) -> bytes:
-        body = " ".join(f"{quote(k)} {quote(v)}" for k, v in fields.items())
-        return b"* ID (" + body.encode() + b")\r\n"
-
-
-def _clean(text: str) -> bytes:
-    """One response line: no CR/LF/NUL from policy texts can split or forge responses."""
-    safe = "".join(" " if ch in "\r\n\x00" else ch for ch in text).strip() or "."
-    return safe.encode("utf-8") + b"\r\n"
-
-
-def quote(text: str) -> str:
-    """An IMAP quoted string (caller ensures no CR/LF)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    send_greeting = staticmethod(greeting_line)
+    send_capability = staticmethod(capability_line)
+    send_tagged = staticmethod(tagged_line)
+    send_untagged = staticmethod(untagged_line)
+    send_bye = staticmethod(bye_line)
+    send_continuation = staticmethod(continuation_line)
+    send_id = staticmethod(id_line)
 
 
 __all__ = [
@@ -634,9 +502,12 @@ __all__ = [
     "IdReceived",
     "ImapProtocolError",
     "LimitExceeded",
+    "LocalProtocolError",
     "LoginAttempted",
     "PrivacyRequired",
+    "RemoteProtocolError",
     "StartTlsRequested",
     "State",
     "decode_plain",
+    "quote",
 ]

@@ -59,7 +59,8 @@ from proxy.frontends.smtp_wire import (
     decode_plain,
 )
 from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
-from proxy.net.tls import device_id_from_ssl
+from proxy.ids import ClientCert
+from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class SmtpSession(asyncio.Protocol):
             max_commands=cfg.max_preauth_commands, message_limit=listener.caps.message_limit)
         self.transport: SocketTransport | None = None
         self.device_id: str | None = None
+        self.client_cert: ClientCert | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[bool] | None = None  # for the client's bytes
         self._reading_paused = False
@@ -284,7 +286,8 @@ class SmtpSession(asyncio.Protocol):
             raise
         finally:
             self._handshaking = False
-        self.device_id = device_id_from_ssl(transport.get_extra_info("ssl_object"))
+        self.client_cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
+        self.device_id = self.client_cert.device_id if self.client_cert else None
         return True
 
     def _tls_failed(self, detail: str) -> None:
@@ -360,7 +363,8 @@ class SmtpSession(asyncio.Protocol):
             user = login.decode("utf-8")
         except UnicodeDecodeError:  # never a mailbox; and it could not be logged
             return Replies.USER_NOT_UTF8
-        identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
+        identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
+                            cert=self.client_cert)
         # As the client gave it, not verified: what was attempted, named in the
         # session_end record if the attempt is cut off (client gone, shutdown).
         self.identity = identity

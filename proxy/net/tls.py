@@ -12,7 +12,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.ids import device_id_from_der
+from proxy.ids import ClientCert, client_cert_from_der
 
 
 def server_context(
@@ -44,13 +44,20 @@ def upstream_context(ca: Path | None) -> ssl.SSLContext:
 
 def device_id_from_ssl(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     """Device id from a TLS connection's verified peer certificate."""
+    cert = client_cert_from_ssl(obj)
+    return cert.device_id if cert is not None else None
+
+
+def client_cert_from_ssl(obj: ssl.SSLObject | ssl.SSLSocket | None) -> ClientCert | None:
+    """The identity facts of a TLS connection's verified peer certificate, for
+    :class:`proxy.gate.Identity` (``cert=``); None without TLS or certificate."""
     if obj is None:
         return None
     try:
         der = obj.getpeercert(binary_form=True)
     except (ValueError, ssl.SSLError):
         return None
-    return device_id_from_der(der)
+    return client_cert_from_der(der)
 
 
 def feed_early_tls_bytes(transport: Any, data: bytes) -> None:

@@ -1,21 +1,35 @@
 """Verified device posture and where it is kept.
 
 A :class:`Posture` is what ``proxy.attestation`` produces from a signed report: the
-device, its user, platform and installed apps, and when it was attested. A
-:class:`PostureStore` keeps the latest verified posture per device plus the replay
-memory (used ``jti`` values and issued nonces). ``sqlite.py`` is the default store.
+device, its user, platform and installed apps, and when it was attested, and by which
+*authority* (DESIGN "Posture authority": ``device`` for a report signed by the device's
+own certificate, ``attester:<fp8>`` for an MDM attester, ``mdm:<name>`` for a
+connector). A :class:`PostureStore` keeps the newest posture per device *per
+authority*, the replay memory (used ``jti`` values per issuer, issued nonces) and the
+device trust records: aliases, certificate bindings and revocations, with a change
+feed that lets a server notice what another process (the CLI) changed.
+``sqlite.py`` is the default store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 PLATFORMS = ("android", "ios", "ipados", "windows", "macos", "linux")
 
-CommitResult = Literal["ok", "bad_nonce", "replay"]
+CommitResult = Literal["ok", "bad_nonce", "replay", "revoked", "platform_mismatch"]
+
+#: The authority of a report signed by the device's own certificate.
+DEVICE_AUTHORITY = "device"
+
+
+def device_key(device_id: str) -> str:
+    """Device ids compare case-insensitively (DESIGN "Revocation", "Device identity")."""
+    return device_id.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +58,27 @@ class Posture:
     attested_by: str  # "device" or "mdm:<attester certificate subject CN>"
     received_at: float = 0.0
     nonce: str | None = None
+    #: ``device``, ``attester:<fp8>`` or ``mdm:<name>``; empty in reports stored before
+    #: authorities existed (then derived from ``attested_by``, see :attr:`authority`).
+    source: str = ""
+    #: SHA-256 (hex) of the signing certificate: the issuer of ``jti`` for replay.
+    signer: str = ""
     app_ids: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.app_ids:
             object.__setattr__(self, "app_ids", frozenset(a.id for a in self.apps))
+
+    @property
+    def authority(self) -> str:
+        """Whose word this posture is: ``device``, or an MDM authority."""
+        if self.source:
+            return self.source
+        return DEVICE_AUTHORITY if self.attested_by in ("device", "") else self.attested_by
+
+    @property
+    def is_mdm(self) -> bool:
+        return self.authority != DEVICE_AUTHORITY
 
     @property
     def sha256(self) -> str:
@@ -65,6 +95,38 @@ class Posture:
         d = json.loads(text)
         d["apps"] = tuple(App(**a) for a in d["apps"])
         return cls(**d)
+
+
+def in_force(postures: Iterable[Posture]) -> Posture | None:
+    """The posture that speaks for a device: the newest MDM posture when there is
+    one (fresh or stale: the device's word never replaces it), else the device's."""
+    best: Posture | None = None
+    for p in postures:
+        if best is None or (p.is_mdm, p.iat) > (best.is_mdm, best.iat):
+            best = p
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class TrustRecords:
+    """The device trust records, read at once (small: one row per alias, binding and
+    revocation). Keys are lower-cased device ids (:func:`device_key`)."""
+
+    aliases: dict[str, str]  # alias -> device
+    bindings: frozenset[str]  # devices seen with a verified certificate naming them
+    revoked: dict[str, str]  # device -> why
+    change_seq: int  # the change feed's position these records reflect
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: ``device`` (key) changed by ``kind``
+    (``posture``, ``revoked``, ``unrevoked``, ``forgotten``, ``unbound``, ``bound``,
+    ``alias``)."""
+
+    seq: int
+    device: str
+    kind: str
 
 
 class PostureReader(Protocol):

@@ -1,33 +1,43 @@
 """SQLite posture store: the default, embedded :class:`~proxy.posture.PostureStore`.
 
-One database file holds three tables:
-
-``posture``  the latest verified posture per device (``device_id`` primary key; the
-             full :class:`~proxy.posture.Posture` as JSON, the lower-cased user and
-             when it was received).
-``jti``      the replay memory: every accepted report's ``jti`` until ``exp`` plus the
-             clock skew.
-``nonce``    challenges issued by ``GET /v1/challenge``, each usable once until it
-             expires.
+One database file holds the posture per device and authority, the replay memory,
+issued nonces and the device trust records (aliases, bindings, revocations, change
+feed); :mod:`proxy.posture.sqlite_schema` describes the tables and migrates older
+files, :mod:`proxy.posture.sqlite_trust` holds the trust-record statements.
 
 All SQLite work runs on one dedicated worker thread (a single-thread executor), so the
 event loop never blocks on disk and every operation is serialised without extra locks.
 The executor is not tied to an event loop, so the same store also works from a CLI
 that calls ``asyncio.run`` several times. The database uses WAL mode and
 ``BEGIN IMMEDIATE`` transactions with a busy timeout, so a CLI process
-(``mailward posture ingest``) and a running server can share the file.
+(``mailward posture ingest``, ``mailward device revoke``) and a running server can
+share the file; the server polls the change feed (:meth:`SqlitePostureStore.changes_since`)
+to learn what the CLI changed. The database file is created 0600 and its directory
+0700: posture lists every app on every employee's phone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy.posture import CommitResult, Posture
+from proxy.posture import (
+    DEVICE_AUTHORITY,
+    Change,
+    CommitResult,
+    Posture,
+    TrustRecords,
+    device_key,
+    in_force,
+)
+from proxy.posture import sqlite_trust as trust
+from proxy.posture.sqlite_schema import SCHEMA_VERSION, migrate
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -39,44 +49,50 @@ BUSY_TIMEOUT_MS = 5_000
 #: Expired ``jti`` and ``nonce`` rows are deleted at most this often.
 PURGE_INTERVAL_S = 60.0
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS posture (
-    device_id   TEXT PRIMARY KEY,
-    user        TEXT NOT NULL,
-    json        TEXT NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS posture_user ON posture (user);
-CREATE TABLE IF NOT EXISTS jti (
-    jti        TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nonce (
-    nonce      TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL,
-    used       INTEGER NOT NULL DEFAULT 0
-);
-"""
+__all__ = ["JTI_SKEW_S", "SCHEMA_VERSION", "SqlitePostureStore", "StoreClosed",
+           "read_posture", "read_trust"]
 
 T = TypeVar("T")
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+
+
 def read_posture(path: str | Path, device_id: str) -> Posture | None:
-    """The device's posture, read through a read-only connection: for one-shot CLI
-    commands (``mailward explain``), which need neither the worker thread nor an
-    event loop and must not write. A store that does not exist yet has no devices."""
+    """The device's posture in force, read through a read-only connection: for
+    one-shot CLI commands (``mailward explain``), which need neither the worker thread
+    nor an event loop and must not write. A store that does not exist yet has no
+    devices."""
+    found = read_postures(path, device_id)
+    return in_force(found)
+
+
+def read_postures(path: str | Path, device_id: str) -> list[Posture]:
+    """The device's posture per authority (read-only, see :func:`read_posture`)."""
     path = Path(path)
     if not path.exists():
-        return None
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                           timeout=BUSY_TIMEOUT_MS / 1000)
+        return []
+    conn = _read_only(path)
     try:
-        row = conn.execute("SELECT json FROM posture WHERE device_id = ?",
-                           (device_id,)).fetchone()
+        device = trust.resolve(conn, device_id)
+        rows = conn.execute("SELECT json FROM posture WHERE device = ?", (device,)).fetchall()
     finally:
         conn.close()
-    return None if row is None else Posture.from_json(row[0])
+    return [Posture.from_json(r[0]) for r in rows]
+
+
+def read_trust(path: str | Path) -> TrustRecords:
+    """The trust records (read-only, see :func:`read_posture`)."""
+    path = Path(path)
+    if not path.exists():
+        return TrustRecords({}, frozenset(), {}, 0)
+    conn = _read_only(path)
+    try:
+        return trust.records(conn)
+    finally:
+        conn.close()
 
 
 class StoreClosed(RuntimeError):
@@ -100,6 +116,7 @@ class SqlitePostureStore:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._next_purge = 0.0
+        self._origin = secrets.token_hex(8)  # tells this store's changes from others'
         try:
             self._executor.submit(self._open).result()
         except BaseException:
@@ -124,8 +141,51 @@ class SqlitePostureStore:
         return await self._run(self._get, device_id)
 
     async def devices_for_user(self, user: str) -> list[Posture]:
-        """All devices whose posture names ``user`` (compared case-insensitively)."""
+        """The posture in force of every device whose posture names ``user``
+        (compared case-insensitively)."""
         return await self._run(self._devices_for_user, user)
+
+    async def device_postures(self, device_id: str) -> list[Posture]:
+        """The device's newest posture per authority (the id resolved through aliases)."""
+        return await self._run(self._postures, device_id)
+
+    # -- trust records (each change is a row of the change feed) --------------------
+
+    async def trust_records(self) -> TrustRecords:
+        return await self._run(self._read, trust.records)
+
+    async def changes_since(self, seq: int) -> tuple[int, list[Change]]:
+        """Changes after ``seq`` made through *other* store objects (the CLI, another
+        server), and the feed position to ask from next time. One indexed query."""
+        return await self._run(self._read, trust.changes_since, seq, self._origin)
+
+    async def revoke(self, device_id: str, why: str, actor: str) -> tuple[str, bool]:
+        """(resolved device, newly revoked)."""
+        return await self._run(self._write, trust.revoke, device_id, why, actor,
+                               time.time(), self._origin)
+
+    async def unrevoke(self, device_id: str) -> tuple[str, bool]:
+        return await self._run(self._write, trust.unrevoke, device_id, time.time(),
+                               self._origin)
+
+    async def unbind(self, device_id: str) -> tuple[str, bool]:
+        return await self._run(self._write, trust.unbind, device_id, time.time(),
+                               self._origin)
+
+    async def bind(self, device: str) -> bool:
+        """Record that ``device`` (a resolved key) was seen with a verified certificate."""
+        return await self._run(self._write, trust.bind, device, time.time(), self._origin)
+
+    async def forget(self, device_id: str) -> tuple[str, bool]:
+        return await self._run(self._write, trust.forget, device_id, time.time(),
+                               self._origin)
+
+    async def alias(self, device_id: str, other: str) -> str:
+        return await self._run(self._write, trust.alias, device_id, other, time.time(),
+                               self._origin)
+
+    async def list_devices(self, *, revoked_only: bool = False) -> list[dict[str, Any]]:
+        return await self._run(self._read, trust.list_devices, revoked_only)
 
     async def issue_nonce(self, nonce: str, expires_at: float) -> None:
         """Remember a freshly issued challenge. Raises ``ValueError`` if ``nonce`` was
@@ -177,7 +237,10 @@ class SqlitePostureStore:
     # Everything below runs on the worker thread only.
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True)
+        if not self.path.exists():  # 0600 from the start: no window of a readable file
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -188,15 +251,11 @@ class SqlitePostureStore:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.OperationalError(
-                    f"{self.path} has schema version {version}; this build knows {SCHEMA_VERSION}"
-                )
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            try:
+                migrate(conn, self.path)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
@@ -226,6 +285,22 @@ class SqlitePostureStore:
         db = self._db()
         db.execute("DELETE FROM jti WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM nonce WHERE expires_at <= ?", (now,))
+        db.execute("DELETE FROM changes WHERE at <= ?", (now - trust.CHANGES_KEEP_S,))
+
+    def _read(self, fn: Callable[..., T], *args: object) -> T:
+        return fn(self._db(), *args)
+
+    def _write(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(db, *args)`` in one write transaction."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db, *args)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
 
     def _commit(self, posture: Posture, nonce: str | None, now: float) -> CommitResult:
         db = self._db()
@@ -249,42 +324,61 @@ class SqlitePostureStore:
             found = row.fetchone()
             if found is None or found[1] or found[0] <= now:
                 return "bad_nonce"
-        seen = db.execute("SELECT expires_at FROM jti WHERE jti = ?", (posture.jti,)).fetchone()
+        device = trust.resolve(db, posture.device_id)
+        if trust.is_revoked(db, device, device_key(posture.device_id)):
+            return "revoked"
+        authority = posture.authority
+        stored = {a: Posture.from_json(t) for a, t in db.execute(
+            "SELECT authority, json FROM posture WHERE device = ?", (device,))}
+        if authority == DEVICE_AUTHORITY:
+            # A device may not move itself out of scope: its platform is the one its
+            # MDM posture, or else its first report, gave.
+            given = in_force(stored.values())
+            if given is not None and given.platform != posture.platform:
+                return "platform_mismatch"
+        seen = db.execute("SELECT expires_at FROM jti WHERE issuer = ? AND jti = ?",
+                          (posture.signer, posture.jti)).fetchone()
         if seen is not None and seen[0] > now:
             return "replay"
 
         self._purge_expired(now)
         db.execute(
-            "INSERT OR REPLACE INTO jti (jti, expires_at) VALUES (?, ?)",
-            (posture.jti, float(posture.exp + JTI_SKEW_S)),
+            "INSERT OR REPLACE INTO jti (issuer, jti, expires_at) VALUES (?, ?, ?)",
+            (posture.signer, posture.jti, float(posture.exp + JTI_SKEW_S)),
         )
         if nonce is not None:
             db.execute("UPDATE nonce SET used = 1 WHERE nonce = ?", (nonce,))
 
         if not posture.received_at:
             posture = dataclasses.replace(posture, received_at=now)
-        stored = db.execute(
-            "SELECT json FROM posture WHERE device_id = ?", (posture.device_id,)
-        ).fetchone()
-        if stored is None or Posture.from_json(stored[0]).iat <= posture.iat:
+        mine = stored.get(authority)
+        if mine is None or mine.iat <= posture.iat:
             db.execute(
-                "INSERT INTO posture (device_id, user, json, received_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET user = excluded.user,"
-                " json = excluded.json, received_at = excluded.received_at",
-                (posture.device_id, posture.user.lower(), posture.to_json(), posture.received_at),
+                "INSERT OR REPLACE INTO posture (device, authority, user, json, received_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (device, authority, posture.user.lower(), posture.to_json(),
+                 posture.received_at),
             )
+            trust.note_change(db, device, "posture", self._origin, now)
         return "ok"
 
+    def _postures(self, device_id: str) -> list[Posture]:
+        db = self._db()
+        rows = db.execute("SELECT json FROM posture WHERE device = ?",
+                          (trust.resolve(db, device_id),))
+        return [Posture.from_json(r[0]) for r in rows]
+
     def _get(self, device_id: str) -> Posture | None:
-        row = self._db().execute("SELECT json FROM posture WHERE device_id = ?", (device_id,))
-        found = row.fetchone()
-        return None if found is None else Posture.from_json(found[0])
+        return in_force(self._postures(device_id))
 
     def _devices_for_user(self, user: str) -> list[Posture]:
         rows = self._db().execute(
-            "SELECT json FROM posture WHERE user = ? ORDER BY device_id", (user.lower(),)
+            "SELECT device, json FROM posture WHERE user = ? ORDER BY device", (user.lower(),)
         )
-        return [Posture.from_json(r[0]) for r in rows]
+        by_device: dict[str, list[Posture]] = {}
+        for device, text in rows:
+            by_device.setdefault(device, []).append(Posture.from_json(text))
+        return [p for ps in by_device.values() if (p := in_force(ps)) is not None]
 
     def _issue_nonce(self, nonce: str, expires_at: float) -> None:
         db = self._db()

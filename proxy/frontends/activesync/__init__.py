@@ -2,6 +2,10 @@
 
 How a request goes
 ------------------
+0. A request that could mean something else upstream than to mailward is refused with
+   400 (:mod:`.hygiene`): two ``Authorization`` headers, an absolute-form target or a
+   ``#fragment``, a ``Connection`` header naming ``Authorization``, ``Host`` or another
+   header mailward reads.
 1. The query (plain or base64 form, :mod:`proxy.frontends.eas_query`) names the command
    and device; HTTP Basic auth names the user. No device id, or a bad query -> 400. No
    Basic credentials -> 401 (mailward decides per user, so it needs the user name; the
@@ -19,17 +23,22 @@ How a request goes
 5. Allow -> the request is streamed to the upstream and the answer streamed back,
    chunk by chunk in both directions (nothing buffers a whole body; :mod:`.forward`).
    EAS headers (``MS-ASProtocolVersion``, ``X-MS-PolicyKey``, ``MS-ASAcceptMultiPart``,
-   ...) pass unchanged; hop-by-hop headers are dropped; ``X-Forwarded-For`` /
-   ``-Proto`` / ``-Host`` are added. A long-poll (``Ping``, ``Sync`` with ``Wait``)
+   ...) pass unchanged; hop-by-hop headers and method overrides
+   (``X-HTTP-Method-Override`` and the like) are dropped; ``X-Forwarded-For`` /
+   ``-Proto`` / ``-Host`` are set by mailward (a client's own values are dropped:
+   there is no trusted-proxy setting yet). The target is rebuilt from the path and
+   query. A long-poll (``Ping``, ``Sync`` with ``Wait``)
    may wait up to ``longpoll_timeout`` for the upstream.
 
 ``OPTIONS`` (protocol discovery) carries no device id and returns no mailbox data; it
-is passed through without a decision.
+is passed through without a decision, and without a body. Only
+``/Microsoft-Server-ActiveSync`` is served (Autodiscover paths answer 404).
 
 The modules
 -----------
 * :mod:`.handler` -- the aiohttp handler (steps 1-5), the listener, :func:`start` and
   the HTTPS accept loop on ``proxy.net.socket_transport``.
+* :mod:`.hygiene` -- what a request must not carry (400) and the upstream target.
 * :mod:`.sessions` -- device-sessions: the decision cache, registered with the gate
   so it can end them.
 * :mod:`.refusal` -- the answers mailward gives itself: 403 with EAS status 129 in
@@ -39,15 +48,15 @@ The modules
   client, which also runs the credential check.
 * :mod:`.upstream` -- the keep-alive pool and its connections (``asyncio.Protocol``
   with flow control around the wire below).
-* :mod:`.wire` -- HTTP/1.1 on the upstream leg without I/O, on h11: any bytes from
-  the upstream give an answer or :class:`UpstreamProtocolError`; and the one
-  hop-by-hop header filter.
+* :mod:`.wire` -- HTTP/1.1 on the upstream leg without I/O, on httptools (llhttp):
+  any bytes from the upstream give an answer or :class:`UpstreamProtocolError`;
+  request heads that carry no injected line; and the one hop-by-hop header filter.
 
-Dependencies run one way: handler -> sessions, refusal, forward; forward -> upstream
--> wire.
+Dependencies run one way: handler -> hygiene, sessions, refusal, forward; forward ->
+hygiene, upstream -> wire.
 """
 
-from proxy.frontends.activesync.forward import EAS_PATH, RESENDABLE_COMMANDS, Forwarder
+from proxy.frontends.activesync.forward import RESENDABLE_COMMANDS, Forwarder
 from proxy.frontends.activesync.handler import (
     ActiveSyncFrontend,
     RunningActiveSync,
@@ -56,6 +65,7 @@ from proxy.frontends.activesync.handler import (
     serve_https,
     start,
 )
+from proxy.frontends.activesync.hygiene import EAS_PATH
 from proxy.frontends.activesync.refusal import blocked_response, status_wbxml
 from proxy.frontends.activesync.sessions import (
     DECISION_MAX_AGE_S,

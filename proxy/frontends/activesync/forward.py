@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.frontends.activesync.hygiene import EAS_PATH, NOT_FORWARDED, upstream_target
 from proxy.frontends.activesync.refusal import text_response
 from proxy.frontends.activesync.upstream import UpstreamPool
 from proxy.frontends.activesync.wire import (
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
     from proxy.config import ListenerConfig
 
-EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
 #: What an unreachable or misbehaving upstream raises, on either path.
 UPSTREAM_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError,
                           asyncio.IncompleteReadError)
@@ -51,14 +51,14 @@ RESENDABLE_COMMANDS: Final = frozenset({
     "Ping", "GetItemEstimate", "Search", "ResolveRecipients", "ValidateCert",
     "GetAttachment", "FolderSync", "Settings",
 })
-#: Request heads remembered (the cache is emptied when full). A head holds the
-#: client's headers, credentials included, as a parsed query string does not: about
-#: 2 KiB each, 2 MiB at most.
-HEAD_CACHE_SIZE: Final = 1024
 #: Longest upstream answer body passed on from a refused credential check.
 _REFUSAL_BODY_BYTES: Final = 64 * 1024
 _CONTENT_LENGTH: Final = frozenset({b"content-length"})
 _NO_BODY_HEADERS: Final = frozenset({b"content-length", b"content-type"})
+#: Client headers the pooled path drops (it writes Content-Length itself).
+_POOLED_DROP: Final = NOT_FORWARDED | _CONTENT_LENGTH
+#: ... and for a request sent without its body (OPTIONS).
+_BODILESS_DROP: Final = NOT_FORWARDED | _NO_BODY_HEADERS
 
 OnAuthFailed = Callable[[], Awaitable[None]]
 
@@ -74,8 +74,17 @@ class Progress:
 
 def _to_client(headers: list[Header], drop: frozenset[bytes] = frozenset()
                ) -> CIMultiDict[str]:
-    """Upstream answer headers for the client: end to end only, as aiohttp text."""
-    return CIMultiDict((header_text(k), header_text(v)) for k, v in end_to_end(headers, drop))
+    """Upstream answer headers for the client: end to end only, as aiohttp text (all
+    decoded at once when they are UTF-8 and hold no line feed, as parsed headers
+    cannot; else one by one)."""
+    kept = end_to_end(headers, drop)
+    try:
+        items = b"\n".join([k + b"\n" + v for k, v in kept]).decode().split("\n")
+    except UnicodeDecodeError:
+        items = []
+    if len(items) == 2 * len(kept) and kept:
+        return CIMultiDict(zip(items[::2], items[1::2], strict=True))
+    return CIMultiDict((header_text(k), header_text(v)) for k, v in kept)
 
 
 class Forwarder:
@@ -91,7 +100,6 @@ class Forwarder:
             self._ssl = upstream_tls if upstream_tls is not None else True
         self.pool = UpstreamPool(self.upstream, self._ssl, cfg.upstream_connect_timeout_s)
         self._client: aiohttp.ClientSession | None = None
-        self._heads: dict[tuple[Any, ...], RequestHead] = {}  # see _request_head
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -116,29 +124,21 @@ class Forwarder:
                                      sock_read=read_s)
 
     @staticmethod
-    def _headers(request: web.BaseRequest, drop: frozenset[bytes] = frozenset()
+    def _headers(request: web.BaseRequest, drop: frozenset[bytes] = NOT_FORWARDED
                  ) -> list[Header]:
         return forwarded_headers(request.raw_headers, request.remote or "", request.scheme,
                                  drop)
 
-    def _request_head(self, request: web.BaseRequest, body_length: int) -> RequestHead:
-        """The head the pooled path sends upstream: ``Host`` the upstream's, the
-        forwarded headers, ``Content-Length`` the body's. Validating one costs more than
-        the rest of a small exchange, and a phone repeats the same few requests all
-        day, so heads are remembered."""
-        key = (request.method, request.raw_path, request.raw_headers, request.remote,
-               request.scheme, body_length)
-        head = self._heads.get(key)
-        if head is None:
-            headers = [(b"Host", self.pool.host_header),
-                       *self._headers(request, _CONTENT_LENGTH)]
-            head = request_head(request.method.encode(),
-                                request.raw_path.encode("utf-8", "surrogateescape"),
-                                headers, body_length)
-            if len(self._heads) >= HEAD_CACHE_SIZE:
-                self._heads.clear()
-            self._heads[key] = head
-        return head
+    def _request_head(self, request: web.BaseRequest, body_length: int,
+                      drop: frozenset[bytes]) -> RequestHead:
+        """The head the pooled path sends upstream: the target rebuilt from path and
+        query, ``Host`` the upstream's, the forwarded headers, ``Content-Length`` the
+        body's (``UnsendableRequest`` when a header is not valid HTTP). Written anew for
+        every request: nothing of a client's credentials outlives it."""
+        headers = [(b"Host", self.pool.host_header), *self._headers(request, drop)]
+        return request_head(request.method.encode(),
+                            upstream_target(request.raw_path).encode("utf-8", "surrogateescape"),
+                            headers, body_length)
 
     async def check_credentials(self, request: web.BaseRequest) -> web.Response | None:
         """Ask the upstream to check the credentials (``OPTIONS`` with the same
@@ -146,7 +146,7 @@ class Forwarder:
         them (401, 403); one of :data:`UPSTREAM_ERRORS` when it cannot tell."""
         assert self._client is not None
         headers = CIMultiDict((header_text(k), header_text(v))
-                              for k, v in self._headers(request, _NO_BODY_HEADERS))
+                              for k, v in self._headers(request, _BODILESS_DROP))
         async with self._client.options(
             self.upstream.with_path(EAS_PATH), headers=headers, allow_redirects=False,
             timeout=self._timeout(self.cfg.upstream_timeout_s),
@@ -165,7 +165,11 @@ class Forwarder:
         """Stream ``request`` to the upstream and the answer back; ``on_auth_failed``
         runs when the upstream answers 401. A body of known length up to CHUNK_BYTES
         (nearly every EAS request) is read first and goes over the pool; larger or
-        chunked request bodies are streamed through aiohttp's client."""
+        chunked request bodies are streamed through aiohttp's client. ``OPTIONS`` goes
+        without its body, if it had one."""
+        if request.method == "OPTIONS":
+            return await self._exchange(request, b"", progress, resendable, on_auth_failed,
+                                        _BODILESS_DROP)
         body = b""
         if request.body_exists:
             length = request.content_length
@@ -175,17 +179,18 @@ class Forwarder:
                 body = await request.content.readexactly(length)
             except asyncio.IncompleteReadError:
                 return text_response(400, "The request body ended early.")
-        return await self._exchange(request, body, progress, resendable, on_auth_failed)
+        return await self._exchange(request, body, progress, resendable, on_auth_failed,
+                                    _POOLED_DROP)
 
     async def _exchange(self, request: web.BaseRequest, body: bytes, progress: Progress,
-                        resendable: bool, on_auth_failed: OnAuthFailed | None
-                        ) -> web.StreamResponse:
+                        resendable: bool, on_auth_failed: OnAuthFailed | None,
+                        drop: frozenset[bytes]) -> web.StreamResponse:
         """One exchange over a pooled connection. When a reused connection turns out
         closed before any answer byte, a ``resendable`` request is sent once more on a
         fresh one; any other request fails (503): the upstream may have acted on it,
         and a message must never be sent twice."""
         try:
-            request_head = self._request_head(request, len(body))
+            request_head = self._request_head(request, len(body), drop)
         except UnsendableRequest:
             return text_response(400, "The request cannot be forwarded.")
         pool = self.pool
@@ -231,8 +236,8 @@ class Forwarder:
                       on_auth_failed: OnAuthFailed | None) -> web.StreamResponse:
         """A request body of unknown or large size, streamed through aiohttp's client."""
         assert self._client is not None
-        # The path and query go upstream exactly as the client sent them.
-        url = URL(self._base + request.raw_path, encoded=True)
+        # The query goes upstream exactly as the client sent it.
+        url = URL(self._base + upstream_target(request.raw_path), encoded=True)
         headers = CIMultiDict((header_text(k), header_text(v))
                               for k, v in self._headers(request))
         async with self._client.request(

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 
 from proxy.frontends.activesync.forward import (
-    EAS_PATH,
     RESENDABLE_COMMANDS,
     UPSTREAM_ERRORS,
     Forwarder,
     Progress,
 )
+from proxy.frontends.activesync.hygiene import EAS_PATH, refusal
 from proxy.frontends.activesync.refusal import blocked_response, text_response, unavailable
 from proxy.frontends.activesync.sessions import DeviceSession, DeviceSessions, SessionKey
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
@@ -143,6 +143,10 @@ class ActiveSyncFrontend:
         """The low-level server's handler (no router: one path is served)."""
         if request.path != EAS_PATH:
             return text_response(404, "Not found.")
+        refused = refusal(request.raw_path, request.headers)
+        if refused is not None:
+            log.info("request refused", reason=refused, remote=request.remote)
+            return text_response(400, "Bad ActiveSync request.")
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)

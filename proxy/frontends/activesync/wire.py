@@ -1,52 +1,60 @@
-"""HTTP/1.1 on the upstream leg, without I/O: h11 does the parsing, this module says
-what mailward forwards.
+"""HTTP/1.1 on the upstream leg, without I/O: httptools (llhttp, the C parser of
+Node.js) reads the upstream's answers, this module says what mailward forwards.
 
 * :func:`end_to_end` is the one hop-by-hop header filter (RFC 9110 section 7.6.1): it
   serves requests to the upstream and answers to the client, on both upstream paths.
   :func:`forwarded_headers` adds ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` to it.
-* :func:`request_head` validates a request head once (a phone repeats the same few
-  requests all day, so a head may be kept and sent again).
+* :func:`request_head` writes a request head, refusing anything that is not valid
+  HTTP/1.1 (a CR, LF or NUL in a header, a name that is not a token, a target with
+  spaces): no byte a client sent can start another header or request upstream.
 * :class:`UpstreamWire` is one upstream connection's client side: ``request()`` turns
   a head and a body into bytes to write, ``receive_data()`` takes what the upstream
   sent (``b""`` at the end of the connection) and ``next_event()`` hands out the
   answer: a :class:`ResponseHead`, then the body in pieces, then ``b""``; ``None``
-  while more bytes are needed. Interim 1xx answers are skipped. Keep-alive cycles follow
-  h11.
+  while more bytes are needed. Interim 1xx answers are skipped.
 
 Errors say whose fault they are. Whatever the upstream sends, ``next_event`` returns
 an event or raises :class:`UpstreamProtocolError` (the peer's fault; answer 503), never
 anything else: a hypothesis test states that invariant. :class:`UpstreamClosedEarly`,
 a subclass, is the connection ending before any byte of the answer, the one case in
 which a read-only request may be sent again. :class:`UnsendableRequest` is a request
-that h11 will not write (the client's headers are not valid HTTP; answer 400).
+that cannot be written as valid HTTP/1.1 (the client's headers; answer 400).
 
-Cost: h11 is pure Python and the dearest part of a small exchange. Measured on the
-bench's Sync (2 CPUs shared, so noisy): about 45 us per request and answer at the
-connection level against about 5 us for the hand-written parser it replaced, which
-halves ``bench/activesync.py``'s requests per CPU-second (13,800 -> 6,900). Validating
-the request head is a quarter of it, hence :func:`request_head` and the head cache in
-:mod:`.forward`. The interface here does not name h11 outside this module, so another
-sans-IO parser could take its place under the same tests.
+llhttp is strict where it matters for a proxy (duplicate or conflicting
+``Content-Length``, ``Transfer-Encoding`` with ``Content-Length``, obs-fold, bad tokens,
+bare LF); this module adds what it leaves to its caller: only HTTP/1.0 and 1.1, status
+100-999 and no 101, ``Transfer-Encoding`` exactly ``chunked``, no control bytes in the
+reason, a bound on a head that never ends (:data:`MAX_HEAD_BYTES`), and the end of the
+connection (httptools has no ``finish``). httptools cannot be told that an answer to
+``HEAD`` has no body, so the parser stops after such a head and the connection is not
+reused (mailward sends only POST and OPTIONS).
+
+Cost: h11 (pure Python) took about 45 us per small exchange at the connection level,
+half of mailward's CPU per request; here a small exchange takes about 3-5 us at the
+wire and 6 us at the connection, and writing and checking a request head (with the
+hygiene check) about 6 us, so heads are not cached. ``bench/activesync.py`` (same-run
+rounds, req/CPU-s medians): before the split 12,600-13,700, h11 6,200-6,800, this
+8,900-10,500.
 """
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import h11
+import httptools
 
 #: Bodies move in pieces of at most this many bytes.
 CHUNK_BYTES: Final = 64 * 1024
-#: Longest incomplete upstream response head (or chunk-size line) held, in bytes
-#: (h11's ``max_incomplete_event_size``: a head is refused once this much of it has
-#: arrived without its end).
+#: Bytes of an upstream answer held without progress (a head, a trailer or a chunk-size
+#: line that has not ended) before the answer is refused. Counted per
+#: :meth:`UpstreamWire.receive_data` call, so at most one piece more may be held.
 MAX_HEAD_BYTES: Final = 64 * 1024
 
 Header = tuple[bytes, bytes]
-#: A validated request head, from :func:`request_head`.
-RequestHead = h11.Request
 
 #: Headers that describe one connection, never forwarded (lower case).
 HOP_BY_HOP: Final = frozenset({
@@ -56,8 +64,16 @@ HOP_BY_HOP: Final = frozenset({
 #: Request headers mailward sets itself, so the client's copies are dropped.
 _REPLACED: Final = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto",
                               b"x-forwarded-host"})
+#: Request headers that frame the body: :func:`request_head` writes its own.
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 #: Statuses whose answer never has a body (RFC 9110 section 6.4.1).
 _NO_BODY: Final = frozenset({204, 304})
+
+_TCHAR: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 section 5.6.2
+_TOKEN: Final = re.compile(_TCHAR + b"+")
+_TOKENS: Final = re.compile(_TCHAR + b"+(?::" + _TCHAR + b"+)*")  # names joined with ":"
+_TARGET: Final = re.compile(rb"[\x21-\x7e]+")  # no spaces, controls or non-ASCII
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # forbidden in a field value
 
 
 class UpstreamProtocolError(OSError):
@@ -72,37 +88,47 @@ class UnsendableRequest(ValueError):
     """The request cannot be written as valid HTTP/1.1 (the client's headers)."""
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp (a HEAD answer's end, or an error)."""
+
+
 def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset()
                ) -> list[Header]:
     """``headers`` in order without the hop-by-hop ones: the fixed set, those the
     ``Connection`` header names, and the lower-case names in ``drop``."""
     headers = list(headers)
-    skip = HOP_BY_HOP | drop
-    for name, value in headers:
-        if name.lower() == b"connection":
-            skip = skip.union(t.strip().lower() for t in value.split(b","))
-    return [(k, v) for k, v in headers if k.lower() not in skip]
+    return _end_to_end(headers, [k.lower() for k, _ in headers], drop)
+
+
+def _end_to_end(headers: list[Header], lowered: list[bytes], drop: frozenset[bytes]
+                ) -> list[Header]:
+    skip = HOP_BY_HOP
+    if b"connection" in lowered:
+        skip = skip.union(*(connection_names(v) for (_, v), lk in zip(headers, lowered,
+                                                                       strict=True)
+                            if lk == b"connection"))
+    return [h for h, lk in zip(headers, lowered, strict=True)
+            if lk not in skip and lk not in drop]
+
+
+def connection_names(value: bytes) -> frozenset[bytes]:
+    """The lower-case header names a ``Connection`` header value lists."""
+    return frozenset(t.strip().lower() for t in value.split(b","))
 
 
 def forwarded_headers(headers: Sequence[Header], remote: str, scheme: str,
                       drop: frozenset[bytes] = frozenset()) -> list[Header]:
     """The client's request headers as the upstream gets them: end to end only, without
-    ``Host`` and the names in ``drop``; ``X-Forwarded-For`` extended with ``remote``,
-    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's ``Host``) set."""
-    prior: bytes | None = None
-    host: bytes | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"x-forwarded-for" and prior is None:
-            prior = value
-        elif lower == b"host" and host is None:
-            host = value
-    out = end_to_end(headers, _REPLACED | drop)
-    addr = remote.encode()
-    out.append((b"X-Forwarded-For", prior + b", " + addr if prior else addr))
+    ``Host`` and the names in ``drop``; ``X-Forwarded-For`` (``remote``: a client's own
+    value is dropped, since no proxy in front of mailward is trusted),
+    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's first ``Host``) set."""
+    headers = list(headers)
+    lowered = [k.lower() for k, _ in headers]
+    out = _end_to_end(headers, lowered, _REPLACED | drop if drop else _REPLACED)
+    out.append((b"X-Forwarded-For", remote.encode()))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
-    if host is not None:
-        out.append((b"X-Forwarded-Host", host))
+    if b"host" in lowered:
+        out.append((b"X-Forwarded-Host", headers[lowered.index(b"host")][1]))
     return out
 
 
@@ -115,17 +141,42 @@ def header_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request head written by :func:`request_head`, ready to send."""
+
+    method: bytes
+    data: bytes
+    body_length: int
+
+
 def request_head(method: bytes, target: bytes, headers: list[Header], body_length: int
                  ) -> RequestHead:
-    """A validated request head (``UnsendableRequest`` when h11 refuses it); with a
-    body, or for POST, ``Content-Length`` is added. Immutable: the same head may be sent
-    any number of times."""
+    """The head of a request (``UnsendableRequest`` when it would not be valid
+    HTTP/1.1): ``method`` a token, ``target`` visible ASCII, exactly one ``Host``,
+    header names tokens and values free of control bytes (CR, LF, NUL...). The body's
+    framing is written here (``Content-Length`` with a body or for POST), so the
+    headers must not carry their own. (Names and values are checked joined, one
+    regular expression each: this runs for every request.)"""
+    if not _TOKEN.fullmatch(method):
+        raise UnsendableRequest("request method is not a token")
+    if not _TARGET.fullmatch(target):
+        raise UnsendableRequest("request target is not visible ASCII")
+    names = b":".join([k for k, _ in headers])  # ":" is no token character, so
+    lowered = names.lower().split(b":")  # one part per name unless a name holds one
+    if not _TOKENS.fullmatch(names) or len(lowered) != len(headers) or \
+            _CONTROL.search(b"\t".join([v for _, v in headers])):
+        raise UnsendableRequest("a header is not valid HTTP")
+    if lowered.count(b"host") != 1:
+        raise UnsendableRequest("a request needs exactly one Host header")
+    if not _FRAMING.isdisjoint(lowered):
+        raise UnsendableRequest("the body's framing is the wire's")
+    lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
+    lines += [k + b": " + v + b"\r\n" for k, v in headers]
     if body_length or method == b"POST":
-        headers = [*headers, (b"Content-Length", b"%d" % body_length)]
-    try:
-        return h11.Request(method=method, target=target, headers=headers)
-    except h11.LocalProtocolError as e:
-        raise UnsendableRequest(str(e)) from None
+        lines.append(b"Content-Length: %d\r\n" % body_length)
+    lines.append(b"\r\n")
+    return RequestHead(method, b"".join(lines), body_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,87 +192,171 @@ class ResponseHead:
 
 
 class UpstreamWire:
-    """The client side of one upstream connection; see the module docstring."""
+    """The client side of one upstream connection; see the module docstring.
 
-    __slots__ = ("_done", "_eof", "_got_bytes", "_h11", "_method")
+    The ``on_*`` methods are llhttp's callbacks (httptools calls them from
+    ``feed_data``), not for callers."""
+
+    __slots__ = ("_body", "_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_headers",
+                 "_interim", "_keep_alive", "_method", "_parser", "_reason", "_stall",
+                 "_started", "_to_close", "_trailing")
 
     def __init__(self) -> None:
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-        self._method = b""
-        self._got_bytes = False  # something arrived for the current request
-        self._done = False  # the answer to the current request was read whole
+        self._parser = httptools.HttpResponseParser(self)
+        self._dead = False  # the parser was stopped: the next request needs a new one
         self._eof = False  # the upstream closed the connection
+        self._events: deque[ResponseHead | bytes] = deque()
+        self._body: list[bytes] = []  # pieces of the body from one receive_data
+        self._error: UpstreamProtocolError | None = None
+        self._headers: list[Header] = []
+        self._reset(b"")
+
+    def _reset(self, method: bytes) -> None:
+        self._method = method
+        self._events.clear()
+        self._error = None
+        self._got_bytes = False  # something arrived for the current request
+        self._started = False  # the head of the final answer was read
+        self._done = False  # the answer to the current request was read whole
+        self._to_close = False  # its body ends with the connection
+        self._trailing = False  # bytes arrived after the answer
+        self._keep_alive = False
+        self._interim = False  # the answer being read is a 1xx
+        self._stall = 0  # bytes given to the parser since it last made progress
+        self._headers = []
+        self._reason = b""
 
     def request(self, head: RequestHead, body: bytes) -> bytes:
         """The bytes of a request (``head`` from :func:`request_head`) and its body."""
-        conn = self._h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        self._method, self._got_bytes, self._done = head.method, False, False
-        try:
-            out = conn.send(head)
-            if body:
-                out += conn.send(h11.Data(data=body))
-            return out + conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as e:  # the body's length is not the head's
-            raise UnsendableRequest(str(e)) from None
+        if len(body) != head.body_length:
+            raise UnsendableRequest("the body's length is not the head's")
+        if self._dead:
+            self._parser = httptools.HttpResponseParser(self)
+            self._dead = False
+        self._reset(head.method)
+        return head.data + body if body else head.data
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the upstream; ``b""`` when it closed the connection."""
-        if data:
-            self._got_bytes = True
-        else:
+        if self._eof:
+            if data:
+                raise UpstreamProtocolError("bytes after the end of the connection")
+            return
+        if not data:
             self._eof = True
+            if not self._done and self._error is None:
+                self._error = self._end_of_connection()
+            return
+        self._got_bytes = True
+        if self._done or self._dead or self._error is not None:
+            self._trailing = True  # nothing more is read from this connection
+            return
+        self._stall += len(data)
         try:
-            self._h11.receive_data(data)
-        except RuntimeError as e:  # bytes after the end of the connection
-            raise UpstreamProtocolError(str(e)) from None
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._dead = True
+            if not self._done and self._error is None:
+                self._error = UpstreamProtocolError(f"bad upstream answer: {e}")
+        finally:
+            if self._body:
+                self._events.append(b"".join(self._body))
+                self._body.clear()
+        if not self._done and self._error is None and self._stall > MAX_HEAD_BYTES:
+            self._error = UpstreamProtocolError("upstream answer head too long")
+
+    def _end_of_connection(self) -> UpstreamProtocolError | None:
+        """What the end of the connection means for an unfinished answer: the end of a
+        close-delimited body (None), or an error."""
+        if not self._got_bytes:
+            return UpstreamClosedEarly("upstream closed the connection")
+        if self._to_close:
+            self._done = True
+            return None
+        return UpstreamProtocolError("upstream answer cut short")
 
     def next_event(self) -> ResponseHead | bytes | None:
         """The answer's head, then body pieces, then ``b""`` (again on every later
         call); None when more bytes are needed."""
+        if self._events:
+            return self._events.popleft()
         if self._done:
             return b""
-        while True:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as e:
-                if not self._got_bytes:
-                    raise UpstreamClosedEarly("upstream closed the connection") from None
-                raise UpstreamProtocolError(f"bad upstream answer: {e}") from None
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.Response):
-                return self._head(event)
-            if isinstance(event, h11.EndOfMessage):
-                self._done = True
-                return b""
-            if event is h11.NEED_DATA:
-                return None
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue, 102, 103: the real answer follows
-            # PAUSED (bytes after the answer) or ConnectionClosed before one
-            raise UpstreamProtocolError(f"unexpected upstream event {event!r}")
-
-    def _head(self, event: h11.Response) -> ResponseHead:
-        headers = event.headers.raw_items()  # h11 has validated them
-        length: int | None = None
-        if self._method == b"HEAD" or event.status_code in _NO_BODY:
-            length = 0
-        else:
-            for name, value in headers:
-                lower = name.lower()
-                if lower == b"transfer-encoding":
-                    length = None
-                    break
-                if lower == b"content-length":
-                    length = int(value)
-        return ResponseHead(event.status_code, bytes(event.reason), headers, length)
+        if self._error is not None:
+            raise self._error
+        return None
 
     @property
     def reusable(self) -> bool:
         """The last answer was read whole, both sides keep the connection alive, it is
         open and nothing more arrived."""
-        conn = self._h11
-        return (self._done and not self._eof and conn.our_state is h11.DONE
-                and conn.their_state is h11.DONE and not conn.trailing_data[0])
+        return (self._done and not self._events and self._keep_alive and not self._eof
+                and not self._trailing and not self._dead)
+
+    # -- llhttp's callbacks
+
+    def _fail(self, why: str) -> None:
+        self._error = UpstreamProtocolError(f"bad upstream answer: {why}")
+        raise _Stop
+
+    def on_message_begin(self) -> None:
+        if self._done:  # another answer after the one asked for
+            self._trailing = True
+            raise _Stop
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, piece: bytes) -> None:
+        self._reason += piece
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            self._fail("not HTTP/1.x")
+        if status < 100 or status == 101:
+            self._fail(f"status {status}")
+        if status < 200:
+            self._interim = True  # 100 Continue, 102, 103: the real answer follows
+            return
+        if _CONTROL.search(self._reason):
+            self._fail("control bytes in the reason")
+        length, chunked = self._framing()
+        self._to_close = length is None and not chunked
+        self._events.append(ResponseHead(status, self._reason, self._headers, length))
+        self._started, self._stall = True, 0
+        if self._method == b"HEAD":  # llhttp would wait for the body Content-Length names
+            self._keep_alive = False
+            self._done = True
+            raise _Stop
+
+    def _framing(self) -> tuple[int | None, bool]:
+        """The answer's known body length and whether it is chunked."""
+        if self._method == b"HEAD" or self._parser.get_status_code() in _NO_BODY:
+            return 0, False
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                if chunked or value.lower() != b"chunked":
+                    self._fail("transfer coding other than chunked")
+                chunked = True
+            elif lower == b"content-length":
+                length = int(value)  # llhttp checked: digits, one value, no overflow
+        return (None, True) if chunked else (length, False)
+
+    def on_body(self, piece: bytes) -> None:
+        self._stall = 0
+        self._body.append(piece)  # joined into one event per receive_data
+
+    def on_message_complete(self) -> None:
+        self._stall = 0
+        if self._interim:
+            self._interim = False
+            return
+        self._keep_alive = self._parser.should_keep_alive()
+        self._done = True

@@ -1,0 +1,466 @@
+"""The IMAP pre-auth conversation as a sans-IO layer: events in, commands out.
+
+As mitmproxy's layers: :class:`Preauth` holds the state of one client connection before
+login and has no I/O, no clock and no ``await``. The executor (``imap.py``) feeds it
+events, past tense (:class:`Connected`, :class:`DataReceived`, :class:`TlsEstablished`,
+:class:`UpstreamAnswered`, :class:`DecisionMade`, :class:`TimedOut`, ...), and performs
+the commands it returns, imperative (:class:`SendToClient`, :class:`StartTls`,
+:class:`OpenUpstream`, :class:`RequestDecision`, :class:`Splice`, :class:`Close`, ...),
+in order. A command that has an outcome (``StartTls``, ``OpenUpstream``,
+``RequestDecision``) is the last of its list; the executor feeds the outcome back as
+the next event. Client bytes go through the sans-IO parser ``imap_wire.Connection``.
+
+The rules (DESIGN.md, "Sessions, in order"):
+
+- Before TLS, CAPABILITY shows STARTTLS and LOGINDISABLED, and LOGIN / AUTHENTICATE get
+  ``NO [PRIVACYREQUIRED]`` without reaching the upstream or the gate (unless cleartext is
+  allowed on loopback). Bytes pipelined after STARTTLS are discarded by the parser.
+- The upstream checks the credentials first: its NO goes to the client as it is and is
+  recorded as ``auth_failed``; the client may try again.
+- Only then the gate decides. Deny: ``* NO [ALERT]``, ``NO [AUTHORIZATIONFAILED]``,
+  ``* BYE``. Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream
+  unreachable: ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the
+  upstream's answer goes to the client and the connections are spliced.
+- One ``decision`` record per login attempt (the gate writes it); a connection that
+  ends before any gets one ``session_end`` record (carried by :class:`Close`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from proxy.frontends.imap_syntax import (
+    RemoteProtocolError,
+    bye_line,
+    capability_line,
+    continuation_line,
+    decode_plain,
+    greeting_line,
+    id_line,
+    tagged_line,
+    untagged_line,
+)
+from proxy.frontends.imap_wire import (
+    AuthenticateCancelled,
+    AuthenticateData,
+    AuthenticateStarted,
+    BadCommand,
+    CommandReceived,
+    Connection,
+    ContinuationNeeded,
+    Event,
+    IdReceived,
+    LimitExceeded,
+    LoginAttempted,
+    PrivacyRequired,
+    Sentinel,
+    StartTlsRequested,
+    State,
+)
+from proxy.gate import Identity
+from proxy.ids import ClientCert
+from proxy.policy import Decision
+
+#: Capabilities the proxy itself implements before login.
+PROXY_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")
+UNAVAILABLE_TEXT = "The mail server is temporarily unavailable. Please try again later."
+SHUTDOWN_TEXT = "Server shutting down"
+PRIVACY_TEXT = "Use STARTTLS or the TLS port before logging in"
+TIMEOUT_TEXT = "Autologout; too slow before login"
+
+# ------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The client connected (implicit TLS: nothing has been read yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    data: bytes = field(repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    device_id: str | None  # from a verified client certificate's SAN
+    cert: ClientCert | None = None  # that certificate's identity facts, for the gate
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFailed:
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswered:
+    """The upstream's tagged answer to the login (untagged lines before it)."""
+
+    ok: bool
+    untagged: bytes
+    tagged: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The upstream is unreachable, timed out or answered nonsense."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionMade:
+    decision: Decision
+    shutting_down: bool = False  # the listener is closing: start no session
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    total: bool  # the total pre-auth limit (else the idle one)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """The executor hit a bug; the connection has been aborted."""
+
+    detail: str
+
+
+PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
+                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
+                | Crashed)
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Handshake with the client; then feed TlsEstablished or TlsFailed."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """Connect upstream and log in (``imap_upstream``); then feed UpstreamAnswered or
+    UpstreamFailed."""
+
+    tag: str
+    user: str
+    password: str = field(repr=False)
+    client_id: tuple[tuple[str, str | None], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecision:
+    """Ask the gate (it writes the decision record); then feed DecisionMade."""
+
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAuthFailed:
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUnavailable:
+    """The login attempt's one decision record: a temporary deny."""
+
+    identity: Identity
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseUpstream:
+    """Log out of the upstream connection and close it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """Send ``answer`` (the upstream's OK) and join client and upstream, if both are
+    still there (else close: no false success); ``pipelined`` is what the client sent
+    after LOGIN, for the upstream."""
+
+    answer: bytes
+    pipelined: bytes = field(repr=False)
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    reason: str
+    detail: str = ""
+    identity: Identity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the client (after what was sent), drop the upstream, and write
+    ``record`` as a ``session_end`` (None: a decision record exists)."""
+
+    record: SessionEnd | None
+
+
+PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
+                  | RecordUnavailable | CloseUpstream | Splice | Close)
+
+# ------------------------------------------------------------------------------- layer
+
+
+class Preauth:
+    """One client connection before login (see the module docstring)."""
+
+    def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
+                 upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
+        self.conn = Connection(max_commands=max_commands, tls=False,
+                               starttls=tls_mode == "starttls",
+                               cleartext_login=cleartext_allowed)
+        self.tls_mode = tls_mode
+        self.cleartext_allowed = cleartext_allowed
+        self.upstream_capabilities = upstream_capabilities
+        self.device_id: str | None = None
+        self.cert: ClientCert | None = None
+        self.identity = Identity("")
+        self.client_id: tuple[tuple[str, str | None], ...] | None = None
+        self.decided = False  # a decision record exists for this connection
+        self.finished = False  # Close or Splice was returned; later events are ignored
+        self.end_reason = "client_closed"
+        self._tag = ""  # of the login attempt in flight
+        self._answer = b""  # the upstream's OK, sent to the client once allowed
+
+    @property
+    def buffered(self) -> int:
+        """Unparsed client bytes held (the executor pauses reading above a limit)."""
+        return self.conn.buffered
+
+    def capabilities(self) -> list[str]:
+        caps = list(PROXY_CAPABILITIES)
+        if not self.conn.tls and self.tls_mode == "starttls":
+            caps.append("STARTTLS")
+        caps.append("AUTH=PLAIN" if self._cleartext_ok() else "LOGINDISABLED")
+        return caps + list(self.upstream_capabilities())
+
+    def _cleartext_ok(self) -> bool:
+        return self.conn.tls or self.cleartext_allowed
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: PreauthEvent) -> list[PreauthCommand]:
+        """Feed one event; returns the commands to perform, in order."""
+        if self.finished:
+            return []
+        match event:
+            case DataReceived(data):
+                self.conn.receive_data(data)
+                return self._drain()
+            case Connected():
+                if self.tls_mode == "implicit":
+                    return [StartTls()]
+                return [SendToClient(greeting_line(self.capabilities()))]
+            case TlsEstablished(device_id, cert):
+                return self._tls_established(device_id, cert)
+            case TlsFailed(detail):
+                return self._close("tls_failed", detail)
+            case UpstreamAnswered():
+                return self._upstream_answered(event)
+            case UpstreamFailed(detail):
+                self.decided = True  # RecordUnavailable is this attempt's decision record
+                return [SendToClient(tagged_line(self._tag, "NO", UNAVAILABLE_TEXT,
+                                                 "UNAVAILABLE") + bye_line(UNAVAILABLE_TEXT)),
+                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
+            case DecisionMade(decision, shutting_down):
+                return self._decided(decision, shutting_down)
+            case TimedOut(total):
+                return [SendToClient(bye_line(TIMEOUT_TEXT)),
+                        *self._close("preauth_timeout" if total else "idle_timeout")]
+            case ClientClosed():
+                return self._close(self.end_reason)
+            case ShutdownRequested():
+                return [SendToClient(bye_line(SHUTDOWN_TEXT)), *self._close("shutdown")]
+            case Crashed(detail):
+                return self._close("internal_error", detail)
+        raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+    def _close(self, reason: str, detail: str = "") -> list[PreauthCommand]:
+        self.finished = True
+        self.end_reason = reason
+        if self.decided:
+            return [Close(None)]
+        identity = self.identity if self.identity.user else None
+        return [Close(SessionEnd(reason, detail, identity))]
+
+    def _tls_established(
+        self, device_id: str | None, cert: ClientCert | None
+    ) -> list[PreauthCommand]:
+        self.device_id = device_id
+        self.cert = cert
+        if self.conn.state is State.STARTTLS:
+            self.conn.starttls_done()  # drops what was pipelined after STARTTLS
+            return self._drain()
+        self.conn.tls = True  # implicit TLS: now greet
+        return [SendToClient(greeting_line(self.capabilities())), *self._drain()]
+
+    def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
+        if event.ok:
+            self._answer = event.untagged + event.tagged
+            return [RequestDecision(self.identity)]
+        self.decided = True
+        self.conn.login_refused()
+        # The upstream's own answer, e.g. NO [AUTHENTICATIONFAILED]; the client may retry.
+        return [SendToClient(event.tagged), CloseUpstream(), RecordAuthFailed(self.identity),
+                *self._drain()]
+
+    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+        self.decided = True
+        tag = self._tag
+        if not decision.allow:
+            text = decision.user_text()
+            if decision.temporary:
+                self.conn.login_refused()
+                return [CloseUpstream(), SendToClient(tagged_line(tag, "NO", text, "UNAVAILABLE")),
+                        *self._drain()]
+            return [CloseUpstream(),
+                    SendToClient(untagged_line("NO", text, "ALERT")
+                                 + tagged_line(tag, "NO", text, "AUTHORIZATIONFAILED")
+                                 + bye_line("Access denied by policy")),
+                    *self._close("denied")]
+        if shutting_down:
+            return [CloseUpstream(),
+                    SendToClient(tagged_line(tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
+                                 + bye_line(SHUTDOWN_TEXT)),
+                    *self._close("shutdown")]
+        self.finished = True
+        answer, self._answer = self._answer, b""
+        return [Splice(answer, self.conn.login_accepted(), self.identity)]
+
+    # ------------------------------------------------------------ client commands
+
+    def _drain(self) -> list[PreauthCommand]:
+        """Parser events until it needs data or waits for an outcome."""
+        out: list[PreauthCommand] = []
+        while not self.finished:
+            ev = self.conn.next_event()
+            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
+                break
+            out += self._client_event(ev)
+        return out
+
+    def _client_event(self, ev: Event) -> list[PreauthCommand]:
+        """One parsed client command -> commands (login and limits in their methods)."""
+        match ev:
+            case CommandReceived(tag, "CAPABILITY"):
+                return [SendToClient(capability_line(self.capabilities())
+                                     + tagged_line(tag, "OK", "CAPABILITY completed"))]
+            case CommandReceived(tag, "NOOP"):
+                return [SendToClient(tagged_line(tag, "OK", "NOOP completed"))]
+            case CommandReceived(tag, _):  # LOGOUT
+                return [SendToClient(bye_line("Logging out")
+                                     + tagged_line(tag, "OK", "LOGOUT completed")),
+                        *self._close("logout")]
+            case IdReceived(tag, fields):
+                self.client_id = fields
+                return [SendToClient(id_line({"name": "mailward"})
+                                     + tagged_line(tag, "OK", "ID completed"))]
+            case StartTlsRequested(tag):
+                return [SendToClient(tagged_line(tag, "OK", "Begin TLS negotiation now")),
+                        StartTls()]
+            case ContinuationNeeded():
+                return [SendToClient(continuation_line("Ready"))]
+            case PrivacyRequired(tag):  # dropped by the parser: no LOGIN state to leave
+                return [self._privacy_required(tag)]
+            case LoginAttempted(tag, user, password):
+                return self._login(tag, user, password)
+            case AuthenticateStarted(tag, _, initial_response):
+                if not self._cleartext_ok():
+                    return self._refuse_cleartext(tag)
+                if initial_response is None:
+                    return [SendToClient(continuation_line())]
+                return self._authenticate(tag, initial_response)
+            case AuthenticateData(tag, data):
+                return self._authenticate(tag, data)
+            case AuthenticateCancelled(tag):
+                return [SendToClient(tagged_line(tag, "BAD", "AUTHENTICATE cancelled"))]
+            case BadCommand(tag, text):
+                self.end_reason = "bad_syntax"
+                return [SendToClient(tagged_line(tag, "BAD", text))]
+            case LimitExceeded(tag, limit, text):
+                reply = tagged_line(tag, "BAD", text) if tag else b""
+                return [SendToClient(reply + bye_line(text)), *self._close(f"limit_{limit}")]
+        raise AssertionError(f"unhandled parser event {ev!r}")  # pragma: no cover
+
+    def _privacy_required(self, tag: str) -> SendToClient:
+        self.end_reason = "cleartext_refused"
+        return SendToClient(tagged_line(tag, "NO", PRIVACY_TEXT, "PRIVACYREQUIRED"))
+
+    def _refuse_cleartext(self, tag: str) -> list[PreauthCommand]:
+        self.conn.login_refused()
+        return [self._privacy_required(tag)]
+
+    def _authenticate(self, tag: str, message: bytes) -> list[PreauthCommand]:
+        try:
+            authzid, user, password = decode_plain(message)
+        except RemoteProtocolError as exc:
+            self.end_reason = "bad_syntax"
+            self.conn.login_refused()
+            return [SendToClient(tagged_line(tag, exc.reply, str(exc)))]
+        if authzid and authzid != user:
+            # Logging in as someone else would bypass the per-user device check.
+            self.end_reason = "authzid_refused"
+            self.conn.login_refused()
+            return [SendToClient(tagged_line(
+                tag, "NO", "Authorization identity not supported", "CANNOT"))]
+        return self._login(tag, user, password)
+
+    def _login(self, tag: str, user: str, password: str) -> list[PreauthCommand]:
+        if not self._cleartext_ok():
+            return self._refuse_cleartext(tag)
+        self._tag = tag
+        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
+                                 cert=self.cert)
+        return [OpenUpstream(tag, user, password, self.client_id)]
+
+
+__all__ = [
+    "PROXY_CAPABILITIES",
+    "SHUTDOWN_TEXT",
+    "UNAVAILABLE_TEXT",
+    "ClientClosed",
+    "Close",
+    "CloseUpstream",
+    "Connected",
+    "Crashed",
+    "DataReceived",
+    "DecisionMade",
+    "OpenUpstream",
+    "Preauth",
+    "PreauthCommand",
+    "PreauthEvent",
+    "RecordAuthFailed",
+    "RecordUnavailable",
+    "RequestDecision",
+    "SendToClient",
+    "SessionEnd",
+    "ShutdownRequested",
+    "Splice",
+    "StartTls",
+    "TimedOut",
+    "TlsEstablished",
+    "TlsFailed",
+    "UpstreamAnswered",
+    "UpstreamFailed",
+]

@@ -1,0 +1,326 @@
+"""Playbooks of the IMAP pre-auth conversation (``imap_preauth.Preauth``), no sockets.
+
+Each test feeds events and states the commands expected back, in order, as mitmproxy
+tests its layers: the whole pre-auth conversation can be read here without an executor.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from proxy.frontends.imap_preauth import (
+    PRIVACY_TEXT,
+    SHUTDOWN_TEXT,
+    TIMEOUT_TEXT,
+    UNAVAILABLE_TEXT,
+    ClientClosed,
+    Close,
+    CloseUpstream,
+    Connected,
+    Crashed,
+    DataReceived,
+    DecisionMade,
+    OpenUpstream,
+    Preauth,
+    PreauthCommand,
+    PreauthEvent,
+    RecordAuthFailed,
+    RecordUnavailable,
+    RequestDecision,
+    SendToClient,
+    SessionEnd,
+    ShutdownRequested,
+    Splice,
+    StartTls,
+    TimedOut,
+    TlsEstablished,
+    TlsFailed,
+    UpstreamAnswered,
+    UpstreamFailed,
+)
+from proxy.gate import Identity
+from proxy.policy import Decision, Reason
+
+pytestmark = pytest.mark.conversation
+
+ALICE, PW = "alice@corp.example", "alice-secret"
+PHONE = Identity(ALICE, "alice-phone", "client_cert")
+ALLOW = Decision(True, (), "v1", "sha")
+DENY = Decision(False, (Reason("prohibited_app", "Uninstall TikTok to restore mail."),),
+                "v1", "sha")
+BUSY = Decision(False, (Reason("store_unavailable", "Try again later."),), "v1", "sha",
+                temporary=True)
+CAPS_TLS = b"IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN IDLE"
+CAPS_PLAIN = b"IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED IDLE"
+PRIVACY = f"NO [PRIVACYREQUIRED] {PRIVACY_TEXT}\r\n".encode()
+
+
+def send(*lines: bytes) -> SendToClient:
+    return SendToClient(b"".join(lines))
+
+
+def layer(tls_mode: str = "implicit", **kw: object) -> Preauth:
+    """A fresh layer whose upstream advertised IDLE."""
+    args: dict = {"cleartext_allowed": False, "max_commands": 50,
+                  "upstream_capabilities": lambda: ["IDLE"], **kw}
+    return Preauth(tls_mode=tls_mode, **args)
+
+
+def play(p: Preauth, *steps: tuple[PreauthEvent, list[PreauthCommand]]) -> None:
+    """Feed each event and check the commands it gives, step by step."""
+    for i, (event, expected) in enumerate(steps):
+        assert p.handle(event) == expected, f"step {i}: {event!r}"
+
+
+def tls_up(p: Preauth, device: str | None = "alice-phone") -> None:
+    """Implicit TLS: connected, handshake done, greeting sent."""
+    play(p,
+         (Connected(), [StartTls()]),
+         (TlsEstablished(device),
+          [send(b"* OK [CAPABILITY " + CAPS_TLS + b"] mailward ready\r\n")]))
+
+
+def test_implicit_tls_greets_after_the_handshake_and_answers_capability_noop_id():
+    """With implicit TLS the greeting waits for the handshake; CAPABILITY shows
+    AUTH=PLAIN and the upstream's IDLE, ID and NOOP are answered without the upstream."""
+    p = layer()
+    tls_up(p)
+    play(p, (DataReceived(b'a CAPABILITY\r\nb ID ("name" "K-9")\r\nc NOOP\r\n'), [
+        send(b"* CAPABILITY " + CAPS_TLS + b"\r\n", b"a OK CAPABILITY completed\r\n"),
+        send(b'* ID ("name" "mailward")\r\n', b"b OK ID completed\r\n"),
+        send(b"c OK NOOP completed\r\n"),
+    ]))
+
+
+def test_login_allowed_splices_with_the_upstreams_answer_and_pipelined_bytes():
+    """LOGIN opens the upstream with the client's tag and ID; its OK goes to the gate;
+    on allow the upstream's answer reaches the client and the rest is spliced."""
+    p = layer()
+    tls_up(p)
+    play(p,
+         (DataReceived(b'i ID ("name" "K-9")\r\n'), [
+             send(b'* ID ("name" "mailward")\r\n', b"i OK ID completed\r\n")]),
+         (DataReceived(f"t1 LOGIN {ALICE} {PW}\r\nt2 SELECT".encode()), [
+             OpenUpstream("t1", ALICE, PW, (("name", "K-9"),))]),
+         (DataReceived(b" INBOX\r\n"), []),  # held while the upstream answers
+         (UpstreamAnswered(True, b"* CAPABILITY IMAP4rev1 IDLE\r\n", b"t1 OK Logged in\r\n"),
+          [RequestDecision(PHONE)]),
+         (DecisionMade(ALLOW), [
+             Splice(b"* CAPABILITY IMAP4rev1 IDLE\r\nt1 OK Logged in\r\n",
+                    b"t2 SELECT INBOX\r\n", PHONE)]),
+         (ClientClosed(), []))  # spliced: the layer is done
+    assert p.finished and p.decided
+
+
+def test_wrong_password_passes_the_upstreams_answer_and_records_auth_failed():
+    """The upstream's NO goes to the client as it is, is recorded as auth_failed, and
+    the client may try again on the same connection."""
+    p = layer()
+    tls_up(p)
+    no = b"t1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    play(p,
+         (DataReceived(f"t1 LOGIN {ALICE} wrong\r\n".encode()),
+          [OpenUpstream("t1", ALICE, "wrong")]),
+         (UpstreamAnswered(False, b"", no), [SendToClient(no), CloseUpstream(),
+                                             RecordAuthFailed(PHONE)]),
+         (DataReceived(f"t2 LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t2", ALICE, PW)]),
+         (UpstreamAnswered(True, b"", b"t2 OK\r\n"), [RequestDecision(PHONE)]),
+         (DecisionMade(ALLOW), [Splice(b"t2 OK\r\n", b"", PHONE)]))
+
+
+def test_deny_sends_alert_authorizationfailed_and_bye():
+    """A policy deny: * NO [ALERT] text, tagged NO [AUTHORIZATIONFAILED] text, * BYE;
+    the decision record is the gate's, so Close records nothing."""
+    p = layer()
+    tls_up(p)
+    text = "Uninstall TikTok to restore mail."
+    play(p,
+         (DataReceived(f"t1 LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t1", ALICE, PW)]),
+         (UpstreamAnswered(True, b"", b"t1 OK\r\n"), [RequestDecision(PHONE)]),
+         (DecisionMade(DENY), [
+             CloseUpstream(),
+             send(f"* NO [ALERT] {text}\r\n".encode(),
+                  f"t1 NO [AUTHORIZATIONFAILED] {text}\r\n".encode(),
+                  b"* BYE Access denied by policy\r\n"),
+             Close(None)]))
+
+
+def test_temporary_deny_is_unavailable_and_the_client_may_retry():
+    """A temporary deny answers NO [UNAVAILABLE] and keeps the connection."""
+    p = layer()
+    tls_up(p)
+    play(p,
+         (DataReceived(f"t1 LOGIN {ALICE} {PW}\r\nt2 NOOP\r\n".encode()),
+          [OpenUpstream("t1", ALICE, PW)]),
+         (UpstreamAnswered(True, b"", b"t1 OK\r\n"), [RequestDecision(PHONE)]),
+         (DecisionMade(BUSY), [CloseUpstream(),
+                               send(b"t1 NO [UNAVAILABLE] Try again later.\r\n"),
+                               send(b"t2 OK NOOP completed\r\n")]))
+    assert not p.finished
+
+
+def test_upstream_unavailable_answers_unavailable_and_records_a_temporary_deny():
+    """An unreachable upstream: NO [UNAVAILABLE], * BYE, one temporary-deny record."""
+    p = layer()
+    tls_up(p, device=None)
+    unidentified = Identity(ALICE)
+    play(p,
+         (DataReceived(f"t1 LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t1", ALICE, PW)]),
+         (UpstreamFailed("connection refused"), [
+             send(f"t1 NO [UNAVAILABLE] {UNAVAILABLE_TEXT}\r\n".encode(),
+                  f"* BYE {UNAVAILABLE_TEXT}\r\n".encode()),
+             RecordUnavailable(unidentified, "connection refused"),
+             Close(None)]))
+
+
+def test_listener_closing_during_the_decision_starts_no_session():
+    """An allow that arrives while the listener shuts down is answered UNAVAILABLE."""
+    p = layer()
+    tls_up(p)
+    play(p,
+         (DataReceived(f"t1 LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t1", ALICE, PW)]),
+         (UpstreamAnswered(True, b"", b"t1 OK\r\n"), [RequestDecision(PHONE)]),
+         (DecisionMade(ALLOW, shutting_down=True), [
+             CloseUpstream(),
+             send(f"t1 NO [UNAVAILABLE] {UNAVAILABLE_TEXT}\r\n".encode(),
+                  f"* BYE {SHUTDOWN_TEXT}\r\n".encode()),
+             Close(None)]))
+
+
+def test_authenticate_plain_with_and_without_initial_response():
+    """AUTHENTICATE PLAIN: with SASL-IR the upstream is opened at once; without, a
+    continuation is sent first; an authzid other than the user is refused."""
+    cred = base64.b64encode(f"\0{ALICE}\0{PW}".encode())
+    p = layer()
+    tls_up(p)
+    play(p, (DataReceived(b"a AUTHENTICATE PLAIN " + cred + b"\r\n"),
+             [OpenUpstream("a", ALICE, PW)]))
+    p = layer()
+    tls_up(p)
+    other = base64.b64encode(f"bob\0{ALICE}\0{PW}".encode())
+    play(p,
+         (DataReceived(b"b AUTHENTICATE PLAIN\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(other + b"\r\n"),
+          [send(b"b NO [CANNOT] Authorization identity not supported\r\n")]),
+         (DataReceived(b"c AUTHENTICATE PLAIN\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(base64.b64encode(b"no-nuls") + b"\r\n"),
+          [send(b"c BAD malformed PLAIN credentials\r\n")]),
+         (DataReceived(b"d AUTHENTICATE PLAIN\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(cred + b"\r\n"), [OpenUpstream("d", ALICE, PW)]))
+
+
+def test_privacy_required_before_tls_without_touching_upstream_or_gate():
+    """On a STARTTLS listener, before TLS: CAPABILITY shows STARTTLS and LOGINDISABLED;
+    LOGIN, AUTHENTICATE and a LOGIN literal get NO [PRIVACYREQUIRED] (no `+`); leaving
+    then records session_end with the last reason."""
+    p = layer("starttls")
+    play(p,
+         (Connected(), [send(b"* OK [CAPABILITY " + CAPS_PLAIN + b"] mailward ready\r\n")]),
+         (DataReceived(b"a CAPABILITY\r\n"), [
+             send(b"* CAPABILITY " + CAPS_PLAIN + b"\r\n", b"a OK CAPABILITY completed\r\n")]),
+         (DataReceived(b"b LOGIN alice pw\r\nc AUTHENTICATE PLAIN\r\nd LOGIN {5}\r\n"),
+          [send(b"b " + PRIVACY), send(b"c " + PRIVACY), send(b"d " + PRIVACY)]),
+         (ClientClosed(), [Close(SessionEnd("cleartext_refused"))]))
+
+
+def test_starttls_discards_pipelined_bytes_then_login_works():
+    """Bytes pipelined after STARTTLS, in the same packet or before the handshake ends,
+    never run; after TLS the capabilities change and LOGIN goes upstream."""
+    p = layer("starttls")
+    p.handle(Connected())
+    play(p,
+         (DataReceived(b"a STARTTLS\r\nb LOGIN evil pw\r\n"),
+          [send(b"a OK Begin TLS negotiation now\r\n"), StartTls()]),
+         (DataReceived(b"c LOGIN more evil\r\n"), []),
+         (TlsEstablished("alice-phone"), []),
+         (DataReceived(b"d CAPABILITY\r\n"), [
+             send(b"* CAPABILITY " + CAPS_TLS + b"\r\n", b"d OK CAPABILITY completed\r\n")]),
+         (DataReceived(f"e LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("e", ALICE, PW)]))
+
+
+def test_cleartext_allowed_on_loopback_logs_in_without_tls():
+    """With cleartext allowed (loopback config), LOGIN goes upstream without TLS and
+    the identity carries no device."""
+    p = layer("none", cleartext_allowed=True)
+    p.handle(Connected())
+    play(p, (DataReceived(b"a LOGIN u p\r\n"), [OpenUpstream("a", "u", "p")]),
+         (UpstreamAnswered(True, b"", b"a OK\r\n"), [RequestDecision(Identity("u"))]))
+
+
+def test_tls_failure_records_session_end():
+    """A failed handshake ends the connection with a tls_failed session_end."""
+    p = layer()
+    play(p, (Connected(), [StartTls()]),
+         (TlsFailed("wrong version number"),
+          [Close(SessionEnd("tls_failed", "wrong version number"))]),
+         (DataReceived(b"a NOOP\r\n"), []))
+
+
+def test_literal_limits():
+    """Over TLS a literal within limits is invited with `+ Ready`; a huge one is refused
+    with BAD and BYE, no continuation, and the session ends limit_literal."""
+    p = layer()
+    tls_up(p)
+    play(p,
+         (DataReceived(b"a LOGIN {5}\r\n"), [send(b"+ Ready\r\n")]),
+         (DataReceived(b"alice {2}\r\n"), [send(b"+ Ready\r\n")]),
+         (DataReceived(b"pw\r\n"), [OpenUpstream("a", "alice", "pw")]))
+    p = layer()
+    tls_up(p)
+    text = b"Literal too large (limit 8192 bytes)"
+    play(p, (DataReceived(b"a LOGIN {104857600}\r\n"), [
+        send(b"a BAD " + text + b"\r\n", b"* BYE " + text + b"\r\n"),
+        Close(SessionEnd("limit_literal"))]))
+
+
+def test_too_many_commands_ends_with_bye():
+    """The command after max_commands gets BYE and the connection ends."""
+    p = layer(max_commands=2)
+    tls_up(p)
+    play(p, (DataReceived(b"a NOOP\r\nb NOOP\r\nc NOOP\r\nd NOOP\r\n"), [
+        send(b"a OK NOOP completed\r\n"), send(b"b OK NOOP completed\r\n"),
+        send(b"c BAD Too many commands before login\r\n",
+             b"* BYE Too many commands before login\r\n"),
+        Close(SessionEnd("limit_commands"))]))
+
+
+def test_bad_syntax_logout_timeouts_shutdown_and_crash_end_reasons():
+    """Each way out before a login attempt gives one session_end with its reason;
+    after a decision record, none."""
+    p = layer()
+    tls_up(p)
+    play(p, (DataReceived(b"a SELECT INBOX\r\n"),
+             [send(b"a BAD Command SELECT not allowed before login\r\n")]),
+         (DataReceived(b"b LOGOUT\r\n"), [send(b"* BYE Logging out\r\n",
+                                              b"b OK LOGOUT completed\r\n"),
+                                         Close(SessionEnd("logout"))]))
+    for total, reason in ((False, "idle_timeout"), (True, "preauth_timeout")):
+        p = layer()
+        tls_up(p)
+        play(p, (TimedOut(total), [send(f"* BYE {TIMEOUT_TEXT}\r\n".encode()),
+                                   Close(SessionEnd(reason))]))
+    p = layer()
+    tls_up(p)
+    play(p, (ShutdownRequested(), [send(f"* BYE {SHUTDOWN_TEXT}\r\n".encode()),
+                                   Close(SessionEnd("shutdown"))]),
+         (ClientClosed(), []))
+    p = layer()
+    tls_up(p)
+    play(p, (DataReceived(f"t LOGIN {ALICE} {PW}\r\n".encode()), [OpenUpstream("t", ALICE, PW)]),
+         (Crashed("KeyError"), [Close(SessionEnd("internal_error", "KeyError", PHONE))]))
+
+
+def test_reserved_tags_never_reach_the_upstream():
+    """A client tag in the proxy's own mw. namespace is refused before any upstream."""
+    p = layer()
+    tls_up(p)
+    play(p, (DataReceived(f"mw.id LOGIN {ALICE} x\r\n".encode()),
+             [send(b"mw.id BAD Tags starting with mw. are reserved\r\n")]))
+
+
+def test_credentials_never_in_repr():
+    """Commands and events that carry a password or client bytes do not show them."""
+    assert PW not in repr(OpenUpstream("t", ALICE, PW))
+    assert PW not in repr(DataReceived(f"t LOGIN {ALICE} {PW}\r\n".encode()))
