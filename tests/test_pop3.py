@@ -69,8 +69,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     certs_init(d)
     for device, user in (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)):
-        enroll_device(device_ca_cert=d / "device-ca.pem", device_ca_key=d / "device-ca.key",
-                      device_id=device, user=user, out_dir=d / "devices" / device)
+        enroll_device(device_ca_cert=d / "device-ca.pem",
+                      device_ca_key=d / "offline" / "device-ca.key", device_id=device,
+                      user=user, out_dir=d / "devices" / device)
     return Pki(d)
 
 

@@ -10,14 +10,15 @@ listeners: 995 with implicit TLS, 110 with STLS (RFC 2595).
 One :class:`_Pop3Session` per client connection:
 
 1. TLS: implicit (the handshake starts at once) or STLS. A verified client
-   certificate's SAN names the device (``proxy.net.tls.device_id_from_ssl``).
+   certificate's SAN names the device (``proxy.net.tls.client_cert_from_ssl``).
 2. Pre-auth: client bytes go to the layer (with the idle and total time limits), its
    commands are performed in order (:meth:`_Pop3Session._perform`), and outcomes (TLS
    up, the upstream's answer, the gate's decision) are fed back as events.
 3. Login: connect upstream (implicit TLS / STLS / none, certificate verified) and run
    ``pop3_upstream.UpstreamLogin`` to the server's answer.
 4. Allow: the upstream's ``+OK`` goes to the client and both transports are spliced
-   (``pop3_transport.Pipe``: no per-byte Python work, flow control by write buffers).
+   (``imap_transport.Pipe``, shared with IMAP: no per-byte Python work, flow control
+   by write buffers).
    The session is registered with the gate, which may end it.
 
 Ending a live session (the gate's :meth:`_Pop3Session.terminate`, listener shutdown):
@@ -42,6 +43,7 @@ import ssl
 from collections import deque
 
 from proxy.frontends import FrontendContext
+from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.pop3_preauth import (
     ClientClosed,
     Close,
@@ -67,7 +69,6 @@ from proxy.frontends.pop3_preauth import (
     UpstreamAnswered,
     UpstreamFailed,
 )
-from proxy.frontends.pop3_transport import Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.pop3_upstream import (
     LoginAnswered,
     ReportCapabilities,
@@ -80,9 +81,9 @@ from proxy.frontends.pop3_upstream import (
     quit_command,
 )
 from proxy.frontends.pop3_wire import RemoteProtocolError
-from proxy.gate import Identity, Origin
+from proxy.gate import Identity, origin_for
 from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
-from proxy.net.tls import device_id_from_ssl
+from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.pop3")
@@ -188,11 +189,11 @@ class _Pop3Session:
             upstream_capabilities=owner.capabilities,
         )
         self.identity = Identity("")
-        self.origin = Origin("pop3", self.cfg.name, "", self.cfg.unidentified)
+        self.origin = origin_for(self.cfg)
         self.upstream: UpstreamConnection | None = None
         self.client_port = 0
         self._inbox = bytearray()  # client bytes not yet fed to the layer
-        self._wakeup: asyncio.Event | None = asyncio.Event()
+        self._wakeup = asyncio.Event()
         self._reading_paused = False
         self._spliced = False
         self._task: asyncio.Task[None] | None = None  # the loop keeps only weak references
@@ -202,7 +203,7 @@ class _Pop3Session:
 
     def _on_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername") or ("", 0)
-        self.origin = Origin("pop3", self.cfg.name, str(peer[0]), self.cfg.unidentified)
+        self.origin = origin_for(self.cfg, str(peer[0]))
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
         self.owner.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -216,12 +217,10 @@ class _Pop3Session:
                 and not self._reading_paused:
             self._reading_paused = True
             self.client.transport.pause_reading()
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wakeup.set()
 
     def _on_client_close(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wakeup.set()
         if self._spliced:
             self._finish_spliced()
 
@@ -258,14 +257,12 @@ class _Pop3Session:
                 self._reading_paused = False
                 self.client.transport.resume_reading()
             remaining = self._deadline - loop.time()
-            wakeup = self._wakeup
-            assert wakeup is not None
-            wakeup.clear()
+            self._wakeup.clear()
             try:
                 if remaining <= 0:
                     raise TimeoutError
                 await asyncio.wait_for(
-                    wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
+                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
             except TimeoutError:
                 return TimedOut(total=loop.time() >= self._deadline)
         return DataReceived(self._take_inbox())
@@ -328,7 +325,8 @@ class _Pop3Session:
             await transport.start_tls(ctx, server_side=True, timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             return TlsFailed(str(exc)[:200] or type(exc).__name__)
-        return TlsEstablished(device_id_from_ssl(transport.get_extra_info("ssl_object")))
+        cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
+        return TlsEstablished(cert.device_id if cert else None, cert)
 
     # ------------------------------------------------------------------ upstream
 
@@ -403,7 +401,7 @@ class _Pop3Session:
         # Drop pre-auth state: memory per live session counts.
         self.layer = None
         self._inbox = bytearray()
-        self._wakeup = None
+        self._wakeup = NO_EVENT
         client.start_splice(upipe)
         upipe.start_splice(client)
         upipe.on_close = self._finish_spliced

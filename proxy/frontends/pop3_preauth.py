@@ -60,6 +60,7 @@ from proxy.frontends.pop3_wire import (
     ok_line,
 )
 from proxy.gate import Identity
+from proxy.ids import ClientCert
 from proxy.policy import Decision
 
 #: Capabilities the proxy itself implements before login (RFC 2449, RFC 3206).
@@ -89,6 +90,7 @@ class DataReceived:
 @dataclass(frozen=True, slots=True)
 class TlsEstablished:
     device_id: str | None  # from a verified client certificate's SAN
+    cert: ClientCert | None = None  # that certificate's identity facts, for the gate
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +235,7 @@ class Preauth:
         self.tls_mode = tls_mode
         self.upstream_capabilities = upstream_capabilities
         self.device_id: str | None = None
+        self.cert: ClientCert | None = None
         self.identity = Identity("")
         self.decided = False  # a decision record exists for this connection
         self.finished = False  # Close or Splice was returned; later events are ignored
@@ -270,8 +273,8 @@ class Preauth:
                 if self.tls_mode == "implicit":
                     return [StartTls()]
                 return [SendToClient(ok_line(GREETING_TEXT))]
-            case TlsEstablished(device_id):
-                return self._tls_established(device_id)
+            case TlsEstablished(device_id, cert):
+                return self._tls_established(device_id, cert)
             case TlsFailed(detail):
                 return self._close("tls_failed", detail)
             case UpstreamAnswered(ok, line):
@@ -302,8 +305,9 @@ class Preauth:
         identity = self.identity if self.identity.user else None
         return [Close(SessionEnd(reason, detail, identity))]
 
-    def _tls_established(self, device_id: str | None) -> list[PreauthCommand]:
-        self.device_id = device_id
+    def _tls_established(self, device_id: str | None,
+                         cert: ClientCert | None) -> list[PreauthCommand]:
+        self.device_id, self.cert = device_id, cert
         if self.conn.state is State.STLS:
             self.conn.stls_done()  # drops what was pipelined after STLS
             return self._drain()
@@ -397,7 +401,8 @@ class Preauth:
         return self._login(user, password)
 
     def _login(self, user: str, password: str) -> list[PreauthCommand]:
-        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
+        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
+                                 cert=self.cert)
         return [OpenUpstream(user, password)]
 
 
