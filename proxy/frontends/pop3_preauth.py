@@ -33,6 +33,27 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from proxy.frontends.imap_preauth import (
+    ClientClosed,
+    Close,
+    CloseUpstream,
+    Connected,
+    Crashed,
+    DataReceived,
+    DecisionMade,
+    RecordAuthFailed,
+    RecordUnavailable,
+    RequestDecision,
+    SendToClient,
+    SessionEnd,
+    ShutdownRequested,
+    Splice,
+    StartTls,
+    TimedOut,
+    TlsEstablished,
+    TlsFailed,
+    UpstreamFailed,
+)
 from proxy.frontends.pop3_wire import (
     MECHANISMS,
     AuthCancelled,
@@ -74,28 +95,10 @@ TIMEOUT_TEXT = "Autologout; too slow before login"
 #: (the user must act: uninstall the app, use TLS), and one that will.
 PERMANENT, TEMPORARY = "SYS/PERM", "SYS/TEMP"
 
-# ------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """The client connected (implicit TLS: nothing has been read yet)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    data: bytes = field(repr=False)  # may carry a password
-
-
-@dataclass(frozen=True, slots=True)
-class TlsEstablished:
-    device_id: str | None  # from a verified client certificate's SAN
-    cert: ClientCert | None = None  # that certificate's identity facts, for the gate
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFailed:
-    detail: str
+# ---------------------------------------------------------------- events and commands
+# The session's events and commands are IMAP's (``imap_preauth``: they name nothing
+# IMAP-specific), except the two that carry the login: POP3 has no tags, and the
+# upstream answers with one line.
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,58 +110,6 @@ class UpstreamAnswered:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamFailed:
-    """The upstream is unreachable, timed out or answered nonsense."""
-
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionMade:
-    decision: Decision
-    shutting_down: bool = False  # the listener is closing: start no session
-
-
-@dataclass(frozen=True, slots=True)
-class TimedOut:
-    total: bool  # the total pre-auth limit (else the idle one)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientClosed:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ShutdownRequested:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Crashed:
-    """The executor hit a bug; the connection has been aborted."""
-
-    detail: str
-
-
-PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
-                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
-                | Crashed)
-
-# ---------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """Handshake with the client; then feed TlsEstablished or TlsFailed."""
-
-
-@dataclass(frozen=True, slots=True)
 class OpenUpstream:
     """Connect upstream and log in (``pop3_upstream``); then feed UpstreamAnswered or
     UpstreamFailed."""
@@ -167,57 +118,9 @@ class OpenUpstream:
     password: str = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    """Ask the gate (it writes the decision record); then feed DecisionMade."""
-
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordAuthFailed:
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordUnavailable:
-    """The login attempt's one decision record: a temporary deny."""
-
-    identity: Identity
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class CloseUpstream:
-    """Say QUIT to the upstream connection (not logged in, or not to be used) and close."""
-
-
-@dataclass(frozen=True, slots=True)
-class Splice:
-    """Send ``answer`` (the upstream's ``+OK``) and join client and upstream, if both
-    are still there (else close: no false success); ``pipelined`` is what the client
-    sent after its login, for the upstream."""
-
-    answer: bytes
-    pipelined: bytes = field(repr=False)
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEnd:
-    reason: str
-    detail: str = ""
-    identity: Identity | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the client (after what was sent), drop the upstream, and write
-    ``record`` as a ``session_end`` (None: a decision record exists)."""
-
-    record: SessionEnd | None
-
-
+PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
+                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
+                | Crashed)
 PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
                   | RecordUnavailable | CloseUpstream | Splice | Close)
 
