@@ -516,7 +516,8 @@ def fetchmail(pki: Pki, port: int, device: str, out: Path) -> subprocess.Complet
 
 
 def messages_in(d: Path) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(d.iterdir())]
+    """The delivered messages, sorted by content (delivery order is poplib's test)."""
+    return sorted(p.read_bytes() for p in d.iterdir())
 
 
 async def test_fetchmail_retrieves_identical_messages_and_tiktok_sees_the_reason(
