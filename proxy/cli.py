@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
     sp.add_argument("--user", required=True)
     sp.add_argument("--device", required=True)
-    sp.add_argument("--protocol", choices=("imap", "smtp", "activesync"), default="imap")
+    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync"), default="imap")
     sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
                     "eas_claims, unidentified settings)")
     sp.add_argument("--client-cert", action="store_true",
@@ -439,7 +439,7 @@ def _audit_commands(add: _Add, audit: Any) -> None:
     sp.add_argument("--user")
     sp.add_argument("--device")
     sp.add_argument("--decision", choices=("allow", "deny"))
-    sp.add_argument("--protocol", choices=("imap", "smtp", "activesync", "cli"))
+    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync", "cli"))
     sp.add_argument("--event", help="decision, explain, attestation, session_end, ...")
     sp.add_argument("--since", help="RFC 3339 time, a date, or 7d / 24h / 30m ago")
     sp.add_argument("--until")

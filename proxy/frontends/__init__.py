@@ -1,4 +1,4 @@
-"""Protocol front ends: IMAP, SMTP submission and Exchange ActiveSync.
+"""Protocol front ends: IMAP, POP3, SMTP submission and Exchange ActiveSync.
 
 Front ends know protocols, not policy: they parse the pre-auth conversation, obtain
 the user's identity (verified by the upstream) and the device identity, ask

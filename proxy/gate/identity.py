@@ -99,7 +99,7 @@ class Identity:
 class Origin:
     """Where a session comes from and its listener's identity settings."""
 
-    protocol: str  # imap | smtp | activesync | cli | api
+    protocol: str  # imap | pop3 | smtp | activesync | cli | api
     listener: str
     client_ip: str = ""
     unidentified: Unidentified = "deny"
