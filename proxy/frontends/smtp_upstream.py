@@ -2,8 +2,18 @@
 submission server per client login.
 
 aiosmtplib connects (implicit TLS, STARTTLS or none, the server's certificate
-verified), says EHLO and relays the client's credentials with AUTH PLAIN or LOGIN,
-whichever the server offers. After the server's 235 the transport is handed to
+verified) and says EHLO. When the server offers Postfix's ``XCLIENT``, mailward then
+tells it who the client is (its address, port, EHLO name: the attributes the server
+lists) and says EHLO again with the client's name, so the server's ``Received:``
+header, logs, rate limits and anti-abuse see the phone, not mailward; else, when it
+offers ``XFORWARD``, the same attributes go before every MAIL (for its logs and
+headers). ``LOGIN`` is never sent: it would tell the server a user is authenticated
+before the server has checked the password.
+
+The client's credentials are relayed with AUTH LOGIN step by step when the client
+uses LOGIN and the server offers it (so the client sees the server's own 334
+challenges), otherwise with AUTH PLAIN or LOGIN, whichever the server offers. After
+the server's 235 the transport is handed to
 :class:`proxy.frontends.smtp_relay.RelayClient`, which relays MAIL, RCPT, RSET and the
 message (BDAT when the server offers CHUNKING, else DATA) at a fraction of
 aiosmtplib's per-command cost. Every failure is :class:`UpstreamUnavailable`, after
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -24,12 +36,54 @@ from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 from proxy.config import ListenerConfig
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.frontends.smtp_replies import Replies, relayed
-from proxy.frontends.smtp_wire import MAX_MESSAGE_BYTES
+from proxy.frontends.smtp_wire import MAX_MESSAGE_BYTES, RELAYED_EXTENSIONS
+from proxy.oplog import get_logger
 
-#: Extensions advertised to clients only as far as the upstream has them.
-RELAYED_EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
+log = get_logger("mailward.smtp")
+
 #: A polite QUIT to the upstream gets at most this long.
 UPSTREAM_QUIT_TIMEOUT_S = 2.0
+#: Client attributes sent with XCLIENT / XFORWARD, as far as the server lists them.
+IDENTITY_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO")
+_XTEXT_SAFE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]")
+_HOSTNAME = re.compile(r"[A-Za-z0-9.:\[\]_-]{1,255}")  # a name or address literal
+
+
+def xtext(value: str) -> bytes:
+    """RFC 3461 4 xtext: ``+``, ``=``, spaces and non-ASCII as ``+HH``."""
+    return b"".join(bytes([b]) if _XTEXT_SAFE.fullmatch(bytes([b])) else b"+%02X" % b
+                    for b in value.encode("utf-8", "surrogateescape"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is on the other side of mailward, for the server's XCLIENT / XFORWARD."""
+
+    addr: str  # the client's IP address
+    port: int | None = None
+    helo: str | None = None  # the name in the client's EHLO/HELO
+    extended: bool = True  # EHLO rather than HELO
+
+    def attributes(self) -> dict[str, str]:
+        """XCLIENT_README's attribute values (``[UNAVAILABLE]`` for the name: mailward
+        does no DNS lookups, and the server does not when it is told so)."""
+        attrs = {"NAME": "[UNAVAILABLE]", "PROTO": "ESMTP" if self.extended else "SMTP"}
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(self.addr)
+            attrs["ADDR"] = f"IPV6:{ip.compressed}" if ip.version == 6 else ip.compressed
+        if self.port is not None:
+            attrs["PORT"] = str(self.port)
+        if self.helo is not None:
+            attrs["HELO"] = self.helo
+        return attrs
+
+    def command(self, verb: bytes, offered: str) -> bytes | None:
+        """``XCLIENT``/``XFORWARD`` with the attributes ``offered`` (the server's EHLO
+        line) lists, or None when it lists none of them."""
+        listed = set(offered.upper().split())
+        args = [f"{k}=".encode() + xtext(v) for k, v in self.attributes().items()
+                if k in listed and k in IDENTITY_ATTRIBUTES]
+        return b" ".join([verb, *args]) if args else None
 
 
 class UpstreamUnavailable(Exception):
@@ -41,7 +95,7 @@ class UpstreamCapabilities:
     """What the upstream's EHLO offers that matters to what clients are told."""
 
     size: int | None = None  # None: no SIZE; 0: SIZE without a limit
-    extensions: frozenset[str] = frozenset()  # of RELAYED_EXTENSIONS
+    extensions: frozenset[str] = frozenset()  # of RELAYED_EXTENSIONS (SIZE included)
     auth: frozenset[str] = frozenset()
 
     @classmethod
@@ -69,7 +123,8 @@ class UpstreamSession:
     and AUTH; after a 235, :class:`RelayClient` on the same transport."""
 
     def __init__(
-        self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str
+        self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str,
+        client: ClientInfo | None = None,
     ) -> None:
         mode = cfg.upstream_tls
         self._cfg = cfg
@@ -84,20 +139,71 @@ class UpstreamSession:
         )
         self._relay: RelayClient | None = None
         self._chunking = False
+        self._client_info = client
+        self.xforward: bytes | None = None  # the XFORWARD line to send before each MAIL
 
     async def connect(self) -> UpstreamCapabilities:
-        """Connect (TLS as configured) and EHLO; raises UpstreamUnavailable."""
+        """Connect (TLS as configured), EHLO, and name the client (XCLIENT, or
+        XFORWARD later); raises UpstreamUnavailable."""
         c = self._client
         try:
             async with asyncio.timeout(self._cfg.upstream_connect_timeout_s):
                 await c.connect()
                 if c.is_ehlo_or_helo_needed:
                     await c.ehlo()
+                if self._client_info is not None:
+                    await self._identify(self._client_info)
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
         self._chunking = "chunking" in c.esmtp_extensions
         return UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+
+    async def _identify(self, client: ClientInfo) -> None:
+        """XCLIENT (a new session follows: EHLO again, as the client), else remember
+        the XFORWARD line. A refusal is logged; the login goes on without it."""
+        c = self._client
+        offered = c.esmtp_extensions
+        line = client.command(b"XCLIENT", offered.get("xclient", ""))
+        if line is None:
+            self.xforward = client.command(b"XFORWARD", offered.get("xforward", ""))
+            return
+        resp = await c.execute_command(*line.split(b" "))
+        if resp.code != 220:
+            log.warning("upstream refused XCLIENT", upstream=self._cfg.upstream,
+                        code=resp.code, reply=resp.message[:200])
+            return
+        helo = client.helo if client.helo and _HOSTNAME.fullmatch(client.helo) else None
+        await c.ehlo(hostname=helo)
+
+    def offers(self, mechanism: str) -> bool:
+        """The server offers this SASL mechanism (after connect)."""
+        return mechanism.lower() in {m.lower() for m in self._client.server_auth_methods}
+
+    async def auth_step(self, *args: bytes) -> SMTPResponse:
+        """One line of a SASL exchange relayed as the client gave it (``AUTH LOGIN
+        [response]``, then one base64 response per 334); the server's reply. After a
+        235 the relay client owns the connection. Raises UpstreamUnavailable."""
+        try:
+            resp = await self._client.execute_command(*args)
+        except SMTPResponseException as exc:
+            return SMTPResponse(exc.code, exc.message)
+        except _UPSTREAM_ERRORS as exc:
+            self.abort()
+            raise UpstreamUnavailable(describe(exc)) from exc
+        if resp.code == 421:
+            self.abort()
+            raise UpstreamUnavailable(f"upstream {resp.code} during AUTH")
+        if resp.code == 235:
+            self._take_over()
+        return resp
+
+    def _take_over(self) -> None:
+        transport = self._client.transport
+        if transport is not None and not transport.is_closing():
+            self._relay = RelayClient.take_over(
+                transport,  # type: ignore[arg-type]
+                self._cfg.upstream_timeout_s)
 
     async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
         """The upstream's answer to the client's credentials (235 or its refusal).
@@ -118,11 +224,8 @@ class UpstreamSession:
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
-        transport = c.transport
-        if resp.code == 235 and transport is not None and not transport.is_closing():
-            self._relay = RelayClient.take_over(
-                transport,  # type: ignore[arg-type]
-                self._cfg.upstream_timeout_s)
+        if resp.code == 235:
+            self._take_over()
         return resp
 
     def _relay_client(self) -> RelayClient:
@@ -137,6 +240,17 @@ class UpstreamSession:
             self.abort()
             raise UpstreamUnavailable(str(exc)) from exc
         except asyncio.CancelledError:  # state unknown mid-command: never reuse it
+            self.abort()
+            raise
+
+    async def chunk(self, data: bytes, last: bool) -> SMTPResponse:
+        """One BDAT chunk of the client's, relayed as BDAT byte for byte."""
+        try:
+            return await self._relay_client().chunk(data, last)
+        except RelayError as exc:
+            self.abort()
+            raise UpstreamUnavailable(str(exc)) from exc
+        except asyncio.CancelledError:  # cut mid-chunk: the upstream must not take it
             self.abort()
             raise
 
@@ -191,15 +305,36 @@ class Relay:
             status = await self.reset()
             if not status.startswith("250"):
                 return status
+        if self.upstream.xforward is not None:  # for this transaction's logs and headers
+            forwarded = await self._command(self.upstream.xforward)
+            if forwarded is None or forwarded.code == 421:
+                return Replies.UPSTREAM_DOWN if forwarded is None else relayed(forwarded)
         resp = await self._command(b"MAIL", b"FROM:" + path, *params)
         if resp is None:
             return Replies.UPSTREAM_DOWN
         self.txn_open = resp.code == 250
         return relayed(resp)
 
-    async def rcpt(self, path: bytes) -> str:
-        resp = await self._command(b"RCPT", b"TO:" + path)
+    async def rcpt(self, path: bytes, params: tuple[bytes, ...] = ()) -> str:
+        resp = await self._command(b"RCPT", b"TO:" + path, *params)
         return Replies.UPSTREAM_DOWN if resp is None else relayed(resp)
+
+    async def command(self, *args: bytes) -> str:
+        """A command the upstream answers as is (VRFY, ETRN)."""
+        resp = await self._command(*args)
+        return Replies.UPSTREAM_DOWN if resp is None else relayed(resp)
+
+    async def chunk(self, data: bytes, last: bool) -> str:
+        """A BDAT chunk; after ``LAST`` the upstream's final reply, never mailward's."""
+        try:
+            resp = await self.upstream.chunk(data, last)
+        except UpstreamUnavailable as exc:
+            return self._lost(str(exc), Replies.MESSAGE_NOT_SENT)
+        if resp.code == 421:
+            return self._lost(f"upstream {resp.code}", relayed(resp))
+        if last and resp.code == 250:
+            self.txn_open = False
+        return relayed(resp)
 
     async def reset(self) -> str:
         if not self.txn_open:
@@ -246,11 +381,14 @@ def describe(exc: BaseException) -> str:
 
 
 __all__ = [
+    "IDENTITY_ATTRIBUTES",
     "RELAYED_EXTENSIONS",
     "UPSTREAM_QUIT_TIMEOUT_S",
+    "ClientInfo",
     "Relay",
     "UpstreamCapabilities",
     "UpstreamSession",
     "UpstreamUnavailable",
     "describe",
+    "xtext",
 ]

@@ -11,9 +11,23 @@ client pipelines are handled one by one, each only after the previous one's repl
 bytes after the end of a message are commands, never part of it.
 
 Understood: EHLO/HELO, STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954), MAIL
-(with SIZE, BODY, SMTPUTF8), RCPT, DATA, RSET, NOOP, QUIT, HELP, VRFY, EXPN. Syntax
-and sequence errors, and commands answered the same way every time, come out as
+and RCPT with the parameters of :data:`MAIL_PARAMETERS` / :data:`RCPT_PARAMETERS`,
+DATA, BDAT (RFC 3030 CHUNKING), RSET, NOOP, QUIT, HELP, VRFY, ETRN, EXPN. Syntax and
+sequence errors, and commands answered the same way every time, come out as
 :class:`ReplyNeeded` with the reply to send (texts from ``smtp_replies.Replies``).
+
+Extensions: the executor tells the connection which service extensions it advertised
+(``extensions``, what the upstream offers of :data:`RELAYED_EXTENSIONS`). A parameter
+or command whose extension is not among them is refused as unknown (555 / 500); the
+others are checked for syntax (RFC 5321 esmtp-keyword / esmtp-value, RFC 3461 values)
+and relayed as the client wrote them, so nothing but a well-formed parameter reaches
+the upstream. SIZE is mailward's own too: it is checked against ``message_limit``
+whatever the upstream offers, and relayed only if the upstream offers SIZE.
+
+BDAT: the chunk of ``size`` bytes follows the command at once, so a BDAT with a size
+always consumes its chunk, also when it is refused (read and dropped: RFC 3030 4.2,
+and never parsed as commands); its reply comes after the chunk. A BDAT whose size
+cannot be read ends the connection, since where its chunk ends is unknown.
 
 Smuggling (the 2023 SMTP smuggling attacks): only ``<CRLF>.<CRLF>`` ends a message.
 A dot between bare LFs or CRs (``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n``, ...) is message
@@ -43,10 +57,12 @@ from collections.abc import Callable
 from proxy.frontends.smtp_events import (
     MECHANISMS,
     NEED_DATA,
+    PASS_THROUGH,
     PAUSED,
     AuthCancelled,
     AuthResponse,
     AuthStarted,
+    ChunkReceived,
     ClientError,
     DataRequested,
     Event,
@@ -54,6 +70,7 @@ from proxy.frontends.smtp_events import (
     LimitExceeded,
     MailFrom,
     MessageReceived,
+    PassThrough,
     PrivacyRequired,
     QuitRequested,
     RcptTo,
@@ -75,6 +92,12 @@ MAX_LINE_BYTES = 8 * 1024
 MAX_COMMAND_BYTES = 512
 #: What MAIL may add after EHLO: SIZE (RFC 1870 says 26 octets) and SMTPUTF8 (10).
 MAIL_PARAMETER_BYTES = 26 + 10
+#: What DSN adds to MAIL (ENVID, RET) and to RCPT (NOTIFY, ORCPT): RFC 3461 4.
+DSN_MAIL_BYTES = 100
+DSN_RCPT_BYTES = 500
+#: Longest ENVID and ORCPT values (RFC 3461 4.4, 4.2).
+MAX_ENVID_CHARS = 100
+MAX_ORCPT_CHARS = 500
 #: Largest message by default; the executor sets the upstream's, if lower.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Default number of commands a client may send before it is authenticated.
@@ -84,6 +107,16 @@ MAX_UNRECOGNIZED_COMMANDS = 5
 #: Commands allowed before TLS on a STARTTLS listener (RFC 3207 4).
 ALLOWED_BEFORE_TLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 
+#: Service extensions mailward can relay, as EHLO keywords. The EHLO answer and
+#: ``Connection.extensions`` hold those of them the upstream offers.
+RELAYED_EXTENSIONS = ("SIZE", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+                      "DSN", "CHUNKING", "VRFY", "ETRN")
+#: MAIL FROM parameters: keyword -> the extension that must be on (None: always).
+MAIL_PARAMETERS: dict[bytes, str | None] = {
+    b"SIZE": None, b"BODY": None, b"SMTPUTF8": "SMTPUTF8", b"RET": "DSN", b"ENVID": "DSN"}
+#: RCPT TO parameters: keyword -> the extension that must be on.
+RCPT_PARAMETERS: dict[bytes, str | None] = {b"NOTIFY": "DSN", b"ORCPT": "DSN"}
+
 # ----------------------------------------------------------------------------- states
 
 
@@ -92,13 +125,15 @@ class State(enum.Enum):
     REPLYING = "replying"  # an event is out; its reply (send) comes next
     SASL = "sasl"  # reading one SASL response line (after a 334)
     DATA = "data"  # reading the message (after a 354)
+    CHUNK = "chunk"  # reading a BDAT chunk (right after the BDAT command)
     STARTTLS = "starttls"  # after the 220: handshake; bytes received are discarded
     CLOSED = "closed"  # QUIT answered, a 421 sent or a limit broken
 
 
 #: (command being answered, reply code) -> state after the reply; ``*`` matches any
 #: code. A 421 closes in every state (it may also be sent unasked). Anything else
-#: goes back to COMMAND.
+#: goes back to COMMAND. (The one state entered without a reply: CHUNK, on a BDAT
+#: command, since its chunk follows at once; the chunk read, its event awaits the reply.)
 TRANSITIONS: dict[tuple[str, str], State] = {
     ("STARTTLS", "220"): State.STARTTLS,
     ("AUTH", "334"): State.SASL,
@@ -111,6 +146,13 @@ TRANSITIONS: dict[tuple[str, str], State] = {
 # ----------------------------------------------------------------------------- syntax
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is whitespace, CR/LF end lines
+# RFC 5321 4.1.2 esmtp-param; values may hold UTF-8 (RFC 6531 3.3), never controls,
+# spaces or "=".
+_PARAMETER = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\x80-\xff]+))?")
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")  # RFC 3461 4
+_ORCPT = re.compile(rb"[A-Za-z0-9!#$%&'*/?^_`{|}~.-]+;[\x21-\x3c\x3e-\x7e\x80-\xff]+")
+_NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
+_BDAT = re.compile(rb"(\d{1,18})(?:[ \t]+(LAST))?", re.IGNORECASE)
 
 
 def parse_path(text: bytes) -> tuple[bytes, bytes] | None:
@@ -141,33 +183,73 @@ def parse_path(text: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
-def _parameters(params: list[bytes]) -> dict[bytes, bytes | None] | None:
-    """``KEY[=VALUE]`` parameters (RFC 5321 4.1.2), or None if one is malformed."""
+def parse_parameters(text: bytes) -> dict[bytes, bytes | None] | None:
+    """``KEYWORD[=value]`` parameters (RFC 5321 4.1.2) -> {upper-cased keyword: value
+    as written}; None if one is malformed or a keyword repeats."""
     out: dict[bytes, bytes | None] = {}
-    for param in params:
-        key, eq, value = param.partition(b"=")
-        if not key.isalnum() or (eq and not value):
+    for param in text.split():
+        m = _PARAMETER.fullmatch(param)
+        if m is None:
             return None
-        out[key] = value if eq else None
+        key = m[1].upper()
+        if key in out:
+            return None
+        out[key] = m[2]
     return out
 
 
-def _mail_parameters(params: list[bytes], limit: int, usage: str) -> str | None:
-    """The error reply for MAIL parameters mailward does not accept, or None."""
-    parsed = _parameters(params)
+def _value_error(key: bytes, value: bytes | None, usage: str) -> str | None:
+    """The reply refusing the value of a known parameter, or None (RFC 1870, 6152,
+    6531, 3461)."""
+    if key == b"SIZE":
+        return None if value is not None and value.isdigit() else Replies.syntax(usage)
+    if key == b"BODY":
+        return None if value is not None and value.upper() in (b"7BIT", b"8BITMIME") \
+            else Replies.BAD_BODY
+    if key == b"SMTPUTF8":
+        return None if value is None else Replies.BAD_SMTPUTF8
+    if key == b"RET":
+        return None if value is not None and value.upper() in (b"FULL", b"HDRS") \
+            else Replies.BAD_RET
+    if key == b"ENVID":
+        return None if (value is not None and len(value) <= MAX_ENVID_CHARS
+                        and _XTEXT.fullmatch(value)) else Replies.BAD_ENVID
+    if key == b"NOTIFY":
+        words = (value or b"").upper().split(b",")
+        ok = words == [b"NEVER"] or (len(set(words)) == len(words) and set(words) <= _NOTIFY)
+        return None if value is not None and ok else Replies.BAD_NOTIFY
+    if key == b"ORCPT":
+        return None if (value is not None and len(value) <= MAX_ORCPT_CHARS
+                        and _ORCPT.fullmatch(value)) else Replies.BAD_ORCPT
+    raise AssertionError(f"no check for {key!r}")  # every known keyword has one
+
+
+def check_parameters(
+    text: bytes, known: dict[bytes, str | None], extensions: frozenset[str],
+    usage: str, unknown: str,
+) -> tuple[bytes, ...] | str:
+    """The parameters to relay (``KEYWORD=value``), or the reply refusing them:
+    malformed (501), unknown or not offered (``unknown``, a 555), a bad value (501)."""
+    parsed = parse_parameters(text)
     if parsed is None:
         return Replies.syntax(usage)
-    if parsed.pop(b"BODY", b"7BIT") not in (b"7BIT", b"8BITMIME"):
-        return Replies.BAD_BODY
-    if parsed.pop(b"SMTPUTF8", None) is not None:
-        return Replies.BAD_SMTPUTF8
-    if b"SIZE" in parsed:
-        size = parsed.pop(b"SIZE")
-        if size is None or not size.isdigit():
-            return Replies.syntax(usage)
-        if int(size) > limit:
-            return Replies.SIZE_EXCEEDED
-    return Replies.MAIL_PARAMETERS if parsed else None
+    out: list[bytes] = []
+    for key, value in parsed.items():
+        if key not in known:
+            return unknown
+        extension = known[key]
+        if extension is not None and extension not in extensions:
+            return unknown
+        error = _value_error(key, value, usage)
+        if error is not None:
+            return error
+        if key == b"BODY" and value is not None and value.upper() == b"8BITMIME" \
+                and "8BITMIME" not in extensions:
+            return unknown
+        if key == b"SIZE" and "SIZE" not in extensions:
+            continue  # mailward enforces the limit itself; the upstream never had SIZE
+        out.append(key if value is None else key + b"=" + value)
+    return tuple(out)
 
 
 def b64decode(data: bytes) -> bytes:
@@ -190,7 +272,7 @@ def decode_plain(message: bytes) -> tuple[bytes, bytes, bytes]:
 
 # ------------------------------------------------------------------------- connection
 
-_Handler = Callable[["Connection", str, bytes], Event]
+_Handler = Callable[["Connection", str, bytes], Event | Sentinel]
 
 
 class Connection:
@@ -204,6 +286,7 @@ class Connection:
         cleartext_auth: bool = False,
         max_commands: int = MAX_PREAUTH_COMMANDS,
         message_limit: int = MAX_MESSAGE_BYTES,
+        extensions: frozenset[str] = frozenset(RELAYED_EXTENSIONS),
     ) -> None:
         self.state = State.COMMAND
         self.tls = tls  # implicit TLS, or STARTTLS completed
@@ -211,11 +294,13 @@ class Connection:
         self.cleartext_auth = cleartext_auth  # config allows AUTH without TLS
         self.max_commands = max_commands
         self.message_limit = message_limit
+        self.extensions = extensions  # advertised: parameters and commands they allow
         self.helo: str | None = None  # the name given in EHLO/HELO
         self.extended = False  # EHLO rather than HELO
         self.authenticated = False  # a 235 was sent
         self.in_mail = False  # a 250 answered MAIL; the transaction is open
         self.recipients = 0  # RCPTs answered 250/251 in this transaction
+        self.chunked = -1  # BDAT bytes accepted in this transaction; -1: no BDAT yet
         self.commands = 0  # commands before authentication
         self.unrecognized = 0
         self._greeted = False
@@ -224,6 +309,9 @@ class Connection:
         self._pos = 0  # start of unparsed data in _buf
         self._scan = 0  # DATA: where to look for the end of the message from
         self._too_big = False  # DATA: over the limit; the rest is read and dropped
+        self._chunk_left = 0  # CHUNK: bytes of the chunk still to come
+        self._chunk_last = False  # CHUNK: BDAT ... LAST
+        self._chunk_refusal: ReplyNeeded | PrivacyRequired | None = None  # CHUNK: dropped
 
     # ------------------------------------------------------------- input side
 
@@ -243,6 +331,8 @@ class Connection:
             return PAUSED
         if self.state is State.DATA:
             return self._message()
+        if self.state is State.CHUNK:
+            return self._chunk()
         line = self._line()
         if line is None:
             if self._pos:  # keep only unparsed bytes
@@ -305,7 +395,8 @@ class Connection:
             self.in_mail = True
         elif pending == "RCPT" and code in ("250", "251"):
             self.recipients += 1
-        elif pending == "MESSAGE":
+        elif pending == "MESSAGE" or (pending == "BDAT" and (
+                code != "250" or self._chunk_last)):  # the message done, or failed
             self._reset_transaction()
         self.state = (TRANSITIONS.get((pending, code)) or TRANSITIONS.get((pending, "*"))
                       or TRANSITIONS.get(("*", code)) or State.COMMAND)
@@ -324,7 +415,7 @@ class Connection:
         self._pos = 0
 
     def _reset_transaction(self) -> None:
-        self.in_mail, self.recipients = False, 0
+        self.in_mail, self.recipients, self.chunked = False, 0, -1
 
     def _event(self, command: str, event: Event) -> Event:
         self._pending = command
@@ -371,6 +462,29 @@ class Connection:
             content = content[1:]
         return self._event("MESSAGE", MessageReceived(content))
 
+    def _chunk(self) -> Event | Sentinel:
+        """CHUNK: the chunk once all its bytes are here; a refused one is dropped as
+        it arrives, then its refusal is the event."""
+        buf, left = self._buf, self._chunk_left
+        if self._chunk_refusal is not None:
+            take = min(len(buf) - self._pos, left)
+            del buf[: self._pos + take]
+            self._pos, left = 0, left - take
+            self._chunk_left = left
+            if left:
+                return NEED_DATA
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            if isinstance(refusal, PrivacyRequired):
+                return self._event("BDAT", refusal)
+            return self._reply("BDAT", refusal.reply)
+        if len(buf) - self._pos < left:
+            return NEED_DATA
+        data = bytes(buf[self._pos : self._pos + left])
+        self._pos += left
+        self._chunk_left = 0
+        self.chunked += len(data)
+        return self._event("BDAT", ChunkReceived(data, self._chunk_last))
+
     def _sasl(self, line: bytes) -> Event:
         line = line.strip()
         if line == b"*":
@@ -382,7 +496,7 @@ class Connection:
 
     # ---------------------------------------------------------------- commands
 
-    def _command(self, line: bytes) -> Event:
+    def _command(self, line: bytes) -> Event | Sentinel:
         word, _, arg = line.partition(b" ")
         name = word.upper().decode("ascii", "replace")
         if not line or not word.isascii() or _CONTROL.search(line):
@@ -392,7 +506,9 @@ class Connection:
         if name == "AUTH":
             limit = MAX_LINE_BYTES  # RFC 4954 4: AUTH lines may be up to 12288
         elif name == "MAIL" and self.extended:
-            limit += MAIL_PARAMETER_BYTES
+            limit += MAIL_PARAMETER_BYTES + DSN_MAIL_BYTES * ("DSN" in self.extensions)
+        elif name == "RCPT" and "DSN" in self.extensions:
+            limit += DSN_RCPT_BYTES
         if len(line) > limit:
             return self._reply("", Replies.LINE_TOO_LONG)
         handler = _HANDLERS.get(name)
@@ -404,6 +520,8 @@ class Connection:
                 return self._limit("commands", Replies.TOO_MANY_COMMANDS)
         if (self.starttls_available and not self.tls and not self.cleartext_auth
                 and name not in ALLOWED_BEFORE_TLS):
+            if name == "BDAT":  # its chunk is dropped first
+                return self._bdat(name, arg, PrivacyRequired(name))
             return self._event(name, PrivacyRequired(name))
         return handler(self, name, arg)
 
@@ -498,11 +616,14 @@ class Connection:
         path, rest = parsed
         if self.in_mail:
             return self._reply(name, Replies.NESTED_MAIL)
-        params = rest.upper().split()
-        error = _mail_parameters(params, self.message_limit, usage)
-        if error is not None:
-            return self._reply(name, error)
-        return self._event(name, MailFrom(path, tuple(params)))
+        params = check_parameters(rest, MAIL_PARAMETERS, self.extensions, usage,
+                                  Replies.MAIL_PARAMETERS)
+        if isinstance(params, str):
+            return self._reply(name, params)
+        size = parse_parameters(rest) or {}
+        if int(size.get(b"SIZE") or 0) > self.message_limit:
+            return self._reply(name, Replies.SIZE_EXCEEDED)
+        return self._event(name, MailFrom(path, params))
 
     def _rcpt(self, name: str, arg: bytes) -> Event:
         refusal = self._needs_session("HELO")
@@ -515,22 +636,45 @@ class Connection:
         if isinstance(parsed, ReplyNeeded):
             return parsed
         path, rest = parsed
-        params = _parameters(rest.upper().split())
-        if params is None:
-            return self._reply(name, Replies.syntax(usage))
-        if params:
-            return self._reply(name, Replies.RCPT_PARAMETERS)
-        return self._event(name, RcptTo(path))
+        params = check_parameters(rest, RCPT_PARAMETERS, self.extensions, usage,
+                                  Replies.RCPT_PARAMETERS)
+        if isinstance(params, str):
+            return self._reply(name, params)
+        return self._event(name, RcptTo(path, params))
 
     def _data(self, name: str, arg: bytes) -> Event:
         refusal = self._needs_session("HELO")
         if refusal is None and not self.recipients:
             refusal = Replies.NEED_RCPT
+        if refusal is None and self.chunked >= 0:
+            refusal = Replies.DATA_AFTER_BDAT
         if refusal is None and arg:
             refusal = Replies.syntax("DATA")
         if refusal is not None:
             return self._reply(name, refusal)
         return self._event(name, DataRequested())
+
+    def _bdat(self, name: str, arg: bytes,
+              refusal: ReplyNeeded | PrivacyRequired | None = None) -> Event | Sentinel:
+        """BDAT <size> [LAST]: read the chunk now (RFC 3030 2); refused, it is
+        dropped and the refusal follows it."""
+        if "CHUNKING" not in self.extensions:
+            return self._unrecognized(name)
+        m = _BDAT.fullmatch(arg)
+        if m is None:  # where the chunk ends is unknown: nothing after is a command
+            return self._limit("bdat_syntax", Replies.BDAT_SYNTAX)
+        size, last = int(m[1]), m[2] is not None
+        if refusal is None:
+            reply = self._needs_session("HELO")
+            if reply is None and not self.recipients:
+                reply = Replies.NEED_MAIL if not self.in_mail else Replies.NEED_RCPT
+            if reply is None and max(self.chunked, 0) + size > self.message_limit:
+                reply = Replies.MESSAGE_TOO_BIG
+            refusal = None if reply is None else ReplyNeeded(reply)
+        self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
+        self.chunked = max(self.chunked, 0)
+        self.state = State.CHUNK
+        return self._chunk()
 
     def _rset(self, name: str, arg: bytes) -> Event:
         if arg:
@@ -544,7 +688,10 @@ class Connection:
         return self._event(name, QuitRequested())
 
     def _simple(self, name: str, arg: bytes) -> Event:
-        """NOOP, HELP, VRFY, EXPN: answered the same way every time."""
+        """NOOP, HELP, VRFY, EXPN: answered the same way every time; VRFY and ETRN
+        are the upstream's to answer when it offers them."""
+        if name == "ETRN" and "ETRN" not in self.extensions:
+            return self._unrecognized(name)
         if name == "NOOP":
             return self._reply(name, Replies.OK)
         if name == "EXPN":
@@ -553,7 +700,11 @@ class Connection:
             return self._reply(name, Replies.AUTH_REQUIRED)
         if name == "HELP":
             return self._reply(name, Replies.HELP)
-        return self._reply(name, Replies.VRFY if arg else Replies.syntax("VRFY <address>"))
+        if not arg:
+            return self._reply(name, Replies.syntax(f"{name} <argument>"))
+        if name in self.extensions:
+            return self._event(name, PassThrough(name, arg))
+        return self._reply(name, Replies.VRFY)
 
 
 _HANDLERS: dict[str, _Handler] = {
@@ -564,20 +715,24 @@ _HANDLERS: dict[str, _Handler] = {
     "MAIL": Connection._mail,
     "RCPT": Connection._rcpt,
     "DATA": Connection._data,
+    "BDAT": Connection._bdat,
     "RSET": Connection._rset,
     "QUIT": Connection._quit,
     "NOOP": Connection._simple,
     "HELP": Connection._simple,
     "VRFY": Connection._simple,
     "EXPN": Connection._simple,
+    "ETRN": Connection._simple,
 }
 
 __all__ = [  # the events and errors too: users import everything from here
-    "ALLOWED_BEFORE_TLS", "MAX_COMMAND_BYTES", "MAX_LINE_BYTES", "MAX_MESSAGE_BYTES",
-    "MAX_PREAUTH_COMMANDS", "MAX_UNRECOGNIZED_COMMANDS", "MECHANISMS", "NEED_DATA",
-    "PAUSED", "TRANSITIONS", "AuthCancelled", "AuthResponse", "AuthStarted", "ClientError",
-    "Connection", "DataRequested", "Event", "Hello", "LimitExceeded", "MailFrom",
-    "MessageReceived", "PrivacyRequired", "QuitRequested", "RcptTo", "ReplyNeeded",
-    "ResetRequested", "Sentinel", "SmtpWireError", "StartTlsRequested", "State",
-    "UsageError", "b64decode", "decode_plain", "parse_path",
+    "ALLOWED_BEFORE_TLS", "MAIL_PARAMETERS", "MAX_COMMAND_BYTES", "MAX_LINE_BYTES",
+    "MAX_MESSAGE_BYTES", "MAX_PREAUTH_COMMANDS", "MAX_UNRECOGNIZED_COMMANDS", "MECHANISMS",
+    "NEED_DATA", "PASS_THROUGH", "PAUSED", "RCPT_PARAMETERS", "RELAYED_EXTENSIONS",
+    "TRANSITIONS", "AuthCancelled", "AuthResponse", "AuthStarted", "ChunkReceived",
+    "ClientError", "Connection", "DataRequested", "Event", "Hello", "LimitExceeded",
+    "MailFrom", "MessageReceived", "PassThrough", "PrivacyRequired", "QuitRequested",
+    "RcptTo", "ReplyNeeded", "ResetRequested", "Sentinel", "SmtpWireError",
+    "StartTlsRequested", "State", "UsageError", "b64decode", "check_parameters",
+    "decode_plain", "parse_parameters", "parse_path",
 ]
