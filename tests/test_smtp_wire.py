@@ -223,7 +223,7 @@ def test_paths(arg: bytes, parsed: tuple[bytes, bytes] | None) -> None:
     (b"MAIL FROM:<a@b> SIZE=x", Replies.syntax("MAIL FROM: <address> [SP <mail-parameters>]")),
     (b"MAIL FROM:<a@b> BODY=BINARYMIME", Replies.BAD_BODY),
     (b"MAIL FROM:<a@b> SMTPUTF8=yes", Replies.BAD_SMTPUTF8),
-    (b"MAIL FROM:<a@b> RET=HDRS", Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> X-FOO=HDRS", Replies.MAIL_PARAMETERS),
     (b"MAIL FROM:<a@b", Replies.BAD_ADDRESS),
     (b"MAIL TO:<a@b>", Replies.syntax("MAIL FROM: <address> [SP <mail-parameters>]")),
     (b"RCPT TO:<a@b>", Replies.NEED_MAIL),

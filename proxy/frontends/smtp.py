@@ -107,13 +107,15 @@ class SmtpListener:
             await upstream.quit()
 
     def ehlo_reply(self, conn: Connection) -> str:
-        """The EHLO reply: only the extensions the upstream also has, STARTTLS until
-        TLS is up, AUTH once it is (or where cleartext is allowed)."""
+        """The EHLO reply: only the extensions the upstream also has (as the probe at
+        start or the latest login found them), STARTTLS until TLS is up, AUTH once it
+        is (or where cleartext is allowed). The upstream's XCLIENT, XFORWARD and AUTH
+        mechanisms are never passed on."""
         caps = self.caps
         lines = [self.hostname]
         if caps.size is not None:
             lines.append(f"SIZE {caps.message_limit}")
-        lines += [e for e in RELAYED_EXTENSIONS if e in caps.extensions]
+        lines += [e for e in RELAYED_EXTENSIONS if e in caps.extensions and e != "SIZE"]
         if conn.starttls_available and not conn.tls:
             lines.append("STARTTLS")
         if conn.tls or conn.cleartext_auth:

@@ -9,9 +9,15 @@ bytes after the end of a message, wait their turn.
 
 Login (AUTH PLAIN or LOGIN, credentials from the wire's SASL events):
 :class:`proxy.frontends.smtp_upstream.UpstreamSession` authenticates upstream with
-them, then the gate decides (one ``decision`` record per attempt). Allow: the session
+them, then the gate decides (one ``decision`` record per attempt). AUTH LOGIN is
+relayed step by step when the upstream offers LOGIN: the upstream is connected as
+the AUTH begins and the client sees its own 334 challenges (if it cannot be reached
+then, mailward prompts itself and the attempt is recorded once the user is known).
+The upstream connection names the client (XCLIENT/XFORWARD, ``ClientInfo``). Allow: the session
 registers with the gate and MAIL, RCPT, RSET and the message are relayed one by one.
-Deny: 235, and every MAIL FROM gets ``550 5.7.1 <text>``. The upstream failing or
+Deny: 235, and every MAIL FROM gets ``550 5.7.1 <text>``. BDAT chunks, VRFY and ETRN
+are relayed like the rest, only as far as the upstream offers them (the wire knows
+its extensions from ``UpstreamCapabilities``). The upstream failing or
 timing out gives a 4xx and closes; a message is never acknowledged before the
 upstream's own 250.
 
@@ -23,6 +29,7 @@ while it waits for the upstream or the gate.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +37,9 @@ from aiosmtplib import SMTPResponse
 
 from proxy.frontends.smtp_replies import Replies, relayed
 from proxy.frontends.smtp_upstream import (
+    ClientInfo,
     Relay,
+    UpstreamCapabilities,
     UpstreamSession,
     UpstreamUnavailable,
     describe,
@@ -40,6 +49,7 @@ from proxy.frontends.smtp_wire import (
     AuthCancelled,
     AuthResponse,
     AuthStarted,
+    ChunkReceived,
     ClientError,
     Connection,
     DataRequested,
@@ -48,6 +58,7 @@ from proxy.frontends.smtp_wire import (
     LimitExceeded,
     MailFrom,
     MessageReceived,
+    PassThrough,
     PrivacyRequired,
     QuitRequested,
     RcptTo,
@@ -76,7 +87,7 @@ POST_AUTH_IDLE_TIMEOUT_S = 300.0
 READ_PAUSE_BYTES = 64 * 1024
 #: Why a connection broke a limit of the wire, as its session_end reason.
 _LIMIT_REASONS = {"commands": "too_many_commands", "line": "line_too_long",
-                  "unrecognized": "too_many_unrecognized"}
+                  "unrecognized": "too_many_unrecognized", "bdat_syntax": "bad_syntax"}
 
 
 class SmtpSession(asyncio.Protocol):
@@ -91,7 +102,8 @@ class SmtpSession(asyncio.Protocol):
         self.conn = Connection(
             tls=cfg.tls == "implicit", starttls=cfg.tls == "starttls",
             cleartext_auth=cfg.allow_cleartext_auth and cfg.is_loopback,
-            max_commands=cfg.max_preauth_commands, message_limit=listener.caps.message_limit)
+            max_commands=cfg.max_preauth_commands, message_limit=listener.caps.message_limit,
+            extensions=listener.caps.extensions)
         self.transport: SocketTransport | None = None
         self.device_id: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -106,6 +118,9 @@ class SmtpSession(asyncio.Protocol):
         self._refusal: str | None = None  # the gate denied: every MAIL FROM's answer
         self._sasl: list[bytes] = []  # SASL responses of the AUTH in progress
         self._mechanism = ""
+        self._auth_upstream: UpstreamSession | None = None  # connected for this AUTH
+        self._relaying_login = False  # AUTH LOGIN relayed to it step by step
+        self._client_port: int | None = None
         self._auth_failures = 0
         self._busy = False  # an event is being handled
         self._pending_goodbye: str | None = None  # sent once the current command ends
@@ -122,6 +137,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        self._client_port = int(peer[1]) if isinstance(peer, tuple) else None
         self.origin = Origin("smtp", self.cfg.name, ip, self.cfg.unidentified)
         self.listener.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -129,7 +145,7 @@ class SmtpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         conn.receive_data(data)
-        if (conn.buffered > READ_PAUSE_BYTES and conn.state is not State.DATA
+        if (conn.buffered > READ_PAUSE_BYTES and conn.state not in (State.DATA, State.CHUNK)
                 and not self._reading_paused and self.transport is not None):
             self._reading_paused = True
             self.transport.pause_reading()
@@ -321,10 +337,35 @@ class SmtpSession(asyncio.Protocol):
 
     async def _on_auth_started(self, event: AuthStarted) -> None:
         self._mechanism, self._sasl = event.mechanism, []
-        if event.initial_response is not None:
+        if event.mechanism == "LOGIN":
+            await self._start_login(event.initial_response)
+        elif event.initial_response is not None:
             await self._on_sasl(event.initial_response)
-        elif event.mechanism == "PLAIN":
+        else:
             self._write(Replies.PLAIN_CHALLENGE)
+
+    async def _start_login(self, initial: bytes | None) -> None:
+        """AUTH LOGIN: connect upstream now and relay its own challenges if it offers
+        LOGIN; else (or unreachable) mailward's own prompts, PLAIN upstream later."""
+        if initial is not None and not _utf8(initial):
+            self._write(Replies.USER_NOT_UTF8)
+            return
+        upstream = self._new_upstream()
+        try:
+            self._learn(await upstream.connect())
+        except UpstreamUnavailable:  # tried again once the user is known, and recorded
+            upstream.abort()
+        else:
+            self._auth_upstream = upstream
+            if upstream.offers("LOGIN"):
+                args = [b"AUTH", b"LOGIN"]
+                if initial is not None:
+                    self._sasl.append(initial)
+                    args.append(base64.b64encode(initial) or b"=")
+                await self._relay_step(*args)
+                return
+        if initial is not None:
+            await self._on_sasl(initial)
         else:
             self._write(Replies.USERNAME_CHALLENGE)
 
@@ -333,11 +374,30 @@ class SmtpSession(asyncio.Protocol):
 
     async def _on_auth_cancelled(self, event: AuthCancelled) -> None:
         self._sasl = []
-        self._write(Replies.AUTH_ABORTED)
+        upstream, self._auth_upstream = self._auth_upstream, None
+        if upstream is None or upstream.caps is None or not self._relaying_login:
+            if upstream is not None:
+                await upstream.quit()
+            self._write(Replies.AUTH_ABORTED)
+            return
+        self._relaying_login = False
+        try:  # the upstream's own answer to the cancellation
+            answer = relayed(await upstream.auth_step(b"*"))
+        except UpstreamUnavailable:
+            answer = Replies.AUTH_ABORTED
+        await upstream.quit()
+        self._write(answer if answer[:1] in ("4", "5") else Replies.AUTH_ABORTED)
 
     async def _on_sasl(self, data: bytes) -> None:
         """One SASL response: PLAIN's only one, or LOGIN's user name or password."""
         self._sasl.append(data)
+        if self._relaying_login:
+            if len(self._sasl) == 1 and not _utf8(data):
+                await self._drop_auth_upstream()
+                self._write(Replies.USER_NOT_UTF8)
+                return
+            await self._relay_step(base64.b64encode(data) or b"=")
+            return
         if self._mechanism == "LOGIN" and len(self._sasl) == 1:
             self._write(Replies.PASSWORD_CHALLENGE)
             return
@@ -354,17 +414,66 @@ class SmtpSession(asyncio.Protocol):
         if answer is not None:
             self._write(answer)
 
+    async def _relay_step(self, *args: bytes) -> None:
+        """One step of a relayed AUTH LOGIN: a 334 goes to the client as the upstream
+        wrote it; the final answer concludes the attempt like any login."""
+        upstream = self._auth_upstream
+        assert upstream is not None
+        self._relaying_login = True
+        user = self._sasl[0].decode("utf-8") if self._sasl else None
+        identity = None if user is None else self._identity(user)
+        try:
+            resp = await upstream.auth_step(*args)
+        except UpstreamUnavailable as exc:
+            self._relaying_login, self._auth_upstream = False, None
+            await self._upstream_unavailable(exc, identity)
+            return
+        except asyncio.CancelledError:  # the client went away meanwhile
+            upstream.abort()
+            raise
+        if resp.code == 334:
+            self._write(relayed(resp))  # the upstream's own challenge
+            return
+        self._relaying_login, self._auth_upstream, self._sasl = False, None, []
+        if identity is None:  # answered before a user name: nothing to decide on
+            await upstream.quit()
+            self._write(relayed(resp))
+            return
+        answer = await self._concluded(resp, identity, upstream)
+        if answer is not None:
+            self._write(answer)
+
+    async def _drop_auth_upstream(self) -> None:
+        upstream, self._auth_upstream = self._auth_upstream, None
+        self._relaying_login, self._sasl = False, []
+        if upstream is not None:
+            await upstream.quit()
+
+    def _new_upstream(self) -> UpstreamSession:
+        client = ClientInfo(self.origin.client_ip, self._client_port, self.conn.helo,
+                            self.conn.extended)
+        return UpstreamSession(self.cfg, self.listener.upstream_tls, self.listener.hostname,
+                               client)
+
+    def _learn(self, caps: UpstreamCapabilities) -> None:
+        """What the upstream offers: the next sessions' EHLO, this one's limits."""
+        self.listener.caps = caps
+        self.conn.message_limit = caps.message_limit
+        self.conn.extensions = caps.extensions
+
+    def _identity(self, user: str) -> Identity:
+        return Identity(user, self.device_id, "client_cert" if self.device_id else "")
+
     async def _login(self, login: bytes, password: bytes) -> str | None:
         """Upstream AUTH, then the gate: the reply to AUTH (None: already answered)."""
-        try:
-            user = login.decode("utf-8")
-        except UnicodeDecodeError:  # never a mailbox; and it could not be logged
+        if not _utf8(login):  # never a mailbox; and it could not be logged
+            await self._drop_auth_upstream()
             return Replies.USER_NOT_UTF8
-        identity = Identity(user, self.device_id, "client_cert" if self.device_id else "")
+        identity = self._identity(login.decode("utf-8"))
         # As the client gave it, not verified: what was attempted, named in the
         # session_end record if the attempt is cut off (client gone, shutdown).
         self.identity = identity
-        upstream = UpstreamSession(self.cfg, self.listener.upstream_tls, self.listener.hostname)
+        upstream, self._auth_upstream = self._auth_upstream or self._new_upstream(), None
         try:
             return await self._verify(login, password, identity, upstream)
         except asyncio.CancelledError:  # the client went away meanwhile
@@ -378,21 +487,11 @@ class SmtpSession(asyncio.Protocol):
         also get a ``session_end`` record."""
         gate = self.listener.gate
         try:
-            caps = await upstream.connect()
-            self.listener.caps = caps  # what the next sessions advertise
-            self.conn.message_limit = caps.message_limit
+            if upstream.caps is None:
+                self._learn(await upstream.connect())
             answer = await upstream.authenticate(login, password)
         except UpstreamUnavailable as exc:
-            log.warning("upstream unavailable at login", listener=self.origin.listener,
-                        error=str(exc))
-            # The login attempt's one decision record: a temporary deny, for the user
-            # as the client gave it (unverified: it is what was attempted).
-            self._decided = True
-            await gate.record_deny(
-                identity, self.origin, UPSTREAM_UNAVAILABLE,
-                f"The mail server could not be reached or did not answer ({exc}).",
-                temporary=True)
-            self._goodbye(Replies.UPSTREAM_DOWN)
+            await self._upstream_unavailable(exc, identity)
             return None
         except LookupError as exc:
             log.error("upstream login impossible", listener=self.origin.listener,
@@ -403,9 +502,31 @@ class SmtpSession(asyncio.Protocol):
                 identity, self.origin, "upstream_auth_unsupported",
                 f"The mail server offers no login method mailward can relay ({exc}).")
             return Replies.AUTH_UNSUPPORTED
+        return await self._concluded(answer, identity, upstream)
+
+    async def _concluded(self, answer: SMTPResponse, identity: Identity,
+                         upstream: UpstreamSession) -> str | None:
+        """The upstream's final answer to the credentials: the attempt's one record."""
         if answer.code != 235:
             return await self._upstream_refused(answer, identity, upstream)
         return await self._decide(identity, upstream)
+
+    async def _upstream_unavailable(self, exc: UpstreamUnavailable,
+                                    identity: Identity | None) -> None:
+        """The upstream failed during the login: 421 and close. The attempt's one
+        decision record is a temporary deny for the user as the client gave it
+        (unverified: it is what was attempted); before a user name, a session_end."""
+        log.warning("upstream unavailable at login", listener=self.origin.listener,
+                    error=str(exc))
+        if identity is None:
+            self._end_reason, self._end_detail = UPSTREAM_UNAVAILABLE, str(exc)
+        else:
+            self.identity, self._decided = identity, True
+            await self.listener.gate.record_deny(
+                identity, self.origin, UPSTREAM_UNAVAILABLE,
+                f"The mail server could not be reached or did not answer ({exc}).",
+                temporary=True)
+        self._goodbye(Replies.UPSTREAM_DOWN)
 
     async def _upstream_refused(self, answer: SMTPResponse, identity: Identity,
                                 upstream: UpstreamSession) -> str | None:
@@ -455,7 +576,18 @@ class SmtpSession(asyncio.Protocol):
 
     async def _on_rcpt(self, event: RcptTo) -> None:
         assert self._relay is not None  # the wire asks for MAIL first
-        self._write(await self._relay.rcpt(event.path))
+        self._write(await self._relay.rcpt(event.path, event.params))
+
+    async def _on_chunk(self, event: ChunkReceived) -> None:
+        assert self._relay is not None  # the wire asks for MAIL and RCPT first
+        self._write(await self._relay.chunk(event.data, event.last))
+
+    async def _on_pass_through(self, event: PassThrough) -> None:
+        """VRFY, ETRN: the upstream's answer (a refused session: the refusal)."""
+        if self._refusal is not None or self._relay is None:
+            self._write(self._refusal or Replies.UPSTREAM_DOWN)
+            return
+        self._write(await self._relay.command(event.command.encode(), event.argument))
 
     async def _on_data(self, event: DataRequested) -> None:
         self._write(Replies.START_MAIL)
@@ -479,6 +611,9 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     async def quit_upstream(self, timeout_s: float) -> None:
+        if self._auth_upstream is not None:  # the client left in the middle of AUTH
+            self._auth_upstream.abort()
+            self._auth_upstream = None
         if self._relay is not None:
             relay, self._relay = self._relay, None
             await relay.upstream.quit(timeout_s)
@@ -541,11 +676,21 @@ _HANDLERS: dict[type[Any], Any] = {
     RcptTo: SmtpSession._on_rcpt,
     DataRequested: SmtpSession._on_data,
     MessageReceived: SmtpSession._on_message,
+    ChunkReceived: SmtpSession._on_chunk,
+    PassThrough: SmtpSession._on_pass_through,
     ResetRequested: SmtpSession._on_reset,
     QuitRequested: SmtpSession._on_quit,
     ReplyNeeded: SmtpSession._on_reply_needed,
     PrivacyRequired: SmtpSession._on_privacy_required,
     LimitExceeded: SmtpSession._on_limit,
 }
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 __all__ = ["MAX_AUTH_FAILURES", "POST_AUTH_IDLE_TIMEOUT_S", "SmtpSession"]

@@ -141,6 +141,7 @@ class UpstreamSession:
         self._chunking = False
         self._client_info = client
         self.xforward: bytes | None = None  # the XFORWARD line to send before each MAIL
+        self.caps: UpstreamCapabilities | None = None  # once connected
 
     async def connect(self) -> UpstreamCapabilities:
         """Connect (TLS as configured), EHLO, and name the client (XCLIENT, or
@@ -157,7 +158,8 @@ class UpstreamSession:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
         self._chunking = "chunking" in c.esmtp_extensions
-        return UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+        self.caps = UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+        return self.caps
 
     async def _identify(self, client: ClientInfo) -> None:
         """XCLIENT (a new session follows: EHLO again, as the client), else remember
