@@ -18,9 +18,10 @@ import ssl
 from pathlib import Path
 
 import pytest
+import test_smtp
 from peers import peer_missing
 from peers.postfix import PostfixSubmission
-from test_smtp import (  # noqa: F401  (pki, postfix and env are fixtures)
+from test_smtp import (
     ALICE,
     BOB,
     PASSWORD,
@@ -28,15 +29,15 @@ from test_smtp import (  # noqa: F401  (pki, postfix and env are fixtures)
     Pki,
     RawClient,
     as_stored,
-    env,
     message,
-    pki,
-    postfix,
     require_swaks,
     swaks,
 )
 
 pytestmark = pytest.mark.peer
+
+# The Postfix peer, PKI and listeners of test_smtp, as fixtures of this module too.
+pki, postfix, env = test_smtp.pki, test_smtp.postfix, test_smtp.env
 
 PHONE_ADDR = "127.0.0.2"  # the phone's address: mailward itself talks from 127.0.0.1
 

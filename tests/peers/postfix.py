@@ -9,9 +9,10 @@ What runs (all under one temporary directory, nothing in /etc or /var is touched
   It listens on three loopback ports: submission with STARTTLS (``smtpd_tls_auth_only``),
   submissions with implicit TLS, and a STARTTLS submission port that offers mailward
   XFORWARD instead of XCLIENT (``xforward_port``). 127.0.0.1 may use XCLIENT
-  (``smtpd_authorized_xclient_hosts``), as an operator configures it for mailward. Authenticated users may send to the local
-  virtual domain only; messages are delivered by Postfix's ``virtual`` agent into one
-  Maildir per user, where tests read them back.
+  (``smtpd_authorized_xclient_hosts``), as an operator configures it for mailward.
+  Authenticated users may send to the local virtual domain only; messages are
+  delivered by Postfix's ``virtual`` agent into one Maildir per user, where tests
+  read them back.
 
 Postfix and Dovecot start as root and drop privileges themselves (``postfix`` /
 ``dovecot`` / ``nobody``), so the directory is made world-traversable.
