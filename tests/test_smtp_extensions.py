@@ -294,3 +294,28 @@ async def test_vrfy_and_etrn_are_answered_by_the_upstream(
             client.close()
     direct, proxied = answers
     assert proxied == direct, (proxied, direct)
+
+
+async def test_auth_login_with_the_upstream_down_prompts_itself_and_records_once(
+    env: Env, pki: Pki
+) -> None:
+    """The upstream cannot be reached when AUTH LOGIN begins: mailward prompts itself
+    ("Username:", "Password:"), tries again once it has the user, and then answers
+    421 4.4.1 with one temporary deny record for that user."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    port = await env.listen(dead_port, upstream_tls="none", upstream_connect_timeout_s=1)
+    client = RawClient(port, pki.client_ctx("alice-phone"))
+    await client.open()
+    try:
+        replies = await login_steps(client, "AUTH LOGIN", ALICE.encode(), b"secret")
+    finally:
+        client.close()
+    assert replies[:2] == ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"], replies
+    assert replies[2].startswith("421 4.4.1 "), replies
+    await asyncio.sleep(0.2)
+    (decision,) = env.records("decision")
+    assert decision["user"] == ALICE
+    assert decision["reasons"][0]["code"] == "upstream_unavailable"
+    assert env.records("session_end") == []
