@@ -22,9 +22,11 @@ How a session goes (see DESIGN.md, "Sessions, in order"):
    acknowledges or re-sends a message on its own.
 
 The pieces, one module each: ``smtp_wire`` (the client's side of the protocol, sans
-IO: events, states, limits), ``smtp_replies`` (every reply mailward makes),
-``smtp_session`` (one per connection: the executor that drives the wire, calls the
-gate and relays), ``smtp_upstream`` and ``smtp_relay`` (the upstream client), and here
+IO: events, states, limits; ``smtp_events`` and ``smtp_syntax`` hold its events and
+its pure parsers), ``smtp_replies`` (every reply mailward makes), ``smtp_session``
+(one per connection: the executor that drives the wire, calls the gate and relays;
+its AUTH half is ``smtp_login``), ``smtp_upstream`` and ``smtp_relay`` (the upstream
+client: XCLIENT/XFORWARD, AUTH, then the relay), and here
 :class:`SmtpListener`, returned by :func:`start`. Connections run on
 ``proxy.net.socket_transport`` (OpenSSL on the socket), like IMAP's.
 """

@@ -7,19 +7,13 @@ the upstream's reply) and writes the reply, which moves the wire's state machine
 No event is parsed before the previous one is answered, so pipelined commands, and
 bytes after the end of a message, wait their turn.
 
-Login (AUTH PLAIN or LOGIN, credentials from the wire's SASL events):
-:class:`proxy.frontends.smtp_upstream.UpstreamSession` authenticates upstream with
-them, then the gate decides (one ``decision`` record per attempt). AUTH LOGIN is
-relayed step by step when the upstream offers LOGIN: the upstream is connected as
-the AUTH begins and the client sees its own 334 challenges (if it cannot be reached
-then, mailward prompts itself and the attempt is recorded once the user is known).
-The upstream connection names the client (XCLIENT/XFORWARD, ``ClientInfo``). Allow: the session
-registers with the gate and MAIL, RCPT, RSET and the message are relayed one by one.
-Deny: 235, and every MAIL FROM gets ``550 5.7.1 <text>``. BDAT chunks, VRFY and ETRN
-are relayed like the rest, only as far as the upstream offers them (the wire knows
-its extensions from ``UpstreamCapabilities``). The upstream failing or
-timing out gives a 4xx and closes; a message is never acknowledged before the
-upstream's own 250.
+Login: ``smtp_login.SmtpLogin`` (the AUTH half of this class) has the upstream check
+the credentials, then the gate decides (one ``decision`` record per attempt). Allow:
+the session registers with the gate and MAIL, RCPT, RSET and the message are relayed
+one by one, and BDAT chunks, VRFY and ETRN as far as the upstream offers them (the
+wire knows its extensions from ``UpstreamCapabilities``). Deny: 235, and every MAIL
+FROM gets ``550 5.7.1 <text>``. The upstream failing or timing out gives a 4xx and
+closes; a message is never acknowledged before the upstream's own 250.
 
 Times: an idle limit (pre-auth ``preauth_idle``, then ``POST_AUTH_IDLE_TIMEOUT_S``)
 and the total pre-auth time run only while the session waits for the client, never
@@ -29,28 +23,18 @@ while it waits for the upstream or the gate.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from aiosmtplib import SMTPResponse
-
-from proxy.frontends.smtp_replies import Replies, relayed
-from proxy.frontends.smtp_upstream import (
-    ClientInfo,
-    Relay,
-    UpstreamCapabilities,
-    UpstreamSession,
-    UpstreamUnavailable,
-    describe,
-)
+from proxy.frontends.smtp_login import MAX_AUTH_FAILURES, POST_AUTH_IDLE_TIMEOUT_S, SmtpLogin
+from proxy.frontends.smtp_replies import Replies
+from proxy.frontends.smtp_upstream import Relay, describe
 from proxy.frontends.smtp_wire import (
     PAUSED,
     AuthCancelled,
     AuthResponse,
     AuthStarted,
     ChunkReceived,
-    ClientError,
     Connection,
     DataRequested,
     Event,
@@ -67,9 +51,8 @@ from proxy.frontends.smtp_wire import (
     Sentinel,
     StartTlsRequested,
     State,
-    decode_plain,
 )
-from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
+from proxy.gate import Identity, Origin
 from proxy.net.tls import device_id_from_ssl
 from proxy.oplog import get_logger
 
@@ -79,10 +62,6 @@ if TYPE_CHECKING:
 
 log = get_logger("mailward.smtp")
 
-#: Failed logins per connection; the last one's answer is followed by 421.
-MAX_AUTH_FAILURES = 3
-#: Idle limit once logged in (RFC 5321 4.5.3.2.7 server timeout).
-POST_AUTH_IDLE_TIMEOUT_S = 300.0
 #: Stop reading from the client while this many unparsed command bytes are held.
 READ_PAUSE_BYTES = 64 * 1024
 #: Why a connection broke a limit of the wire, as its session_end reason.
@@ -90,7 +69,7 @@ _LIMIT_REASONS = {"commands": "too_many_commands", "line": "line_too_long",
                   "unrecognized": "too_many_unrecognized", "bdat_syntax": "bad_syntax"}
 
 
-class SmtpSession(asyncio.Protocol):
+class SmtpSession(SmtpLogin, asyncio.Protocol):
     """One client connection. Also its :class:`proxy.gate.LiveSession` once allowed."""
 
     def __init__(self, listener: SmtpListener) -> None:
@@ -116,12 +95,8 @@ class SmtpSession(asyncio.Protocol):
         self._deadline = 0.0  # end of the pre-auth time
         self._relay: Relay | None = None  # once allowed: the upstream session
         self._refusal: str | None = None  # the gate denied: every MAIL FROM's answer
-        self._sasl: list[bytes] = []  # SASL responses of the AUTH in progress
-        self._mechanism = ""
-        self._auth_upstream: UpstreamSession | None = None  # connected for this AUTH
-        self._relaying_login = False  # AUTH LOGIN relayed to it step by step
         self._client_port: int | None = None
-        self._auth_failures = 0
+        self._init_login()
         self._busy = False  # an event is being handled
         self._pending_goodbye: str | None = None  # sent once the current command ends
         self._closing = False
@@ -333,239 +308,6 @@ class SmtpSession(asyncio.Protocol):
     async def _on_quit(self, event: QuitRequested) -> None:
         self._goodbye(Replies.BYE)  # the upstream gets its QUIT when the client is gone
 
-    # -- AUTH --------------------------------------------------------------------------
-
-    async def _on_auth_started(self, event: AuthStarted) -> None:
-        self._mechanism, self._sasl = event.mechanism, []
-        if event.mechanism == "LOGIN":
-            await self._start_login(event.initial_response)
-        elif event.initial_response is not None:
-            await self._on_sasl(event.initial_response)
-        else:
-            self._write(Replies.PLAIN_CHALLENGE)
-
-    async def _start_login(self, initial: bytes | None) -> None:
-        """AUTH LOGIN: connect upstream now and relay its own challenges if it offers
-        LOGIN; else (or unreachable) mailward's own prompts, PLAIN upstream later."""
-        if initial is not None and not _utf8(initial):
-            self._write(Replies.USER_NOT_UTF8)
-            return
-        upstream = self._new_upstream()
-        try:
-            self._learn(await upstream.connect())
-        except UpstreamUnavailable:  # tried again once the user is known, and recorded
-            upstream.abort()
-        else:
-            self._auth_upstream = upstream
-            if upstream.offers("LOGIN"):
-                args = [b"AUTH", b"LOGIN"]
-                if initial is not None:
-                    self._sasl.append(initial)
-                    args.append(base64.b64encode(initial) or b"=")
-                await self._relay_step(*args)
-                return
-        if initial is not None:
-            await self._on_sasl(initial)
-        else:
-            self._write(Replies.USERNAME_CHALLENGE)
-
-    async def _on_auth_response(self, event: AuthResponse) -> None:
-        await self._on_sasl(event.data)
-
-    async def _on_auth_cancelled(self, event: AuthCancelled) -> None:
-        self._sasl = []
-        upstream, self._auth_upstream = self._auth_upstream, None
-        if upstream is None or upstream.caps is None or not self._relaying_login:
-            if upstream is not None:
-                await upstream.quit()
-            self._write(Replies.AUTH_ABORTED)
-            return
-        self._relaying_login = False
-        try:  # the upstream's own answer to the cancellation
-            answer = relayed(await upstream.auth_step(b"*"))
-        except UpstreamUnavailable:
-            answer = Replies.AUTH_ABORTED
-        await upstream.quit()
-        self._write(answer if answer[:1] in ("4", "5") else Replies.AUTH_ABORTED)
-
-    async def _on_sasl(self, data: bytes) -> None:
-        """One SASL response: PLAIN's only one, or LOGIN's user name or password."""
-        self._sasl.append(data)
-        if self._relaying_login:
-            if len(self._sasl) == 1 and not _utf8(data):
-                await self._drop_auth_upstream()
-                self._write(Replies.USER_NOT_UTF8)
-                return
-            await self._relay_step(base64.b64encode(data) or b"=")
-            return
-        if self._mechanism == "LOGIN" and len(self._sasl) == 1:
-            self._write(Replies.PASSWORD_CHALLENGE)
-            return
-        responses, self._sasl = self._sasl, []
-        if self._mechanism == "LOGIN":
-            login, password = responses
-        else:
-            try:
-                _, login, password = decode_plain(data)
-            except ClientError as exc:
-                self._write(exc.reply)
-                return
-        answer = await self._login(login, password)
-        if answer is not None:
-            self._write(answer)
-
-    async def _relay_step(self, *args: bytes) -> None:
-        """One step of a relayed AUTH LOGIN: a 334 goes to the client as the upstream
-        wrote it; the final answer concludes the attempt like any login."""
-        upstream = self._auth_upstream
-        assert upstream is not None
-        self._relaying_login = True
-        user = self._sasl[0].decode("utf-8") if self._sasl else None
-        identity = None if user is None else self._identity(user)
-        try:
-            resp = await upstream.auth_step(*args)
-        except UpstreamUnavailable as exc:
-            self._relaying_login, self._auth_upstream = False, None
-            await self._upstream_unavailable(exc, identity)
-            return
-        except asyncio.CancelledError:  # the client went away meanwhile
-            upstream.abort()
-            raise
-        if resp.code == 334:
-            self._write(relayed(resp))  # the upstream's own challenge
-            return
-        self._relaying_login, self._auth_upstream, self._sasl = False, None, []
-        if identity is None:  # answered before a user name: nothing to decide on
-            await upstream.quit()
-            self._write(relayed(resp))
-            return
-        answer = await self._concluded(resp, identity, upstream)
-        if answer is not None:
-            self._write(answer)
-
-    async def _drop_auth_upstream(self) -> None:
-        upstream, self._auth_upstream = self._auth_upstream, None
-        self._relaying_login, self._sasl = False, []
-        if upstream is not None:
-            await upstream.quit()
-
-    def _new_upstream(self) -> UpstreamSession:
-        client = ClientInfo(self.origin.client_ip, self._client_port, self.conn.helo,
-                            self.conn.extended)
-        return UpstreamSession(self.cfg, self.listener.upstream_tls, self.listener.hostname,
-                               client)
-
-    def _learn(self, caps: UpstreamCapabilities) -> None:
-        """What the upstream offers: the next sessions' EHLO, this one's limits."""
-        self.listener.caps = caps
-        self.conn.message_limit = caps.message_limit
-        self.conn.extensions = caps.extensions
-
-    def _identity(self, user: str) -> Identity:
-        return Identity(user, self.device_id, "client_cert" if self.device_id else "")
-
-    async def _login(self, login: bytes, password: bytes) -> str | None:
-        """Upstream AUTH, then the gate: the reply to AUTH (None: already answered)."""
-        if not _utf8(login):  # never a mailbox; and it could not be logged
-            await self._drop_auth_upstream()
-            return Replies.USER_NOT_UTF8
-        identity = self._identity(login.decode("utf-8"))
-        # As the client gave it, not verified: what was attempted, named in the
-        # session_end record if the attempt is cut off (client gone, shutdown).
-        self.identity = identity
-        upstream, self._auth_upstream = self._auth_upstream or self._new_upstream(), None
-        try:
-            return await self._verify(login, password, identity, upstream)
-        except asyncio.CancelledError:  # the client went away meanwhile
-            upstream.abort()
-            raise
-
-    async def _verify(self, login: bytes, password: bytes, identity: Identity,
-                      upstream: UpstreamSession) -> str | None:
-        """``_decided`` is set *before* each gate call: if the client leaves while the
-        record is being written (the task is then cancelled), the attempt must not
-        also get a ``session_end`` record."""
-        gate = self.listener.gate
-        try:
-            if upstream.caps is None:
-                self._learn(await upstream.connect())
-            answer = await upstream.authenticate(login, password)
-        except UpstreamUnavailable as exc:
-            await self._upstream_unavailable(exc, identity)
-            return None
-        except LookupError as exc:
-            log.error("upstream login impossible", listener=self.origin.listener,
-                      error=str(exc))
-            await upstream.quit()
-            self._decided = True
-            await gate.record_deny(
-                identity, self.origin, "upstream_auth_unsupported",
-                f"The mail server offers no login method mailward can relay ({exc}).")
-            return Replies.AUTH_UNSUPPORTED
-        return await self._concluded(answer, identity, upstream)
-
-    async def _concluded(self, answer: SMTPResponse, identity: Identity,
-                         upstream: UpstreamSession) -> str | None:
-        """The upstream's final answer to the credentials: the attempt's one record."""
-        if answer.code != 235:
-            return await self._upstream_refused(answer, identity, upstream)
-        return await self._decide(identity, upstream)
-
-    async def _upstream_unavailable(self, exc: UpstreamUnavailable,
-                                    identity: Identity | None) -> None:
-        """The upstream failed during the login: 421 and close. The attempt's one
-        decision record is a temporary deny for the user as the client gave it
-        (unverified: it is what was attempted); before a user name, a session_end."""
-        log.warning("upstream unavailable at login", listener=self.origin.listener,
-                    error=str(exc))
-        if identity is None:
-            self._end_reason, self._end_detail = UPSTREAM_UNAVAILABLE, str(exc)
-        else:
-            self.identity, self._decided = identity, True
-            await self.listener.gate.record_deny(
-                identity, self.origin, UPSTREAM_UNAVAILABLE,
-                f"The mail server could not be reached or did not answer ({exc}).",
-                temporary=True)
-        self._goodbye(Replies.UPSTREAM_DOWN)
-
-    async def _upstream_refused(self, answer: SMTPResponse, identity: Identity,
-                                upstream: UpstreamSession) -> str | None:
-        """The upstream did not accept the credentials: its answer goes to the client."""
-        await upstream.quit()
-        gate = self.listener.gate
-        self._decided = True
-        if answer.code < 500:  # the server could not check the credentials now
-            await gate.record_deny(
-                identity, self.origin, "upstream_auth_temporary",
-                f"The mail server answered {answer.code} to the login.", temporary=True)
-            return relayed(answer)
-        await gate.record_auth_failed(identity, self.origin)
-        self._auth_failures += 1
-        if self._auth_failures < MAX_AUTH_FAILURES:
-            return relayed(answer)
-        self._write(relayed(answer))
-        self._goodbye(Replies.TOO_MANY_AUTH_FAILURES)
-        return None
-
-    async def _decide(self, identity: Identity, upstream: UpstreamSession) -> str | None:
-        """The upstream said 235: the gate decides what the client is told."""
-        self._decided = True
-        decision = await self.listener.gate.decide(identity, self.origin)
-        if self._gone:  # the client left while we decided: nothing to register
-            await upstream.quit()
-            return None
-        if decision.allow:
-            self.identity, self._relay = identity, Relay(upstream)
-            self._idle_timeout_s = POST_AUTH_IDLE_TIMEOUT_S
-            self.listener.gate.register(self)  # type: ignore[arg-type]
-            return Replies.AUTH_OK
-        await upstream.quit()
-        if decision.temporary:
-            return Replies.temporary(decision.user_text())
-        # Refused: accept the login, refuse at MAIL FROM where apps show the text.
-        self._refusal = Replies.denied(decision.user_text())
-        return Replies.AUTH_OK
-
     # -- the relay ---------------------------------------------------------------------
 
     async def _on_mail(self, event: MailFrom) -> None:
@@ -611,9 +353,7 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     async def quit_upstream(self, timeout_s: float) -> None:
-        if self._auth_upstream is not None:  # the client left in the middle of AUTH
-            self._auth_upstream.abort()
-            self._auth_upstream = None
+        self.abort_login()
         if self._relay is not None:
             relay, self._relay = self._relay, None
             await relay.upstream.quit(timeout_s)
@@ -684,13 +424,5 @@ _HANDLERS: dict[type[Any], Any] = {
     PrivacyRequired: SmtpSession._on_privacy_required,
     LimitExceeded: SmtpSession._on_limit,
 }
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
 
 __all__ = ["MAX_AUTH_FAILURES", "POST_AUTH_IDLE_TIMEOUT_S", "SmtpSession"]
