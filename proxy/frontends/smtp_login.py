@@ -81,6 +81,7 @@ class SmtpLogin:
         self._auth_upstream: UpstreamSession | None = None  # connected for this AUTH
         self._relaying_login = False  # AUTH LOGIN relayed to it step by step
         self._auth_failures = 0
+        self._early_connects = 0  # upstream connections opened as an AUTH LOGIN began
 
     def _write(self, reply: str) -> None:
         raise NotImplementedError  # the session's
@@ -105,24 +106,28 @@ class SmtpLogin:
 
     async def _start_login(self, initial: bytes | None) -> None:
         """AUTH LOGIN: connect upstream now and relay its own challenges if it offers
-        LOGIN; else (or unreachable) mailward's own prompts, PLAIN upstream later."""
+        LOGIN; else (or unreachable) mailward's own prompts, PLAIN upstream later.
+        A client that keeps starting AUTH LOGIN without finishing it gets mailward's
+        prompts after MAX_AUTH_FAILURES tries: no upstream connection per bare AUTH."""
         if initial is not None and not _utf8(initial):
             self._write(Replies.USER_NOT_UTF8)
             return
-        upstream = self._new_upstream()
-        try:
-            self._learn(await upstream.connect())
-        except UpstreamUnavailable:  # tried again once the user is known, and recorded
-            upstream.abort()
-        else:
-            self._auth_upstream = upstream
-            if upstream.offers("LOGIN"):
-                args = [b"AUTH", b"LOGIN"]
-                if initial is not None:
-                    self._sasl.append(initial)
-                    args.append(base64.b64encode(initial) or b"=")
-                await self._relay_step(*args)
-                return
+        self._early_connects += 1
+        if self._early_connects <= MAX_AUTH_FAILURES:
+            upstream = self._new_upstream()
+            try:
+                self._learn(await upstream.connect())
+            except UpstreamUnavailable:  # tried again once the user is known, recorded
+                upstream.abort()
+            else:
+                self._auth_upstream = upstream
+        if self._auth_upstream is not None and self._auth_upstream.offers("LOGIN"):
+            args = [b"AUTH", b"LOGIN"]
+            if initial is not None:
+                self._sasl.append(initial)
+                args.append(base64.b64encode(initial) or b"=")
+            await self._relay_step(*args)
+            return
         if initial is not None:
             await self._on_sasl(initial)
         else:
@@ -134,7 +139,7 @@ class SmtpLogin:
     async def _on_auth_cancelled(self, event: AuthCancelled) -> None:
         self._sasl = []
         upstream, self._auth_upstream = self._auth_upstream, None
-        if upstream is None or upstream.caps is None or not self._relaying_login:
+        if upstream is None or not self._relaying_login:
             if upstream is not None:
                 await upstream.quit()
             self._write(Replies.AUTH_ABORTED)
@@ -181,6 +186,8 @@ class SmtpLogin:
         self._relaying_login = True
         user = self._sasl[0].decode("utf-8") if self._sasl else None
         identity = None if user is None else self._identity(user)
+        if identity is not None:  # as attempted: named if the attempt is cut off
+            self.identity = identity
         try:
             resp = await upstream.auth_step(*args)
         except UpstreamUnavailable as exc:

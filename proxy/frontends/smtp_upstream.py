@@ -28,6 +28,7 @@ import contextlib
 import ipaddress
 import re
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiosmtplib import SMTP as SMTPClient
@@ -186,49 +187,36 @@ class UpstreamSession:
         """One line of a SASL exchange relayed as the client gave it (``AUTH LOGIN
         [response]``, then one base64 response per 334); the server's reply. After a
         235 the relay client owns the connection. Raises UpstreamUnavailable."""
+        return await self._auth(self._client.execute_command(*args))
+
+    async def _auth(self, step: Awaitable[SMTPResponse]) -> SMTPResponse:
+        """The server's answer to an AUTH step (its refusals too); after a 235 the
+        relay client takes the connection over. Raises UpstreamUnavailable."""
         try:
-            resp = await self._client.execute_command(*args)
+            resp = await step
         except SMTPResponseException as exc:
             return SMTPResponse(exc.code, exc.message)
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
-        if resp.code == 421:
-            self.abort()
-            raise UpstreamUnavailable(f"upstream {resp.code} during AUTH")
-        if resp.code == 235:
-            self._take_over()
-        return resp
-
-    def _take_over(self) -> None:
         transport = self._client.transport
-        if transport is not None and not transport.is_closing():
+        if resp.code == 235 and transport is not None and not transport.is_closing():
             self._relay = RelayClient.take_over(
                 transport,  # type: ignore[arg-type]
                 self._cfg.upstream_timeout_s)
+        return resp
 
     async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
         """The upstream's answer to the client's credentials (235 or its refusal).
         Raises UpstreamUnavailable, or LookupError when the upstream offers neither
         PLAIN nor LOGIN. After a 235 the relay client owns the connection."""
         c = self._client
-        methods = {m.lower() for m in c.server_auth_methods}
-        try:
-            if "plain" in methods:
-                resp = await c.auth_plain(login, password)
-            elif "login" in methods:
-                resp = await c.auth_login(login, password)
-            else:
-                raise LookupError(
-                    f"upstream offers no PLAIN or LOGIN (offers {sorted(methods)})")
-        except SMTPResponseException as exc:
-            return SMTPResponse(exc.code, exc.message)
-        except _UPSTREAM_ERRORS as exc:
-            self.abort()
-            raise UpstreamUnavailable(describe(exc)) from exc
-        if resp.code == 235:
-            self._take_over()
-        return resp
+        if self.offers("PLAIN"):
+            return await self._auth(c.auth_plain(login, password))
+        if self.offers("LOGIN"):
+            return await self._auth(c.auth_login(login, password))
+        raise LookupError(
+            f"upstream offers no PLAIN or LOGIN (offers {sorted(c.server_auth_methods)})")
 
     def _relay_client(self) -> RelayClient:
         if self._relay is None:
