@@ -173,4 +173,6 @@ def test_client_identity_commands_list_only_offered_attributes() -> None:
     assert ClientInfo("10.0.0.1", None, None, extended=False).command(
         b"XFORWARD", "ADDR PROTO SOURCE") == b"XFORWARD PROTO=SMTP ADDR=10.0.0.1"
     assert client.command(b"XCLIENT", "LOGIN DESTADDR") is None
+    assert ClientInfo("::ffff:192.0.2.7").command(b"XCLIENT", "ADDR") == (
+        b"XCLIENT ADDR=192.0.2.7")
     assert xtext("a b\u00e9") == b"a+20b+C3+A9"
