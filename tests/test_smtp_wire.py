@@ -624,3 +624,20 @@ def test_vrfy_and_etrn_go_upstream_when_offered() -> None:
     conn = Connection(tls=True)
     assert run(conn, b"EHLO x\r\nVRFY b\r\nETRN x\r\n")[1:] == [
         ReplyNeeded(Replies.AUTH_REQUIRED), ReplyNeeded(Replies.AUTH_REQUIRED)]
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300), st.binary(max_size=300), st.data())
+def test_bdat_chunks_carry_any_bytes_exactly(first: bytes, last: bytes,
+                                            data: st.DataObject) -> None:
+    """Whatever two chunks hold and wherever the bytes are cut, the events are the two
+    chunks, byte for byte, and the command after them is a command."""
+    wire = (b"BDAT %d\r\n" % len(first) + first + b"BDAT %d LAST\r\n" % len(last) + last
+            + b"NOOP\r\n")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    conn = in_transaction()
+    events: list[Event] = []
+    for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        events += run(conn, wire[a:b])
+    assert events == [ChunkReceived(first, False), ChunkReceived(last, True),
+                      ReplyNeeded(Replies.OK)]
