@@ -28,7 +28,7 @@ import contextlib
 import ipaddress
 import re
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiosmtplib import SMTP as SMTPClient
@@ -231,38 +231,33 @@ class UpstreamSession:
             raise RelayError("not authenticated upstream")
         return self._relay
 
-    async def command(self, *args: bytes) -> SMTPResponse:
+    async def _relayed(
+        self, step: Callable[[RelayClient], Awaitable[SMTPResponse]]
+    ) -> SMTPResponse:
+        """One exchange on the relay client. Any failure, or the task cancelled mid-
+        command, aborts the connection: its state is unknown, so it is never reused,
+        and a message cut off is never taken upstream."""
         try:
-            return await self._relay_client().command(*args)
+            return await step(self._relay_client())
         except RelayError as exc:
             self.abort()
             raise UpstreamUnavailable(str(exc)) from exc
-        except asyncio.CancelledError:  # state unknown mid-command: never reuse it
+        except asyncio.CancelledError:
             self.abort()
             raise
 
+    async def command(self, *args: bytes) -> SMTPResponse:
+        return await self._relayed(lambda relay: relay.command(*args))
+
     async def chunk(self, data: bytes, last: bool) -> SMTPResponse:
         """One BDAT chunk of the client's, relayed as BDAT byte for byte."""
-        try:
-            return await self._relay_client().chunk(data, last)
-        except RelayError as exc:
-            self.abort()
-            raise UpstreamUnavailable(str(exc)) from exc
-        except asyncio.CancelledError:  # cut mid-chunk: the upstream must not take it
-            self.abort()
-            raise
+        return await self._relayed(lambda relay: relay.chunk(data, last))
 
     async def data(self, content: bytes) -> SMTPResponse:
         """The message (BDAT when the upstream offers CHUNKING, else DATA); the
         upstream's final reply (or its refusal of DATA)."""
-        try:
-            return await self._relay_client().message(content, chunking=self._chunking)
-        except RelayError as exc:
-            self.abort()
-            raise UpstreamUnavailable(str(exc)) from exc
-        except asyncio.CancelledError:  # cut mid-message: the upstream must not take it
-            self.abort()
-            raise
+        return await self._relayed(
+            lambda relay: relay.message(content, chunking=self._chunking))
 
     async def quit(self, timeout_s: float = UPSTREAM_QUIT_TIMEOUT_S) -> None:
         """Polite QUIT (aborts any open transaction upstream), best effort within
