@@ -7,10 +7,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync \
+APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync msmtp \
             libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
             nginx libnginx-mod-mail dovecot-pop3d fetchmail
-PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync \
+PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync /usr/bin/msmtp \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so \
              /usr/lib/dovecot/pop3-login /usr/bin/fetchmail
 

@@ -159,3 +159,20 @@ async def test_slow_reply_times_out_and_the_client_is_dead(
     with pytest.raises(RelayError, match="did not answer"):
         await client.message(b"hello\r\n", chunking=False)
     assert not client.is_connected
+
+
+def test_client_identity_commands_list_only_offered_attributes() -> None:
+    """XCLIENT/XFORWARD carry only the attributes the server lists, values in xtext
+    (RFC 3461: "+", "=", spaces and non-ASCII as +HH), IPv6 with Postfix's prefix."""
+    from proxy.frontends.smtp_upstream import ClientInfo, xtext
+
+    client = ClientInfo("2001:db8::1", 50123, "phone+1=x.example", extended=True)
+    line = client.command(b"XCLIENT", "NAME ADDR PORT PROTO HELO LOGIN DESTADDR")
+    assert line == (b"XCLIENT NAME=[UNAVAILABLE] PROTO=ESMTP ADDR=IPV6:2001:db8::1 "
+                    b"PORT=50123 HELO=phone+2B1+3Dx.example")
+    assert ClientInfo("10.0.0.1", None, None, extended=False).command(
+        b"XFORWARD", "ADDR PROTO SOURCE") == b"XFORWARD PROTO=SMTP ADDR=10.0.0.1"
+    assert client.command(b"XCLIENT", "LOGIN DESTADDR") is None
+    assert ClientInfo("::ffff:192.0.2.7").command(b"XCLIENT", "ADDR") == (
+        b"XCLIENT ADDR=192.0.2.7")
+    assert xtext("a b\u00e9") == b"a+20b+C3+A9"

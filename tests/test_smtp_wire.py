@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.frontends import smtp_session
+from proxy.frontends import smtp_session, smtp_wire
+from proxy.frontends.smtp_events import check_reply
 from proxy.frontends.smtp_relay import dot_stuff, normalize_line_endings
 from proxy.frontends.smtp_replies import Replies
 from proxy.frontends.smtp_wire import (
@@ -23,6 +24,7 @@ from proxy.frontends.smtp_wire import (
     AuthCancelled,
     AuthResponse,
     AuthStarted,
+    ChunkReceived,
     ClientError,
     Connection,
     DataRequested,
@@ -31,6 +33,7 @@ from proxy.frontends.smtp_wire import (
     LimitExceeded,
     MailFrom,
     MessageReceived,
+    PassThrough,
     PrivacyRequired,
     QuitRequested,
     RcptTo,
@@ -39,6 +42,7 @@ from proxy.frontends.smtp_wire import (
     StartTlsRequested,
     State,
     UsageError,
+    check_parameters,
     decode_plain,
     parse_path,
 )
@@ -59,7 +63,8 @@ def answer(conn: Connection, event: Event) -> str:
         AuthCancelled: Replies.AUTH_ABORTED, MailFrom: "250 2.1.0 Ok",
         RcptTo: "250 2.1.5 Ok", DataRequested: Replies.START_MAIL,
         MessageReceived: "250 2.0.0 queued", ResetRequested: Replies.OK,
-        QuitRequested: Replies.BYE,
+        QuitRequested: Replies.BYE, ChunkReceived: "250 2.0.0 Ok: chunk",
+        PassThrough: "252 2.0.0 upstream",
     }
     if isinstance(event, (ReplyNeeded, PrivacyRequired, LimitExceeded)):
         return event.reply
@@ -223,7 +228,7 @@ def test_paths(arg: bytes, parsed: tuple[bytes, bytes] | None) -> None:
     (b"MAIL FROM:<a@b> SIZE=x", Replies.syntax("MAIL FROM: <address> [SP <mail-parameters>]")),
     (b"MAIL FROM:<a@b> BODY=BINARYMIME", Replies.BAD_BODY),
     (b"MAIL FROM:<a@b> SMTPUTF8=yes", Replies.BAD_SMTPUTF8),
-    (b"MAIL FROM:<a@b> RET=HDRS", Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> X-FOO=HDRS", Replies.MAIL_PARAMETERS),
     (b"MAIL FROM:<a@b", Replies.BAD_ADDRESS),
     (b"MAIL TO:<a@b>", Replies.syntax("MAIL FROM: <address> [SP <mail-parameters>]")),
     (b"RCPT TO:<a@b>", Replies.NEED_MAIL),
@@ -331,16 +336,22 @@ _pieces = st.sampled_from([
     b"AUTH PLAIN " + PLAIN + b"\r\n", b"*\r\n", PLAIN + b"\r\n", b"MAIL FROM:<a@b>\r\n",
     b"RCPT TO:<c@d>\r\n", b"DATA\r\n", b".\r\n", b"\r\n.\r\n", b"\n.\n", b"RSET\r\n",
     b"NOOP\r\n", b"QUIT\r\n", b"\r\n", b"\n", b"\r", b"\x00", b".", b"x" * 600, b"HELP\r\n",
+    b"BDAT 5\r\n", b"BDAT 0 LAST\r\n", b"BDAT 3 LAST\r\nabc", b"BDAT x\r\n", b"VRFY a\r\n",
+    b"ETRN x\r\n", b"MAIL FROM:<a@b> RET=HDRS ENVID=x+2B\r\n",
+    b"RCPT TO:<c@d> NOTIFY=SUCCESS ORCPT=rfc822;c@d\r\n", b"RCPT TO:<c@d> NOTIFY=NEVER,X\r\n",
 ])
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_pieces, st.binary(max_size=40)), max_size=40),
-       st.booleans())
-def test_any_input_gives_events(pieces: list[bytes], starttls: bool) -> None:
-    """Any bytes, answered as an executor would, give events: nothing escapes but the
-    parser's own errors (and none is raised while the executor plays by the rules)."""
-    conn = Connection(starttls=starttls, tls=not starttls, message_limit=2000)
+       st.booleans(), st.sets(st.sampled_from(smtp_wire.RELAYED_EXTENSIONS)))
+def test_any_input_gives_events(pieces: list[bytes], starttls: bool,
+                                extensions: set[str]) -> None:
+    """Any bytes, answered as an executor would, whatever extensions are offered,
+    give events: nothing escapes but the parser's own errors (and none is raised
+    while the executor plays by the rules)."""
+    conn = Connection(starttls=starttls, tls=not starttls, message_limit=2000,
+                      extensions=frozenset(extensions))
     for piece in pieces:
         for event in run(conn, piece):
             assert isinstance(event, typing.get_args(Event))
@@ -409,3 +420,224 @@ def test_the_executor_handles_every_event() -> None:
     """Each event type of the wire has a handler in the session (a missing one would
     be a KeyError on the first such command)."""
     assert set(smtp_session._HANDLERS) == set(typing.get_args(Event))
+
+
+# ------------------------------------------------------------------ extensions
+
+NO_DSN = frozenset({"SIZE", "8BITMIME", "SMTPUTF8", "CHUNKING"})
+USAGE_MAIL = "MAIL FROM: <address> [SP <mail-parameters>]"
+USAGE_RCPT = "RCPT TO: <address> [SP <mail-parameters>]"
+
+
+def in_transaction(**kwargs: typing.Any) -> Connection:
+    conn = logged_in(**kwargs)
+    run(conn, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")
+    assert conn.recipients == 1
+    return conn
+
+
+def test_dsn_parameters_pass_as_written() -> None:
+    """With DSN offered, RET/ENVID on MAIL and NOTIFY/ORCPT on RCPT become the event's
+    parameters: keywords upper-cased, values exactly as the client wrote them."""
+    conn = logged_in()
+    events = run(conn, b"MAIL FROM:<a@x> ret=hdrs envid=Q+2Bid-1 size=10 body=8bitmime\r\n"
+                       b"RCPT TO:<b@x> notify=success,DELAY ORCPT=rfc822;B@X\r\n")
+    assert events == [
+        MailFrom(b"<a@x>", (b"RET=hdrs", b"ENVID=Q+2Bid-1", b"SIZE=10", b"BODY=8bitmime")),
+        RcptTo(b"<b@x>", (b"NOTIFY=success,DELAY", b"ORCPT=rfc822;B@X")),
+    ]
+
+
+@pytest.mark.parametrize(("line", "extensions", "reply"), [
+    (b"MAIL FROM:<a@b> RET=HDRS", NO_DSN, Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> ENVID=x", NO_DSN, Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> SMTPUTF8", frozenset(), Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> BODY=8BITMIME", frozenset(), Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> X-FOO", None, Replies.MAIL_PARAMETERS),
+    (b"MAIL FROM:<a@b> RET=BODY", None, Replies.BAD_RET),
+    (b"MAIL FROM:<a@b> RET", None, Replies.BAD_RET),
+    (b"MAIL FROM:<a@b> ENVID=" + b"x" * 101, None, Replies.BAD_ENVID),
+    (b"MAIL FROM:<a@b> ENVID=a+zz", None, Replies.BAD_ENVID),
+    (b"MAIL FROM:<a@b> ENVID=a+2b", None, Replies.BAD_ENVID),  # hexchar is upper case
+    (b"MAIL FROM:<a@b> RET=HDRS ret=FULL", None, Replies.syntax(USAGE_MAIL)),
+    (b"MAIL FROM:<a@b> -X=1", None, Replies.syntax(USAGE_MAIL)),
+    (b"MAIL FROM:<a@b> RET=", None, Replies.syntax(USAGE_MAIL)),
+    (b"MAIL FROM:<a@b> RET=A=B", None, Replies.syntax(USAGE_MAIL)),
+    (b"MAIL FROM:<a@b> SIZE=-1", None, Replies.syntax(USAGE_MAIL)),
+    (b"MAIL FROM:<a@b> SIZE=1001", frozenset(), Replies.SIZE_EXCEEDED),
+])
+def test_mail_parameters_refused(line: bytes, extensions: frozenset[str] | None,
+                                 reply: str) -> None:
+    """A MAIL parameter whose extension the upstream does not offer is unknown (555);
+    a malformed or repeated one is a 501; SIZE is checked whatever is offered."""
+    conn = logged_in(message_limit=1000)
+    if extensions is not None:
+        conn.extensions = extensions
+    assert run(conn, line + b"\r\n") == [ReplyNeeded(reply)]
+    assert not conn.in_mail
+
+
+@pytest.mark.parametrize(("params", "extensions", "reply"), [
+    (b"NOTIFY=SUCCESS", NO_DSN, Replies.RCPT_PARAMETERS),
+    (b"ORCPT=rfc822;a@b", NO_DSN, Replies.RCPT_PARAMETERS),
+    (b"NOTIFY=NEVER,SUCCESS", None, Replies.BAD_NOTIFY),
+    (b"NOTIFY=SUCCESS,SUCCESS", None, Replies.BAD_NOTIFY),
+    (b"NOTIFY=SOMETIMES", None, Replies.BAD_NOTIFY),
+    (b"NOTIFY=", None, Replies.syntax(USAGE_RCPT)),
+    (b"ORCPT=a@b", None, Replies.BAD_ORCPT),
+    (b"ORCPT=rfc822;" + b"x" * 500, None, Replies.BAD_ORCPT),
+    (b"SIZE=1", None, Replies.RCPT_PARAMETERS),
+])
+def test_rcpt_parameters_refused(params: bytes, extensions: frozenset[str] | None,
+                                 reply: str) -> None:
+    """RCPT takes NOTIFY and ORCPT only with DSN, with RFC 3461 values."""
+    conn = logged_in()
+    if extensions is not None:
+        conn.extensions = extensions
+    run(conn, b"MAIL FROM:<a@x>\r\n")
+    assert run(conn, b"RCPT TO:<b@x> " + params + b"\r\n") == [ReplyNeeded(reply)]
+    assert conn.recipients == 0
+
+
+def test_size_is_relayed_only_when_the_upstream_offers_it() -> None:
+    """SIZE within the limit passes; without SIZE upstream it is dropped (mailward
+    enforced it), not sent to a server that would not know it."""
+    conn = logged_in(extensions=NO_DSN - {"SIZE"})
+    assert run(conn, b"MAIL FROM:<a@x> SIZE=10\r\n") == [MailFrom(b"<a@x>", ())]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=120), st.sets(st.sampled_from(sorted(NO_DSN | {"DSN"}))))
+def test_relayed_parameters_are_well_formed(text: bytes, extensions: set[str]) -> None:
+    """Any parameter text gives a reply or parameters that are single esmtp-params:
+    no spaces or control characters can reach the upstream's command line."""
+    for known in (smtp_wire.MAIL_PARAMETERS, smtp_wire.RCPT_PARAMETERS):
+        out = check_parameters(text, known, frozenset(extensions), "X", "555 5.5.4 no")
+        if isinstance(out, str):
+            check_reply(out)
+            continue
+        for param in out:
+            assert param and not any(b <= 0x20 or b == 0x7F for b in param)
+            assert param.split(b"=", 1)[0] in known
+
+
+# ------------------------------------------------------------------ BDAT
+
+
+def test_bdat_chunks_in_any_pieces_give_the_same_events() -> None:
+    """BDAT chunks are read by length, whatever they hold (dot lines, commands) and
+    however the bytes arrive; LAST ends the transaction."""
+    data = (b"BDAT 12\r\n.\r\nQUIT\r\n\r\n."
+            b"BDAT 8 LAST\r\nend\r\n.\r\nNOOP\r\n")
+    expected = [ChunkReceived(b".\r\nQUIT\r\n\r\n.", False), ChunkReceived(b"end\r\n.\r\n", True),
+                ReplyNeeded(Replies.OK)]
+    for cut in range(len(data) + 1):
+        conn = in_transaction()
+        events = run(conn, data[:cut]) + run(conn, data[cut:])
+        assert events == expected, cut
+        assert not conn.in_mail and conn.chunked == -1
+
+
+def test_bdat_zero_last_and_data_after_bdat() -> None:
+    """``BDAT 0 LAST`` ends a chunked message; DATA after a BDAT in the same
+    transaction is a sequence error (RFC 3030 2)."""
+    conn = in_transaction()
+    assert run(conn, b"BDAT 3\r\nabcDATA\r\n") == [
+        ChunkReceived(b"abc", False), ReplyNeeded(Replies.DATA_AFTER_BDAT)]
+    assert run(conn, b"BDAT 0 LAST\r\n") == [ChunkReceived(b"", True)]
+    assert not conn.in_mail
+
+
+@pytest.mark.parametrize(("setup", "reply"), [
+    (b"", Replies.NEED_MAIL),
+    (b"MAIL FROM:<a@x>\r\n", Replies.NEED_RCPT),
+])
+def test_a_refused_bdat_chunk_is_dropped_never_parsed(setup: bytes, reply: str) -> None:
+    """A BDAT refused for its sequence still consumes its chunk: commands inside it
+    are never executed; the refusal comes after the chunk."""
+    conn = logged_in()
+    run(conn, setup)
+    chunk = b"RCPT TO:<smuggled@x>\r\n"
+    events = run(conn, b"BDAT %d\r\n" % len(chunk) + chunk + b"NOOP\r\n")
+    assert events == [ReplyNeeded(reply), ReplyNeeded(Replies.OK)]
+
+
+def test_bdat_before_tls_and_before_auth_drop_the_chunk() -> None:
+    """Before TLS (PrivacyRequired) and before AUTH (530) the chunk is read and
+    dropped as it arrives, never buffered, never parsed."""
+    conn = starttls_conn()
+    run(conn, b"EHLO x\r\n")
+    conn.receive_data(b"BDAT 100000\r\n")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"AUTH PLAIN x\r\n" * 5000)
+    assert conn.next_event() is NEED_DATA and conn.buffered == 0
+    conn.receive_data(b"z" * (100000 - 14 * 5000) + b"NOOP\r\n")
+    assert conn.next_event() == PrivacyRequired("BDAT")
+    conn.send(Replies.STARTTLS_FIRST)
+    assert conn.next_event() == ReplyNeeded(Replies.OK)
+    conn = Connection(tls=True)
+    assert run(conn, b"EHLO x\r\nBDAT 6\r\nDATA\r\n") == [
+        Hello("x", True), ReplyNeeded(Replies.AUTH_REQUIRED)]
+
+
+def test_bdat_over_the_limit_is_dropped_and_refused() -> None:
+    """Chunks adding up to more than the message limit: the chunk is dropped, 552,
+    and the transaction is over (RFC 3030 4.2: later chunks are dropped too)."""
+    conn = in_transaction(message_limit=100)
+    assert run(conn, b"BDAT 60\r\n" + b"x" * 60) == [ChunkReceived(b"x" * 60, False)]
+    assert run(conn, b"BDAT 60\r\n" + b"y" * 60) == [ReplyNeeded(Replies.MESSAGE_TOO_BIG)]
+    assert run(conn, b"BDAT 5 LAST\r\nhelloNOOP\r\n") == [
+        ReplyNeeded(Replies.NEED_MAIL), ReplyNeeded(Replies.OK)]
+    assert not conn.in_mail
+
+
+@pytest.mark.parametrize("arg", [b"", b"x", b"-1", b"1 FIRST", b"1 LAST x",
+                                 b"1234567890123456789"])
+def test_bdat_without_a_readable_size_ends_the_connection(arg: bytes) -> None:
+    """Where a chunk of unknown size ends is unknown: 501 and close, nothing after it
+    is a command."""
+    conn = in_transaction()
+    events = run(conn, b"BDAT " + arg + b"\r\nRCPT TO:<smuggled@x>\r\n")
+    assert events == [LimitExceeded("bdat_syntax", Replies.BDAT_SYNTAX)]
+    assert conn.state is State.CLOSED
+
+
+def test_bdat_is_unknown_when_the_upstream_lacks_chunking() -> None:
+    """Without CHUNKING offered, BDAT is an unrecognised command like any other."""
+    conn = in_transaction(extensions=NO_DSN - {"CHUNKING"})
+    assert run(conn, b"BDAT 3 LAST\r\n") == [ReplyNeeded(Replies.unrecognized("BDAT"))]
+
+
+# ------------------------------------------------------------------ VRFY, ETRN
+
+
+def test_vrfy_and_etrn_go_upstream_when_offered() -> None:
+    """Logged in, VRFY and ETRN are PassThrough events if the upstream offers them;
+    otherwise VRFY gets mailward's 252 and ETRN is unknown; before AUTH, 530."""
+    conn = logged_in()
+    assert run(conn, b"VRFY <b@x>\r\nETRN example.test\r\nVRFY\r\n") == [
+        PassThrough("VRFY", b"<b@x>"), PassThrough("ETRN", b"example.test"),
+        ReplyNeeded(Replies.syntax("VRFY <argument>"))]
+    conn = logged_in(extensions=NO_DSN)
+    assert run(conn, b"VRFY <b@x>\r\nETRN x\r\n") == [
+        ReplyNeeded(Replies.VRFY), ReplyNeeded(Replies.unrecognized("ETRN"))]
+    conn = Connection(tls=True)
+    assert run(conn, b"EHLO x\r\nVRFY b\r\nETRN x\r\n")[1:] == [
+        ReplyNeeded(Replies.AUTH_REQUIRED), ReplyNeeded(Replies.AUTH_REQUIRED)]
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300), st.binary(max_size=300), st.data())
+def test_bdat_chunks_carry_any_bytes_exactly(first: bytes, last: bytes,
+                                            data: st.DataObject) -> None:
+    """Whatever two chunks hold and wherever the bytes are cut, the events are the two
+    chunks, byte for byte, and the command after them is a command."""
+    wire = (b"BDAT %d\r\n" % len(first) + first + b"BDAT %d LAST\r\n" % len(last) + last
+            + b"NOOP\r\n")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    conn = in_transaction()
+    events: list[Event] = []
+    for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        events += run(conn, wire[a:b])
+    assert events == [ChunkReceived(first, False), ChunkReceived(last, True),
+                      ReplyNeeded(Replies.OK)]

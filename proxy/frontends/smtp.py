@@ -22,9 +22,11 @@ How a session goes (see DESIGN.md, "Sessions, in order"):
    acknowledges or re-sends a message on its own.
 
 The pieces, one module each: ``smtp_wire`` (the client's side of the protocol, sans
-IO: events, states, limits), ``smtp_replies`` (every reply mailward makes),
-``smtp_session`` (one per connection: the executor that drives the wire, calls the
-gate and relays), ``smtp_upstream`` and ``smtp_relay`` (the upstream client), and here
+IO: events, states, limits; ``smtp_events`` and ``smtp_syntax`` hold its events and
+its pure parsers), ``smtp_replies`` (every reply mailward makes), ``smtp_session``
+(one per connection: the executor that drives the wire, calls the gate and relays;
+its AUTH half is ``smtp_login``), ``smtp_upstream`` and ``smtp_relay`` (the upstream
+client: XCLIENT/XFORWARD, AUTH, then the relay), and here
 :class:`SmtpListener`, returned by :func:`start`. Connections run on
 ``proxy.net.socket_transport`` (OpenSSL on the socket), like IMAP's.
 """
@@ -107,13 +109,15 @@ class SmtpListener:
             await upstream.quit()
 
     def ehlo_reply(self, conn: Connection) -> str:
-        """The EHLO reply: only the extensions the upstream also has, STARTTLS until
-        TLS is up, AUTH once it is (or where cleartext is allowed)."""
+        """The EHLO reply: only the extensions the upstream also has (as the probe at
+        start or the latest login found them), STARTTLS until TLS is up, AUTH once it
+        is (or where cleartext is allowed). The upstream's XCLIENT, XFORWARD and AUTH
+        mechanisms are never passed on."""
         caps = self.caps
         lines = [self.hostname]
         if caps.size is not None:
             lines.append(f"SIZE {caps.message_limit}")
-        lines += [e for e in RELAYED_EXTENSIONS if e in caps.extensions]
+        lines += [e for e in RELAYED_EXTENSIONS if e in caps.extensions and e != "SIZE"]
         if conn.starttls_available and not conn.tls:
             lines.append("STARTTLS")
         if conn.tls or conn.cleartext_auth:

@@ -15,6 +15,8 @@ from proxy.frontends.smtp_replies import Replies
 
 #: SASL mechanisms the proxy can relay (it needs the password to log in upstream).
 MECHANISMS = ("LOGIN", "PLAIN")
+#: Commands relayed to the upstream as they are, when it offers the extension.
+PASS_THROUGH = ("VRFY", "ETRN")
 
 
 class SmtpWireError(Exception):
@@ -101,7 +103,8 @@ class AuthCancelled:
 
 @dataclass(frozen=True, slots=True)
 class MailFrom:
-    """MAIL FROM with a syntactically valid path and parameters (upper-cased)."""
+    """MAIL FROM with a syntactically valid path and parameters mailward relays
+    (``KEYWORD=value``: the keyword upper-cased, the value as the client wrote it)."""
 
     path: bytes  # with its angle brackets; ``<>`` for the null path
     params: tuple[bytes, ...]
@@ -113,9 +116,10 @@ class MailFrom:
 
 @dataclass(frozen=True, slots=True)
 class RcptTo:
-    """RCPT TO with a path (no parameters are accepted)."""
+    """RCPT TO with a path and the DSN parameters (NOTIFY, ORCPT) when DSN is on."""
 
     path: bytes
+    params: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.path.startswith(b"<") and self.path.endswith(b">")):
@@ -125,6 +129,28 @@ class RcptTo:
 @dataclass(frozen=True, slots=True)
 class DataRequested:
     """DATA with recipients: answer ``354`` and the message follows."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReceived:
+    """One BDAT chunk (RFC 3030), exactly ``size`` bytes as the client sent them; the
+    reply to it comes after the chunk, ``last`` ends the message."""
+
+    data: bytes = field(repr=False)  # message contents are never logged
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """A command the upstream answers as is, once logged in and when the upstream
+    offers it (VRFY, ETRN); ``argument`` is what followed the command."""
+
+    command: str
+    argument: bytes
+
+    def __post_init__(self) -> None:
+        if self.command not in PASS_THROUGH:
+            raise ValueError(f"not a pass-through command: {self.command!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +194,7 @@ class PrivacyRequired:
 class LimitExceeded:
     """A limit was broken: send ``reply``, after which the connection is closed."""
 
-    limit: str  # "line", "commands", "unrecognized"
+    limit: str  # "line", "commands", "unrecognized", "bdat_syntax"
     reply: str
 
     def __post_init__(self) -> None:
@@ -185,6 +211,8 @@ Event = (
     | RcptTo
     | DataRequested
     | MessageReceived
+    | ChunkReceived
+    | PassThrough
     | ResetRequested
     | QuitRequested
     | ReplyNeeded
@@ -194,9 +222,9 @@ Event = (
 
 
 __all__ = [
-    "MECHANISMS", "NEED_DATA", "PAUSED", "AuthCancelled", "AuthResponse", "AuthStarted",
-    "ClientError", "DataRequested", "Event", "Hello", "LimitExceeded", "MailFrom",
-    "MessageReceived", "PrivacyRequired", "QuitRequested", "RcptTo", "ReplyNeeded",
-    "ResetRequested", "Sentinel", "SmtpWireError", "StartTlsRequested", "UsageError",
-    "check_reply",
+    "MECHANISMS", "NEED_DATA", "PASS_THROUGH", "PAUSED", "AuthCancelled", "AuthResponse",
+    "AuthStarted", "ChunkReceived", "ClientError", "DataRequested", "Event", "Hello",
+    "LimitExceeded", "MailFrom", "MessageReceived", "PassThrough", "PrivacyRequired",
+    "QuitRequested", "RcptTo", "ReplyNeeded", "ResetRequested", "Sentinel", "SmtpWireError",
+    "StartTlsRequested", "UsageError", "check_reply",
 ]

@@ -178,6 +178,12 @@ class RelayClient(asyncio.Protocol):
             return start
         return await self._wait(self._send(dot_stuff(content)))
 
+    async def chunk(self, data: bytes, last: bool) -> SMTPResponse:
+        """A client's BDAT chunk, byte for byte (RFC 3030: no line ending or dot
+        handling), with its BDAT command in the same write; the upstream's reply."""
+        head = b"BDAT %d LAST\r\n" % len(data) if last else b"BDAT %d\r\n" % len(data)
+        return await self._wait(self._send(head, data) if data else self._send(head))
+
     async def quit(self) -> None:
         """QUIT and close (raises RelayError if the upstream does not answer)."""
         try:

@@ -106,6 +106,12 @@ class Replies:
     MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
     MAIL_PARAMETERS = "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
     RCPT_PARAMETERS = "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+    BAD_RET = "501 5.5.4 Error: RET can only be one of FULL, HDRS"
+    BAD_ENVID = "501 5.5.4 Error: ENVID must be xtext of at most 100 characters"
+    BAD_NOTIFY = "501 5.5.4 Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY"
+    BAD_ORCPT = "501 5.5.4 Error: ORCPT must be addr-type;address of at most 500 characters"
+    BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT <size> [LAST], closing"
+    DATA_AFTER_BDAT = "503 5.5.1 Error: DATA after BDAT in one transaction"
 
     # -- ending the connection
     TOO_MANY_COMMANDS = "421 4.7.0 Too many commands before authentication, closing"

@@ -7,13 +7,13 @@ the upstream's reply) and writes the reply, which moves the wire's state machine
 No event is parsed before the previous one is answered, so pipelined commands, and
 bytes after the end of a message, wait their turn.
 
-Login (AUTH PLAIN or LOGIN, credentials from the wire's SASL events):
-:class:`proxy.frontends.smtp_upstream.UpstreamSession` authenticates upstream with
-them, then the gate decides (one ``decision`` record per attempt). Allow: the session
-registers with the gate and MAIL, RCPT, RSET and the message are relayed one by one.
-Deny: 235, and every MAIL FROM gets ``550 5.7.1 <text>``. The upstream failing or
-timing out gives a 4xx and closes; a message is never acknowledged before the
-upstream's own 250.
+Login: ``smtp_login.SmtpLogin`` (the AUTH half of this class) has the upstream check
+the credentials, then the gate decides (one ``decision`` record per attempt). Allow:
+the session registers with the gate and MAIL, RCPT, RSET and the message are relayed
+one by one, and BDAT chunks, VRFY and ETRN as far as the upstream offers them (the
+wire knows its extensions from ``UpstreamCapabilities``). Deny: 235, and every MAIL
+FROM gets ``550 5.7.1 <text>``. The upstream failing or timing out gives a 4xx and
+closes; a message is never acknowledged before the upstream's own 250.
 
 Times: an idle limit (pre-auth ``preauth_idle``, then ``POST_AUTH_IDLE_TIMEOUT_S``)
 and the total pre-auth time run only while the session waits for the client, never
@@ -26,21 +26,15 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from aiosmtplib import SMTPResponse
-
-from proxy.frontends.smtp_replies import Replies, relayed
-from proxy.frontends.smtp_upstream import (
-    Relay,
-    UpstreamSession,
-    UpstreamUnavailable,
-    describe,
-)
+from proxy.frontends.smtp_login import MAX_AUTH_FAILURES, POST_AUTH_IDLE_TIMEOUT_S, SmtpLogin
+from proxy.frontends.smtp_replies import Replies
+from proxy.frontends.smtp_upstream import Relay, describe
 from proxy.frontends.smtp_wire import (
     PAUSED,
     AuthCancelled,
     AuthResponse,
     AuthStarted,
-    ClientError,
+    ChunkReceived,
     Connection,
     DataRequested,
     Event,
@@ -48,6 +42,7 @@ from proxy.frontends.smtp_wire import (
     LimitExceeded,
     MailFrom,
     MessageReceived,
+    PassThrough,
     PrivacyRequired,
     QuitRequested,
     RcptTo,
@@ -56,9 +51,8 @@ from proxy.frontends.smtp_wire import (
     Sentinel,
     StartTlsRequested,
     State,
-    decode_plain,
 )
-from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
+from proxy.gate import Identity, Origin
 from proxy.ids import ClientCert
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
@@ -69,18 +63,14 @@ if TYPE_CHECKING:
 
 log = get_logger("mailward.smtp")
 
-#: Failed logins per connection; the last one's answer is followed by 421.
-MAX_AUTH_FAILURES = 3
-#: Idle limit once logged in (RFC 5321 4.5.3.2.7 server timeout).
-POST_AUTH_IDLE_TIMEOUT_S = 300.0
 #: Stop reading from the client while this many unparsed command bytes are held.
 READ_PAUSE_BYTES = 64 * 1024
 #: Why a connection broke a limit of the wire, as its session_end reason.
 _LIMIT_REASONS = {"commands": "too_many_commands", "line": "line_too_long",
-                  "unrecognized": "too_many_unrecognized"}
+                  "unrecognized": "too_many_unrecognized", "bdat_syntax": "bad_syntax"}
 
 
-class SmtpSession(asyncio.Protocol):
+class SmtpSession(SmtpLogin, asyncio.Protocol):
     """One client connection. Also its :class:`proxy.gate.LiveSession` once allowed."""
 
     def __init__(self, listener: SmtpListener) -> None:
@@ -92,7 +82,8 @@ class SmtpSession(asyncio.Protocol):
         self.conn = Connection(
             tls=cfg.tls == "implicit", starttls=cfg.tls == "starttls",
             cleartext_auth=cfg.allow_cleartext_auth and cfg.is_loopback,
-            max_commands=cfg.max_preauth_commands, message_limit=listener.caps.message_limit)
+            max_commands=cfg.max_preauth_commands, message_limit=listener.caps.message_limit,
+            extensions=listener.caps.extensions)
         self.transport: SocketTransport | None = None
         self.device_id: str | None = None
         self.client_cert: ClientCert | None = None
@@ -106,9 +97,8 @@ class SmtpSession(asyncio.Protocol):
         self._deadline = 0.0  # end of the pre-auth time
         self._relay: Relay | None = None  # once allowed: the upstream session
         self._refusal: str | None = None  # the gate denied: every MAIL FROM's answer
-        self._sasl: list[bytes] = []  # SASL responses of the AUTH in progress
-        self._mechanism = ""
-        self._auth_failures = 0
+        self._client_port: int | None = None
+        self._init_login()
         self._busy = False  # an event is being handled
         self._pending_goodbye: str | None = None  # sent once the current command ends
         self._closing = False
@@ -124,6 +114,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        self._client_port = int(peer[1]) if isinstance(peer, tuple) else None
         self.origin = Origin("smtp", self.cfg.name, ip, self.cfg.unidentified)
         self.listener.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -131,7 +122,7 @@ class SmtpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         conn.receive_data(data)
-        if (conn.buffered > READ_PAUSE_BYTES and conn.state is not State.DATA
+        if (conn.buffered > READ_PAUSE_BYTES and conn.state not in (State.DATA, State.CHUNK)
                 and not self._reading_paused and self.transport is not None):
             self._reading_paused = True
             self.transport.pause_reading()
@@ -320,135 +311,6 @@ class SmtpSession(asyncio.Protocol):
     async def _on_quit(self, event: QuitRequested) -> None:
         self._goodbye(Replies.BYE)  # the upstream gets its QUIT when the client is gone
 
-    # -- AUTH --------------------------------------------------------------------------
-
-    async def _on_auth_started(self, event: AuthStarted) -> None:
-        self._mechanism, self._sasl = event.mechanism, []
-        if event.initial_response is not None:
-            await self._on_sasl(event.initial_response)
-        elif event.mechanism == "PLAIN":
-            self._write(Replies.PLAIN_CHALLENGE)
-        else:
-            self._write(Replies.USERNAME_CHALLENGE)
-
-    async def _on_auth_response(self, event: AuthResponse) -> None:
-        await self._on_sasl(event.data)
-
-    async def _on_auth_cancelled(self, event: AuthCancelled) -> None:
-        self._sasl = []
-        self._write(Replies.AUTH_ABORTED)
-
-    async def _on_sasl(self, data: bytes) -> None:
-        """One SASL response: PLAIN's only one, or LOGIN's user name or password."""
-        self._sasl.append(data)
-        if self._mechanism == "LOGIN" and len(self._sasl) == 1:
-            self._write(Replies.PASSWORD_CHALLENGE)
-            return
-        responses, self._sasl = self._sasl, []
-        if self._mechanism == "LOGIN":
-            login, password = responses
-        else:
-            try:
-                _, login, password = decode_plain(data)
-            except ClientError as exc:
-                self._write(exc.reply)
-                return
-        answer = await self._login(login, password)
-        if answer is not None:
-            self._write(answer)
-
-    async def _login(self, login: bytes, password: bytes) -> str | None:
-        """Upstream AUTH, then the gate: the reply to AUTH (None: already answered)."""
-        try:
-            user = login.decode("utf-8")
-        except UnicodeDecodeError:  # never a mailbox; and it could not be logged
-            return Replies.USER_NOT_UTF8
-        identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
-                            cert=self.client_cert)
-        # As the client gave it, not verified: what was attempted, named in the
-        # session_end record if the attempt is cut off (client gone, shutdown).
-        self.identity = identity
-        upstream = UpstreamSession(self.cfg, self.listener.upstream_tls, self.listener.hostname)
-        try:
-            return await self._verify(login, password, identity, upstream)
-        except asyncio.CancelledError:  # the client went away meanwhile
-            upstream.abort()
-            raise
-
-    async def _verify(self, login: bytes, password: bytes, identity: Identity,
-                      upstream: UpstreamSession) -> str | None:
-        """``_decided`` is set *before* each gate call: if the client leaves while the
-        record is being written (the task is then cancelled), the attempt must not
-        also get a ``session_end`` record."""
-        gate = self.listener.gate
-        try:
-            caps = await upstream.connect()
-            self.listener.caps = caps  # what the next sessions advertise
-            self.conn.message_limit = caps.message_limit
-            answer = await upstream.authenticate(login, password)
-        except UpstreamUnavailable as exc:
-            log.warning("upstream unavailable at login", listener=self.origin.listener,
-                        error=str(exc))
-            # The login attempt's one decision record: a temporary deny, for the user
-            # as the client gave it (unverified: it is what was attempted).
-            self._decided = True
-            await gate.record_deny(
-                identity, self.origin, UPSTREAM_UNAVAILABLE,
-                f"The mail server could not be reached or did not answer ({exc}).",
-                temporary=True)
-            self._goodbye(Replies.UPSTREAM_DOWN)
-            return None
-        except LookupError as exc:
-            log.error("upstream login impossible", listener=self.origin.listener,
-                      error=str(exc))
-            await upstream.quit()
-            self._decided = True
-            await gate.record_deny(
-                identity, self.origin, "upstream_auth_unsupported",
-                f"The mail server offers no login method mailward can relay ({exc}).")
-            return Replies.AUTH_UNSUPPORTED
-        if answer.code != 235:
-            return await self._upstream_refused(answer, identity, upstream)
-        return await self._decide(identity, upstream)
-
-    async def _upstream_refused(self, answer: SMTPResponse, identity: Identity,
-                                upstream: UpstreamSession) -> str | None:
-        """The upstream did not accept the credentials: its answer goes to the client."""
-        await upstream.quit()
-        gate = self.listener.gate
-        self._decided = True
-        if answer.code < 500:  # the server could not check the credentials now
-            await gate.record_deny(
-                identity, self.origin, "upstream_auth_temporary",
-                f"The mail server answered {answer.code} to the login.", temporary=True)
-            return relayed(answer)
-        await gate.record_auth_failed(identity, self.origin)
-        self._auth_failures += 1
-        if self._auth_failures < MAX_AUTH_FAILURES:
-            return relayed(answer)
-        self._write(relayed(answer))
-        self._goodbye(Replies.TOO_MANY_AUTH_FAILURES)
-        return None
-
-    async def _decide(self, identity: Identity, upstream: UpstreamSession) -> str | None:
-        """The upstream said 235: the gate decides what the client is told."""
-        self._decided = True
-        decision = await self.listener.gate.decide(identity, self.origin)
-        if self._gone:  # the client left while we decided: nothing to register
-            await upstream.quit()
-            return None
-        if decision.allow:
-            self.identity, self._relay = identity, Relay(upstream)
-            self._idle_timeout_s = POST_AUTH_IDLE_TIMEOUT_S
-            self.listener.gate.register(self)  # type: ignore[arg-type]
-            return Replies.AUTH_OK
-        await upstream.quit()
-        if decision.temporary:
-            return Replies.temporary(decision.user_text())
-        # Refused: accept the login, refuse at MAIL FROM where apps show the text.
-        self._refusal = Replies.denied(decision.user_text())
-        return Replies.AUTH_OK
-
     # -- the relay ---------------------------------------------------------------------
 
     async def _on_mail(self, event: MailFrom) -> None:
@@ -459,7 +321,18 @@ class SmtpSession(asyncio.Protocol):
 
     async def _on_rcpt(self, event: RcptTo) -> None:
         assert self._relay is not None  # the wire asks for MAIL first
-        self._write(await self._relay.rcpt(event.path))
+        self._write(await self._relay.rcpt(event.path, event.params))
+
+    async def _on_chunk(self, event: ChunkReceived) -> None:
+        assert self._relay is not None  # the wire asks for MAIL and RCPT first
+        self._write(await self._relay.chunk(event.data, event.last))
+
+    async def _on_pass_through(self, event: PassThrough) -> None:
+        """VRFY, ETRN: the upstream's answer (a refused session: the refusal)."""
+        if self._refusal is not None or self._relay is None:
+            self._write(self._refusal or Replies.UPSTREAM_DOWN)
+            return
+        self._write(await self._relay.command(event.command.encode(), event.argument))
 
     async def _on_data(self, event: DataRequested) -> None:
         self._write(Replies.START_MAIL)
@@ -483,6 +356,7 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     async def quit_upstream(self, timeout_s: float) -> None:
+        self.abort_login()
         if self._relay is not None:
             relay, self._relay = self._relay, None
             await relay.upstream.quit(timeout_s)
@@ -545,6 +419,8 @@ _HANDLERS: dict[type[Any], Any] = {
     RcptTo: SmtpSession._on_rcpt,
     DataRequested: SmtpSession._on_data,
     MessageReceived: SmtpSession._on_message,
+    ChunkReceived: SmtpSession._on_chunk,
+    PassThrough: SmtpSession._on_pass_through,
     ResetRequested: SmtpSession._on_reset,
     QuitRequested: SmtpSession._on_quit,
     ReplyNeeded: SmtpSession._on_reply_needed,

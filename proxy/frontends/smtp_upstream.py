@@ -2,8 +2,18 @@
 submission server per client login.
 
 aiosmtplib connects (implicit TLS, STARTTLS or none, the server's certificate
-verified), says EHLO and relays the client's credentials with AUTH PLAIN or LOGIN,
-whichever the server offers. After the server's 235 the transport is handed to
+verified) and says EHLO. When the server offers Postfix's ``XCLIENT``, mailward then
+tells it who the client is (its address, port, EHLO name: the attributes the server
+lists) and says EHLO again with the client's name, so the server's ``Received:``
+header, logs, rate limits and anti-abuse see the phone, not mailward; else, when it
+offers ``XFORWARD``, the same attributes go before every MAIL (for its logs and
+headers). ``LOGIN`` is never sent: it would tell the server a user is authenticated
+before the server has checked the password.
+
+The client's credentials are relayed with AUTH LOGIN step by step when the client
+uses LOGIN and the server offers it (so the client sees the server's own 334
+challenges), otherwise with AUTH PLAIN or LOGIN, whichever the server offers. After
+the server's 235 the transport is handed to
 :class:`proxy.frontends.smtp_relay.RelayClient`, which relays MAIL, RCPT, RSET and the
 message (BDAT when the server offers CHUNKING, else DATA) at a fraction of
 aiosmtplib's per-command cost. Every failure is :class:`UpstreamUnavailable`, after
@@ -15,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiosmtplib import SMTP as SMTPClient
@@ -24,12 +37,56 @@ from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 from proxy.config import ListenerConfig
 from proxy.frontends.smtp_relay import RelayClient, RelayError
 from proxy.frontends.smtp_replies import Replies, relayed
-from proxy.frontends.smtp_wire import MAX_MESSAGE_BYTES
+from proxy.frontends.smtp_wire import MAX_MESSAGE_BYTES, RELAYED_EXTENSIONS
+from proxy.oplog import get_logger
 
-#: Extensions advertised to clients only as far as the upstream has them.
-RELAYED_EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
+log = get_logger("mailward.smtp")
+
 #: A polite QUIT to the upstream gets at most this long.
 UPSTREAM_QUIT_TIMEOUT_S = 2.0
+#: Client attributes sent with XCLIENT / XFORWARD, as far as the server lists them.
+IDENTITY_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO")
+_XTEXT_SAFE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]")
+_HOSTNAME = re.compile(r"[A-Za-z0-9.:\[\]_-]{1,255}")  # a name or address literal
+
+
+def xtext(value: str) -> bytes:
+    """RFC 3461 4 xtext: ``+``, ``=``, spaces and non-ASCII as ``+HH``."""
+    return b"".join(bytes([b]) if _XTEXT_SAFE.fullmatch(bytes([b])) else b"+%02X" % b
+                    for b in value.encode("utf-8", "surrogateescape"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is on the other side of mailward, for the server's XCLIENT / XFORWARD."""
+
+    addr: str  # the client's IP address
+    port: int | None = None
+    helo: str | None = None  # the name in the client's EHLO/HELO
+    extended: bool = True  # EHLO rather than HELO
+
+    def attributes(self) -> dict[str, str]:
+        """XCLIENT_README's attribute values (``[UNAVAILABLE]`` for the name: mailward
+        does no DNS lookups, and the server does not when it is told so)."""
+        attrs = {"NAME": "[UNAVAILABLE]", "PROTO": "ESMTP" if self.extended else "SMTP"}
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(self.addr)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener's IPv4 client
+            attrs["ADDR"] = f"IPV6:{ip.compressed}" if ip.version == 6 else ip.compressed
+        if self.port is not None:
+            attrs["PORT"] = str(self.port)
+        if self.helo is not None:
+            attrs["HELO"] = self.helo
+        return attrs
+
+    def command(self, verb: bytes, offered: str) -> bytes | None:
+        """``XCLIENT``/``XFORWARD`` with the attributes ``offered`` (the server's EHLO
+        line) lists, or None when it lists none of them."""
+        listed = set(offered.upper().split())
+        args = [f"{k}=".encode() + xtext(v) for k, v in self.attributes().items()
+                if k in listed and k in IDENTITY_ATTRIBUTES]
+        return b" ".join([verb, *args]) if args else None
 
 
 class UpstreamUnavailable(Exception):
@@ -41,7 +98,7 @@ class UpstreamCapabilities:
     """What the upstream's EHLO offers that matters to what clients are told."""
 
     size: int | None = None  # None: no SIZE; 0: SIZE without a limit
-    extensions: frozenset[str] = frozenset()  # of RELAYED_EXTENSIONS
+    extensions: frozenset[str] = frozenset()  # of RELAYED_EXTENSIONS (SIZE included)
     auth: frozenset[str] = frozenset()
 
     @classmethod
@@ -69,7 +126,8 @@ class UpstreamSession:
     and AUTH; after a 235, :class:`RelayClient` on the same transport."""
 
     def __init__(
-        self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str
+        self, cfg: ListenerConfig, tls: ssl.SSLContext | None, local_hostname: str,
+        client: ClientInfo | None = None,
     ) -> None:
         mode = cfg.upstream_tls
         self._cfg = cfg
@@ -84,73 +142,122 @@ class UpstreamSession:
         )
         self._relay: RelayClient | None = None
         self._chunking = False
+        self._client_info = client
+        self.xforward: bytes | None = None  # the XFORWARD line to send before each MAIL
+        self.caps: UpstreamCapabilities | None = None  # once connected
 
     async def connect(self) -> UpstreamCapabilities:
-        """Connect (TLS as configured) and EHLO; raises UpstreamUnavailable."""
+        """Connect (TLS as configured), EHLO, and name the client (XCLIENT, or
+        XFORWARD later); raises UpstreamUnavailable."""
         c = self._client
         try:
             async with asyncio.timeout(self._cfg.upstream_connect_timeout_s):
                 await c.connect()
                 if c.is_ehlo_or_helo_needed:
                     await c.ehlo()
+                if self._client_info is not None:
+                    await self._identify(self._client_info)
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
         self._chunking = "chunking" in c.esmtp_extensions
-        return UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+        self.caps = UpstreamCapabilities.from_ehlo(c.esmtp_extensions, c.server_auth_methods)
+        return self.caps
 
-    async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
-        """The upstream's answer to the client's credentials (235 or its refusal).
-        Raises UpstreamUnavailable, or LookupError when the upstream offers neither
-        PLAIN nor LOGIN. After a 235 the relay client owns the connection."""
+    async def _identify(self, client: ClientInfo) -> None:
+        """XCLIENT, else remember the XFORWARD line. A refusal is logged; the login
+        goes on without it. After XCLIENT the server starts a new session (its 220):
+        with HELO and PROTO=ESMTP among the attributes it is in the state the client's
+        EHLO gives (Postfix accepts AUTH at once; the tests check it), else mailward
+        says EHLO again with the client's name. The extensions are those of the first
+        EHLO either way."""
         c = self._client
-        methods = {m.lower() for m in c.server_auth_methods}
+        offered = c.esmtp_extensions
+        line = client.command(b"XCLIENT", offered.get("xclient", ""))
+        if line is None:
+            self.xforward = client.command(b"XFORWARD", offered.get("xforward", ""))
+            return
+        resp = await c.execute_command(*line.split(b" "))
+        if resp.code != 220:
+            log.warning("upstream refused XCLIENT", upstream=self._cfg.upstream,
+                        code=resp.code, reply=resp.message[:200])
+            return
+        if b" HELO=" in line and b" PROTO=ESMTP" in line:
+            return  # the server holds the client's EHLO already: no round trip more
+        helo = client.helo if client.helo and _HOSTNAME.fullmatch(client.helo) else None
+        await c.ehlo(hostname=helo)
+
+    def offers(self, mechanism: str) -> bool:
+        """The server offers this SASL mechanism (after connect)."""
+        return mechanism.lower() in {m.lower() for m in self._client.server_auth_methods}
+
+    async def auth_step(self, *args: bytes) -> SMTPResponse:
+        """One line of a SASL exchange relayed as the client gave it (``AUTH LOGIN
+        [response]``, then one base64 response per 334); the server's reply. After a
+        235 the relay client owns the connection. Raises UpstreamUnavailable."""
+        return await self._auth(self._client.execute_command(*args))
+
+    async def _auth(self, step: Awaitable[SMTPResponse]) -> SMTPResponse:
+        """The server's answer to an AUTH step (its refusals too); after a 235 the
+        relay client takes the connection over. Raises UpstreamUnavailable."""
         try:
-            if "plain" in methods:
-                resp = await c.auth_plain(login, password)
-            elif "login" in methods:
-                resp = await c.auth_login(login, password)
-            else:
-                raise LookupError(
-                    f"upstream offers no PLAIN or LOGIN (offers {sorted(methods)})")
+            resp = await step
         except SMTPResponseException as exc:
             return SMTPResponse(exc.code, exc.message)
         except _UPSTREAM_ERRORS as exc:
             self.abort()
             raise UpstreamUnavailable(describe(exc)) from exc
-        transport = c.transport
+        transport = self._client.transport
         if resp.code == 235 and transport is not None and not transport.is_closing():
             self._relay = RelayClient.take_over(
                 transport,  # type: ignore[arg-type]
                 self._cfg.upstream_timeout_s)
         return resp
 
+    async def authenticate(self, login: bytes, password: bytes) -> SMTPResponse:
+        """The upstream's answer to the client's credentials (235 or its refusal).
+        Raises UpstreamUnavailable, or LookupError when the upstream offers neither
+        PLAIN nor LOGIN. After a 235 the relay client owns the connection."""
+        c = self._client
+        if self.offers("PLAIN"):
+            return await self._auth(c.auth_plain(login, password))
+        if self.offers("LOGIN"):
+            return await self._auth(c.auth_login(login, password))
+        raise LookupError(
+            f"upstream offers no PLAIN or LOGIN (offers {sorted(c.server_auth_methods)})")
+
     def _relay_client(self) -> RelayClient:
         if self._relay is None:
             raise RelayError("not authenticated upstream")
         return self._relay
 
-    async def command(self, *args: bytes) -> SMTPResponse:
+    async def _relayed(
+        self, step: Callable[[RelayClient], Awaitable[SMTPResponse]]
+    ) -> SMTPResponse:
+        """One exchange on the relay client. Any failure, or the task cancelled mid-
+        command, aborts the connection: its state is unknown, so it is never reused,
+        and a message cut off is never taken upstream."""
         try:
-            return await self._relay_client().command(*args)
+            return await step(self._relay_client())
         except RelayError as exc:
             self.abort()
             raise UpstreamUnavailable(str(exc)) from exc
-        except asyncio.CancelledError:  # state unknown mid-command: never reuse it
+        except asyncio.CancelledError:
             self.abort()
             raise
+
+    async def command(self, *args: bytes) -> SMTPResponse:
+        return await self._relayed(lambda relay: relay.command(*args))
+
+    async def chunk(self, data: bytes, last: bool) -> SMTPResponse:
+        """One BDAT chunk of the client's, relayed as BDAT byte for byte."""
+        return await self._relayed(lambda relay: relay.chunk(data, last))
 
     async def data(self, content: bytes) -> SMTPResponse:
         """The message (BDAT when the upstream offers CHUNKING, else DATA); the
         upstream's final reply (or its refusal of DATA)."""
-        try:
-            return await self._relay_client().message(content, chunking=self._chunking)
-        except RelayError as exc:
-            self.abort()
-            raise UpstreamUnavailable(str(exc)) from exc
-        except asyncio.CancelledError:  # cut mid-message: the upstream must not take it
-            self.abort()
-            raise
+        return await self._relayed(
+            lambda relay: relay.message(content, chunking=self._chunking))
 
     async def quit(self, timeout_s: float = UPSTREAM_QUIT_TIMEOUT_S) -> None:
         """Polite QUIT (aborts any open transaction upstream), best effort within
@@ -191,15 +298,36 @@ class Relay:
             status = await self.reset()
             if not status.startswith("250"):
                 return status
+        if self.upstream.xforward is not None:  # for this transaction's logs and headers
+            forwarded = await self._command(self.upstream.xforward)
+            if forwarded is None or forwarded.code == 421:
+                return Replies.UPSTREAM_DOWN if forwarded is None else relayed(forwarded)
         resp = await self._command(b"MAIL", b"FROM:" + path, *params)
         if resp is None:
             return Replies.UPSTREAM_DOWN
         self.txn_open = resp.code == 250
         return relayed(resp)
 
-    async def rcpt(self, path: bytes) -> str:
-        resp = await self._command(b"RCPT", b"TO:" + path)
+    async def rcpt(self, path: bytes, params: tuple[bytes, ...] = ()) -> str:
+        resp = await self._command(b"RCPT", b"TO:" + path, *params)
         return Replies.UPSTREAM_DOWN if resp is None else relayed(resp)
+
+    async def command(self, *args: bytes) -> str:
+        """A command the upstream answers as is (VRFY, ETRN)."""
+        resp = await self._command(*args)
+        return Replies.UPSTREAM_DOWN if resp is None else relayed(resp)
+
+    async def chunk(self, data: bytes, last: bool) -> str:
+        """A BDAT chunk; after ``LAST`` the upstream's final reply, never mailward's."""
+        try:
+            resp = await self.upstream.chunk(data, last)
+        except UpstreamUnavailable as exc:
+            return self._lost(str(exc), Replies.MESSAGE_NOT_SENT)
+        if resp.code == 421:
+            return self._lost(f"upstream {resp.code}", relayed(resp))
+        if last and resp.code == 250:
+            self.txn_open = False
+        return relayed(resp)
 
     async def reset(self) -> str:
         if not self.txn_open:
@@ -246,11 +374,14 @@ def describe(exc: BaseException) -> str:
 
 
 __all__ = [
+    "IDENTITY_ATTRIBUTES",
     "RELAYED_EXTENSIONS",
     "UPSTREAM_QUIT_TIMEOUT_S",
+    "ClientInfo",
     "Relay",
     "UpstreamCapabilities",
     "UpstreamSession",
     "UpstreamUnavailable",
     "describe",
+    "xtext",
 ]

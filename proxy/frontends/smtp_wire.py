@@ -11,9 +11,16 @@ client pipelines are handled one by one, each only after the previous one's repl
 bytes after the end of a message are commands, never part of it.
 
 Understood: EHLO/HELO, STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954), MAIL
-(with SIZE, BODY, SMTPUTF8), RCPT, DATA, RSET, NOOP, QUIT, HELP, VRFY, EXPN. Syntax
-and sequence errors, and commands answered the same way every time, come out as
+and RCPT with the parameters of :data:`MAIL_PARAMETERS` / :data:`RCPT_PARAMETERS`,
+DATA, BDAT (RFC 3030 CHUNKING), RSET, NOOP, QUIT, HELP, VRFY, ETRN, EXPN. Syntax and
+sequence errors, and commands answered the same way every time, come out as
 :class:`ReplyNeeded` with the reply to send (texts from ``smtp_replies.Replies``).
+
+Extensions: ``extensions`` are those advertised (the upstream's, of
+:data:`RELAYED_EXTENSIONS`); parameters and commands of others are unknown.
+BDAT: a chunk is always consumed, also when refused (dropped, never parsed as
+commands; RFC 3030 4.2), its reply follows it; a BDAT without a readable size ends
+the connection, since where its chunk ends is unknown.
 
 Smuggling (the 2023 SMTP smuggling attacks): only ``<CRLF>.<CRLF>`` ends a message.
 A dot between bare LFs or CRs (``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n``, ...) is message
@@ -34,8 +41,6 @@ Everything that affects the state machine lives in :data:`TRANSITIONS`,
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
 from collections.abc import Callable
@@ -43,10 +48,12 @@ from collections.abc import Callable
 from proxy.frontends.smtp_events import (
     MECHANISMS,
     NEED_DATA,
+    PASS_THROUGH,
     PAUSED,
     AuthCancelled,
     AuthResponse,
     AuthStarted,
+    ChunkReceived,
     ClientError,
     DataRequested,
     Event,
@@ -54,6 +61,7 @@ from proxy.frontends.smtp_events import (
     LimitExceeded,
     MailFrom,
     MessageReceived,
+    PassThrough,
     PrivacyRequired,
     QuitRequested,
     RcptTo,
@@ -66,6 +74,15 @@ from proxy.frontends.smtp_events import (
     check_reply,
 )
 from proxy.frontends.smtp_replies import Replies
+from proxy.frontends.smtp_syntax import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    RELAYED_EXTENSIONS,
+    b64decode,
+    check_parameters,
+    decode_plain,
+    parse_path,
+)
 
 # ----------------------------------------------------------------------------- limits
 
@@ -75,6 +92,8 @@ MAX_LINE_BYTES = 8 * 1024
 MAX_COMMAND_BYTES = 512
 #: What MAIL may add after EHLO: SIZE (RFC 1870 says 26 octets) and SMTPUTF8 (10).
 MAIL_PARAMETER_BYTES = 26 + 10
+#: What DSN adds to MAIL (ENVID, RET) and to RCPT (NOTIFY, ORCPT): RFC 3461 4.
+DSN_MAIL_BYTES, DSN_RCPT_BYTES = 100, 500
 #: Largest message by default; the executor sets the upstream's, if lower.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Default number of commands a client may send before it is authenticated.
@@ -92,13 +111,15 @@ class State(enum.Enum):
     REPLYING = "replying"  # an event is out; its reply (send) comes next
     SASL = "sasl"  # reading one SASL response line (after a 334)
     DATA = "data"  # reading the message (after a 354)
+    CHUNK = "chunk"  # reading a BDAT chunk (right after the BDAT command)
     STARTTLS = "starttls"  # after the 220: handshake; bytes received are discarded
     CLOSED = "closed"  # QUIT answered, a 421 sent or a limit broken
 
 
 #: (command being answered, reply code) -> state after the reply; ``*`` matches any
 #: code. A 421 closes in every state (it may also be sent unasked). Anything else
-#: goes back to COMMAND.
+#: goes back to COMMAND. (The one state entered without a reply: CHUNK, on a BDAT
+#: command, since its chunk follows at once; the chunk read, its event awaits the reply.)
 TRANSITIONS: dict[tuple[str, str], State] = {
     ("STARTTLS", "220"): State.STARTTLS,
     ("AUTH", "334"): State.SASL,
@@ -111,86 +132,12 @@ TRANSITIONS: dict[tuple[str, str], State] = {
 # ----------------------------------------------------------------------------- syntax
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is whitespace, CR/LF end lines
-
-
-def parse_path(text: bytes) -> tuple[bytes, bytes] | None:
-    """A reverse or forward path at the start of ``text``: (``<path>``, the rest).
-    A bare address is put in angle brackets; ``(b"", b"")`` when there is none; None
-    when it is malformed. What is inside the brackets is the upstream's to judge."""
-    text = text.strip()
-    if not text:
-        return b"", b""
-    if not text.startswith(b"<"):
-        address, _, rest = text.partition(b" ")
-        if b"<" in address or b">" in address:
-            return None
-        return b"<" + address + b">", rest.strip()
-    quoted, i = False, 1
-    while i < len(text):
-        c = text[i]
-        if quoted and c == 0x5C:  # backslash: the next byte is quoted
-            i += 2
-            continue
-        if c == 0x22:
-            quoted = not quoted
-        elif not quoted and c == 0x3E:
-            return text[: i + 1], text[i + 1 :].strip()
-        elif not quoted and c == 0x3C:
-            return None
-        i += 1
-    return None
-
-
-def _parameters(params: list[bytes]) -> dict[bytes, bytes | None] | None:
-    """``KEY[=VALUE]`` parameters (RFC 5321 4.1.2), or None if one is malformed."""
-    out: dict[bytes, bytes | None] = {}
-    for param in params:
-        key, eq, value = param.partition(b"=")
-        if not key.isalnum() or (eq and not value):
-            return None
-        out[key] = value if eq else None
-    return out
-
-
-def _mail_parameters(params: list[bytes], limit: int, usage: str) -> str | None:
-    """The error reply for MAIL parameters mailward does not accept, or None."""
-    parsed = _parameters(params)
-    if parsed is None:
-        return Replies.syntax(usage)
-    if parsed.pop(b"BODY", b"7BIT") not in (b"7BIT", b"8BITMIME"):
-        return Replies.BAD_BODY
-    if parsed.pop(b"SMTPUTF8", None) is not None:
-        return Replies.BAD_SMTPUTF8
-    if b"SIZE" in parsed:
-        size = parsed.pop(b"SIZE")
-        if size is None or not size.isdigit():
-            return Replies.syntax(usage)
-        if int(size) > limit:
-            return Replies.SIZE_EXCEEDED
-    return Replies.MAIL_PARAMETERS if parsed else None
-
-
-def b64decode(data: bytes) -> bytes:
-    """A SASL response (RFC 4954: ``=`` is empty); raises ClientError."""
-    if data == b"=":
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(Replies.BAD_BASE64) from None
-
-
-def decode_plain(message: bytes) -> tuple[bytes, bytes, bytes]:
-    """RFC 4616 PLAIN message -> (authzid, authcid, password); raises ClientError."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3:
-        raise ClientError(Replies.BAD_PLAIN)
-    return parts[0], parts[1], parts[2]
+_BDAT = re.compile(rb"(\d{1,18})(?:[ \t]+(LAST))?", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------- connection
 
-_Handler = Callable[["Connection", str, bytes], Event]
+_Handler = Callable[["Connection", str, bytes], Event | Sentinel]
 
 
 class Connection:
@@ -204,6 +151,7 @@ class Connection:
         cleartext_auth: bool = False,
         max_commands: int = MAX_PREAUTH_COMMANDS,
         message_limit: int = MAX_MESSAGE_BYTES,
+        extensions: frozenset[str] = frozenset(RELAYED_EXTENSIONS),
     ) -> None:
         self.state = State.COMMAND
         self.tls = tls  # implicit TLS, or STARTTLS completed
@@ -211,11 +159,13 @@ class Connection:
         self.cleartext_auth = cleartext_auth  # config allows AUTH without TLS
         self.max_commands = max_commands
         self.message_limit = message_limit
+        self.extensions = extensions  # advertised: parameters and commands they allow
         self.helo: str | None = None  # the name given in EHLO/HELO
         self.extended = False  # EHLO rather than HELO
         self.authenticated = False  # a 235 was sent
         self.in_mail = False  # a 250 answered MAIL; the transaction is open
         self.recipients = 0  # RCPTs answered 250/251 in this transaction
+        self.chunked = -1  # BDAT bytes accepted in this transaction; -1: no BDAT yet
         self.commands = 0  # commands before authentication
         self.unrecognized = 0
         self._greeted = False
@@ -224,6 +174,9 @@ class Connection:
         self._pos = 0  # start of unparsed data in _buf
         self._scan = 0  # DATA: where to look for the end of the message from
         self._too_big = False  # DATA: over the limit; the rest is read and dropped
+        self._chunk_left = 0  # CHUNK: bytes of the chunk still to come
+        self._chunk_last = False  # CHUNK: BDAT ... LAST
+        self._chunk_refusal: ReplyNeeded | PrivacyRequired | None = None  # CHUNK: dropped
 
     # ------------------------------------------------------------- input side
 
@@ -243,6 +196,8 @@ class Connection:
             return PAUSED
         if self.state is State.DATA:
             return self._message()
+        if self.state is State.CHUNK:
+            return self._chunk()
         line = self._line()
         if line is None:
             if self._pos:  # keep only unparsed bytes
@@ -305,7 +260,8 @@ class Connection:
             self.in_mail = True
         elif pending == "RCPT" and code in ("250", "251"):
             self.recipients += 1
-        elif pending == "MESSAGE":
+        elif pending == "MESSAGE" or (pending == "BDAT" and (
+                code != "250" or self._chunk_last)):  # the message done, or failed
             self._reset_transaction()
         self.state = (TRANSITIONS.get((pending, code)) or TRANSITIONS.get((pending, "*"))
                       or TRANSITIONS.get(("*", code)) or State.COMMAND)
@@ -324,7 +280,7 @@ class Connection:
         self._pos = 0
 
     def _reset_transaction(self) -> None:
-        self.in_mail, self.recipients = False, 0
+        self.in_mail, self.recipients, self.chunked = False, 0, -1
 
     def _event(self, command: str, event: Event) -> Event:
         self._pending = command
@@ -371,6 +327,29 @@ class Connection:
             content = content[1:]
         return self._event("MESSAGE", MessageReceived(content))
 
+    def _chunk(self) -> Event | Sentinel:
+        """CHUNK: the chunk once all its bytes are here; a refused one is dropped as
+        it arrives, then its refusal is the event."""
+        buf, left = self._buf, self._chunk_left
+        if self._chunk_refusal is not None:
+            take = min(len(buf) - self._pos, left)
+            del buf[: self._pos + take]
+            self._pos, left = 0, left - take
+            self._chunk_left = left
+            if left:
+                return NEED_DATA
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            if isinstance(refusal, PrivacyRequired):
+                return self._event("BDAT", refusal)
+            return self._reply("BDAT", refusal.reply)
+        if len(buf) - self._pos < left:
+            return NEED_DATA
+        data = bytes(buf[self._pos : self._pos + left])
+        self._pos += left
+        self._chunk_left = 0
+        self.chunked += len(data)
+        return self._event("BDAT", ChunkReceived(data, self._chunk_last))
+
     def _sasl(self, line: bytes) -> Event:
         line = line.strip()
         if line == b"*":
@@ -382,7 +361,7 @@ class Connection:
 
     # ---------------------------------------------------------------- commands
 
-    def _command(self, line: bytes) -> Event:
+    def _command(self, line: bytes) -> Event | Sentinel:
         word, _, arg = line.partition(b" ")
         name = word.upper().decode("ascii", "replace")
         if not line or not word.isascii() or _CONTROL.search(line):
@@ -392,7 +371,9 @@ class Connection:
         if name == "AUTH":
             limit = MAX_LINE_BYTES  # RFC 4954 4: AUTH lines may be up to 12288
         elif name == "MAIL" and self.extended:
-            limit += MAIL_PARAMETER_BYTES
+            limit += MAIL_PARAMETER_BYTES + DSN_MAIL_BYTES * ("DSN" in self.extensions)
+        elif name == "RCPT" and "DSN" in self.extensions:
+            limit += DSN_RCPT_BYTES
         if len(line) > limit:
             return self._reply("", Replies.LINE_TOO_LONG)
         handler = _HANDLERS.get(name)
@@ -404,6 +385,8 @@ class Connection:
                 return self._limit("commands", Replies.TOO_MANY_COMMANDS)
         if (self.starttls_available and not self.tls and not self.cleartext_auth
                 and name not in ALLOWED_BEFORE_TLS):
+            if name == "BDAT":  # its chunk is dropped first
+                return self._bdat(name, arg, PrivacyRequired(name))
             return self._event(name, PrivacyRequired(name))
         return handler(self, name, arg)
 
@@ -498,11 +481,11 @@ class Connection:
         path, rest = parsed
         if self.in_mail:
             return self._reply(name, Replies.NESTED_MAIL)
-        params = rest.upper().split()
-        error = _mail_parameters(params, self.message_limit, usage)
-        if error is not None:
-            return self._reply(name, error)
-        return self._event(name, MailFrom(path, tuple(params)))
+        params = check_parameters(rest, MAIL_PARAMETERS, self.extensions, usage,
+                                  Replies.MAIL_PARAMETERS, self.message_limit)
+        if isinstance(params, str):
+            return self._reply(name, params)
+        return self._event(name, MailFrom(path, params))
 
     def _rcpt(self, name: str, arg: bytes) -> Event:
         refusal = self._needs_session("HELO")
@@ -515,22 +498,45 @@ class Connection:
         if isinstance(parsed, ReplyNeeded):
             return parsed
         path, rest = parsed
-        params = _parameters(rest.upper().split())
-        if params is None:
-            return self._reply(name, Replies.syntax(usage))
-        if params:
-            return self._reply(name, Replies.RCPT_PARAMETERS)
-        return self._event(name, RcptTo(path))
+        params = check_parameters(rest, RCPT_PARAMETERS, self.extensions, usage,
+                                  Replies.RCPT_PARAMETERS)
+        if isinstance(params, str):
+            return self._reply(name, params)
+        return self._event(name, RcptTo(path, params))
 
     def _data(self, name: str, arg: bytes) -> Event:
         refusal = self._needs_session("HELO")
         if refusal is None and not self.recipients:
             refusal = Replies.NEED_RCPT
+        if refusal is None and self.chunked >= 0:
+            refusal = Replies.DATA_AFTER_BDAT
         if refusal is None and arg:
             refusal = Replies.syntax("DATA")
         if refusal is not None:
             return self._reply(name, refusal)
         return self._event(name, DataRequested())
+
+    def _bdat(self, name: str, arg: bytes,
+              refusal: ReplyNeeded | PrivacyRequired | None = None) -> Event | Sentinel:
+        """BDAT <size> [LAST]: read the chunk now (RFC 3030 2); refused, it is
+        dropped and the refusal follows it."""
+        if "CHUNKING" not in self.extensions:
+            return self._unrecognized(name)
+        m = _BDAT.fullmatch(arg)
+        if m is None:  # where the chunk ends is unknown: nothing after is a command
+            return self._limit("bdat_syntax", Replies.BDAT_SYNTAX)
+        size, last = int(m[1]), m[2] is not None
+        if refusal is None:
+            reply = self._needs_session("HELO")
+            if reply is None and not self.recipients:
+                reply = Replies.NEED_MAIL if not self.in_mail else Replies.NEED_RCPT
+            if reply is None and max(self.chunked, 0) + size > self.message_limit:
+                reply = Replies.MESSAGE_TOO_BIG
+            refusal = None if reply is None else ReplyNeeded(reply)
+        self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
+        self.chunked = max(self.chunked, 0)
+        self.state = State.CHUNK
+        return self._chunk()
 
     def _rset(self, name: str, arg: bytes) -> Event:
         if arg:
@@ -544,7 +550,10 @@ class Connection:
         return self._event(name, QuitRequested())
 
     def _simple(self, name: str, arg: bytes) -> Event:
-        """NOOP, HELP, VRFY, EXPN: answered the same way every time."""
+        """NOOP, HELP, VRFY, EXPN: answered the same way every time; VRFY and ETRN
+        are the upstream's to answer when it offers them."""
+        if name == "ETRN" and "ETRN" not in self.extensions:
+            return self._unrecognized(name)
         if name == "NOOP":
             return self._reply(name, Replies.OK)
         if name == "EXPN":
@@ -553,7 +562,11 @@ class Connection:
             return self._reply(name, Replies.AUTH_REQUIRED)
         if name == "HELP":
             return self._reply(name, Replies.HELP)
-        return self._reply(name, Replies.VRFY if arg else Replies.syntax("VRFY <address>"))
+        if not arg:
+            return self._reply(name, Replies.syntax(f"{name} <argument>"))
+        if name in self.extensions:
+            return self._event(name, PassThrough(name, arg))
+        return self._reply(name, Replies.VRFY)
 
 
 _HANDLERS: dict[str, _Handler] = {
@@ -564,20 +577,24 @@ _HANDLERS: dict[str, _Handler] = {
     "MAIL": Connection._mail,
     "RCPT": Connection._rcpt,
     "DATA": Connection._data,
+    "BDAT": Connection._bdat,
     "RSET": Connection._rset,
     "QUIT": Connection._quit,
     "NOOP": Connection._simple,
     "HELP": Connection._simple,
     "VRFY": Connection._simple,
     "EXPN": Connection._simple,
+    "ETRN": Connection._simple,
 }
 
 __all__ = [  # the events and errors too: users import everything from here
-    "ALLOWED_BEFORE_TLS", "MAX_COMMAND_BYTES", "MAX_LINE_BYTES", "MAX_MESSAGE_BYTES",
-    "MAX_PREAUTH_COMMANDS", "MAX_UNRECOGNIZED_COMMANDS", "MECHANISMS", "NEED_DATA",
-    "PAUSED", "TRANSITIONS", "AuthCancelled", "AuthResponse", "AuthStarted", "ClientError",
-    "Connection", "DataRequested", "Event", "Hello", "LimitExceeded", "MailFrom",
-    "MessageReceived", "PrivacyRequired", "QuitRequested", "RcptTo", "ReplyNeeded",
-    "ResetRequested", "Sentinel", "SmtpWireError", "StartTlsRequested", "State",
-    "UsageError", "b64decode", "decode_plain", "parse_path",
+    "ALLOWED_BEFORE_TLS", "MAIL_PARAMETERS", "MAX_COMMAND_BYTES", "MAX_LINE_BYTES",
+    "MAX_MESSAGE_BYTES", "MAX_PREAUTH_COMMANDS", "MAX_UNRECOGNIZED_COMMANDS", "MECHANISMS",
+    "NEED_DATA", "PASS_THROUGH", "PAUSED", "RCPT_PARAMETERS", "RELAYED_EXTENSIONS",
+    "TRANSITIONS", "AuthCancelled", "AuthResponse", "AuthStarted", "ChunkReceived",
+    "ClientError", "Connection", "DataRequested", "Event", "Hello", "LimitExceeded",
+    "MailFrom", "MessageReceived", "PassThrough", "PrivacyRequired", "QuitRequested",
+    "RcptTo", "ReplyNeeded", "ResetRequested", "Sentinel", "SmtpWireError",
+    "StartTlsRequested", "State", "UsageError", "b64decode", "check_parameters",
+    "decode_plain", "parse_path",
 ]

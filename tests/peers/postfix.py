@@ -6,10 +6,13 @@ What runs (all under one temporary directory, nothing in /etc or /var is touched
   protocols), which Postfix uses for SASL (``smtpd_sasl_type = dovecot``);
 - a Postfix instance with its own ``config_directory``, ``queue_directory`` and
   ``data_directory``, started with ``postfix -c DIR start`` and stopped at teardown.
-  It listens on two loopback ports: submission with STARTTLS (``smtpd_tls_auth_only``)
-  and submissions with implicit TLS. Authenticated users may send to the local
-  virtual domain only; messages are delivered by Postfix's ``virtual`` agent into one
-  Maildir per user, where tests read them back.
+  It listens on three loopback ports: submission with STARTTLS (``smtpd_tls_auth_only``),
+  submissions with implicit TLS, and a STARTTLS submission port that offers mailward
+  XFORWARD instead of XCLIENT (``xforward_port``). 127.0.0.1 may use XCLIENT
+  (``smtpd_authorized_xclient_hosts``), as an operator configures it for mailward.
+  Authenticated users may send to the local virtual domain only; messages are
+  delivered by Postfix's ``virtual`` agent into one Maildir per user, where tests
+  read them back.
 
 Postfix and Dovecot start as root and drop privileges themselves (``postfix`` /
 ``dovecot`` / ``nobody``), so the directory is made world-traversable.
@@ -17,7 +20,7 @@ Postfix and Dovecot start as root and drop privileges themselves (``postfix`` /
 Usage::
 
     with PostfixSubmission.start() as pf:      # or start()/stop()
-        pf.submission_port, pf.smtps_port, pf.ca_pem, pf.users
+        pf.submission_port, pf.smtps_port, pf.xforward_port, pf.ca_pem, pf.users
         pf.wait_for_messages("alice@example.test", 1)
 """
 
@@ -92,6 +95,7 @@ class PostfixSubmission:
     submission_port: int
     smtps_port: int
     ca_pem: Path
+    xforward_port: int = 0
     users: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_USERS))
     _dovecot: subprocess.Popen[bytes] | None = None
     _started: bool = False
@@ -110,6 +114,7 @@ class PostfixSubmission:
             root=root,
             submission_port=free_port(),
             smtps_port=free_port(),
+            xforward_port=free_port(),
             ca_pem=root / "tls" / "ca.pem",
             users=dict(users or DEFAULT_USERS),
         )
@@ -301,6 +306,7 @@ service anvil {{
         deadline = time.monotonic() + START_TIMEOUT_S
         _wait_port(self.submission_port, deadline, self.log_path)
         _wait_port(self.smtps_port, deadline, self.log_path)
+        _wait_port(self.xforward_port, deadline, self.log_path)
 
     def _main_cf(self, uid: int, gid: int) -> str:
         r = self.root
@@ -354,6 +360,8 @@ smtp_tls_security_level = none
 smtpd_sasl_type = dovecot
 smtpd_sasl_path = {r}/auth
 smtpd_sasl_auth_enable = no
+# mailward (on loopback) may tell Postfix who its client is (XCLIENT_README).
+smtpd_authorized_xclient_hosts = 127.0.0.1
 """
 
     def _master_cf(self) -> str:
@@ -366,6 +374,9 @@ smtpd_sasl_auth_enable = no
  -o syslog_name=mailward-test-postfix/submission -o smtpd_tls_security_level=encrypt{sub}
 127.0.0.1:{self.smtps_port} inet n - n - - smtpd
  -o syslog_name=mailward-test-postfix/smtps -o smtpd_tls_wrappermode=yes{sub}
+127.0.0.1:{self.xforward_port} inet n - n - - smtpd
+ -o syslog_name=mailward-test-postfix/xforward -o smtpd_tls_security_level=encrypt{sub}
+ -o smtpd_authorized_xclient_hosts= -o smtpd_authorized_xforward_hosts=127.0.0.1
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
