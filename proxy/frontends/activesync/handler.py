@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -30,10 +31,16 @@ from proxy.frontends.activesync.forward import (
 )
 from proxy.frontends.activesync.hygiene import EAS_PATH, refusal
 from proxy.frontends.activesync.refusal import blocked_response, text_response, unavailable
-from proxy.frontends.activesync.sessions import DeviceSession, DeviceSessions, SessionKey
+from proxy.frontends.activesync.sessions import (
+    DeviceSession,
+    DeviceSessions,
+    SessionKey,
+    session_key,
+)
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
-from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
+from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin, origin_for
 from proxy.net.socket_transport import SocketServer, SocketTransport
+from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 
     from proxy.frontends import FrontendContext
     from proxy.gate import Gate
+    from proxy.ids import ClientCert
     from proxy.policy import Decision
 
 log = get_logger("mailward.activesync")
@@ -51,6 +59,11 @@ TLS_HANDSHAKE_TIMEOUT_S: Final = 20.0
 MAX_AUTH_HEADER: Final = 4096
 #: Parsed query strings remembered (the cache is emptied when full).
 QUERY_CACHE_SIZE: Final = 4096
+#: Origins remembered by client address (the cache is emptied when full).
+ORIGIN_CACHE_SIZE: Final = 4096
+
+#: A connection's identity facts: where it comes from, its verified certificate.
+ConnectionFacts = tuple[Origin, "ClientCert | None"]
 
 
 def basic_user(header: str | None) -> str | None:
@@ -113,6 +126,11 @@ class ActiveSyncFrontend:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._queries: dict[str, EasQuery] = {}  # parsed query strings (see _post)
+        self._origins: dict[str, Origin] = {}  # by client address
+        # The facts of each TLS connection, read once (its certificate cannot change:
+        # renegotiation is off and post-handshake authentication never requested).
+        self._tls_facts: weakref.WeakKeyDictionary[Any, ConnectionFacts] = \
+            weakref.WeakKeyDictionary()
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -171,6 +189,29 @@ class ActiveSyncFrontend:
             self._queries[raw_query] = query
         return query
 
+    def _connection(self, request: web.BaseRequest) -> ConnectionFacts:
+        """The identity facts of the request's connection: its :class:`Origin` and
+        the verified client certificate of its TLS session (None without one), read
+        once per TLS connection."""
+        remote = request.remote or ""
+        transport = request.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            return self._origin(remote), None
+        facts = self._tls_facts.get(tls)
+        if facts is None or facts[0].client_ip != remote:
+            facts = (self._origin(remote), client_cert_from_ssl(tls))
+            self._tls_facts[tls] = facts
+        return facts
+
+    def _origin(self, remote: str) -> Origin:
+        origin = self._origins.get(remote)
+        if origin is None:
+            if len(self._origins) >= ORIGIN_CACHE_SIZE:
+                self._origins.clear()
+            origin = self._origins[remote] = origin_for(self.cfg, remote)
+        return origin
+
     async def _post(self, request: web.BaseRequest, task: asyncio.Task[Any]
                     ) -> web.StreamResponse:
         try:
@@ -181,16 +222,16 @@ class ActiveSyncFrontend:
         if auth_user is None:
             return text_response(401, "Sign in with your mail account.",
                                  {"WWW-Authenticate": 'Basic realm="ActiveSync"'})
-        origin = Origin("activesync", self.origin_name, request.remote or "")
+        origin, cert = self._connection(request)
         user = resolve_user(auth_user, query.user)
         if user is None:
-            identity = Identity(auth_user, query.device_id, "eas")
+            identity = Identity(auth_user, query.device_id, "claim", cert=cert)
             await self.gate.record_deny(identity, origin, "user_mismatch",
                                         "query User differs from Basic auth")
             return text_response(403, "The account in the request does not match the "
                                       "signed-in account.")
-        identity = Identity(user, query.device_id, "eas")
-        key = (query.device_id, identity.user_key)
+        identity = Identity(user, query.device_id, "claim", cert=cert)
+        key = session_key(identity)
 
         session = await self.sessions.current(key)
         if session is None:
@@ -198,30 +239,48 @@ class ActiveSyncFrontend:
             if isinstance(admitted, web.StreamResponse):
                 return admitted
             session = admitted
-        session.requests += 1
-        session.last_used = self.clock()
-        session.tasks.add(task)
+        session.begin(task, self.clock())
         try:
             return await self._forward(request, session, query.command)
         finally:
-            session.tasks.discard(task)
-            session.last_used = self.clock()
+            session.finish(task, self.clock())
 
     async def _admit(self, request: web.BaseRequest, query: EasQuery, identity: Identity,
                      origin: Origin, key: SessionKey) -> DeviceSession | web.StreamResponse:
         """A new device-session: the upstream checks the credentials, then the gate
-        decides; refusals are answered and never cached."""
+        decides; refusals are answered and never cached. The session is registered
+        with the gate before the decision, so a re-evaluation during it ends it."""
         async with self.sessions.admission(key) as session:
             if session is not None:
                 return session
             refused = await self._verify_credentials(request, identity, origin)
             if refused is not None:
                 return refused
-            policy_version = self.gate.policy.version
-            decision = await self.gate.decide(identity, origin)
+            bound = self._new_binding(identity)
+            session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
+            try:
+                decision = await self.gate.decide(identity, origin)
+            except BaseException:
+                self.sessions.abandon(session)
+                raise
             if not decision.allow:
+                self.sessions.abandon(session)
                 return self._refusal(request, query, identity, decision)
-            return await self.sessions.open(identity, origin, policy_version)
+            if not await self.sessions.activate(session):
+                return self._blocked(request, query, session.ended or "")
+            if bound is not None and bound in self.gate.trust.bindings:
+                # Claims of this DeviceId now need its certificate: end the bare ones.
+                await self.gate.recheck_devices({bound}, "device_bound")
+            return session
+
+    def _new_binding(self, identity: Identity) -> str | None:
+        """The device this request may bind to its certificate (a DeviceId claimed
+        with a certificate naming it, not bound yet), else None."""
+        cert = identity.cert
+        if cert is None or cert.device_id is None or identity.device_id is None:
+            return None
+        device = self.gate.trust.resolve(cert.device_id)
+        return None if device in self.gate.trust.bindings else device
 
     async def _verify_credentials(
         self, request: web.BaseRequest, identity: Identity, origin: Origin
@@ -245,11 +304,16 @@ class ActiveSyncFrontend:
                  decision: Decision) -> web.Response:
         if decision.temporary:
             return unavailable()
-        text = decision.user_text()
-        version = query.protocol_version or request.headers.get("MS-ASProtocolVersion")
         log.info("device refused", device_id=identity.device_id, user=identity.user_key,
                  reasons=[r.code for r in decision.enforced_reasons])
-        return blocked_response(query.command, version, text)
+        return self._blocked(request, query, decision.user_text())
+
+    def _blocked(self, request: web.BaseRequest, query: EasQuery | None, text: str
+                 ) -> web.Response:
+        """403 as Exchange answers a blocked device, in the client's protocol version."""
+        version = (query.protocol_version if query else None) or \
+            request.headers.get("MS-ASProtocolVersion")
+        return blocked_response(query.command if query else "", version, text)
 
     async def _forward(self, request: web.BaseRequest, session: DeviceSession | None,
                        command: str = "") -> web.StreamResponse:
@@ -293,9 +357,7 @@ class ActiveSyncFrontend:
             query: EasQuery | None = self._query(request.rel_url.raw_query_string)
         except QueryError:
             query = None
-        version = (query.protocol_version if query else None) or \
-            request.headers.get("MS-ASProtocolVersion")
-        return blocked_response(query.command if query else "", version, text)
+        return self._blocked(request, query, text)
 
 
 def _abort(request: web.BaseRequest, response: web.StreamResponse) -> web.StreamResponse:
