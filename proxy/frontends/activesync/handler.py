@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ssl
 import time
 import weakref
 from collections.abc import Callable
@@ -39,13 +40,12 @@ from proxy.frontends.activesync.sessions import (
 )
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin, origin_for
+from proxy.gate.identity import CERT_REQUIRED_TEXT
 from proxy.net.socket_transport import SocketServer, SocketTransport
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
-    import ssl
-
     from proxy.frontends import FrontendContext
     from proxy.gate import Gate
     from proxy.ids import ClientCert
@@ -170,6 +170,8 @@ class ActiveSyncFrontend:
         self._inflight.add(task)
         try:
             if request.method == "OPTIONS":
+                if self.cfg.client_cert == "required" and self._connection(request)[1] is None:
+                    return text_response(403, CERT_REQUIRED_TEXT)
                 return await self._forward(request, None)
             if request.method != "POST":
                 return text_response(405, "ActiveSync requests use POST or OPTIONS.",
@@ -253,9 +255,12 @@ class ActiveSyncFrontend:
         async with self.sessions.admission(key) as session:
             if session is not None:
                 return session
-            refused = await self._verify_credentials(request, identity, origin)
-            if refused is not None:
-                return refused
+            # Without the certificate a listener requires, the gate refuses whatever
+            # the password: the upstream is not asked (no password oracle).
+            if identity.cert is not None or origin.client_cert != "required":
+                refused = await self._verify_credentials(request, identity, origin)
+                if refused is not None:
+                    return refused
             bound = self._new_binding(identity)
             session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
             try:
@@ -401,6 +406,7 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     if ctx.server_tls is not None:
+        _certificate_refusals_answered(ctx.server_tls, ctx.listener.client_cert)
         accept = serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
         return RunningActiveSync(ctx.listener.name, accept.port, frontend, runner, accept)
     site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port, backlog=1024)
@@ -410,6 +416,16 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     if sockets:
         port = sockets[0].getsockname()[1]
     return RunningActiveSync(ctx.listener.name, port, frontend, runner)
+
+
+def _certificate_refusals_answered(tls: ssl.SSLContext, client_cert: str) -> None:
+    """``client_cert = "required"``: the handshake still asks for and verifies a
+    certificate, but a phone without one gets the gate's answer (403 with
+    ``certificate_required``, a text the phone shows, and a decision record) instead
+    of a failed handshake that phones report as "cannot connect to server". Every
+    request decides through the gate, which refuses it without a certificate."""
+    if client_cert == "required" and tls.verify_mode == ssl.CERT_REQUIRED:
+        tls.verify_mode = ssl.CERT_OPTIONAL
 
 
 def serve_https(server: web.Server, tls: ssl.SSLContext, host: str, port: int
