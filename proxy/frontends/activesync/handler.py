@@ -59,8 +59,10 @@ TLS_HANDSHAKE_TIMEOUT_S: Final = 20.0
 MAX_AUTH_HEADER: Final = 4096
 #: Parsed query strings remembered (the cache is emptied when full).
 QUERY_CACHE_SIZE: Final = 4096
-#: Origins remembered by client address (the cache is emptied when full).
+#: Origins remembered by client address, and request identities by (user, DeviceId,
+#: query User, certificate); each cache is emptied when full.
 ORIGIN_CACHE_SIZE: Final = 4096
+IDENTITY_CACHE_SIZE: Final = 4096
 
 #: A connection's identity facts: where it comes from, its verified certificate.
 ConnectionFacts = tuple[Origin, "ClientCert | None"]
@@ -127,6 +129,9 @@ class ActiveSyncFrontend:
         self._closing = False
         self._queries: dict[str, EasQuery] = {}  # parsed query strings (see _post)
         self._origins: dict[str, Origin] = {}  # by client address
+        # (Identity, session key) by what they are made of; None: the users disagree.
+        self._identities: dict[tuple[str, str, str | None, ClientCert | None],
+                               tuple[Identity, SessionKey] | None] = {}
         # The facts of each TLS connection, read once (its certificate cannot change:
         # renegotiation is off and post-handshake authentication never requested).
         self._tls_facts: weakref.WeakKeyDictionary[Any, ConnectionFacts] = \
@@ -225,15 +230,14 @@ class ActiveSyncFrontend:
             return text_response(401, "Sign in with your mail account.",
                                  {"WWW-Authenticate": 'Basic realm="ActiveSync"'})
         origin, cert = self._connection(request)
-        user = resolve_user(auth_user, query.user)
-        if user is None:
+        facts = self._identity(auth_user, query, cert)
+        if facts is None:
             identity = Identity(auth_user, query.device_id, "claim", cert=cert)
             await self.gate.record_deny(identity, origin, "user_mismatch",
                                         "query User differs from Basic auth")
             return text_response(403, "The account in the request does not match the "
                                       "signed-in account.")
-        identity = Identity(user, query.device_id, "claim", cert=cert)
-        key = session_key(identity)
+        identity, key = facts
 
         session = await self.sessions.current(key)
         if session is None:
@@ -246,6 +250,26 @@ class ActiveSyncFrontend:
             return await self._forward(request, session, query.command)
         finally:
             session.finish(task, self.clock())
+
+    def _identity(self, auth_user: str, query: EasQuery, cert: ClientCert | None
+                  ) -> tuple[Identity, SessionKey] | None:
+        """The request's :class:`Identity` (DeviceId claimed, certificate facts) and
+        its device-session key; None when the query's User is not the Basic user.
+        A phone sends the same facts all day, so they are made once."""
+        made = (auth_user, query.device_id, query.user, cert)
+        try:
+            return self._identities[made]
+        except KeyError:
+            pass
+        user = resolve_user(auth_user, query.user)
+        facts = None
+        if user is not None:
+            identity = Identity(user, query.device_id, "claim", cert=cert)
+            facts = (identity, session_key(identity))
+        if len(self._identities) >= IDENTITY_CACHE_SIZE:
+            self._identities.clear()
+        self._identities[made] = facts
+        return facts
 
     async def _admit(self, request: web.BaseRequest, query: EasQuery, identity: Identity,
                      origin: Origin, key: SessionKey) -> DeviceSession | web.StreamResponse:
@@ -326,17 +350,11 @@ class ActiveSyncFrontend:
         listener closes) answers 403/503 if no answer has started, else cuts the
         connection; so does an upstream failure (503)."""
         progress = Progress()
-
-        async def auth_failed() -> None:
-            # The credentials stopped working: the decision no longer applies.
-            assert session is not None
-            await self.sessions.drop(session, "auth_failed")
-
         try:
             return await self.upstream.forward(
                 request, progress,
                 resendable=request.method != "POST" or command in RESENDABLE_COMMANDS,
-                on_auth_failed=auth_failed if session is not None else None)
+                on_auth_failed=session.auth_failed if session is not None else None)
         except asyncio.CancelledError:
             ended = session.ended if session is not None else None
             if ended is None and not self._closing:

@@ -92,6 +92,11 @@ class DeviceSession:
         if self.retired and not self.tasks:
             self.table.gate.unregister(self)
 
+    async def auth_failed(self) -> None:
+        """The upstream answered 401: the credentials stopped working, so the
+        decision no longer applies."""
+        await self.table.drop(self, "auth_failed")
+
     async def terminate(self, text: str) -> None:
         """The gate ended this session: answer open requests 403, forget the decision."""
         self.ended = text
