@@ -317,7 +317,7 @@ async def test_pyactivesync_compliant_device_syncs(env: Env) -> None:
     [decision] = env.decisions("dev-ok")
     assert (decision["decision"], decision["protocol"], decision["user"]) == (
         "allow", "activesync", USER)
-    session = env.proxy.frontend.sessions.by_key[("dev-ok", USER)]
+    session = env.proxy.frontend.sessions.by_key[("dev-ok", USER, "")]
     assert session.requests == 5
 
 
@@ -560,7 +560,7 @@ async def test_live_longpoll_ends_403_within_2s_on_noncompliant_posture(env: Env
     assert resp.status == 403 and elapsed < 2.0
     assert "TikTok" in resp.headers["X-Mailward-Refusal"]
     assert text_of(find(WBXMLReader(body).parse(), "Ping.Status")) == "129"
-    assert ("dev-ok", USER) not in env.proxy.frontend.sessions.by_key
+    assert ("dev-ok", USER, "") not in env.proxy.frontend.sessions.by_key
     assert any(r.get("event") == "session_end" and r.get("reason") == "posture_changed"
                for r in env.records)
     # The next request is decided afresh, and refused.

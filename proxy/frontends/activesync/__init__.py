@@ -12,8 +12,14 @@ How a request goes
    password is only ever checked by the upstream). A query ``User`` that is not the
    Basic user (ignoring a ``DOMAIN\\`` prefix, and matching an alias to an address
    with the same local part) -> 403.
+   The connection's identity facts (its origin and the verified TLS client
+   certificate, read once per connection) go into the gate's ``Identity`` with the
+   DeviceId as a claim; the gate applies every identity rule (``device_mismatch``,
+   ``certificate_required``, ``device_claim_refused``, ``user_mismatch``, ``revoked``).
+   With ``client_cert = "required"`` a phone without a certificate gets the gate's
+   403 rather than a failed handshake, and its password is never sent upstream.
 2. The device-session cache is consulted (one ``decision`` record covers a run of
-   requests of one device and user: :mod:`.sessions`).
+   requests of one device, user and certificate: :mod:`.sessions`).
 3. On a miss, the upstream first verifies the credentials: ``OPTIONS`` with the
    client's ``Authorization`` header. 401 is passed through (recorded as a deny with
    reason ``auth_failed``) and nothing is cached; only then does the gate decide, so

@@ -15,7 +15,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ssl
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -30,17 +32,23 @@ from proxy.frontends.activesync.forward import (
 )
 from proxy.frontends.activesync.hygiene import EAS_PATH, refusal
 from proxy.frontends.activesync.refusal import blocked_response, text_response, unavailable
-from proxy.frontends.activesync.sessions import DeviceSession, DeviceSessions, SessionKey
+from proxy.frontends.activesync.sessions import (
+    DeviceSession,
+    DeviceSessions,
+    SessionKey,
+    session_key,
+)
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
-from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin
+from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin, origin_for
+from proxy.gate.identity import CERT_REQUIRED_TEXT
 from proxy.net.socket_transport import SocketServer, SocketTransport
+from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
-    import ssl
-
     from proxy.frontends import FrontendContext
     from proxy.gate import Gate
+    from proxy.ids import ClientCert
     from proxy.policy import Decision
 
 log = get_logger("mailward.activesync")
@@ -51,6 +59,13 @@ TLS_HANDSHAKE_TIMEOUT_S: Final = 20.0
 MAX_AUTH_HEADER: Final = 4096
 #: Parsed query strings remembered (the cache is emptied when full).
 QUERY_CACHE_SIZE: Final = 4096
+#: Origins remembered by client address, and request identities by (user, DeviceId,
+#: query User, certificate); each cache is emptied when full.
+ORIGIN_CACHE_SIZE: Final = 4096
+IDENTITY_CACHE_SIZE: Final = 4096
+
+#: A connection's identity facts: where it comes from, its verified certificate.
+ConnectionFacts = tuple[Origin, "ClientCert | None"]
 
 
 def basic_user(header: str | None) -> str | None:
@@ -113,6 +128,14 @@ class ActiveSyncFrontend:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._queries: dict[str, EasQuery] = {}  # parsed query strings (see _post)
+        self._origins: dict[str, Origin] = {}  # by client address
+        # (Identity, session key) by what they are made of; None: the users disagree.
+        self._identities: dict[tuple[str, str, str | None, ClientCert | None],
+                               tuple[Identity, SessionKey] | None] = {}
+        # The facts of each TLS connection, read once (its certificate cannot change:
+        # renegotiation is off and post-handshake authentication never requested).
+        self._tls_facts: weakref.WeakKeyDictionary[Any, ConnectionFacts] = \
+            weakref.WeakKeyDictionary()
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -152,6 +175,8 @@ class ActiveSyncFrontend:
         self._inflight.add(task)
         try:
             if request.method == "OPTIONS":
+                if self.cfg.client_cert == "required" and self._connection(request)[1] is None:
+                    return text_response(403, CERT_REQUIRED_TEXT)
                 return await self._forward(request, None)
             if request.method != "POST":
                 return text_response(405, "ActiveSync requests use POST or OPTIONS.",
@@ -171,6 +196,29 @@ class ActiveSyncFrontend:
             self._queries[raw_query] = query
         return query
 
+    def _connection(self, request: web.BaseRequest) -> ConnectionFacts:
+        """The identity facts of the request's connection: its :class:`Origin` and
+        the verified client certificate of its TLS session (None without one), read
+        once per TLS connection."""
+        remote = request.remote or ""
+        transport = request.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            return self._origin(remote), None
+        facts = self._tls_facts.get(tls)
+        if facts is None or facts[0].client_ip != remote:
+            facts = (self._origin(remote), client_cert_from_ssl(tls))
+            self._tls_facts[tls] = facts
+        return facts
+
+    def _origin(self, remote: str) -> Origin:
+        origin = self._origins.get(remote)
+        if origin is None:
+            if len(self._origins) >= ORIGIN_CACHE_SIZE:
+                self._origins.clear()
+            origin = self._origins[remote] = origin_for(self.cfg, remote)
+        return origin
+
     async def _post(self, request: web.BaseRequest, task: asyncio.Task[Any]
                     ) -> web.StreamResponse:
         try:
@@ -181,16 +229,15 @@ class ActiveSyncFrontend:
         if auth_user is None:
             return text_response(401, "Sign in with your mail account.",
                                  {"WWW-Authenticate": 'Basic realm="ActiveSync"'})
-        origin = Origin("activesync", self.origin_name, request.remote or "")
-        user = resolve_user(auth_user, query.user)
-        if user is None:
-            identity = Identity(auth_user, query.device_id, "eas")
+        origin, cert = self._connection(request)
+        facts = self._identity(auth_user, query, cert)
+        if facts is None:
+            identity = Identity(auth_user, query.device_id, "claim", cert=cert)
             await self.gate.record_deny(identity, origin, "user_mismatch",
                                         "query User differs from Basic auth")
             return text_response(403, "The account in the request does not match the "
                                       "signed-in account.")
-        identity = Identity(user, query.device_id, "eas")
-        key = (query.device_id, identity.user_key)
+        identity, key = facts
 
         session = await self.sessions.current(key)
         if session is None:
@@ -198,30 +245,71 @@ class ActiveSyncFrontend:
             if isinstance(admitted, web.StreamResponse):
                 return admitted
             session = admitted
-        session.requests += 1
-        session.last_used = self.clock()
-        session.tasks.add(task)
+        session.begin(task, self.clock())
         try:
             return await self._forward(request, session, query.command)
         finally:
-            session.tasks.discard(task)
-            session.last_used = self.clock()
+            session.finish(task, self.clock())
+
+    def _identity(self, auth_user: str, query: EasQuery, cert: ClientCert | None
+                  ) -> tuple[Identity, SessionKey] | None:
+        """The request's :class:`Identity` (DeviceId claimed, certificate facts) and
+        its device-session key; None when the query's User is not the Basic user.
+        A phone sends the same facts all day, so they are made once."""
+        made = (auth_user, query.device_id, query.user, cert)
+        try:
+            return self._identities[made]
+        except KeyError:
+            pass
+        user = resolve_user(auth_user, query.user)
+        facts = None
+        if user is not None:
+            identity = Identity(user, query.device_id, "claim", cert=cert)
+            facts = (identity, session_key(identity))
+        if len(self._identities) >= IDENTITY_CACHE_SIZE:
+            self._identities.clear()
+        self._identities[made] = facts
+        return facts
 
     async def _admit(self, request: web.BaseRequest, query: EasQuery, identity: Identity,
                      origin: Origin, key: SessionKey) -> DeviceSession | web.StreamResponse:
         """A new device-session: the upstream checks the credentials, then the gate
-        decides; refusals are answered and never cached."""
+        decides; refusals are answered and never cached. The session is registered
+        with the gate before the decision, so a re-evaluation during it ends it."""
         async with self.sessions.admission(key) as session:
             if session is not None:
                 return session
-            refused = await self._verify_credentials(request, identity, origin)
-            if refused is not None:
-                return refused
-            policy_version = self.gate.policy.version
-            decision = await self.gate.decide(identity, origin)
+            # Without the certificate a listener requires, the gate refuses whatever
+            # the password: the upstream is not asked (no password oracle).
+            if identity.cert is not None or origin.client_cert != "required":
+                refused = await self._verify_credentials(request, identity, origin)
+                if refused is not None:
+                    return refused
+            bound = self._new_binding(identity)
+            session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
+            try:
+                decision = await self.gate.decide(identity, origin)
+            except BaseException:
+                self.sessions.abandon(session)
+                raise
             if not decision.allow:
+                self.sessions.abandon(session)
                 return self._refusal(request, query, identity, decision)
-            return await self.sessions.open(identity, origin, policy_version)
+            if not await self.sessions.activate(session):
+                return self._blocked(request, query, session.ended or "")
+            if bound is not None and bound in self.gate.trust.bindings:
+                # Claims of this DeviceId now need its certificate: end the bare ones.
+                await self.gate.recheck_devices({bound}, "device_bound")
+            return session
+
+    def _new_binding(self, identity: Identity) -> str | None:
+        """The device this request may bind to its certificate (a DeviceId claimed
+        with a certificate naming it, not bound yet), else None."""
+        cert = identity.cert
+        if cert is None or cert.device_id is None or identity.device_id is None:
+            return None
+        device = self.gate.trust.resolve(cert.device_id)
+        return None if device in self.gate.trust.bindings else device
 
     async def _verify_credentials(
         self, request: web.BaseRequest, identity: Identity, origin: Origin
@@ -245,11 +333,16 @@ class ActiveSyncFrontend:
                  decision: Decision) -> web.Response:
         if decision.temporary:
             return unavailable()
-        text = decision.user_text()
-        version = query.protocol_version or request.headers.get("MS-ASProtocolVersion")
         log.info("device refused", device_id=identity.device_id, user=identity.user_key,
                  reasons=[r.code for r in decision.enforced_reasons])
-        return blocked_response(query.command, version, text)
+        return self._blocked(request, query, decision.user_text())
+
+    def _blocked(self, request: web.BaseRequest, query: EasQuery | None, text: str
+                 ) -> web.Response:
+        """403 as Exchange answers a blocked device, in the client's protocol version."""
+        version = (query.protocol_version if query else None) or \
+            request.headers.get("MS-ASProtocolVersion")
+        return blocked_response(query.command if query else "", version, text)
 
     async def _forward(self, request: web.BaseRequest, session: DeviceSession | None,
                        command: str = "") -> web.StreamResponse:
@@ -257,17 +350,11 @@ class ActiveSyncFrontend:
         listener closes) answers 403/503 if no answer has started, else cuts the
         connection; so does an upstream failure (503)."""
         progress = Progress()
-
-        async def auth_failed() -> None:
-            # The credentials stopped working: the decision no longer applies.
-            assert session is not None
-            await self.sessions.drop(session, "auth_failed")
-
         try:
             return await self.upstream.forward(
                 request, progress,
                 resendable=request.method != "POST" or command in RESENDABLE_COMMANDS,
-                on_auth_failed=auth_failed if session is not None else None)
+                on_auth_failed=session.auth_failed if session is not None else None)
         except asyncio.CancelledError:
             ended = session.ended if session is not None else None
             if ended is None and not self._closing:
@@ -293,9 +380,7 @@ class ActiveSyncFrontend:
             query: EasQuery | None = self._query(request.rel_url.raw_query_string)
         except QueryError:
             query = None
-        version = (query.protocol_version if query else None) or \
-            request.headers.get("MS-ASProtocolVersion")
-        return blocked_response(query.command if query else "", version, text)
+        return self._blocked(request, query, text)
 
 
 def _abort(request: web.BaseRequest, response: web.StreamResponse) -> web.StreamResponse:
@@ -339,6 +424,7 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     if ctx.server_tls is not None:
+        _certificate_refusals_answered(ctx.server_tls, ctx.listener.client_cert)
         accept = serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
         return RunningActiveSync(ctx.listener.name, accept.port, frontend, runner, accept)
     site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port, backlog=1024)
@@ -348,6 +434,16 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     if sockets:
         port = sockets[0].getsockname()[1]
     return RunningActiveSync(ctx.listener.name, port, frontend, runner)
+
+
+def _certificate_refusals_answered(tls: ssl.SSLContext, client_cert: str) -> None:
+    """``client_cert = "required"``: the handshake still asks for and verifies a
+    certificate, but a phone without one gets the gate's answer (403 with
+    ``certificate_required``, a text the phone shows, and a decision record) instead
+    of a failed handshake that phones report as "cannot connect to server". Every
+    request decides through the gate, which refuses it without a certificate."""
+    if client_cert == "required" and tls.verify_mode == ssl.CERT_REQUIRED:
+        tls.verify_mode = ssl.CERT_OPTIONAL
 
 
 def serve_https(server: web.Server, tls: ssl.SSLContext, host: str, port: int

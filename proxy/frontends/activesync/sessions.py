@@ -1,16 +1,26 @@
-"""Device-sessions: the run of requests of one (device id, user) on one listener that a
-single ``decision`` record covers.
+"""Device-sessions: the run of requests of one (device id, user, client certificate) on
+one listener that a single ``decision`` record covers.
 
-* its first request writes the ``decision`` record (``gate.decide``) and registers the
-  session with the gate; every later request of that (device id, user) reuses the
-  decision and is counted;
-* it ends when the gate ends it (a new posture or policy now denies: the gate writes
-  ``session_end`` with the trigger, and open requests end with 403 within 2 s), when
-  the policy version changes (the next request decides again), when the decision is
-  :data:`DECISION_MAX_AGE_S` old, after :data:`IDLE_S` without requests, when the
-  upstream answers 401 (credentials changed), or when the listener closes;
+* its first request registers the session with the gate *before* the gate decides
+  (:meth:`DeviceSessions.pending`), so a posture change, revocation or policy reload
+  that lands while the decision is being made reaches it too; on allow the decision is
+  cached (:meth:`DeviceSessions.activate`), on deny the session is abandoned;
+* every later request of that key reuses the decision and is counted. The key holds
+  the fingerprint of the connection's verified client certificate (or ``""``): an
+  allow made with a certificate is never reused by a request without it or with
+  another one, nor the other way round;
+* it ends when the gate ends it (a new posture, revocation or policy now denies: the
+  gate writes ``session_end`` with the trigger, and open requests end with 403 within
+  2 s), when the policy version changes (the next request decides again), when the
+  decision is :data:`DECISION_MAX_AGE_S` old, after :data:`IDLE_S` without requests,
+  when the upstream answers 401 (credentials changed), or when the listener closes;
 * its end writes a ``session_end`` record with ``reason`` = ``eas_session``, the
   cause in ``detail`` and ``requests=N``, the number of requests the decision covered.
+
+A session dropped from the cache while requests are still open on it (a policy
+version change, a replacement, a 401) stays registered with the gate until its last
+request ends (it is *retired*): every re-evaluation still covers an open Ping or Sync,
+whatever happened to its session before.
 
 So an auditor attributes a request to the latest ``decision`` record of the same
 listener, device and user before it, up to the matching ``session_end``. A denied
@@ -22,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.gate import Identity, Origin
@@ -37,26 +46,56 @@ IDLE_S: Final = 2 * 3600.0
 #: How often idle and over-age device-sessions are swept.
 SWEEP_INTERVAL_S: Final = 60.0
 
-SessionKey = tuple[str, str]  # (device id, user key)
+#: (device id as claimed, user key, client certificate fingerprint or "").
+SessionKey = tuple[str, str, str]
 
 
-@dataclass(eq=False)
+def session_key(identity: Identity) -> SessionKey:
+    """The cache key of a request's identity facts (see module docstring)."""
+    cert = identity.cert
+    return (identity.device_id or "", identity.user_key,
+            cert.fingerprint if cert is not None else "")
+
+
 class DeviceSession:
     """One cached allow decision: a ``LiveSession`` the gate may end."""
 
-    identity: Identity
-    origin: Origin
-    policy_version: str
-    created: float
-    table: DeviceSessions
-    last_used: float = 0.0
-    requests: int = 0
-    ended: str | None = None  # remediation text once the gate ended it
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    __slots__ = ("created", "ended", "identity", "key", "last_used", "origin",
+                 "policy_version", "requests", "retired", "table", "tasks")
 
-    @property
-    def key(self) -> SessionKey:
-        return (self.identity.device_id or "", self.identity.user_key)
+    def __init__(self, identity: Identity, origin: Origin, policy_version: str,
+                 created: float, table: DeviceSessions, key: SessionKey | None = None
+                 ) -> None:
+        self.identity = identity
+        self.origin = origin
+        self.policy_version = policy_version
+        self.created = created
+        self.table = table
+        self.key: SessionKey = key if key is not None else session_key(identity)
+        self.last_used = created
+        self.requests = 0
+        self.ended: str | None = None  # remediation text once the gate ended it
+        self.retired = False  # out of the cache, registered until its requests end
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def begin(self, task: asyncio.Task[Any], now: float) -> None:
+        """A request starts on this session."""
+        self.requests += 1
+        self.last_used = now
+        self.tasks.add(task)
+
+    def finish(self, task: asyncio.Task[Any], now: float) -> None:
+        """A request on this session ended; a retired session leaves the gate with
+        its last request."""
+        self.tasks.discard(task)
+        self.last_used = now
+        if self.retired and not self.tasks:
+            self.table.gate.unregister(self)
+
+    async def auth_failed(self) -> None:
+        """The upstream answered 401: the credentials stopped working, so the
+        decision no longer applies."""
+        await self.table.drop(self, "auth_failed")
 
     async def terminate(self, text: str) -> None:
         """The gate ended this session: answer open requests 403, forget the decision."""
@@ -67,7 +106,7 @@ class DeviceSession:
 
 
 class DeviceSessions:
-    """The device-sessions of one listener, by (device id, user key)."""
+    """The device-sessions of one listener, by :data:`SessionKey`."""
 
     def __init__(self, gate: Gate, clock: Callable[[], float]) -> None:
         self.gate = gate
@@ -114,25 +153,48 @@ class DeviceSessions:
                 del self.admitting[key]
             done.set_result(None)
 
-    async def open(self, identity: Identity, origin: Origin, policy_version: str
-                   ) -> DeviceSession:
-        """Cache an allow decision made under ``policy_version`` and register it."""
-        now = self.clock()
-        session = DeviceSession(identity, origin, policy_version, now, self, last_used=now)
-        old = self.by_key.get(session.key)
-        if old is not None:
-            await self.drop(old, "replaced")
-        self.by_key[session.key] = session
+    def pending(self, identity: Identity, origin: Origin, policy_version: str,
+                key: SessionKey) -> DeviceSession:
+        """A session about to be decided, registered with the gate already: a
+        re-evaluation that runs during the decision ends it (``ended`` is set)."""
+        session = DeviceSession(identity, origin, policy_version, self.clock(), self, key)
         self.gate.register(session)
         return session
 
+    def abandon(self, session: DeviceSession) -> None:
+        """The decision refused (or failed): the pending session never was."""
+        self.gate.unregister(session)
+
+    async def activate(self, session: DeviceSession) -> bool:
+        """Cache an allowed pending session; False when the gate ended it meanwhile."""
+        old = self.by_key.get(session.key)
+        if old is not None and old is not session:
+            await self.drop(old, "replaced")
+        if session.ended is not None:
+            return False
+        session.created = session.last_used = self.clock()
+        self.by_key[session.key] = session
+        return True
+
+    async def open(self, identity: Identity, origin: Origin, policy_version: str
+                   ) -> DeviceSession:
+        """Register and cache an allow decision made under ``policy_version``."""
+        session = self.pending(identity, origin, policy_version, session_key(identity))
+        await self.activate(session)
+        return session
+
     async def drop(self, session: DeviceSession, cause: str, *, unregister: bool = True) -> None:
-        """Forget a device-session and record how many requests its decision covered."""
+        """Forget a device-session and record how many requests its decision covered.
+        With requests still open it stays registered with the gate (retired) until
+        the last one ends, so a re-evaluation can still end them."""
         if self.by_key.get(session.key) is not session:
             return
         del self.by_key[session.key]
         if unregister:
-            self.gate.unregister(session)
+            if session.tasks:
+                session.retired = True
+            else:
+                self.gate.unregister(session)
         await self.gate.record_session_end(
             session.origin, "eas_session", identity=session.identity,
             detail=f"{cause} requests={session.requests}",
