@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.frontends.activesync.wire import (
@@ -231,6 +231,7 @@ _NAME = st.binary(min_size=0, max_size=8) | st.sampled_from([b"X-A", b"Authoriza
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.tuples(_NAME, st.binary(max_size=12)), max_size=5),
        st.binary(max_size=12))
+@example(headers=[(b"!", b"!\t")], target=b"")
 def test_a_written_head_parses_back_to_exactly_its_headers(
         headers: list[tuple[bytes, bytes]], target: bytes) -> None:
     """Any header names, values and target either raise UnsendableRequest or give a

@@ -180,7 +180,9 @@ def request_head(method: bytes, target: bytes, headers: list[Header], body_lengt
     if not _FRAMING.isdisjoint(lowered):
         raise UnsendableRequest("the body's framing is the wire's")
     lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
-    lines += [k + b": " + v + b"\r\n" for k, v in headers]
+    # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
+    # llhttp strips a trailing space but not a trailing tab, so strip both here.
+    lines += [k + b": " + v.strip(b" \t") + b"\r\n" for k, v in headers]
     if body_length or method == b"POST":
         lines.append(b"Content-Length: %d\r\n" % body_length)
     lines.append(b"\r\n")
