@@ -40,6 +40,7 @@ from proxy.frontends.imap_preauth import (
     UpstreamAnswered,
     UpstreamFailed,
 )
+from proxy.frontends.imap_syntax import MAX_REFUSAL_CHARS
 from proxy.gate import Identity
 from proxy.policy import Decision, Reason
 
@@ -130,9 +131,10 @@ def test_wrong_password_passes_the_upstreams_answer_and_records_auth_failed():
          (DecisionMade(ALLOW), [Splice(b"t2 OK\r\n", b"", PHONE)]))
 
 
-def test_deny_sends_alert_authorizationfailed_and_bye():
-    """A policy deny: * NO [ALERT] text, tagged NO [AUTHORIZATIONFAILED] text, * BYE;
-    the decision record is the gate's, so Close records nothing."""
+def test_deny_sends_alert_authorizationfailed_and_bye_with_the_same_reason():
+    """A policy deny: * NO [ALERT] text, tagged NO [AUTHORIZATIONFAILED] text, * BYE
+    text (the same reason, for clients that show only the last line); the decision
+    record is the gate's, so Close records nothing, and a retry after it is ignored."""
     p = layer()
     tls_up(p)
     text = "Uninstall TikTok to restore mail."
@@ -143,8 +145,31 @@ def test_deny_sends_alert_authorizationfailed_and_bye():
              CloseUpstream(),
              send(f"* NO [ALERT] {text}\r\n".encode(),
                   f"t1 NO [AUTHORIZATIONFAILED] {text}\r\n".encode(),
-                  b"* BYE Access denied by policy\r\n"),
-             Close(None)]))
+                  f"* BYE {text}\r\n".encode()),
+             Close(None)]),
+         (DataReceived(f"t2 LOGIN {ALICE} {PW}\r\n".encode()), []),
+         (ClientClosed(), []))
+
+
+def test_refusal_text_is_ascii_one_line_and_bounded_in_alert_no_and_bye():
+    """A long, non-ASCII, multi-line policy text reaches ALERT, NO and BYE as the same
+    ASCII line of at most MAX_REFUSAL_CHARS characters."""
+    long_text = ("TikTok est install\u00e9 \u2014 d\u00e9sinstallez-le.\r\n* OK forged "
+                 + "word " * 200)
+    deny = Decision(False, (Reason("prohibited_app", long_text),), "v1", "sha")
+    p = layer()
+    tls_up(p)
+    p.handle(DataReceived(f"t1 LOGIN {ALICE} {PW}\r\n".encode()))
+    p.handle(UpstreamAnswered(True, b"", b"t1 OK\r\n"))
+    sent = p.handle(DecisionMade(deny))[1]
+    assert isinstance(sent, SendToClient)
+    alert, no, bye, end = sent.data.split(b"\r\n")
+    reason = alert.removeprefix(b"* NO [ALERT] ")
+    assert no == b"t1 NO [AUTHORIZATIONFAILED] " + reason
+    assert bye == b"* BYE " + reason and end == b""
+    assert reason.startswith(b"TikTok est installe - desinstallez-le. * OK forged word")
+    assert reason.endswith(b"...") and len(reason) <= MAX_REFUSAL_CHARS
+    assert reason.isascii()
 
 
 def test_temporary_deny_is_unavailable_and_the_client_may_retry():
