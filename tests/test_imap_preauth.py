@@ -349,3 +349,85 @@ def test_credentials_never_in_repr():
     """Commands and events that carry a password or client bytes do not show them."""
     assert PW not in repr(OpenUpstream("t", ALICE, PW))
     assert PW not in repr(DataReceived(f"t LOGIN {ALICE} {PW}\r\n".encode()))
+
+
+def token_layer(*mechanisms: str) -> Preauth:
+    """A layer over TLS whose upstream offers these relayable mechanisms."""
+    p = layer(upstream_mechanisms=lambda: list(mechanisms))
+    play(p, (Connected(), [StartTls()]))
+    p.handle(TlsEstablished("alice-phone"))
+    return p
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_mechanisms_offered_are_plain_and_those_the_upstream_offers():
+    """CAPABILITY lists AUTH=PLAIN and the upstream's relayable mechanisms; one the
+    upstream lacks is refused BAD like an unknown one, without reaching the upstream."""
+    p = token_layer("LOGIN", "XOAUTH2")
+    play(p, (DataReceived(b"a CAPABILITY\r\n"), [send(
+        b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN AUTH=XOAUTH2 IDLE"
+        b"\r\n", b"a OK CAPABILITY completed\r\n")]),
+        (DataReceived(b"b AUTHENTICATE OAUTHBEARER " + b64(b"n,a=x,\x01\x01") + b"\r\n"),
+         [send(b"b BAD Unsupported authentication mechanism OAUTHBEARER\r\n")]),
+        (DataReceived(b"c AUTHENTICATE CRAM-MD5\r\n"),
+         [send(b"c BAD Unsupported authentication mechanism CRAM-MD5\r\n")]),
+        (DataReceived(b"d NOOP\r\n"), [send(b"d OK NOOP completed\r\n")]))
+
+
+def test_authenticate_login_prompts_for_user_and_password():
+    """AUTHENTICATE LOGIN: + Username:, + Password:, then the upstream LOGIN; with an
+    initial response (the user) only the password prompt; * cancels."""
+    p = token_layer("LOGIN")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE LOGIN\r\n"), [send(b"+ VXNlcm5hbWU6\r\n")]),
+         (DataReceived(b64(ALICE.encode()) + b"\r\n"), [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b64(PW.encode()) + b"\r\n"), [OpenUpstream("a", ALICE, PW)]),
+         (UpstreamAnswered(False, b"", b"a NO [AUTHENTICATIONFAILED] x\r\n"),
+          [send(b"a NO [AUTHENTICATIONFAILED] x\r\n"), CloseUpstream(),
+           RecordAuthFailed(PHONE)]),
+         (DataReceived(b"b AUTHENTICATE LOGIN " + b64(ALICE.encode()) + b"\r\n"),
+          [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b"*\r\n"), [send(b"b BAD AUTHENTICATE cancelled\r\n")]),
+         (DataReceived(b"c AUTHENTICATE LOGIN =\r\n"),
+          [send(b"c BAD user name: empty or with control characters\r\n")]),
+         (DataReceived(b"d AUTHENTICATE LOGIN " + b64(ALICE.encode()) + b"\r\n"),
+          [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b64(PW.encode()) + b"\r\n"), [OpenUpstream("d", ALICE, PW)]))
+
+
+def test_xoauth2_and_oauthbearer_relay_the_token_for_the_claimed_user():
+    """XOAUTH2 (initial response) and OAUTHBEARER (after a continuation) open the
+    upstream with the mechanism and the message; the identity is the claimed user."""
+    xo = f"user={ALICE}\x01auth=Bearer tok\x01\x01".encode()
+    ob = f"n,a={ALICE},\x01auth=Bearer tok\x01\x01".encode()
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE XOAUTH2 " + b64(xo) + b"\r\n"),
+          [OpenUpstream("a", ALICE, "", None, "XOAUTH2", xo)]),
+         (UpstreamAnswered(True, b"", b"a OK Logged in\r\n"), [RequestDecision(PHONE)]))
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE OAUTHBEARER\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b64(ob) + b"\r\n"),
+          [OpenUpstream("a", ALICE, "", None, "OAUTHBEARER", ob)]))
+
+
+def test_malformed_or_userless_token_messages_are_refused_and_the_client_may_retry():
+    """Malformed XOAUTH2/OAUTHBEARER get BAD, OAUTHBEARER without a= gets NO [CANNOT],
+    bad base64 BAD; nothing reaches the upstream and the connection carries on."""
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE XOAUTH2 " + b64(b"user=alice\x01\x01") + b"\r\n"),
+          [send(b"a BAD XOAUTH2: no bearer token\r\n")]),
+         (DataReceived(b"b AUTHENTICATE OAUTHBEARER " + b64(b"n,,\x01auth=Bearer t\x01\x01")
+                       + b"\r\n"),
+          [send(b"b NO [CANNOT] OAUTHBEARER needs the user name (a=) to be relayed\r\n")]),
+         (DataReceived(b"c AUTHENTICATE XOAUTH2\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b"%%%\r\n"), [send(b"c BAD AUTHENTICATE: invalid base64\r\n")]),
+         (DataReceived(b"d AUTHENTICATE OAUTHBEARER\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b64(b"garbage") + b"\r\n"),
+          [send(b"d BAD malformed OAUTHBEARER response\r\n")]),
+         (ClientClosed(), [Close(SessionEnd("bad_syntax"))]))
