@@ -33,6 +33,7 @@ from proxy.frontends.imap_syntax import (
     SUPPORTED_MECHANISMS,
     RemoteProtocolError,
     decode_plain,
+    utf8_text,
 )
 
 #: Mechanisms relayed as the upstream's ``AUTHENTICATE`` (the upstream must offer them).
@@ -75,12 +76,7 @@ class Credentials:
 
 
 def _text(raw: bytes, what: str) -> str:
-    if b"\x00" in raw:
-        raise RemoteProtocolError(f"{what}: NUL is not allowed")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"{what} is not UTF-8") from None
+    return utf8_text(raw, what, RemoteProtocolError)
 
 
 def _user(raw: bytes, what: str) -> str:

@@ -151,12 +151,17 @@ def astring(tok: Token, what: str) -> str:
         raw = tok
     else:
         raise SyntaxProblem(f"{what}: expected a string")
+    return utf8_text(raw, what)
+
+
+def utf8_text(raw: bytes, what: str, error: type[Exception] = SyntaxProblem) -> str:
+    """``raw`` as UTF-8 text without NUL, else ``error`` naming ``what``."""
     if b"\x00" in raw:
-        raise SyntaxProblem(f"{what}: NUL is not allowed")
+        raise error(f"{what}: NUL is not allowed")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise SyntaxProblem(f"{what}: not UTF-8") from None
+        raise error(f"{what}: not UTF-8") from None
 
 
 def nstring(tok: Token, what: str) -> str | None:
