@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.frontends.imap_preauth import (
     PRIVACY_TEXT,
@@ -431,3 +433,26 @@ def test_malformed_or_userless_token_messages_are_refused_and_the_client_may_ret
          (DataReceived(b64(b"garbage") + b"\r\n"),
           [send(b"d BAD malformed OAUTHBEARER response\r\n")]),
          (ClientClosed(), [Close(SessionEnd("bad_syntax"))]))
+
+
+_PIECES = [b"a AUTHENTICATE LOGIN", b"b AUTHENTICATE XOAUTH2", b"c AUTHENTICATE OAUTHBEARER",
+           b"d AUTHENTICATE PLAIN", b" ", b"\r\n", b"*", b"=", b"{3}\r\n", b"x LOGIN u p",
+           b64(b"user=a\x01auth=Bearer t\x01\x01"), b64(b"n,a=a,\x01auth=Bearer t\x01\x01"),
+           b64(b"n,,\x01\x01"), b64(b"\x00a\x00p"), b64(b"alice"), b"%%", b"\xff", b"e NOOP"]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.booleans())
+def test_any_client_bytes_give_commands_and_at_most_one_upstream_login(
+        pieces: list[bytes], refuse: bool):
+    """Client bytes made of AUTHENTICATE pieces never raise; each OpenUpstream waits
+    for its outcome (an upstream NO lets the client go on)."""
+    p = token_layer("LOGIN", "XOAUTH2", "OAUTHBEARER")
+    for piece in pieces:
+        cmds = p.handle(DataReceived(piece))
+        assert all(isinstance(c, (SendToClient, OpenUpstream, Close)) for c in cmds)
+        if any(isinstance(c, OpenUpstream) for c in cmds):
+            assert isinstance(cmds[-1], OpenUpstream)
+            if not refuse:
+                return
+            p.handle(UpstreamAnswered(False, b"", b"x NO no\r\n"))

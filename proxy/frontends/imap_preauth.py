@@ -415,6 +415,7 @@ class Preauth:
                 self._sasl = None
                 return [SendToClient(tagged_line(tag, "BAD", "AUTHENTICATE cancelled"))]
             case BadCommand(tag, text):
+                self._sasl = None  # e.g. bad base64 ended an AUTHENTICATE exchange
                 self.end_reason = "bad_syntax"
                 return [SendToClient(tagged_line(tag, "BAD", text))]
             case LimitExceeded(tag, limit, text):
