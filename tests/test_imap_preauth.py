@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.frontends.imap_preauth import (
     PRIVACY_TEXT,
@@ -40,6 +42,7 @@ from proxy.frontends.imap_preauth import (
     UpstreamAnswered,
     UpstreamFailed,
 )
+from proxy.frontends.imap_syntax import MAX_REFUSAL_CHARS
 from proxy.gate import Identity
 from proxy.policy import Decision, Reason
 
@@ -130,9 +133,10 @@ def test_wrong_password_passes_the_upstreams_answer_and_records_auth_failed():
          (DecisionMade(ALLOW), [Splice(b"t2 OK\r\n", b"", PHONE)]))
 
 
-def test_deny_sends_alert_authorizationfailed_and_bye():
-    """A policy deny: * NO [ALERT] text, tagged NO [AUTHORIZATIONFAILED] text, * BYE;
-    the decision record is the gate's, so Close records nothing."""
+def test_deny_sends_alert_authorizationfailed_and_bye_with_the_same_reason():
+    """A policy deny: * NO [ALERT] text, tagged NO [AUTHORIZATIONFAILED] text, * BYE
+    text (the same reason, for clients that show only the last line); the decision
+    record is the gate's, so Close records nothing, and a retry after it is ignored."""
     p = layer()
     tls_up(p)
     text = "Uninstall TikTok to restore mail."
@@ -143,8 +147,31 @@ def test_deny_sends_alert_authorizationfailed_and_bye():
              CloseUpstream(),
              send(f"* NO [ALERT] {text}\r\n".encode(),
                   f"t1 NO [AUTHORIZATIONFAILED] {text}\r\n".encode(),
-                  b"* BYE Access denied by policy\r\n"),
-             Close(None)]))
+                  f"* BYE {text}\r\n".encode()),
+             Close(None)]),
+         (DataReceived(f"t2 LOGIN {ALICE} {PW}\r\n".encode()), []),
+         (ClientClosed(), []))
+
+
+def test_refusal_text_is_ascii_one_line_and_bounded_in_alert_no_and_bye():
+    """A long, non-ASCII, multi-line policy text reaches ALERT, NO and BYE as the same
+    ASCII line of at most MAX_REFUSAL_CHARS characters."""
+    long_text = ("TikTok est install\u00e9 \u2014 d\u00e9sinstallez-le.\r\n* OK forged "
+                 + "word " * 200)
+    deny = Decision(False, (Reason("prohibited_app", long_text),), "v1", "sha")
+    p = layer()
+    tls_up(p)
+    p.handle(DataReceived(f"t1 LOGIN {ALICE} {PW}\r\n".encode()))
+    p.handle(UpstreamAnswered(True, b"", b"t1 OK\r\n"))
+    sent = p.handle(DecisionMade(deny))[1]
+    assert isinstance(sent, SendToClient)
+    alert, no, bye, end = sent.data.split(b"\r\n")
+    reason = alert.removeprefix(b"* NO [ALERT] ")
+    assert no == b"t1 NO [AUTHORIZATIONFAILED] " + reason
+    assert bye == b"* BYE " + reason and end == b""
+    assert reason.startswith(b"TikTok est installe - desinstallez-le. * OK forged word")
+    assert reason.endswith(b"...") and len(reason) <= MAX_REFUSAL_CHARS
+    assert reason.isascii()
 
 
 def test_temporary_deny_is_unavailable_and_the_client_may_retry():
@@ -324,3 +351,108 @@ def test_credentials_never_in_repr():
     """Commands and events that carry a password or client bytes do not show them."""
     assert PW not in repr(OpenUpstream("t", ALICE, PW))
     assert PW not in repr(DataReceived(f"t LOGIN {ALICE} {PW}\r\n".encode()))
+
+
+def token_layer(*mechanisms: str) -> Preauth:
+    """A layer over TLS whose upstream offers these relayable mechanisms."""
+    p = layer(upstream_mechanisms=lambda: list(mechanisms))
+    play(p, (Connected(), [StartTls()]))
+    p.handle(TlsEstablished("alice-phone"))
+    return p
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_mechanisms_offered_are_plain_and_those_the_upstream_offers():
+    """CAPABILITY lists AUTH=PLAIN and the upstream's relayable mechanisms; one the
+    upstream lacks is refused BAD like an unknown one, without reaching the upstream."""
+    p = token_layer("LOGIN", "XOAUTH2")
+    play(p, (DataReceived(b"a CAPABILITY\r\n"), [send(
+        b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN AUTH=XOAUTH2 IDLE"
+        b"\r\n", b"a OK CAPABILITY completed\r\n")]),
+        (DataReceived(b"b AUTHENTICATE OAUTHBEARER " + b64(b"n,a=x,\x01\x01") + b"\r\n"),
+         [send(b"b BAD Unsupported authentication mechanism OAUTHBEARER\r\n")]),
+        (DataReceived(b"c AUTHENTICATE CRAM-MD5\r\n"),
+         [send(b"c BAD Unsupported authentication mechanism CRAM-MD5\r\n")]),
+        (DataReceived(b"d NOOP\r\n"), [send(b"d OK NOOP completed\r\n")]))
+
+
+def test_authenticate_login_prompts_for_user_and_password():
+    """AUTHENTICATE LOGIN: + Username:, + Password:, then the upstream LOGIN; with an
+    initial response (the user) only the password prompt; * cancels."""
+    p = token_layer("LOGIN")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE LOGIN\r\n"), [send(b"+ VXNlcm5hbWU6\r\n")]),
+         (DataReceived(b64(ALICE.encode()) + b"\r\n"), [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b64(PW.encode()) + b"\r\n"), [OpenUpstream("a", ALICE, PW)]),
+         (UpstreamAnswered(False, b"", b"a NO [AUTHENTICATIONFAILED] x\r\n"),
+          [send(b"a NO [AUTHENTICATIONFAILED] x\r\n"), CloseUpstream(),
+           RecordAuthFailed(PHONE)]),
+         (DataReceived(b"b AUTHENTICATE LOGIN " + b64(ALICE.encode()) + b"\r\n"),
+          [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b"*\r\n"), [send(b"b BAD AUTHENTICATE cancelled\r\n")]),
+         (DataReceived(b"c AUTHENTICATE LOGIN =\r\n"),
+          [send(b"c BAD user name: empty or with control characters\r\n")]),
+         (DataReceived(b"d AUTHENTICATE LOGIN " + b64(ALICE.encode()) + b"\r\n"),
+          [send(b"+ UGFzc3dvcmQ6\r\n")]),
+         (DataReceived(b64(PW.encode()) + b"\r\n"), [OpenUpstream("d", ALICE, PW)]))
+
+
+def test_xoauth2_and_oauthbearer_relay_the_token_for_the_claimed_user():
+    """XOAUTH2 (initial response) and OAUTHBEARER (after a continuation) open the
+    upstream with the mechanism and the message; the identity is the claimed user."""
+    xo = f"user={ALICE}\x01auth=Bearer tok\x01\x01".encode()
+    ob = f"n,a={ALICE},\x01auth=Bearer tok\x01\x01".encode()
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE XOAUTH2 " + b64(xo) + b"\r\n"),
+          [OpenUpstream("a", ALICE, "", None, "XOAUTH2", xo)]),
+         (UpstreamAnswered(True, b"", b"a OK Logged in\r\n"), [RequestDecision(PHONE)]))
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE OAUTHBEARER\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b64(ob) + b"\r\n"),
+          [OpenUpstream("a", ALICE, "", None, "OAUTHBEARER", ob)]))
+
+
+def test_malformed_or_userless_token_messages_are_refused_and_the_client_may_retry():
+    """Malformed XOAUTH2/OAUTHBEARER get BAD, OAUTHBEARER without a= gets NO [CANNOT],
+    bad base64 BAD; nothing reaches the upstream and the connection carries on."""
+    p = token_layer("XOAUTH2", "OAUTHBEARER")
+    play(p,
+         (DataReceived(b"a AUTHENTICATE XOAUTH2 " + b64(b"user=alice\x01\x01") + b"\r\n"),
+          [send(b"a BAD XOAUTH2: no bearer token\r\n")]),
+         (DataReceived(b"b AUTHENTICATE OAUTHBEARER " + b64(b"n,,\x01auth=Bearer t\x01\x01")
+                       + b"\r\n"),
+          [send(b"b NO [CANNOT] OAUTHBEARER needs the user name (a=) to be relayed\r\n")]),
+         (DataReceived(b"c AUTHENTICATE XOAUTH2\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b"%%%\r\n"), [send(b"c BAD AUTHENTICATE: invalid base64\r\n")]),
+         (DataReceived(b"d AUTHENTICATE OAUTHBEARER\r\n"), [send(b"+ \r\n")]),
+         (DataReceived(b64(b"garbage") + b"\r\n"),
+          [send(b"d BAD malformed OAUTHBEARER response\r\n")]),
+         (ClientClosed(), [Close(SessionEnd("bad_syntax"))]))
+
+
+_PIECES = [b"a AUTHENTICATE LOGIN", b"b AUTHENTICATE XOAUTH2", b"c AUTHENTICATE OAUTHBEARER",
+           b"d AUTHENTICATE PLAIN", b" ", b"\r\n", b"*", b"=", b"{3}\r\n", b"x LOGIN u p",
+           b64(b"user=a\x01auth=Bearer t\x01\x01"), b64(b"n,a=a,\x01auth=Bearer t\x01\x01"),
+           b64(b"n,,\x01\x01"), b64(b"\x00a\x00p"), b64(b"alice"), b"%%", b"\xff", b"e NOOP"]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.booleans())
+def test_any_client_bytes_give_commands_and_at_most_one_upstream_login(
+        pieces: list[bytes], refuse: bool):
+    """Client bytes made of AUTHENTICATE pieces never raise; each OpenUpstream waits
+    for its outcome (an upstream NO lets the client go on)."""
+    p = token_layer("LOGIN", "XOAUTH2", "OAUTHBEARER")
+    for piece in pieces:
+        cmds = p.handle(DataReceived(piece))
+        assert all(isinstance(c, (SendToClient, OpenUpstream, Close)) for c in cmds)
+        if any(isinstance(c, OpenUpstream) for c in cmds):
+            assert isinstance(cmds[-1], OpenUpstream)
+            if not refuse:
+                return
+            p.handle(UpstreamAnswered(False, b"", b"x NO no\r\n"))

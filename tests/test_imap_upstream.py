@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -145,6 +147,63 @@ def test_id_command_passes_safe_client_fields_only():
         b'"x-originating-port" "1")\r\n')
 
 
+def test_id_command_names_the_address_the_client_connected_to():
+    """With the proxy's own address known, ID carries x-connected-ip/-port after the
+    client's x-originating-ip/-port (the four fields Dovecot reads)."""
+    assert id_command(None, "192.0.2.1", 1, "198.51.100.2", 993) == (
+        b'mw.id ID ("x-originating-ip" "192.0.2.1" "x-originating-port" "1" '
+        b'"x-connected-ip" "198.51.100.2" "x-connected-port" "993")\r\n')
+
+
+def token_login(mechanism: str, message: bytes) -> UpstreamLogin:
+    return UpstreamLogin(tag="a1", user=ALICE, password="", starttls=False,
+                         client_ip="192.0.2.7", client_port=4242, mechanism=mechanism,
+                         response=message)
+
+
+def test_token_relayed_with_sasl_ir_and_an_error_challenge_acknowledged():
+    """XOAUTH2 goes as AUTHENTICATE with an initial response when the server has
+    SASL-IR; the server's error challenge is answered (empty line) and its NO ends the
+    login; a second challenge would be cancelled."""
+    msg = f"user={ALICE}\x01auth=Bearer tok\x01\x01".encode()
+    lg = token_login("XOAUTH2", msg)
+    assert got(lg, b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n") == [
+        ReportCapabilities(("IMAP4rev1", "SASL-IR", "AUTH=XOAUTH2")),
+        SendToUpstream(b"a1 AUTHENTICATE XOAUTH2 " + base64.b64encode(msg) + b"\r\n")]
+    assert got(lg, b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n") == [SendToUpstream(b"\r\n")]
+    assert got(lg, b"+ again\r\n") == [SendToUpstream(b"*\r\n")]
+    no = b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    assert got(lg, no) == [LoginAnswered(False, b"", no)]
+    assert "tok" not in repr(lg)
+
+
+def test_token_relayed_after_a_continuation_without_sasl_ir():
+    """Without SASL-IR: AUTHENTICATE OAUTHBEARER, then the message after the server's
+    +; an error challenge is acknowledged with %x01 (RFC 7628)."""
+    msg = f"n,a={ALICE},\x01auth=Bearer tok\x01\x01".encode()
+    lg = token_login("OAUTHBEARER", msg)
+    assert got(lg, b"* OK [CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER] hi\r\n")[1:] == [
+        SendToUpstream(b"a1 AUTHENTICATE OAUTHBEARER\r\n")]
+    assert got(lg, b"+ \r\n") == [SendToUpstream(base64.b64encode(msg) + b"\r\n")]
+    assert got(lg, b"+ eyJ9\r\n") == [SendToUpstream(b"AQ==\r\n")]
+    assert got(lg, b"a1 OK Logged in\r\n") == [
+        LoginAnswered(True, b"", b"a1 OK Logged in\r\n")]
+
+
+def test_probe_reports_capabilities_and_logs_out():
+    """A probe asks for the capabilities (over TLS when STARTTLS), reports them and
+    logs out without ID or login."""
+    lg = UpstreamLogin.probe(starttls=True)
+    assert got(lg, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n") == [
+        SendToUpstream(b"mw.tls STARTTLS\r\n")]
+    assert got(lg, b"mw.tls OK\r\n") == [StartUpstreamTls()]
+    assert lg.handle(UpstreamTlsEstablished()) == [SendToUpstream(b"mw.cap CAPABILITY\r\n")]
+    assert got(lg, b"* CAPABILITY IMAP4rev1 ID AUTH=PLAIN AUTH=LOGIN\r\nmw.cap OK\r\n") == [
+        ReportCapabilities(("IMAP4rev1", "ID", "AUTH=PLAIN", "AUTH=LOGIN")),
+        SendToUpstream(b"mw.bye LOGOUT\r\n")]
+    assert lg.phase is Phase.DONE
+
+
 def test_password_not_in_repr():
     """Neither the login object nor its commands show the password."""
     lg = login()
@@ -153,11 +212,13 @@ def test_password_not_in_repr():
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.binary(max_size=300), max_size=20), st.booleans())
+@given(st.lists(st.binary(max_size=300), max_size=20), st.booleans(), st.booleans())
 def test_any_upstream_bytes_progress_or_raise_remote_error(chunks: list[bytes],
-                                                            starttls: bool):
-    """Any bytes from the server give commands or RemoteProtocolError, nothing else."""
-    lg = login(starttls=starttls)
+                                                            starttls: bool, token: bool):
+    """Any bytes from the server give commands or RemoteProtocolError, nothing else
+    (password and token logins alike)."""
+    lg = token_login("XOAUTH2", b"user=a\x01auth=Bearer t\x01\x01") if token else login(
+        starttls=starttls)
     try:
         for chunk in chunks:
             if lg.phase is Phase.DONE:

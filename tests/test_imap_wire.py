@@ -132,6 +132,23 @@ def test_authenticate_bad_base64_and_unknown_mechanism():
     assert conn.state is State.NOT_AUTHENTICATED
 
 
+def test_sasl_continue_reads_another_response_line_under_the_same_tag():
+    """After a further challenge (LOGIN's Password:) the next line is read as the
+    response of the same AUTHENTICATE, with or without an initial response first;
+    sasl_continue is refused outside an exchange awaiting its outcome."""
+    conn = Connection()
+    user = base64.b64encode(b"alice")
+    assert events(conn, b"x AUTHENTICATE LOGIN " + user + b"\r\n") == [
+        AuthenticateStarted("x", "LOGIN", b"alice")]
+    conn.sasl_continue()
+    assert conn.state is State.AUTHENTICATING
+    assert events(conn, base64.b64encode(b"pw") + b"\r\n") == [AuthenticateData("x", b"pw")]
+    assert conn.state is State.AWAITING_LOGIN
+    conn.login_refused()
+    with pytest.raises(LocalProtocolError):
+        conn.sasl_continue()
+
+
 def test_decode_plain_rejects_malformed():
     """Malformed PLAIN credentials are the client's fault, answered BAD."""
     with pytest.raises(RemoteProtocolError) as err:

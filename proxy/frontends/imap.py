@@ -15,7 +15,9 @@ One :class:`_ImapSession` per client connection:
    (:meth:`_ImapSession._perform`), and outcomes (TLS up, the upstream's answer, the
    gate's decision) are fed back as events.
 3. Login: connect upstream (implicit TLS / STARTTLS / none, certificate verified) and
-   run ``imap_upstream.UpstreamLogin`` to the tagged answer.
+   run ``imap_upstream.UpstreamLogin`` to the tagged answer. The upstream's capabilities
+   (which SASL mechanisms to offer, IDLE, ...) are learnt from a probe when the
+   listener starts (:meth:`ImapListener.probe_upstream`) and refreshed by every login.
 4. Allow: the upstream's tagged OK goes to the client and both transports are spliced
    (``Pipe`` buffered protocols writing straight into each other's transport, with
    pause/resume_reading driven by the peer's write buffer; no per-byte Python work and
@@ -38,9 +40,12 @@ import contextlib
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 
+from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_preauth import (
+    OWN_MECHANISMS,
     SHUTDOWN_TEXT,
     ClientClosed,
     Close,
@@ -66,10 +71,11 @@ from proxy.frontends.imap_preauth import (
     UpstreamAnswered,
     UpstreamFailed,
 )
-from proxy.frontends.imap_syntax import RemoteProtocolError, bye_line
+from proxy.frontends.imap_syntax import SUPPORTED_MECHANISMS, RemoteProtocolError, bye_line
 from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.imap_upstream import (
     LoginAnswered,
+    Phase,
     ReportCapabilities,
     SendToUpstream,
     StartUpstreamTls,
@@ -101,6 +107,11 @@ PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 TLS_SESSION_TICKETS = 0
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
 TLS_HANDSHAKE_TIMEOUT_S = 20.0
+#: The upstream's capabilities are asked for at start-up within this time.
+PROBE_TIMEOUT_S = 5.0
+#: What a failed upstream conversation raises (the client is told: unavailable).
+_UPSTREAM_ERRORS = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
+                    ConnectionError)
 
 
 # -------------------------------------------------------------------------- listener
@@ -116,6 +127,7 @@ class ImapListener:
         self.port = 0
         self.sessions: set[_ImapSession] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
+        self.upstream_mechanisms: list[str] = []  # relayable SASL mechanisms it offers
         self._server: SocketServer | None = None
         self.closing = False
 
@@ -148,11 +160,34 @@ class ImapListener:
         """What pre-auth CAPABILITY shows of the upstream's capabilities."""
         return self.upstream_capabilities
 
+    def mechanisms(self) -> list[str]:
+        """The upstream's SASL mechanisms that the proxy can relay (``imap_sasl``)."""
+        return self.upstream_mechanisms
+
     def learn_capabilities(self, caps: list[str]) -> None:
         """Pre-auth capabilities of the upstream (from its greeting), minus our own."""
         keep = [c for c in caps
                 if c.upper() not in _OWN_CAPABILITIES and not c.upper().startswith("AUTH=")]
+        offered = {c.upper()[5:] for c in caps if c.upper().startswith("AUTH=")}
         self.upstream_capabilities = keep
+        self.upstream_mechanisms = [m for m in SUPPORTED_MECHANISMS
+                                    if m in offered and m not in OWN_MECHANISMS]
+
+    async def probe_upstream(self) -> None:
+        """Learn the upstream's capabilities before the first client asks (best effort:
+        until a login succeeds in telling, only PLAIN is offered)."""
+        up = UpstreamConnection()
+        login = UpstreamLogin.probe(starttls=self.listener.upstream_tls == "starttls")
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await converse_upstream(self.listener, self.ctx.upstream_tls, up, login,
+                                        self.learn_capabilities)
+        except _UPSTREAM_ERRORS as exc:
+            log.warning("upstream probe failed; offering PLAIN only until a login",
+                        listener=self.name, upstream=self.listener.upstream,
+                        error=str(exc)[:200] or type(exc).__name__)
+        finally:
+            up.pipe.close()
 
     async def close(self, grace_s: float) -> None:
         self.closing = True
@@ -172,7 +207,49 @@ class ImapListener:
 
 async def start(ctx: FrontendContext) -> ImapListener:
     """Start the IMAP listener described by ``ctx.listener``."""
-    return await ImapListener(ctx).start()
+    listener = ImapListener(ctx)
+    await listener.probe_upstream()
+    return await listener.start()
+
+
+async def converse_upstream(cfg: ListenerConfig, tls_ctx: ssl.SSLContext | None,
+                            up: UpstreamConnection, login: UpstreamLogin,
+                            learn: Callable[[list[str]], None]) -> LoginAnswered | None:
+    """Connect ``up`` to the listener's upstream and run the sans-IO ``login`` to its
+    end: the login's tagged answer, or None when ``login`` is a probe."""
+    loop = asyncio.get_running_loop()
+    if cfg.upstream_tls != "none" and tls_ctx is None:
+        raise UpstreamError("upstream TLS configured without a TLS context")
+    try:
+        up.pipe.transport = await open_connection(
+            cfg.upstream_host, cfg.upstream_port, up.pipe,
+            tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
+            timeout=cfg.upstream_connect_timeout_s)
+    except TimeoutError:
+        raise UpstreamError("connecting to the upstream timed out") from None
+    deadline = loop.time() + cfg.upstream_timeout_s
+    queue: deque[UpstreamCommand] = deque()
+    while True:
+        if not queue:
+            if login.phase is Phase.DONE:  # a probe, which has logged out
+                return None
+            queue.extend(login.handle(UpstreamDataReceived(await up.receive(deadline))))
+            continue
+        match queue.popleft():
+            case SendToUpstream(data):
+                up.pipe.write(data)
+            case StartUpstreamTls():
+                assert tls_ctx is not None
+                await up.pipe.transport.start_tls(
+                    tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
+                    timeout=max(0.1, deadline - loop.time()))
+                queue.extend(login.handle(UpstreamDataReceived(up.take())))
+                queue.extend(login.handle(UpstreamTlsEstablished()))
+            case ReportCapabilities(caps):
+                learn(list(caps))
+            case LoginAnswered() as answer:
+                up.inbox[:0] = login.rest  # the client's, once spliced
+                return answer
 
 
 # --------------------------------------------------------------------------- session
@@ -195,6 +272,7 @@ class _ImapSession:
         "gate",
         "identity",
         "layer",
+        "local_addr",
         "origin",
         "owner",
         "upstream",
@@ -210,11 +288,13 @@ class _ImapSession:
             cleartext_allowed=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
             max_commands=self.cfg.max_preauth_commands,
             upstream_capabilities=owner.capabilities,
+            upstream_mechanisms=owner.mechanisms,
         )
         self.identity = Identity("")
         self.origin = Origin("imap", self.cfg.name, "", self.cfg.unidentified)
         self.upstream: UpstreamConnection | None = None
         self.client_port = 0
+        self.local_addr = ("", 0)  # the proxy's address the client connected to
         self._inbox = bytearray()  # client bytes not yet fed to the layer
         self._wakeup = asyncio.Event()
         self._reading_paused = False
@@ -228,6 +308,8 @@ class _ImapSession:
         peer = transport.get_extra_info("peername") or ("", 0)
         self.origin = Origin("imap", self.cfg.name, str(peer[0]), self.cfg.unidentified)
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.local_addr = (str(local[0]), int(local[1]) if len(local) > 1 else 0)
         self.owner.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -356,8 +438,7 @@ class _ImapSession:
     async def _open_upstream(self, command: OpenUpstream) -> PreauthEvent:
         try:
             answer = await self._upstream_login(command)
-        except (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
-                ConnectionError) as exc:
+        except _UPSTREAM_ERRORS as exc:
             detail = str(exc)[:200] or type(exc).__name__
             log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
             return UpstreamFailed(detail)
@@ -365,44 +446,17 @@ class _ImapSession:
 
     async def _upstream_login(self, command: OpenUpstream) -> LoginAnswered:
         """Connect and run the sans-IO ``UpstreamLogin`` to its tagged answer."""
-        cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        up = self.upstream = UpstreamConnection()
-        tls_ctx = self.owner.ctx.upstream_tls
-        if cfg.upstream_tls != "none" and tls_ctx is None:
-            raise UpstreamError("upstream TLS configured without a TLS context")
-        try:
-            up.pipe.transport = await open_connection(
-                cfg.upstream_host, cfg.upstream_port, up.pipe,
-                tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
-                timeout=cfg.upstream_connect_timeout_s)
-        except TimeoutError:
-            raise UpstreamError("connecting to the upstream timed out") from None
-        deadline = loop.time() + cfg.upstream_timeout_s
+        self.upstream = UpstreamConnection()
         login = UpstreamLogin(
             tag=command.tag, user=command.user, password=command.password,
-            starttls=cfg.upstream_tls == "starttls", id_fields=command.client_id,
-            client_ip=self.origin.client_ip, client_port=self.client_port)
-        queue: deque[UpstreamCommand] = deque()
-        while True:
-            if not queue:
-                queue.extend(login.handle(UpstreamDataReceived(await up.receive(deadline))))
-                continue
-            match queue.popleft():
-                case SendToUpstream(data):
-                    up.pipe.write(data)
-                case StartUpstreamTls():
-                    assert tls_ctx is not None
-                    await up.pipe.transport.start_tls(
-                        tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
-                        timeout=max(0.1, deadline - loop.time()))
-                    queue.extend(login.handle(UpstreamDataReceived(up.take())))
-                    queue.extend(login.handle(UpstreamTlsEstablished()))
-                case ReportCapabilities(caps):
-                    self.owner.learn_capabilities(list(caps))
-                case LoginAnswered() as answer:
-                    up.inbox[:0] = login.rest  # the client's, once spliced
-                    return answer
+            starttls=self.cfg.upstream_tls == "starttls", id_fields=command.client_id,
+            client_ip=self.origin.client_ip, client_port=self.client_port,
+            connected=self.local_addr, mechanism=command.mechanism,
+            response=command.response)
+        answer = await converse_upstream(self.cfg, self.owner.ctx.upstream_tls,
+                                         self.upstream, login, self.owner.learn_capabilities)
+        assert answer is not None  # not a probe
+        return answer
 
     def _logout_upstream(self) -> None:
         up, self.upstream = self.upstream, None

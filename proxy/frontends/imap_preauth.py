@@ -18,26 +18,33 @@ The rules (DESIGN.md, "Sessions, in order"):
 - The upstream checks the credentials first: its NO goes to the client as it is and is
   recorded as ``auth_failed``; the client may try again.
 - Only then the gate decides. Deny: ``* NO [ALERT]``, ``NO [AUTHORIZATIONFAILED]``,
-  ``* BYE``. Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream
-  unreachable: ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the
-  upstream's answer goes to the client and the connections are spliced.
+  ``* BYE``, all three with the same short reason (``imap_syntax.refusal_text``):
+  clients that retry on the same connection show only the last line they read.
+  Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream unreachable:
+  ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the upstream's
+  answer goes to the client and the connections are spliced.
+- ``AUTHENTICATE``: the mechanisms of ``imap_sasl`` that the upstream offers (PLAIN
+  always: it is relayed as ``LOGIN``); the exchange reads the user, the upstream
+  verifies the credentials.
 - One ``decision`` record per login attempt (the gate writes it); a connection that
   ends before any gets one ``session_end`` record (carried by :class:`Close`).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from proxy.frontends.imap_sasl import Challenge, Credentials, SaslExchange, SaslRefused
 from proxy.frontends.imap_syntax import (
     RemoteProtocolError,
     bye_line,
     capability_line,
     continuation_line,
-    decode_plain,
     greeting_line,
     id_line,
+    refusal_text,
     tagged_line,
     untagged_line,
 )
@@ -68,6 +75,8 @@ UNAVAILABLE_TEXT = "The mail server is temporarily unavailable. Please try again
 SHUTDOWN_TEXT = "Server shutting down"
 PRIVACY_TEXT = "Use STARTTLS or the TLS port before logging in"
 TIMEOUT_TEXT = "Autologout; too slow before login"
+#: Mechanisms offered whatever the upstream says: PLAIN goes upstream as ``LOGIN``.
+OWN_MECHANISMS = ("PLAIN",)
 
 # ------------------------------------------------------------------------------ events
 
@@ -157,12 +166,15 @@ class StartTls:
 @dataclass(frozen=True, slots=True)
 class OpenUpstream:
     """Connect upstream and log in (``imap_upstream``); then feed UpstreamAnswered or
-    UpstreamFailed."""
+    UpstreamFailed. ``mechanism`` empty: ``LOGIN`` with the password; else
+    ``AUTHENTICATE <mechanism>`` relaying the client's ``response`` (a token)."""
 
     tag: str
     user: str
     password: str = field(repr=False)
     client_id: tuple[tuple[str, str | None], ...] | None = None
+    mechanism: str = ""
+    response: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,13 +238,16 @@ class Preauth:
     """One client connection before login (see the module docstring)."""
 
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
-                 upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
+                 upstream_capabilities: Callable[[], Sequence[str]] = tuple,
+                 upstream_mechanisms: Callable[[], Sequence[str]] = tuple) -> None:
         self.conn = Connection(max_commands=max_commands, tls=False,
                                starttls=tls_mode == "starttls",
                                cleartext_login=cleartext_allowed)
         self.tls_mode = tls_mode
         self.cleartext_allowed = cleartext_allowed
         self.upstream_capabilities = upstream_capabilities
+        self.upstream_mechanisms = upstream_mechanisms  # relayable ones it offers
+        self._sasl: SaslExchange | None = None  # the AUTHENTICATE exchange in progress
         self.device_id: str | None = None
         self.cert: ClientCert | None = None
         self.identity = Identity("")
@@ -252,8 +267,15 @@ class Preauth:
         caps = list(PROXY_CAPABILITIES)
         if not self.conn.tls and self.tls_mode == "starttls":
             caps.append("STARTTLS")
-        caps.append("AUTH=PLAIN" if self._cleartext_ok() else "LOGINDISABLED")
+        if self._cleartext_ok():
+            caps += [f"AUTH={m}" for m in self.mechanisms()]
+        else:
+            caps.append("LOGINDISABLED")
         return caps + list(self.upstream_capabilities())
+
+    def mechanisms(self) -> list[str]:
+        """SASL mechanisms offered: PLAIN, and the relayable ones the upstream has."""
+        return [*OWN_MECHANISMS, *self.upstream_mechanisms()]
 
     def _cleartext_ok(self) -> bool:
         return self.conn.tls or self.cleartext_allowed
@@ -329,7 +351,7 @@ class Preauth:
         self.decided = True
         tag = self._tag
         if not decision.allow:
-            text = decision.user_text()
+            text = refusal_text(decision.user_text())
             if decision.temporary:
                 self.conn.login_refused()
                 return [CloseUpstream(), SendToClient(tagged_line(tag, "NO", text, "UNAVAILABLE")),
@@ -337,7 +359,7 @@ class Preauth:
             return [CloseUpstream(),
                     SendToClient(untagged_line("NO", text, "ALERT")
                                  + tagged_line(tag, "NO", text, "AUTHORIZATIONFAILED")
-                                 + bye_line("Access denied by policy")),
+                                 + bye_line(text)),
                     *self._close("denied")]
         if shutting_down:
             return [CloseUpstream(),
@@ -384,18 +406,16 @@ class Preauth:
             case PrivacyRequired(tag):  # dropped by the parser: no LOGIN state to leave
                 return [self._privacy_required(tag)]
             case LoginAttempted(tag, user, password):
-                return self._login(tag, user, password)
-            case AuthenticateStarted(tag, _, initial_response):
-                if not self._cleartext_ok():
-                    return self._refuse_cleartext(tag)
-                if initial_response is None:
-                    return [SendToClient(continuation_line())]
-                return self._authenticate(tag, initial_response)
+                return self._login(tag, Credentials(user, password))
+            case AuthenticateStarted(tag, mechanism, initial_response):
+                return self._authenticate_started(tag, mechanism, initial_response)
             case AuthenticateData(tag, data):
                 return self._authenticate(tag, data)
             case AuthenticateCancelled(tag):
+                self._sasl = None
                 return [SendToClient(tagged_line(tag, "BAD", "AUTHENTICATE cancelled"))]
             case BadCommand(tag, text):
+                self._sasl = None  # e.g. bad base64 ended an AUTHENTICATE exchange
                 self.end_reason = "bad_syntax"
                 return [SendToClient(tagged_line(tag, "BAD", text))]
             case LimitExceeded(tag, limit, text):
@@ -411,31 +431,54 @@ class Preauth:
         self.conn.login_refused()
         return [self._privacy_required(tag)]
 
-    def _authenticate(self, tag: str, message: bytes) -> list[PreauthCommand]:
-        try:
-            authzid, user, password = decode_plain(message)
-        except RemoteProtocolError as exc:
+    def _authenticate_started(self, tag: str, mechanism: str,
+                              initial_response: bytes | None) -> list[PreauthCommand]:
+        if not self._cleartext_ok():
+            return self._refuse_cleartext(tag)
+        if mechanism not in self.mechanisms():  # parsed, but the upstream lacks it
             self.end_reason = "bad_syntax"
             self.conn.login_refused()
-            return [SendToClient(tagged_line(tag, exc.reply, str(exc)))]
-        if authzid and authzid != user:
-            # Logging in as someone else would bypass the per-user device check.
-            self.end_reason = "authzid_refused"
-            self.conn.login_refused()
             return [SendToClient(tagged_line(
-                tag, "NO", "Authorization identity not supported", "CANNOT"))]
-        return self._login(tag, user, password)
+                tag, "BAD", f"Unsupported authentication mechanism {mechanism}"))]
+        self._sasl = SaslExchange(mechanism)
+        if initial_response is None:
+            return [_challenge(self._sasl.start())]
+        return self._authenticate(tag, initial_response)
 
-    def _login(self, tag: str, user: str, password: str) -> list[PreauthCommand]:
+    def _authenticate(self, tag: str, message: bytes) -> list[PreauthCommand]:
+        """One client response of the exchange: a further challenge, or the login."""
+        sasl = self._sasl
+        assert sasl is not None  # the parser emits AuthenticateData only after a start
+        try:
+            result = sasl.step(message)
+        except RemoteProtocolError as exc:
+            self._sasl = None
+            self.end_reason = exc.reason if isinstance(exc, SaslRefused) else "bad_syntax"
+            self.conn.login_refused()
+            return [SendToClient(tagged_line(tag, exc.reply, str(exc), exc.code))]
+        if isinstance(result, Challenge):
+            self.conn.sasl_continue()
+            return [_challenge(result)]
+        self._sasl = None
+        return self._login(tag, result)
+
+    def _login(self, tag: str, cred: Credentials) -> list[PreauthCommand]:
         if not self._cleartext_ok():
             return self._refuse_cleartext(tag)
         self._tag = tag
-        self.identity = Identity(user, self.device_id, "client_cert" if self.device_id else "",
-                                 cert=self.cert)
-        return [OpenUpstream(tag, user, password, self.client_id)]
+        self.identity = Identity(cred.user, self.device_id,
+                                 "client_cert" if self.device_id else "", cert=self.cert)
+        return [OpenUpstream(tag, cred.user, cred.password, self.client_id, cred.mechanism,
+                             cred.response)]
+
+
+def _challenge(challenge: Challenge) -> SendToClient:
+    """``+ <base64>`` (``+ `` alone for an empty challenge)."""
+    return SendToClient(b"+ " + base64.b64encode(challenge.data) + b"\r\n")
 
 
 __all__ = [
+    "OWN_MECHANISMS",
     "PROXY_CAPABILITIES",
     "SHUTDOWN_TEXT",
     "UNAVAILABLE_TEXT",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +39,11 @@ MAX_QUOTED_BYTES = 999
 #: Tags the proxy uses for its own upstream commands; a client may not use them, or an
 #: answer meant for the proxy could pass for the answer to the client's LOGIN.
 RESERVED_TAG_PREFIX = "mw."
-#: Mechanisms this proxy can relay (it needs the password to log in upstream).
-SUPPORTED_MECHANISMS = ("PLAIN",)
+#: SASL mechanisms whose messages name the user (see ``imap_sasl``): the parser accepts
+#: AUTHENTICATE with these; the listener offers those its upstream offers.
+SUPPORTED_MECHANISMS = ("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER")
+#: Longest refusal text (characters) in ``* NO [ALERT]``, the tagged NO and ``* BYE``.
+MAX_REFUSAL_CHARS = 300
 
 # ----------------------------------------------------------------------------- errors
 
@@ -53,9 +57,10 @@ class ImapProtocolError(Exception):
 class RemoteProtocolError(ImapProtocolError):
     """The peer sent something bad. ``reply`` is the status to answer it with."""
 
-    def __init__(self, message: str, *, reply: Reply = "BAD") -> None:
+    def __init__(self, message: str, *, reply: Reply = "BAD", code: str = "") -> None:
         super().__init__(message)
         self.reply: Reply = reply
+        self.code = code  # a response code for the answer, e.g. CANNOT
 
 
 class LocalProtocolError(ImapProtocolError):
@@ -146,12 +151,17 @@ def astring(tok: Token, what: str) -> str:
         raw = tok
     else:
         raise SyntaxProblem(f"{what}: expected a string")
+    return utf8_text(raw, what)
+
+
+def utf8_text(raw: bytes, what: str, error: type[Exception] = SyntaxProblem) -> str:
+    """``raw`` as UTF-8 text without NUL, else ``error`` naming ``what``."""
     if b"\x00" in raw:
-        raise SyntaxProblem(f"{what}: NUL is not allowed")
+        raise error(f"{what}: NUL is not allowed")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise SyntaxProblem(f"{what}: not UTF-8") from None
+        raise error(f"{what}: not UTF-8") from None
 
 
 def nstring(tok: Token, what: str) -> str | None:
@@ -193,6 +203,27 @@ def clean_line(text: str) -> bytes:
     """One response line: no CR/LF/NUL from policy texts can split or forge responses."""
     safe = "".join(" " if ch in "\r\n\x00" else ch for ch in text).strip() or "."
     return safe.encode("utf-8") + b"\r\n"
+
+
+#: Typographic punctuation with a plain ASCII spelling (the rest of non-ASCII is
+#: decomposed, accents dropped).
+_ASCII_PUNCTUATION = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+    "\u2014": "-", "\u2026": "...", "\u00a0": " ", "\u2022": "-"})
+
+
+def refusal_text(text: str, limit: int = MAX_REFUSAL_CHARS) -> str:
+    """A refusal as it is shown on the client's screen: ASCII (pre-login IMAP is 7-bit;
+    accents dropped, typographic punctuation spelled plainly), one line, at most
+    ``limit`` characters (cut at a word, ending in "...")."""
+    plain = unicodedata.normalize("NFKD", text.translate(_ASCII_PUNCTUATION))
+    ascii_only = "".join(ch if " " <= ch <= "~" else " " for ch in plain
+                         if not unicodedata.combining(ch))
+    line = " ".join(ascii_only.split())
+    if len(line) > limit:
+        cut = line[: limit - 3]
+        line = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."
+    return line or "Access denied by policy"
 
 
 def quote(text: str) -> str:

@@ -10,10 +10,16 @@ the executor in ``imap.py`` performs. The conversation, in order:
    server sent after the OK are discarded: they were not protected by TLS);
 3. ``mw.cap CAPABILITY`` when the capabilities are not known yet;
 4. ``mw.id ID (... "x-originating-ip" ...)`` when the server has ID (RFC 2971), so the
-   server logs and rate-limits the client's address, pipelined with
+   server logs and rate-limits the client's address (Dovecot believes it from
+   ``login_trusted_networks`` only), pipelined with
 5. ``<client tag> LOGIN <user> <password>`` (quoted strings, LITERAL+ literals, or
-   synchronizing literals sent after the server's ``+``), and its tagged answer, which
-   ends the conversation (:class:`LoginAnswered`).
+   synchronizing literals sent after the server's ``+``), or ``<client tag>
+   AUTHENTICATE <mechanism>`` relaying a client's token message (with SASL-IR when the
+   server has it; an error challenge is acknowledged as the mechanism says), and its
+   tagged answer, which ends the conversation (:class:`LoginAnswered`).
+
+A *probe* (:meth:`UpstreamLogin.probe`) stops after step 3: it reports the server's
+capabilities and logs out.
 
 Anything unexpected from the server (a greeting that is not OK, a refused STARTTLS,
 ``* BYE``, a response over :data:`MAX_UPSTREAM_RESPONSE_BYTES`) raises
@@ -23,11 +29,13 @@ unavailable. Timeouts belong to the executor.
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from proxy.frontends.imap_sasl import ERROR_ACKNOWLEDGEMENT
 from proxy.frontends.imap_syntax import (
     LITERAL_AT_END,
     MAX_ID_FIELDS,
@@ -101,9 +109,12 @@ def logout_command() -> bytes:
 
 
 def id_command(client_fields: Sequence[tuple[str, str | None]] | None,
-               client_ip: str, client_port: int) -> bytes:
+               client_ip: str, client_port: int, connected_ip: str = "",
+               connected_port: int = 0) -> bytes:
     """``mw.id ID (...)``: the client's own fields that are safe to pass on, then
-    ``x-originating-ip`` / ``x-originating-port`` (the client's ``x-`` fields never)."""
+    ``x-originating-ip`` / ``-port`` (the client's address) and ``x-connected-ip`` /
+    ``-port`` (the proxy's address the client connected to), the fields Dovecot reads
+    (the client's own ``x-`` fields never)."""
     fields: list[tuple[str, str]] = []
     for k, v in client_fields or ():
         # Names as well as values: a CR/LF in either would inject upstream commands.
@@ -112,6 +123,9 @@ def id_command(client_fields: Sequence[tuple[str, str | None]] | None,
             fields.append((k, v))
     fields.append(("x-originating-ip", client_ip))
     fields.append(("x-originating-port", str(client_port)))
+    if connected_ip:
+        fields.append(("x-connected-ip", connected_ip))
+        fields.append(("x-connected-port", str(connected_port)))
     body = " ".join(f"{quote(k)} {quote(v)}" for k, v in fields[-MAX_ID_FIELDS:])
     return f"{TAG_ID} ID ({body})\r\n".encode()
 
@@ -132,6 +146,16 @@ def login_segments(tag: str, user: str, password: str, literal_plus: bool) -> li
             out = raw + sep
     segments.append(out)
     return segments
+
+
+def authenticate_segments(tag: str, mechanism: str, response: bytes,
+                          sasl_ir: bool) -> list[bytes]:
+    """``AUTHENTICATE`` as the pieces to send (as :func:`login_segments`): with SASL-IR
+    one line, else the command and, after the server's ``+``, the response."""
+    encoded = base64.b64encode(response)
+    if sasl_ir:
+        return [f"{tag} AUTHENTICATE {mechanism} ".encode() + (encoded or b"=") + b"\r\n"]
+    return [f"{tag} AUTHENTICATE {mechanism}\r\n".encode(), encoded + b"\r\n"]
 
 
 def _status(line: bytes, tag: str) -> str:
@@ -158,18 +182,30 @@ class UpstreamLogin:
 
     def __init__(self, *, tag: str, user: str, password: str, starttls: bool,
                  id_fields: Sequence[tuple[str, str | None]] | None = None,
-                 client_ip: str = "", client_port: int = 0) -> None:
+                 client_ip: str = "", client_port: int = 0,
+                 connected: tuple[str, int] = ("", 0), mechanism: str = "",
+                 response: bytes = b"") -> None:
         self.phase = Phase.GREETING
         self.rest = b""  # what the server sent after the LOGIN answer (for the client)
         self._tag, self._user, self._password = tag, user, password
+        self._mechanism, self._response = mechanism, response  # AUTHENTICATE, if set
+        self._acknowledged = False  # an error challenge was answered
         self._starttls = starttls
-        self._client = (id_fields, client_ip, client_port)  # for the ID command
+        self._probe = False
+        self._client = (id_fields, client_ip, client_port, *connected)  # for ID
         self._buf = bytearray()
         self._expect: list[str] = []  # awaited answers: tags, or _CONTINUATION
         self._untagged: list[bytes] = []
         self._segments: list[bytes] = []  # LOGIN pieces waiting for a continuation
 
-    def __repr__(self) -> str:  # never the password
+    @classmethod
+    def probe(cls, *, starttls: bool) -> UpstreamLogin:
+        """A conversation that only learns the capabilities (no login, no ID)."""
+        login = cls(tag="", user="", password="", starttls=starttls)
+        login._probe = True
+        return login
+
+    def __repr__(self) -> str:  # never the password or token
         return f"<UpstreamLogin tag={self._tag!r} user={self._user!r} {self.phase.value}>"
 
     def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
@@ -242,6 +278,8 @@ class UpstreamLogin:
                 raise RemoteProtocolError(f"upstream said {line[:200]!r}", reply="NO")
             return []
         if not line.startswith(awaited.encode() + b" "):
+            if line.startswith(b"+") and awaited == self._tag and self._mechanism:
+                return [self._acknowledge_error()]
             if line.startswith(b"* BYE"):
                 raise RemoteProtocolError(f"upstream said {line[:200]!r}", reply="NO")
             self._untagged.append(line)
@@ -265,9 +303,26 @@ class UpstreamLogin:
         self._buf.clear()  # sent before TLS: a man in the middle may have injected it
         return [StartUpstreamTls()]
 
+    def _acknowledge_error(self) -> SendToUpstream:
+        """The server refused a token with an error challenge (RFC 7628 3.2.2): answer
+        it so that the tagged NO follows; a second challenge is cancelled (``*``)."""
+        if self._acknowledged:
+            return SendToUpstream(b"*\r\n")
+        self._acknowledged = True
+        ack = ERROR_ACKNOWLEDGEMENT.get(self._mechanism, b"")
+        return SendToUpstream(base64.b64encode(ack) + b"\r\n")
+
     def _login(self, caps: tuple[str, ...]) -> list[UpstreamCommand]:
         upper = {c.upper() for c in caps}
-        segments = login_segments(self._tag, self._user, self._password, "LITERAL+" in upper)
+        if self._probe:
+            self.phase = Phase.DONE
+            return [ReportCapabilities(caps), SendToUpstream(logout_command())]
+        if self._mechanism:
+            segments = authenticate_segments(self._tag, self._mechanism, self._response,
+                                             "SASL-IR" in upper)
+        else:
+            segments = login_segments(self._tag, self._user, self._password,
+                                      "LITERAL+" in upper)
         first, self._segments = segments[0], segments[1:]
         send_id = "ID" in upper
         # ID's answers come first, under its own tag; then one continuation per
@@ -281,7 +336,7 @@ class UpstreamLogin:
         self.phase = Phase.DONE
         self.rest = bytes(self._buf)
         self._buf.clear()
-        self._password = ""
+        self._password, self._response = "", b""
         return LoginAnswered(_status(tagged, self._tag) == "OK", untagged, tagged)
 
 
@@ -297,6 +352,7 @@ __all__ = [
     "UpstreamEvent",
     "UpstreamLogin",
     "UpstreamTlsEstablished",
+    "authenticate_segments",
     "id_command",
     "login_segments",
     "logout_command",

@@ -10,7 +10,8 @@ bytes, talks to the upstream and the gate, and tells the connection how things w
 
 Only what a client may say before login is understood: CAPABILITY, NOOP, LOGOUT, ID
 (RFC 2971), STARTTLS, LOGIN (atoms, quoted strings, literals ``{n}`` and ``{n+}``) and
-AUTHENTICATE PLAIN with or without an initial response (RFC 4959). Anything else gets a
+AUTHENTICATE with the mechanisms of ``imap_sasl``, with or without an initial response
+(RFC 4959), each further response line after :meth:`Connection.sasl_continue`. Anything else gets a
 :class:`BadCommand`. Every buffer is bounded by the limits in ``imap_syntax``
 (``MAX_LINE_BYTES`` and friends, re-exported here); exceeding one gives a
 :class:`LimitExceeded` event, after which the connection is dead (the executor answers
@@ -118,9 +119,10 @@ class LoginAttempted:
 
 @dataclass(frozen=True, slots=True)
 class AuthenticateStarted:
-    """AUTHENTICATE PLAIN. With an initial response the credentials are complete (the
-    connection then waits for the login result); without, the executor sends
-    :meth:`Connection.send_continuation` and an :class:`AuthenticateData` follows."""
+    """AUTHENTICATE with a mechanism of ``SUPPORTED_MECHANISMS``. With an initial
+    response the connection then waits for the outcome (a login result, or
+    :meth:`Connection.sasl_continue` after a further challenge); without, the executor
+    sends a challenge and an :class:`AuthenticateData` follows."""
 
     tag: str
     mechanism: str
@@ -212,6 +214,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
     (State.AUTHENTICATING, "login_refused"): State.NOT_AUTHENTICATED,  # e.g. no TLS yet
     (State.STARTTLS, "starttls_done"): State.NOT_AUTHENTICATED,
+    (State.AWAITING_LOGIN, "sasl_continue"): State.AUTHENTICATING,  # e.g. LOGIN's Password:
     (State.AWAITING_LOGIN, "login_refused"): State.NOT_AUTHENTICATED,
     (State.AWAITING_LOGIN, "login_accepted"): State.AUTHENTICATED,
 }
@@ -281,6 +284,10 @@ class Connection:
         self.tls = True
         self._buf.clear()
         self._pos = 0
+
+    def sasl_continue(self) -> None:
+        """A SASL challenge was sent: read the client's next response line."""
+        self._transition("sasl_continue")
 
     def login_refused(self) -> None:
         self._transition("login_refused")
@@ -446,12 +453,12 @@ class Connection:
         mech = args[0].upper().decode("ascii", "replace")  # type: ignore[union-attr]
         if mech not in SUPPORTED_MECHANISMS:
             raise SyntaxProblem(f"Unsupported authentication mechanism {mech[:32]}")
+        self._auth_tag = tag
         if len(args) == 2:
             ir = sasl_base64(args[1])  # type: ignore[arg-type]
             self._transition("AuthenticateStarted+ir")
             return AuthenticateStarted(tag, mech, ir)
         self._transition("AuthenticateStarted")
-        self._auth_tag = tag
         return AuthenticateStarted(tag, mech, None)
 
     @staticmethod

@@ -8,6 +8,11 @@ under ``workdir`` and runs ``dovecot -F -c <conf>`` in the foreground, listening
 runs as ``nobody`` (Dovecot refuses root). 127.0.0.0/8 is in
 ``login_trusted_networks`` so the proxy's ``ID x-originating-ip`` is believed.
 
+``oauth2_introspection_url`` adds the XOAUTH2 and OAUTHBEARER mechanisms with an
+``oauth2`` passdb that asks that URL (RFC 7662 introspection, ``POST token=...``) whether
+a token is active and for which ``username`` (Dovecot then checks it is the user the
+client claimed); passwords keep the passwd-file.
+
 When ``dovecot`` is not installed, :func:`require_dovecot` skips the test, or fails
 it under CI (``CI=true``), where ``make test`` installs the peers.
 """
@@ -66,6 +71,7 @@ class Dovecot:
         workdir: Path | None = None,
         performance: bool = False,
         pop3: bool = False,
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         # Under /tmp with 0755 so the unprivileged mail and login processes can enter it.
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mailward-dovecot-"))
@@ -76,6 +82,7 @@ class Dovecot:
         self.performance = performance
         self.pop3 = pop3
         self.pop3_port_plain, self.pop3_port_tls = (free_port(), free_port()) if pop3 else (0, 0)
+        self.oauth2_url = oauth2_introspection_url
         self.proc: subprocess.Popen[bytes] | None = None
         pw = pwd.getpwnam(MAIL_USER)
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -160,7 +167,7 @@ service auth {{
 }}
 """
         path = d / "dovecot.conf"
-        path.write_text(conf)
+        path.write_text(conf + self._oauth2_config())
         return path
 
     def _pop3_config(self) -> str:
@@ -180,6 +187,17 @@ service pop3-login {{
   }}
 }}
 """
+    def _oauth2_config(self) -> str:
+        """Settings appended for token logins (the last ``auth_mechanisms`` wins)."""
+        if not self.oauth2_url:
+            return ""
+        (self.dir / "oauth2.conf.ext").write_text(
+            f"introspection_mode = post\nintrospection_url = {self.oauth2_url}\n"
+            "force_introspection = yes\nusername_attribute = username\n"
+            "active_attribute = active\nactive_value = true\n")
+        return ("auth_mechanisms = plain login xoauth2 oauthbearer\n"
+                "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                f"  args = {self.dir}/oauth2.conf.ext\n}}\n")
 
     def _chown(self, root: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(root):
