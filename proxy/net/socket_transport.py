@@ -39,7 +39,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from proxy.net.listener import SocketServer
+from proxy.net.limits import Limits, Ticket
+from proxy.net.listener import SocketServer, take_ticket
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -87,7 +88,7 @@ class SocketTransport(asyncio.Transport):
     __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
                  "_high", "_inflight", "_linger_timer", "_loop", "_lost_scheduled", "_low",
                  "_outgoing", "_outgoing_size", "_protocol", "_protocol_paused",
-                 "_read_paused", "_reading", "_sock", "_tls", "_writer_added")
+                 "_read_paused", "_reading", "_sock", "_ticket", "_tls", "_writer_added")
 
     def __init__(
         self,
@@ -122,6 +123,9 @@ class SocketTransport(asyncio.Transport):
         self._drained: asyncio.Future[None] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._lost_scheduled = False
+        # An accepted connection's limits ticket (proxy.net.listener): released when a
+        # device certificate verifies or the connection closes.
+        self._ticket: tuple[Ticket, Limits, str] | None = take_ticket(self._fd)
         self._loop.call_soon(protocol.connection_made, self)
         if start_reading:
             self._loop.call_soon(self._start_reading)
@@ -262,8 +266,20 @@ class SocketTransport(asyncio.Transport):
             )
             self._sock = tls_sock
             self._tls = True
-            self._handshake_step()
-            await asyncio.wait_for(self._handshake, timeout)
+            counted = self._ticket if server_side else None
+            if counted is not None:
+                counted[1].handshake_started(counted[2])
+            try:
+                self._handshake_step()
+                await asyncio.wait_for(self._handshake, timeout)
+            except BaseException:
+                if counted is not None:
+                    counted[1].handshake_finished(counted[2], _peer_ip(tls_sock), ok=False)
+                raise
+            if counted is not None:
+                counted[1].handshake_finished(counted[2], "", ok=True)
+                if tls_sock.getpeercert():  # a verified device certificate
+                    counted[0].verified()
         except BaseException:
             self._force_close(None)
             raise
@@ -509,6 +525,9 @@ class SocketTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = self._closing = True
+        if self._ticket is not None:
+            self._ticket[0].close()
+            self._ticket = None
         self._reading = False
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -543,6 +562,14 @@ class SocketTransport(asyncio.Transport):
             getattr(self._protocol, name)()
         except Exception:
             log.exception("protocol callback failed", callback=name)
+
+
+def _peer_ip(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else ""
 
 
 async def open_connection(
