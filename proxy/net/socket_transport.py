@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from proxy.net import memory
 from proxy.net.limits import Limits, Ticket
 from proxy.net.listener import SocketServer, take_ticket
 from proxy.oplog import get_logger
@@ -126,6 +127,7 @@ class SocketTransport(asyncio.Transport):
         # An accepted connection's limits ticket (proxy.net.listener): released when a
         # device certificate verifies or the connection closes.
         self._ticket: tuple[Ticket, Limits, str] | None = take_ticket(self._fd)
+        memory.connection_opened()
         self._loop.call_soon(protocol.connection_made, self)
         if start_reading:
             self._loop.call_soon(self._start_reading)
@@ -525,6 +527,7 @@ class SocketTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = self._closing = True
+        memory.connection_closed()
         if self._ticket is not None:
             self._ticket[0].close()
             self._ticket = None
