@@ -305,6 +305,13 @@ class Limits:
         self.hit(API_RATE, listener, ip)
         return (1.0 - bucket.tokens) / rate
 
+    def api_drain(self, ip: str) -> None:
+        """Empty the address's bucket (a report that falsely claimed an attester)."""
+        if self.exempt(ip):
+            return
+        now = self._clock()
+        self._buckets[client_key(ip)] = _Bucket(0.0, now)
+
     def _prune_buckets(self, now: float) -> None:
         full = self.cfg.api_rate_burst / self.cfg.api_rate_per_ip
         self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < full}
