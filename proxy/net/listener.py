@@ -187,6 +187,17 @@ class SocketServer:
             self._reserve = None
 
 
+def bind_failure(exc: OSError) -> str:
+    """Why a listening socket could not be bound, for an operator."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this host"
+    return exc.strerror or str(exc)
+
+
 def _refuse(conn: socket.socket) -> None:
     """Close a connection we will not serve at once, with a reset (no TIME_WAIT, and
     the client learns at once)."""
@@ -195,4 +206,5 @@ def _refuse(conn: socket.socket) -> None:
     conn.close()
 
 
-__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "SocketServer", "take_ticket"]
+__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "SocketServer", "bind_failure",
+           "take_ticket"]
