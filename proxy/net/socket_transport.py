@@ -222,8 +222,16 @@ class SocketTransport(asyncio.Transport):
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
+    def _release_ticket(self) -> None:
+        """The connection no longer counts against its address (it is closing; a
+        lingering close takes at most LINGER_S more)."""
+        if self._ticket is not None:
+            self._ticket[0].close()
+            self._ticket = None
+
     def close(self) -> None:
         """Stop reading; send what is buffered, then (TLS) close_notify, then close."""
+        self._release_ticket()
         if self._closing or self._closed:
             return
         if self._handshake is not None:  # mid-upgrade: nothing to flush, no TLS to end
@@ -528,9 +536,7 @@ class SocketTransport(asyncio.Transport):
             return
         self._closed = self._closing = True
         memory.connection_closed()
-        if self._ticket is not None:
-            self._ticket[0].close()
-            self._ticket = None
+        self._release_ticket()
         self._reading = False
         if self._linger_timer is not None:
             self._linger_timer.cancel()
