@@ -581,44 +581,7 @@ def _peer_ip(sock: socket.socket) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else ""
 
 
-async def open_connection(
-    host: str,
-    port: int,
-    protocol: asyncio.BaseProtocol,
-    *,
-    tls: ssl.SSLContext | None = None,
-    timeout: float,
-) -> SocketTransport:
-    """Connect to ``host:port`` (each resolved address in turn) and, with ``tls``,
-    complete a verified TLS handshake, all within ``timeout``. ``protocol`` gets
-    ``connection_made`` once connected; raises ``OSError``/``ssl.SSLError``/
-    ``TimeoutError`` (the socket closed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-
-    def left() -> float:
-        return max(0.0, deadline - loop.time())
-
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), left())
-    error: OSError = OSError(f"no address for {host}")
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, addr), left())
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            if isinstance(exc, TimeoutError):
-                raise
-            error = exc
-            continue
-        transport = SocketTransport(loop, sock, protocol, start_reading=tls is None)
-        if tls is not None:
-            await transport.start_tls(tls, server_side=False, server_hostname=host,
-                                      timeout=left())
-        return transport
-    raise error
-
+# The client side (upstream connections) is in its own module; it needs the class above.
+from proxy.net.connect import open_connection  # noqa: E402
 
 __all__ = ["SocketServer", "SocketTransport", "open_connection", "shared_read_buffer"]
