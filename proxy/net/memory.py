@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from typing import Final
 
 #: Trim once this many connections have closed since the peak.
@@ -66,7 +67,8 @@ def _libc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return fn
 
 
-_trim = _libc_trim()
+#: ``MAILWARD_MALLOC_TRIM=0`` turns trimming off (to measure what it saves).
+_trim = None if os.environ.get("MAILWARD_MALLOC_TRIM") == "0" else _libc_trim()
 
 
 def malloc_trim() -> bool:
