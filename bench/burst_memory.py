@@ -132,9 +132,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         imap, api = free_port(), free_port()
         cfg = deployment(Path(tmp), imap, api)
-        log = open(Path(tmp) / "serve.log", "wb")
-        proc = subprocess.Popen([str(MAILWARD), "serve", "--config", str(cfg)],
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        with (Path(tmp) / "serve.log").open("wb") as log:
+            proc = subprocess.Popen([str(MAILWARD), "serve", "--config", str(cfg)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:
             wait_ready(api, proc)
             time.sleep(1)
@@ -156,7 +156,6 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(15)
-            log.close()
             if os.environ.get("BENCH_SHOW_LOG"):
                 print((Path(tmp) / "serve.log").read_text()[-3000:])
     return 0 if after - before <= 20 else 1
