@@ -313,7 +313,7 @@ class Verifier:
     def _parse_chain(der_chain: list[bytes]) -> list[x509.Certificate]:
         try:
             return [x509.load_der_x509_certificate(d) for d in der_chain]
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
             _refuse(MALFORMED, "the report header x5c holds an unparseable certificate.")
 
     def _verifier_at(self, now: float) -> ClientVerifier:

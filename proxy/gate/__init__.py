@@ -483,8 +483,6 @@ class Gate(DeviceAdmin):
 
     async def _recheck_one(self, session: LiveSession, policy: Policy, trigger: str,
                            cache: dict[str, asyncio.Future[list[Posture]]] | None) -> int:
-        import asyncio
-
         try:
             decision, _, _ = await self._evaluate(session.identity, session.origin, policy,
                                                   cache=cache)
@@ -496,16 +494,15 @@ class Gate(DeviceAdmin):
         if decision.allow or session not in self._sessions:
             return 0
         self._unregister(session, ended_by_gate=True)
-        # The goodbye does not wait for the record's fsync (ending is fail-safe).
-        await asyncio.gather(
-            self.record_session_end(
-                session.origin,
-                trigger,
-                identity=session.identity,
-                detail=",".join(r.code for r in decision.enforced_reasons),
-            ),
-            _safe_terminate(session, decision.user_text()),
+        # Record first: when the client sees the goodbye, its record is durable (all
+        # re-checks of one change share a group commit, so this costs one fsync).
+        await self.record_session_end(
+            session.origin,
+            trigger,
+            identity=session.identity,
+            detail=",".join(r.code for r in decision.enforced_reasons),
         )
+        await _safe_terminate(session, decision.user_text())
         return 1
 
 
