@@ -44,6 +44,16 @@ posture store unavailable                                           503
 Admin endpoints take ``Authorization: Bearer <token>``, compared in constant time;
 without a configured token they are disabled (403).
 
+Limits (:mod:`proxy.api_guard`, ``[limits]``): requests without the admin token or
+an attester-signed report are rate-limited per address (429 + ``Retry-After``);
+``GET /v1/challenge`` answers 429 beyond ``max_outstanding_nonces``; bodies over
+``api_max_body`` are 413; a request head must arrive within ``header_timeout`` and a
+body within :data:`BODY_TIMEOUT_FACTOR` times that (408). Reports refused before
+their signer is known (garbage) go into the per-minute ``abuse_summary``, not one
+audit record each. ``/readyz`` reads health kept current in the background and never
+waits for the store; an unreachable store is *degraded*, not unready (DESIGN
+"Health").
+
 The API evaluates and records nothing itself: attestations, what-if questions and
 device summaries go through the gate (``Gate.attest``, ``Gate.explain``,
 ``Gate.assess``), and metrics through the gate's observer.
@@ -51,6 +61,7 @@ device summaries go through the gate (``Gate.attest``, ``Gate.explain``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import secrets
@@ -61,6 +72,20 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.api_forms import (
+    ApiError,
+    read_limited,
+    what_if_posture,
+)
+from proxy.api_guard import (
+    GARBAGE,
+    RateLimited,
+    StoreHealth,
+    charge,
+    penalise_false_claim,
+    rate_middleware,
+    retry_after,
+)
 from proxy.attestation import AttestationError, Verifier, ingest
 from proxy.gate import (
     AUDIT_UNAVAILABLE,
@@ -71,9 +96,11 @@ from proxy.gate import (
     ReportSource,
 )
 from proxy.ids import DEVICE_ID_RE
+from proxy.net.http_guard import guarded
+from proxy.net.limits import HEADER_TIMEOUT, Limits
 from proxy.oplog import get_logger
 from proxy.policy import Decision, Policy
-from proxy.posture import App, Posture, PostureStore
+from proxy.posture import PostureStore
 
 log = get_logger("mailward.api")
 
@@ -81,9 +108,7 @@ JOSE: Final = "application/jose"
 #: How long a challenge nonce may be used.
 NONCE_TTL_S: Final = 300
 #: Default request body limit (``[api] max_body_bytes`` overrides it).
-DEFAULT_MAX_BODY_BYTES: Final = 512 * 1024
-#: Apps listed in a what-if posture (same bound as a report).
-MAX_EXPLAIN_APPS: Final = 5000
+DEFAULT_MAX_BODY_BYTES: Final = 256 * 1024
 
 ATTESTATION_STATUS: Final[dict[str, int]] = {
     "too_large": 413,
@@ -114,19 +139,11 @@ class ApiState:
     audit: AuditSink
     clock: Callable[[], float]
     degraded: Callable[[], list[str]]
+    limits: Limits
+    store_health: StoreHealth
 
 
 _CFG: Final = web.AppKey("mailward_api", ApiState)
-
-
-class ApiError(Exception):
-    """An answer other than success: HTTP ``status`` with a JSON error body."""
-
-    def __init__(self, status: int, error: str, detail: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-        self.headers = headers or {}
 
 
 def _json_error(status: int, error: str, detail: str,
@@ -151,6 +168,9 @@ async def _errors(request: web.Request,
         return await handler(request)
     except ApiError as e:
         return _json_error(e.status, e.error, e.detail, e.headers)
+    except RateLimited as e:
+        return _json_error(429, "rate_limited", "Too many requests from this address.",
+                           retry_after(e.seconds))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -175,10 +195,12 @@ def make_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     clock: Callable[[], float] = time.time,
     degraded: Callable[[], list[str]] | None = None,
+    limits: Limits | None = None,
 ) -> web.Application:
     """Build the API application. Pass ``verifier`` or ``verifier_factory`` (the latter
     lets the server swap trust anchors on reload). ``degraded`` names what
-    ``/readyz`` reports as degraded without failing (a CRL past nextUpdate)."""
+    ``/readyz`` reports as degraded without failing (a CRL past nextUpdate).
+    ``limits`` defaults to the gate's."""
     if verifier_factory is None:
         if verifier is None:
             raise ValueError("make_app needs verifier or verifier_factory")
@@ -188,12 +210,17 @@ def make_app(
         admin_token = admin_token.strip()
         if not admin_token:
             admin_token = None  # an empty token file must not mean "no password"
+    health = StoreHealth(store.ping, lambda ok: gate.observer.health("posture_store", ok))
     state = ApiState(gate, store, verifier_factory, policy, admin_token,
                      readiness or (lambda: {}), max_body_bytes, audit, clock,
-                     degraded or (lambda: []))
+                     degraded or (lambda: []), limits or gate.limits, health)
     # client_max_size bounds every body read through aiohttp (JSON endpoints).
-    app = web.Application(middlewares=[_errors], client_max_size=max_body_bytes)
+    app = web.Application(
+        middlewares=[_errors, rate_middleware(lambda: state.limits, _is_admin)],
+        client_max_size=max_body_bytes)
     app[_CFG] = state
+    app.on_startup.append(health.start)
+    app.on_cleanup.append(health.stop)
     app.router.add_post("/v1/attestations", _attestations)
     app.router.add_get("/v1/challenge", _challenge)
     app.router.add_get("/v1/devices/{device_id}", _device)
@@ -214,15 +241,22 @@ def _state(request: web.Request) -> ApiState:
 
 async def _attestations(request: web.Request) -> web.Response:
     st = _state(request)
+    source = ReportSource("api", request.remote or "")
     if request.content_type != JOSE:
+        charge(st.limits, request)
+        st.gate.attest_garbage(source, "unsupported_media_type")
         raise ApiError(415, "unsupported_media_type",
                        f"Send the report with Content-Type: {JOSE}.")
-    source = ReportSource("api", request.remote or "")
     try:
-        body = await _read_limited(request, st.max_body_bytes)
+        body = await read_limited(request, st.max_body_bytes, st.limits)
     except ApiError as e:
-        await st.gate.attest_refused(source, e.error)
+        charge(st.limits, request)
+        st.gate.attest_garbage(source, e.error)
         raise
+    # An MDM's reports are not rate-limited; a false claim is charged below.
+    attester = st.verifier().claims_attester(body)
+    if not attester:
+        charge(st.limits, request)
     if not getattr(st.audit, "healthy", True):
         # An accepted report changes access: never without its audit record.
         raise ApiError(503, "audit_unavailable",
@@ -233,7 +267,12 @@ async def _attestations(request: web.Request) -> web.Response:
                                max_age_s=pol.max_posture_age_s,
                                require_nonce=pol.require_nonce)
     except AttestationError as e:
-        await st.gate.attest_refused(source, e.code)
+        if e.code in GARBAGE:  # no signer established: summarised, not recorded
+            st.gate.attest_garbage(source, e.code)
+            if attester:
+                penalise_false_claim(st.limits, request)
+        else:
+            await st.gate.attest_refused(source, e.code)
         raise ApiError(ATTESTATION_STATUS.get(e.code, 400), e.code, e.detail) from None
     except Exception as e:  # the store failed: nothing was committed
         log.error("posture store unavailable during ingest", error=str(e))
@@ -241,8 +280,10 @@ async def _attestations(request: web.Request) -> web.Response:
         await st.gate.attest_refused(source, "unavailable")
         raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
                        {"Retry-After": "30"}) from None
-    # Records it and ends the device's live sessions it no longer allows.
-    decision, in_force = await st.gate.attest_report(source, posture)
+    if posture.nonce:
+        st.limits.nonce_used(posture.nonce)
+    # Records it; the device's live sessions are re-checked off the response path.
+    decision, in_force = await st.gate.attest_report(source, posture, wait=False)
     return web.json_response(
         {
             "device_id": posture.device_id,
@@ -263,24 +304,16 @@ async def _attestations(request: web.Request) -> web.Response:
     )
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it exceeds ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # --------------------------------------------------------------------- challenge
 
 
 async def _challenge(request: web.Request) -> web.Response:
     st = _state(request)
+    ip = request.remote or ""
+    if not st.limits.nonce_allowed(ip):
+        raise ApiError(429, "too_many_nonces",
+                       "Too many challenges outstanding; use or let one expire first.",
+                       {"Retry-After": "60"})
     nonce = secrets.token_urlsafe(24)
     expires_at = st.clock() + NONCE_TTL_S
     try:
@@ -289,6 +322,7 @@ async def _challenge(request: web.Request) -> web.Response:
         log.error("posture store unavailable for challenge", error=str(e))
         raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
                        {"Retry-After": "30"}) from None
+    st.limits.nonce_issued(ip, nonce, NONCE_TTL_S)
     return web.json_response(
         {"nonce": nonce, "expires_at": int(expires_at), "expires_in": NONCE_TTL_S},
         headers={"Cache-Control": "no-store"},
@@ -298,15 +332,21 @@ async def _challenge(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------ admin
 
 
-def _require_admin(request: web.Request) -> None:
+def _is_admin(request: web.Request) -> bool:
     token = _state(request).admin_token
     if token is None:
-        raise ApiError(403, "admin_disabled", "No admin token is configured.")
+        return False
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # compare_digest on bytes of any length: the time does not depend on the content.
     # surrogateescape: a header that is not UTF-8 is just a wrong token, not an error.
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token):
+    return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, token)
+
+
+def _require_admin(request: web.Request) -> None:
+    if _state(request).admin_token is None:
+        raise ApiError(403, "admin_disabled", "No admin token is configured.")
+    if not _is_admin(request):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <admin token>.",
                        {"WWW-Authenticate": 'Bearer realm="mailward"'})
 
@@ -407,7 +447,7 @@ async def _explain(request: web.Request) -> web.Response:
         raise ApiError(400, "malformed", "protocol must be imap, smtp or activesync.")
     what_if = None
     if "posture" in doc:
-        what_if = _what_if_posture(doc["posture"], device_id, user, st.clock())
+        what_if = what_if_posture(doc["posture"], device_id, user, st.clock())
     decision = await st.gate.explain(Identity(user, device_id, "api"),
                                      Origin(protocol, "api", request.remote or ""),
                                      posture=what_if)
@@ -419,38 +459,6 @@ async def _explain(request: web.Request) -> web.Response:
                            {"Retry-After": "30"})
         raise ApiError(503, "unavailable", "The posture store is unavailable.")
     return web.json_response(_decision_json(decision))
-
-
-def _what_if_posture(p: object, device_id: str, user: str, now: float) -> Posture:
-    if not isinstance(p, dict):
-        raise ApiError(400, "malformed", "posture must be an object.")
-    platform = p.get("platform")
-    apps = p.get("apps", [])
-    if not isinstance(platform, str) or not isinstance(apps, list) \
-            or len(apps) > MAX_EXPLAIN_APPS:
-        raise ApiError(400, "malformed", "posture needs platform (string) and apps (list).")
-    parsed = []
-    for a in apps:
-        if isinstance(a, str):
-            parsed.append(App(id=a))
-        elif isinstance(a, dict) and isinstance(a.get("id"), str) \
-                and isinstance(a.get("version", ""), str) and isinstance(a.get("name", ""), str):
-            parsed.append(App(id=a["id"], version=a.get("version", ""), name=a.get("name", "")))
-        else:
-            raise ApiError(400, "malformed", "each app is an id or {id, version, name}.")
-    return Posture(
-        device_id=device_id,
-        user=str(p.get("user", user)).lower(),
-        platform=platform,
-        os_version=str(p.get("os_version", "")),
-        managed=bool(p.get("managed", False)),
-        apps=tuple(parsed),
-        iat=int(now),
-        exp=int(now) + 3600,
-        jti="what-if",
-        issuer="what-if",
-        attested_by="what-if",
-    )
 
 
 def _decision_json(decision: Decision) -> dict[str, Any]:
@@ -480,17 +488,16 @@ async def _readyz(request: web.Request) -> web.Response:
         checks.setdefault("policy_loaded", True)
     except Exception:
         checks["policy_loaded"] = False
-    try:
-        checks["posture_store"] = bool(await st.store.ping())
-    except Exception:
-        checks["posture_store"] = False
     healthy = getattr(st.audit, "healthy", None)
     if healthy is not None:
         checks.setdefault("audit_writable", bool(healthy() if callable(healthy) else healthy))
     ready = all(checks.values())
     # Degraded is not unready: one external blip must not pull every instance out of
-    # the load balancer at once (DESIGN "Health").
-    return web.json_response({"ready": ready, "checks": checks, "degraded": st.degraded()},
+    # the load balancer at once (DESIGN "Health"). The store's health is the last
+    # background ping: /readyz never waits for the store.
+    checks["posture_store"] = st.store_health.ok
+    degraded = st.degraded() + ([] if st.store_health.ok else ["posture_store_unreachable"])
+    return web.json_response({"ready": ready, "checks": checks, "degraded": degraded},
                              status=200 if ready else 503)
 
 
@@ -515,21 +522,29 @@ class RunningApi:
     name: str
     port: int
     runner: web.AppRunner
+    server: asyncio.Server | None = None
 
     async def close(self, grace_s: float = 5.0) -> None:
+        if self.server is not None:
+            self.server.close()
         await self.runner.shutdown()
         await self.runner.cleanup()
 
 
 async def start_api(cfg: Any, app: web.Application, ssl_context: Any = None) -> RunningApi:
-    """Bind ``app`` on ``cfg.host:cfg.port`` (an ``ApiConfig``); port 0 picks one."""
+    """Bind ``app`` on ``cfg.host:cfg.port`` (an ``ApiConfig``); port 0 picks one.
+    Connections get the ``header_timeout`` of the app's limits (slowloris)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context)
-    await site.start()
-    port = cfg.port
-    # aiohttp exposes the bound sockets only on its (asyncio.Server) _server.
-    sockets = getattr(site._server, "sockets", None)
-    if sockets:
-        port = sockets[0].getsockname()[1]
-    return RunningApi("api", port, runner)
+    limits = app[_CFG].limits
+    assert runner.server is not None
+
+    def cut_off(ip: str) -> None:
+        limits.hit(HEADER_TIMEOUT, "api", ip)
+        limits.abuse(ip, "slow_request_head", "api")
+
+    factory = guarded(runner.server, limits.cfg.header_timeout_s, cut_off)
+    server = await asyncio.get_running_loop().create_server(
+        factory, cfg.host, cfg.port, ssl=ssl_context, backlog=1024, reuse_address=True)
+    port = int(server.sockets[0].getsockname()[1]) if server.sockets else cfg.port
+    return RunningApi("api", port, runner, server)

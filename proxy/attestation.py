@@ -221,6 +221,24 @@ class Verifier:
         """The device CA bundle (CRLs are checked against it)."""
         return list(self._anchors)
 
+    def claims_attester(self, token: bytes) -> bool:
+        """Does this report name a configured MDM attester as its signer (x5c leaf)?
+        A cheap look at the header only, nothing verified: the API exempts such
+        reports from its rate limit, and charges the address when the report then
+        fails verification, so a false claim buys nothing."""
+        if not self._attesters:
+            return False
+        head = token.strip().split(b".", 1)[0]
+        if len(head) > 64 * 1024 or not _B64URL_RE.fullmatch(head):
+            return False
+        try:
+            x5c = json.loads(_b64url(head)).get("x5c")
+            leaf = base64.b64decode(x5c[0], validate=True)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError,
+                binascii.Error, RecursionError):
+            return False
+        return _fingerprint(leaf) in self._attesters
+
     def forget_device(self, device: str) -> int:
         """Drop cached chain verifications of certificates naming ``device``
         (compared case-insensitively): after a revocation, nothing of it is trusted
@@ -295,7 +313,7 @@ class Verifier:
     def _parse_chain(der_chain: list[bytes]) -> list[x509.Certificate]:
         try:
             return [x509.load_der_x509_certificate(d) for d in der_chain]
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
             _refuse(MALFORMED, "the report header x5c holds an unparseable certificate.")
 
     def _verifier_at(self, now: float) -> ClientVerifier:

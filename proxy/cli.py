@@ -416,8 +416,32 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.cli_device import device_commands
 
     device_commands(add, group("device", "device certificates, trust and test reports"))
+    sp = add("reset", cmd_limits_reset, "clear the failed-login throttle of a user or "
+             "client address (the running server applies it within a second)",
+             group("limits", "abuse limits"))
+    who = sp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--ip")
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
+
+
+def cmd_limits_reset(args: argparse.Namespace) -> int:
+    """Append a reset request to the state directory's feed (proxy.net.limits_reset)."""
+    import getpass
+    import ipaddress
+
+    from proxy.net.limits_reset import request_reset
+
+    cfg = _load(args)
+    if args.ip is not None:
+        try:
+            ipaddress.ip_address(args.ip)
+        except ValueError:
+            raise UserError(f"--ip: {args.ip!r} is not an IP address") from None
+    request_reset(cfg.server.state_dir, user=args.user, ip=args.ip, actor=getpass.getuser())
+    print(f"limits reset requested for {'user ' + args.user if args.user else args.ip}")
+    return EXIT_OK
 
 
 def _audit_commands(add: _Add, audit: Any) -> None:

@@ -56,6 +56,15 @@ SESSIONS_ENDED = Counter(
     "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
 )
 
+LIMIT_HITS = Counter(
+    "mailward_limit_hits_total", "Limits of [limits] hit, by limit and listener",
+    ["limit", "listener"],
+)
+HEALTH = Gauge(
+    "mailward_health", "Readiness checks (1 ok, 0 failing), as /readyz reports them",
+    ["check"],
+)
+
 
 def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
     first = decision.reasons[0].code if decision.reasons else "compliant"
@@ -89,6 +98,12 @@ class PrometheusObserver:
 
     def policy_reload_failed(self) -> None:
         POLICY_RELOAD_FAILURES.inc()
+
+    def limit_hit(self, limit: str, listener: str) -> None:
+        LIMIT_HITS.labels(limit, listener).inc()
+
+    def health(self, check: str, ok: bool) -> None:
+        HEALTH.labels(check).set(1 if ok else 0)
 
     def audit_witness_pending(self, count: int) -> None:
         """Checkpoints queued for the witness URL (``proxy.audit.witness``)."""

@@ -25,6 +25,10 @@ How the parts fit:
   revoke`` in another process ends the device's sessions within it); the same loop
   reloads changed CRL files (``[trust] crl``) and re-checks every session when one
   changed. A CRL past nextUpdate is named in ``/readyz``'s ``degraded`` list.
+* Limits and health: one :class:`~proxy.net.limits.Limits` (``gate.limits``,
+  installed for the accept loops); :class:`~proxy.upkeep.Upkeep` flushes abuse
+  summaries, applies ``mailward limits reset``, probes an unhealthy audit log and
+  trims memory after bursts.
 * Shutdown: stop accepting, give sessions ``[server] shutdown_grace`` to finish, end
   the rest with the protocol's goodbye, close the audit log (final signed checkpoint).
 """
@@ -32,7 +36,6 @@ How the parts fit:
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import importlib
 import os
@@ -48,9 +51,13 @@ from proxy import metrics
 from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
+from proxy.net import limits
+from proxy.net.limits import Limits
+from proxy.net.listener import bind_failure
 from proxy.net.tls import server_context, upstream_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policy import Policy
+from proxy.upkeep import Upkeep, raise_fd_limit
 
 log = get_logger("mailward.server")
 
@@ -148,15 +155,7 @@ def _frontend_module(protocol: str) -> Any:
 
 
 def _bind_error(what: str, host: str, port: int, exc: OSError) -> StartupError:
-    if exc.errno == errno.EADDRINUSE:
-        why = "address already in use"
-    elif exc.errno == errno.EACCES:
-        why = "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
-    elif exc.errno == errno.EADDRNOTAVAIL:
-        why = "address not available on this host"
-    else:
-        why = exc.strerror or str(exc)
-    return StartupError(f"{what}: cannot listen on {host}:{port}: {why}")
+    return StartupError(f"{what}: cannot listen on {host}:{port}: {bind_failure(exc)}")
 
 
 def _audit_log(cfg: Config) -> Any:
@@ -208,6 +207,8 @@ class Server:
         self.audit: Any = None
         self.gate: Gate | None = None
         self.observer = metrics.PrometheusObserver()
+        self.limits: Limits | None = None
+        self.upkeep: Upkeep | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
@@ -253,9 +254,13 @@ class Server:
                 from None
 
         self.verifier, self.crl = _trust_anchors(cfg)
+        raise_fd_limit()
+        self.limits = Limits(cfg.limits, on_hit=self.observer.limit_hit)
+        limits.install(self.limits)  # accept loops the front ends start count through it
         self.gate = Gate(store=self.store, audit=metrics.TimedAuditSink(self.audit),
                          policy=self.holder.current, observer=self.observer,
-                         crl=lambda: self.crl)
+                         crl=lambda: self.crl, limits=self.limits)
+        self.upkeep = Upkeep(self.gate, self.audit, cfg.server.state_dir)
         self.gate.on_revoked(self.verifier.forget_device)
         try:
             await self.gate.load_trust()
@@ -275,6 +280,7 @@ class Server:
             except OSError as exc:
                 raise _bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
             self.listeners.append(running)
+            self.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
                      address=f"{lc.host}:{running.port}", tls=lc.tls, upstream=lc.upstream)
 
@@ -381,6 +387,8 @@ class Server:
         self._spawn(self._watch_policy(), "watch-policy")
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
+        assert self.upkeep is not None
+        self._spawn(self.upkeep.run(), "upkeep")
         await self._stop.wait()
 
     def stop(self) -> None:
@@ -513,6 +521,10 @@ class Server:
                           listener=closing[task], grace_s=grace)
                 task.cancel()
         self.listeners.clear()
+        if self.upkeep is not None:  # re-checks still running, then the abuse counts
+            await self.upkeep.gate.settle(timeout=CLOSE_MARGIN_S)
+            await self.upkeep.flush_abuse()
+            limits.install(None)
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None

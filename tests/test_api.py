@@ -139,13 +139,15 @@ async def test_report_refused_while_audit_log_is_down(env: Env) -> None:
 
 
 async def test_tiktok_report_is_noncompliant_and_ends_live_sessions(env: Env) -> None:
-    """A report listing TikTok is stored as non-compliant and ends the device's session."""
+    """A report listing TikTok is stored as non-compliant and ends the device's session
+    (re-checked after the API answered, off its response path)."""
     session = FakeSession(Identity(USER, "dev-1", "eas"), Origin("activesync", "eas"))
     env.gate.register(session)
     status, body = await post_report(env, report(env.pki.device()))
     assert status == 201 and body["compliant"] is False
     assert body["violations"][0]["code"] == "prohibited_app"
     assert body["violations"][0]["app_name"] == "TikTok"
+    await env.gate.settle(timeout=10)
     assert session.ended and "TikTok" in session.ended
     assert any(r["event"] == "session_end" for r in env.audit.records)
 
@@ -173,13 +175,23 @@ def _refusals(pki: TestPki) -> list[tuple[str, str, int]]:
 
 
 async def test_each_refusal_has_its_code(env: Env) -> None:
-    """Every attestation refusal answers its code, HTTP status, and an audit record."""
+    """Every attestation refusal answers its code and HTTP status; a refusal after the
+    signer was verified is an audit record, while garbage (no signer established) is
+    counted for the address's abuse_summary instead of one record each."""
+    garbage = {"malformed", "alg_not_allowed", "bad_signature", "untrusted_chain",
+               "too_large"}
     for token, code, status in _refusals(env.pki):
+        before = len(env.audit.records)
         got, body = await post_report(env, token)
         assert (got, body["error"]) == (status, code), body
         assert body["detail"]
+        if code in garbage:
+            assert len(env.audit.records) == before
+            continue
         rec = env.audit.records[-1]
         assert (rec["event"], rec["result"], rec["code"]) == ("attestation", "refused", code)
+    (summary,) = env.gate.limits.abuse_summaries()
+    assert summary["counts"] == {f"report_{c}": 1 for c in garbage}
     assert (await env.store.get("dev-1")) is None  # nothing refused was stored
 
 

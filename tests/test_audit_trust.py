@@ -536,12 +536,16 @@ def test_check_config_warns_about_a_writable_signing_key(
 # -- mailward serve killed mid-writes ---------------------------------------------------
 
 
-def http(port: int, method: str, path: str, body: bytes | None = None) -> int:
+def http(port: int, method: str, path: str, body: bytes | None = None,
+         token: str = "") -> int:
     import urllib.error
     import urllib.request
 
+    headers = {"Content-Type": "application/jose"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
-                                 headers={"Content-Type": "application/jose"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return int(r.status)
@@ -566,7 +570,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
 def test_mailward_serve_killed_mid_writes_restarts_with_a_recovery_checkpoint(
     deployment: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SIGKILL of `mailward serve` while it records refused reports: the next start-up
+    """SIGKILL of `mailward serve` while it records revocations: the next start-up
     seals the tail with a recovery checkpoint; verify passes (and with the server's
     own log lines as witness), --strict fails."""
     port = free_port()
@@ -590,8 +594,11 @@ tls = false
     try:
         wait_ready(first, port, logs[0])
         audit_log = deployment / "state" / "audit.jsonl"
+        token = (deployment / "certs" / "admin.token").read_text().strip()
+        n = 0
         while len(audit_log.read_text().splitlines()) < 30:
-            assert http(port, "POST", "/v1/attestations", b"not.a.report") == 400
+            n += 1  # garbage reports are summarised per minute, not recorded each
+            assert http(port, "POST", f"/v1/devices/lost-{n}/revoke", b"", token) == 200
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)

@@ -414,8 +414,9 @@ async def test_close_during_the_handshake_ends_it_at_once(server_ctx: ssl.SSLCon
 
 
 async def test_accept_backs_off_when_out_of_file_descriptors() -> None:
-    """EMFILE from accept() pauses accepting for a moment instead of spinning on a
-    readable listening socket, then accepting resumes."""
+    """EMFILE from accept() closes the connections waiting in the queue (with the
+    reserve descriptor: their clients see a reset, never a silent connection) and
+    pauses accepting for a moment instead of spinning, then accepting resumes."""
     loop = asyncio.get_running_loop()
     accepted: list[socket.socket] = []
     server = SocketServer(loop, accepted.append, "127.0.0.1", 0)
@@ -434,13 +435,17 @@ async def test_accept_backs_off_when_out_of_file_descriptors() -> None:
             return listener.accept()
 
     try:
-        with socket.create_connection(("127.0.0.1", server.port)):
+        with socket.create_connection(("127.0.0.1", server.port)) as waiting:
             server._accept(Exhausted())  # type: ignore[arg-type]
-            assert calls == 1
+            assert calls >= 2  # the failure, then the shedding accepts
+            waiting.settimeout(2)
+            with pytest.raises(ConnectionResetError):
+                assert waiting.recv(1) == b""  # closed by us, not left hanging
             await asyncio.sleep(0.02)
-            assert not accepted  # paused: the pending connection waits
-            await asyncio.sleep(0.3)  # past ACCEPT_RETRY_S: accepting again
-            assert len(accepted) == 1
+            assert not accepted  # shed, not served
+            with socket.create_connection(("127.0.0.1", server.port)):
+                await asyncio.sleep(0.3)  # past ACCEPT_RETRY_S: accepting again
+                assert len(accepted) == 1
     finally:
         server.close()
         for s in accepted:

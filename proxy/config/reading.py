@@ -120,6 +120,23 @@ class Table:
             raise self.error(key, "must be longer than zero")
         return value
 
+    def size(self, key: str, default: int) -> int:
+        """A byte count: an integer, or a string such as ``"256KiB"``, ``"100MiB"``."""
+        value = self.get(key, (str, int), default)
+        try:
+            size = parse_size(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+        if size <= 0:
+            raise self.error(key, "must be larger than zero")
+        return size
+
+    def positive_number(self, key: str, default: float) -> float:
+        value: float = self.get(key, (int, float), default)
+        if value <= 0:
+            raise self.error(key, "must be larger than zero")
+        return float(value)
+
     def positive_int(self, key: str, default: int) -> int:
         value: int = self.get(key, int, default)
         if value <= 0:
@@ -186,6 +203,22 @@ def parse_duration(value: str | int | float) -> float:
     if not m:
         raise ValueError(f"bad duration {value!r} (use e.g. 90s, 5m, 24h, 7d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3, None: 1}
+
+
+def parse_size(value: str | int) -> int:
+    """``"256KiB"``, ``"100MiB"``, ``"10MB"`` or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"bad size {value!r} (use e.g. 262144, 256KiB, 100MiB)")
+    unit = m.group(2).lower() if m.group(2) else None
+    return int(m.group(1)) * _SIZE_UNITS[unit]
 
 
 def is_loopback(host: str) -> bool:

@@ -7,6 +7,7 @@ directory that holds the file.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,30 @@ class ApiConfig:
     port: int
     tls: bool
     admin_token_file: Path | None
-    max_body_bytes: int = 512 * 1024
+    max_body_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]`` (DESIGN "Limits"): defaults a carrier or office NAT full of phones
+    never hits. Counts are per listener unless noted; ``exempt`` CIDRs skip them all."""
+
+    max_connections_per_ip: int = 5000  # clients without a verified device certificate
+    max_handshakes: int = 512  # TLS handshakes in progress, per listener
+    preauth_idle_s: float = 30.0  # listeners' preauth_idle_timeout unless they set it
+    preauth_total_s: float = 120.0  # listeners' preauth_timeout unless they set it
+    header_timeout_s: float = 15.0  # HTTP request head (ActiveSync, Autodiscover, API)
+    auth_failures: int = 5  # failed logins per (user, client address) ...
+    auth_failures_window_s: float = 900.0  # ... within this window, then:
+    auth_delay_s: float = 2.0  # each further answer waits, doubling ...
+    auth_delay_max_s: float = 30.0  # ... up to this
+    api_rate_per_ip: float = 50.0  # API requests per second per client address ...
+    api_rate_burst: int = 100  # ... with this burst (admin token, attester reports exempt)
+    max_outstanding_nonces: int = 64  # per client address
+    max_outstanding_nonces_total: int = 100_000
+    api_max_body: int = 256 * 1024
+    eas_max_body: int = 100 * 1024 * 1024  # ActiveSync bodies stream; at least upstream's
+    exempt: tuple[str, ...] = ()  # CIDRs
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +113,9 @@ class ListenerConfig:
     upstream_tls: Literal["implicit", "starttls", "none"] = "implicit"
     upstream_ca: Path | None = None
     allow_cleartext_auth: bool = False  # only accepted on a loopback listener
-    preauth_idle_timeout_s: float = 60.0
-    preauth_timeout_s: float = 180.0
+    #: Unless the listener sets them: ``[limits] preauth_idle`` and ``preauth_total``.
+    preauth_idle_timeout_s: float = 30.0
+    preauth_timeout_s: float = 120.0
     max_preauth_commands: int = 50
     upstream_connect_timeout_s: float = 10.0
     upstream_timeout_s: float = 60.0
@@ -122,6 +147,7 @@ class Config:
     audit: AuditConfig
     api: ApiConfig
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -153,15 +179,17 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     ))
     posture = _section(top, "posture", lambda t: _posture(t, resolve.root))
     audit = _section(top, "audit", lambda t: _audit(t, resolve))
-    api = _section(top, "api", lambda t: _api(t, resolve))
-    listeners = tuple(_listener(lt, resolve) for lt in top.tables("listeners"))
+    limits = _section(top, "limits", _limits)
+    api = _section(top, "api", lambda t: _api(t, resolve, limits))
+    listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
             p = f"listeners[{i}].name"
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
-    return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners)
+    return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
+                  limits)
 
 
 class _Resolver:
@@ -234,7 +262,39 @@ def _witness_url(a: Table) -> str | None:
     return url or None
 
 
-def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
+def _limits(t: Table) -> LimitsConfig:
+    d = LimitsConfig()
+    exempt = t.strings("exempt", [])
+    for i, cidr in enumerate(exempt):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise t.error("exempt", f"entry {i + 1} ({cidr!r}) is not a CIDR") from None
+    return LimitsConfig(
+        max_connections_per_ip=t.positive_int("max_connections_per_ip",
+                                              d.max_connections_per_ip),
+        max_handshakes=t.positive_int("max_handshakes", d.max_handshakes),
+        preauth_idle_s=t.positive_duration("preauth_idle", d.preauth_idle_s),
+        preauth_total_s=t.positive_duration("preauth_total", d.preauth_total_s),
+        header_timeout_s=t.positive_duration("header_timeout", d.header_timeout_s),
+        auth_failures=t.positive_int("auth_failures", d.auth_failures),
+        auth_failures_window_s=t.positive_duration("auth_failures_window",
+                                                   d.auth_failures_window_s),
+        auth_delay_s=t.positive_duration("auth_delay", d.auth_delay_s),
+        auth_delay_max_s=t.positive_duration("auth_delay_max", d.auth_delay_max_s),
+        api_rate_per_ip=t.positive_number("api_rate_per_ip", d.api_rate_per_ip),
+        api_rate_burst=t.positive_int("api_rate_burst", d.api_rate_burst),
+        max_outstanding_nonces=t.positive_int("max_outstanding_nonces",
+                                              d.max_outstanding_nonces),
+        max_outstanding_nonces_total=t.positive_int("max_outstanding_nonces_total",
+                                                    d.max_outstanding_nonces_total),
+        api_max_body=t.size("api_max_body", d.api_max_body),
+        eas_max_body=t.size("eas_max_body", d.eas_max_body),
+        exempt=exempt,
+    )
+
+
+def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
     try:
         host, port = split_hostport(ap.text("listen", "127.0.0.1:8443"))
     except ValueError as exc:
@@ -248,11 +308,12 @@ def _api(ap: Table, resolve: _Resolver) -> ApiConfig:
         port=port,
         tls=tls,
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
-        max_body_bytes=ap.positive_int("max_body_bytes", 512 * 1024),
+        # The older key still works and wins when set; else [limits] api_max_body.
+        max_body_bytes=ap.positive_int("max_body_bytes", limits.api_max_body),
     )
 
 
-def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
+def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerConfig:
     protocol = t.choice("protocol", ("imap", "smtp", "activesync", "pop3"))
     try:
         host, port = split_hostport(t.text("listen"))
@@ -288,8 +349,9 @@ def _listener(t: Table, resolve: _Resolver) -> ListenerConfig:
         upstream_tls=t.choice("upstream_tls", ("implicit", "starttls", "none"), "implicit"),
         upstream_ca=resolve(t, "upstream_ca", "", optional=True),
         allow_cleartext_auth=cleartext,
-        preauth_idle_timeout_s=t.positive_duration("preauth_idle_timeout", 60.0),
-        preauth_timeout_s=t.positive_duration("preauth_timeout", 180.0),
+        preauth_idle_timeout_s=t.positive_duration("preauth_idle_timeout",
+                                                    limits.preauth_idle_s),
+        preauth_timeout_s=t.positive_duration("preauth_timeout", limits.preauth_total_s),
         max_preauth_commands=t.positive_int("max_preauth_commands", 50),
         upstream_connect_timeout_s=t.positive_duration("upstream_connect_timeout", 10.0),
         upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),

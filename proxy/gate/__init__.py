@@ -36,10 +36,11 @@ through the same object (``gate.observer``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy.gate.devices import DeviceAdmin
 from proxy.gate.identity import (
     CERTIFICATE_REQUIRED,
     CRL_EXPIRED,
@@ -63,6 +64,12 @@ from proxy.gate.interfaces import (
     Observer,
     TrustAdmin,
 )
+from proxy.gate.judging import (
+    UNIDENTIFIED_DEVICE,
+    UNIDENTIFIED_TEXT,
+    judge,
+    judge_postures,
+)
 from proxy.gate.records import (
     TEMPORARY_TEXT,
     ReportSource,
@@ -70,6 +77,7 @@ from proxy.gate.records import (
     decision_record,
     device_record,
 )
+from proxy.net.limits import Limits
 from proxy.oplog import get_logger
 from proxy.policy import (
     UNKNOWN_DEVICE,
@@ -83,25 +91,22 @@ from proxy.policy import (
 from proxy.posture import Posture, PostureReader
 
 if TYPE_CHECKING:
+    import asyncio
+
     from proxy.crl import CrlSet
 
 log = get_logger("mailward.gate")
 
 AUTH_FAILED = "auth_failed"
-UNIDENTIFIED_DEVICE = "unidentified_device"
 AUDIT_UNAVAILABLE = "audit_unavailable"
 UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 STORE_UNAVAILABLE = "posture_store_unavailable"
 
-UNIDENTIFIED_TEXT = (
-    "This mail app connected without a device certificate, so the device cannot be "
-    "checked. Install the company mail profile from the device management app."
-)
 #: Live sessions re-evaluated at once after a change (each awaits the store).
 RECHECK_CONCURRENCY = 256
 
 
-class Gate:
+class Gate(DeviceAdmin):
     def __init__(
         self,
         *,
@@ -112,17 +117,22 @@ class Gate:
         observer: Observer | None = None,
         trust: TrustState | None = None,
         crl: Callable[[], CrlSet | None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         """``store`` is read for posture (``get`` or ``postures``, and
         ``devices_for_user``); device administration and the change feed need a
         :class:`TrustAdmin` store. ``trust`` starts empty (:meth:`load_trust` fills
         it); ``crl`` returns the CRLs in force. Without an ``observer`` the gate
-        feeds the process's Prometheus metrics."""
+        feeds the process's Prometheus metrics. ``limits`` (default: the DESIGN
+        defaults) is where front ends, the accept loop and the API count abuse
+        (``gate.limits``)."""
         if observer is None:
             from proxy.metrics import PrometheusObserver
 
             observer = PrometheusObserver()
         self._observer = observer
+        self.limits = limits or Limits(on_hit=getattr(observer, "limit_hit", None))
+        self._background: set[asyncio.Task[Any]] = set()
         self._store = store
         self._audit = audit
         self._policy = policy
@@ -189,23 +199,26 @@ class Gate:
     async def _evaluate(
         self, identity: Identity, origin: Origin, policy: Policy,
         what_if: Posture | None = None, *, record_binding: bool = False,
+        cache: dict[str, asyncio.Future[list[Posture]]] | None = None,
     ) -> tuple[Decision, Posture | None, str | None]:
         """The identity rules first (dictionary lookups), then the posture the
-        decision needs from the store, then :func:`judge_postures`; also returns
-        the posture in force and the resolved device."""
+        decision needs from the store (read once per device and ``cache``: a
+        re-check of many sessions), then :func:`judge_postures`; also returns the
+        posture in force and the resolved device."""
         now = self._clock()
         verdict = check_identity(identity, origin, self.trust, self._crl(), now)
         if verdict.reason is not None:
             return (Decision.deny(policy, verdict.reason, temporary=verdict.temporary),
                     None, verdict.device)
         if verdict.bind is not None and record_binding:
-            await self._bind(verdict.bind)
+            self._bind(verdict.bind)
         postures: list[Posture] = []
         user_devices = None
         if what_if is not None:
             postures = [what_if]
         elif identity.device_id is not None:
-            postures = await self._postures(self.trust.store_id(identity.device_id))
+            postures = await self._cached_postures(self.trust.store_id(identity.device_id),
+                                                   cache)
         elif origin.unidentified == "all-user-devices":
             user_devices = await self._store.devices_for_user(identity.user_key)
         decision, posture = judge_postures(identity, origin, policy, now, postures, user_devices)
@@ -218,18 +231,57 @@ class Gate:
         one = await self._store.get(device_id)
         return [] if one is None else [one]
 
-    async def _bind(self, device: str) -> None:
+    async def _cached_postures(
+        self, device: str, cache: dict[str, asyncio.Future[list[Posture]]] | None
+    ) -> list[Posture]:
+        if cache is None:
+            return await self._postures(device)
+        import asyncio
+
+        found = cache.get(device)
+        if found is None:
+            found = cache[device] = asyncio.ensure_future(self._postures(device))
+        return list(await asyncio.shield(found))
+
+    def _bind(self, device: str) -> None:
         """A device seen with a verified certificate naming it: from now on its
-        claims need that certificate (sticky binding)."""
+        claims need that certificate (sticky binding). In memory at once; the store
+        write runs off the decision path (a locked store must not stall a login)."""
+        if device in self.trust.bindings:
+            return
         self.trust.bindings.add(device)
         bind = getattr(self._store, "bind", None)
-        if bind is None:
-            return
+        if bind is not None:
+            self.spawn(self._store_binding(bind, device), "bind")
+
+    async def _store_binding(self, bind: Callable[[str], Any], device: str) -> None:
         try:
             await bind(device)
         except Exception as exc:  # kept in memory; the next certificate session retries
             self.trust.bindings.discard(device)
             log.error("recording a certificate binding failed", device=device, error=str(exc))
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run ``coro`` off the caller's path (re-checks after a report, binding
+        writes); :meth:`settle` waits for what is running."""
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(coro, name=f"gate-{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gate background task failed", task=task.get_name(),
+                      error=str(task.exception()))
+
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wait for the background work started so far (tests, shutdown)."""
+        import asyncio
+
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
 
     @property
     def policy(self) -> Policy:
@@ -284,14 +336,17 @@ class Gate:
         decision, _ = await self.attest_report(source, posture)
         return decision
 
-    async def attest_report(self, source: ReportSource,
-                            posture: Posture) -> tuple[Decision, Posture]:
+    async def attest_report(self, source: ReportSource, posture: Posture, *,
+                            wait: bool = True) -> tuple[Decision, Posture]:
         """A verified report was stored: evaluate the posture now in force for the
         device (the MDM's, with the device's own report adding violations), write
         the ``attestation`` record and end the device's live sessions it no longer
         allows (continuous access evaluation). Returns that evaluation and the
         posture in force. An audit failure is logged, not raised: the posture is
-        committed either way (callers check the log's health before they ingest)."""
+        committed either way (callers check the log's health before they ingest).
+
+        ``wait=False`` (the API): return once the posture is stored and recorded;
+        the device's sessions are re-checked concurrently in the background."""
         try:
             stored = await self._postures(self.trust.store_id(posture.device_id))
         except Exception as exc:
@@ -304,11 +359,18 @@ class Gate:
         await self._write_quietly(attestation_record(source, posture, decision,
                                                      in_force=in_force))
         self._observer.attestation("accepted")
+        recheck = self._posture_rechecked(posture.device_id, posture.user)
+        if wait:
+            await recheck
+        else:
+            self.spawn(recheck, "recheck")
+        return decision, in_force
+
+    async def _posture_rechecked(self, device_id: str, user: str) -> None:
         try:
-            await self.posture_changed(posture.device_id, posture.user)
+            await self.posture_changed(device_id, user)
         except Exception as exc:
             log.error("re-evaluating live sessions failed", error=str(exc))
-        return decision, in_force
 
     def assess(self, posture: Posture, protocol: str) -> Decision:
         """The device's own posture under the policy in force, for its own user: is
@@ -316,6 +378,20 @@ class Gate:
         context = Context(now=datetime.fromtimestamp(self._clock(), UTC), user=posture.user,
                           device_id=posture.device_id, protocol=protocol)
         return evaluate(posture, self._policy(), context)
+
+    async def record_abuse(self, summaries: list[dict[str, Any]]) -> None:
+        """``abuse_summary`` records (from :meth:`Limits.abuse_summaries`), written
+        together (one group commit)."""
+        import asyncio
+
+        await asyncio.gather(*(self._write_quietly(s) for s in summaries))
+
+    def attest_garbage(self, source: ReportSource, code: str, listener: str = "api") -> None:
+        """A report refused before its signer was known (unauthenticated garbage:
+        malformed, bad signature, untrusted chain, oversized): counted, and summarised
+        per address once a minute, never one audit record each."""
+        self._observer.attestation(code)
+        self.limits.abuse(source.client_ip or "", f"report_{code}", listener)
 
     async def attest_refused(self, source: ReportSource, code: str) -> None:
         """A report was refused (``code``: an attestation reason code, ``too_large``
@@ -331,85 +407,6 @@ class Gate:
             await self._audit.write(fields)
         except Exception as exc:
             log.error("audit log unavailable", error=str(exc), audit_event=fields["event"])
-
-    # ---------------------------------------------------------- devices
-
-    def on_revoked(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(device)`` when a device is revoked (the API's verifier
-        drops its cached chain verifications for it)."""
-        self._on_revoked.append(callback)
-
-    @property
-    def _admin(self) -> TrustAdmin:
-        return cast(TrustAdmin, self._store)
-
-    async def revoke(self, device_id: str, *, why: str, actor: str, via: str) -> str:
-        """Revoke a device (also an id never seen): refused everywhere from now on,
-        its live sessions end. Returns the resolved device."""
-        device, new = await self._admin.revoke(device_id, why, actor)
-        self.trust.revoked[device] = why
-        for callback in self._on_revoked:
-            callback(device)
-        await self._device_changed("device_revoked", device_id, device, actor, via,
-                                   why=why, changed=new)
-        return device
-
-    async def unrevoke(self, device_id: str, *, why: str, actor: str, via: str) -> str:
-        device, changed = await self._admin.unrevoke(device_id)
-        self.trust.revoked.pop(device, None)
-        self.trust.revoked.pop(device_id.lower(), None)
-        await self._device_changed("device_unrevoked", device_id, device, actor, via,
-                                   why=why, changed=changed)
-        return device
-
-    async def forget(self, device_id: str, *, actor: str, via: str) -> str:
-        device, changed = await self._admin.forget(device_id)
-        await self.load_trust()
-        await self._device_changed("device_forgotten", device_id, device, actor, via,
-                                   changed=changed)
-        return device
-
-    async def unbind(self, device_id: str, *, actor: str, via: str) -> str:
-        device, changed = await self._admin.unbind(device_id)
-        self.trust.bindings.discard(device)
-        await self._device_changed("device_unbound", device_id, device, actor, via,
-                                   changed=changed)
-        return device
-
-    async def alias(self, device_id: str, other: str, *, actor: str, via: str) -> str:
-        device = await self._admin.alias(device_id, other)
-        await self.load_trust()
-        await self._device_changed("device_alias", device_id, device, actor, via, alias=other)
-        return device
-
-    async def _device_changed(self, event: str, device_id: str, device: str, actor: str,
-                              via: str, **extra: Any) -> None:
-        await self._write_quietly(device_record(event, device_id, device, actor, via, **extra))
-        await self.recheck_devices({device, device_id.lower()}, event)
-
-    async def load_trust(self) -> None:
-        """Read the store's trust records into memory (start-up, and after changes
-        that touch several keys at once)."""
-        records = await self._admin.trust_records()
-        self.trust.replace(records)
-        self.trust.seq = max(self.trust.seq, records.change_seq)
-
-    async def sync_changes(self) -> int:
-        """Apply what other processes changed (the store's change feed): reload the
-        trust records when any changed, drop revoked devices' cached verifications,
-        and re-check the affected live sessions. Returns the sessions ended. The
-        server calls this every half second; one indexed query when nothing changed."""
-        seq, changes = await self._admin.changes_since(self.trust.seq)
-        self.trust.seq = seq
-        if not changes:
-            return 0
-        if any(c.kind != "posture" for c in changes):
-            self.trust.replace(await self._admin.trust_records())
-        for c in changes:
-            if c.kind == "revoked":
-                for callback in self._on_revoked:
-                    callback(c.device)
-        return await self.recheck_devices({c.device for c in changes}, "device_changed")
 
     # ---------------------------------------------------------- live sessions
 
@@ -466,16 +463,29 @@ class Gate:
 
         policy = self._policy()
         limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
+        cache: dict[str, asyncio.Future[list[Posture]]] = {}
 
         async def one(session: LiveSession) -> int:
             async with limit:
-                return await self._recheck_one(session, policy, trigger)
+                return await self._recheck_one(session, policy, trigger, cache)
 
         return sum(await asyncio.gather(*(one(s) for s in sessions)))
 
-    async def _recheck_one(self, session: LiveSession, policy: Policy, trigger: str) -> int:
+    async def recheck_session(self, session: LiveSession, trigger: str = "policy_changed"
+                              ) -> bool:
+        """Re-evaluate one registered session now (ActiveSync: a request sees the
+        policy version changed): ends it through :meth:`LiveSession.terminate` when
+        denied. True when it is still live and allowed (refresh its cached version)."""
+        if session not in self._sessions:
+            return False
+        ended = await self._recheck_one(session, self._policy(), trigger, None)
+        return not ended and session in self._sessions
+
+    async def _recheck_one(self, session: LiveSession, policy: Policy, trigger: str,
+                           cache: dict[str, asyncio.Future[list[Posture]]] | None) -> int:
         try:
-            decision, _, _ = await self._evaluate(session.identity, session.origin, policy)
+            decision, _, _ = await self._evaluate(session.identity, session.origin, policy,
+                                                  cache=cache)
         except Exception as exc:
             log.error("re-evaluation failed; keeping session", error=str(exc))
             return 0
@@ -484,6 +494,8 @@ class Gate:
         if decision.allow or session not in self._sessions:
             return 0
         self._unregister(session, ended_by_gate=True)
+        # Record first: when the client sees the goodbye, its record is durable (all
+        # re-checks of one change share a group commit, so this costs one fsync).
         await self.record_session_end(
             session.origin,
             trigger,
@@ -494,51 +506,6 @@ class Gate:
         return 1
 
 
-def judge(
-    identity: Identity,
-    origin: Origin,
-    policy: Policy,
-    now: float,
-    posture: Posture | None,
-    user_devices: list[Posture] | None = None,
-) -> Decision:
-    """The posture part of a decision, pure: ``posture`` is the device's (identified
-    clients), ``user_devices`` every device of the user (``all-user-devices``)."""
-    postures = [] if posture is None else [posture]
-    return judge_postures(identity, origin, policy, now, postures, user_devices)[0]
-
-
-def judge_postures(
-    identity: Identity,
-    origin: Origin,
-    policy: Policy,
-    now: float,
-    postures: Sequence[Posture],
-    user_devices: list[Posture] | None = None,
-) -> tuple[Decision, Posture | None]:
-    """:func:`judge` from the device's posture per authority; also returns the
-    posture in force (for the record)."""
-    if identity.device_id is not None:
-        context = _context(identity, identity.device_id, origin, now)
-        return evaluate_authorities(postures, policy, context)
-    if origin.unidentified == "allow":
-        return Decision.allowed(policy), None
-    if origin.unidentified == "deny" or user_devices is None:
-        return Decision.deny(policy, Reason(UNIDENTIFIED_DEVICE, UNIDENTIFIED_TEXT)), None
-    # all-user-devices: allow only if every device of this user is compliant.
-    if not user_devices:
-        return evaluate(None, policy, _context(identity, "", origin, now)), None
-    reasons: list[Reason] = []
-    allow, report_only = True, False
-    for p in user_devices:
-        d = evaluate(p, policy, _context(identity, p.device_id, origin, now))
-        allow &= d.allow
-        report_only |= d.report_only
-        reasons.extend(d.reasons)
-    return Decision(allow, tuple(reasons), policy.version, policy.sha256,
-                    report_only=report_only and allow), None
-
-
 async def _safe_terminate(session: LiveSession, text: str) -> None:
     import asyncio
 
@@ -546,15 +513,6 @@ async def _safe_terminate(session: LiveSession, text: str) -> None:
         await asyncio.wait_for(session.terminate(text), timeout=5)
     except Exception as exc:
         log.warning("terminating session failed", error=str(exc))
-
-
-def _context(identity: Identity, device_id: str, origin: Origin, now: float) -> Context:
-    return Context(
-        now=datetime.fromtimestamp(now, UTC),
-        user=identity.user_key,
-        device_id=device_id,
-        protocol=origin.protocol,
-    )
 
 
 def _temporary(policy: Policy, code: str) -> Decision:
@@ -572,6 +530,7 @@ __all__ = [
     "STORE_UNAVAILABLE",
     "TEMPORARY_TEXT",
     "UNIDENTIFIED_DEVICE",
+    "UNIDENTIFIED_TEXT",
     "UNKNOWN_DEVICE",
     "AuditSink",
     "Gate",

@@ -2,19 +2,36 @@
 callback, which wraps it in a :class:`proxy.net.socket_transport.SocketTransport`.
 
 Like ``loop.create_server``, but the connections' transports are ours. It needs only
-``add_reader``, so it runs on uvloop and stdlib asyncio alike. Running out of file
-descriptors pauses accepting for ``ACCEPT_RETRY_S`` instead of spinning on a listening
-socket that stays readable.
+``add_reader``, so it runs on uvloop and stdlib asyncio alike.
+
+Limits (:mod:`proxy.net.limits`, ``limits=`` or the server's installed ones): each
+accepted connection is counted against its client address by a
+:class:`~proxy.net.limits.Ticket`, and closed at once when the address is over
+``max_connections_per_ip`` or ``max_handshakes`` handshakes are in progress on the
+listener, so a burst is refused, never left waiting ungreeted. The ticket is handed
+to the connection's :class:`~proxy.net.socket_transport.SocketTransport` through
+:func:`take_ticket` (by file descriptor, in the same callback), which releases it
+when a device certificate verifies and when the connection closes.
+
+Running out of file descriptors: one descriptor is kept in reserve; it is given up
+to accept and close the waiting connections (so their clients see a close, not a
+silent connection stuck in the kernel's queue), then accepting pauses for
+``ACCEPT_RETRY_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
+from proxy.net import limits as _limits
+from proxy.net.limits import FILE_DESCRIPTORS, Limits, Ticket
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -25,6 +42,23 @@ ACCEPTS_PER_CALLBACK = 64
 ACCEPT_RETRY_S = 0.1
 
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+#: Tickets of connections accepted in this callback, by file descriptor, until their
+#: transport takes them (:func:`take_ticket`).
+_tickets: dict[int, tuple[Ticket, Limits, str]] = {}
+
+
+def take_ticket(fd: int) -> tuple[Ticket, Limits, str] | None:
+    """The limits ticket of an accepted socket, its limits and listener name (for
+    :class:`~proxy.net.socket_transport.SocketTransport`); None for other sockets."""
+    return _tickets.pop(fd, None)
+
+
+def _reserve_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class SocketServer:
@@ -39,9 +73,16 @@ class SocketServer:
         port: int,
         *,
         backlog: int = 1024,
+        limits: Limits | None = None,
+        listener: str = "",
     ) -> None:
+        """``limits`` defaults to the server's installed ones; ``listener`` (the
+        metric label) to the name the server gave this port."""
         self._loop = loop
         self._on_accept = on_accept
+        self._limits = limits
+        self._listener = listener
+        self._reserve = _reserve_fd()
         self.sockets: list[socket.socket] = []
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -69,23 +110,68 @@ class SocketServer:
     def port(self) -> int:
         return int(self.sockets[0].getsockname()[1])
 
+    def _names(self) -> tuple[Limits | None, str]:
+        limits = self._limits or _limits.installed()
+        name = self._listener
+        if not name and limits is not None:
+            name = limits.names.get(self.port, str(self.port))
+        return limits, name
+
     def _accept(self, listener: socket.socket) -> None:
+        limits, name = self._names()
         for _ in range(ACCEPTS_PER_CALLBACK):
             try:
-                conn, _addr = listener.accept()
+                conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in _ACCEPT_RESOURCE_ERRORS:
                     log.warning("accept failed; pausing", error=str(exc))
+                    if limits is not None:
+                        limits.hit(FILE_DESCRIPTORS, name)
+                    self._shed(listener)
                     self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(ACCEPT_RETRY_S, self._resume, listener)
                 return  # ECONNABORTED and the like: the next readiness will do
+            if limits is not None and not self._admit(conn, addr, limits, name):
+                continue
             try:
                 self._on_accept(conn)
             except Exception:
                 log.exception("accept handler failed")
                 conn.close()
+            finally:
+                left = _tickets.pop(conn.fileno(), None) if conn.fileno() >= 0 else None
+                if left is not None:  # no transport took it
+                    left[0].close()
+
+    @staticmethod
+    def _admit(conn: socket.socket, addr: Any, limits: Limits, name: str) -> bool:
+        ip = addr[0] if isinstance(addr, tuple) else ""
+        ticket = limits.connection_opened(ip, name) if ip else None
+        if ticket is None or not limits.may_handshake(name, ip):
+            if ticket is not None:
+                ticket.close()
+            _refuse(conn)
+            return False
+        _tickets[conn.fileno()] = (ticket, limits, name)
+        return True
+
+    def _shed(self, listener: socket.socket) -> None:
+        """Out of descriptors: give up the reserve one to accept and close the
+        waiting connections, then take it back."""
+        if self._reserve is None:
+            return
+        os.close(self._reserve)
+        self._reserve = None
+        try:
+            for _ in range(ACCEPTS_PER_CALLBACK):
+                conn, _addr = listener.accept()
+                _refuse(conn)
+        except OSError:
+            pass
+        finally:
+            self._reserve = _reserve_fd()
 
     def _resume(self, listener: socket.socket) -> None:
         if listener.fileno() >= 0:
@@ -96,6 +182,29 @@ class SocketServer:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
                 sock.close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
 
-__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "SocketServer"]
+def bind_failure(exc: OSError) -> str:
+    """Why a listening socket could not be bound, for an operator."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this host"
+    return exc.strerror or str(exc)
+
+
+def _refuse(conn: socket.socket) -> None:
+    """Close a connection we will not serve at once, with a reset (no TIME_WAIT, and
+    the client learns at once)."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "SocketServer", "bind_failure",
+           "take_ticket"]

@@ -39,7 +39,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from proxy.net.listener import SocketServer
+from proxy.net import memory
+from proxy.net.limits import Limits, Ticket
+from proxy.net.listener import SocketServer, take_ticket
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -87,7 +89,7 @@ class SocketTransport(asyncio.Transport):
     __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
                  "_high", "_inflight", "_linger_timer", "_loop", "_lost_scheduled", "_low",
                  "_outgoing", "_outgoing_size", "_protocol", "_protocol_paused",
-                 "_read_paused", "_reading", "_sock", "_tls", "_writer_added")
+                 "_read_paused", "_reading", "_sock", "_ticket", "_tls", "_writer_added")
 
     def __init__(
         self,
@@ -122,6 +124,10 @@ class SocketTransport(asyncio.Transport):
         self._drained: asyncio.Future[None] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._lost_scheduled = False
+        # An accepted connection's limits ticket (proxy.net.listener): released when a
+        # device certificate verifies or the connection closes.
+        self._ticket: tuple[Ticket, Limits, str] | None = take_ticket(self._fd)
+        memory.connection_opened()
         self._loop.call_soon(protocol.connection_made, self)
         if start_reading:
             self._loop.call_soon(self._start_reading)
@@ -216,8 +222,16 @@ class SocketTransport(asyncio.Transport):
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
+    def _release_ticket(self) -> None:
+        """The connection no longer counts against its address (it is closing; a
+        lingering close takes at most LINGER_S more)."""
+        if self._ticket is not None:
+            self._ticket[0].close()
+            self._ticket = None
+
     def close(self) -> None:
         """Stop reading; send what is buffered, then (TLS) close_notify, then close."""
+        self._release_ticket()
         if self._closing or self._closed:
             return
         if self._handshake is not None:  # mid-upgrade: nothing to flush, no TLS to end
@@ -262,8 +276,20 @@ class SocketTransport(asyncio.Transport):
             )
             self._sock = tls_sock
             self._tls = True
-            self._handshake_step()
-            await asyncio.wait_for(self._handshake, timeout)
+            counted = self._ticket if server_side else None
+            if counted is not None:
+                counted[1].handshake_started(counted[2])
+            try:
+                self._handshake_step()
+                await asyncio.wait_for(self._handshake, timeout)
+            except BaseException:
+                if counted is not None:
+                    counted[1].handshake_finished(counted[2], _peer_ip(tls_sock), ok=False)
+                raise
+            if counted is not None:
+                counted[1].handshake_finished(counted[2], "", ok=True)
+                if tls_sock.getpeercert():  # a verified device certificate
+                    counted[0].verified()
         except BaseException:
             self._force_close(None)
             raise
@@ -509,6 +535,8 @@ class SocketTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = self._closing = True
+        memory.connection_closed()
+        self._release_ticket()
         self._reading = False
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -545,44 +573,15 @@ class SocketTransport(asyncio.Transport):
             log.exception("protocol callback failed", callback=name)
 
 
-async def open_connection(
-    host: str,
-    port: int,
-    protocol: asyncio.BaseProtocol,
-    *,
-    tls: ssl.SSLContext | None = None,
-    timeout: float,
-) -> SocketTransport:
-    """Connect to ``host:port`` (each resolved address in turn) and, with ``tls``,
-    complete a verified TLS handshake, all within ``timeout``. ``protocol`` gets
-    ``connection_made`` once connected; raises ``OSError``/``ssl.SSLError``/
-    ``TimeoutError`` (the socket closed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+def _peer_ip(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else ""
 
-    def left() -> float:
-        return max(0.0, deadline - loop.time())
 
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), left())
-    error: OSError = OSError(f"no address for {host}")
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, addr), left())
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            if isinstance(exc, TimeoutError):
-                raise
-            error = exc
-            continue
-        transport = SocketTransport(loop, sock, protocol, start_reading=tls is None)
-        if tls is not None:
-            await transport.start_tls(tls, server_side=False, server_hostname=host,
-                                      timeout=left())
-        return transport
-    raise error
-
+# The client side (upstream connections) is in its own module; it needs the class above.
+from proxy.net.connect import open_connection  # noqa: E402
 
 __all__ = ["SocketServer", "SocketTransport", "open_connection", "shared_read_buffer"]

@@ -5,8 +5,12 @@ issued nonces and the device trust records (aliases, bindings, revocations, chan
 feed); :mod:`proxy.posture.sqlite_schema` describes the tables and migrates older
 files, :mod:`proxy.posture.sqlite_trust` holds the trust-record statements.
 
-All SQLite work runs on one dedicated worker thread (a single-thread executor), so the
-event loop never blocks on disk and every operation is serialised without extra locks.
+Writes run on one dedicated worker thread (a single-thread executor), so the event
+loop never blocks on disk and every write is serialised without extra locks. Reads
+(the posture a decision needs, the change feed, ping) run on a second thread with its
+own connection: in WAL mode a reader never waits for a writer, so a write stuck
+behind another process's lock never stalls a login. A write waits at most
+:data:`BUSY_TIMEOUT_MS` for the lock, then fails (the API answers 503).
 The executor is not tied to an event loop, so the same store also works from a CLI
 that calls ``asyncio.run`` several times. The database uses WAL mode and
 ``BEGIN IMMEDIATE`` transactions with a busy timeout, so a CLI process
@@ -44,8 +48,9 @@ if TYPE_CHECKING:
 
 #: Clock skew allowed by the attestation format; a ``jti`` is kept until ``exp`` + this.
 JTI_SKEW_S = 300
-#: How long another process may hold the write lock before an operation fails.
-BUSY_TIMEOUT_MS = 5_000
+#: How long another process may hold the write lock before a write fails (a
+#: temporary refusal within a second beats a login or report hanging).
+BUSY_TIMEOUT_MS = 1_000
 #: Expired ``jti`` and ``nonce`` rows are deleted at most this often.
 PURGE_INTERVAL_S = 60.0
 
@@ -113,14 +118,20 @@ class SqlitePostureStore:
 
         self._executor: ThreadPoolExecutor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="posture-sqlite")
+        self._reader: ThreadPoolExecutor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="posture-sqlite-read")
         self._conn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
         self._closed = False
         self._next_purge = 0.0
         self._origin = secrets.token_hex(8)  # tells this store's changes from others'
         try:
             self._executor.submit(self._open).result()
+            self._reader.submit(self._open_reader).result()
         except BaseException:
+            self._executor.submit(self._close_conn)
             self._executor.shutdown(wait=False)
+            self._reader.shutdown(wait=False)
             raise
 
     # -- PostureStore ------------------------------------------------------------
@@ -138,26 +149,26 @@ class SqlitePostureStore:
         return await self._run(self._commit, posture, nonce, now)
 
     async def get(self, device_id: str) -> Posture | None:
-        return await self._run(self._get, device_id)
+        return in_force(await self._run_read(_postures, device_id))
 
     async def devices_for_user(self, user: str) -> list[Posture]:
         """The posture in force of every device whose posture names ``user``
         (compared case-insensitively)."""
-        return await self._run(self._devices_for_user, user)
+        return await self._run_read(_devices_for_user, user)
 
     async def device_postures(self, device_id: str) -> list[Posture]:
         """The device's newest posture per authority (the id resolved through aliases)."""
-        return await self._run(self._postures, device_id)
+        return await self._run_read(_postures, device_id)
 
     # -- trust records (each change is a row of the change feed) --------------------
 
     async def trust_records(self) -> TrustRecords:
-        return await self._run(self._read, trust.records)
+        return await self._run_read(trust.records)
 
     async def changes_since(self, seq: int) -> tuple[int, list[Change]]:
         """Changes after ``seq`` made through *other* store objects (the CLI, another
         server), and the feed position to ask from next time. One indexed query."""
-        return await self._run(self._read, trust.changes_since, seq, self._origin)
+        return await self._run_read(trust.changes_since, seq, self._origin)
 
     async def revoke(self, device_id: str, why: str, actor: str) -> tuple[str, bool]:
         """(resolved device, newly revoked)."""
@@ -185,7 +196,7 @@ class SqlitePostureStore:
                                self._origin)
 
     async def list_devices(self, *, revoked_only: bool = False) -> list[dict[str, Any]]:
-        return await self._run(self._read, trust.list_devices, revoked_only)
+        return await self._run_read(trust.list_devices, revoked_only)
 
     async def issue_nonce(self, nonce: str, expires_at: float) -> None:
         """Remember a freshly issued challenge. Raises ``ValueError`` if ``nonce`` was
@@ -197,7 +208,7 @@ class SqlitePostureStore:
         if self._closed:
             return False
         try:
-            return await self._run(self._ping)
+            return await self._run_read(_ping)
         except (sqlite3.Error, OSError):
             return False
 
@@ -210,9 +221,11 @@ class SqlitePostureStore:
 
         loop = asyncio.get_running_loop()
         try:
+            await loop.run_in_executor(self._reader, self._close_reader)
             await loop.run_in_executor(self._executor, self._close_conn)
         finally:
             self._executor.shutdown(wait=False)
+            self._reader.shutdown(wait=False)
 
     def close_sync(self) -> None:
         """Blocking :meth:`close`, for code without an event loop."""
@@ -220,9 +233,11 @@ class SqlitePostureStore:
             return
         self._closed = True
         try:
+            self._reader.submit(self._close_reader).result()
             self._executor.submit(self._close_conn).result()
         finally:
             self._executor.shutdown(wait=True)
+            self._reader.shutdown(wait=True)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -233,6 +248,34 @@ class SqlitePostureStore:
             raise StoreClosed("posture store is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _run_read(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(read connection, *args)`` on the reader thread."""
+        import asyncio
+
+        if self._closed:
+            raise StoreClosed("posture store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._read_with, fn, *args)
+
+    # The reader thread only.
+
+    def _open_reader(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None,
+                               timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=True)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA query_only = ON")
+        self._rconn = conn
+
+    def _read_with(self, fn: Callable[..., T], *args: object) -> T:
+        if self._rconn is None:
+            raise StoreClosed("posture store is closed")
+        return fn(self._rconn, *args)
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
 
     # Everything below runs on the worker thread only.
 
@@ -272,9 +315,6 @@ class SqlitePostureStore:
             self._conn.close()
             self._conn = None
 
-    def _ping(self) -> bool:
-        return bool(self._db().execute("SELECT 1").fetchone() == (1,))
-
     def _purge_expired(self, now: float) -> None:
         """Delete rows expired at ``now`` (the caller's clock), at most once per purge
         interval (measured on the monotonic clock); call inside a write transaction."""
@@ -286,9 +326,6 @@ class SqlitePostureStore:
         db.execute("DELETE FROM jti WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM nonce WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM changes WHERE at <= ?", (now - trust.CHANGES_KEEP_S,))
-
-    def _read(self, fn: Callable[..., T], *args: object) -> T:
-        return fn(self._db(), *args)
 
     def _write(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(db, *args)`` in one write transaction."""
@@ -362,24 +399,6 @@ class SqlitePostureStore:
             trust.note_change(db, device, "posture", self._origin, now)
         return "ok"
 
-    def _postures(self, device_id: str) -> list[Posture]:
-        db = self._db()
-        rows = db.execute("SELECT json FROM posture WHERE device = ?",
-                          (trust.resolve(db, device_id),))
-        return [Posture.from_json(r[0]) for r in rows]
-
-    def _get(self, device_id: str) -> Posture | None:
-        return in_force(self._postures(device_id))
-
-    def _devices_for_user(self, user: str) -> list[Posture]:
-        rows = self._db().execute(
-            "SELECT device, json FROM posture WHERE user = ? ORDER BY device", (user.lower(),)
-        )
-        by_device: dict[str, list[Posture]] = {}
-        for device, text in rows:
-            by_device.setdefault(device, []).append(Posture.from_json(text))
-        return [p for ps in by_device.values() if (p := in_force(ps)) is not None]
-
     def _issue_nonce(self, nonce: str, expires_at: float) -> None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
@@ -395,3 +414,25 @@ class SqlitePostureStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+
+# Reads, on the reader thread's connection.
+
+def _ping(db: sqlite3.Connection) -> bool:
+    return bool(db.execute("SELECT 1").fetchone() == (1,))
+
+
+def _postures(db: sqlite3.Connection, device_id: str) -> list[Posture]:
+    rows = db.execute("SELECT json FROM posture WHERE device = ?",
+                      (trust.resolve(db, device_id),))
+    return [Posture.from_json(r[0]) for r in rows]
+
+
+def _devices_for_user(db: sqlite3.Connection, user: str) -> list[Posture]:
+    rows = db.execute(
+        "SELECT device, json FROM posture WHERE user = ? ORDER BY device", (user.lower(),)
+    )
+    by_device: dict[str, list[Posture]] = {}
+    for device, text in rows:
+        by_device.setdefault(device, []).append(Posture.from_json(text))
+    return [p for ps in by_device.values() if (p := in_force(ps)) is not None]

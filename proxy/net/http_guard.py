@@ -1,0 +1,84 @@
+"""``header_timeout`` for aiohttp servers (the API; ActiveSync and Autodiscover can use
+it the same way): a request head must arrive whole within the timeout, counted from
+the connection's start or from the first byte of a later request on it. A slowloris
+client (one header byte every 10 s) is cut off; a long upload is not, because the
+clock stops once the head is parsed, and it never runs while a request is handled.
+
+aiohttp's ``RequestHandler`` has no such timeout (only keep-alive between requests),
+so :class:`HeaderTimeoutHandler` adds it; :func:`guarded` turns a ``web.Server`` into
+a protocol factory that makes them (for ``loop.create_server`` or
+:class:`~proxy.net.listener.SocketServer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+
+class HeaderTimeoutHandler(RequestHandler):
+    """aiohttp's request handler with a deadline for each request head."""
+
+    __slots__ = ("_head_deadline", "_head_timeout", "_on_head_timeout")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float,
+                 on_head_timeout: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._on_head_timeout = on_head_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        idle = not self._request_in_progress and not self._messages
+        if self._head_deadline is None and idle:
+            self._arm()  # the first byte of a new request head
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._head_deadline = self._loop.call_later(self._head_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _expired(self) -> None:
+        self._head_deadline = None
+        if self._request_in_progress or self._messages:
+            return
+        if self._on_head_timeout is not None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            self._on_head_timeout(str(peer[0]) if isinstance(peer, tuple) else "")
+        self.force_close()
+
+
+def guarded(server: web.Server, head_timeout: float,
+            on_head_timeout: Callable[[str], None] | None = None
+            ) -> Callable[[], HeaderTimeoutHandler]:
+    """A protocol factory for ``server`` whose connections have ``head_timeout``.
+    ``on_head_timeout(client_ip)`` is told of each connection cut off."""
+
+    def factory() -> HeaderTimeoutHandler:
+        # What web.Server.__call__ does, with our handler class.
+        return HeaderTimeoutHandler(server, loop=server._loop, head_timeout=head_timeout,
+                                    on_head_timeout=on_head_timeout, **server._kwargs)
+
+    return factory
+
+
+__all__ = ["HeaderTimeoutHandler", "guarded"]
