@@ -52,13 +52,12 @@ test-fast: venv
 demo: venv
 	$(BIN)/mailward demo
 
-# Benchmarks print ratios against peers measured in the same run; slow tests are the
-# long load/soak runs kept out of `make test`.
+# Every benchmark (bench/*.py, each printing ratios against peers measured in the same
+# run, and bench/load.py, the 2,000-session mixed load with its correctness checks),
+# collected into one markdown table, bench/RESULTS.md, which README links; then the
+# slow tests, the long load/soak runs kept out of `make test`.
 bench: venv peers
-	$(BIN)/python bench/decide.py
-	$(BIN)/python bench/startup.py
-	@for b in bench/imap.py bench/smtp.py bench/activesync.py bench/tls_memory.py; do \
-	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/results.py --out bench/RESULTS.md
 	$(BIN)/pytest -q -m slow -o addopts=""
 
 # One benchmark on a base revision and on this tree, in alternating rounds (fresh

@@ -105,3 +105,26 @@ def test_expected_records_one_per_login_and_device_session() -> None:
     del got["policy_reload",]
     assert load._diff(got, exp) == ["decision activesync dev-0001 allow x1"]
     assert load._diff(exp, got) == ["policy_reload x2"]
+
+
+def _results() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_results", ROOT / "bench" / "results.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.pure
+def test_results_table_rows() -> None:
+    """bench/results.py keeps measured figures, puts ratios in the peer / ratio column
+    and leaves out numbers that only restate a target."""
+    results = _results()
+    parse = results._compare().parse_figures
+    rows = results.text_rows("decide.py", (
+        "mailward evaluate                  31,635 decisions/s   p50     25.7 µs\n"
+        "ratio mailward/naive: 3,474x   p99 target < 50 µs: NOT met\n"), parse)
+    assert rows == [("decide.py", "mailward evaluate decisions/s", "31,635", ""),
+                    ("decide.py", "mailward evaluate p50 µs", "25.7", ""),
+                    ("decide.py", "ratio mailward/naive x", "", "3,474")]
