@@ -119,10 +119,11 @@ def _results() -> ModuleType:
 @pytest.mark.pure
 def test_results_table_rows() -> None:
     """bench/results.py keeps measured figures, puts ratios in the peer / ratio column
-    and leaves out numbers that only restate a target."""
+    and leaves out numbers that only restate a target and operational log lines."""
     results = _results()
     parse = results._compare().parse_figures
-    rows = results.text_rows("decide.py", (
+    rows = results.text_rows(results.Bench("decide.py"), (
+        "2026-12-02 14:03:57 [info     ] listener started port=36467\n"
         "mailward evaluate                  31,635 decisions/s   p50     25.7 µs\n"
         "ratio mailward/naive: 3,474x   p99 target < 50 µs: NOT met\n"), parse)
     assert rows == [("decide.py", "mailward evaluate decisions/s", "31,635", ""),
