@@ -79,22 +79,6 @@ START_TIMEOUT_S = 60.0
 STEP_TIMEOUT_S = 30.0  # one protocol step of a client (the machine may be busy)
 GOAL_END_S = 2.0
 
-POLICY = """\
-# bench/load.py: TikTok is banned on phones and tablets.
-version = "{version}"
-mode = "enforce"
-platforms = ["android", "ios", "ipados"]
-max_posture_age = "24h"
-unknown_device = "deny"
-stale_posture = "deny"
-
-[[prohibited]]
-name = "TikTok"
-ids = ["{tiktok}", "com.ss.android.ugc.trill"]
-reason = "TikTok was found reading the clipboard (policy {version})."
-remediation = "Uninstall TikTok from this device to restore company mail."
-"""
-
 CONFIG = """\
 [server]
 state_dir = "state"
@@ -248,6 +232,8 @@ class Deployment:
 
     def write_policy(self, version: str) -> None:
         tmp = self.policy.with_suffix(".tmp")
+        from proxy.demo.run import POLICY  # TikTok banned on phones and tablets
+
         tmp.write_text(POLICY.format(version=version, tiktok=TIKTOK))
         os.replace(tmp, self.policy)  # atomic, as editors and config management do
 
@@ -387,6 +373,22 @@ class Session:
                 self.writer.transport.abort()
 
 
+def watch_lines(s: Session, r: asyncio.StreamReader, goodbye: bytes, how: str) -> None:
+    """The session is allowed and set up: wait in the background for its end, a line
+    starting with ``goodbye`` or the server closing the connection."""
+
+    async def watch() -> None:
+        while True:
+            line = await r.readline()
+            if not line:
+                return s.end("eof")
+            if line.startswith(goodbye):
+                return s.end(how)
+
+    s.outcome = "allowed"
+    s.watcher = asyncio.create_task(watch())
+
+
 async def _line(r: asyncio.StreamReader) -> bytes:
     line = await asyncio.wait_for(r.readline(), STEP_TIMEOUT_S)
     if not line:
@@ -419,17 +421,7 @@ async def imap_session(s: Session, port: int) -> None:
     line = await _line(r)
     if not line.startswith(b"+"):
         raise ConnectionError(f"IDLE refused: {line!r}")
-    s.outcome = "allowed"
-
-    async def watch() -> None:
-        while True:
-            line = await r.readline()
-            if not line:
-                return s.end("eof")
-            if line.startswith(b"* BYE"):
-                return s.end("bye")
-
-    s.watcher = asyncio.create_task(watch())
+    watch_lines(s, r, b"* BYE", "bye")
 
 
 async def _smtp(r: asyncio.StreamReader, w: asyncio.StreamWriter | None = None,
@@ -465,17 +457,7 @@ async def smtp_session(s: Session, port: int) -> None:
         s.close()
         return
     await _smtp(r, w, "RSET")
-    s.outcome = "allowed"
-
-    async def watch() -> None:
-        while True:
-            line = await r.readline()
-            if not line:
-                return s.end("eof")
-            if line.startswith(b"421"):
-                return s.end("421")
-
-    s.watcher = asyncio.create_task(watch())
+    watch_lines(s, r, b"421", "421")
 
 
 def eas_request(d: Device, command: str) -> bytes:

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "load.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
+def _module(name: str) -> ModuleType:
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look themselves up there
@@ -26,7 +27,7 @@ def _load() -> ModuleType:
     return module
 
 
-load = _load()
+load = _module("load")
 
 
 @pytest.mark.peer
@@ -107,20 +108,11 @@ def test_expected_records_one_per_login_and_device_session() -> None:
     assert load._diff(exp, got) == ["policy_reload x2"]
 
 
-def _results() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_results", ROOT / "bench" / "results.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.pure
 def test_results_table_rows() -> None:
     """bench/results.py keeps measured figures, puts ratios in the peer / ratio column
     and leaves out numbers that only restate a target and operational log lines."""
-    results = _results()
+    results = _module("results")
     parse = results._compare().parse_figures
     rows = results.text_rows(results.Bench("decide.py"), (
         "2026-12-02 14:03:57 [info     ] listener started port=36467\n"
