@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--only", type=lambda v: set(v.split(",")), default=None,
                     metavar="NAME,...", help="run only these (e.g. load.py,decide.py)")
+    ap.add_argument("--note", default="", help="a line for the header (e.g. how busy "
+                    "the machine was)")
     args = ap.parse_args(argv)
     parse = _compare().parse_figures
-    header = machine()
+    header = machine() + ([f"- note: {args.note}"] if args.note else [])
     rows: list[tuple[str, str, str, str]] = []
     failed = 0
     for bench in BENCHES:
