@@ -20,11 +20,12 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from audit_records import read_records, wait_records
+from helpers.tls import Pki, enrolled_pki
 from imapclient import IMAPClient
 from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
@@ -36,7 +37,6 @@ from proxy.frontends import FrontendContext
 from proxy.frontends.imap import start
 from proxy.gate import Gate
 from proxy.net.tls import server_context, upstream_context
-from proxy.pki import certs_init, enroll_device
 from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 
@@ -52,33 +52,11 @@ TIKTOK = App("com.zhiliaoapp.musically", "35.1.3", "TikTok")
 MESSAGES = 20
 
 
-@dataclass
-class Pki:
-    dir: Path
-
-    def device(self, name: str) -> tuple[Path, Path]:
-        d = self.dir / "devices" / name
-        return d / "device.pem", d / "device.key"
-
-    def client_ctx(self, device: str | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
-        if device:
-            cert, key = self.device(device)
-            ctx.load_cert_chain(cert, key)
-        return ctx
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    certs_init(d)
     devices = (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB),
                ("sync-phone", SYNC))
-    for device, user in devices:
-        enroll_device(device_ca_cert=d / "device-ca.pem",
-                      device_ca_key=d / "offline" / "device-ca.key",
-                      device_id=device, user=user, out_dir=d / "devices" / device)
-    return Pki(d)
+    return enrolled_pki(tmp_path_factory.mktemp("pki"), devices)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,13 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from audit_records import read_records, wait_records
+from helpers.tls import Pki, enrolled_pki
 from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
@@ -34,7 +35,6 @@ from proxy.frontends import FrontendContext
 from proxy.frontends.pop3 import Pop3Listener, start
 from proxy.gate import Gate
 from proxy.net.tls import server_context, upstream_context
-from proxy.pki import certs_init, enroll_device
 from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 
@@ -49,30 +49,10 @@ MESSAGES = 12
 FETCHMAIL = shutil.which("fetchmail") or "/usr/bin/fetchmail"
 
 
-@dataclass
-class Pki:
-    dir: Path
-
-    def device(self, name: str) -> tuple[Path, Path]:
-        d = self.dir / "devices" / name
-        return d / "device.pem", d / "device.key"
-
-    def client_ctx(self, device: str | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
-        if device:
-            ctx.load_cert_chain(*self.device(device))
-        return ctx
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    certs_init(d)
-    for device, user in (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)):
-        enroll_device(device_ca_cert=d / "device-ca.pem",
-                      device_ca_key=d / "offline" / "device-ca.key", device_id=device,
-                      user=user, out_dir=d / "devices" / device)
-    return Pki(d)
+    return enrolled_pki(tmp_path_factory.mktemp("pki"),
+                        (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)))
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from audit_records import read_records, wait_records
+from helpers.tls import Pki, enrolled_pki
 from peers import peer_missing
 from peers.postfix import PeerUnavailable, PostfixSubmission
 from pki_helpers import fresh_posture as posture
@@ -37,7 +38,6 @@ from proxy.frontends import FrontendContext
 from proxy.frontends import smtp as smtp_frontend
 from proxy.gate import Gate
 from proxy.net.tls import server_context, upstream_context
-from proxy.pki import certs_init, enroll_device
 from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 
@@ -53,30 +53,9 @@ DEVICES = (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB))
 # ------------------------------------------------------------------ fixtures
 
 
-@dataclass
-class Pki:
-    dir: Path
-
-    def device(self, name: str) -> tuple[Path, Path]:
-        d = self.dir / "devices" / name
-        return d / "device.pem", d / "device.key"
-
-    def client_ctx(self, device: str | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
-        if device:
-            ctx.load_cert_chain(*self.device(device))
-        return ctx
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    certs_init(d)
-    for device, user in DEVICES:
-        enroll_device(device_ca_cert=d / "device-ca.pem",
-                      device_ca_key=d / "offline" / "device-ca.key",
-                      device_id=device, user=user, out_dir=d / "devices" / device)
-    return Pki(d)
+    return enrolled_pki(tmp_path_factory.mktemp("pki"), DEVICES)
 
 
 @pytest.fixture(scope="module")
@@ -1193,7 +1172,7 @@ def rogue_client_ctx(pki: Pki) -> ssl.SSLContext:
     """A client with a device certificate from a CA mailward does not know."""
     import trustme
 
-    ctx = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    ctx = pki.client_ctx()
     trustme.CA().issue_cert("rogue-device").configure_cert(ctx)
     return ctx
 

@@ -3,5 +3,7 @@ is on ``sys.path`` as for ``pki_helpers`` and ``peers``: pytest puts the rootdir
 ``tests/`` folder there, and ``bench/`` inserts it itself).
 
 - :mod:`helpers.fakes`: in-process stand-ins for the gate's collaborators (an audit
-  sink that keeps its records, a live session that remembers its goodbye).
+  sink that keeps its records, a live session that remembers its goodbye);
+- :mod:`helpers.tls`: a trial deployment's certificates on disk with enrolled devices
+  (``Pki``) and the TLS client context a phone builds from them.
 """
