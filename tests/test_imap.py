@@ -24,21 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from audit_records import read_records, wait_records
+from helpers.frontend_env import FrontendEnv
 from helpers.tls import Pki, enrolled_pki
 from imapclient import IMAPClient
 from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
 
-from proxy.audit import AuditLog
-from proxy.config import ListenerConfig, load_policy
-from proxy.frontends import FrontendContext
+from proxy.config import ListenerConfig
 from proxy.frontends.imap import start
-from proxy.gate import Gate
-from proxy.net.tls import server_context, upstream_context
-from proxy.posture import App, Posture
-from proxy.posture.sqlite import SqlitePostureStore
+from proxy.posture import App
 
 pytestmark = pytest.mark.peer
 RUN_ON_BOTH_LOOPS = True  # see conftest.py
@@ -69,16 +64,12 @@ def dovecot(pki: Pki) -> Iterator[Dovecot]:
         yield dv
 
 
-class Env:
+class Env(FrontendEnv):
     """A running IMAP listener with its gate, store and audit log."""
 
     def __init__(self, pki: Pki, dovecot: Dovecot, tmp: Path) -> None:
-        self.pki, self.dovecot, self.tmp = pki, dovecot, tmp
-        self.store = SqlitePostureStore(tmp / "posture.db")
-        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=None)
-        policy = load_policy(ROOT / "config" / "policy.toml")
-        self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy)
-        self.listeners: list = []
+        super().__init__(pki, tmp)
+        self.dovecot = dovecot
 
     async def listen(self, **overrides: object) -> int:
         cfg = ListenerConfig(
@@ -89,29 +80,7 @@ class Env:
             preauth_timeout_s=30, upstream_connect_timeout_s=3, upstream_timeout_s=5,
         )
         cfg = replace(cfg, **overrides)  # type: ignore[arg-type]
-        server_tls = server_context(self.pki.dir / "server.pem", self.pki.dir / "server.key",
-                                    client_ca=self.pki.dir / "device-ca.pem",
-                                    client_cert=cfg.client_cert)
-        up_tls = upstream_context(cfg.upstream_ca) if cfg.upstream_tls != "none" else None
-        ctx = FrontendContext(cfg, self.gate, server_tls, up_tls)
-        lst = await start(ctx)
-        self.listeners.append(lst)
-        return lst.port
-
-    async def put(self, p: Posture) -> None:
-        assert await self.store.commit_attestation(p, None, time.time()) == "ok"
-
-    def records(self, event: str | None = None) -> list[dict]:
-        return read_records(self.tmp / "audit.jsonl", event)
-
-    async def wait_records(self, n: int, event: str | None = None, timeout: float = 5) -> list:
-        return await wait_records(self.tmp / "audit.jsonl", n, event, timeout)
-
-    async def close(self) -> None:
-        for lst in self.listeners:
-            await lst.close(0.5)
-        await self.audit.close()
-        await self.store.close()
+        return await self.start(cfg, start)
 
 
 @pytest.fixture

@@ -26,18 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_records import read_records, wait_records
+from helpers.frontend_env import FrontendEnv
 from helpers.tls import Pki, enrolled_pki
 from peers import peer_missing
 from peers.postfix import PeerUnavailable, PostfixSubmission
 from pki_helpers import fresh_posture as posture
 
-from proxy.audit import AuditLog
-from proxy.config import ListenerConfig, load_policy
-from proxy.frontends import FrontendContext
+from proxy.config import ListenerConfig
 from proxy.frontends import smtp as smtp_frontend
-from proxy.gate import Gate
-from proxy.net.tls import server_context, upstream_context
 from proxy.posture import App, Posture
 from proxy.posture.sqlite import SqlitePostureStore
 
@@ -68,16 +64,14 @@ def postfix() -> Iterator[PostfixSubmission]:
         yield peer
 
 
-class Env:
+class Env(FrontendEnv):
     """Running SMTP listeners with their gate, store and audit log."""
 
+    close_grace_s = 1.0
+
     def __init__(self, pki: Pki, tmp: Path, upstream_ca: Path | None) -> None:
-        self.pki, self.tmp, self.upstream_ca = pki, tmp, upstream_ca
-        self.store = SqlitePostureStore(tmp / "posture.db")
-        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=None)
-        policy = load_policy(ROOT / "config" / "policy.toml")
-        self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy)
-        self.listeners: list[Any] = []
+        super().__init__(pki, tmp)
+        self.upstream_ca = upstream_ca
 
     async def listen(self, upstream_port: int, **overrides: Any) -> int:
         cfg = ListenerConfig(
@@ -88,32 +82,12 @@ class Env:
             upstream_connect_timeout_s=3, upstream_timeout_s=10,
         )
         cfg = replace(cfg, **overrides)
-        server_tls = None
-        if cfg.tls != "none":
-            server_tls = server_context(
-                self.pki.dir / "server.pem", self.pki.dir / "server.key",
-                client_ca=self.pki.dir / "device-ca.pem", client_cert=cfg.client_cert)
-        up_tls = upstream_context(cfg.upstream_ca) if cfg.upstream_tls != "none" else None
-        ctx = FrontendContext(listener=cfg, gate=self.gate, server_tls=server_tls,
-                              upstream_tls=up_tls)
-        running = await smtp_frontend.start(ctx)
-        self.listeners.append(running)
-        return running.port
+        return await self.start(cfg, smtp_frontend.start, server_tls=cfg.tls != "none")
 
-    async def put(self, p: Posture) -> None:
-        assert await self.store.commit_attestation(p, None, time.time()) == "ok"
-
-    def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        return read_records(self.tmp / "audit.jsonl", event)
-
-    async def wait_records(self, event: str, count: int, timeout: float = 5) -> list[dict]:
-        return await wait_records(self.tmp / "audit.jsonl", count, event, timeout)
-
-    async def close(self) -> None:
-        for running in self.listeners:
-            await running.close(1.0)
-        await self.audit.close()
-        await self.store.close()
+    async def wait_records(  # type: ignore[override]  # (event, count), as the tests ask
+        self, event: str, count: int, timeout: float = 5
+    ) -> list[dict[str, Any]]:
+        return await super().wait_records(count, event, timeout)
 
 
 @pytest.fixture
