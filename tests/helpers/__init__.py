@@ -10,5 +10,7 @@ is on ``sys.path`` as for ``pki_helpers`` and ``peers``: pytest puts the rootdir
   temporary folder, with a front end's listeners started on them (``FrontendEnv``);
 - :mod:`helpers.playbook`: ``play`` for the sans-IO pre-auth layers, and the gate's
   answers the playbooks give them;
-- :mod:`helpers.wire`: ``drain`` for the sans-IO wire parsers.
+- :mod:`helpers.wire`: ``drain`` for the sans-IO wire parsers;
+- :mod:`helpers.serve`: the console script, ``mailward serve`` as a child process,
+  waiting for it to be ready, free loopback ports.
 """
