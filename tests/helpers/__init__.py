@@ -1,6 +1,7 @@
-"""Set-up code shared by the test modules, imported as ``helpers.<module>`` (``tests/``
-is on ``sys.path`` as for ``pki_helpers`` and ``peers``: pytest puts the rootdir-less
-``tests/`` folder there, and ``bench/`` inserts it itself).
+"""Set-up code shared by the test modules, imported as ``helpers.<module>``: ``tests/``
+has no ``__init__.py``, so pytest's default ``prepend`` import mode puts it on
+``sys.path`` when it loads ``tests/conftest.py`` (as for ``pki_helpers``,
+``audit_records`` and ``peers``); the ``bench/`` scripts insert it themselves.
 
 - :mod:`helpers.fakes`: in-process stand-ins for the gate's collaborators (an audit
   sink that keeps its records, a live session that remembers its goodbye);
