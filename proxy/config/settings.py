@@ -122,6 +122,9 @@ class ListenerConfig:
     longpoll_timeout_s: float = 3600.0
     #: ActiveSync: "deny" refuses a bare DeviceId claim (no device certificate).
     eas_claims: Literal["allow", "deny"] = "allow"
+    #: ActiveSync: the https://host[:port] phones reach mailward at; Autodiscover
+    #: answers naming the upstream's address are rewritten to it (None: unchanged).
+    public_url: str | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -313,6 +316,25 @@ def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
     )
 
 
+def _public_url(t: Table, protocol: str) -> str | None:
+    """``public_url``: an http(s)://host[:port] origin, ActiveSync listeners only."""
+    url = t.text("public_url", "")
+    if not url:
+        return None
+    if protocol != "activesync":
+        raise t.error("public_url", "applies to activesync listeners only")
+    u = urlsplit(url)
+    try:
+        u.port  # noqa: B018 (raises ValueError on a bad port)
+        if u.scheme not in ("https", "http") or not u.hostname or u.username or \
+                u.path not in ("", "/") or u.query or u.fragment:
+            raise ValueError
+    except ValueError:
+        raise t.error("public_url", "must be an https://host[:port] URL without a path"
+                      ) from None
+    return url.rstrip("/")
+
+
 def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerConfig:
     protocol = t.choice("protocol", ("imap", "smtp", "activesync", "pop3"))
     try:
@@ -357,6 +379,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
+        public_url=_public_url(t, protocol),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")
