@@ -21,7 +21,7 @@ Endpoints
 ``POST /v1/explain``        what-if evaluation against the current policy (admin);
                             no posture is stored; the question is an ``explain``
                             audit record.
-``GET  /healthz``           the process is up.
+``GET  /healthz``           the process is up; its body names the version.
 ``GET  /readyz``            listeners bound, audit writable, store reachable, policy.
 ``GET  /metrics``           Prometheus text format.
 
@@ -61,6 +61,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy import __version__
 from proxy.attestation import AttestationError, Verifier, ingest
 from proxy.gate import (
     AUDIT_UNAVAILABLE,
@@ -469,7 +470,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy import __version__
+
 if TYPE_CHECKING:
     from proxy.policy import Decision, Policy
 
@@ -55,6 +57,9 @@ AUDIT_WITNESS_PENDING = Gauge(
 SESSIONS_ENDED = Counter(
     "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
 )
+
+BUILD_INFO = Gauge("mailward_build_info", "The running mailward release (value 1)", ["version"])
+BUILD_INFO.labels(__version__).set(1)
 
 
 def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
