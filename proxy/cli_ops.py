@@ -21,7 +21,6 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,8 @@ class VersionAction(argparse.Action):
 
 def sample_text(name: str) -> str:
     """A file shipped in ``proxy/samples/`` (``mailward.toml`` or ``policy.toml``)."""
+    from importlib.resources import files
+
     return (files("proxy") / "samples" / name).read_text(encoding="utf-8")
 
 
