@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy import __version__
+
 if TYPE_CHECKING:
     from proxy.policy import Decision, Policy
 
@@ -64,6 +66,8 @@ HEALTH = Gauge(
     "mailward_health", "Readiness checks (1 ok, 0 failing), as /readyz reports them",
     ["check"],
 )
+BUILD_INFO = Gauge("mailward_build_info", "The running mailward release (value 1)", ["version"])
+BUILD_INFO.labels(__version__).set(1)
 
 
 def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
