@@ -63,6 +63,12 @@ class Posture:
     source: str = ""
     #: SHA-256 (hex) of the signing certificate: the issuer of ``jti`` for replay.
     signer: str = ""
+    #: ``full``, or ``managed-only`` for an MDM inventory that sees only the apps the
+    #: MDM manages (personal phones; the policy's ``partial_inventory`` decides).
+    inventory: str = "full"
+    #: The MDM's own compliance state (``compliant``, ``noncompliant``, ...); empty
+    #: for device reports.
+    mdm_compliance: str = ""
     app_ids: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +94,9 @@ class Posture:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("app_ids", None)
+        for key, default in _OPTIONAL_JSON:  # reports from before MDM connectors
+            if d[key] == default:
+                del d[key]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -95,6 +104,11 @@ class Posture:
         d = json.loads(text)
         d["apps"] = tuple(App(**a) for a in d["apps"])
         return cls(**d)
+
+
+#: Fields left out of :meth:`Posture.to_json` at their default (the digest of a
+#: device report stays what it was before MDM connectors).
+_OPTIONAL_JSON = (("inventory", "full"), ("mdm_compliance", ""))
 
 
 def in_force(postures: Iterable[Posture]) -> Posture | None:
