@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.config.mdm import MdmConfig, read_mdm
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -54,6 +55,7 @@ class TrustConfig:
 @dataclass(frozen=True, slots=True)
 class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
+    forget_after_s: float = 90 * 86400.0  # devices not seen for this long are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ class Config:
     audit: AuditConfig
     api: ApiConfig
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
+    mdm: tuple[MdmConfig, ...] = ()
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -155,13 +158,14 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     audit = _section(top, "audit", lambda t: _audit(t, resolve))
     api = _section(top, "api", lambda t: _api(t, resolve))
     listeners = tuple(_listener(lt, resolve) for lt in top.tables("listeners"))
+    mdm = read_mdm(top.tables("mdm"), resolve.path)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
             p = f"listeners[{i}].name"
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
-    return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners)
+    return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners, mdm)
 
 
 class _Resolver:
@@ -204,10 +208,11 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
     store_url = ps.text("store", "sqlite:///state/posture.db")
+    forget_after = ps.positive_duration("forget_after", 90 * 86400.0)
     if store_url.startswith("sqlite:///"):
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
-        return PostureConfig(store=f"sqlite://{db}")
+        return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith("redis://"):
         # DESIGN.md names a Redis store for scale-out; until it exists, say so here
         # rather than let `serve` fail later.
