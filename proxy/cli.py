@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.cli_device import device_commands
 
     device_commands(add, group("device", "device certificates, trust and test reports"))
+    from proxy.cli_mdm import mdm_commands
+
+    mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 

@@ -212,6 +212,7 @@ class Server:
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
+        self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
@@ -263,6 +264,7 @@ class Server:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
         self.observer.policy_loaded(self.holder.current())
+        self._start_mdm()
 
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
@@ -286,6 +288,19 @@ class Server:
         policy = self.holder.current()
         log.info("started", listeners=len(self.listeners), policy_version=policy.version,
                  policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
+
+    def _start_mdm(self) -> None:
+        """The MDM connectors (``[[mdm]]``); their loops start in :meth:`serve`."""
+        from proxy.mdm.http import MdmError
+        from proxy.mdm.sync import MdmRunner
+
+        assert self.gate is not None
+        try:
+            self.mdm = MdmRunner(self.cfg, gate=self.gate, store=self.store,
+                                 audit=metrics.TimedAuditSink(self.audit),
+                                 observer=self.observer)
+        except MdmError as exc:
+            raise StartupError(str(exc)) from None
 
     async def _start_api(self) -> None:
         try:
@@ -340,10 +355,12 @@ class Server:
         }
 
     def degraded(self) -> list[str]:
-        """What ``/readyz`` names without failing: CRLs past their nextUpdate."""
+        """What ``/readyz`` names without failing: CRLs past their nextUpdate, MDM
+        connectors whose last pass failed (with their last success)."""
+        mdm = self.mdm.degraded() if self.mdm is not None else []
         if not self.crl:
-            return []
-        return [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+            return mdm
+        return [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())] + mdm
 
     # -------------------------------------------------------------- running
 
@@ -381,6 +398,8 @@ class Server:
         self._spawn(self._watch_policy(), "watch-policy")
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
+        if self.mdm is not None:
+            self.mdm.spawn(self._spawn)
         await self._stop.wait()
 
     def stop(self) -> None:
@@ -516,6 +535,8 @@ class Server:
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None
+        if self.mdm is not None:
+            await _quietly(self.mdm.close, "mdm connectors")
         if self.audit is not None:
             await _quietly(self.audit.close, "audit log")  # writes the final checkpoint
         if self.store is not None:

@@ -40,11 +40,12 @@ class MdmWrite:
 @dataclass(frozen=True, slots=True)
 class MdmResult:
     """What :func:`commit` did with one device; ``previous`` is the stored posture
-    it replaced when the content changed."""
+    it replaced when the content changed; ``aliased`` when a new alias was recorded."""
 
     device: str
     outcome: Outcome
     previous: Posture | None = None
+    aliased: bool = False
 
 
 def content(text: str) -> str:
@@ -64,11 +65,12 @@ def commit(db: sqlite3.Connection, writes: list[MdmWrite], now: float,
 def _one(db: sqlite3.Connection, w: MdmWrite, now: float, origin: str) -> MdmResult:
     p = w.posture
     device = trust.resolve(db, p.device_id)
+    aliased = False
     for other in w.aliases:
         if trust.resolve(db, other) != device:
-            device = trust.alias(db, p.device_id, other, now, origin)
+            device, aliased = trust.alias(db, p.device_id, other, now, origin), True
     if trust.is_revoked(db, device, device_key(p.device_id)):
-        return MdmResult(device, "revoked")
+        return MdmResult(device, "revoked", aliased=aliased)
     text = p.to_json()
     row = db.execute("SELECT json FROM posture WHERE device = ? AND authority = ?",
                      (device, p.authority)).fetchone()
@@ -80,14 +82,14 @@ def _one(db: sqlite3.Connection, w: MdmWrite, now: float, origin: str) -> MdmRes
         outcome = "fresh"
     previous = Posture.from_json(row[0]) if row is not None else None
     if previous is not None and previous.iat > p.iat:
-        return MdmResult(device, "same")  # older than what is stored: never roll back
+        return MdmResult(device, "same", aliased=aliased)  # older: never roll back
     if outcome == "fresh" and previous is not None and previous.iat == p.iat:
-        return MdmResult(device, "same")
+        return MdmResult(device, "same", aliased=aliased)
     db.execute("INSERT OR REPLACE INTO posture (device, authority, user, json, received_at)"
                " VALUES (?, ?, ?, ?, ?)", (device, p.authority, p.user.lower(), text, now))
     if outcome != "fresh":
         trust.note_change(db, device, "posture", origin, now)
-    return MdmResult(device, outcome, previous if outcome == "changed" else None)
+    return MdmResult(device, outcome, previous if outcome == "changed" else None, aliased)
 
 
 def devices(db: sqlite3.Connection, authority: str) -> set[str]:
