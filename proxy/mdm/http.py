@@ -94,7 +94,7 @@ class MdmHttp:
                                                   headers=hdrs) as resp:
                     status = resp.status
                     retry_after = resp.headers.get("Retry-After")
-                    body = await resp.content.read(MAX_BODY_BYTES + 1) if status < 300 else b""
+                    body = await _read_capped(resp) if status < 300 else b""
             except TimeoutError:
                 error = MdmError("timeout", f"{what}: timed out")
             except aiohttp.ClientError as exc:
@@ -116,6 +116,16 @@ class MdmHttp:
             if failures >= MAX_ATTEMPTS:
                 raise error
             await self._sleep(self._backoff_s * 2 ** (failures - 1))
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first ``MAX_BODY_BYTES + 1`` bytes."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(256 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            break
+    return bytes(body)
 
 
 def _decode(body: bytes, what: str) -> Any:
