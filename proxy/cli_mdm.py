@@ -29,7 +29,11 @@ from proxy.cli import (
 
 def cmd_mdm_sync(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
 
+    from proxy.oplog import configure_logging
+
+    configure_logging(level=logging.WARNING)  # stdout is the summary
     cfg = _load(args)
     chosen = [m for m in cfg.mdm if args.name in (None, m.name)]
     if not cfg.mdm:
