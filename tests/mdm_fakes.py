@@ -4,7 +4,7 @@ response shapes, for tests and ``bench/mdm.py``: aiohttp on loopback.
 * Microsoft: ``POST /<tenant>/oauth2/v2.0/token`` (client credentials) and Graph
   ``/v1.0/deviceManagement/managedDevices`` (``$select``, ``$top``, ``$filter=
   lastSyncDateTime ge T``, ``@odata.nextLink`` with ``$skiptoken``) and
-  ``.../managedDevices/{id}/detectedApps`` (paged at 100);
+  ``.../managedDevices/{id}/detectedApps`` (paged at ``app_page``);
 * Jamf Pro: ``POST /api/oauth/token`` and ``GET /api/v2/mobile-devices/detail``
   (``page``, ``page-size``, ``section``, ``filter`` on lastInventoryUpdateDate);
 * Google: ``POST /token`` (JWT bearer; the assertion's RS256 signature, ``sub`` and
@@ -71,6 +71,7 @@ class FakeMdm:
         self.throttles = 0
         self.garbage = 0
         self.token_requests = 0
+        self.app_page = 1000  # detectedApps per page (Intune pages collections at 1,000)
         self.base = ""
         self._runner: web.AppRunner | None = None
 
@@ -186,12 +187,13 @@ class FakeMdm:
             return web.json_response({"error": {"code": "ResourceNotFound"}}, status=404)
         self.apps_served[device.id] = time.monotonic()
         skip = int(request.query.get("$skiptoken", "0"))
-        chunk = device.apps[skip:skip + 100]
+        size = self.app_page
+        chunk = device.apps[skip:skip + size]
         body: dict[str, Any] = {"value": [
             {"id": f"{i:040x}", "displayName": name, "version": version, "sizeInByte": 0,
              "deviceCount": 1} for i, (_, name, version) in enumerate(chunk, skip)]}
-        if skip + 100 < len(device.apps):
-            body["@odata.nextLink"] = str(request.url.with_query({"$skiptoken": skip + 100}))
+        if skip + size < len(device.apps):
+            body["@odata.nextLink"] = str(request.url.with_query({"$skiptoken": skip + size}))
         return web.json_response(body)
 
     # ------------------------------------------------------------------ Jamf

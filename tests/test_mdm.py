@@ -121,6 +121,7 @@ async def test_intune_tiktok_install_and_uninstall(intune: World) -> None:
     """A TikTok install seen in Intune's detectedApps (by display name) makes the device
     non-compliant under source mdm:intune; uninstalling restores it on the next pass."""
     w = intune
+    w.fake.app_page = 1  # detectedApps follow @odata.nextLink too
     w.fake.add(alice(), FakeDevice(id="2222", user="bob@corp.example", eas_id="EASBOB"),
                FakeDevice(id="3333", user="carol@corp.example", eas_id="EASCAROL"))
     first = await w.sync.run_once()
