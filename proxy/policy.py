@@ -262,6 +262,10 @@ class Policy:
             memo[app_id] = found
         return found
 
+    @property
+    def has_name_rules(self) -> bool:
+        return self._names is not None
+
     def rules_for_app(self, app_id: str, name: str) -> tuple[ProhibitedApp, ...]:
         """Rules matching the app by id or, for rules with ``names``, by display
         name (case-insensitive)."""
@@ -517,8 +521,11 @@ def _mdm_verdicts(posture: Posture, policy: Policy) -> list[Reason]:
 def _prohibited(posture: Posture, policy: Policy, ctx: Context) -> list[Reason]:
     """Step 3: installed apps that a prohibited-app rule covers."""
     reasons: list[Reason] = []
+    by_name = policy.has_name_rules  # else one lookup per app, as before names existed
     for app in posture.apps:
-        for rule in policy.rules_for_app(app.id, app.name):
+        found = policy.rules_for_app(app.id, app.name) if by_name and app.name \
+            else policy.rules_for(app.id)
+        for rule in found:
             if rule.platforms and posture.platform not in rule.platforms:
                 continue
             if not rule.scope.covers(ctx.user, policy):
