@@ -28,7 +28,7 @@ good posture in place (it goes stale after the policy's ``max_posture_age``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -96,6 +96,23 @@ class Connector(Protocol):
 
 
 # ------------------------------------------------------------------ shared mapping
+
+
+def page_of(records: list[object], parse: Callable[[object], MdmDevice | None]) -> Page:
+    """A :class:`Page` from vendor records; ``parse`` maps one record to a device
+    (None: not a mail device) or raises :class:`MalformedDevice`."""
+    page = Page()
+    for r in records:
+        try:
+            device = parse(r)
+        except MalformedDevice as exc:
+            page.malformed.append(exc)
+            continue
+        if device is None:
+            page.skipped += 1
+        else:
+            page.devices.append(device)
+    return page
 
 
 def device_ids(**candidates: object) -> dict[str, str]:
@@ -178,6 +195,7 @@ __all__ = [
     "app",
     "device_ids",
     "mailbox",
+    "page_of",
     "parse_time",
     "platform_of",
 ]

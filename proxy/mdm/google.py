@@ -26,10 +26,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.config.mdm import MdmConfig
-from proxy.mdm import MalformedDevice, MdmDevice, Page, app, device_ids, mailbox, parse_time
+from proxy.mdm import (
+    MalformedDevice,
+    MdmDevice,
+    Page,
+    app,
+    device_ids,
+    mailbox,
+    page_of,
+    parse_time,
+)
 from proxy.mdm import platform_of as _platform_of
 from proxy.mdm.http import MdmError, MdmHttp, ServiceAccountJwt
-from proxy.mdm.jamf import convert as _convert_with
 
 SCOPE = "https://www.googleapis.com/auth/admin.directory.device.mobile.readonly"
 PAGE_SIZE = 100  # the API's maximum
@@ -67,7 +75,7 @@ class GoogleConnector:
 
 
 def convert(records: list[Any]) -> Page:
-    return _convert_with(records, parse_device)
+    return page_of(records, parse_device)
 
 
 def parse_device(d: Any) -> MdmDevice | None:

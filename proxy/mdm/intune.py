@@ -34,6 +34,7 @@ from proxy.mdm import (
     app,
     device_ids,
     mailbox,
+    page_of,
     parse_time,
     platform_of,
 )
@@ -73,24 +74,16 @@ class IntuneConnector:
             yield await self._convert(records, limit)
 
     async def _convert(self, records: list[Any], limit: asyncio.Semaphore) -> Page:
-        page = Page()
+        """The page's devices, each with its detectedApps (a few requests at a time)."""
+        page = page_of(records, parse_device)
 
-        async def one(record: Any) -> None:
-            try:
-                base = parse_device(record)
-            except MalformedDevice as exc:
-                page.malformed.append(exc)
-                return
-            if base is None:
-                page.skipped += 1
-                return
-            if not base.gone:
-                async with limit:
-                    apps = await self._apps(base.ids["mdm_id"])
-                base = _with_apps(base, apps)
-            page.devices.append(base)
+        async def with_apps(d: MdmDevice) -> MdmDevice:
+            if d.gone:
+                return d
+            async with limit:
+                return _with_apps(d, await self._apps(d.ids["mdm_id"]))
 
-        await asyncio.gather(*(one(r) for r in records))
+        page.devices = list(await asyncio.gather(*(with_apps(d) for d in page.devices)))
         return page
 
     async def _apps(self, mdm_id: str) -> list[Any]:

@@ -17,12 +17,21 @@ compliance verdict of its own for mobile devices: ``unknown``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 from proxy.config.mdm import MdmConfig
-from proxy.mdm import MalformedDevice, MdmDevice, Page, app, device_ids, mailbox, parse_time
+from proxy.mdm import (
+    MalformedDevice,
+    MdmDevice,
+    Page,
+    app,
+    device_ids,
+    mailbox,
+    page_of,
+    parse_time,
+)
 from proxy.mdm import platform_of as _platform_of
 from proxy.mdm.http import ClientCredentials, MdmError, MdmHttp
 
@@ -60,22 +69,8 @@ class JamfConnector:
                 return
 
 
-def convert(records: list[Any],
-            parse: Callable[[Any], MdmDevice | None] | None = None) -> Page:
-    """A page from vendor records (``parse``: one record -> device, default Jamf's)."""
-    parse = parse or parse_device
-    page = Page()
-    for r in records:
-        try:
-            device = parse(r)
-        except MalformedDevice as exc:
-            page.malformed.append(exc)
-            continue
-        if device is None:
-            page.skipped += 1
-        else:
-            page.devices.append(device)
-    return page
+def convert(records: list[Any]) -> Page:
+    return page_of(records, parse_device)
 
 
 def parse_device(d: Any) -> MdmDevice | None:
