@@ -264,7 +264,12 @@ class Server:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
         self.observer.policy_loaded(self.holder.current())
-        self._start_mdm()
+        from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
+        try:
+            self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
+                                 audit=metrics.TimedAuditSink(self.audit))
+        except MdmError as exc:
+            raise StartupError(str(exc)) from None
 
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
@@ -288,19 +293,6 @@ class Server:
         policy = self.holder.current()
         log.info("started", listeners=len(self.listeners), policy_version=policy.version,
                  policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
-
-    def _start_mdm(self) -> None:
-        """The MDM connectors (``[[mdm]]``); their loops start in :meth:`serve`."""
-        from proxy.mdm.http import MdmError
-        from proxy.mdm.sync import MdmRunner
-
-        assert self.gate is not None
-        try:
-            self.mdm = MdmRunner(self.cfg, gate=self.gate, store=self.store,
-                                 audit=metrics.TimedAuditSink(self.audit),
-                                 observer=self.observer)
-        except MdmError as exc:
-            raise StartupError(str(exc)) from None
 
     async def _start_api(self) -> None:
         try:
@@ -357,10 +349,9 @@ class Server:
     def degraded(self) -> list[str]:
         """What ``/readyz`` names without failing: CRLs past their nextUpdate, MDM
         connectors whose last pass failed (with their last success)."""
-        mdm = self.mdm.degraded() if self.mdm is not None else []
-        if not self.crl:
-            return mdm
-        return [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())] + mdm
+        mdm, stale = self.mdm.degraded() if self.mdm else [], \
+            self.crl.stale(time.time()) if self.crl else []
+        return [f"crl_past_next_update:{p}" for p in stale] + mdm
 
     # -------------------------------------------------------------- running
 

@@ -396,5 +396,5 @@ class MdmRunner:
 FORGET_SWEEP_S = 3600.0
 
 
-__all__ = ["ConnectorState", "MdmObserver", "MdmRunner", "MdmSync", "NullMdmObserver",
+__all__ = ["ConnectorState", "MdmError", "MdmObserver", "MdmRunner", "MdmSync", "NullMdmObserver",
            "SyncReport", "forget_unseen", "open_connector", "run_forever"]
