@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--user")
     who.add_argument("--ip")
     ops_commands(add)
+    from proxy.cli_mdm import mdm_commands
+
+    mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.config.mdm import MdmConfig, read_mdm
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -55,6 +56,7 @@ class TrustConfig:
 @dataclass(frozen=True, slots=True)
 class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
+    forget_after_s: float = 90 * 86400.0  # devices not seen for this long are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,7 @@ class Config:
     api: ApiConfig
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mdm: tuple[MdmConfig, ...] = ()
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -185,6 +188,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     limits = _section(top, "limits", _limits)
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
+    mdm = read_mdm(top.tables("mdm"), resolve.path)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -192,7 +196,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits)
+                  limits, mdm)
 
 
 class _Resolver:
@@ -235,10 +239,11 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
     store_url = ps.text("store", "sqlite:///state/posture.db")
+    forget_after = ps.positive_duration("forget_after", 90 * 86400.0)
     if store_url.startswith("sqlite:///"):
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
-        return PostureConfig(store=f"sqlite://{db}")
+        return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith("redis://"):
         # DESIGN.md names a Redis store for scale-out; until it exists, say so here
         # rather than let `serve` fail later.
