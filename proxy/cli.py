@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailward",
         description="Conditional-access proxy for corporate mail (IMAP, SMTP, ActiveSync).",
     )
+    from proxy.cli_ops import VersionAction, ops_commands
+
+    p.add_argument("--version", action=VersionAction, nargs=0, help="print the version")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="mailward.toml (default: config/mailward.toml "
                         "or $MAILWARD_CONFIG)")
@@ -422,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     who = sp.add_mutually_exclusive_group(required=True)
     who.add_argument("--user")
     who.add_argument("--ip")
+    ops_commands(add)
+    from proxy.cli_mdm import mdm_commands
+
+    mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 

@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy import __version__
+
 if TYPE_CHECKING:
     from proxy.policy import Decision, Policy
 
@@ -55,6 +57,20 @@ AUDIT_WITNESS_PENDING = Gauge(
 SESSIONS_ENDED = Counter(
     "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
 )
+MDM_SYNC_SECONDS = Histogram(
+    "mailward_mdm_sync_seconds", "Duration of one MDM connector sync pass", ["connector"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+MDM_DEVICES = Gauge(
+    "mailward_mdm_devices", "Devices listed by the connector's last complete full sync",
+    ["connector"],
+)
+MDM_ERRORS = Counter(
+    "mailward_mdm_errors_total",
+    "MDM connector failures by kind (auth, http, timeout, network, throttled, garbage, "
+    "malformed record, store, config)",
+    ["connector", "kind"],
+)
 
 LIMIT_HITS = Counter(
     "mailward_limit_hits_total", "Limits of [limits] hit, by limit and listener",
@@ -64,6 +80,8 @@ HEALTH = Gauge(
     "mailward_health", "Readiness checks (1 ok, 0 failing), as /readyz reports them",
     ["check"],
 )
+BUILD_INFO = Gauge("mailward_build_info", "The running mailward release (value 1)", ["version"])
+BUILD_INFO.labels(__version__).set(1)
 
 
 def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
@@ -108,6 +126,15 @@ class PrometheusObserver:
     def audit_witness_pending(self, count: int) -> None:
         """Checkpoints queued for the witness URL (``proxy.audit.witness``)."""
         AUDIT_WITNESS_PENDING.set(count)
+
+    def mdm_synced(self, connector: str, seconds: float, devices: int | None) -> None:
+        """A sync pass of ``connector`` ended; ``devices`` after a complete full one."""
+        MDM_SYNC_SECONDS.labels(connector).observe(seconds)
+        if devices is not None:
+            MDM_DEVICES.labels(connector).set(devices)
+
+    def mdm_error(self, connector: str, kind: str) -> None:
+        MDM_ERRORS.labels(connector, kind).inc()
 
     def expose(self) -> tuple[bytes, str]:
         body: bytes = generate_latest(REGISTRY)

@@ -35,6 +35,7 @@ from test_activesync import (
     Upstream,
     _start_upstream,
     auth,
+    autodiscover_request,
 )
 
 from proxy.api import make_app
@@ -274,6 +275,33 @@ async def test_required_certificate_missing(
     assert last_reason(env, "PHONE1") == "certificate_required"
     assert env.upstream.seen == []
     assert await folders(env, "PHONE1", phones.cert("PHONE1")) == 200
+
+
+async def test_required_certificate_missing_autodiscover(
+        make_env: Callable[..., Awaitable[tuple[Env, Phones]]]) -> None:
+    """``client_cert = "required"``: Autodiscover without a certificate is 403 and the
+    upstream never sees the password (no password oracle); with one, it is answered."""
+    env, phones = await make_env(client_cert="required")
+    body = autodiscover_request(USER)
+
+    async def post(cert: tuple[str, str] | None) -> int:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", env.proxy.port, ssl=tls_client(env, cert),
+            server_hostname="localhost")
+        try:
+            writer.write(
+                "POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: localhost\r\n"
+                f"Authorization: {auth()}\r\nContent-Type: text/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            answer = await reader.read()
+        finally:
+            writer.close()
+        return int(answer.split(b" ", 2)[1])
+
+    assert await post(None) == 403
+    assert env.upstream.seen == []
+    assert await post(phones.cert("PHONE1")) == 200
+    assert [s.raw_path for s in env.upstream.seen] == ["/autodiscover/autodiscover.xml"]
 
 
 async def test_bare_claims_refused_with_eas_claims_deny(

@@ -72,7 +72,7 @@ class Progress:
         self.response: web.StreamResponse | None = None
 
 
-def _to_client(headers: list[Header], drop: frozenset[bytes] = frozenset()
+def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
                ) -> CIMultiDict[str]:
     """Upstream answer headers for the client: end to end only, as aiohttp text (all
     decoded at once when they are UTF-8 and hold no line feed, as parsed headers
@@ -113,6 +113,12 @@ class Forwarder:
             cookie_jar=aiohttp.DummyCookieJar(),  # never mix clients' cookies
             timeout=aiohttp.ClientTimeout(total=None),
         )
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        """The pooled aiohttp client (after :meth:`start`)."""
+        assert self._client is not None
+        return self._client
 
     async def close(self) -> None:
         if self._client is not None:
@@ -155,7 +161,7 @@ class Forwarder:
                 return None
             if up.status in (401, 403):
                 body = await up.content.read(_REFUSAL_BODY_BYTES)  # may be cut short
-                return web.Response(status=up.status, body=body, headers=_to_client(
+                return web.Response(status=up.status, body=body, headers=client_headers(
                     list(up.raw_headers), _CONTENT_LENGTH))
             raise UpstreamProtocolError(f"credential check answered {up.status}")
 
@@ -221,9 +227,9 @@ class Forwarder:
                 while chunk := await conn.read_body(timeout):
                     data += chunk
                 return web.Response(status=head.status, reason=reason, body=data,
-                                    headers=_to_client(head.headers, _CONTENT_LENGTH))
+                                    headers=client_headers(head.headers, _CONTENT_LENGTH))
             # A chunked answer's Content-Length, if any, is not the client's framing.
-            out = _to_client(head.headers, _CONTENT_LENGTH if head.length is None
+            out = client_headers(head.headers, _CONTENT_LENGTH if head.length is None
                              else frozenset())
             progress.response = response = web.StreamResponse(
                 status=head.status, reason=reason, headers=out)
@@ -252,7 +258,7 @@ class Forwarder:
             if up.status == 401 and on_auth_failed is not None:
                 await on_auth_failed()
             progress.response = response = web.StreamResponse(
-                status=up.status, reason=up.reason, headers=_to_client(list(up.raw_headers)))
+                status=up.status, reason=up.reason, headers=client_headers(list(up.raw_headers)))
             await response.prepare(request)
             async for chunk in up.content.iter_chunked(CHUNK_BYTES):
                 await response.write(chunk)

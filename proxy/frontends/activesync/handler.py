@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from proxy.frontends.activesync.autodiscover import Autodiscover, Kind, autodiscover_kind
 from proxy.frontends.activesync.forward import (
     RESENDABLE_COMMANDS,
     UPSTREAM_ERRORS,
@@ -124,6 +125,9 @@ class ActiveSyncFrontend:
         self.clock = clock
         self.origin_name = self.cfg.name
         self.upstream = Forwarder(self.cfg, ctx.upstream_tls)
+        self.autodiscover = Autodiscover(self.cfg, self.upstream, self.autodiscover_auth_failed)
+        #: Autodiscover logins the upstream refused (see :meth:`autodiscover_auth_failed`).
+        self.autodiscover_auth_failures = 0
         self.sessions = DeviceSessions(self.gate, clock)
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -141,6 +145,9 @@ class ActiveSyncFrontend:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.cfg.public_url is None:
+            log.warning("public_url not set: Autodiscover answers pass unchanged, naming "
+                        "the upstream's address", listener=self.cfg.name)
         await self.upstream.start()
         self._sweeper = asyncio.create_task(self.sessions.sweep_forever())
 
@@ -163,9 +170,12 @@ class ActiveSyncFrontend:
     # -- request handling -----------------------------------------------------------
 
     async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The low-level server's handler (no router: one path is served)."""
+        """The low-level server's handler (no router: two paths are served)."""
+        autodiscover: Kind | None = None
         if request.path != EAS_PATH:
-            return text_response(404, "Not found.")
+            autodiscover = autodiscover_kind(request.path)
+            if autodiscover is None:
+                return text_response(404, "Not found.")
         refused = refusal(request.raw_path, request.headers)
         if refused is not None:
             log.info("request refused", reason=refused, remote=request.remote)
@@ -174,9 +184,13 @@ class ActiveSyncFrontend:
         assert task is not None
         self._inflight.add(task)
         try:
-            if request.method == "OPTIONS":
+            if request.method == "OPTIONS" or autodiscover is not None:
+                # No decision, but no password check either without the certificate
+                # the listener requires (the gate would refuse such a phone anyway).
                 if self.cfg.client_cert == "required" and self._connection(request)[1] is None:
                     return text_response(403, CERT_REQUIRED_TEXT)
+                if autodiscover is not None:
+                    return await self._autodiscover(request, autodiscover)
                 return await self._forward(request, None)
             if request.method != "POST":
                 return text_response(405, "ActiveSync requests use POST or OPTIONS.",
@@ -184,6 +198,27 @@ class ActiveSyncFrontend:
             return await self._post(request, task)
         finally:
             self._inflight.discard(task)
+
+    async def _autodiscover(self, request: web.BaseRequest, kind: Kind
+                            ) -> web.StreamResponse:
+        """Autodiscover, passed without a decision (:mod:`.autodiscover`); closing the
+        listener answers it 503."""
+        try:
+            return await self.autodiscover.serve(
+                request, kind, basic_user(request.headers.get("Authorization")))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._closing or task is None:
+                raise  # the client went away
+            task.uncancel()
+            return unavailable()
+
+    async def autodiscover_auth_failed(self, user: str, client_ip: str) -> None:
+        """The upstream refused the Basic credentials of an Autodiscover request: a
+        failed login for (``user``, ``client_ip``). The one place the failed-login
+        throttle (issue 13) hooks in for Autodiscover; for now counted and logged."""
+        self.autodiscover_auth_failures += 1
+        log.info("autodiscover login failed", user=user, client_ip=client_ip)
 
     def _query(self, raw_query: str) -> EasQuery:
         """The parsed query (``QueryError`` when bad); a phone repeats the same few
