@@ -138,7 +138,7 @@ class SmtpListener:
 
     async def _after_session(self, session: SmtpSession) -> None:
         record = session.end_record
-        if record is not None and not (session.conn.tls or self.cfg.tls == "none"):
+        if record is not None and not (session.tls_done or self.cfg.tls == "none"):
             # Never completed TLS: counted into the abuse summary, not recorded.
             pre_tls_end(self.gate.limits, session.origin.client_ip, record[0], self.name)
         elif record is not None:  # first: a slow upstream QUIT must not lose it
