@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from peers.dovecot import Dovecot
+from peers.postfix import PostfixSubmission
 
 from proxy.config import LimitsConfig
 from proxy.metrics import PrometheusObserver
@@ -45,13 +47,31 @@ class FastFailDovecot(Dovecot):
 
     def _write_config(self) -> Path:
         path = super()._write_config()
-        anvil = "service anvil {\n"
-        conf = path.read_text()
-        assert anvil in conf
-        conf = conf.replace(anvil, anvil + "  unix_listener anvil-auth-penalty {\n"
-                            "    mode = 0\n  }\n", 1)
-        path.write_text(conf + "\nauth_failure_delay = 0\n")
+        path.write_text(_no_penalty(path.read_text()) + "\nauth_failure_delay = 0\n")
         return path
+
+
+class FastFailPostfix(PostfixSubmission):
+    """Postfix whose SASL Dovecot has no per-address auth penalty (see
+    :class:`FastFailDovecot`; its ``auth_failure_delay`` is already 0)."""
+
+    def _start_dovecot(self) -> None:
+        write_text = Path.write_text
+
+        def without_penalty(path: Path, data: str, *args: Any, **kwargs: Any) -> int:
+            if path.name == "dovecot.conf":
+                data = _no_penalty(data)
+            return write_text(path, data, *args, **kwargs)
+
+        with mock.patch.object(Path, "write_text", without_penalty):
+            super()._start_dovecot()
+
+
+def _no_penalty(conf: str) -> str:
+    anvil = "service anvil {\n"
+    assert anvil in conf
+    return conf.replace(anvil, anvil + "  unix_listener anvil-auth-penalty {\n"
+                        "    mode = 0\n  }\n", 1)
 
 
 def install_limits(gate: Any) -> PrometheusObserver:

@@ -4,7 +4,6 @@ the pre-auth idle timeout and a burst of silent connections."""
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -71,4 +70,3 @@ async def test_connection_cap_idle_goodbye_and_burst(env: Env) -> None:
     await lf.check_idle_goodbye(port, b"* OK", b"* BYE")
 
 
-_ = ssl  # the contexts come from Pki.client_ctx
