@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -68,11 +67,9 @@ from proxy.frontends.imap_upstream import (
     UpstreamTlsEstablished,
     logout_command,
 )
-from proxy.frontends.preauth_exec import UPSTREAM_ERRORS, PreauthSession
+from proxy.frontends.preauth_exec import UPSTREAM_ERRORS, PreauthListener, PreauthSession
 from proxy.gate import Origin
 from proxy.net.socket_transport import (
-    SocketServer,
-    SocketTransport,
     open_connection,
 )
 from proxy.oplog import get_logger
@@ -84,8 +81,6 @@ _OWN_CAPABILITIES = {"IMAP4REV1", "SASL-IR", "LITERAL+", "ID", "STARTTLS", "LOGI
                      "LOGIN-REFERRALS"}
 #: Advertised until the first upstream greeting tells what the server supports.
 DEFAULT_UPSTREAM_CAPABILITIES = ("IDLE", "ENABLE")
-#: TLS 1.3 session tickets sent to IMAP clients (see ``ImapListener.start``).
-TLS_SESSION_TICKETS = 0
 #: The upstream's capabilities are asked for at start-up within this time.
 PROBE_TIMEOUT_S = 5.0
 
@@ -93,45 +88,19 @@ PROBE_TIMEOUT_S = 5.0
 # -------------------------------------------------------------------------- listener
 
 
-class ImapListener:
+class ImapListener(PreauthListener):
     """A started IMAP listener (``RunningListener``)."""
 
+    log = log
+
     def __init__(self, ctx: FrontendContext) -> None:
-        self.ctx = ctx
-        self.listener = ctx.listener
-        self.name = ctx.listener.name
-        self.port = 0
+        super().__init__(ctx)
         self.sessions: set[_ImapSession] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
         self.upstream_mechanisms: list[str] = []  # relayable SASL mechanisms it offers
-        self._server: SocketServer | None = None
-        self.closing = False
 
-    async def start(self) -> ImapListener:
-        loop = asyncio.get_running_loop()
-        tls = self.ctx.server_tls
-        if tls is not None:
-            # No TLS 1.3 session tickets: each one keeps a copy of the session, with the
-            # device's client certificate, for as long as the connection lives (about
-            # 10 KiB per idle mTLS session, measured), and a phone's IMAP connections
-            # are long-lived, so resumption would save little.
-            with contextlib.suppress(ValueError, AttributeError):
-                tls.num_tickets = TLS_SESSION_TICKETS
-        # Our own accept loop and transports (proxy.net.socket_transport): OpenSSL on the
-        # socket keeps an idle TLS session small, where the loop's TLS transport would
-        # keep a 256 KiB read buffer and BIO buffers as large as its biggest burst.
-        self._server = SocketServer(loop, self._new_connection, self.listener.host,
-                                    self.listener.port, backlog=1024,
-                                    limits=self.ctx.gate.limits, listener=self.name)
-        self.port = self._server.port
-        log.info("imap listener started", listener=self.name, port=self.port,
-                 tls=self.listener.tls, upstream=self.listener.upstream)
-        return self
-
-    def _new_connection(self, sock: socket.socket) -> None:
-        # Implicit TLS: nothing is read until the handshake, which reads it all.
-        SocketTransport(asyncio.get_running_loop(), sock, _ImapSession(self).client,
-                        start_reading=self.listener.tls != "implicit")
+    def new_session(self) -> _ImapSession:
+        return _ImapSession(self)
 
     def capabilities(self) -> list[str]:
         """What pre-auth CAPABILITY shows of the upstream's capabilities."""
@@ -166,20 +135,6 @@ class ImapListener:
         finally:
             up.pipe.close()
 
-    async def close(self, grace_s: float) -> None:
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-        for session in list(self.sessions):
-            await session.shutdown()
-        deadline = loop.time() + 5
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        log.info("imap listener closed", listener=self.name)
 
 
 async def start(ctx: FrontendContext) -> ImapListener:

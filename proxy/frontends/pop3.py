@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections import deque
 
@@ -63,9 +62,9 @@ from proxy.frontends.pop3_upstream import (
     quit_command,
 )
 from proxy.frontends.pop3_wire import RemoteProtocolError
-from proxy.frontends.preauth_exec import PreauthSession
+from proxy.frontends.preauth_exec import PreauthListener, PreauthSession
 from proxy.gate import Origin, origin_for
-from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
+from proxy.net.socket_transport import open_connection
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.pop3")
@@ -75,45 +74,23 @@ _OWN_CAPABILITIES = {"STLS", "USER", "SASL", "RESP-CODES", "AUTH-RESP-CODE",
                      "IMPLEMENTATION", "CAPA"}
 #: Advertised until the first upstream CAPA tells what the server supports.
 DEFAULT_UPSTREAM_CAPABILITIES = ("TOP", "UIDL")
-#: TLS 1.3 session tickets sent to clients (each keeps a copy of the session with the
-#: client certificate for as long as the connection lives; see ``imap.py``).
-TLS_SESSION_TICKETS = 0
 
 
 # -------------------------------------------------------------------------- listener
 
 
-class Pop3Listener:
+class Pop3Listener(PreauthListener):
     """A started POP3 listener (``RunningListener``)."""
 
+    log = log
+
     def __init__(self, ctx: FrontendContext) -> None:
-        self.ctx = ctx
-        self.listener = ctx.listener
-        self.name = ctx.listener.name
-        self.port = 0
+        super().__init__(ctx)
         self.sessions: set[_Pop3Session] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
-        self._server: SocketServer | None = None
-        self.closing = False
 
-    async def start(self) -> Pop3Listener:
-        loop = asyncio.get_running_loop()
-        tls = self.ctx.server_tls
-        if tls is not None:
-            with contextlib.suppress(ValueError, AttributeError):
-                tls.num_tickets = TLS_SESSION_TICKETS
-        self._server = SocketServer(loop, self._new_connection, self.listener.host,
-                                    self.listener.port, backlog=1024,
-                                    limits=self.ctx.gate.limits, listener=self.name)
-        self.port = self._server.port
-        log.info("pop3 listener started", listener=self.name, port=self.port,
-                 tls=self.listener.tls, upstream=self.listener.upstream)
-        return self
-
-    def _new_connection(self, sock: socket.socket) -> None:
-        # Implicit TLS: nothing is read until the handshake, which reads it all.
-        SocketTransport(asyncio.get_running_loop(), sock, _Pop3Session(self).client,
-                        start_reading=self.listener.tls != "implicit")
+    def new_session(self) -> _Pop3Session:
+        return _Pop3Session(self)
 
     def capabilities(self) -> list[str]:
         """What pre-auth CAPA shows of the upstream's capabilities."""
@@ -123,21 +100,6 @@ class Pop3Listener:
         """The upstream's CAPA before login, minus what the proxy answers itself."""
         self.upstream_capabilities = [
             c for c in caps if c.split()[0].upper() not in _OWN_CAPABILITIES]
-
-    async def close(self, grace_s: float) -> None:
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-        for session in list(self.sessions):
-            await session.shutdown()
-        deadline = loop.time() + 5
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        log.info("pop3 listener closed", listener=self.name)
 
 
 async def start(ctx: FrontendContext) -> Pop3Listener:

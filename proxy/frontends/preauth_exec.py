@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
@@ -56,10 +57,15 @@ from proxy.frontends.imap_syntax import RemoteProtocolError
 from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.login_limits import login_answered, login_refused, pre_tls_end
 from proxy.gate import Identity, Origin
-from proxy.net.socket_transport import SocketTransport
+from proxy.net.socket_transport import SocketServer, SocketTransport
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
+#: TLS 1.3 session tickets sent to clients: none. Each one keeps a copy of the
+#: session, with the device's client certificate, for as long as the connection lives
+#: (about 10 KiB per idle mTLS session, measured), and a phone's connections are
+#: long-lived, so resumption would save little.
+TLS_SESSION_TICKETS = 0
 #: Pause reading from a pre-auth client when this many unparsed bytes are held.
 PREAUTH_READ_PAUSE_BYTES = 64 * 1024
 #: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
@@ -67,6 +73,62 @@ TLS_HANDSHAKE_TIMEOUT_S = 20.0
 #: What a failed upstream conversation raises (the client is told: unavailable).
 UPSTREAM_ERRORS = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
                    ConnectionError)
+
+
+class PreauthListener:
+    """A started IMAP or POP3 listener (``RunningListener``): its accept loop makes one
+    session (:meth:`new_session`) per connection."""
+
+    log: ClassVar[Any] = get_logger("mailward.frontends")
+
+    def __init__(self, ctx: FrontendContext) -> None:
+        self.ctx = ctx
+        self.listener = ctx.listener
+        self.name = ctx.listener.name
+        self.port = 0
+        self.sessions: set[Any] = set()
+        self._server: SocketServer | None = None
+        self.closing = False
+
+    async def start(self) -> Self:
+        tls = self.ctx.server_tls
+        if tls is not None:
+            with contextlib.suppress(ValueError, AttributeError):
+                tls.num_tickets = TLS_SESSION_TICKETS
+        # Our own accept loop and transports (proxy.net.socket_transport): OpenSSL on the
+        # socket keeps an idle TLS session small, where the loop's TLS transport would
+        # keep a 256 KiB read buffer and BIO buffers as large as its biggest burst.
+        self._server = SocketServer(asyncio.get_running_loop(), self._new_connection,
+                                    self.listener.host, self.listener.port, backlog=1024,
+                                    limits=self.ctx.gate.limits, listener=self.name)
+        self.port = self._server.port
+        self.log.info(f"{self.listener.protocol} listener started", listener=self.name,
+                      port=self.port, tls=self.listener.tls, upstream=self.listener.upstream)
+        return self
+
+    def _new_connection(self, sock: socket.socket) -> None:
+        # Implicit TLS: nothing is read until the handshake, which reads it all.
+        session = self.new_session()
+        SocketTransport(asyncio.get_running_loop(), sock, session.client,
+                        start_reading=self.listener.tls != "implicit")
+
+    def new_session(self) -> PreauthSession:
+        raise NotImplementedError
+
+    async def close(self, grace_s: float) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        for session in list(self.sessions):
+            await session.shutdown()
+        deadline = loop.time() + 5
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.log.info(f"{self.listener.protocol} listener closed", listener=self.name)
 
 
 class Owner(Protocol):
@@ -352,5 +414,5 @@ class PreauthSession:
         else:
             self.client.close()
 
-__all__ = ["PREAUTH_READ_PAUSE_BYTES", "TLS_HANDSHAKE_TIMEOUT_S", "UPSTREAM_ERRORS", "Layer",
-           "Owner", "PreauthSession"]
+__all__ = ["PREAUTH_READ_PAUSE_BYTES", "TLS_HANDSHAKE_TIMEOUT_S", "TLS_SESSION_TICKETS",
+           "UPSTREAM_ERRORS", "Layer", "Owner", "PreauthListener", "PreauthSession"]
