@@ -15,13 +15,14 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from peers.dovecot import Dovecot
 from peers.postfix import PostfixSubmission
+from pki_helpers import fresh_posture as posture
 
 from proxy.config import LimitsConfig
 from proxy.metrics import PrometheusObserver
@@ -79,6 +80,15 @@ def install_limits(gate: Any) -> PrometheusObserver:
     observer = PrometheusObserver()
     gate.limits = Limits(LIMITS, on_hit=observer.limit_hit)
     return observer
+
+
+async def limited(env: Any, user: str) -> AsyncIterator[Any]:
+    """A protocol test module's ``Env`` with :data:`LIMITS` (``env.observer`` counts
+    the hits) and a compliant ``alice-phone`` of ``user``, closed afterwards."""
+    await env.put(posture("alice-phone", user))
+    env.observer = install_limits(env.gate)
+    yield env
+    await env.close()
 
 
 def hits(observer: PrometheusObserver, limit: str, listener: str) -> float:

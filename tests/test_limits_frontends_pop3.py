@@ -12,7 +12,6 @@ import limits_frontends as lf
 import pytest
 from peers import peer_missing
 from peers.dovecot import require_dovecot
-from pki_helpers import fresh_posture as posture
 from test_pop3 import ALICE, PASSWORDS, Env, Pki, pki  # noqa: F401  (pki: a fixture)
 
 pytestmark = pytest.mark.peer
@@ -33,11 +32,8 @@ def dovecot(pki: Pki) -> Iterator[lf.FastFailDovecot]:  # noqa: F811
 @pytest.fixture
 async def env(pki: Pki, dovecot: lf.FastFailDovecot,  # noqa: F811
               tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(pki, dovecot, tmp_path)
-    await e.put(posture("alice-phone", ALICE))
-    e.observer = lf.install_limits(e.gate)  # type: ignore[attr-defined]
-    yield e
-    await e.close()
+    async for e in lf.limited(Env(pki, dovecot, tmp_path), ALICE):
+        yield e
 
 
 def attempt_on(port: int, pki: Pki) -> lf.Attempt:  # noqa: F811

@@ -14,7 +14,6 @@ import limits_frontends as lf
 import pytest
 from peers import peer_missing
 from peers.postfix import PeerUnavailable, PostfixSubmission
-from pki_helpers import fresh_posture as posture
 from test_smtp import ALICE, PASSWORD, Env, Pki, pki  # noqa: F401  (pki: a fixture)
 
 pytestmark = pytest.mark.peer
@@ -35,11 +34,8 @@ def postfix() -> Iterator[PostfixSubmission]:
 @pytest.fixture
 async def env(pki: Pki, postfix: PostfixSubmission,  # noqa: F811
               tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(pki, tmp_path, postfix.ca_pem)
-    await e.put(posture("alice-phone", ALICE))
-    e.observer = lf.install_limits(e.gate)  # type: ignore[attr-defined]
-    yield e
-    await e.close()
+    async for e in lf.limited(Env(pki, tmp_path, postfix.ca_pem), ALICE):
+        yield e
 
 
 def attempt_on(port: int, pki: Pki) -> lf.Attempt:  # noqa: F811
