@@ -181,13 +181,12 @@ class Forwarder:
         if request.method == "OPTIONS":
             return self._exchange(request, None, progress, resendable, on_auth_failed,
                                   _BODILESS_DROP)
-        if request.body_exists:
-            length = request.content_length
-            if length is None or length > CHUNK_BYTES:
-                return self._stream(request, progress, on_auth_failed,
-                                    max_body if length is None else None)
-        return self._exchange(request, request.content_length, progress, resendable,
-                              on_auth_failed, _POOLED_DROP)
+        length = request.content_length
+        if request.body_exists and (length is None or length > CHUNK_BYTES):
+            return self._stream(request, progress, on_auth_failed,
+                                max_body if length is None else None)
+        return self._exchange(request, length, progress, resendable, on_auth_failed,
+                              _POOLED_DROP)
 
     async def _exchange(self, request: web.BaseRequest, length: int | None,
                         progress: Progress, resendable: bool,
