@@ -388,5 +388,8 @@ async def test_decision_racing_a_tiktok_report_does_not_stick(
     first = (await raw_post(env, "Sync", "PHONE4", None))[0]
     assert first in (200, 403)
     await env.gate.settle()
+    forwarded = len(env.upstream.posts("Sync"))
+    # 403 may also be the re-check ending the request after it was forwarded.
+    assert forwarded == 1 if first == 200 else forwarded in (0, 1)
     assert (await raw_post(env, "Sync", "PHONE4", None))[0] == 403
-    assert len(env.upstream.posts("Sync")) == (1 if first == 200 else 0)
+    assert len(env.upstream.posts("Sync")) == forwarded
