@@ -74,6 +74,7 @@ EXIT_ERROR = 2
 CLOSE_MARGIN_S = 5.0
 #: How often the store's change feed (CLI revocations) and the CRL files are polled.
 TRUST_POLL_S = 0.5
+EXPIRY_REFRESH_S = 3600.0
 
 class PolicyHolder:
     """The current policy. ``current`` is what the gate calls on every decision;
@@ -296,7 +297,17 @@ class Server:
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
+        self._spawn(self._expiry_loop(), "cert-expiry")
         await self._stop.wait()
+
+    async def _expiry_loop(self) -> None:
+        """``mailward_cert_expiry_seconds``, refreshed hourly (files may be renewed)."""
+        from proxy import expiry
+
+        while True:
+            for key, _path, left in expiry.remaining(self.cfg, time.time()):
+                self.observer.cert_expiry(key, left)
+            await asyncio.sleep(EXPIRY_REFRESH_S)
 
     def stop(self) -> None:
         self._stop.set()
