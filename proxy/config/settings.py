@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.config.mdm import MdmConfig, read_mdm
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -55,6 +56,7 @@ class TrustConfig:
 @dataclass(frozen=True, slots=True)
 class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
+    forget_after_s: float = 90 * 86400.0  # devices not seen for this long are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,9 @@ class ListenerConfig:
     longpoll_timeout_s: float = 3600.0
     #: ActiveSync: "deny" refuses a bare DeviceId claim (no device certificate).
     eas_claims: Literal["allow", "deny"] = "allow"
+    #: ActiveSync: the https://host[:port] phones reach mailward at; Autodiscover
+    #: answers naming the upstream's address are rewritten to it (None: unchanged).
+    public_url: str | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -148,6 +153,7 @@ class Config:
     api: ApiConfig
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mdm: tuple[MdmConfig, ...] = ()
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -182,6 +188,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     limits = _section(top, "limits", _limits)
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
+    mdm = read_mdm(top.tables("mdm"), resolve.path)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -189,7 +196,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits)
+                  limits, mdm)
 
 
 class _Resolver:
@@ -232,10 +239,11 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
     store_url = ps.text("store", "sqlite:///state/posture.db")
+    forget_after = ps.positive_duration("forget_after", 90 * 86400.0)
     if store_url.startswith("sqlite:///"):
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
-        return PostureConfig(store=f"sqlite://{db}")
+        return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith("redis://"):
         # DESIGN.md names a Redis store for scale-out; until it exists, say so here
         # rather than let `serve` fail later.
@@ -313,6 +321,25 @@ def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
     )
 
 
+def _public_url(t: Table, protocol: str) -> str | None:
+    """``public_url``: an http(s)://host[:port] origin, ActiveSync listeners only."""
+    url = t.text("public_url", "")
+    if not url:
+        return None
+    if protocol != "activesync":
+        raise t.error("public_url", "applies to activesync listeners only")
+    u = urlsplit(url)
+    try:
+        u.port  # noqa: B018 (raises ValueError on a bad port)
+        if u.scheme not in ("https", "http") or not u.hostname or u.username or \
+                u.path not in ("", "/") or u.query or u.fragment:
+            raise ValueError
+    except ValueError:
+        raise t.error("public_url", "must be an https://host[:port] URL without a path"
+                      ) from None
+    return url.rstrip("/")
+
+
 def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerConfig:
     protocol = t.choice("protocol", ("imap", "smtp", "activesync", "pop3"))
     try:
@@ -357,6 +384,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         upstream_timeout_s=t.positive_duration("upstream_timeout", 60.0),
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
+        public_url=_public_url(t, protocol),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")

@@ -1,4 +1,5 @@
-"""Exchange ActiveSync front end: an aiohttp reverse proxy for /Microsoft-Server-ActiveSync.
+"""Exchange ActiveSync front end: an aiohttp reverse proxy for /Microsoft-Server-ActiveSync
+and Autodiscover.
 
 How a request goes
 ------------------
@@ -37,14 +38,34 @@ How a request goes
    may wait up to ``longpoll_timeout`` for the upstream.
 
 ``OPTIONS`` (protocol discovery) carries no device id and returns no mailbox data; it
-is passed through without a decision, and without a body. Only
-``/Microsoft-Server-ActiveSync`` is served (Autodiscover paths answer 404).
+is passed through without a decision, and without a body.
+
+Autodiscover (``/autodiscover/autodiscover.xml`` and ``/autodiscover/autodiscover.json``,
+any letter case; :mod:`.autodiscover`) is passed without a decision too, after the same
+hygiene (step 0), with a capped body and a target rebuilt from a strict form; an
+upstream 401 to Basic credentials is a failed login
+(:meth:`ActiveSyncFrontend.autodiscover_auth_failed`). In the answer, the MobileSync
+address equal to the upstream's becomes the listener's ``public_url``
+(:mod:`.rewrite`), never anything taken from the request. Other paths answer 404.
+
+Limits (DESIGN "Limits", :mod:`.guard`): a request head must arrive within
+``header_timeout`` (slowloris; on ActiveSync and Autodiscover, over TLS or not);
+failed logins (an upstream 401 to Basic credentials, on the credential check, a
+cached device-session, ``OPTIONS`` or Autodiscover) are throttled per (user, client
+address), or per device with a verified certificate; bodies stream up to
+``eas_max_body`` (413 beyond); unauthenticated garbage is counted per address into
+the per-minute ``abuse_summary``.
 
 The modules
 -----------
 * :mod:`.handler` -- the aiohttp handler (steps 1-5), the listener, :func:`start` and
   the HTTPS accept loop on ``proxy.net.socket_transport``.
 * :mod:`.hygiene` -- what a request must not carry (400) and the upstream target.
+* :mod:`.guard` -- the listener's use of the limits: the failed-login throttle, the
+  streamed body cap, abuse counting.
+* :mod:`.autodiscover` -- the Autodiscover paths, passed to the upstream;
+  :mod:`.rewrite` -- the upstream's address in their answers replaced, byte for byte
+  elsewhere (expat, DTDs refused).
 * :mod:`.sessions` -- device-sessions: the decision cache, registered with the gate
   so it can end them.
 * :mod:`.refusal` -- the answers mailward gives itself: 403 with EAS status 129 in
@@ -58,10 +79,11 @@ The modules
   any bytes from the upstream give an answer or :class:`UpstreamProtocolError`;
   request heads that carry no injected line; and the one hop-by-hop header filter.
 
-Dependencies run one way: handler -> hygiene, sessions, refusal, forward; forward ->
-hygiene, upstream -> wire.
+Dependencies run one way: handler -> hygiene, sessions, refusal, forward, autodiscover;
+autodiscover -> forward, rewrite; forward -> hygiene, upstream -> wire.
 """
 
+from proxy.frontends.activesync.autodiscover import Autodiscover, autodiscover_kind
 from proxy.frontends.activesync.forward import RESENDABLE_COMMANDS, Forwarder
 from proxy.frontends.activesync.handler import (
     ActiveSyncFrontend,
@@ -73,6 +95,7 @@ from proxy.frontends.activesync.handler import (
 )
 from proxy.frontends.activesync.hygiene import EAS_PATH
 from proxy.frontends.activesync.refusal import blocked_response, status_wbxml
+from proxy.frontends.activesync.rewrite import Rewriter
 from proxy.frontends.activesync.sessions import (
     DECISION_MAX_AGE_S,
     IDLE_S,
@@ -99,10 +122,12 @@ __all__ = [
     "IDLE_S",
     "RESENDABLE_COMMANDS",
     "ActiveSyncFrontend",
+    "Autodiscover",
     "DeviceSession",
     "DeviceSessions",
     "Forwarder",
     "ResponseHead",
+    "Rewriter",
     "RunningActiveSync",
     "UnsendableRequest",
     "UpstreamClosedEarly",
@@ -110,6 +135,7 @@ __all__ = [
     "UpstreamPool",
     "UpstreamProtocolError",
     "UpstreamWire",
+    "autodiscover_kind",
     "basic_user",
     "blocked_response",
     "end_to_end",
