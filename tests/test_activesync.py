@@ -820,12 +820,12 @@ async def _pool_exchange(pool: Any, answers: list[bytes | None]) -> list[tuple[i
             conn = conn or await pool.connect()
             conn.send(request_head(b"GET", b"/", [(b"Host", b"x")], 0), b"")
             try:
-                status = (await conn.read_head(5)).status
+                head = await conn.read_head(5)
                 break
             except UpstreamClosedEarly:
                 assert conn.reused
                 conn = None
-        body = b""
+        status, body = head.status, head.body or b""  # the body may come whole with its head
         while chunk := await conn.read_body(5):
             body += chunk
         pool.release(conn)

@@ -19,6 +19,7 @@ from proxy.frontends.activesync.wire import (
     UpstreamProtocolError,
     UpstreamWire,
     end_to_end,
+    forward_head,
     forwarded_headers,
     request_head,
 )
@@ -41,6 +42,11 @@ def _drain(wire: UpstreamWire, head: list[ResponseHead], body: list[bytes]) -> b
         if isinstance(event, ResponseHead):
             assert not head and not body, "a second head"
             head.append(event)
+            if event.body is not None:  # the whole body came with the head
+                assert event.length == len(event.body)
+                body.append(event.body)
+                assert wire.next_event() == b"", "a body event after the whole body"
+                return True
         elif event:
             assert head, "body before head"
             body.append(event)
@@ -129,6 +135,33 @@ def test_keep_alive_cycles_and_reuse() -> None:
     wire = _wire()
     answer([b"HTTP/1.1 200 OK\r\n\r\nuntil close"], wire=wire)
     assert not wire.reusable
+
+
+def test_a_whole_answer_comes_with_its_head() -> None:
+    """An answer of known length read in one piece is handed out as one head carrying
+    its body, then the end; in pieces, the head has no body and the pieces follow."""
+    data = b"HTTP/1.1 200 OK\r\nContent-Type: x\r\nContent-Length: 5\r\n\r\nhello"
+    wire = _wire()
+    wire.receive_data(data)
+    head = wire.next_event()
+    assert isinstance(head, ResponseHead)
+    assert (head.body, head.length, head.lowered) == (b"hello", 5,
+                                                       [b"content-type", b"content-length"])
+    assert wire.next_event() == b""
+    assert wire.reusable
+    wire = _wire()
+    wire.receive_data(data[:-2])
+    head = wire.next_event()
+    assert isinstance(head, ResponseHead) and head.body is None
+    assert wire.next_event() == b"hel"
+    wire.receive_data(data[-2:])
+    assert (wire.next_event(), wire.next_event()) == (b"lo", b"")
+    wire = _wire()
+    wire.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+                      b"0\r\n\r\n")
+    head = wire.next_event()
+    assert isinstance(head, ResponseHead) and head.body is None  # chunked: streamed
+    assert (wire.next_event(), wire.next_event()) == (b"ok", b"")
 
 
 BAD = [
@@ -263,6 +296,39 @@ def test_a_written_head_parses_back_to_exactly_its_headers(
     assert b"".join(urls) == b"/" + target
     # llhttp trims the spaces around a value, as any recipient must (RFC 9110 5.5)
     assert got == [*((k, v.strip(b" \t")) for k, v in sent), (b"Content-Length", b"2")]
+
+
+_HEADERS = st.lists(st.tuples(
+    st.sampled_from([b"Host", b"host", b"Connection", b"Content-Length", b"X-Forwarded-For",
+                     b"Authorization", b"TE", b"X-A", b"x-a", b"Upgrade", b"Forwarded"])
+    | _NAME, st.sampled_from([b"x-a", b"close, X-A", b" te ", b"5"]) | st.binary(max_size=8)),
+    max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_HEADERS, st.sampled_from([b"/", b"/p?q", b"/ x", b""]),
+       st.sampled_from([frozenset(), frozenset({b"content-length"}),
+                        frozenset({b"forwarded", b"content-length"})]), st.integers(0, 3))
+@example(headers=[(b"a\nb", b"1"), (b"Connection", b"a\nb")], target=b"/",
+         drop=frozenset(), body_length=0)
+def test_forward_head_is_request_head_of_forwarded_headers(
+        headers: list[tuple[bytes, bytes]], target: bytes, drop: frozenset[bytes],
+        body_length: int) -> None:
+    """The one-pass head of a forwarded request is exactly request_head of the upstream's
+    Host and forwarded_headers: the same bytes, or UnsendableRequest for both."""
+    def composed() -> bytes:
+        return request_head(b"POST", target, [(b"Host", b"up:8080"), *forwarded_headers(
+            headers, "10.0.0.1", "https", drop)], body_length).data
+
+    try:
+        expected = composed()
+    except UnsendableRequest:
+        with pytest.raises(UnsendableRequest):
+            forward_head(b"POST", target, b"up:8080", headers, "10.0.0.1", "https", drop,
+                         body_length)
+        return
+    assert forward_head(b"POST", target, b"up:8080", headers, "10.0.0.1", "https", drop,
+                        body_length).data == expected
 
 
 # ------------------------------------------------------------------ header filter

@@ -32,9 +32,9 @@ from proxy.frontends.activesync.wire import (
     UpstreamClosedEarly,
     UpstreamProtocolError,
     end_to_end,
+    forward_head,
     forwarded_headers,
     header_text,
-    request_head,
 )
 
 if TYPE_CHECKING:
@@ -74,12 +74,12 @@ class Progress:
         self.response: web.StreamResponse | None = None
 
 
-def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
-               ) -> CIMultiDict[str]:
+def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset(),
+                   lowered: list[bytes] | None = None) -> CIMultiDict[str]:
     """Upstream answer headers for the client: end to end only, as aiohttp text (all
     decoded at once when they are UTF-8 and hold no line feed, as parsed headers
-    cannot; else one by one)."""
-    kept = end_to_end(headers, drop)
+    cannot; else one by one). ``lowered``: their names in lower case, when known."""
+    kept = end_to_end(headers, drop, lowered)
     try:
         items = b"\n".join([k + b"\n" + v for k, v in kept]).decode().split("\n")
     except UnicodeDecodeError:
@@ -143,10 +143,10 @@ class Forwarder:
         query, ``Host`` the upstream's, the forwarded headers, ``Content-Length`` the
         body's (``UnsendableRequest`` when a header is not valid HTTP). Written anew for
         every request: nothing of a client's credentials outlives it."""
-        headers = [(b"Host", self.pool.host_header), *self._headers(request, drop)]
-        return request_head(request.method.encode(),
+        return forward_head(request.method.encode(),
                             upstream_target(request.raw_path).encode("utf-8", "surrogateescape"),
-                            headers, body_length)
+                            self.pool.host_header, request.raw_headers, request.remote or "",
+                            request.scheme, drop, body_length)
 
     async def check_credentials(self, request: web.BaseRequest) -> web.Response | None:
         """Ask the upstream to check the credentials (``OPTIONS`` with the same
@@ -227,14 +227,17 @@ class Forwarder:
                 await on_auth_failed(request)
             reason = header_text(head.reason)
             if head.length is not None and head.length <= CHUNK_BYTES:
-                data = b""
-                while chunk := await conn.read_body(timeout):
-                    data += chunk
+                data = head.body  # most answers: it came whole with its head
+                if data is None:
+                    data = b""
+                    while chunk := await conn.read_body(timeout):
+                        data += chunk
                 return web.Response(status=head.status, reason=reason, body=data,
-                                    headers=client_headers(head.headers, _CONTENT_LENGTH))
+                                    headers=client_headers(head.headers, _CONTENT_LENGTH,
+                                                           head.lowered))
             # A chunked answer's Content-Length, if any, is not the client's framing.
             out = client_headers(head.headers, _CONTENT_LENGTH if head.length is None
-                             else frozenset())
+                                 else frozenset(), head.lowered)
             progress.response = response = web.StreamResponse(
                 status=head.status, reason=reason, headers=out)
             await response.prepare(request)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final, cast
+from collections.abc import Awaitable
+from typing import Any, Final, Literal, cast, overload
 
 from yarl import URL
 
@@ -62,7 +63,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -78,21 +81,6 @@ class UpstreamConnection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def _more(self, timeout: float) -> None:
-        """Wait until bytes arrive or the connection ends (TimeoutError after
-        ``timeout`` seconds)."""
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        self._waiter = fut = loop.create_future()
-        timer = loop.call_later(timeout, _expire, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            self._waiter = None
-
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -105,7 +93,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(self.wire.request(head, body))
         self._starved = True  # nothing of the answer has been given to the wire yet
 
-    async def _next_event(self, timeout: float) -> ResponseHead | bytes:
+    @overload
+    async def _next_event(self, timeout: float, head: Literal[True]) -> ResponseHead: ...
+    @overload
+    async def _next_event(self, timeout: float, head: Literal[False]) -> bytes: ...
+
+    async def _next_event(self, timeout: float, head: bool) -> ResponseHead | bytes:
+        """The wire's next event, the head (``head``) or a body piece, fed with what
+        arrived or waited for (``TimeoutError`` after ``timeout`` seconds without a
+        byte). One coroutine, the waiting inlined: it runs for every answer."""
         wire = self.wire
         while True:
             if self._starved:  # the wire needs bytes: give it some, or wait for them
@@ -119,28 +115,35 @@ class UpstreamConnection(asyncio.Protocol):
                 elif self.closed:
                     raise UpstreamProtocolError("upstream answer cut short")
                 else:
-                    await self._more(timeout)
+                    if self._paused and self.transport is not None:
+                        self._paused = False
+                        self.transport.resume_reading()
+                    loop = asyncio.get_running_loop()
+                    self._waiter = fut = loop.create_future()
+                    timer = loop.call_later(timeout, _expire, fut)
+                    try:
+                        await fut
+                    finally:
+                        timer.cancel()
+                        self._waiter = None
                     continue
                 self._starved = False
             event = wire.next_event()
             if event is not None:
+                if isinstance(event, ResponseHead) is not head:
+                    raise UpstreamProtocolError("upstream answer out of order")
                 return event
             self._starved = True
 
-    async def read_head(self, timeout: float) -> ResponseHead:
-        """The answer's status line and headers (``UpstreamClosedEarly`` when the
-        connection ended before any byte of it)."""
-        event = await self._next_event(timeout)
-        if not isinstance(event, ResponseHead):
-            raise UpstreamProtocolError("upstream answer out of order")
-        return event
+    def read_head(self, timeout: float) -> Awaitable[ResponseHead]:
+        """The answer's status line and headers, with the whole body when it came with
+        them (``UpstreamClosedEarly`` when the connection ended before any byte of
+        it)."""
+        return self._next_event(timeout, True)
 
-    async def read_body(self, timeout: float) -> bytes:
+    def read_body(self, timeout: float) -> Awaitable[bytes]:
         """The next piece of the answer's body, at most CHUNK_BYTES; b"" at its end."""
-        event = await self._next_event(timeout)
-        if isinstance(event, ResponseHead):
-            raise UpstreamProtocolError("upstream answer out of order")
-        return event
+        return self._next_event(timeout, False)
 
     @property
     def reusable(self) -> bool:

@@ -44,6 +44,8 @@ import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Final
 
 import httptools
@@ -75,6 +77,8 @@ _TOKEN: Final = re.compile(_TCHAR + b"+")
 _TOKENS: Final = re.compile(_TCHAR + b"+(?::" + _TCHAR + b"+)*")  # names joined with ":"
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")  # no spaces, controls or non-ASCII
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # forbidden in a field value
+_NAME: Final = itemgetter(0)  # of a Header (C, no Python frame per header)
+_VALUE: Final = itemgetter(1)
 
 
 class UpstreamProtocolError(OSError):
@@ -93,23 +97,44 @@ class _Stop(Exception):
     """Raised in a parser callback to stop llhttp (a HEAD answer's end, or an error)."""
 
 
-def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset()
-               ) -> list[Header]:
+def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
+               lowered: list[bytes] | None = None) -> list[Header]:
     """``headers`` in order without the hop-by-hop ones: the fixed set, those the
-    ``Connection`` header names, and the lower-case names in ``drop``."""
+    ``Connection`` header names, and the lower-case names in ``drop``. ``lowered``:
+    the names of ``headers`` in lower case, when the caller has them."""
     headers = list(headers)
-    return _end_to_end(headers, [k.lower() for k, _ in headers], drop)
+    return _end_to_end(headers, lower_names(headers) if lowered is None else lowered, drop)
 
 
-def _end_to_end(headers: list[Header], lowered: list[bytes], drop: frozenset[bytes]
+def lower_names(headers: Sequence[Header]) -> list[bytes]:
+    """The lower-case names of ``headers``, in order (three C calls for all of them
+    when no name holds a line feed, which no parsed header can)."""
+    lowered = b"\n".join(map(_NAME, headers)).lower().split(b"\n")
+    if len(lowered) != len(headers):
+        lowered = [k.lower() for k, _ in headers]
+    return lowered
+
+
+def _end_to_end(headers: Sequence[Header], lowered: list[bytes], drop: frozenset[bytes]
                 ) -> list[Header]:
-    skip = HOP_BY_HOP
+    skip = _hop_by_hop_and(drop)
     if b"connection" in lowered:
-        skip = skip.union(*(connection_names(v) for (_, v), lk in zip(headers, lowered,
-                                                                       strict=True)
-                            if lk == b"connection"))
-    return [h for h, lk in zip(headers, lowered, strict=True)
-            if lk not in skip and lk not in drop]
+        skip = _and_connection_names(skip, headers, lowered)
+    return [h for h, lk in zip(headers, lowered, strict=True) if lk not in skip]
+
+
+def _and_connection_names(skip: frozenset[bytes], headers: Sequence[Header],
+                          lowered: list[bytes]) -> frozenset[bytes]:
+    """``skip`` and the names the ``Connection`` headers list."""
+    return skip.union(*(connection_names(v) for (_, v), lk in zip(headers, lowered, strict=True)
+                        if lk == b"connection"))
+
+
+@functools.lru_cache(maxsize=16)
+def _hop_by_hop_and(drop: frozenset[bytes]) -> frozenset[bytes]:
+    """:data:`HOP_BY_HOP` and ``drop`` (the few drop sets are joined once, not per
+    request)."""
+    return HOP_BY_HOP | drop
 
 
 def connection_names(value: bytes) -> frozenset[bytes]:
@@ -123,14 +148,26 @@ def forwarded_headers(headers: Sequence[Header], remote: str, scheme: str,
     ``Host`` and the names in ``drop``; ``X-Forwarded-For`` (``remote``: a client's own
     value is dropped, since no proxy in front of mailward is trusted),
     ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's first ``Host``) set."""
-    headers = list(headers)
-    lowered = [k.lower() for k, _ in headers]
-    out = _end_to_end(headers, lowered, _replaced_and(drop))
-    out.append((b"X-Forwarded-For", remote.encode()))
-    out.append((b"X-Forwarded-Proto", scheme.encode()))
+    return _forwarded(headers, lower_names(headers), remote.encode(), scheme.encode(),
+                      drop)[0]
+
+
+def _forwarded(headers: Sequence[Header], lowered: list[bytes], remote: bytes,
+               scheme: bytes, drop: frozenset[bytes]) -> tuple[list[Header], list[bytes]]:
+    """:func:`forwarded_headers` from the names already lowered, with the lower-case
+    names of what it returns."""
+    skip = _hop_by_hop_and(_replaced_and(drop))
+    if b"connection" in lowered:
+        skip = _and_connection_names(skip, headers, lowered)
+    keep = [lk not in skip for lk in lowered]
+    out = list(compress(headers, keep))
+    out_lowered = list(compress(lowered, keep))
+    out += ((b"X-Forwarded-For", remote), (b"X-Forwarded-Proto", scheme))
+    out_lowered += (b"x-forwarded-for", b"x-forwarded-proto")
     if b"host" in lowered:
         out.append((b"X-Forwarded-Host", headers[lowered.index(b"host")][1]))
-    return out
+        out_lowered.append(b"x-forwarded-host")
+    return out, out_lowered
 
 
 @functools.lru_cache(maxsize=16)
@@ -164,29 +201,51 @@ def request_head(method: bytes, target: bytes, headers: list[Header], body_lengt
     HTTP/1.1): ``method`` a token, ``target`` visible ASCII, exactly one ``Host``,
     header names tokens and values free of control bytes (CR, LF, NUL...). The body's
     framing is written here (``Content-Length`` with a body or for POST), so the
-    headers must not carry their own. (Names and values are checked joined, one
-    regular expression each: this runs for every request.)"""
+    headers must not carry their own."""
+    return _checked_head(method, target, headers, lower_names(headers), body_length)
+
+
+def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[Header],
+                 remote: str, scheme: str, drop: frozenset[bytes], body_length: int
+                 ) -> RequestHead:
+    """``request_head(method, target, [(b"Host", host), *forwarded_headers(headers,
+    remote, scheme, drop)], body_length)`` with the names lowered once: the head of
+    every request mailward forwards (the same bytes and the same checks, which a
+    property test holds it to)."""
+    lowered = lower_names(headers)
+    out, out_lowered = _forwarded(headers, lowered, remote.encode(), scheme.encode(), drop)
+    out.insert(0, (b"Host", host))
+    out_lowered.insert(0, b"host")
+    return _checked_head(method, target, out, out_lowered, body_length)
+
+
+def _checked_head(method: bytes, target: bytes, headers: list[Header], lowered: list[bytes],
+                  body_length: int) -> RequestHead:
+    """:func:`request_head`, ``lowered`` the names in lower case. (Names and values are
+    checked joined, one regular expression each, and the lines written by C calls
+    alone: this runs for every request.)"""
     if not _TOKEN.fullmatch(method):
         raise UnsendableRequest("request method is not a token")
     if not _TARGET.fullmatch(target):
         raise UnsendableRequest("request target is not visible ASCII")
-    names = b":".join([k for k, _ in headers])  # ":" is no token character, so
-    lowered = names.lower().split(b":")  # one part per name unless a name holds one
-    if not _TOKENS.fullmatch(names) or len(lowered) != len(headers) or \
-            _CONTROL.search(b"\t".join([v for _, v in headers])):
+    names = b":".join(map(_NAME, headers))  # ":" is no token character, so one ":"
+    values = list(map(_VALUE, headers))  # fewer than the headers means a name holds one
+    if not _TOKENS.fullmatch(names) or names.count(b":") != len(headers) - 1 or \
+            _CONTROL.search(b"\t".join(values)):
         raise UnsendableRequest("a header is not valid HTTP")
     if lowered.count(b"host") != 1:
         raise UnsendableRequest("a request needs exactly one Host header")
     if not _FRAMING.isdisjoint(lowered):
         raise UnsendableRequest("the body's framing is the wire's")
-    lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
     # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
     # llhttp strips a trailing space but not a trailing tab, so strip both here.
-    lines += [k + b": " + v.strip(b" \t") + b"\r\n" for k, v in headers]
+    stripped = map(bytes.strip, values, repeat(b" \t"))
+    lines = b"\r\n".join(map(b": ".join, zip(map(_NAME, headers), stripped, strict=True)))
     if body_length or method == b"POST":
-        lines.append(b"Content-Length: %d\r\n" % body_length)
-    lines.append(b"\r\n")
-    return RequestHead(method, b"".join(lines), body_length)
+        return RequestHead(method, b"%s %s HTTP/1.1\r\n%s\r\nContent-Length: %d\r\n\r\n"
+                           % (method, target, lines, body_length), body_length)
+    return RequestHead(method, b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, lines),
+                       body_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +258,11 @@ class ResponseHead:
     #: Body size when known before reading it (Content-Length, or 0 when the answer
     #: has no body); None for chunked or close-delimited bodies.
     length: int | None
+    #: The names of ``headers`` in lower case, in order.
+    lowered: list[bytes]
+    #: The whole body, when its length was known and all of it arrived by the time the
+    #: head was handed out (then no body event follows, only ``b""``); else None.
+    body: bytes | None = None
 
 
 class UpstreamWire:
@@ -207,9 +271,9 @@ class UpstreamWire:
     The ``on_*`` methods are llhttp's callbacks (httptools calls them from
     ``feed_data``), not for callers."""
 
-    __slots__ = ("_body", "_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_headers",
-                 "_interim", "_keep_alive", "_method", "_parser", "_reason", "_stall",
-                 "_started", "_to_close", "_trailing")
+    __slots__ = ("_body", "_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_head",
+                 "_headers", "_interim", "_keep_alive", "_method", "_parser", "_reason",
+                 "_stall", "_started", "_to_close", "_trailing")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -217,14 +281,12 @@ class UpstreamWire:
         self._eof = False  # the upstream closed the connection
         self._events: deque[ResponseHead | bytes] = deque()
         self._body: list[bytes] = []  # pieces of the body from one receive_data
-        self._error: UpstreamProtocolError | None = None
-        self._headers: list[Header] = []
-        self._reset(b"")
+        self._method = b""
+        self._reset()
 
-    def _reset(self, method: bytes) -> None:
-        self._method = method
+    def _reset(self) -> None:
         self._events.clear()
-        self._error = None
+        self._error: UpstreamProtocolError | None = None
         self._got_bytes = False  # something arrived for the current request
         self._started = False  # the head of the final answer was read
         self._done = False  # the answer to the current request was read whole
@@ -233,8 +295,11 @@ class UpstreamWire:
         self._keep_alive = False
         self._interim = False  # the answer being read is a 1xx
         self._stall = 0  # bytes given to the parser since it last made progress
-        self._headers = []
+        self._headers: list[Header] = []
         self._reason = b""
+        # The final answer's head, read in this receive_data, not yet an event:
+        # (status, lower-case names, known length).
+        self._head: tuple[int, list[bytes], int | None] | None = None
 
     def request(self, head: RequestHead, body: bytes) -> bytes:
         """The bytes of a request (``head`` from :func:`request_head`) and its body."""
@@ -243,7 +308,8 @@ class UpstreamWire:
         if self._dead:
             self._parser = httptools.HttpResponseParser(self)
             self._dead = False
-        self._reset(head.method)
+        self._method = head.method
+        self._reset()
         return head.data + body if body else head.data
 
     def receive_data(self, data: bytes) -> None:
@@ -269,11 +335,27 @@ class UpstreamWire:
             if not self._done and self._error is None:
                 self._error = UpstreamProtocolError(f"bad upstream answer: {e}")
         finally:
-            if self._body:
-                self._events.append(b"".join(self._body))
-                self._body.clear()
+            self._events_from_feed()
         if not self._done and self._error is None and self._stall > MAX_HEAD_BYTES:
             self._error = UpstreamProtocolError("upstream answer head too long")
+
+    def _events_from_feed(self) -> None:
+        """The head and body pieces one ``feed_data`` read, as events: the head with
+        the whole body when both arrived and its length was known (most EAS answers:
+        no body event to hand out), else the head, then the body in one piece."""
+        body = self._body
+        if self._head is not None:
+            status, lowered, length = self._head
+            self._head = None
+            whole = None
+            if self._done and length is not None:
+                whole = b"".join(body)
+                body.clear()
+            self._events.append(ResponseHead(status, self._reason, self._headers, length,
+                                             lowered, whole))
+        if body:
+            self._events.append(b"".join(body))
+            body.clear()
 
     def _end_of_connection(self) -> UpstreamProtocolError | None:
         """What the end of the connection means for an unfinished answer: the end of a
@@ -334,30 +416,27 @@ class UpstreamWire:
             return
         if _CONTROL.search(self._reason):
             self._fail("control bytes in the reason")
-        length, chunked = self._framing()
+        lowered = lower_names(self._headers)
+        length: int | None = None
+        chunked = False
+        if self._method == b"HEAD" or status in _NO_BODY:
+            length = 0
+        elif b"transfer-encoding" in lowered:
+            # llhttp refused it beside Content-Length; only "chunked", once, is read
+            codings = [v for (_, v), lk in zip(self._headers, lowered, strict=True)
+                       if lk == b"transfer-encoding"]
+            if len(codings) != 1 or codings[0].lower() != b"chunked":
+                self._fail("transfer coding other than chunked")
+            chunked = True
+        elif b"content-length" in lowered:  # llhttp checked: digits, once, no overflow
+            length = int(self._headers[lowered.index(b"content-length")][1])
         self._to_close = length is None and not chunked
-        self._events.append(ResponseHead(status, self._reason, self._headers, length))
+        self._head = (status, lowered, length)
         self._started, self._stall = True, 0
         if self._method == b"HEAD":  # llhttp would wait for the body Content-Length names
             self._keep_alive = False
             self._done = True
             raise _Stop
-
-    def _framing(self) -> tuple[int | None, bool]:
-        """The answer's known body length and whether it is chunked."""
-        if self._method == b"HEAD" or self._parser.get_status_code() in _NO_BODY:
-            return 0, False
-        length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    self._fail("transfer coding other than chunked")
-                chunked = True
-            elif lower == b"content-length":
-                length = int(value)  # llhttp checked: digits, one value, no overflow
-        return (None, True) if chunked else (length, False)
 
     def on_body(self, piece: bytes) -> None:
         self._stall = 0
