@@ -23,10 +23,13 @@ import collections
 import contextlib
 import importlib.util
 import json
+import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -121,7 +124,7 @@ def _short(path: str) -> str:
     return path
 
 
-def count(tree: Path, requests: int, top: int) -> dict[str, Any]:
+def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
     """Start mailward from ``tree``'s bench script and count calls per request."""
     spec = importlib.util.spec_from_file_location("tree_bench", tree / "bench" / "activesync.py")
     assert spec is not None and spec.loader is not None
@@ -148,12 +151,36 @@ def count(tree: Path, requests: int, top: int) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
         else:
             raise RuntimeError("mailward did not start")
-        request = bench._request("dev0")
-        for _ in range(WARMUP):
-            assert (await client.exchange(request)).startswith(b"HTTP/1.1 200")
+        clients = [client] + [(await loop.create_connection(_Client, "127.0.0.1", mw_port))[1]
+                              for _ in range(conns - 1)]
+
+        async def run(client: _Client, request: bytes, n: int) -> None:
+            for _ in range(n):
+                assert (await client.exchange(request)).startswith(b"HTTP/1.1 200")
+
+        reqs = [bench._request(f"dev{i % conns}") for i in range(conns)]
+        await asyncio.gather(*(run(c, r, WARMUP) for c, r in zip(clients, reqs, strict=True)))
+        cpu = []
+        for _ in range(3):  # CPU time of the whole process (client and upstream too)
+            t0 = time.process_time()
+            await asyncio.gather(*(run(c, r, requests // conns)
+                                   for c, r in zip(clients, reqs, strict=True)))
+            cpu.append(time.process_time() - t0)
+        result["cpu_us"] = min(cpu) / (requests // conns * conns) * 1e6
+        if os.environ.get("CALLS_CPROFILE"):  # where the time goes, by function
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            await asyncio.gather(*(run(c, r, requests // conns)
+                                   for c, r in zip(clients, reqs, strict=True)))
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(
+                int(os.environ["CALLS_CPROFILE"]))
         sys.setprofile(counter)
-        for _ in range(requests):
-            await client.exchange(request)
+        await asyncio.gather(*(run(c, r, requests // conns)
+                               for c, r in zip(clients, reqs, strict=True)))
         sys.setprofile(None)
         task.cancel()
         upstream.close()
@@ -167,7 +194,8 @@ def count(tree: Path, requests: int, top: int) -> dict[str, Any]:
                                     if not k.startswith("__")})
     shim.run = run
     bench.asyncio = shim
-    bench.run_mailward(mw_port, up_port, state, 4)
+    bench.run_mailward(mw_port, up_port, state, max(conns, 4))
+    requests = requests // conns * conns
     result.update(python=counter.python / requests, c=counter.c / requests,
                   total=(counter.python + counter.c) / requests,
                   top=[(name, n / requests) for name, n in counter.by_name.most_common(top)])
@@ -176,23 +204,37 @@ def count(tree: Path, requests: int, top: int) -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "count":
-        print(json.dumps(count(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(count(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                               int(sys.argv[5]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--top", type=int, default=0, help="list the N most called functions")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
+    ap.add_argument("--conns", type=int, default=1,
+                    help="connections, each one device, sending concurrently")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR")
     args = ap.parse_args()
     trees = [("mailward", str(ROOT)), *(t.split("=", 1) for t in args.tree)]
-    rows = []
-    for name, tree in trees:
-        out = subprocess.run([sys.executable, HERE, "count", tree, str(args.requests),
-                              str(args.top)], capture_output=True, text=True, check=True)
-        rows.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
-    print(f"calls per small Sync request (mean of {args.requests}, one connection, uvloop)")
-    print(f"{'tree':<12} {'total':>8} {'Python':>8} {'C':>8}  proxy package")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
+    for r in range(args.rounds):  # interleaved, the order rotating, for the CPU column
+        order = trees[r % len(trees):] + trees[:r % len(trees)]
+        for name, tree in order:
+            out = subprocess.run([sys.executable, HERE, "count", tree, str(args.requests),
+                                  str(args.top), str(args.conns)],
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"calls per small Sync request (mean of {args.requests}, {args.conns} "
+          f"connection(s) and device(s), uvloop); CPU us per request of the whole process "
+          f"(mailward, client and upstream), median (min-max) of {args.rounds} rounds")
+    print(f"{'tree':<12} {'total':>8} {'Python':>8} {'C':>8} {'CPU us':>8} {'(min-max)':>13}"
+          f"  proxy package")
+    rows = [(name, rs[0]) for name, rs in runs.items()]
     for name, r in rows:
-        print(f"{name:<12} {r['total']:>8.1f} {r['python']:>8.1f} {r['c']:>8.1f}  {r['proxy']}")
+        cpu = [x["cpu_us"] for x in runs[name]]
+        span = f"{min(cpu):.1f}-{max(cpu):.1f}"
+        print(f"{name:<12} {r['total']:>8.1f} {r['python']:>8.1f} {r['c']:>8.1f} "
+              f"{statistics.median(cpu):>8.1f} {span:>13}  {r['proxy']}")
     for name, r in rows:
         if r["top"]:
             print(f"\n{name}: most called per request")

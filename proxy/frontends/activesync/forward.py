@@ -66,12 +66,10 @@ OnAuthFailed = Callable[[web.BaseRequest], Awaitable[None]]
 
 
 class Progress:
-    """How far an exchange got: the response, once one was started."""
+    """How far an exchange got: the response, once one was started. (No ``__init__``:
+    made for every request, and most never set it.)"""
 
-    __slots__ = ("response",)
-
-    def __init__(self) -> None:
-        self.response: web.StreamResponse | None = None
+    response: web.StreamResponse | None = None
 
 
 def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset(),
@@ -81,7 +79,7 @@ def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset(),
     cannot; else one by one). ``lowered``: their names in lower case, when known."""
     kept = end_to_end(headers, drop, lowered)
     try:
-        items = b"\n".join([k + b"\n" + v for k, v in kept]).decode().split("\n")
+        items = b"\n".join(map(b"\n".join, kept)).decode().split("\n")
     except UnicodeDecodeError:
         items = []
     if len(items) == 2 * len(kept) and kept:

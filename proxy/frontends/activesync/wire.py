@@ -44,7 +44,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Final
 
@@ -103,7 +103,12 @@ def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
     ``Connection`` header names, and the lower-case names in ``drop``. ``lowered``:
     the names of ``headers`` in lower case, when the caller has them."""
     headers = list(headers)
-    return _end_to_end(headers, lower_names(headers) if lowered is None else lowered, drop)
+    if lowered is None:
+        lowered = lower_names(headers)
+    skip = _hop_by_hop_and(drop)
+    if b"connection" in lowered:
+        skip = _and_connection_names(skip, headers, lowered)
+    return [h for h, lk in zip(headers, lowered, strict=True) if lk not in skip]
 
 
 def lower_names(headers: Sequence[Header]) -> list[bytes]:
@@ -113,14 +118,6 @@ def lower_names(headers: Sequence[Header]) -> list[bytes]:
     if len(lowered) != len(headers):
         lowered = [k.lower() for k, _ in headers]
     return lowered
-
-
-def _end_to_end(headers: Sequence[Header], lowered: list[bytes], drop: frozenset[bytes]
-                ) -> list[Header]:
-    skip = _hop_by_hop_and(drop)
-    if b"connection" in lowered:
-        skip = _and_connection_names(skip, headers, lowered)
-    return [h for h, lk in zip(headers, lowered, strict=True) if lk not in skip]
 
 
 def _and_connection_names(skip: frozenset[bytes], headers: Sequence[Header],
@@ -148,26 +145,13 @@ def forwarded_headers(headers: Sequence[Header], remote: str, scheme: str,
     ``Host`` and the names in ``drop``; ``X-Forwarded-For`` (``remote``: a client's own
     value is dropped, since no proxy in front of mailward is trusted),
     ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's first ``Host``) set."""
-    return _forwarded(headers, lower_names(headers), remote.encode(), scheme.encode(),
-                      drop)[0]
-
-
-def _forwarded(headers: Sequence[Header], lowered: list[bytes], remote: bytes,
-               scheme: bytes, drop: frozenset[bytes]) -> tuple[list[Header], list[bytes]]:
-    """:func:`forwarded_headers` from the names already lowered, with the lower-case
-    names of what it returns."""
-    skip = _hop_by_hop_and(_replaced_and(drop))
-    if b"connection" in lowered:
-        skip = _and_connection_names(skip, headers, lowered)
-    keep = [lk not in skip for lk in lowered]
-    out = list(compress(headers, keep))
-    out_lowered = list(compress(lowered, keep))
-    out += ((b"X-Forwarded-For", remote), (b"X-Forwarded-Proto", scheme))
-    out_lowered += (b"x-forwarded-for", b"x-forwarded-proto")
+    lowered = lower_names(headers)
+    out = end_to_end(headers, _replaced_and(drop), lowered)
+    out.append((b"X-Forwarded-For", remote.encode()))
+    out.append((b"X-Forwarded-Proto", scheme.encode()))
     if b"host" in lowered:
         out.append((b"X-Forwarded-Host", headers[lowered.index(b"host")][1]))
-        out_lowered.append(b"x-forwarded-host")
-    return out, out_lowered
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,50 +186,111 @@ def request_head(method: bytes, target: bytes, headers: list[Header], body_lengt
     header names tokens and values free of control bytes (CR, LF, NUL...). The body's
     framing is written here (``Content-Length`` with a body or for POST), so the
     headers must not carry their own."""
-    return _checked_head(method, target, headers, lower_names(headers), body_length)
+    names = list(map(_NAME, headers))
+    return _written(method, target, _template(names), _names_error(names, lower_names(headers)),
+                    list(map(_VALUE, headers)), body_length)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How :func:`forward_head` writes the requests with one sequence of header names
+    (without a ``Connection`` header): the same for every request a phone sends."""
+
+    keep: tuple[int, ...]  # the client's headers forwarded, by position
+    host_at: int  # the client's first Host (X-Forwarded-Host), or -1
+    template: bytes  # the head with a %s for method, target and each value
+    error: str | None  # why the names cannot be sent, if they cannot
+
+
+#: Plans by the client's header names (no values: nothing of a credential) and the
+#: names dropped; emptied when full.
+_PLANS: dict[tuple[bytes, frozenset[bytes]], _Plan | None] = {}
+_PLANS_MAX: Final = 512
 
 
 def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[Header],
                  remote: str, scheme: str, drop: frozenset[bytes], body_length: int
                  ) -> RequestHead:
     """``request_head(method, target, [(b"Host", host), *forwarded_headers(headers,
-    remote, scheme, drop)], body_length)`` with the names lowered once: the head of
-    every request mailward forwards (the same bytes and the same checks, which a
-    property test holds it to)."""
-    lowered = lower_names(headers)
-    out, out_lowered = _forwarded(headers, lowered, remote.encode(), scheme.encode(), drop)
-    out.insert(0, (b"Host", host))
-    out_lowered.insert(0, b"host")
-    return _checked_head(method, target, out, out_lowered, body_length)
+    remote, scheme, drop)], body_length)``: the same bytes and the same checks (a
+    property test holds it to that), for every request mailward forwards. What depends
+    on the header names alone (which are forwarded, whether they are tokens, the
+    template of the head) is planned once per sequence of names and drop set; the
+    values are checked and written for each request."""
+    names = b"\n".join(map(_NAME, headers))
+    try:
+        plan = _PLANS[names, drop]
+    except KeyError:
+        plan = _plan(headers, names, drop)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[names, drop] = plan
+    if plan is None:  # a Connection header, or a name with a line feed
+        return request_head(method, target, [(b"Host", host), *forwarded_headers(
+            headers, remote, scheme, drop)], body_length)
+    values = [host, *[headers[i][1] for i in plan.keep], remote.encode(), scheme.encode()]
+    if plan.host_at >= 0:
+        values.append(headers[plan.host_at][1])
+    return _written(method, target, plan.template, plan.error, values, body_length)
 
 
-def _checked_head(method: bytes, target: bytes, headers: list[Header], lowered: list[bytes],
-                  body_length: int) -> RequestHead:
-    """:func:`request_head`, ``lowered`` the names in lower case. (Names and values are
-    checked joined, one regular expression each, and the lines written by C calls
-    alone: this runs for every request.)"""
+def _plan(headers: Sequence[Header], names: bytes, drop: frozenset[bytes]) -> _Plan | None:
+    """The plan for ``headers``' names (``names``, joined by line feeds), or None when
+    they need :func:`forwarded_headers` (a ``Connection`` header names more to drop)."""
+    lowered = names.lower().split(b"\n")
+    if len(lowered) != len(headers) or b"connection" in lowered:
+        return None
+    skip = _hop_by_hop_and(_replaced_and(drop))
+    keep = tuple(i for i, lk in enumerate(lowered) if lk not in skip)
+    host_at = lowered.index(b"host") if b"host" in lowered else -1
+    out = [b"Host", *(headers[i][0] for i in keep), b"X-Forwarded-For", b"X-Forwarded-Proto"]
+    out_lowered = [b"host", *(lowered[i] for i in keep), b"x-forwarded-for",
+                   b"x-forwarded-proto"]
+    if host_at >= 0:
+        out.append(b"X-Forwarded-Host")
+        out_lowered.append(b"x-forwarded-host")
+    return _Plan(keep, host_at, _template(out), _names_error(out, out_lowered))
+
+
+def _template(names: list[bytes]) -> bytes:
+    """A request head for ``%`` with method, target and a value for each of ``names``,
+    up to the body's framing."""
+    return b"%s %s HTTP/1.1\r\n" + b"".join([n.replace(b"%", b"%%") + b": %s\r\n"
+                                              for n in names])
+
+
+def _names_error(names: list[bytes], lowered: list[bytes]) -> str | None:
+    """Why a request with these header names cannot be sent, or None. (Checked joined,
+    one regular expression for all.)"""
+    joined = b":".join(names)  # ":" is no token character, so a name holding one
+    if not _TOKENS.fullmatch(joined) or joined.count(b":") != len(names) - 1:  # shows
+        return "a header is not valid HTTP"
+    if lowered.count(b"host") != 1:
+        return "a request needs exactly one Host header"
+    if not _FRAMING.isdisjoint(lowered):
+        return "the body's framing is the wire's"
+    return None
+
+
+def _written(method: bytes, target: bytes, template: bytes, error: str | None,
+             values: list[bytes], body_length: int) -> RequestHead:
+    """The head from its :func:`_template` and header values, after the checks."""
     if not _TOKEN.fullmatch(method):
         raise UnsendableRequest("request method is not a token")
     if not _TARGET.fullmatch(target):
         raise UnsendableRequest("request target is not visible ASCII")
-    names = b":".join(map(_NAME, headers))  # ":" is no token character, so one ":"
-    values = list(map(_VALUE, headers))  # fewer than the headers means a name holds one
-    if not _TOKENS.fullmatch(names) or names.count(b":") != len(headers) - 1 or \
-            _CONTROL.search(b"\t".join(values)):
-        raise UnsendableRequest("a header is not valid HTTP")
-    if lowered.count(b"host") != 1:
-        raise UnsendableRequest("a request needs exactly one Host header")
-    if not _FRAMING.isdisjoint(lowered):
-        raise UnsendableRequest("the body's framing is the wire's")
+    if error is not None:
+        raise UnsendableRequest(error)
     # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
-    # llhttp strips a trailing space but not a trailing tab, so strip both here.
-    stripped = map(bytes.strip, values, repeat(b" \t"))
-    lines = b"\r\n".join(map(b": ".join, zip(map(_NAME, headers), stripped, strict=True)))
+    # llhttp strips a trailing space but not a trailing tab, so strip both here. (Tab
+    # and space are no control bytes: stripping first changes nothing of the check.)
+    values = list(map(bytes.strip, values, repeat(b" \t")))
+    if _CONTROL.search(b"\t".join(values)):
+        raise UnsendableRequest("a header is not valid HTTP")
     if body_length or method == b"POST":
-        return RequestHead(method, b"%s %s HTTP/1.1\r\n%s\r\nContent-Length: %d\r\n\r\n"
-                           % (method, target, lines, body_length), body_length)
-    return RequestHead(method, b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, lines),
-                       body_length)
+        return RequestHead(method, (template + b"Content-Length: %d\r\n\r\n")
+                           % (method, target, *values, body_length), body_length)
+    return RequestHead(method, (template + b"\r\n") % (method, target, *values), body_length)
 
 
 @dataclass(frozen=True, slots=True)
