@@ -160,6 +160,10 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
 
         reqs = [bench._request(f"dev{i % conns}") for i in range(conns)]
         await asyncio.gather(*(run(c, r, WARMUP) for c, r in zip(clients, reqs, strict=True)))
+        import gc
+
+        gc0 = [g["collections"] for g in gc.get_stats()]
+        result["objects"] = len(gc.get_objects())
         cpu = []
         for _ in range(3):  # CPU time of the whole process (client and upstream too)
             t0 = time.process_time()
@@ -167,6 +171,8 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
                                    for c, r in zip(clients, reqs, strict=True)))
             cpu.append(time.process_time() - t0)
         result["cpu_us"] = min(cpu) / (requests // conns * conns) * 1e6
+        result["gc_per_1000"] = [(g["collections"] - c) * 1000 / (3 * requests)
+                                 for g, c in zip(gc.get_stats(), gc0, strict=True)]
         if os.environ.get("CALLS_CPROFILE"):  # where the time goes, by function
             import cProfile
             import pstats
@@ -178,10 +184,11 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
             prof.disable()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(
                 int(os.environ["CALLS_CPROFILE"]))
-        sys.setprofile(counter)
-        await asyncio.gather(*(run(c, r, requests // conns)
-                               for c, r in zip(clients, reqs, strict=True)))
-        sys.setprofile(None)
+        if not os.environ.get("CALLS_CPU_ONLY"):  # e.g. under perf record
+            sys.setprofile(counter)
+            await asyncio.gather(*(run(c, r, requests // conns)
+                                   for c, r in zip(clients, reqs, strict=True)))
+            sys.setprofile(None)
         task.cancel()
         upstream.close()
 

@@ -145,8 +145,8 @@ def test_a_whole_answer_comes_with_its_head() -> None:
     wire.receive_data(data)
     head = wire.next_event()
     assert isinstance(head, ResponseHead)
-    assert (head.body, head.length, head.lowered) == (b"hello", 5,
-                                                       [b"content-type", b"content-length"])
+    assert (head.body, head.length, head.headers) == (
+        b"hello", 5, [(b"Content-Type", b"x"), (b"Content-Length", b"5")])
     assert wire.next_event() == b""
     assert wire.reusable
     wire = _wire()
@@ -329,6 +329,21 @@ def test_forward_head_is_request_head_of_forwarded_headers(
         return
     assert forward_head(b"POST", target, b"up:8080", headers, "10.0.0.1", "https", drop,
                         body_length).data == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(_HEADERS, st.sampled_from([frozenset(), frozenset({b"content-length"})]))
+@example(headers=[(b"X-A", b"caf\xc3\xa9"), (b"X-B", b"\xff")], drop=frozenset())
+@example(headers=[(b"a\nb", b"1"), (b"X", b"2")], drop=frozenset())
+def test_client_headers_are_the_end_to_end_headers_as_text(
+        headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> None:
+    """The answer headers the client gets (planned by names) are exactly the end-to-end
+    headers, each name and value as text (UTF-8, else Latin-1), in order."""
+    from proxy.frontends.activesync.forward import client_headers
+    from proxy.frontends.activesync.wire import header_text
+
+    assert list(client_headers(headers, drop).items()) == [
+        (header_text(k), header_text(v)) for k, v in end_to_end(headers, drop)]
 
 
 # ------------------------------------------------------------------ header filter

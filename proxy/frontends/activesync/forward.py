@@ -26,7 +26,9 @@ from proxy.frontends.activesync.refusal import text_response
 from proxy.frontends.activesync.upstream import UpstreamPool
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
+    HOP_BY_HOP,
     Header,
+    Memo,
     RequestHead,
     UnsendableRequest,
     UpstreamClosedEarly,
@@ -34,7 +36,9 @@ from proxy.frontends.activesync.wire import (
     end_to_end,
     forward_head,
     forwarded_headers,
+    header_name,
     header_text,
+    split_names,
 )
 
 if TYPE_CHECKING:
@@ -72,19 +76,43 @@ class Progress:
     response: web.StreamResponse | None = None
 
 
-def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset(),
-                   lowered: list[bytes] | None = None) -> CIMultiDict[str]:
-    """Upstream answer headers for the client: end to end only, as aiohttp text (all
-    decoded at once when they are UTF-8 and hold no line feed, as parsed headers
-    cannot; else one by one). ``lowered``: their names in lower case, when known."""
-    kept = end_to_end(headers, drop, lowered)
-    try:
-        items = b"\n".join(map(b"\n".join, kept)).decode().split("\n")
-    except UnicodeDecodeError:
-        items = []
-    if len(items) == 2 * len(kept) and kept:
-        return CIMultiDict(zip(items[::2], items[1::2], strict=True))
-    return CIMultiDict((header_text(k), header_text(v)) for k, v in kept)
+def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
+                   ) -> CIMultiDict[str]:
+    """Upstream answer headers for the client: end to end only, as aiohttp text. Which
+    are kept and their names as text are planned once per sequence of names (an
+    upstream sends the same few); the values are decoded at once when they are UTF-8
+    and hold no line feed, as parsed headers cannot, else one by one."""
+    plan = _ANSWER_PLANS[b"\n".join(map(header_name, headers)), len(headers), drop]
+    if plan is not None:
+        keep, texts = plan
+        values = [headers[i][1] for i in keep]
+        try:
+            decoded = b"\n".join(values).decode().split("\n")
+        except UnicodeDecodeError:
+            decoded = []
+        if len(decoded) == len(values) and values:
+            return CIMultiDict(zip(texts, decoded, strict=True))
+    return CIMultiDict((header_text(k), header_text(v)) for k, v in end_to_end(headers, drop))
+
+
+def _answer_plan(names: bytes, count: int, drop: frozenset[bytes]
+                 ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """The positions of the end-to-end headers among ``count`` names (joined by line
+    feeds) and their names as text; None when a ``Connection`` header (whose value
+    names more) or a line feed in a name needs the general way."""
+    sent = split_names(names, count)
+    lowered = names.lower().split(b"\n")
+    if sent is None or b"connection" in lowered:
+        return None
+    keep = tuple(i for i, lk in enumerate(lowered) if lk not in HOP_BY_HOP and lk not in drop)
+    return keep, tuple([header_text(sent[i]) for i in keep])
+
+
+#: Answer header plans (:func:`client_headers`) by names, their number and the names
+#: dropped.
+_ANSWER_PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]],
+                          tuple[tuple[int, ...], tuple[str, ...]] | None]] = \
+    Memo(_answer_plan, 256)
 
 
 class Forwarder:
@@ -231,11 +259,10 @@ class Forwarder:
                     while chunk := await conn.read_body(timeout):
                         data += chunk
                 return web.Response(status=head.status, reason=reason, body=data,
-                                    headers=client_headers(head.headers, _CONTENT_LENGTH,
-                                                           head.lowered))
+                                    headers=client_headers(head.headers, _CONTENT_LENGTH))
             # A chunked answer's Content-Length, if any, is not the client's framing.
             out = client_headers(head.headers, _CONTENT_LENGTH if head.length is None
-                                 else frozenset(), head.lowered)
+                                 else frozenset())
             progress.response = response = web.StreamResponse(
                 status=head.status, reason=reason, headers=out)
             await response.prepare(request)

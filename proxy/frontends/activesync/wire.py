@@ -42,11 +42,11 @@ from __future__ import annotations
 import functools
 import re
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import httptools
 
@@ -58,6 +58,8 @@ CHUNK_BYTES: Final = 64 * 1024
 MAX_HEAD_BYTES: Final = 64 * 1024
 
 Header = tuple[bytes, bytes]
+K = TypeVar("K", bound=tuple[Any, ...])
+V = TypeVar("V")
 
 #: Headers that describe one connection, never forwarded (lower case).
 HOP_BY_HOP: Final = frozenset({
@@ -77,8 +79,8 @@ _TOKEN: Final = re.compile(_TCHAR + b"+")
 _TOKENS: Final = re.compile(_TCHAR + b"+(?::" + _TCHAR + b"+)*")  # names joined with ":"
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")  # no spaces, controls or non-ASCII
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # forbidden in a field value
-_NAME: Final = itemgetter(0)  # of a Header (C, no Python frame per header)
-_VALUE: Final = itemgetter(1)
+header_name: Final = itemgetter(0)  # of a Header (C, no Python frame per header)
+header_value: Final = itemgetter(1)
 
 
 class UpstreamProtocolError(OSError):
@@ -114,7 +116,7 @@ def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
 def lower_names(headers: Sequence[Header]) -> list[bytes]:
     """The lower-case names of ``headers``, in order (three C calls for all of them
     when no name holds a line feed, which no parsed header can)."""
-    lowered = b"\n".join(map(_NAME, headers)).lower().split(b"\n")
+    lowered = b"\n".join(map(header_name, headers)).lower().split(b"\n")
     if len(lowered) != len(headers):
         lowered = [k.lower() for k, _ in headers]
     return lowered
@@ -170,9 +172,11 @@ def header_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
-    """A request head written by :func:`request_head`, ready to send."""
+    """A request head written by :func:`request_head`, ready to send. (Not frozen: a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    three times slower, and one is made for every request.)"""
 
     method: bytes
     data: bytes
@@ -186,9 +190,9 @@ def request_head(method: bytes, target: bytes, headers: list[Header], body_lengt
     header names tokens and values free of control bytes (CR, LF, NUL...). The body's
     framing is written here (``Content-Length`` with a body or for POST), so the
     headers must not carry their own."""
-    names = list(map(_NAME, headers))
+    names = list(map(header_name, headers))
     return _written(method, target, _template(names), _names_error(names, lower_names(headers)),
-                    list(map(_VALUE, headers)), body_length)
+                    list(map(header_value, headers)), body_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +206,30 @@ class _Plan:
     error: str | None  # why the names cannot be sent, if they cannot
 
 
-#: Plans by the client's header names (no values: nothing of a credential) and the
-#: names dropped; emptied when full.
-_PLANS: dict[tuple[bytes, frozenset[bytes]], _Plan | None] = {}
-_PLANS_MAX: Final = 512
+class Memo(dict[K, V]):
+    """A bounded memo: ``memo[key]`` is ``make(*key)``, made once (a hit is one dict
+    lookup, no Python frame); emptied when ``size`` keys are held. For what depends on
+    the header names alone, which a phone or an upstream repeats all day."""
+
+    __slots__ = ("_make", "_size")
+
+    def __init__(self, make: Callable[..., V], size: int) -> None:
+        super().__init__()
+        self._make = make
+        self._size = size
+
+    def __missing__(self, key: K) -> V:
+        if len(self) >= self._size:
+            self.clear()
+        value = self[key] = self._make(*key)
+        return value
+
+
+def split_names(names: bytes, count: int) -> list[bytes] | None:
+    """``count`` header names joined by line feeds, apart again; None when one of them
+    holds a line feed (which no parsed header can)."""
+    parts = names.split(b"\n")
+    return parts if len(parts) == count else None
 
 
 def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[Header],
@@ -215,16 +239,10 @@ def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[He
     remote, scheme, drop)], body_length)``: the same bytes and the same checks (a
     property test holds it to that), for every request mailward forwards. What depends
     on the header names alone (which are forwarded, whether they are tokens, the
-    template of the head) is planned once per sequence of names and drop set; the
-    values are checked and written for each request."""
-    names = b"\n".join(map(_NAME, headers))
-    try:
-        plan = _PLANS[names, drop]
-    except KeyError:
-        plan = _plan(headers, names, drop)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[names, drop] = plan
+    template of the head) is planned once per sequence of names (never a value:
+    nothing of a credential is kept) and drop set; the values are checked and written
+    for each request."""
+    plan = _PLANS[b"\n".join(map(header_name, headers)), len(headers), drop]
     if plan is None:  # a Connection header, or a name with a line feed
         return request_head(method, target, [(b"Host", host), *forwarded_headers(
             headers, remote, scheme, drop)], body_length)
@@ -234,22 +252,29 @@ def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[He
     return _written(method, target, plan.template, plan.error, values, body_length)
 
 
-def _plan(headers: Sequence[Header], names: bytes, drop: frozenset[bytes]) -> _Plan | None:
-    """The plan for ``headers``' names (``names``, joined by line feeds), or None when
-    they need :func:`forwarded_headers` (a ``Connection`` header names more to drop)."""
+def _plan(names: bytes, count: int, drop: frozenset[bytes]) -> _Plan | None:
+    """The plan for ``count`` header names (``names``, joined by line feeds), or None
+    when they need :func:`forwarded_headers` (a ``Connection`` header names more to
+    drop)."""
+    sent = split_names(names, count)
     lowered = names.lower().split(b"\n")
-    if len(lowered) != len(headers) or b"connection" in lowered:
+    if sent is None or b"connection" in lowered:
         return None
     skip = _hop_by_hop_and(_replaced_and(drop))
     keep = tuple(i for i, lk in enumerate(lowered) if lk not in skip)
     host_at = lowered.index(b"host") if b"host" in lowered else -1
-    out = [b"Host", *(headers[i][0] for i in keep), b"X-Forwarded-For", b"X-Forwarded-Proto"]
+    out = [b"Host", *[sent[i] for i in keep], b"X-Forwarded-For", b"X-Forwarded-Proto"]
     out_lowered = [b"host", *(lowered[i] for i in keep), b"x-forwarded-for",
                    b"x-forwarded-proto"]
     if host_at >= 0:
         out.append(b"X-Forwarded-Host")
         out_lowered.append(b"x-forwarded-host")
     return _Plan(keep, host_at, _template(out), _names_error(out, out_lowered))
+
+
+#: Plans of forwarded request heads (:func:`forward_head`) by names, their number and
+#: the names dropped.
+_PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]], _Plan | None]] = Memo(_plan, 512)
 
 
 def _template(names: list[bytes]) -> bytes:
@@ -293,9 +318,10 @@ def _written(method: bytes, target: bytes, template: bytes, error: str | None,
     return RequestHead(method, (template + b"\r\n") % (method, target, *values), body_length)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
-    """Status line and headers of the upstream's answer (names as sent)."""
+    """Status line and headers of the upstream's answer (names as sent). (Not frozen,
+    as :class:`RequestHead`.)"""
 
     status: int
     reason: bytes
@@ -303,8 +329,6 @@ class ResponseHead:
     #: Body size when known before reading it (Content-Length, or 0 when the answer
     #: has no body); None for chunked or close-delimited bodies.
     length: int | None
-    #: The names of ``headers`` in lower case, in order.
-    lowered: list[bytes]
     #: The whole body, when its length was known and all of it arrived by the time the
     #: head was handed out (then no body event follows, only ``b""``); else None.
     body: bytes | None = None
@@ -343,8 +367,8 @@ class UpstreamWire:
         self._headers: list[Header] = []
         self._reason = b""
         # The final answer's head, read in this receive_data, not yet an event:
-        # (status, lower-case names, known length).
-        self._head: tuple[int, list[bytes], int | None] | None = None
+        # (status, known length).
+        self._head: tuple[int, int | None] | None = None
 
     def request(self, head: RequestHead, body: bytes) -> bytes:
         """The bytes of a request (``head`` from :func:`request_head`) and its body."""
@@ -390,14 +414,14 @@ class UpstreamWire:
         no body event to hand out), else the head, then the body in one piece."""
         body = self._body
         if self._head is not None:
-            status, lowered, length = self._head
+            status, length = self._head
             self._head = None
             whole = None
             if self._done and length is not None:
                 whole = b"".join(body)
                 body.clear()
             self._events.append(ResponseHead(status, self._reason, self._headers, length,
-                                             lowered, whole))
+                                             whole))
         if body:
             self._events.append(b"".join(body))
             body.clear()
@@ -476,7 +500,7 @@ class UpstreamWire:
         elif b"content-length" in lowered:  # llhttp checked: digits, once, no overflow
             length = int(self._headers[lowered.index(b"content-length")][1])
         self._to_close = length is None and not chunked
-        self._head = (status, lowered, length)
+        self._head = (status, length)
         self._started, self._stall = True, 0
         if self._method == b"HEAD":  # llhttp would wait for the body Content-Length names
             self._keep_alive = False
