@@ -225,8 +225,11 @@ class Forwarder:
         message must never be sent twice."""
         body = b""
         if length and request.body_exists:
-            try:
-                body = await request.content.readexactly(length)
+            content = request.content
+            try:  # a small body has mostly arrived with its head: take it at once
+                body = content.read_nowait(length)
+                if len(body) < length:
+                    body += await content.readexactly(length - len(body))
             except asyncio.IncompleteReadError:
                 return text_response(400, "The request body ended early.")
         try:
