@@ -12,7 +12,7 @@ forwarded_headers`) and pass bodies byte for byte (no automatic decompression).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -38,6 +38,8 @@ from proxy.frontends.activesync.wire import (
     forwarded_headers,
     header_name,
     header_text,
+    header_value,
+    picker,
     split_names,
 )
 
@@ -85,7 +87,7 @@ def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
     plan = _ANSWER_PLANS[b"\n".join(map(header_name, headers)), len(headers), drop]
     if plan is not None:
         keep, texts = plan
-        values = [headers[i][1] for i in keep]
+        values = list(map(header_value, keep(headers)))
         try:
             decoded = b"\n".join(values).decode().split("\n")
         except UnicodeDecodeError:
@@ -96,7 +98,7 @@ def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
 
 
 def _answer_plan(names: bytes, count: int, drop: frozenset[bytes]
-                 ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+                 ) -> tuple[Callable[[Sequence[Header]], Sequence[Header]], tuple[str, ...]] | None:
     """The positions of the end-to-end headers among ``count`` names (joined by line
     feeds) and their names as text; None when a ``Connection`` header (whose value
     names more) or a line feed in a name needs the general way."""
@@ -105,14 +107,22 @@ def _answer_plan(names: bytes, count: int, drop: frozenset[bytes]
     if sent is None or b"connection" in lowered:
         return None
     keep = tuple(i for i, lk in enumerate(lowered) if lk not in HOP_BY_HOP and lk not in drop)
-    return keep, tuple([header_text(sent[i]) for i in keep])
+    return picker(keep), tuple([header_text(sent[i]) for i in keep])
 
 
 #: Answer header plans (:func:`client_headers`) by names, their number and the names
 #: dropped.
 _ANSWER_PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]],
-                          tuple[tuple[int, ...], tuple[str, ...]] | None]] = \
-    Memo(_answer_plan, 256)
+                          tuple[Callable[[Sequence[Header]], Sequence[Header]],
+                                tuple[str, ...]] | None]] = Memo(_answer_plan, 256)
+def _target(raw_target: str) -> bytes:
+    return upstream_target(raw_target).encode("utf-8", "surrogateescape")
+
+
+#: Upstream targets by the client's (a phone repeats the same few all day).
+_TARGETS: Final[Memo[tuple[str], bytes]] = Memo(_target, 4096)
+#: Reasons as text, by the bytes of the upstream's status line.
+_REASONS: Final[Memo[tuple[bytes], str]] = Memo(header_text, 64)
 
 
 class Forwarder:
@@ -169,8 +179,7 @@ class Forwarder:
         query, ``Host`` the upstream's, the forwarded headers, ``Content-Length`` the
         body's (``UnsendableRequest`` when a header is not valid HTTP). Written anew for
         every request: nothing of a client's credentials outlives it."""
-        return forward_head(request.method.encode(),
-                            upstream_target(request.raw_path).encode("utf-8", "surrogateescape"),
+        return forward_head(request.method.encode(), _TARGETS[request.raw_path,],
                             self.pool.host_header, request.raw_headers, request.remote or "",
                             request.scheme, drop, body_length)
 
@@ -254,7 +263,7 @@ class Forwarder:
                     conn = None
             if head.status == 401 and on_auth_failed is not None:
                 await on_auth_failed(request)
-            reason = header_text(head.reason)
+            reason = _REASONS[head.reason,]
             if head.length is not None and head.length <= CHUNK_BYTES:
                 data = head.body  # most answers: it came whole with its head
                 if data is None:

@@ -279,7 +279,8 @@ class ActiveSyncFrontend:
         transport = request.transport
         tls = transport.get_extra_info("ssl_object") if transport is not None else None
         if tls is None:
-            return self._origin(remote), None
+            origin = self._origins.get(remote)
+            return (self._origin(remote) if origin is None else origin), None
         facts = self._tls_facts.get(tls)
         if facts is None or facts[0].client_ip != remote:
             facts = (self._origin(remote), client_cert_from_ssl(tls))
