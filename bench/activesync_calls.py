@@ -2,17 +2,25 @@
 deterministic companion to ``bench/activesync.py`` (whose req/CPU-s moves with the load
 on the machine; these counts do not).
 
-Run: ``.venv/bin/python bench/activesync_calls.py [--requests 2000] [--top 0]
-[--tree NAME=DIR ...]``. Each source tree (this one as ``mailward``, and every
-``--tree``: ``git archive REV | tar -x -C DIR``) is measured in its own process, in
-which mailward is started by that tree's own ``bench/activesync.py`` (its
-``run_mailward``, on uvloop, as the benchmark runs it) beside an in-process upstream
-answering every request at once and a client sending one identical small Sync request
-at a time on one keep-alive connection. After a warm-up (the credential check and the
-gate's decision of the device-session happen there) ``--requests`` requests are
-counted: every Python function call or coroutine resumption (``call`` events) and every
-call of a C function from Python (``c_call``), except those of this file's own client
-and upstream. ``--top N`` also lists the N functions called most per request.
+Run: ``.venv/bin/python bench/activesync_calls.py [--requests 2000] [--conns 1]
+[--rounds 1] [--top 0] [--tree NAME=DIR ...]``. Each source tree (this one as
+``mailward``, and every ``--tree``: ``git archive REV | tar -x -C DIR``) is measured in
+its own process, in which mailward is started by that tree's own
+``bench/activesync.py`` (its ``run_mailward``, on uvloop, as the benchmark runs it)
+beside an in-process upstream answering every request at once and ``--conns`` clients,
+each one device on its own keep-alive connection, sending one identical small Sync
+request at a time. After a warm-up (the credential check and the gate's decision of
+each device-session happen there) ``--requests`` requests are counted: every Python
+function call or coroutine resumption (``call`` events) and every call of a C function
+from Python (``c_call``), except those of this file's own clients and upstream.
+``--top N`` also lists the N functions called most per request.
+
+The CPU column is the process's CPU time per request over the same number of requests
+without the profiler (best of three), client and upstream included, so only its
+differences between trees mean something; ``--rounds`` runs the trees in interleaved
+rounds (the order rotating) and shows its median and spread. ``CALLS_CPROFILE=N`` in
+the environment prints cProfile's N most expensive functions (stderr);
+``CALLS_CPU_ONLY=1`` skips the counting (for ``perf record`` of the ``count`` role).
 """
 
 from __future__ import annotations
@@ -46,29 +54,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Upstream(asyncio.Protocol):
-    """Answers each request head (and its Content-Length body) at once."""
-
-    def connection_made(self, transport: Any) -> None:
-        self.t = transport
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            length = 0
-            for line in self.buf[:end].split(b"\r\n")[1:]:
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if len(self.buf) < end + 4 + length:
-                return
-            self.buf = self.buf[end + 4 + length:]
-            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(RESPONSE_BODY), RESPONSE_BODY))
-
-
-class _Client(asyncio.Protocol):
-    """One keep-alive connection; ``exchange`` sends a request, waits for the answer."""
+class _Peer(asyncio.Protocol):
+    """One end of a keep-alive connection: each whole message (head and
+    Content-Length body) that arrives goes to ``message``."""
 
     def __init__(self) -> None:
         self.buf = b""
@@ -79,15 +67,31 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        length = 0
-        for line in self.buf[:end].split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        if len(self.buf) >= end + 4 + length and self.done is not None:
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            length = sum(int(line[15:]) for line in self.buf[:end].split(b"\r\n")
+                         if line[:15].lower() == b"content-length:")
+            if len(self.buf) < end + 4 + length:
+                return
             head, self.buf = self.buf[:end], self.buf[end + 4 + length:]
+            self.message(head)
+
+    def message(self, head: bytes) -> None:
+        raise NotImplementedError
+
+
+class _Upstream(_Peer):
+    """Answers each request at once."""
+
+    def message(self, head: bytes) -> None:
+        self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(RESPONSE_BODY), RESPONSE_BODY))
+
+
+class _Client(_Peer):
+    """``exchange`` sends a request and waits for the answer's head."""
+
+    def message(self, head: bytes) -> None:
+        if self.done is not None:
             self.done.set_result(head)
 
     async def exchange(self, request: bytes) -> bytes:
@@ -160,10 +164,6 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
 
         reqs = [bench._request(f"dev{i % conns}") for i in range(conns)]
         await asyncio.gather(*(run(c, r, WARMUP) for c, r in zip(clients, reqs, strict=True)))
-        import gc
-
-        gc0 = [g["collections"] for g in gc.get_stats()]
-        result["objects"] = len(gc.get_objects())
         cpu = []
         for _ in range(3):  # CPU time of the whole process (client and upstream too)
             t0 = time.process_time()
@@ -171,8 +171,6 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
                                    for c, r in zip(clients, reqs, strict=True)))
             cpu.append(time.process_time() - t0)
         result["cpu_us"] = min(cpu) / (requests // conns * conns) * 1e6
-        result["gc_per_1000"] = [(g["collections"] - c) * 1000 / (3 * requests)
-                                 for g, c in zip(gc.get_stats(), gc0, strict=True)]
         if os.environ.get("CALLS_CPROFILE"):  # where the time goes, by function
             import cProfile
             import pstats
@@ -200,7 +198,7 @@ def count(tree: Path, requests: int, top: int, conns: int) -> dict[str, Any]:
     shim = types.SimpleNamespace(**{k: getattr(asyncio, k) for k in dir(asyncio)
                                     if not k.startswith("__")})
     shim.run = run
-    bench.asyncio = shim
+    vars(bench)["asyncio"] = shim
     bench.run_mailward(mw_port, up_port, state, max(conns, 4))
     requests = requests // conns * conns
     result.update(python=counter.python / requests, c=counter.c / requests,
@@ -224,8 +222,8 @@ def main() -> None:
     args = ap.parse_args()
     trees = [("mailward", str(ROOT)), *(t.split("=", 1) for t in args.tree)]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
-    for r in range(args.rounds):  # interleaved, the order rotating, for the CPU column
-        order = trees[r % len(trees):] + trees[:r % len(trees)]
+    for i in range(args.rounds):  # interleaved, the order rotating, for the CPU column
+        order = trees[i % len(trees):] + trees[:i % len(trees)]
         for name, tree in order:
             out = subprocess.run([sys.executable, HERE, "count", tree, str(args.requests),
                                   str(args.top), str(args.conns)],

@@ -7,11 +7,15 @@ Node.js) reads the upstream's answers, this module says what mailward forwards.
 * :func:`request_head` writes a request head, refusing anything that is not valid
   HTTP/1.1 (a CR, LF or NUL in a header, a name that is not a token, a target with
   spaces): no byte a client sent can start another header or request upstream.
+  :func:`forward_head` is ``request_head`` of the forwarded headers in one pass, the
+  head of every request mailward forwards.
 * :class:`UpstreamWire` is one upstream connection's client side: ``request()`` turns
   a head and a body into bytes to write, ``receive_data()`` takes what the upstream
   sent (``b""`` at the end of the connection) and ``next_event()`` hands out the
   answer: a :class:`ResponseHead`, then the body in pieces, then ``b""``; ``None``
-  while more bytes are needed. Interim 1xx answers are skipped.
+  while more bytes are needed. Interim 1xx answers are skipped. An answer of known
+  length that arrived whole with its head (most EAS answers) comes as one head
+  carrying its ``body``, then ``b""``.
 
 Errors say whose fault they are. Whatever the upstream sends, ``next_event`` returns
 an event or raises :class:`UpstreamProtocolError` (the peer's fault; answer 503), never
@@ -29,12 +33,16 @@ connection (httptools has no ``finish``). httptools cannot be told that an answe
 ``HEAD`` has no body, so the parser stops after such a head and the connection is not
 reused (mailward sends only POST and OPTIONS).
 
-Cost: h11 (pure Python) took about 45 us per small exchange at the connection level,
-half of mailward's CPU per request; here a small exchange takes about 3-5 us at the
-wire and 6 us at the connection, and writing and checking a request head (with the
-hygiene check) about 6 us, so heads are not cached. ``bench/activesync.py`` (same-run
-rounds, req/CPU-s medians): before the split 12,600-13,700, h11 6,200-6,800, this
-8,900-10,500.
+Cost, per small exchange: h11 (pure Python) took about 45 us at the connection level,
+half of mailward's CPU per request. Here, what depends only on header names (which
+are forwarded, whether they are tokens, the template of the request head; which
+answer headers the client gets) is planned once per sequence of names (:class:`Memo`:
+a phone or an upstream repeats the same few all day; values, and so credentials, are
+never kept) and values are checked and written per request: a request head takes
+about 3 us (6-7 us when everything was done per request), the answer at the
+connection, with its headers for the client, about 6 us (7-8 us when the body was
+read in pieces). ``bench/activesync_calls.py`` counts calls per request and
+``bench/activesync.py --tree`` compares req/CPU-s with other revisions in the same run.
 """
 
 from __future__ import annotations
