@@ -502,7 +502,8 @@ class UpstreamWire:
             return
         if _CONTROL.search(self._reason):
             self._fail("control bytes in the reason")
-        lowered = lower_names(self._headers)
+        # lower_names without its frame: llhttp lets no line feed into a name
+        lowered = b"\n".join(map(header_name, self._headers)).lower().split(b"\n")
         length: int | None = None
         chunked = False
         if self._method == b"HEAD" or status in _NO_BODY:
