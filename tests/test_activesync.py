@@ -867,6 +867,38 @@ async def test_upstream_pool_framing_and_stale_connections() -> None:
         server.close()
 
 
+async def test_an_answer_in_pieces_is_read_whole() -> None:
+    """An answer of known length whose body arrives after its head comes without the
+    body on the head; read_rest reads the pieces to the end and the connection is
+    pooled again."""
+    from proxy.frontends.activesync import UpstreamPool
+    from proxy.frontends.activesync.wire import request_head
+
+    class Slow(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, self.t.write, b" half")
+
+    server = await asyncio.get_running_loop().create_server(Slow, "127.0.0.1", 0)
+    pool = UpstreamPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"),
+                        False, 2)
+    try:
+        conn = await pool.connect()
+        conn.send(request_head(b"GET", b"/", [(b"Host", b"x")], 0), b"")
+        head = await conn.read_head(5)
+        assert (head.status, head.length, head.body) == (200, 10, None)
+        assert await conn.read_rest(5) == b"first half"
+        pool.release(conn)
+        assert pool.idle == [conn]
+    finally:
+        pool.close()
+        server.close()
+
+
 # ------------------------------------------------------------------------ slow
 
 

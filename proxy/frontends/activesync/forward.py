@@ -267,9 +267,7 @@ class Forwarder:
             if head.length is not None and head.length <= CHUNK_BYTES:
                 data = head.body  # most answers: it came whole with its head
                 if data is None:
-                    data = b""
-                    while chunk := await conn.read_body(timeout):
-                        data += chunk
+                    data = await conn.read_rest(timeout)
                 return web.Response(status=head.status, reason=reason, body=data,
                                     headers=client_headers(head.headers, _CONTENT_LENGTH))
             # A chunked answer's Content-Length, if any, is not the client's framing.

@@ -145,6 +145,13 @@ class UpstreamConnection(asyncio.Protocol):
         """The next piece of the answer's body, at most CHUNK_BYTES; b"" at its end."""
         return self._next_event(timeout, False)
 
+    async def read_rest(self, timeout: float) -> bytes:
+        """The rest of the answer's body, whole (for an answer of known small length)."""
+        pieces = []
+        while piece := await self._next_event(timeout, False):
+            pieces.append(piece)
+        return b"".join(pieces)
+
     @property
     def reusable(self) -> bool:
         return not self.closed and not self._pending and self.wire.reusable
