@@ -17,8 +17,10 @@ response shapes, for tests and ``bench/mdm.py``: aiohttp on loopback.
   with ``sortOrder``; no ``query``: the connector does not search).
 
 Every fake can answer the next requests with 500s (``fail``), 429 with
-``Retry-After`` (``throttle``), garbage (``garbage``), and can expire every token
-issued so far (``expire_tokens``: the next request gets 401).
+``Retry-After`` (``throttle``), garbage (``garbage``), can expire every token
+issued so far (``expire_tokens``: the next request gets 401), and can replace
+top-level fields of one device's record in every listing (``overrides``: a
+malformed record among good ones).
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ class FakeMdm:
         self.devices: dict[str, FakeDevice] = {}
         self.tokens: set[str] = set()
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, dict[str, list[str]]]] = []  # path, query
         self.apps_served: dict[str, float] = {}  # device id -> monotonic time
         self.failures: list[int] = []
         self.throttles = 0
         self.garbage = 0
         self.token_requests = 0
         self.app_page = 1000  # detectedApps per page (Intune pages collections at 1,000)
+        self.overrides: dict[str, dict[str, Any]] = {}  # device id -> record fields
         self.base = ""
         self._runner: web.AppRunner | None = None
 
@@ -124,6 +128,7 @@ class FakeMdm:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        self.queries.append((request.path, {k: request.query.getall(k) for k in request.query}))
         if self.failures:
             return web.json_response({"error": "boom"}, status=self.failures.pop(0))
         if self.throttles:
@@ -175,16 +180,18 @@ class FakeMdm:
             body["@odata.nextLink"] = str(request.url.with_query(params))
         return web.json_response(body)
 
-    @staticmethod
-    def _graph_device(d: FakeDevice) -> dict[str, Any]:
-        return {
+    def _record(self, d: FakeDevice, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, **self.overrides.get(d.id, {})}
+
+    def _graph_device(self, d: FakeDevice) -> dict[str, Any]:
+        return self._record(d, {
             "id": d.id, "userPrincipalName": d.user, "emailAddress": d.user,
             "operatingSystem": "Android" if d.platform == "android" else "iOS",
             "osVersion": "14", "model": d.model, "easDeviceId": d.eas_id or None,
             "serialNumber": d.serial, "udid": "",  # values only on a GET of one device
             "lastSyncDateTime": iso(d.last_sync), "complianceState": d.compliance,
             "managementState": d.state, "managedDeviceOwnerType": d.owner,
-        }
+        })
 
     async def _graph_apps(self, request: web.Request) -> web.Response:
         device = self.devices.get(request.match_info["id"])
@@ -224,7 +231,7 @@ class FakeMdm:
             since = datetime.fromisoformat(value.strip('"').replace("Z", "+00:00")).timestamp()
             devices = [d for d in devices if d.last_sync >= since]
         chunk = devices[page * size:(page + 1) * size]
-        return web.json_response({"totalCount": len(devices), "results": [{
+        return web.json_response({"totalCount": len(devices), "results": [self._record(d, {
             "mobileDeviceId": d.id, "deviceType": "iOS",
             "hardware": {"serialNumber": d.serial, "model": d.model},
             "userAndLocation": {"emailAddress": d.user, "username": d.user.split("@")[0]},
@@ -234,7 +241,7 @@ class FakeMdm:
                         "deviceOwnershipType": "Institutional" if d.owner == "company"
                         else "UserEnrollment"},
             "applications": [{"identifier": i, "name": n, "version": v} for i, n, v in d.apps],
-        } for d in chunk]})
+        }) for d in chunk]})
 
     # ------------------------------------------------------------------ Google
 
@@ -262,7 +269,8 @@ class FakeMdm:
             assert q["orderBy"] == "lastSync", q["orderBy"]
             devices.sort(key=lambda d: d.last_sync, reverse=q.get("sortOrder") == "DESCENDING")
         chunk = devices[start:start + size]
-        body: dict[str, Any] = {"kind": "admin#directory#mobiledevices", "mobiledevices": [{
+        body: dict[str, Any] = {"kind": "admin#directory#mobiledevices", "mobiledevices": [
+            self._record(d, {
             "kind": "admin#directory#mobiledevice", "resourceId": d.id, "deviceId": d.eas_id,
             "serialNumber": d.serial, "email": [d.user], "model": d.model,
             "os": "Android 14" if d.platform == "android" else "iOS 17.5",
@@ -272,7 +280,7 @@ class FakeMdm:
             "managedAccountIsOnOwnerProfile": d.owner == "company",
             "applications": [{"packageName": i, "displayName": n, "versionName": v,
                               "versionCode": 1} for i, n, v in d.apps],
-        } for d in chunk]}
+            }) for d in chunk]}
         if start + size < len(devices):
             body["nextPageToken"] = str(start + size)
         return web.json_response(body)

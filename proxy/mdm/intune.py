@@ -90,13 +90,13 @@ class IntuneConnector:
         """The page's devices, each with its detectedApps (a few requests at a time)."""
         page = page_of(records, parse_device)
 
-        async def with_apps(d: MdmDevice) -> MdmDevice:
+        async def one(d: MdmDevice) -> MdmDevice:
             if d.gone:
                 return d
             async with limit:
-                return _with_apps(d, await self._apps(d.ids["mdm_id"]))
+                return with_apps(d, await self._apps(d.ids["mdm_id"]))
 
-        page.devices = list(await asyncio.gather(*(with_apps(d) for d in page.devices)))
+        page.devices = list(await asyncio.gather(*(one(d) for d in page.devices)))
         return page
 
     async def _apps(self, mdm_id: str) -> list[Any]:
@@ -162,7 +162,7 @@ def parse_device(d: Any) -> MdmDevice | None:
     )
 
 
-def _with_apps(device: MdmDevice, records: list[Any]) -> MdmDevice:
+def with_apps(device: MdmDevice, records: list[Any]) -> MdmDevice:
     """The device with its detectedApps (the display name is also the id). The
     common case is inlined: 150 apps x 10,000 devices per full sync."""
     from dataclasses import replace
