@@ -16,6 +16,7 @@ from mdm_fakes import OUTLOOK, TIKTOK, FakeDevice, FakeMdm
 
 from proxy.config.mdm import MdmConfig
 from proxy.gate import Gate, Identity, NullObserver, Origin
+from proxy.mdm.cursor import CursorFile, SavedCursor, cursor_path, mdm_identity
 from proxy.mdm.http import MdmHttp
 from proxy.mdm.sync import MdmSync, open_connector
 from proxy.policy import Policy, ProhibitedApp
@@ -443,3 +444,79 @@ async def test_malformed_record_in_a_page_skipped_rest_syncs(
     assert ("jamf" if vendor == "jamf" else "google", "malformed") in w.metrics.errors
     stored = await store.mdm_devices(f"mdm:{vendor}")
     assert len(stored) == 4
+
+
+# ------------------------------------------------------------------ the saved cursor
+
+
+def restarted(w: World, path: Path) -> MdmSync:
+    """A new MdmSync of the same connector, as after a restart of mailward serve."""
+    return MdmSync(w.cfg, open_connector(w.cfg, w.http), store=w.store, gate=w.gate,
+                   audit=w.audit, observer=w.metrics,
+                   cursor_file=CursorFile(path, mdm_identity(w.cfg)))
+
+
+async def test_restart_resumes_incrementally_from_saved_cursor(intune: World,
+                                                               tmp_path: Path) -> None:
+    """The cursor saved in state/ makes the first pass after a restart incremental and
+    catch changes made while mailward was down; the file is private."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    w.fake.add(alice(), FakeDevice(id="2222", user="bob@corp.example", eas_id="EASBOB",
+                                   last_sync=time.time() - 3600))  # before the overlap
+    first = await restarted(w, path).run_once()
+    assert first.full and path.stat().st_mode & 0o777 == 0o600
+    saved = CursorFile(path, mdm_identity(w.cfg)).load(time.time())
+    newest = max(d.last_sync for d in w.fake.devices.values())
+    assert saved is not None and saved.cursor == pytest.approx(newest, abs=1e-5)
+    w.fake.devices["11111111-aaaa"].apps.append(TIKTOK)
+    w.fake.devices["11111111-aaaa"].touch()
+    w.fake.queries.clear()
+    again = await restarted(w, path).run_once()
+    assert again.ok and not again.full and (again.seen, again.changed) == (1, 1)
+    assert not (await w.decide("EASALICE", "alice@corp.example")).allow
+    assert "$filter" in listing_queries(w.fake, "/managedDevices")[0]
+
+
+async def test_saved_cursor_keeps_full_resync_on_its_interval(intune: World,
+                                                              tmp_path: Path) -> None:
+    """A saved last full pass older than full_interval makes the first pass after a
+    restart a full one (a device gone from the MDM meanwhile loses its posture)."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    w.fake.add(alice(), FakeDevice(id="2222", user="bob@corp.example", eas_id="EASBOB"))
+    await restarted(w, path).run_once()
+    file = CursorFile(path, mdm_identity(w.cfg))
+    saved = file.load(time.time())
+    assert saved is not None and saved.last_full is not None
+    file.save(SavedCursor(saved.cursor, saved.last_full - w.cfg.full_interval_s - 1))
+    del w.fake.devices["2222"]
+    report = await restarted(w, path).run_once()
+    assert report.full and report.removed == ["easbob"]
+
+
+async def test_saved_cursor_ignored_when_untrustworthy(intune: World, tmp_path: Path) -> None:
+    """An empty posture store, another MDM's cursor, a future or garbage cursor: the
+    first pass is full; a dry run saves nothing."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    file = CursorFile(path, mdm_identity(w.cfg))
+    now = time.time()
+    file.save(SavedCursor(now - 60, now - 60))  # but the store holds nothing yet
+    w.fake.add(alice())
+    assert (await restarted(w, path).run_once()).full
+    assert not (await restarted(w, path).run_once()).full  # now it is trusted
+    for body in ("{not json", json_dumps({"mdm": "jamf https://other", "cursor": now}),
+                 json_dumps({"mdm": file.identity, "cursor": now + 86400}),
+                 json_dumps({"mdm": file.identity, "cursor": "soon"}),
+                 json_dumps({"mdm": file.identity, "cursor": now, "last_full": 1e400})):
+        path.write_text(body)
+        assert file.load(now) is None, body
+    assert (await restarted(w, path).run_once()).full
+    before = path.read_bytes()
+    dry = MdmSync(w.cfg, open_connector(w.cfg, w.http), store=w.store, gate=w.gate,
+                  audit=None, dry_run=True, cursor_file=file)
+    assert (await dry.run_once(full=True)).ok and path.read_bytes() == before
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
