@@ -173,11 +173,9 @@ class FakeMdm:
             devices = [d for d in devices if d.last_sync > since]
         chunk = devices[skip:skip + top]
         body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/beta/$metadata",
-                                "value": [self._graph_device(d) for d in chunk]}
+                                "value": _select(q, [self._graph_device(d) for d in chunk])}
         if skip + top < len(devices):
-            params = {k: v for k, v in q.items() if k != "$skiptoken"}
-            params["$skiptoken"] = str(skip + top)
-            body["@odata.nextLink"] = str(request.url.with_query(params))
+            body["@odata.nextLink"] = _next_link(request, skip + top)
         return web.json_response(body)
 
     def _record(self, d: FakeDevice, record: dict[str, Any]) -> dict[str, Any]:
@@ -201,13 +199,13 @@ class FakeMdm:
         skip = int(request.query.get("$skiptoken", "0"))
         size = self.app_page
         chunk = device.apps[skip:skip + size]
-        body: dict[str, Any] = {"value": [
+        body: dict[str, Any] = {"value": _select(request.query, [
             {"id": f"{i:040x}", "displayName": name, "version": version, "sizeInByte": 0,
              "deviceCount": 1, "publisher": "", "platform": "ios" if device.platform == "ios"
              else "androidDedicatedAndFullyManaged"}
-            for i, (_, name, version) in enumerate(chunk, skip)]}
+            for i, (_, name, version) in enumerate(chunk, skip)])}
         if skip + size < len(device.apps):
-            body["@odata.nextLink"] = str(request.url.with_query({"$skiptoken": skip + size}))
+            body["@odata.nextLink"] = _next_link(request, skip + size)
         return web.json_response(body)
 
     # ------------------------------------------------------------------ Jamf
@@ -284,6 +282,21 @@ class FakeMdm:
         if start + size < len(devices):
             body["nextPageToken"] = str(start + size)
         return web.json_response(body)
+
+
+def _select(query: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Graph's ``$select``: only the properties named."""
+    if "$select" not in query:
+        return records
+    keep = set(query["$select"].split(","))
+    return [{k: v for k, v in r.items() if k in keep} for r in records]
+
+
+def _next_link(request: web.Request, skip: int) -> str:
+    """An ``@odata.nextLink``: the same query options, the next ``$skiptoken``."""
+    params = {k: v for k, v in request.query.items() if k != "$skiptoken"}
+    params["$skiptoken"] = str(skip)
+    return str(request.url.with_query(params))
 
 
 class FakeMdmThread:
