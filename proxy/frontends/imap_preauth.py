@@ -36,6 +36,27 @@ import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from proxy.frontends.events import (
+    ClientClosed,
+    Close,
+    CloseUpstream,
+    Connected,
+    Crashed,
+    DataReceived,
+    DecisionMade,
+    RecordAuthFailed,
+    RecordUnavailable,
+    RequestDecision,
+    SendToClient,
+    SessionEnd,
+    ShutdownRequested,
+    Splice,
+    StartTls,
+    TimedOut,
+    TlsEstablished,
+    TlsFailed,
+    UpstreamFailed,
+)
 from proxy.frontends.imap_sasl import Challenge, Credentials, SaslExchange, SaslRefused
 from proxy.frontends.imap_syntax import (
     RemoteProtocolError,
@@ -78,28 +99,9 @@ TIMEOUT_TEXT = "Autologout; too slow before login"
 #: Mechanisms offered whatever the upstream says: PLAIN goes upstream as ``LOGIN``.
 OWN_MECHANISMS = ("PLAIN",)
 
-# ------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """The client connected (implicit TLS: nothing has been read yet)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    data: bytes = field(repr=False)  # may carry a password
-
-
-@dataclass(frozen=True, slots=True)
-class TlsEstablished:
-    device_id: str | None  # from a verified client certificate's SAN
-    cert: ClientCert | None = None  # that certificate's identity facts, for the gate
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFailed:
-    detail: str
+# ---------------------------------------------------------------- events and commands
+# The session's events and commands are protocol-neutral (``events``), except the two
+# that carry the login: the client's tag, and the upstream's tagged answer.
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,58 +111,6 @@ class UpstreamAnswered:
     ok: bool
     untagged: bytes
     tagged: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamFailed:
-    """The upstream is unreachable, timed out or answered nonsense."""
-
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionMade:
-    decision: Decision
-    shutting_down: bool = False  # the listener is closing: start no session
-
-
-@dataclass(frozen=True, slots=True)
-class TimedOut:
-    total: bool  # the total pre-auth limit (else the idle one)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientClosed:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ShutdownRequested:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Crashed:
-    """The executor hit a bug; the connection has been aborted."""
-
-    detail: str
-
-
-PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
-                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
-                | Crashed)
-
-# ---------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """Handshake with the client; then feed TlsEstablished or TlsFailed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,57 +127,9 @@ class OpenUpstream:
     response: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    """Ask the gate (it writes the decision record); then feed DecisionMade."""
-
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordAuthFailed:
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordUnavailable:
-    """The login attempt's one decision record: a temporary deny."""
-
-    identity: Identity
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class CloseUpstream:
-    """Log out of the upstream connection and close it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Splice:
-    """Send ``answer`` (the upstream's OK) and join client and upstream, if both are
-    still there (else close: no false success); ``pipelined`` is what the client sent
-    after LOGIN, for the upstream."""
-
-    answer: bytes
-    pipelined: bytes = field(repr=False)
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEnd:
-    reason: str
-    detail: str = ""
-    identity: Identity | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the client (after what was sent), drop the upstream, and write
-    ``record`` as a ``session_end`` (None: a decision record exists)."""
-
-    record: SessionEnd | None
-
-
+PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
+                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
+                | Crashed)
 PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
                   | RecordUnavailable | CloseUpstream | Splice | Close)
 

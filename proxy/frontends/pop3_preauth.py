@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.frontends.imap_preauth import (
+from proxy.frontends.events import (
     ClientClosed,
     Close,
     CloseUpstream,
@@ -96,9 +96,8 @@ TIMEOUT_TEXT = "Autologout; too slow before login"
 PERMANENT, TEMPORARY = "SYS/PERM", "SYS/TEMP"
 
 # ---------------------------------------------------------------- events and commands
-# The session's events and commands are IMAP's (``imap_preauth``: they name nothing
-# IMAP-specific), except the two that carry the login: POP3 has no tags, and the
-# upstream answers with one line.
+# The session's events and commands are protocol-neutral (``events``), except the two
+# that carry the login: POP3 has no tags, and the upstream answers with one line.
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,28 +317,9 @@ __all__ = [
     "TEMPORARY",
     "TIMEOUT_TEXT",
     "UNAVAILABLE_TEXT",
-    "ClientClosed",
-    "Close",
-    "CloseUpstream",
-    "Connected",
-    "Crashed",
-    "DataReceived",
-    "DecisionMade",
     "OpenUpstream",
     "Preauth",
     "PreauthCommand",
     "PreauthEvent",
-    "RecordAuthFailed",
-    "RecordUnavailable",
-    "RequestDecision",
-    "SendToClient",
-    "SessionEnd",
-    "ShutdownRequested",
-    "Splice",
-    "StartTls",
-    "TimedOut",
-    "TlsEstablished",
-    "TlsFailed",
     "UpstreamAnswered",
-    "UpstreamFailed",
 ]

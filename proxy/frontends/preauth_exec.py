@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
-from proxy.frontends.imap_preauth import (
+from proxy.frontends.events import (
     ClientClosed,
     Close,
     CloseUpstream,
