@@ -169,3 +169,11 @@ class Close:
     ``record`` as a ``session_end`` (None: a decision record exists)."""
 
     record: SessionEnd | None
+
+
+#: The events every pre-auth layer takes (a protocol adds its ``UpstreamAnswered``).
+SessionEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamFailed
+                | DecisionMade | TimedOut | ClientClosed | ShutdownRequested | Crashed)
+#: The commands every pre-auth layer gives (a protocol adds its ``OpenUpstream``).
+SessionCommand = (SendToClient | StartTls | RequestDecision | RecordAuthFailed
+                  | RecordUnavailable | CloseUpstream | Splice | Close)

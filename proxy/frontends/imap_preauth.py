@@ -48,7 +48,9 @@ from proxy.frontends.events import (
     RecordUnavailable,
     RequestDecision,
     SendToClient,
+    SessionCommand,
     SessionEnd,
+    SessionEvent,
     ShutdownRequested,
     Splice,
     StartTls,
@@ -82,12 +84,11 @@ from proxy.frontends.imap_wire import (
     LimitExceeded,
     LoginAttempted,
     PrivacyRequired,
-    Sentinel,
     StartTlsRequested,
     State,
 )
+from proxy.frontends.preauth_layer import PreauthLayer
 from proxy.gate import Identity
-from proxy.ids import ClientCert
 from proxy.policy import Decision
 
 #: Capabilities the proxy itself implements before login.
@@ -127,43 +128,29 @@ class OpenUpstream:
     response: bytes = field(default=b"", repr=False)
 
 
-PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
-                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
-                | Crashed)
-PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
-                  | RecordUnavailable | CloseUpstream | Splice | Close)
+PreauthEvent = SessionEvent | UpstreamAnswered
+PreauthCommand = SessionCommand | OpenUpstream
 
 # ------------------------------------------------------------------------------- layer
 
 
-class Preauth:
+class Preauth(PreauthLayer):
     """One client connection before login (see the module docstring)."""
+
+    conn: Connection
 
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
                  upstream_capabilities: Callable[[], Sequence[str]] = tuple,
                  upstream_mechanisms: Callable[[], Sequence[str]] = tuple) -> None:
-        self.conn = Connection(max_commands=max_commands, tls=False,
-                               starttls=tls_mode == "starttls",
-                               cleartext_login=cleartext_allowed)
-        self.tls_mode = tls_mode
+        super().__init__(Connection(max_commands=max_commands, tls=False,
+                                    starttls=tls_mode == "starttls",
+                                    cleartext_login=cleartext_allowed),
+                         tls_mode=tls_mode, upstream_capabilities=upstream_capabilities)
         self.cleartext_allowed = cleartext_allowed
-        self.upstream_capabilities = upstream_capabilities
         self.upstream_mechanisms = upstream_mechanisms  # relayable ones it offers
         self._sasl: SaslExchange | None = None  # the AUTHENTICATE exchange in progress
-        self.device_id: str | None = None
-        self.cert: ClientCert | None = None
-        self.identity = Identity("")
         self.client_id: tuple[tuple[str, str | None], ...] | None = None
-        self.decided = False  # a decision record exists for this connection
-        self.finished = False  # Close or Splice was returned; later events are ignored
-        self.end_reason = "client_closed"
         self._tag = ""  # of the login attempt in flight
-        self._answer = b""  # the upstream's OK, sent to the client once allowed
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed client bytes held (the executor pauses reading above a limit)."""
-        return self.conn.buffered
 
     def capabilities(self) -> list[str]:
         caps = list(PROXY_CAPABILITIES)
@@ -184,60 +171,25 @@ class Preauth:
 
     # ------------------------------------------------------------------ events
 
-    def handle(self, event: PreauthEvent) -> list[PreauthCommand]:
-        """Feed one event; returns the commands to perform, in order."""
-        if self.finished:
-            return []
-        match event:
-            case DataReceived(data):
-                self.conn.receive_data(data)
-                return self._drain()
-            case Connected():
-                if self.tls_mode == "implicit":
-                    return [StartTls()]
-                return [SendToClient(greeting_line(self.capabilities()))]
-            case TlsEstablished(device_id, cert):
-                return self._tls_established(device_id, cert)
-            case TlsFailed(detail):
-                return self._close("tls_failed", detail)
-            case UpstreamAnswered():
-                return self._upstream_answered(event)
-            case UpstreamFailed(detail):
-                self.decided = True  # RecordUnavailable is this attempt's decision record
-                return [SendToClient(tagged_line(self._tag, "NO", UNAVAILABLE_TEXT,
-                                                 "UNAVAILABLE") + bye_line(UNAVAILABLE_TEXT)),
-                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
-            case DecisionMade(decision, shutting_down):
-                return self._decided(decision, shutting_down)
-            case TimedOut(total):
-                return [SendToClient(bye_line(TIMEOUT_TEXT)),
-                        *self._close("preauth_timeout" if total else "idle_timeout")]
-            case ClientClosed():
-                return self._close(self.end_reason)
-            case ShutdownRequested():
-                return [SendToClient(bye_line(SHUTDOWN_TEXT)), *self._close("shutdown")]
-            case Crashed(detail):
-                return self._close("internal_error", detail)
-        raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+    def _greeting(self) -> bytes:
+        return greeting_line(self.capabilities())
 
-    def _close(self, reason: str, detail: str = "") -> list[PreauthCommand]:
-        self.finished = True
-        self.end_reason = reason
-        if self.decided:
-            return [Close(None)]
-        identity = self.identity if self.identity.user else None
-        return [Close(SessionEnd(reason, detail, identity))]
+    def _unavailable_reply(self) -> bytes:
+        return (tagged_line(self._tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
+                + bye_line(UNAVAILABLE_TEXT))
 
-    def _tls_established(
-        self, device_id: str | None, cert: ClientCert | None
-    ) -> list[PreauthCommand]:
-        self.device_id = device_id
-        self.cert = cert
+    def _timeout_reply(self) -> bytes:
+        return bye_line(TIMEOUT_TEXT)
+
+    def _shutdown_reply(self) -> bytes:
+        return bye_line(SHUTDOWN_TEXT)
+
+    def _tls_established(self) -> list[PreauthCommand]:
         if self.conn.state is State.STARTTLS:
             self.conn.starttls_done()  # drops what was pipelined after STARTTLS
             return self._drain()
         self.conn.tls = True  # implicit TLS: now greet
-        return [SendToClient(greeting_line(self.capabilities())), *self._drain()]
+        return [SendToClient(self._greeting()), *self._drain()]
 
     def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
         if event.ok:
@@ -273,16 +225,6 @@ class Preauth:
         return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands
-
-    def _drain(self) -> list[PreauthCommand]:
-        """Parser events until it needs data or waits for an outcome."""
-        out: list[PreauthCommand] = []
-        while not self.finished:
-            ev = self.conn.next_event()
-            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
-                break
-            out += self._client_event(ev)
-        return out
 
     def _client_event(self, ev: Event) -> list[PreauthCommand]:
         """One parsed client command -> commands (login and limits in their methods)."""

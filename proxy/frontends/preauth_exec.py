@@ -33,26 +33,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
-from proxy.frontends.events import (
-    ClientClosed,
-    Close,
-    CloseUpstream,
-    Connected,
-    Crashed,
-    DataReceived,
-    DecisionMade,
-    RecordAuthFailed,
-    RecordUnavailable,
-    RequestDecision,
-    SendToClient,
-    ShutdownRequested,
-    Splice,
-    StartTls,
-    TimedOut,
-    TlsEstablished,
-    TlsFailed,
-    UpstreamFailed,
-)
+from proxy.frontends import events as ev
 from proxy.frontends.imap_syntax import RemoteProtocolError
 from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.login_limits import login_answered, login_refused, pre_tls_end
@@ -233,7 +214,7 @@ class PreauthSession:
         loop = asyncio.get_running_loop()
         try:
             assert self.layer is not None
-            await self._execute(self.layer.handle(Connected()))
+            await self._execute(self.layer.handle(ev.Connected()))
             self._deadline = loop.time() + self.cfg.preauth_timeout_s
             while self.layer is not None and not self.layer.finished:
                 await self._execute(self.layer.handle(await self._client_event()))
@@ -242,7 +223,7 @@ class PreauthSession:
                                client_ip=self.origin.client_ip)
             self.client.abort()
             if self.layer is not None:
-                await self._execute(self.layer.handle(Crashed(type(exc).__name__)))
+                await self._execute(self.layer.handle(ev.Crashed(type(exc).__name__)))
         finally:
             if not self._spliced:
                 self.client.close()
@@ -256,7 +237,7 @@ class PreauthSession:
         loop = asyncio.get_running_loop()
         while not self._inbox:
             if self.client.closed:
-                return ClientClosed()
+                return ev.ClientClosed()
             if self._reading_paused:
                 self._reading_paused = False
                 self.client.transport.resume_reading()
@@ -268,8 +249,8 @@ class PreauthSession:
                 await asyncio.wait_for(
                     self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
             except TimeoutError:
-                return TimedOut(total=loop.time() >= self._deadline)
-        return DataReceived(self._take_inbox())
+                return ev.TimedOut(total=loop.time() >= self._deadline)
+        return ev.DataReceived(self._take_inbox())
 
     def _take_inbox(self) -> bytes:
         data = bytes(self._inbox)
@@ -285,30 +266,30 @@ class PreauthSession:
             layer = self.layer
             if outcome is not None and layer is not None:
                 if self._inbox:
-                    queue.extend(layer.handle(DataReceived(self._take_inbox())))
+                    queue.extend(layer.handle(ev.DataReceived(self._take_inbox())))
                 queue.extend(layer.handle(outcome))
 
     async def _perform(self, command: Any) -> Any:
         """One command; returns the outcome event of those that have one."""
         match command:
-            case SendToClient(data):
+            case ev.SendToClient(data):
                 self.client.write(data)
-            case StartTls():
+            case ev.StartTls():
                 return await self._start_tls()
-            case RequestDecision(identity):
+            case ev.RequestDecision(identity):
                 decision = await self.gate.decide(identity, self.origin)
-                return DecisionMade(decision, shutting_down=self.owner.closing)
-            case RecordAuthFailed(identity):
+                return ev.DecisionMade(decision, shutting_down=self.owner.closing)
+            case ev.RecordAuthFailed(identity):
                 await self.gate.record_auth_failed(identity, self.origin)
-            case RecordUnavailable(identity, detail):
+            case ev.RecordUnavailable(identity, detail):
                 await self.gate.record_deny(
                     identity, self.origin, "upstream_unavailable",
                     f"upstream unavailable: {detail}", temporary=True)
-            case CloseUpstream():
+            case ev.CloseUpstream():
                 self._drop_upstream()
-            case Splice(answer, pipelined, identity):
+            case ev.Splice(answer, pipelined, identity):
                 self._splice(answer, pipelined, identity)
-            case Close(record):
+            case ev.Close(record):
                 self.client.close()
                 self._drop_upstream()
                 if record is not None and not self._tls_up():
@@ -335,9 +316,9 @@ class PreauthSession:
         try:  # aborts the connection if it fails
             await transport.start_tls(ctx, server_side=True, timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            return TlsFailed(str(exc)[:200] or type(exc).__name__)
+            return ev.TlsFailed(str(exc)[:200] or type(exc).__name__)
         cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
-        return TlsEstablished(cert.device_id if cert else None, cert)
+        return ev.TlsEstablished(cert.device_id if cert else None, cert)
 
     # ------------------------------------------------------------------ upstream
 
@@ -348,7 +329,7 @@ class PreauthSession:
         except self.upstream_errors as exc:
             detail = str(exc)[:200] or type(exc).__name__
             self.log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
-            return UpstreamFailed(detail)
+            return ev.UpstreamFailed(detail)
         device = self.layer.device_id if self.layer is not None else None
         limits, ip = self.gate.limits, self.origin.client_ip
         if answer.ok:
@@ -410,7 +391,7 @@ class PreauthSession:
             await self.gate.record_session_end(self.origin, "shutdown", identity=self.identity)
             await self.terminate(self.shutdown_text)
         elif self.layer is not None:
-            await self._execute(self.layer.handle(ShutdownRequested()))
+            await self._execute(self.layer.handle(ev.ShutdownRequested()))
         else:
             self.client.close()
 
