@@ -177,3 +177,35 @@ SessionEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | Upstream
 #: The commands every pre-auth layer gives (a protocol adds its ``OpenUpstream``).
 SessionCommand = (SendToClient | StartTls | RequestDecision | RecordAuthFailed
                   | RecordUnavailable | CloseUpstream | Splice | Close)
+
+# ------------------------------------------------------------ the login to the upstream
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamDataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsEstablished:
+    """The handshake asked for by :class:`StartUpstreamTls` succeeded."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendToUpstream:
+    data: bytes = field(repr=False)  # may carry the password
+
+
+@dataclass(frozen=True, slots=True)
+class StartUpstreamTls:
+    """Upgrade the upstream connection to TLS, then feed :class:`UpstreamTlsEstablished`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportCapabilities:
+    """The server's capabilities before login (the listener shows some of them)."""
+
+    capabilities: tuple[str, ...]
+
+
+UpstreamEvent = UpstreamDataReceived | UpstreamTlsEstablished

@@ -28,8 +28,8 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, Self
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
@@ -38,7 +38,7 @@ from proxy.frontends.imap_syntax import RemoteProtocolError
 from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.login_limits import login_answered, login_refused, pre_tls_end
 from proxy.gate import Identity, Origin
-from proxy.net.socket_transport import SocketServer, SocketTransport
+from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
@@ -54,6 +54,62 @@ TLS_HANDSHAKE_TIMEOUT_S = 20.0
 #: What a failed upstream conversation raises (the client is told: unavailable).
 UPSTREAM_ERRORS = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
                    ConnectionError)
+
+Answer = TypeVar("Answer", covariant=True)
+
+
+class UpstreamLoginLayer(Protocol[Answer]):
+    """A protocol's sans-IO upstream login (``imap_upstream``, ``pop3_upstream``)."""
+
+    rest: bytes  # what the server sent after the answer (the client's, once spliced)
+
+    @property
+    def finished(self) -> bool: ...
+
+    def handle(self, event: ev.UpstreamEvent) -> Sequence[
+        ev.SendToUpstream | ev.StartUpstreamTls | ev.ReportCapabilities | Answer]: ...
+
+
+async def converse_upstream(cfg: ListenerConfig, tls_ctx: ssl.SSLContext | None,
+                            up: UpstreamConnection, login: UpstreamLoginLayer[Answer],
+                            learn: Callable[[tuple[str, ...]], None]) -> Answer | None:
+    """Connect ``up`` to the listener's upstream and run the sans-IO ``login`` to its
+    end: its answer (the protocol's ``LoginAnswered``), or None when it finished
+    without one (an IMAP probe, which has logged out)."""
+    loop = asyncio.get_running_loop()
+    if cfg.upstream_tls != "none" and tls_ctx is None:
+        raise UpstreamError("upstream TLS configured without a TLS context")
+    try:
+        up.pipe.transport = await open_connection(
+            cfg.upstream_host, cfg.upstream_port, up.pipe,
+            tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
+            timeout=cfg.upstream_connect_timeout_s)
+    except TimeoutError:
+        raise UpstreamError("connecting to the upstream timed out") from None
+    deadline = loop.time() + cfg.upstream_timeout_s
+    queue: deque[ev.SendToUpstream | ev.StartUpstreamTls | ev.ReportCapabilities
+                 | Answer] = deque()
+    while True:
+        if not queue:
+            if login.finished:
+                return None
+            queue.extend(login.handle(ev.UpstreamDataReceived(await up.receive(deadline))))
+            continue
+        match command := queue.popleft():
+            case ev.SendToUpstream(data):
+                up.pipe.write(data)
+            case ev.StartUpstreamTls():
+                assert tls_ctx is not None
+                await up.pipe.transport.start_tls(
+                    tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
+                    timeout=max(0.1, deadline - loop.time()))
+                queue.extend(login.handle(ev.UpstreamDataReceived(up.take())))
+                queue.extend(login.handle(ev.UpstreamTlsEstablished()))
+            case ev.ReportCapabilities(caps):
+                learn(caps)
+            case _:  # the answer
+                up.inbox[:0] = login.rest  # the client's, once spliced
+                return command
 
 
 class PreauthListener:
@@ -396,4 +452,5 @@ class PreauthSession:
             self.client.close()
 
 __all__ = ["PREAUTH_READ_PAUSE_BYTES", "TLS_HANDSHAKE_TIMEOUT_S", "TLS_SESSION_TICKETS",
-           "UPSTREAM_ERRORS", "Layer", "Owner", "PreauthListener", "PreauthSession"]
+           "UPSTREAM_ERRORS", "Layer", "Owner", "PreauthListener", "PreauthSession",
+           "UpstreamLoginLayer", "converse_upstream"]
