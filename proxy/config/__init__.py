@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from proxy.config.mdm import MdmConfig
+from proxy.config.notify import NotifyConfig
 from proxy.config.policy_file import load_policy
 from proxy.config.reading import ConfigError, is_loopback, parse_duration, split_hostport
 from proxy.config.settings import (
@@ -50,6 +51,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "MdmConfig",
+    "NotifyConfig",
     "PostureConfig",
     "ServerConfig",
     "TlsConfig",

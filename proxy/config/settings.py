@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.config.mdm import MdmConfig, read_mdm
+from proxy.config.notify import NotifyConfig, read_notify
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -154,6 +155,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     mdm: tuple[MdmConfig, ...] = ()
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -189,6 +191,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
     mdm = read_mdm(top.tables("mdm"), resolve.path)
+    notify = _section(top, "notify", lambda t: read_notify(t, resolve.path))
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -196,7 +199,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits, mdm)
+                  limits, mdm, notify)
 
 
 class _Resolver:

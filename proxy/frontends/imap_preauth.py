@@ -22,7 +22,9 @@ The rules (DESIGN.md, "Sessions, in order"):
   clients that retry on the same connection show only the last line they read.
   Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream unreachable:
   ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the upstream's
-  answer goes to the client and the connections are spliced.
+  answer goes to the client and the connections are spliced; a warning that comes
+  with the allow (a rule's ``enforce_from`` is ahead, rationed by ``proxy.notify``)
+  goes first, as ``* OK [ALERT] <warning with the date>``.
 - ``AUTHENTICATE``: the mechanisms of ``imap_sasl`` that the upstream offers (PLAIN
   always: it is relayed as ``LOGIN``); the exchange reads the user, the upstream
   verifies the credentials.
@@ -122,6 +124,7 @@ class UpstreamFailed:
 class DecisionMade:
     decision: Decision
     shutting_down: bool = False  # the listener is closing: start no session
+    alert: str = ""  # a warning to show before the login's OK (``* OK [ALERT]``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +308,8 @@ class Preauth:
                 return [SendToClient(tagged_line(self._tag, "NO", UNAVAILABLE_TEXT,
                                                  "UNAVAILABLE") + bye_line(UNAVAILABLE_TEXT)),
                         RecordUnavailable(self.identity, detail), *self._close("upstream")]
-            case DecisionMade(decision, shutting_down):
-                return self._decided(decision, shutting_down)
+            case DecisionMade(decision, shutting_down, alert):
+                return self._decided(decision, shutting_down, alert)
             case TimedOut(total):
                 return [SendToClient(bye_line(TIMEOUT_TEXT)),
                         *self._close("preauth_timeout" if total else "idle_timeout")]
@@ -347,7 +350,8 @@ class Preauth:
         return [SendToClient(event.tagged), CloseUpstream(), RecordAuthFailed(self.identity),
                 *self._drain()]
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[PreauthCommand]:
         self.decided = True
         tag = self._tag
         if not decision.allow:
@@ -368,6 +372,8 @@ class Preauth:
                     *self._close("shutdown")]
         self.finished = True
         answer, self._answer = self._answer, b""
+        if alert:  # untagged, before the tagged OK: clients show it as the login's
+            answer = untagged_line("OK", refusal_text(alert), "ALERT") + answer
         return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands
