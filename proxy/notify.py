@@ -27,6 +27,8 @@ so a restart does not send again. All times are the decision's (the gate's clock
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,11 +38,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from proxy.config.notify import NotifyConfig
-from proxy.gate import DecisionSeen
+from proxy.gate import DecisionSeen, Gate
 from proxy.notify_mail import SEND_ERRORS, Relay, TemplateError, Templates, build_message
 from proxy.notify_memory import NoticeMemory
 from proxy.oplog import get_logger
 from proxy.policy import PROHIBITED_APP, Policy, ProhibitedApp, Reason
+from proxy.startup import StartupError
 
 log = get_logger("mailward.notify")
 
@@ -297,4 +300,16 @@ class Notifier:
         return f"{user}@{self.cfg.user_domain}" if self.cfg.user_domain and user else None
 
 
-__all__ = ["ALERT_WINDOW_S", "Notice", "Notifier", "Sender", "notices_for"]
+async def start_notifier(gate: Gate, cfg: NotifyConfig, state_dir: Path) -> Notifier:
+    """The server's notifier, started and observing ``gate``; a relay set-up that
+    cannot work (unreadable credentials or CA file) is a :class:`StartupError`."""
+    try:
+        notifier = Notifier(cfg, record=gate.record_notice, state_dir=state_dir)
+        await notifier.start()
+    except (OSError, ValueError, sqlite3.Error, ssl.SSLError) as exc:
+        raise StartupError(f"notify: {exc}") from None
+    gate.notices = notifier
+    return notifier
+
+
+__all__ = ["ALERT_WINDOW_S", "Notice", "Notifier", "Sender", "notices_for", "start_notifier"]

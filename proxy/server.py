@@ -112,6 +112,7 @@ class Server:
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
+        self.notifier: Any = None  # proxy.notify.Notifier (gate.notices)
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
@@ -167,6 +168,9 @@ class Server:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
         self.observer.policy_loaded(self.holder.current())
+        from proxy.notify import start_notifier  # [notify]: warnings and deny notices
+
+        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir)
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
@@ -448,6 +452,8 @@ class Server:
             self.api = None
         if self.mdm is not None:
             await _quietly(self.mdm.close, "mdm connectors")
+        if self.notifier is not None:  # queued notices get a moment, then their records
+            await _quietly(self.notifier.close, "notifier")
         if self.audit is not None:
             await _quietly(self.audit.close, "audit log")  # writes the final checkpoint
         if self.store is not None:
