@@ -277,3 +277,18 @@ def test_notify_table_is_read_and_checked(tmp_path: Path) -> None:
         load_config(_config(tmp_path, '[notify]\nrate = "often"\n'))
     with pytest.raises(ConfigError, match=r"notify\.sender"):
         load_config(_config(tmp_path, '[notify]\nsmtp = "relay:25"\n'))
+
+
+async def test_unreadable_relay_credentials_stop_the_server_starting(tmp_path: Path) -> None:
+    """A credentials_file that cannot be read is a start-up error naming [notify]."""
+    from proxy.notify import start_notifier
+    from proxy.startup import StartupError
+
+    gate = Gate(store=Store(), audit=ListAudit(), policy=policy)
+    cfg = NotifyConfig(smtp_host="relay.test", sender="a@b.example",
+                       credentials_file=tmp_path / "missing.secret")
+    with pytest.raises(StartupError, match=r"notify: .*missing\.secret"):
+        await start_notifier(gate, cfg, tmp_path)
+    started = await start_notifier(gate, NotifyConfig(), tmp_path)  # no relay: alerts only
+    assert gate.notices is started and not started.mails
+    await started.close()
