@@ -475,6 +475,9 @@ def _audit_commands(add: _Add, audit: Any) -> None:
     sp.add_argument("--since", help="RFC 3339 time, a date, or 7d / 24h / 30m ago")
     sp.add_argument("--until")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    from proxy.cli_report import report_command
+
+    report_command(add, audit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
