@@ -89,6 +89,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             ("audit.signing_key", cfg.audit.signing_key),
             ("audit.verify_key", cfg.audit.verify_key),
             ("api.admin_token_file", cfg.api.admin_token_file),
+            *((f"api.tokens.{t.name}.file", t.file) for t in cfg.api.tokens),
             *((f"trust.attesters[{i}]", p) for i, p in enumerate(cfg.trust.attesters)),
             *((f"trust.crl[{i}]", p) for i, p in enumerate(cfg.trust.crl)),
             *((f"listeners.{lst.name}.upstream_ca", lst.upstream_ca) for lst in cfg.listeners),
@@ -146,6 +147,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     records: revocations, bindings, aliases) is read and the record appended
     synchronously (see :func:`_complete`), so start-up stays close to
     ``mailward --help``."""
+    import getpass
+
     from proxy.gate import AUDIT_UNAVAILABLE, Gate, Identity, NullObserver, Origin, TrustState
     from proxy.ids import ClientCert
     from proxy.posture.sqlite import read_trust
@@ -173,7 +176,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
         gate = Gate(store=_SqliteReader(path), audit=_AppendingSink(log),
                     policy=lambda: policy, observer=NullObserver(), trust=trust)
-        decision = _complete(gate.explain(identity, origin))
+        decision = _complete(gate.explain(identity, origin, actor=getpass.getuser()))
     if decision.temporary:
         code = decision.reasons[0].code
         if code == AUDIT_UNAVAILABLE:

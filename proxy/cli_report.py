@@ -11,31 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from proxy.cli import EXIT_FAILED, EXIT_OK, UserError, _Add, _load
 
 
-def report_window(since: str | None, until: str | None,
-                  now: datetime | None = None) -> tuple[datetime, datetime]:
-    """``[since, until)`` from the CLI's or the API's text (default: the last 30 days).
-    ValueError with a usage hint for an unreadable time or an empty window."""
-    from proxy.audit import parse_time
-
-    now = now or datetime.now(UTC)
-    end = parse_time(until, now=now) if until else now
-    start = parse_time(since, now=now) if since else end - timedelta(days=30)
-    if start >= end:
-        raise ValueError(f"the period is empty: since {start.isoformat()} is not before "
-                         f"until {end.isoformat()}")
-    return start, end
-
-
 def cmd_audit_report(args: argparse.Namespace) -> int:
     from proxy.audit import load_verify_key, read_witness_file
-    from proxy.audit.report import build_report
+    from proxy.audit.report import build_report, report_window
     from proxy.audit.report_html import render_report
 
     path = Path(args.log) if args.log else None

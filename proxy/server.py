@@ -212,13 +212,10 @@ class Server:
             require_file(cfg.tls.key, "tls.key")
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, client_ca=None,
                                      client_cert="none")
-        token = None
-        if cfg.api.admin_token_file is not None and cfg.api.admin_token_file.exists():
-            try:
-                token = cfg.api.admin_token_file.read_bytes()
-            except OSError as exc:
-                raise StartupError(f"api.admin_token_file: cannot read "
-                                   f"{cfg.api.admin_token_file}: {exc.strerror}") from None
+        try:
+            tokens = api.load_tokens(cfg.api)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"api tokens: {exc}") from None
         assert self.gate is not None
         app = api.make_app(
             gate=self.gate,
@@ -226,7 +223,8 @@ class Server:
             policy=self.holder.current,
             audit=self.audit,
             verifier=self.verifier,
-            admin_token=token,
+            tokens=tokens,
+            report=api.AuditReports(cfg.audit.path, tuple(filter(None, [cfg.audit.verify_key]))),
             readiness=self.readiness,
             max_body_bytes=cfg.api.max_body_bytes,
             degraded=self.degraded,

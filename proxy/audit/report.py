@@ -26,14 +26,14 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.audit.files import open_snapshot, read_lines, rotation_number
-from proxy.audit.query import CSV_COLUMNS, reason_codes
+from proxy.audit.query import CSV_COLUMNS, parse_time, reason_codes
 from proxy.audit.record import CHECKPOINT_EVENT, canonical_json, format_ts
 from proxy.audit.verify import VerifyResult, verify
 from proxy.audit.witness import Witnessed
@@ -148,6 +148,19 @@ def bucket_width(since: datetime, until: datetime) -> int:
     :data:`MAX_BUCKETS` buckets (the widest if none does)."""
     span = max(1.0, (until - since).total_seconds())
     return next((w for w in BUCKET_WIDTHS if span / w <= MAX_BUCKETS), BUCKET_WIDTHS[-1])
+
+
+def report_window(since: str | None, until: str | None,
+                  now: datetime | None = None) -> tuple[datetime, datetime]:
+    """``[since, until)`` from the CLI's or the API's text (default: the last 30 days).
+    ValueError with a usage hint for an unreadable time or an empty window."""
+    now = now or datetime.now(UTC)
+    end = parse_time(until, now=now) if until else now
+    start = parse_time(since, now=now) if since else end - timedelta(days=30)
+    if start >= end:
+        raise ValueError(f"the period is empty: since {start.isoformat()} is not before "
+                         f"until {end.isoformat()}")
+    return start, end
 
 
 def build_report(
@@ -373,6 +386,6 @@ def _cell(record: dict[str, Any], column: str) -> str:
 def _open_exports(stack: ExitStack, directory: Path, no_client_ip: bool) -> _Exports:
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, jsonl_path = directory / "audit-report.csv", directory / "audit-report.jsonl"
-    csv_file = stack.enter_context(open(csv_path, "w", encoding="utf-8", newline=""))
-    jsonl = stack.enter_context(open(jsonl_path, "w", encoding="utf-8"))
+    csv_file = stack.enter_context(csv_path.open("w", encoding="utf-8", newline=""))
+    jsonl = stack.enter_context(jsonl_path.open("w", encoding="utf-8"))
     return _Exports(csv_file, jsonl, (csv_path, jsonl_path), no_client_ip)

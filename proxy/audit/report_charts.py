@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from proxy.audit.report import ReportData
@@ -32,6 +33,7 @@ def timeline_svg(data: ReportData) -> str:
     """Allow/deny over time per protocol plus the policy timeline, as inline SVG."""
     from matplotlib import rcParams
     from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
 
     protocols = data.protocols or ["(no decisions)"]
@@ -50,6 +52,10 @@ def timeline_svg(data: ReportData) -> str:
                 ax.axvline(moment, color=POLICY_COLOUR, linewidth=0.8, alpha=0.6)
         _policy_row(axes[-1], data, changes)
         axes[-1].set_xlim(data.since, data.until)
+        locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+        axes[-1].xaxis.set_major_locator(locator)
+        axes[-1].xaxis.set_major_formatter(
+            ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None,
                                                     "Format": None, "Type": None})
@@ -63,7 +69,7 @@ def _bucket_count(data: ReportData) -> int:
 
 def _protocol_row(ax: Any, data: ReportData, protocol: str, edges: list[datetime]) -> None:
     for outcome, colour in (("allow", ALLOW_COLOUR), ("deny", DENY_COLOUR)):
-        counts = data.series.get((protocol, outcome), {})
+        counts: Mapping[int, int] = data.series.get((protocol, outcome), {})
         values = [counts.get(i, 0) for i in range(len(edges) - 1)]
         total = data.decisions.get((protocol, outcome), 0)
         ax.stairs(values, edges, color=colour, fill=outcome == "deny", alpha=0.85
@@ -72,7 +78,8 @@ def _protocol_row(ax: Any, data: ReportData, protocol: str, edges: list[datetime
     ax.set_ylabel(protocol)
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", linewidth=0.4, alpha=0.5)
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncols=2, fontsize=8, frameon=False,
+              borderaxespad=0)
 
 
 def _policy_row(ax: Any, data: ReportData, changes: list[datetime]) -> None:
@@ -96,7 +103,7 @@ class _svg_settings:
     """rcParams for small SVG, restored afterwards (matplotlib's rc_context, which
     this avoids importing pyplot for)."""
 
-    SETTINGS: dict[str, Any] = {
+    SETTINGS: ClassVar[dict[str, Any]] = {
         "svg.fonttype": "none", "svg.hashsalt": "mailward-report",
         "font.family": "sans-serif", "font.size": 9, "axes.spines.top": False,
         "axes.spines.right": False,

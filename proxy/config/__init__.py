@@ -21,6 +21,7 @@ from proxy.config.reading import ConfigError, is_loopback, parse_duration, split
 from proxy.config.settings import (
     DEFAULT_CONFIG,
     ApiConfig,
+    ApiToken,
     AuditConfig,
     Config,
     LimitsConfig,
@@ -44,6 +45,7 @@ def check_files(config_path: Path | str) -> tuple[Config, Policy]:
 __all__ = [
     "DEFAULT_CONFIG",
     "ApiConfig",
+    "ApiToken",
     "AuditConfig",
     "Config",
     "ConfigError",

@@ -8,6 +8,7 @@ directory that holds the file.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,12 +72,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One named admin token (``[api] tokens``): scope ``read`` may read (report,
+    query, explain, device summaries); ``operate`` may also change (revoke, rollback,
+    push). Records a token causes carry its name as ``actor``."""
+
+    name: str
+    scope: Literal["read", "operate"]
+    file: Path
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     host: str
     port: int
     tls: bool
-    admin_token_file: Path | None
+    admin_token_file: Path | None  # the token named "admin", scope operate
     max_body_bytes: int = 256 * 1024
+    tokens: tuple[ApiToken, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +331,27 @@ def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
         # The older key still works and wins when set; else [limits] api_max_body.
         max_body_bytes=ap.positive_int("max_body_bytes", limits.api_max_body),
+        tokens=_api_tokens(ap, resolve),
     )
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def _api_tokens(ap: Table, resolve: _Resolver) -> tuple[ApiToken, ...]:
+    """``tokens = [{name, scope, file}, ...]``: names unique, scope read or operate."""
+    tokens: list[ApiToken] = []
+    for t in ap.tables("tokens"):
+        name = t.text("name")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise t.error("name", "must be 1 to 64 letters, digits or . _ @ - (it is "
+                          "recorded as the actor)")
+        if any(other.name == name for other in tokens):
+            raise t.error("name", f"duplicate token name {name!r}")
+        tokens.append(ApiToken(name, t.choice("scope", ("read", "operate")),
+                               resolve(t, "file")))
+        t.done()
+    return tuple(tokens)
 
 
 def _public_url(t: Table, protocol: str) -> str | None:

@@ -161,7 +161,8 @@ class Gate(DeviceAdmin):
         return decision
 
     async def explain(
-        self, identity: Identity, origin: Origin, *, posture: Posture | None = None
+        self, identity: Identity, origin: Origin, *, posture: Posture | None = None,
+        actor: str | None = None,
     ) -> Decision:
         """What-if: the decision :meth:`decide` would take, recorded as an ``explain``
         record (never counted as an access decision). ``posture`` replaces the stored
@@ -169,12 +170,14 @@ class Gate(DeviceAdmin):
 
         Like :meth:`decide` it never raises for store or audit failures: the answer
         is then a temporary deny whose reason is :data:`STORE_UNAVAILABLE` or
-        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer"."""
-        decision, _ = await self._decide("explain", identity, origin, posture)
+        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer". ``actor``
+        (who asked) goes into the record."""
+        decision, _ = await self._decide("explain", identity, origin, posture, actor)
         return decision
 
     async def _decide(
-        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None
+        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None,
+        actor: str | None = None,
     ) -> tuple[Decision, int]:
         started = time.perf_counter()
         policy = self._policy()
@@ -189,6 +192,8 @@ class Gate(DeviceAdmin):
         latency_us = int((time.perf_counter() - started) * 1e6)
         fields = decision_record(event, identity, origin, decision, posture, latency_us,
                                  self._clock(), device)
+        if actor:
+            fields["actor"] = actor
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
