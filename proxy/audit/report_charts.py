@@ -90,7 +90,7 @@ def _policy_row(ax: Any, data: ReportData, changes: list[datetime]) -> None:
         ax.axvline(moment, color=POLICY_COLOUR, linewidth=0.8, alpha=0.6)
     for i, event in enumerate(data.timeline):
         at = datetime.fromisoformat(event.ts)
-        y = 0.25 + 0.5 * (i % 2)
+        y = 0.2 + 0.3 * (i % 3)
         ax.plot([at], [y], marker=_TIMELINE_MARKERS.get(event.event, "o"),
                 color=POLICY_COLOUR, markersize=6)
         if len(data.timeline) <= 40:
