@@ -53,6 +53,7 @@ from proxy.net import limits
 from proxy.net.limits import Limits
 from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
+from proxy.policies.live import LivePolicy
 from proxy.policy import Policy
 from proxy.startup import (
     StartupError,
@@ -100,6 +101,7 @@ class Server:
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg
         self.holder = PolicyHolder(policy)
+        self._reload_lock = asyncio.Lock()
         self.store: Any = None
         self.audit: Any = None
         self.gate: Gate | None = None
@@ -111,12 +113,13 @@ class Server:
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
+        self.policies = LivePolicy(cfg, self.holder, self.observer, self._reload_lock,
+                                   self._audit_write)
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._reload_lock = asyncio.Lock()
         # sha256 of the policy file bytes last looked at: a file event whose content
         # did not change (touch, ConfigMap symlink swap, a second event for one edit)
         # is not a reload.
@@ -165,7 +168,7 @@ class Server:
         except Exception as exc:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
-        self.observer.policy_loaded(self.holder.current())
+        await self.policies.at_start()  # the pointer's policy, or the file (proxy.policies)
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
@@ -231,6 +234,7 @@ class Server:
             max_body_bytes=cfg.api.max_body_bytes,
             degraded=self.degraded,
         )
+        api.add_policy_preview(app, self.policies.preview)
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
         except OSError as exc:
@@ -254,7 +258,7 @@ class Server:
         connectors whose last pass failed (with their last success)."""
         mdm, stale = self.mdm.degraded() if self.mdm else [], \
             self.crl.stale(time.time()) if self.crl else []
-        return [f"crl_past_next_update:{p}" for p in stale] + mdm
+        return [f"crl_past_next_update:{p}" for p in stale] + mdm + self.policies.degraded()
 
     # -------------------------------------------------------------- running
 
@@ -293,6 +297,7 @@ class Server:
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
         assert self.upkeep is not None
+        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # CLI rollback
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
@@ -356,9 +361,10 @@ class Server:
         assert self.gate is not None
         path = Path(self.cfg.server.policy)
         try:
-            raw_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            data = path.read_bytes()
         except OSError:
-            raw_sha = ""  # load_policy below reports the error with the file name
+            data = b""  # load_policy below reports the error with the file name
+        raw_sha = hashlib.sha256(data).hexdigest() if data else ""
         if raw_sha == self._seen_sha and trigger == "file_change":
             return False
         self._seen_sha = raw_sha
@@ -366,19 +372,14 @@ class Server:
         try:
             new = load_policy(path)
         except ConfigError as exc:
-            self.observer.policy_reload_failed()
-            log.error("policy reload refused; keeping the current policy", trigger=trigger,
-                      error=str(exc), file=exc.file, line=exc.line, key=exc.key,
-                      policy_version=old.version)
-            await self._audit_write({
-                "event": "policy_reload", "result": "refused", "trigger": trigger,
-                "error": str(exc), "old_version": old.version, "old_sha256": old.sha256,
-                "new_version": None, "new_sha256": raw_sha or None,
-            })
-            return False
+            return await self._refused(trigger, str(exc), old, None, raw_sha, file=exc.file,
+                                       line=exc.line, key=exc.key)
         if new.sha256 == old.sha256:
             log.info("policy unchanged", trigger=trigger, policy_version=old.version)
             return False
+        refusal = await self.policies.admit(old, new, data, trigger)  # the policy guard
+        if refusal is not None:
+            return await self._refused(trigger, refusal, old, new.version, raw_sha)
         self.holder.swap(new)
         self.observer.policy_loaded(new)
         log.info("policy reloaded", trigger=trigger, old_version=old.version,
@@ -387,6 +388,7 @@ class Server:
             "event": "policy_reload", "result": "applied", "trigger": trigger,
             "old_version": old.version, "old_sha256": old.sha256,
             "new_version": new.version, "new_sha256": new.sha256,
+            "actor": self.policies.actor(),
         })
         started = time.perf_counter()
         ended = await self.gate.policy_changed()
@@ -394,6 +396,21 @@ class Server:
                  live=len(self.gate.live_sessions()),
                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
         return True
+
+    async def _refused(self, trigger: str, error: str, old: Policy, version: str | None,
+                       raw_sha: str, **where: Any) -> bool:
+        """A reload refused (invalid file, or the policy guard): the old policy stays;
+        logged, counted and recorded."""
+        self.observer.policy_reload_failed()
+        log.error("policy reload refused; keeping the current policy", trigger=trigger,
+                  error=error, policy_version=old.version, **where)
+        await self._audit_write({
+            "event": "policy_reload", "result": "refused", "trigger": trigger,
+            "error": error, "old_version": old.version, "old_sha256": old.sha256,
+            "new_version": version, "new_sha256": raw_sha or None,
+            "actor": self.policies.actor(),
+        })
+        return False
 
     async def _audit_write(self, fields: dict[str, Any]) -> None:
         try:

@@ -8,6 +8,7 @@ directory that holds the file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,20 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyGuardConfig:
+    """``[policy_guard]``: a policy file that would newly deny more devices than
+    ``max_new_denies`` (a count, or a percentage of known devices, rounded up) is
+    not applied without its confirm line (:mod:`proxy.policies`)."""
+
+    max_new_denies: str = "10%"
+
+    def limit(self, devices: int) -> int:
+        if self.max_new_denies.endswith("%"):
+            return math.ceil(float(self.max_new_denies[:-1]) * devices / 100)
+        return int(self.max_new_denies)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     root: Path
@@ -154,6 +169,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     mdm: tuple[MdmConfig, ...] = ()
+    policy_guard: PolicyGuardConfig = field(default_factory=PolicyGuardConfig)
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -189,6 +205,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
     mdm = read_mdm(top.tables("mdm"), resolve.path)
+    guard = _section(top, "policy_guard", _policy_guard)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -196,7 +213,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits, mdm)
+                  limits, mdm, guard)
 
 
 class _Resolver:
@@ -235,6 +252,21 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
         recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
         instance=s.text("instance", "") or socket.gethostname(),
     )
+
+
+def _policy_guard(t: Table) -> PolicyGuardConfig:
+    value = t.get("max_new_denies", (int, str), "10%")
+    text = str(value).strip()
+    number = text[:-1] if text.endswith("%") else text
+    try:
+        ok = not isinstance(value, bool) and float(number) >= 0 and (
+            text.endswith("%") or float(number).is_integer()) and float(number) < 1e12
+    except ValueError:
+        ok = False
+    if not ok:
+        raise t.error("max_new_denies", f"{value!r}: use a count (25) or a percentage "
+                      '("10%")')
+    return PolicyGuardConfig(text)
 
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
