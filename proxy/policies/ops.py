@@ -18,6 +18,7 @@ from proxy.policies.preview import (
     compare_replay,
     guard,
     read_devices,
+    relevant_to,
     replay_keys,
     store_path,
 )
@@ -43,8 +44,9 @@ def active_policy(cfg: Config) -> Policy | None:
     return None if pointer is None else store.load(pointer.active)
 
 
-def devices_of(cfg: Config) -> Devices:
-    return read_devices(store_path(cfg.posture.store))
+def devices_of(cfg: Config, *policies: Policy | None) -> Devices:
+    """Every known device, with the apps that matter to ``policies``."""
+    return read_devices(store_path(cfg.posture.store), relevant_to(*policies))
 
 
 def check_guard(cfg: Config, baseline: Policy | None, candidate: Policy, data: bytes,
@@ -54,7 +56,7 @@ def check_guard(cfg: Config, baseline: Policy | None, candidate: Policy, data: b
     nothing is in force yet)."""
     if baseline is None:
         return None
-    devices = devices if devices is not None else devices_of(cfg)
+    devices = devices if devices is not None else devices_of(cfg, baseline, candidate)
     outcome = compare_devices(devices, baseline, candidate, now or datetime.now(UTC))
     setting = cfg.policy_guard.max_new_denies
     return guard(setting, cfg.policy_guard.limit(len(devices.postures)), outcome, data)
@@ -66,7 +68,7 @@ def build_preview(cfg: Config, candidate: Policy, data: bytes, *,
     """Devices (and, with ``replay_since``, the audit log's decisions since then)
     under ``baseline`` versus ``candidate``."""
     now = now or datetime.now(UTC)
-    devices = devices_of(cfg)
+    devices = devices_of(cfg, baseline, candidate)
     outcome = compare_devices(devices, baseline, candidate, now)
     replay = since = None
     if replay_since is not None:
