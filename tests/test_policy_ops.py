@@ -100,8 +100,9 @@ def deploy(tmp_path: Path) -> Path:
     asyncio.run(fill())
     cfg = load_config(tmp_path / "config/mailward.toml")
     data = (tmp_path / "config/policy.toml").read_bytes()
-    PolicyStore(cfg.server.state_dir).activate(load_policy(tmp_path / "config/policy.toml"),
-                                               data, how="start", actor="test")
+    PolicyStore(cfg.server.state_dir).activate(
+        load_policy(tmp_path / "config/policy.toml"), data, how="start", actor="test",
+        file_sha256=hashlib.sha256(data).hexdigest())
     return tmp_path
 
 
@@ -343,3 +344,64 @@ def test_check_config_warns_when_the_guard_would_refuse(
     write(path, confirm_line(path.read_bytes()) + "\n" + path.read_text())
     assert run(deploy, "check-config") == 0
     assert "warning:" not in capsys.readouterr().out
+
+
+class _Holder:
+    def __init__(self, policy: object) -> None:
+        self.policy = policy
+
+    def current(self) -> object:
+        return self.policy
+
+    def swap(self, new: object) -> object:
+        old, self.policy = self.policy, new
+        return old
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def policy_loaded(self, policy: object) -> None:
+        pass
+
+    def policy_reload_failed(self) -> None:
+        self.failures += 1
+
+
+def test_start_keeps_a_rollback_and_guards_a_file_changed_while_down(deploy: Path) -> None:
+    """At start the pointer decides while the file is unchanged (a push or rollback
+    survives a restart); a file changed while the server was down goes through the
+    guard, which keeps the policy in force, counts, records and names the refusal."""
+    from proxy.policies.live import LivePolicy
+
+    cfg = load_config(deploy / "config/mailward.toml")
+    store = PolicyStore(cfg.server.state_dir)
+    base_path = cfg.server.policy
+    base = load_policy(base_path)
+    ban_path = write(deploy / "ban.toml", text("ban", TIKTOK_RULE))
+    store.activate(load_policy(ban_path), ban_path.read_bytes(), how="push", actor="ops")
+    records: list[dict[str, object]] = []
+
+    async def audit_write(fields: dict[str, object]) -> None:
+        records.append(fields)
+
+    def start() -> tuple[_Holder, _Observer, LivePolicy]:
+        holder, observer = _Holder(load_policy(base_path)), _Observer()
+        live = LivePolicy(cfg, holder, observer, asyncio.Lock(), audit_write)  # type: ignore[arg-type]
+        asyncio.run(live.at_start())
+        return holder, observer, live
+
+    holder, observer, live = start()
+    assert holder.policy.version == "ban" and not records  # type: ignore[attr-defined]
+    store.activate(base, base_path.read_bytes(), how="rollback", actor="ops")
+    write(base_path, ban_path.read_text())  # saved while the server was down
+    holder, observer, live = start()
+    assert holder.policy.version == "base" and observer.failures == 1  # type: ignore[attr-defined]
+    assert records[-1]["result"] == "refused" and records[-1]["trigger"] == "start"
+    assert live.degraded()[0].startswith("policy_guard_refused:ban:")
+    write(base_path, confirm_line(base_path.read_bytes()) + "\n" + base_path.read_text())
+    holder, observer, live = start()
+    assert holder.policy.version == "ban" and observer.failures == 0  # type: ignore[attr-defined]
+    pointer = PolicyStore(cfg.server.state_dir).read()
+    assert pointer is not None and pointer.history[-1].how == "start"

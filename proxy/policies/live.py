@@ -104,6 +104,15 @@ class LivePolicy:
             refusal = await self.admit(active, from_file, data, "start")
             if refusal is None:
                 self._use(from_file)
+            else:  # changed while the server was down, and the guard holds it back
+                self.observer.policy_reload_failed()
+                log.error("policy file not applied at start; keeping the policy in force",
+                          error=refusal, policy_version=active.version)
+                await self.audit_write({
+                    "event": "policy_reload", "result": "refused", "trigger": "start",
+                    "error": refusal, "old_version": active.version,
+                    "old_sha256": active.sha256, "new_version": from_file.version,
+                    "new_sha256": sha, "actor": self.actor()})
         self._stamp = self.store.stamp()
 
     def _use(self, policy: Policy) -> None:

@@ -2,7 +2,7 @@
 
 Every policy that has been in force is kept as ``state/policies/<sha256>.toml`` (the
 file's exact bytes; the name is :attr:`proxy.policy.Policy.sha256`, the digest every
-decision record carries). ``state/policy-active.json`` says which one is in force::
+decision record carries). ``state/policies/active.json`` says which one is in force::
 
     {"active": "<sha256>", "file_sha256": "<sha256 of the policy file last looked at>",
      "history": [{"sha256": ..., "version": ..., "when": RFC 3339, "how": ..., "actor": ...}]}
@@ -36,7 +36,7 @@ from typing import Any
 from proxy.config import ConfigError, load_policy
 from proxy.policy import Policy
 
-POINTER = "policy-active.json"
+POINTER = "active.json"  # in state/policies/, so `mailward backup` copies it
 LOCK = "policy-active.lock"
 DIRECTORY = "policies"
 HOW = ("start", "file", "sighup", "rollback", "push")
@@ -112,7 +112,7 @@ class PolicyStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.directory = self.state_dir / DIRECTORY
-        self.pointer_path = self.state_dir / POINTER
+        self.pointer_path = self.directory / POINTER
 
     # ---------------------------------------------------------------- contents
 
