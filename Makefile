@@ -1,6 +1,6 @@
 # mailward — make demo, make test, make bench.
 # `make test` works on a fresh Debian machine: it installs the peer servers the tests
-# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail) when missing, creates .venv and
+# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail, redis) when missing, creates .venv and
 # installs the package with its test extras.
 
 PY      ?= python3
@@ -9,10 +9,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync msmtp \
             libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
-            nginx libnginx-mod-mail dovecot-pop3d fetchmail
+            nginx libnginx-mod-mail libnginx-mod-stream dovecot-pop3d fetchmail \
+            redis-server
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync /usr/bin/msmtp \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so \
-             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail
+             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail \
+             /usr/lib/nginx/modules/ngx_stream_module.so /usr/bin/redis-server
 
 .PHONY: all venv peers test test-fast lint demo bench bench-compare clean
 

@@ -55,6 +55,8 @@ class TrustConfig:
 @dataclass(frozen=True, slots=True)
 class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
+    #: Redis unreachable: decisions may use posture read at most this long ago.
+    cache_max_age_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,17 +235,20 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
     )
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+
+
 def _posture(ps: Table, root: Path) -> PostureConfig:
     store_url = ps.text("store", "sqlite:///state/posture.db")
     if store_url.startswith("sqlite:///"):
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
         return PostureConfig(store=f"sqlite://{db}")
-    if store_url.startswith("redis://"):
-        # DESIGN.md names a Redis store for scale-out; until it exists, say so here
-        # rather than let `serve` fail later.
-        raise ps.error("store", "redis:// is not available in this build; use sqlite:///")
-    raise ps.error("store", "must start with sqlite:///")
+    if store_url.startswith(REDIS_SCHEMES):
+        return PostureConfig(store=store_url,
+                             cache_max_age_s=ps.duration("cache_max_age", 300.0))
+    raise ps.error("store", "must start with sqlite:///, redis://, rediss:// or "
+                            "redis+sentinel://")
 
 
 def _audit(a: Table, resolve: _Resolver) -> AuditConfig:
