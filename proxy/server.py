@@ -51,12 +51,13 @@ from proxy import metrics
 from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
-from proxy.net import limits
+from proxy.net import limits, listener
 from proxy.net.limits import Limits
 from proxy.net.listener import bind_failure
 from proxy.net.tls import server_context, upstream_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policy import Policy
+from proxy.policy_sync import PolicySync
 from proxy.upkeep import Upkeep, raise_fd_limit
 
 log = get_logger("mailward.server")
@@ -209,6 +210,7 @@ class Server:
         self.observer = metrics.PrometheusObserver()
         self.limits: Limits | None = None
         self.upkeep: Upkeep | None = None
+        self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
@@ -242,7 +244,8 @@ class Server:
         from proxy.posture import open_store
 
         try:
-            self.store = open_store(cfg.posture.store)
+            self.store = open_store(cfg.posture.store, state_dir=cfg.server.state_dir,
+                                    cache_max_age_s=cfg.posture.cache_max_age_s)
             await self.store.ping()
         except Exception as exc:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
@@ -268,6 +271,9 @@ class Server:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
         self.observer.policy_loaded(self.holder.current())
+        self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
+                                      self._apply_policy)
+        await self.policy_sync.start(Path(cfg.server.policy))
 
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
@@ -275,10 +281,14 @@ class Server:
             ctx = FrontendContext(
                 listener=lc, gate=self.gate, server_tls=server_tls, upstream_tls=upstream_tls
             )
+            listener.expect_proxy_protocol(lc.host, lc.port, listener.ProxyProtocol.of(
+                cfg.server.trusted_proxies) if lc.proxy_protocol else None)
             try:
                 running = await module.start(ctx)
             except OSError as exc:
                 raise _bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
+            finally:
+                listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
             self.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
@@ -346,10 +356,14 @@ class Server:
         }
 
     def degraded(self) -> list[str]:
-        """What ``/readyz`` names without failing: CRLs past their nextUpdate."""
+        """What ``/readyz`` names without failing: CRLs past their nextUpdate, Redis
+        unreachable (decisions from the cache)."""
+        store_says = getattr(self.store, "degraded", None)
+        names = list(store_says()) if store_says is not None else []
+        names += self.policy_sync.degraded() if self.policy_sync is not None else []
         if not self.crl:
-            return []
-        return [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+            return names
+        return names + [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
 
     # -------------------------------------------------------------- running
 
@@ -415,6 +429,9 @@ class Server:
             await asyncio.sleep(TRUST_POLL_S)
             try:
                 ended = await self.gate.sync_changes()
+                async with self._reload_lock:  # another instance's reload (Redis)
+                    assert self.policy_sync is not None
+                    await self.policy_sync.poll()
                 if self.crl and self.crl.reload_if_changed():
                     ended += await self.gate.recheck_all("crl_reload")
             except Exception as exc:
@@ -472,6 +489,15 @@ class Server:
         if new.sha256 == old.sha256:
             log.info("policy unchanged", trigger=trigger, policy_version=old.version)
             return False
+        await self._apply_policy(new, trigger)
+        if self.policy_sync is not None:
+            await self.policy_sync.push(path)
+        return True
+
+    async def _apply_policy(self, new: Policy, trigger: str) -> None:
+        """Swap ``new`` in, record it and re-check every live session."""
+        assert self.gate is not None
+        old = self.holder.current()
         self.holder.swap(new)
         self.observer.policy_loaded(new)
         log.info("policy reloaded", trigger=trigger, old_version=old.version,
@@ -486,7 +512,6 @@ class Server:
         log.info("live sessions re-checked", ended=ended,
                  live=len(self.gate.live_sessions()),
                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
-        return True
 
     async def _audit_write(self, fields: dict[str, Any]) -> None:
         try:

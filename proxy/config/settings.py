@@ -35,6 +35,8 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     recheck_interval_s: float = 30.0
     instance: str = ""  # names this instance in checkpoints and records [host name]
+    #: CIDRs whose PROXY protocol headers listeners with ``proxy_protocol`` believe.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,8 @@ class ListenerConfig:
     #: ActiveSync: the https://host[:port] phones reach mailward at; Autodiscover
     #: answers naming the upstream's address are rewritten to it (None: unchanged).
     public_url: str | None = None
+    #: A PROXY protocol v1/v2 header precedes each connection (from trusted_proxies).
+    proxy_protocol: bool = False
 
     @property
     def upstream_host(self) -> str:
@@ -187,6 +191,10 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     limits = _section(top, "limits", _limits)
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
+    for lt, lst in zip(top.tables("listeners"), listeners, strict=True):
+        if lst.proxy_protocol and not server.trusted_proxies:
+            raise lt.error("proxy_protocol", "needs [server] trusted_proxies (the load "
+                                             "balancers' addresses)")
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -232,7 +240,18 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
         shutdown_grace_s=s.duration("shutdown_grace", 10.0),
         recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
         instance=s.text("instance", "") or socket.gethostname(),
+        trusted_proxies=_cidrs(s, "trusted_proxies"),
     )
+
+
+def _cidrs(t: Table, key: str) -> tuple[str, ...]:
+    found = t.strings(key, [])
+    for i, cidr in enumerate(found):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise t.error(key, f"entry {i + 1} ({cidr!r}) is not a CIDR") from None
+    return tuple(found)
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
@@ -385,6 +404,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
         public_url=_public_url(t, protocol),
+        proxy_protocol=t.get("proxy_protocol", bool, False),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")
