@@ -86,10 +86,31 @@ class SocketTransport(asyncio.Transport):
     buffer (which may be :func:`shared_read_buffer`)."""
 
     # Phones hold IMAP sessions for hours: no per-instance __dict__.
-    __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
-                 "_high", "_inflight", "_linger_timer", "_loop", "_lost_scheduled", "_low",
-                 "_outgoing", "_outgoing_size", "_protocol", "_protocol_paused",
-                 "_read_paused", "_reading", "_sock", "_ticket", "_tls", "_writer_added", "_peer")
+    __slots__ = (
+        "_buffered",
+        "_closed",
+        "_closing",
+        "_drained",
+        "_fd",
+        "_handshake",
+        "_high",
+        "_inflight",
+        "_linger_timer",
+        "_loop",
+        "_lost_scheduled",
+        "_low",
+        "_outgoing",
+        "_outgoing_size",
+        "_peer",
+        "_protocol",
+        "_protocol_paused",
+        "_read_paused",
+        "_reading",
+        "_sock",
+        "_ticket",
+        "_tls",
+        "_writer_added",
+    )
 
     def __init__(
         self,
