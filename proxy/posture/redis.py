@@ -48,11 +48,10 @@ from proxy.posture import (
     in_force,
 )
 from proxy.posture.redis_scripts import SCRIPTS
+from proxy.posture.sqlite import JTI_SKEW_S  # the same replay window as the SQLite store
 
 log = get_logger("mailward.posture")
 
-#: Clock skew allowed by the attestation format; a ``jti`` is kept until ``exp`` + this.
-JTI_SKEW_S: Final = 300
 #: Replay memory and nonces outlive their expiry by this much in Redis (the expiry
 #: itself is compared with the caller's clock inside the script).
 TTL_MARGIN_S: Final = 3600
