@@ -16,11 +16,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Build and install the package only (no tests, no certificates: see .dockerignore).
+# The dependencies exactly as CI tested them (requirements-runtime.lock: the pins and
+# hashes of requirements.lock without the test extras; `make lock` writes both), then
+# the package itself without resolving anything again (no tests, no certificates: see
+# .dockerignore).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements-runtime.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements-runtime.lock
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
  && rm -rf /src
 
 # The deployment root: relative paths in mailward.toml resolve against it, so the
@@ -30,6 +35,8 @@ RUN groupadd --system --gid 10001 mailward \
             --shell /usr/sbin/nologin mailward \
  && mkdir -p /srv/mailward/config /srv/mailward/certs /srv/mailward/state \
  && chown mailward:mailward /srv/mailward/state
+# The repository's config/ (= the packaged samples; its policy enforces, where `mailward
+# init` writes report-only): mount your own config/ over it.
 COPY config/ /srv/mailward/config/
 
 WORKDIR /srv/mailward

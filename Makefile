@@ -1,32 +1,47 @@
 # mailward — make demo, make test, make bench.
 # `make test` works on a fresh Debian machine: it installs the peer servers the tests
-# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail, redis) when missing, creates .venv and
-# installs the package with its test extras.
+# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail, redis; systemd-analyze for
+# the unit file check) when missing, creates .venv from the locked, hash-checked
+# dependency set (requirements.lock) and installs the package itself on top, editable,
+# without deps.
 
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+LOCK    := requirements.lock
+# The container's subset of LOCK: the same pins and hashes without the test extras.
+RUNTIME_LOCK := requirements-runtime.lock
+PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+              --no-emit-index-url --no-emit-find-links
 APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync msmtp \
             libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
-            nginx libnginx-mod-mail libnginx-mod-stream dovecot-pop3d fetchmail \
+            nginx libnginx-mod-mail libnginx-mod-stream dovecot-pop3d fetchmail systemd \
             redis-server
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync /usr/bin/msmtp \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so \
-             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail \
+             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail /usr/bin/systemd-analyze \
              /usr/lib/nginx/modules/ngx_stream_module.so /usr/bin/redis-server
 
-.PHONY: all venv peers test test-fast lint demo bench bench-compare clean
+.PHONY: all venv lock peers test test-fast lint demo bench bench-compare clean
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve pyproject.toml's dependencies (runtime + test extras) to the newest allowed
+# versions, with hashes; then the container's runtime subset under the same pins.
+lock: venv
+	$(BIN)/pip install -q 'pip-tools>=7.4'
+	$(PIP_COMPILE) --upgrade --extra test --output-file $(LOCK) pyproject.toml
+	$(PIP_COMPILE) --upgrade --constraint $(LOCK) --output-file $(RUNTIME_LOCK) pyproject.toml
 
 # Debian packages of the real peer servers, installed only when one is missing.
 peers:
@@ -54,13 +69,12 @@ test-fast: venv
 demo: venv
 	$(BIN)/mailward demo
 
-# Benchmarks print ratios against peers measured in the same run; slow tests are the
-# long load/soak runs kept out of `make test`.
+# Every benchmark (bench/*.py, each printing ratios against peers measured in the same
+# run, and bench/load.py, the 2,000-session mixed load with its correctness checks),
+# collected into one markdown table, bench/RESULTS.md, which README links; then the
+# slow tests, the long load/soak runs kept out of `make test`.
 bench: venv peers
-	$(BIN)/python bench/decide.py
-	$(BIN)/python bench/startup.py
-	@for b in bench/imap.py bench/smtp.py bench/activesync.py bench/tls_memory.py; do \
-	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/results.py --out bench/RESULTS.md
 	$(BIN)/pytest -q -m slow -o addopts=""
 
 # One benchmark on a base revision and on this tree, in alternating rounds (fresh

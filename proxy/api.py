@@ -21,7 +21,7 @@ Endpoints
 ``POST /v1/explain``        what-if evaluation against the current policy (admin);
                             no posture is stored; the question is an ``explain``
                             audit record.
-``GET  /healthz``           the process is up.
+``GET  /healthz``           the process is up; its body names the version.
 ``GET  /readyz``            listeners bound, audit writable, store reachable, policy.
 ``GET  /metrics``           Prometheus text format.
 
@@ -72,6 +72,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy import __version__
 from proxy.api_forms import (
     ApiError,
     read_limited,
@@ -477,7 +478,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -106,12 +106,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    _check_expiry(cfg)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
         f"rules, mode {policy.mode})"
     )
     return EXIT_OK
+
+
+def _check_expiry(cfg: Config) -> None:
+    """A ``warning:`` line for each certificate or CRL ending within 30 days."""
+    import time
+
+    from proxy.expiry import warnings
+
+    for line in warnings(cfg, time.time()):
+        print(f"warning: {line}")
 
 
 def _check_crls(cfg: Config) -> None:
@@ -377,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailward",
         description="Conditional-access proxy for corporate mail (IMAP, SMTP, ActiveSync).",
     )
+    from proxy.cli_ops import VersionAction, ops_commands
+
+    p.add_argument("--version", action=VersionAction, nargs=0, help="print the version")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="mailward.toml (default: config/mailward.toml "
                         "or $MAILWARD_CONFIG)")
@@ -422,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     who = sp.add_mutually_exclusive_group(required=True)
     who.add_argument("--user")
     who.add_argument("--ip")
+    ops_commands(add)
+    from proxy.cli_mdm import mdm_commands
+
+    mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 

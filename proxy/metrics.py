@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy import __version__
+
 if TYPE_CHECKING:
     from proxy.policy import Decision, Policy
 
@@ -55,15 +57,37 @@ AUDIT_WITNESS_PENDING = Gauge(
 SESSIONS_ENDED = Counter(
     "mailward_sessions_ended_total", "Live sessions ended by re-evaluation", ["protocol"]
 )
+MDM_SYNC_SECONDS = Histogram(
+    "mailward_mdm_sync_seconds", "Duration of one MDM connector sync pass", ["connector"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+MDM_DEVICES = Gauge(
+    "mailward_mdm_devices", "Devices listed by the connector's last complete full sync",
+    ["connector"],
+)
+MDM_ERRORS = Counter(
+    "mailward_mdm_errors_total",
+    "MDM connector failures by kind (auth, http, timeout, network, throttled, garbage, "
+    "malformed record, store, config)",
+    ["connector", "kind"],
+)
 
 LIMIT_HITS = Counter(
     "mailward_limit_hits_total", "Limits of [limits] hit, by limit and listener",
     ["limit", "listener"],
 )
+CERT_EXPIRY = Gauge(
+    "mailward_cert_expiry_seconds",
+    "Seconds until a configured certificate bundle (earliest notAfter) or CRL "
+    "(nextUpdate) runs out; negative once past",
+    ["file"],
+)
 HEALTH = Gauge(
     "mailward_health", "Readiness checks (1 ok, 0 failing), as /readyz reports them",
     ["check"],
 )
+BUILD_INFO = Gauge("mailward_build_info", "The running mailward release (value 1)", ["version"])
+BUILD_INFO.labels(__version__).set(1)
 
 
 def observe_decision(protocol: str, decision: Decision, latency_us: int) -> None:
@@ -105,9 +129,21 @@ class PrometheusObserver:
     def health(self, check: str, ok: bool) -> None:
         HEALTH.labels(check).set(1 if ok else 0)
 
+    def cert_expiry(self, file: str, seconds_left: float) -> None:
+        CERT_EXPIRY.labels(file).set(seconds_left)
+
     def audit_witness_pending(self, count: int) -> None:
         """Checkpoints queued for the witness URL (``proxy.audit.witness``)."""
         AUDIT_WITNESS_PENDING.set(count)
+
+    def mdm_synced(self, connector: str, seconds: float, devices: int | None) -> None:
+        """A sync pass of ``connector`` ended; ``devices`` after a complete full one."""
+        MDM_SYNC_SECONDS.labels(connector).observe(seconds)
+        if devices is not None:
+            MDM_DEVICES.labels(connector).set(devices)
+
+    def mdm_error(self, connector: str, kind: str) -> None:
+        MDM_ERRORS.labels(connector, kind).inc()
 
     def expose(self) -> tuple[bytes, str]:
         body: bytes = generate_latest(REGISTRY)

@@ -11,9 +11,12 @@ listed as a reason):
    handling;
 2. platform out of scope -> allow;
 3. each installed app is looked up in the rule index (exact ids in a dict, globs
-   compiled once per policy load and memoised per app id), then filtered by the
-   rule's platforms, user scope, version range, exemptions and ``enforce_from``;
-4. the approved-apps list of the platform, if any, flags every app not on it.
+   compiled once per policy load and memoised per app id; display names likewise,
+   case-insensitively, for rules with ``names``), then filtered by the rule's
+   platforms, user scope, version range, exemptions and ``enforce_from``;
+4. the approved-apps list of the platform, if any, flags every app not on it;
+5. MDM posture only: an inventory marked ``managed-only`` (``partial_inventory``) and
+   the MDM's own verdict ``noncompliant`` (``mdm_noncompliant``), as the policy says.
 
 A violation in a rule (or policy) in report-only mode, or before its
 ``enforce_from``, is reported but does not deny.
@@ -32,6 +35,8 @@ from proxy.posture import Posture
 
 Mode = Literal["enforce", "report-only"]
 DeviceHandling = Literal["deny", "allow"]
+PartialInventory = Literal["deny", "allow", "require_device_report"]
+MdmVerdict = Literal["deny", "ignore"]
 
 # Reason codes (stable: they appear in the audit log and in metrics).
 PROHIBITED_APP = "prohibited_app"
@@ -41,6 +46,8 @@ STALE_POSTURE = "stale_posture"
 USER_MISMATCH = "user_mismatch"
 PLATFORM_OUT_OF_SCOPE = "platform_out_of_scope"
 EXEMPT = "exempt"
+PARTIAL_INVENTORY = "partial_inventory"
+MDM_NONCOMPLIANT = "mdm_noncompliant"
 
 # Bound on the per-policy memo of glob matches (distinct app ids seen).
 MAX_MEMOISED_APP_IDS = 200_000
@@ -134,6 +141,7 @@ class ProhibitedApp:
     enforce_from: datetime | None = None
     mode: Mode | None = None  # None = the policy's mode
     scope: UserScope = UserScope()
+    names: tuple[str, ...] = ()  # display-name globs, matched case-insensitively
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +193,17 @@ class Policy:
         "This device has not reported its posture recently. Open the device management "
         "app so it can report, then try again."
     )
+    partial_inventory: PartialInventory = "allow"
+    partial_inventory_text: str = (
+        "Company mail needs to see every app on this device, and the device management "
+        "app sees only the apps it manages. Enrol the device as company-owned (or install "
+        "the company's device app so it can report), then try again."
+    )
+    mdm_noncompliant: MdmVerdict = "ignore"
+    mdm_noncompliant_text: str = (
+        "The device management service reports this device as not compliant. Open the "
+        "device management app (Company Portal, Self Service) to see what to fix."
+    )
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     prohibited: tuple[ProhibitedApp, ...] = ()
     exemptions: tuple[Exemption, ...] = ()
@@ -201,6 +220,7 @@ class Policy:
         field(init=False, repr=False, compare=False, default_factory=dict))
     _platforms: frozenset[str] = field(init=False, repr=False, compare=False,
                                        default=frozenset())
+    _names: _NameIndex | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         exact: dict[str, list[ProhibitedApp]] = {}
@@ -224,6 +244,8 @@ class Policy:
         object.__setattr__(self, "_memo", {})
         object.__setattr__(self, "_approved", approved)
         object.__setattr__(self, "_platforms", frozenset(self.platforms))
+        if any(rule.names for rule in self.prohibited):
+            object.__setattr__(self, "_names", _NameIndex(self.prohibited))
 
     def rules_for(self, app_id: str) -> tuple[ProhibitedApp, ...]:
         """Rules whose ids match ``app_id`` (exact first, then globs), memoised."""
@@ -239,6 +261,26 @@ class Policy:
         if len(memo) < MAX_MEMOISED_APP_IDS:
             memo[app_id] = found
         return found
+
+    @property
+    def has_name_rules(self) -> bool:
+        return self._names is not None
+
+    def rules_for_app(self, app_id: str, name: str) -> tuple[ProhibitedApp, ...]:
+        """Rules matching the app by id or, for rules with ``names``, by display
+        name (case-insensitive)."""
+        by_id = self.rules_for(app_id)
+        if self._names is None or not name:
+            return by_id
+        by_name = self._names.rules_for(name)
+        if not by_name:
+            return by_id
+        return by_id + tuple(r for r in by_name if r not in by_id)
+
+    def app_matters(self, platform: str, app_id: str, name: str) -> bool:
+        """Could this app ever change a decision (a rule matches it, or the platform
+        has an approved-apps list)? ``keep_apps = "policy"`` keeps only these."""
+        return bool(self.rules_for_app(app_id, name)) or platform in self._approved
 
     def in_group(self, user: str, group: str) -> bool:
         return any(fnmatch.fnmatchcase(user, m) for m in self.groups.get(group, ()))
@@ -261,6 +303,37 @@ class Policy:
 
 def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
+
+
+class _NameIndex:
+    """Rules by display name: exact names (lower-cased) in a dict, globs compiled
+    case-insensitively; memoised per lower-cased name like :meth:`Policy.rules_for`."""
+
+    def __init__(self, rules: Iterable[ProhibitedApp]) -> None:
+        self._exact: dict[str, list[ProhibitedApp]] = {}
+        self._globs: list[tuple[re.Pattern[str], ProhibitedApp]] = []
+        for rule in rules:
+            for name in rule.names:
+                if _is_glob(name):
+                    self._globs.append((re.compile(fnmatch.translate(name), re.IGNORECASE),
+                                        rule))
+                else:
+                    self._exact.setdefault(name.lower(), []).append(rule)
+        self._memo: dict[str, tuple[ProhibitedApp, ...]] = {}
+
+    def rules_for(self, name: str) -> tuple[ProhibitedApp, ...]:
+        key = name.lower()
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        rules = list(self._exact.get(key, ()))
+        for pattern, rule in self._globs:
+            if pattern.match(name) and rule not in rules:
+                rules.append(rule)
+        found = tuple(rules)
+        if len(self._memo) < MAX_MEMOISED_APP_IDS:
+            self._memo[key] = found
+        return found
 
 
 # ----------------------------------------------------------------------- decision
@@ -374,14 +447,25 @@ def evaluate_authorities(postures: Sequence[Posture], policy: Policy,
     decision = evaluate(mdm, policy, context)
     if device is None:
         return decision, mdm
+    reasons = decision.reasons
+    if _fills_in(mdm, device, policy, context):
+        reasons = tuple(r for r in reasons if r.code != PARTIAL_INVENTORY)
     extra = [r for r in _violations(device, policy, context)
-             if r.code not in (STALE_POSTURE, UNKNOWN_DEVICE) and r not in decision.reasons]
-    if not extra:
+             if r.code not in (STALE_POSTURE, UNKNOWN_DEVICE) and r not in reasons]
+    if not extra and reasons is decision.reasons:
         return decision, mdm
-    reasons = decision.reasons + tuple(extra)
+    reasons = reasons + tuple(extra)
     enforced = any(r.enforced for r in reasons)
     return Decision(not enforced, reasons, policy.version, policy.sha256,
                     report_only=not enforced and any(not r.enforced for r in reasons)), mdm
+
+
+def _fills_in(mdm: Posture, device: Posture, policy: Policy, ctx: Context) -> bool:
+    """``partial_inventory = "require_device_report"``: a fresh report of the device's
+    own, for the same user, completes a ``managed-only`` MDM inventory."""
+    return (policy.partial_inventory == "require_device_report"
+            and mdm.inventory == "managed-only" and device.user == ctx.user
+            and ctx.now.timestamp() - device.iat <= policy.max_posture_age_s)
 
 
 def _violations(posture: Posture | None, policy: Policy, ctx: Context) -> list[Reason]:
@@ -414,14 +498,34 @@ def _violations(posture: Posture | None, policy: Policy, ctx: Context) -> list[R
         ]
     if not policy.in_scope(posture.platform):
         return []
-    return _prohibited(posture, policy, ctx) + _unapproved(posture, policy, ctx)
+    reasons = _prohibited(posture, policy, ctx) + _unapproved(posture, policy, ctx)
+    if posture.is_mdm:
+        reasons += _mdm_verdicts(posture, policy)
+    return reasons
+
+
+def _mdm_verdicts(posture: Posture, policy: Policy) -> list[Reason]:
+    """Step 5: what the MDM's posture itself says (partial inventory, its own
+    compliance verdict), as far as the policy cares."""
+    enforce = policy.mode == "enforce"
+    reasons = []
+    if posture.inventory == "managed-only" and policy.partial_inventory != "allow":
+        reasons.append(Reason(PARTIAL_INVENTORY, policy.partial_inventory_text,
+                              enforced=enforce))
+    if policy.mdm_noncompliant == "deny" and posture.mdm_compliance == "noncompliant":
+        reasons.append(Reason(MDM_NONCOMPLIANT, policy.mdm_noncompliant_text,
+                              enforced=enforce))
+    return reasons
 
 
 def _prohibited(posture: Posture, policy: Policy, ctx: Context) -> list[Reason]:
     """Step 3: installed apps that a prohibited-app rule covers."""
     reasons: list[Reason] = []
+    by_name = policy.has_name_rules  # else one lookup per app, as before names existed
     for app in posture.apps:
-        for rule in policy.rules_for(app.id):
+        found = policy.rules_for_app(app.id, app.name) if by_name and app.name \
+            else policy.rules_for(app.id)
+        for rule in found:
             if rule.platforms and posture.platform not in rule.platforms:
                 continue
             if not rule.scope.covers(ctx.user, policy):

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import os
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -48,16 +46,24 @@ from pathlib import Path
 from typing import Any
 
 from proxy import metrics
-from proxy.config import Config, ConfigError, ListenerConfig, load_config, load_policy
+from proxy.config import Config, ConfigError, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
 from proxy.net import limits, listener
 from proxy.net.limits import Limits
-from proxy.net.listener import bind_failure
-from proxy.net.tls import server_context, upstream_context
+from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policy import Policy
 from proxy.policy_sync import PolicySync
+from proxy.startup import (
+    StartupError,
+    audit_log,
+    bind_error,
+    build_tls,
+    frontend_module,
+    require_file,
+    trust_anchors,
+)
 from proxy.upkeep import Upkeep, raise_fd_limit
 
 log = get_logger("mailward.server")
@@ -69,13 +75,7 @@ EXIT_ERROR = 2
 CLOSE_MARGIN_S = 5.0
 #: How often the store's change feed (CLI revocations) and the CRL files are polled.
 TRUST_POLL_S = 0.5
-
-class StartupError(Exception):
-    """The server cannot start; ``str()`` is the one line shown to the operator."""
-
-
-# ------------------------------------------------------------------ policy
-
+EXPIRY_REFRESH_S = 3600.0
 
 class PolicyHolder:
     """The current policy. ``current`` is what the gate calls on every decision;
@@ -91,108 +91,6 @@ class PolicyHolder:
     def swap(self, new: Policy) -> Policy:
         old, self._policy = self._policy, new
         return old
-
-
-# ------------------------------------------------------------------ building blocks
-
-
-def _require_file(path: Path | None, key: str) -> None:
-    if path is None:
-        return
-    if not path.exists():
-        raise StartupError(f"{key}: file not found: {path} (mailward certs init creates it)")
-    if not os.access(path, os.R_OK):
-        raise StartupError(f"{key}: cannot read {path}: permission denied")
-
-
-def build_tls(cfg: Config, lc: ListenerConfig) -> tuple[ssl.SSLContext | None,
-                                                        ssl.SSLContext | None]:
-    """(server context, upstream context) for one listener; StartupError if a file is
-    missing or unusable."""
-    server_tls = None
-    if lc.tls != "none":
-        _require_file(cfg.tls.cert, "tls.cert")
-        _require_file(cfg.tls.key, "tls.key")
-        client_ca = cfg.tls.client_ca if lc.client_cert != "none" else None
-        _require_file(client_ca, "tls.client_ca")
-        try:
-            server_tls = server_context(
-                cfg.tls.cert, cfg.tls.key, client_ca=client_ca, client_cert=lc.client_cert
-            )
-        except ssl.SSLError as exc:
-            raise StartupError(
-                f"tls.cert/tls.key: cannot load {cfg.tls.cert} with {cfg.tls.key}: "
-                f"{exc.reason or exc}"
-            ) from None
-        except OSError as exc:
-            raise StartupError(f"tls: {exc.filename or cfg.tls.cert}: {exc.strerror}") from None
-    upstream_tls = None
-    plain_http = lc.protocol == "activesync" and lc.upstream.startswith("http://")
-    if lc.upstream_tls != "none" and not plain_http:
-        _require_file(lc.upstream_ca, f"listeners.{lc.name}.upstream_ca")
-        try:
-            upstream_tls = upstream_context(lc.upstream_ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise StartupError(
-                f"listeners.{lc.name}.upstream_ca: cannot load {lc.upstream_ca}: {exc}"
-            ) from None
-    return server_tls, upstream_tls
-
-
-def _frontend_module(protocol: str) -> Any:
-    """``proxy.frontends.<protocol>``, imported only when a listener needs it."""
-    name = f"proxy.frontends.{protocol}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:  # the module exists but one of its imports is missing
-            raise StartupError(f"{protocol} front end cannot load: {exc}") from None
-        raise StartupError(
-            f"no {protocol} front end in this build (proxy/frontends/{protocol}.py missing)"
-        ) from None
-    if not callable(getattr(module, "start", None)):
-        raise StartupError(f"{name} has no start(ctx) function")
-    return module
-
-
-def _bind_error(what: str, host: str, port: int, exc: OSError) -> StartupError:
-    return StartupError(f"{what}: cannot listen on {host}:{port}: {bind_failure(exc)}")
-
-
-def _audit_log(cfg: Config) -> Any:
-    from proxy.audit import open_audit_log
-
-    try:
-        return open_audit_log(cfg)
-    except ConfigError as exc:
-        raise StartupError(str(exc)) from None
-
-
-def _trust_anchors(cfg: Config) -> tuple[Any, Any]:
-    """The report verifier and the CRL set it shares with the gate (client
-    certificates are checked against the same CRLs: their CAs are the device CA and
-    ``[tls] client_ca``)."""
-    from cryptography import x509
-
-    from proxy.attestation import Verifier
-    from proxy.crl import CrlSet
-
-    _require_file(cfg.trust.device_ca, "trust.device_ca")
-    for i, p in enumerate(cfg.trust.attesters):
-        _require_file(p, f"trust.attesters[{i}]")
-    for i, p in enumerate(cfg.trust.crl):
-        _require_file(p, f"trust.crl[{i}]")
-    try:
-        verifier = Verifier.from_files(cfg.trust.device_ca, list(cfg.trust.attesters),
-                                       device_reports=cfg.trust.device_reports == "allow")
-        anchors = verifier.anchors
-        if cfg.tls.client_ca is not None and cfg.tls.client_ca.exists():
-            anchors += x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
-        crl = CrlSet(list(cfg.trust.crl), anchors)
-    except Exception as exc:
-        raise StartupError(f"trust: cannot load trust anchors: {exc}") from None
-    verifier.crl = crl or None
-    return verifier, crl
 
 
 # ------------------------------------------------------------------ server
@@ -215,6 +113,7 @@ class Server:
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
+        self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
@@ -232,7 +131,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.cfg
         contexts = [build_tls(cfg, lc) for lc in cfg.listeners]  # fail before binding
-        modules = [_frontend_module(lc.protocol) for lc in cfg.listeners]
+        modules = [frontend_module(lc.protocol) for lc in cfg.listeners]
         try:
             if not cfg.server.state_dir.exists():
                 cfg.server.state_dir.mkdir(mode=0o700, parents=True)
@@ -249,14 +148,14 @@ class Server:
             await self.store.ping()
         except Exception as exc:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
-        self.audit = _audit_log(cfg)
+        self.audit = audit_log(cfg)
         try:
             await self.audit.start(self.observer)  # reports the witness queue
         except OSError as exc:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None
 
-        self.verifier, self.crl = _trust_anchors(cfg)
+        self.verifier, self.crl = trust_anchors(cfg)
         raise_fd_limit()
         self.limits = Limits(cfg.limits, on_hit=self.observer.limit_hit)
         limits.install(self.limits)  # accept loops the front ends start count through it
@@ -274,6 +173,12 @@ class Server:
         self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
                                       self._apply_policy)
         await self.policy_sync.start(Path(cfg.server.policy))
+        from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
+        try:
+            self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
+                                 audit=metrics.TimedAuditSink(self.audit))
+        except MdmError as exc:
+            raise StartupError(str(exc)) from None
 
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
@@ -286,7 +191,7 @@ class Server:
             try:
                 running = await module.start(ctx)
             except OSError as exc:
-                raise _bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
+                raise bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
             finally:
                 listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
@@ -314,8 +219,8 @@ class Server:
         cfg = self.cfg
         ssl_ctx = None
         if cfg.api.tls:
-            _require_file(cfg.tls.cert, "tls.cert")
-            _require_file(cfg.tls.key, "tls.key")
+            require_file(cfg.tls.cert, "tls.cert")
+            require_file(cfg.tls.key, "tls.key")
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, client_ca=None,
                                      client_cert="none")
         token = None
@@ -340,7 +245,7 @@ class Server:
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
         except OSError as exc:
-            raise _bind_error("api.listen", cfg.api.host, cfg.api.port, exc) from None
+            raise bind_error("api.listen", cfg.api.host, cfg.api.port, exc) from None
         log.info("api listening", address=f"{cfg.api.host}:{self.api.port}", tls=cfg.api.tls)
 
     # -------------------------------------------------------------- health
@@ -357,13 +262,15 @@ class Server:
 
     def degraded(self) -> list[str]:
         """What ``/readyz`` names without failing: CRLs past their nextUpdate, Redis
-        unreachable (decisions from the cache)."""
+        unreachable (decisions from the cache), a policy other instances use that this
+        one could not load, MDM connectors whose last pass failed."""
         store_says = getattr(self.store, "degraded", None)
         names = list(store_says()) if store_says is not None else []
         names += self.policy_sync.degraded() if self.policy_sync is not None else []
-        if not self.crl:
-            return names
-        return names + [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+        names += self.mdm.degraded() if self.mdm else []
+        if self.crl:
+            names += [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+        return names
 
     # -------------------------------------------------------------- running
 
@@ -403,7 +310,19 @@ class Server:
         self._spawn(self._trust_loop(), "trust")
         assert self.upkeep is not None
         self._spawn(self.upkeep.run(), "upkeep")
+        if self.mdm is not None:
+            self.mdm.spawn(self._spawn)
+        self._spawn(self._expiry_loop(), "cert-expiry")
         await self._stop.wait()
+
+    async def _expiry_loop(self) -> None:
+        """``mailward_cert_expiry_seconds``, refreshed hourly (files may be renewed)."""
+        from proxy import expiry
+
+        while True:
+            for key, _path, left in expiry.remaining(self.cfg, time.time()):
+                self.observer.cert_expiry(key, left)
+            await asyncio.sleep(EXPIRY_REFRESH_S)
 
     def stop(self) -> None:
         self._stop.set()
@@ -553,6 +472,8 @@ class Server:
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None
+        if self.mdm is not None:
+            await _quietly(self.mdm.close, "mdm connectors")
         if self.audit is not None:
             await _quietly(self.audit.close, "audit log")  # writes the final checkpoint
         if self.store is not None:

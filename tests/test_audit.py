@@ -26,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
+import proxy
 from proxy import audit
 from proxy.audit import (
     ZERO_HASH,
@@ -186,8 +187,8 @@ async def test_write_waits_for_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_checkpoint_signature(tmp_path: Path) -> None:
-    """A checkpoint seals the head, its instance and checkpoint_every with an Ed25519
-    signature over the documented text."""
+    """A checkpoint seals the head, its instance, checkpoint_every and the writer's
+    version with an Ed25519 signature over the documented text."""
     path = tmp_path / "audit.jsonl"
     with AuditLog(path, signing_key=KEY) as log:
         last = log.append(decision(1))
@@ -197,8 +198,9 @@ def test_checkpoint_signature(tmp_path: Path) -> None:
     raw_pub = KEY.public_key().public_bytes_raw()
     assert cp["key_id"] == hashlib.sha256(raw_pub).hexdigest()[:16]
     assert cp["instance"] == socket.gethostname() and cp["checkpoint_every"] == 1000
-    meta = json.dumps({"checkpoint_every": 1000, "instance": cp["instance"]},
-                      sort_keys=True, separators=(",", ":"))
+    assert cp["version"] == proxy.__version__
+    meta = json.dumps({"checkpoint_every": 1000, "instance": cp["instance"],
+                       "version": cp["version"]}, sort_keys=True, separators=(",", ":"))
     message = f"mailward-audit-checkpoint\n{cp['head_seq']}\n{cp['head']}\n{meta}".encode()
     KEY.public_key().verify(base64.b64decode(cp["sig"]), message)  # raises if bad
     assert json.loads((tmp_path / "audit.jsonl.head").read_text()) == cp

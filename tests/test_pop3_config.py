@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.frontends import pop3
-from proxy.server import _frontend_module
+from proxy.startup import frontend_module as _frontend_module
 
 pytestmark = pytest.mark.pure
 

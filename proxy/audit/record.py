@@ -16,6 +16,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from proxy import __version__
+
 ZERO_HASH = "0" * 64
 CHECKPOINT_EVENT = "checkpoint"
 SIGNATURE_CONTEXT = "mailward-audit-checkpoint"
@@ -136,8 +138,9 @@ _UNSIGNED_CHECKPOINT_FIELDS = frozenset({"event", "head", "head_seq", "key_id", 
 
 def checkpoint_meta(record: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a checkpoint its signature covers besides ``head_seq`` and
-    ``head``: ``instance``, ``checkpoint_every`` and, for a recovery checkpoint,
-    ``recovery``, ``previous_head``, ``previous_head_seq`` and ``sealed``."""
+    ``head``: ``version`` (of the mailward that wrote it), ``instance``,
+    ``checkpoint_every`` and, for a recovery checkpoint, ``recovery``,
+    ``previous_head``, ``previous_head_seq`` and ``sealed``."""
     skip = _UNSIGNED_CHECKPOINT_FIELDS | WRITER_FIELDS
     return {k: v for k, v in record.items() if k not in skip}
 
@@ -161,10 +164,12 @@ def checkpoint_body(
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fields of a checkpoint sealing ``head`` (record ``head_seq``) with ``meta``
-    (see :func:`checkpoint_meta`), signed when there is a key (``kid`` is its
-    :func:`key_id`)."""
+    (see :func:`checkpoint_meta`) and this build's ``version``, signed when there is a
+    key (``kid`` is its :func:`key_id`). The version is signed like the rest of the
+    meta; checkpoints written before it existed have none and keep verifying."""
     body: dict[str, Any] = {
-        "event": CHECKPOINT_EVENT, "head": head, "head_seq": head_seq, **(meta or {})
+        "event": CHECKPOINT_EVENT, "head": head, "head_seq": head_seq,
+        "version": __version__, **(meta or {})
     }
     if signing_key is not None:
         sig = signing_key.sign(checkpoint_message(head_seq, head, checkpoint_meta(body)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from proxy.config.mdm import MdmConfig
 from proxy.config.policy_file import load_policy
 from proxy.config.reading import ConfigError, is_loopback, parse_duration, split_hostport
 from proxy.config.settings import (
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "ListenerConfig",
+    "MdmConfig",
     "PostureConfig",
     "ServerConfig",
     "TlsConfig",

@@ -26,6 +26,7 @@ from proxy.posture import PLATFORMS
 
 MODES = ("enforce", "report-only")
 HANDLING = ("deny", "allow")
+PARTIAL = ("deny", "allow", "require_device_report")
 
 
 def load_policy(path: Path | str) -> Policy:
@@ -41,11 +42,15 @@ def load_policy(path: Path | str) -> Policy:
     require_nonce = top.get("require_nonce", bool, False)
     unknown = top.choice("unknown_device", HANDLING, "deny")
     stale = top.choice("stale_posture", HANDLING, "deny")
+    partial = top.choice("partial_inventory", PARTIAL, "allow")
+    mdm_noncompliant = top.choice("mdm_noncompliant", ("deny", "ignore"), "ignore")
     groups = _groups(top.table("groups"))
     msgs = top.table("messages")
     defaults = Policy(version="", sha256="")
     unknown_text = msgs.text("unknown_device", defaults.unknown_device_text)
     stale_text = msgs.text("stale_posture", defaults.stale_posture_text)
+    partial_text = msgs.text("partial_inventory", defaults.partial_inventory_text)
+    mdm_text = msgs.text("mdm_noncompliant", defaults.mdm_noncompliant_text)
     msgs.done()
     rules = tuple(_rule(r, groups) for r in top.tables("prohibited"))
     exemptions = tuple(_exemption(e) for e in top.tables("exemptions"))
@@ -62,6 +67,10 @@ def load_policy(path: Path | str) -> Policy:
         stale_posture=stale,
         unknown_device_text=unknown_text,
         stale_posture_text=stale_text,
+        partial_inventory=partial,
+        partial_inventory_text=partial_text,
+        mdm_noncompliant=mdm_noncompliant,
+        mdm_noncompliant_text=mdm_text,
         groups=groups,
         prohibited=rules,
         exemptions=exemptions,
@@ -84,9 +93,10 @@ def _groups(g: Table) -> dict[str, tuple[str, ...]]:
 
 def _rule(r: Table, groups: dict[str, tuple[str, ...]]) -> ProhibitedApp:
     """One ``[[prohibited]]`` table."""
-    ids = _globs(r, "ids")
-    if not ids:
-        raise r.error("ids", "must list at least one app id")
+    ids = _globs(r, "ids", [])
+    names = _names(r)
+    if not ids and not names:
+        raise r.error("ids", "must list at least one app id (or display name in names)")
     try:
         versions = VersionRange.parse(r.text("versions", ""))
     except ValueError as exc:
@@ -101,9 +111,21 @@ def _rule(r: Table, groups: dict[str, tuple[str, ...]]) -> ProhibitedApp:
         enforce_from=_when(r, "enforce_from"),
         mode=r.choice("mode", MODES, None),
         scope=_scope(r, groups),
+        names=names,
     )
     r.done()
     return rule
+
+
+def _names(r: Table) -> tuple[str, ...]:
+    """``names``: display-name globs (any printable text; matched case-insensitively)."""
+    names = r.strings("names", [])
+    for n in names:
+        if not n.strip() or not n.isprintable():
+            raise r.error("names", f"bad name pattern {n!r}")
+        if n.count("[") != n.count("]"):
+            raise r.error("names", f"bad name pattern {n!r}: unbalanced [ ]")
+    return names
 
 
 def _exemption(e: Table) -> Exemption:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.config.mdm import MdmConfig, read_mdm
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -59,6 +60,7 @@ class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
     #: Redis unreachable: decisions may use posture read at most this long ago.
     cache_max_age_s: float = 300.0
+    forget_after_s: float = 90 * 86400.0  # devices not seen for this long are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,7 @@ class Config:
     api: ApiConfig
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mdm: tuple[MdmConfig, ...] = ()
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -195,6 +198,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
         if lst.proxy_protocol and not server.trusted_proxies:
             raise lt.error("proxy_protocol", "needs [server] trusted_proxies (the load "
                                              "balancers' addresses)")
+    mdm = read_mdm(top.tables("mdm"), resolve.path)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -202,7 +206,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits)
+                  limits, mdm)
 
 
 class _Resolver:
@@ -259,13 +263,15 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
     store_url = ps.text("store", "sqlite:///state/posture.db")
+    forget_after = ps.positive_duration("forget_after", 90 * 86400.0)
     if store_url.startswith("sqlite:///"):
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
-        return PostureConfig(store=f"sqlite://{db}")
+        return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith(REDIS_SCHEMES):
         return PostureConfig(store=store_url,
-                             cache_max_age_s=ps.duration("cache_max_age", 300.0))
+                             cache_max_age_s=ps.duration("cache_max_age", 300.0),
+                             forget_after_s=forget_after)
     raise ps.error("store", "must start with sqlite:///, redis://, rediss:// or "
                             "redis+sentinel://")
 

@@ -14,10 +14,10 @@ TEMPORARY_TEXT = "Mail access is temporarily unavailable. Please try again in a 
 
 @dataclass(frozen=True, slots=True)
 class ReportSource:
-    """Where a posture report came in: the API (with the client's address) or a
-    file given to ``mailward posture ingest``."""
+    """Where a posture report came in: the API (with the client's address), a
+    file given to ``mailward posture ingest``, or an MDM connector (``mdm``)."""
 
-    via: Literal["api", "cli"]
+    via: Literal["api", "cli", "mdm"]
     client_ip: str = ""
     file: str | None = None
 

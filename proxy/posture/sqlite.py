@@ -40,6 +40,7 @@ from proxy.posture import (
     device_key,
     in_force,
 )
+from proxy.posture import sqlite_mdm as mdm
 from proxy.posture import sqlite_trust as trust
 from proxy.posture.sqlite_schema import SCHEMA_VERSION, migrate
 
@@ -197,6 +198,20 @@ class SqlitePostureStore:
 
     async def list_devices(self, *, revoked_only: bool = False) -> list[dict[str, Any]]:
         return await self._run_read(trust.list_devices, revoked_only)
+
+    # -- MDM connectors (proxy.mdm): a page of devices per transaction -------------
+
+    async def mdm_commit(self, writes: list[mdm.MdmWrite], now: float) -> list[mdm.MdmResult]:
+        return await self._run(self._write, mdm.commit, writes, now, self._origin)
+
+    async def mdm_devices(self, authority: str) -> set[str]:
+        return await self._run_read(mdm.devices, authority)
+
+    async def mdm_remove(self, devices: list[str], authority: str, now: float) -> list[str]:
+        return await self._run(self._write, mdm.remove, devices, authority, now, self._origin)
+
+    async def not_seen_since(self, before: float) -> list[str]:
+        return await self._run_read(mdm.not_seen_since, before)
 
     async def issue_nonce(self, nonce: str, expires_at: float) -> None:
         """Remember a freshly issued challenge. Raises ``ValueError`` if ``nonce`` was
