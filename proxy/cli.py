@@ -111,12 +111,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     for warning in guard_warnings(cfg, policy):
         print(f"warning: {warning}")
+    _check_expiry(cfg)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
         f"rules, mode {policy.mode})"
     )
     return EXIT_OK
+
+
+def _check_expiry(cfg: Config) -> None:
+    """A ``warning:`` line for each certificate or CRL ending within 30 days."""
+    import time
+
+    from proxy.expiry import warnings
+
+    for line in warnings(cfg, time.time()):
+        print(f"warning: {line}")
 
 
 def _check_crls(cfg: Config) -> None:

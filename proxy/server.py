@@ -49,12 +49,13 @@ from proxy import metrics
 from proxy.config import Config, ConfigError, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
-from proxy.net import limits
+from proxy.net import limits, listener
 from proxy.net.limits import Limits
 from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policies.live import LivePolicy
 from proxy.policy import Policy
+from proxy.policy_sync import PolicySync
 from proxy.startup import (
     StartupError,
     audit_log,
@@ -75,6 +76,7 @@ EXIT_ERROR = 2
 CLOSE_MARGIN_S = 5.0
 #: How often the store's change feed (CLI revocations) and the CRL files are polled.
 TRUST_POLL_S = 0.5
+EXPIRY_REFRESH_S = 3600.0
 
 class PolicyHolder:
     """The current policy. ``current`` is what the gate calls on every decision;
@@ -108,6 +110,7 @@ class Server:
         self.observer = metrics.PrometheusObserver()
         self.limits: Limits | None = None
         self.upkeep: Upkeep | None = None
+        self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
@@ -143,7 +146,8 @@ class Server:
         from proxy.posture import open_store
 
         try:
-            self.store = open_store(cfg.posture.store)
+            self.store = open_store(cfg.posture.store, state_dir=cfg.server.state_dir,
+                                    cache_max_age_s=cfg.posture.cache_max_age_s)
             await self.store.ping()
         except Exception as exc:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
@@ -169,6 +173,10 @@ class Server:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
         await self.policies.at_start()  # the pointer's policy, or the file (proxy.policies)
+        self.observer.policy_loaded(self.holder.current())
+        self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
+                                      self._apply_policy)
+        await self.policy_sync.start(Path(cfg.server.policy))
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
@@ -182,10 +190,14 @@ class Server:
             ctx = FrontendContext(
                 listener=lc, gate=self.gate, server_tls=server_tls, upstream_tls=upstream_tls
             )
+            listener.expect_proxy_protocol(lc.host, lc.port, listener.ProxyProtocol.of(
+                cfg.server.trusted_proxies) if lc.proxy_protocol else None)
             try:
                 running = await module.start(ctx)
             except OSError as exc:
                 raise bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
+            finally:
+                listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
             self.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
@@ -254,11 +266,18 @@ class Server:
         }
 
     def degraded(self) -> list[str]:
-        """What ``/readyz`` names without failing: CRLs past their nextUpdate, MDM
-        connectors whose last pass failed (with their last success)."""
-        mdm, stale = self.mdm.degraded() if self.mdm else [], \
-            self.crl.stale(time.time()) if self.crl else []
-        return [f"crl_past_next_update:{p}" for p in stale] + mdm + self.policies.degraded()
+        """What ``/readyz`` names without failing: CRLs past their nextUpdate, Redis
+        unreachable (decisions from the cache), a policy other instances use that this
+        one could not load, MDM connectors whose last pass failed, a policy file the
+        policy guard refused."""
+        store_says = getattr(self.store, "degraded", None)
+        names = list(store_says()) if store_says is not None else []
+        names += self.policy_sync.degraded() if self.policy_sync is not None else []
+        names += self.mdm.degraded() if self.mdm else []
+        names += self.policies.degraded()
+        if self.crl:
+            names += [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+        return names
 
     # -------------------------------------------------------------- running
 
@@ -301,7 +320,17 @@ class Server:
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
+        self._spawn(self._expiry_loop(), "cert-expiry")
         await self._stop.wait()
+
+    async def _expiry_loop(self) -> None:
+        """``mailward_cert_expiry_seconds``, refreshed hourly (files may be renewed)."""
+        from proxy import expiry
+
+        while True:
+            for key, _path, left in expiry.remaining(self.cfg, time.time()):
+                self.observer.cert_expiry(key, left)
+            await asyncio.sleep(EXPIRY_REFRESH_S)
 
     def stop(self) -> None:
         self._stop.set()
@@ -327,6 +356,9 @@ class Server:
             await asyncio.sleep(TRUST_POLL_S)
             try:
                 ended = await self.gate.sync_changes()
+                async with self._reload_lock:  # another instance's reload (Redis)
+                    assert self.policy_sync is not None
+                    await self.policy_sync.poll()
                 if self.crl and self.crl.reload_if_changed():
                     ended += await self.gate.recheck_all("crl_reload")
             except Exception as exc:
@@ -380,6 +412,15 @@ class Server:
         refusal = await self.policies.admit(old, new, data, trigger)  # the policy guard
         if refusal is not None:
             return await self._refused(trigger, refusal, old, new.version, raw_sha)
+        await self._apply_policy(new, trigger)
+        if self.policy_sync is not None:
+            await self.policy_sync.push(path)
+        return True
+
+    async def _apply_policy(self, new: Policy, trigger: str) -> None:
+        """Swap ``new`` in, record it and re-check every live session."""
+        assert self.gate is not None
+        old = self.holder.current()
         self.holder.swap(new)
         self.observer.policy_loaded(new)
         log.info("policy reloaded", trigger=trigger, old_version=old.version,
@@ -395,7 +436,6 @@ class Server:
         log.info("live sessions re-checked", ended=ended,
                  live=len(self.gate.live_sessions()),
                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
-        return True
 
     async def _refused(self, trigger: str, error: str, old: Policy, version: str | None,
                        raw_sha: str, **where: Any) -> bool:

@@ -88,7 +88,7 @@ from proxy.policy import (
     evaluate,
     evaluate_authorities,
 )
-from proxy.posture import Posture, PostureReader
+from proxy.posture import POSTURE_CACHED, Posture, PostureReader
 
 if TYPE_CHECKING:
     import asyncio
@@ -179,6 +179,7 @@ class Gate(DeviceAdmin):
         started = time.perf_counter()
         policy = self._policy()
         device = None
+        POSTURE_CACHED.set(False)
         try:
             decision, posture, device = await self._evaluate(
                 identity, origin, policy, what_if, record_binding=event == "decision")
@@ -189,6 +190,7 @@ class Gate(DeviceAdmin):
         latency_us = int((time.perf_counter() - started) * 1e6)
         fields = decision_record(event, identity, origin, decision, posture, latency_us,
                                  self._clock(), device)
+        fields["posture_cached"] = POSTURE_CACHED.get()  # Redis down: read from its cache
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
