@@ -18,6 +18,8 @@ Endpoints
                             optional): refused everywhere, live sessions end; an id
                             never seen is revoked in advance. A ``device_revoked``
                             record with ``actor`` = the token's name.
+``POST /v1/policy/preview`` impact of a candidate policy (read; body
+                            ``{"policy": TOML, "replay": "7d"}``, both optional).
 ``POST /v1/explain``        what-if evaluation against the current policy (read);
                             no posture is stored; the question is an ``explain``
                             audit record with ``actor``.
@@ -71,7 +73,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 
@@ -95,6 +97,7 @@ from proxy.api_report import report_response
 from proxy.api_tokens import AdminToken, Scope, match, tokens_from
 from proxy.api_tokens import load_tokens as load_tokens
 from proxy.attestation import AttestationError, Verifier, ingest
+from proxy.config import ConfigError
 from proxy.gate import (
     AUDIT_UNAVAILABLE,
     AuditSink,
@@ -485,6 +488,35 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
         "policy_version": decision.policy_version,
         "policy_sha256": decision.policy_sha256,
     }
+
+
+# ------------------------------------------------------------------ policy preview
+
+_PREVIEW: Final = web.AppKey("mailward_policy_preview", object)
+PreviewFn = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+
+
+def add_policy_preview(app: web.Application, preview: PreviewFn) -> None:
+    """``POST /v1/policy/preview`` (admin): impact of a candidate policy
+    (:meth:`proxy.policies.live.LivePolicy.preview`)."""
+    app[_PREVIEW] = preview
+    app.router.add_post("/v1/policy/preview", _policy_preview)
+
+
+async def _policy_preview(request: web.Request) -> web.Response:
+    actor = _require_admin(request)  # read: a preview changes nothing
+    try:
+        doc = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, "malformed", "The body is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    preview = cast(PreviewFn, request.app[_PREVIEW])
+    try:
+        result = await preview(doc, actor)
+    except (ConfigError, ValueError) as exc:
+        raise ApiError(422, "invalid_policy", str(exc)) from None
+    return web.json_response(result)
 
 
 # ----------------------------------------------------------------- health, metrics

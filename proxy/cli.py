@@ -61,9 +61,10 @@ def _private_dir(path: Path) -> None:
 
 
 def _policy(cfg: Config) -> Any:
-    from proxy.config import load_policy
+    """The policy in force (``state/`` pointer, proxy.policies), else the file."""
+    from proxy.policies import policy_in_force
 
-    return load_policy(cfg.server.policy)
+    return policy_in_force(cfg.server.state_dir, cfg.server.policy)
 
 
 # ------------------------------------------------------------------ commands
@@ -107,12 +108,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    from proxy.cli_policy import guard_warnings
+
+    for warning in guard_warnings(cfg, policy):
+        print(f"warning: {warning}")
+    _check_expiry(cfg)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
         f"{policy.source}: ok (version {policy.version}, {len(policy.prohibited)} prohibited-app "
         f"rules, mode {policy.mode})"
     )
     return EXIT_OK
+
+
+def _check_expiry(cfg: Config) -> None:
+    """A ``warning:`` line for each certificate or CRL ending within 30 days."""
+    import time
+
+    from proxy.expiry import warnings
+
+    for line in warnings(cfg, time.time()):
+        print(f"warning: {line}")
 
 
 def _check_crls(cfg: Config) -> None:
@@ -432,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.cli_mdm import mdm_commands
 
     mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
+    from proxy.cli_policy import policy_commands
+
+    policy_commands(add, group("policy", "policy changes: preview, history, diff, rollback"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 

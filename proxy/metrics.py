@@ -76,6 +76,12 @@ LIMIT_HITS = Counter(
     "mailward_limit_hits_total", "Limits of [limits] hit, by limit and listener",
     ["limit", "listener"],
 )
+CERT_EXPIRY = Gauge(
+    "mailward_cert_expiry_seconds",
+    "Seconds until a configured certificate bundle (earliest notAfter) or CRL "
+    "(nextUpdate) runs out; negative once past",
+    ["file"],
+)
 HEALTH = Gauge(
     "mailward_health", "Readiness checks (1 ok, 0 failing), as /readyz reports them",
     ["check"],
@@ -122,6 +128,9 @@ class PrometheusObserver:
 
     def health(self, check: str, ok: bool) -> None:
         HEALTH.labels(check).set(1 if ok else 0)
+
+    def cert_expiry(self, file: str, seconds_left: float) -> None:
+        CERT_EXPIRY.labels(file).set(seconds_left)
 
     def audit_witness_pending(self, count: int) -> None:
         """Checkpoints queued for the witness URL (``proxy.audit.witness``)."""

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.fakes import FakeSession, ListAudit
 from pki_helpers import TIKTOK as TIKTOK_ID
 from pki_helpers import USER, TestPki, default_header, hand_jws, report
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.api import make_app, start_api
-from proxy.audit import AuditLog
 from proxy.config import ApiConfig, load_policy
 from proxy.gate import Gate, Identity, Origin
 from proxy.policy import Policy
@@ -32,46 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = b"s3cret-admin-token"
 JOSE = {"Content-Type": "application/jose"}
 ADMIN = {"Authorization": "Bearer " + TOKEN.decode()}
-
-
-class ListAudit:
-    """Audit sink that remembers what it wrote: the real ``AuditLog`` when given a
-    path, else in memory."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.log = AuditLog(path, signing_key=None) if path is not None else None
-        self._healthy = True
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy and (self.log is None or self.log.healthy)
-
-    @healthy.setter
-    def healthy(self, value: bool) -> None:
-        self._healthy = value
-
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        if self.log is not None:
-            rec = await self.log.write(fields)
-        else:
-            rec = {"seq": len(self.records) + 1, **fields}
-        self.records.append(rec)
-        return rec
-
-    async def close(self) -> None:
-        if self.log is not None:
-            await self.log.close()
-
-
-@dataclass(eq=False)
-class FakeSession:
-    identity: Identity
-    origin: Origin
-    ended: str | None = None
-
-    async def terminate(self, text: str) -> None:
-        self.ended = text
 
 
 @dataclass
@@ -148,7 +108,7 @@ async def test_tiktok_report_is_noncompliant_and_ends_live_sessions(env: Env) ->
     assert body["violations"][0]["code"] == "prohibited_app"
     assert body["violations"][0]["app_name"] == "TikTok"
     await env.gate.settle(timeout=10)
-    assert session.ended and "TikTok" in session.ended
+    assert session.ended and "TikTok" in session.ended[0]
     assert any(r["event"] == "session_end" for r in env.audit.records)
 
 
@@ -479,7 +439,7 @@ async def test_revoke_endpoint(env: Env) -> None:
     resp = await env.client.post("/v1/devices/Dev-1/revoke", json={"why": "lost"},
                                  headers=ADMIN)
     assert resp.status == 200 and (await resp.json())["device"] == "dev-1"
-    assert session.ended is not None
+    assert session.ended
     rec = [r for r in env.audit.records if r["event"] == "device_revoked"][-1]
     assert (rec["actor"], rec["why"], rec["device"]) == ("admin", "lost", "dev-1")
     status, body = await post_report(env, report(phone, apps=[]))

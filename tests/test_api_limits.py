@@ -12,10 +12,10 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.fakes import ListAudit
 from pki_helpers import USER, TestPki, report
 
 from proxy.api import make_app, start_api
@@ -32,23 +32,12 @@ JOSE = {"Content-Type": "application/jose"}
 ADMIN = {"Authorization": "Bearer " + TOKEN.decode()}
 
 
-class Records:
-    healthy = True
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self.records.append(dict(fields))
-        return fields
-
-
 class Env:
     def __init__(self, tmp: Path, cfg: LimitsConfig) -> None:
         self.pki = TestPki()
         self.mdm = self.pki.attester("Example MDM")
         self.store = SqlitePostureStore(tmp / "posture.db")
-        self.audit = Records()
+        self.audit = ListAudit()
         policy = load_policy(ROOT / "config" / "policy.toml")
         self.limits = Limits(cfg)
         self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy,

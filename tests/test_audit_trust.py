@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +19,10 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from helpers.serve import free_port, serve, wait_serving  # `mailward serve` as the image runs it
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
-from test_server import serve  # `mailward serve` as the image runs it
 
 from proxy import audit
 from proxy.audit import AuditLog, Witness, read_witness_file, record_hash, verify
@@ -353,13 +352,6 @@ class Gauge:
         self.values.append(count)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def wait_for(condition: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -554,16 +546,7 @@ def http(port: int, method: str, path: str, body: bytes | None = None,
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if http(port, "GET", "/readyz") == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not ready: {log.read_text()}")
+    wait_serving(proc, lambda: http(port, "GET", "/readyz") == 200, log)
 
 
 @pytest.mark.peer

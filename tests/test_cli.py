@@ -11,18 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.serve import mailward as run_mailward
 
 ROOT = Path(__file__).resolve().parent.parent
 TIKTOK = "com.zhiliaoapp.musically"
 
 
 def mailward(deploy: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script, as an operator would."""
-    exe = Path(sys.executable).with_name("mailward")
-    return subprocess.run(
-        [str(exe), *args], cwd=deploy, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "MAILWARD_CONFIG": str(deploy / "config/mailward.toml")},
-    )
+    """Run the installed console script in ``deploy``, as an operator would."""
+    return run_mailward(*args, config=deploy / "config/mailward.toml", cwd=deploy)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ failures, unidentified handling, and ending live sessions on posture/policy chan
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
+
+from helpers.fakes import FakeSession, ListAudit
 
 from proxy.gate import (
     AUDIT_UNAVAILABLE,
@@ -54,28 +56,6 @@ class FakeStore:
         return True
 
     async def close(self) -> None: ...
-
-
-class ListAudit:
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.broken = False
-
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        if self.broken:
-            raise OSError("audit disk full")
-        self.records.append(fields)
-        return fields
-
-
-@dataclass(eq=False)
-class FakeSession:
-    identity: Identity
-    origin: Origin
-    ended: list[str] = field(default_factory=list)
-
-    async def terminate(self, text: str) -> None:
-        self.ended.append(text)
 
 
 IMAP = Origin("imap", "imaps", "192.0.2.7", "deny")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+from helpers.playbook import ALICE, ALLOW, BUSY, DENY, PHONE, PW, play
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +27,6 @@ from proxy.frontends.imap_preauth import (
     DecisionMade,
     OpenUpstream,
     Preauth,
-    PreauthCommand,
-    PreauthEvent,
     RecordAuthFailed,
     RecordUnavailable,
     RequestDecision,
@@ -48,13 +47,6 @@ from proxy.policy import Decision, Reason
 
 pytestmark = pytest.mark.conversation
 
-ALICE, PW = "alice@corp.example", "alice-secret"
-PHONE = Identity(ALICE, "alice-phone", "client_cert")
-ALLOW = Decision(True, (), "v1", "sha")
-DENY = Decision(False, (Reason("prohibited_app", "Uninstall TikTok to restore mail."),),
-                "v1", "sha")
-BUSY = Decision(False, (Reason("store_unavailable", "Try again later."),), "v1", "sha",
-                temporary=True)
 CAPS_TLS = b"IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN IDLE"
 CAPS_PLAIN = b"IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED IDLE"
 PRIVACY = f"NO [PRIVACYREQUIRED] {PRIVACY_TEXT}\r\n".encode()
@@ -69,12 +61,6 @@ def layer(tls_mode: str = "implicit", **kw: object) -> Preauth:
     args: dict = {"cleartext_allowed": False, "max_commands": 50,
                   "upstream_capabilities": lambda: ["IDLE"], **kw}
     return Preauth(tls_mode=tls_mode, **args)
-
-
-def play(p: Preauth, *steps: tuple[PreauthEvent, list[PreauthCommand]]) -> None:
-    """Feed each event and check the commands it gives, step by step."""
-    for i, (event, expected) in enumerate(steps):
-        assert p.handle(event) == expected, f"step {i}: {event!r}"
 
 
 def tls_up(p: Preauth, device: str | None = "alice-phone") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+from helpers.wire import drain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,16 +38,7 @@ pytestmark = pytest.mark.pure
 
 def events(conn: Connection, data: bytes = b"") -> list[object]:
     """Feed ``data`` and drain every event until NEED_DATA or PAUSED."""
-    if data:
-        conn.receive_data(data)
-    out: list[object] = []
-    while True:
-        ev = conn.next_event()
-        if ev is NEED_DATA or ev is PAUSED:
-            return out
-        out.append(ev)
-        if isinstance(ev, LimitExceeded):
-            return out
+    return drain(conn, data, stop=(NEED_DATA, PAUSED), last=LimitExceeded)
 
 
 def test_simple_commands_become_events():

@@ -18,25 +18,20 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_records import read_records, wait_records
+from helpers.frontend_env import FrontendEnv
+from helpers.tls import Pki, enrolled_pki
 from peers import peer_missing
 from peers.dovecot import Dovecot, make_message, require_dovecot
 from pki_helpers import fresh_posture as posture
 
-from proxy.audit import AuditLog
-from proxy.config import ListenerConfig, load_policy
-from proxy.frontends import FrontendContext
-from proxy.frontends.pop3 import Pop3Listener, start
-from proxy.gate import Gate
-from proxy.net.tls import server_context, upstream_context
-from proxy.pki import certs_init, enroll_device
-from proxy.posture import App, Posture
-from proxy.posture.sqlite import SqlitePostureStore
+from proxy.config import ListenerConfig
+from proxy.frontends.pop3 import start
+from proxy.posture import App
 
 pytestmark = pytest.mark.peer
 RUN_ON_BOTH_LOOPS = True  # see conftest.py
@@ -49,30 +44,10 @@ MESSAGES = 12
 FETCHMAIL = shutil.which("fetchmail") or "/usr/bin/fetchmail"
 
 
-@dataclass
-class Pki:
-    dir: Path
-
-    def device(self, name: str) -> tuple[Path, Path]:
-        d = self.dir / "devices" / name
-        return d / "device.pem", d / "device.key"
-
-    def client_ctx(self, device: str | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
-        if device:
-            ctx.load_cert_chain(*self.device(device))
-        return ctx
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    certs_init(d)
-    for device, user in (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)):
-        enroll_device(device_ca_cert=d / "device-ca.pem",
-                      device_ca_key=d / "offline" / "device-ca.key", device_id=device,
-                      user=user, out_dir=d / "devices" / device)
-    return Pki(d)
+    return enrolled_pki(tmp_path_factory.mktemp("pki"),
+                        (("alice-phone", ALICE), ("alice-tiktok", ALICE), ("bob-phone", BOB)))
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +62,12 @@ def dovecot(pki: Pki) -> Iterator[Dovecot]:
         yield dv
 
 
-class Env:
+class Env(FrontendEnv):
     """A running POP3 listener with its gate, store and audit log."""
 
     def __init__(self, pki: Pki, dovecot: Dovecot, tmp: Path) -> None:
-        self.pki, self.dovecot, self.tmp = pki, dovecot, tmp
-        self.store = SqlitePostureStore(tmp / "posture.db")
-        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=None)
-        policy = load_policy(ROOT / "config" / "policy.toml")
-        self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy)
-        self.listeners: list[Pop3Listener] = []
+        super().__init__(pki, tmp)
+        self.dovecot = dovecot
 
     async def listen(self, **overrides: Any) -> int:
         cfg = ListenerConfig(
@@ -107,29 +78,7 @@ class Env:
             preauth_timeout_s=30, upstream_connect_timeout_s=3, upstream_timeout_s=15,
         )
         cfg = replace(cfg, **overrides)
-        server_tls = server_context(self.pki.dir / "server.pem", self.pki.dir / "server.key",
-                                    client_ca=self.pki.dir / "device-ca.pem",
-                                    client_cert=cfg.client_cert)
-        up_tls = upstream_context(cfg.upstream_ca) if cfg.upstream_tls != "none" else None
-        lst = await start(FrontendContext(cfg, self.gate, server_tls, up_tls))
-        self.listeners.append(lst)
-        return lst.port
-
-    async def put(self, p: Posture) -> None:
-        assert await self.store.commit_attestation(p, None, time.time()) == "ok"
-
-    def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        return read_records(self.tmp / "audit.jsonl", event)
-
-    async def wait_records(self, n: int, event: str | None = None,
-                           timeout: float = 5) -> list[dict[str, Any]]:
-        return await wait_records(self.tmp / "audit.jsonl", n, event, timeout)
-
-    async def close(self) -> None:
-        for lst in self.listeners:
-            await lst.close(0.5)
-        await self.audit.close()
-        await self.store.close()
+        return await self.start(cfg, start)
 
 
 @pytest.fixture

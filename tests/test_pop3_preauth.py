@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+from helpers.playbook import ALICE, ALLOW, BUSY, DENY, PHONE, PW, play
 
 from proxy.frontends.pop3_preauth import (
     PRIVACY_TEXT,
@@ -24,8 +25,6 @@ from proxy.frontends.pop3_preauth import (
     DecisionMade,
     OpenUpstream,
     Preauth,
-    PreauthCommand,
-    PreauthEvent,
     RecordAuthFailed,
     RecordUnavailable,
     RequestDecision,
@@ -41,17 +40,9 @@ from proxy.frontends.pop3_preauth import (
     UpstreamFailed,
 )
 from proxy.gate import Identity
-from proxy.policy import Decision, Reason
 
 pytestmark = pytest.mark.conversation
 
-ALICE, PW = "alice@corp.example", "alice-secret"
-PHONE = Identity(ALICE, "alice-phone", "client_cert")
-ALLOW = Decision(True, (), "v1", "sha")
-DENY = Decision(False, (Reason("prohibited_app", "Uninstall TikTok to restore mail."),),
-                "v1", "sha")
-BUSY = Decision(False, (Reason("store_unavailable", "Try again later."),), "v1", "sha",
-                temporary=True)
 GREETING = b"+OK mailward POP3 ready\r\n"
 CAPA_TLS = (b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
             b"USER\r\nSASL PLAIN\r\n.\r\n")
@@ -70,12 +61,6 @@ def layer(tls_mode: str = "implicit", **kw: object) -> Preauth:
     args: dict = {"cleartext_allowed": False, "max_commands": 50,
                   "upstream_capabilities": lambda: ["TOP", "UIDL"], **kw}
     return Preauth(tls_mode=tls_mode, **args)
-
-
-def play(p: Preauth, *steps: tuple[PreauthEvent, list[PreauthCommand]]) -> None:
-    """Feed each event and check the commands it gives, step by step."""
-    for i, (event, expected) in enumerate(steps):
-        assert p.handle(event) == expected, f"step {i}: {event!r}"
 
 
 def tls_up(p: Preauth, device: str | None = "alice-phone") -> None:

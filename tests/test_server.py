@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.serve import free_port, mailward, serve, wait_serving
+from helpers.tls import Pki, enrolled_pki
 
 from proxy.audit import query
 from proxy.demo.run import Phone
 from proxy.demo.upstream import UpstreamThread
 from proxy.pki import (
-    certs_init,
-    enroll_device,
     load_certs,
     load_private_key,
     make_claims,
@@ -81,12 +81,6 @@ CAROL = Phone("carol-phone", "carol@corp.example", "carol-pw", "ios", (OUTLOOK,)
 BOB = Phone("bob-phone", "bob@corp.example", "bob-pw", "android", (OUTLOOK, TIKTOK))
 DAVE = Phone("dave-tablet", "dave@corp.example", "dave-pw", "ipados", (OUTLOOK,))
 PHONES = (ALICE, CAROL, BOB, DAVE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy_text(version: str, extra: str = "") -> str:
@@ -153,21 +147,6 @@ tls = true
     return cfg
 
 
-def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``mailward serve`` exactly as the image's ENTRYPOINT/CMD runs it."""
-    with open(log, "ab") as err:
-        return subprocess.Popen(
-            [str(Path(sys.executable).with_name("mailward")), "serve"],
-            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            env={**os.environ, "MAILWARD_CONFIG": str(config), "MAILWARD_LOG_FORMAT": "json"},
-        )
-
-
-def mailward(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(Path(sys.executable).with_name("mailward")), *args],
-                          capture_output=True, text=True, timeout=60)
-
-
 # ------------------------------------------------------------------ fixtures
 
 
@@ -175,11 +154,7 @@ def mailward(*args: str) -> subprocess.CompletedProcess[str]:
 def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A deployment root: certs, three enrolled phones, the policy."""
     root = tmp_path_factory.mktemp("deploy")
-    certs_init(root / "certs")
-    for p in PHONES:
-        enroll_device(device_ca_cert=root / "certs/device-ca.pem",
-                      device_ca_key=root / "certs/offline/device-ca.key", device_id=p.device_id,
-                      user=p.user, out_dir=root / "certs/devices" / p.device_id)
+    enrolled_pki(root / "certs", [(p.device_id, p.user) for p in PHONES])
     (root / "config").mkdir()
     (root / "config/policy.toml").write_text(policy_text("t-1"))
     return root
@@ -205,11 +180,7 @@ class Served:
     clients: dict[str, Any] = field(default_factory=dict)
 
     def tls(self, phone: Phone | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.root / "certs/ca.pem"))
-        if phone is not None:
-            d = self.root / "certs/devices" / phone.device_id
-            ctx.load_cert_chain(d / "device.pem", d / "device.key")
-        return ctx
+        return Pki(self.root / "certs").client_ctx(phone.device_id if phone else None)
 
     def api(self, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -229,16 +200,7 @@ class Served:
 
 
 def wait_ready(s: Served, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert s.proc.poll() is None, f"serve exited {s.proc.returncode}: {s.log_text()}"
-        try:
-            if s.api("GET", "/readyz")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not ready: {s.log_text()}")
+    wait_serving(s.proc, lambda: s.api("GET", "/readyz")[0] == 200, s.log, timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -480,9 +442,7 @@ def test_cli_revoke_ends_a_live_idle_session(served: Served) -> None:
     m = imap_idle(s, DAVE)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(Path(sys.executable).with_name("mailward")), *args],
-                              capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "MAILWARD_CONFIG": str(s.config)})
+        return mailward(*args, config=s.config)
 
     r = cli("device", "revoke", "DAVE-TABLET", "--why", "lost on the train")
     revoked = time.monotonic()

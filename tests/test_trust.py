@@ -6,13 +6,13 @@ word against the device's."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.fakes import FakeSession, ListAudit
 from pki_helpers import TestPki, make_crl
 
 from proxy.crl import CrlSet
@@ -40,27 +40,6 @@ def posture(device: str, user: str = ALICE, *apps: str, mdm: bool = False,
                    "mdm:Intune" if mdm else "device",
                    source="attester:0123abcd" if mdm else "device",
                    signer="f" * 64 if mdm else "d" * 64)
-
-
-class ListAudit:
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self.records.append(fields)
-        return fields
-
-
-@dataclass(eq=False)
-class Session:
-    identity: Identity
-    origin: Origin
-    ended: list[float] = field(default_factory=list)
-    delay_s: float = 0.0
-
-    async def terminate(self, text: str) -> None:
-        await asyncio.sleep(self.delay_s)  # a protocol goodbye that takes a while
-        self.ended.append(time.monotonic())
 
 
 @dataclass
@@ -152,16 +131,16 @@ async def test_revoked_device_denied_everywhere_and_sessions_end(env: Env) -> No
     """Revoking ends every live session of the device within 2 s, concurrently (each
     goodbye takes 0.5 s here), and denies it on every protocol; ids in any case."""
     await env.commit(posture("alice-phone"))
-    sessions = [Session(Identity(ALICE, "alice-phone", "client_cert"), IMAP, delay_s=0.5)
+    sessions = [FakeSession(Identity(ALICE, "alice-phone", "client_cert"), IMAP, delay_s=0.5)
                 for _ in range(10)]
-    sessions.append(Session(Identity(ALICE, "ALICE-PHONE", "claim"), EAS, delay_s=0.5))
-    other = Session(Identity(BOB, "bob-phone", "claim"), EAS)
+    sessions.append(FakeSession(Identity(ALICE, "ALICE-PHONE", "claim"), EAS, delay_s=0.5))
+    other = FakeSession(Identity(BOB, "bob-phone", "claim"), EAS)
     for s in [*sessions, other]:
         env.gate.register(s)
     started = time.monotonic()
     await env.gate.revoke("Alice-Phone", why="lost", actor="ops", via="cli")
     assert all(s.ended for s in sessions) and not other.ended
-    assert max(s.ended[0] for s in sessions) - started < 2.0
+    assert max(s.ended_at[0] for s in sessions) - started < 2.0
     for who, origin in ((Identity(ALICE, "alice-phone", "client_cert"), IMAP),
                         (Identity(ALICE, "aLiCe-PhOnE", "claim"), EAS)):
         assert await env.decide(who, origin) == ["revoked"]
@@ -185,7 +164,7 @@ async def test_another_process_revocation_reaches_the_gate(env: Env, tmp_path: P
     """A revocation written by another store (the CLI) reaches the gate through the
     change feed and ends the session."""
     await env.commit(posture("alice-phone"))
-    s = Session(Identity(ALICE, "alice-phone", "client_cert"), IMAP)
+    s = FakeSession(Identity(ALICE, "alice-phone", "client_cert"), IMAP)
     env.gate.register(s)
     cli = SqlitePostureStore(env.store.path)
     try:

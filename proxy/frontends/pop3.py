@@ -12,8 +12,9 @@ One :class:`_Pop3Session` per client connection:
 1. TLS: implicit (the handshake starts at once) or STLS. A verified client
    certificate's SAN names the device (``proxy.net.tls.client_cert_from_ssl``).
 2. Pre-auth: client bytes go to the layer (with the idle and total time limits), its
-   commands are performed in order (:meth:`_Pop3Session._perform`), and outcomes (TLS
-   up, the upstream's answer, the gate's decision) are fed back as events.
+   commands are performed in order (``preauth_exec.PreauthSession``, shared with
+   IMAP), and outcomes (TLS up, the upstream's answer, the gate's decision) are fed
+   back as events. The login's answer waits what the failed-login throttle says.
 3. Login: connect upstream (implicit TLS / STLS / none, certificate verified) and run
    ``pop3_upstream.UpstreamLogin`` to the server's answer.
 4. Allow: the upstream's ``+OK`` goes to the client and both transports are spliced
@@ -30,44 +31,24 @@ mailbox. The client sees a dropped connection; the reason is in the audit log an
 the notice mail, and the next login gets ``-ERR [SYS/PERM] <reason>``.
 
 Audit: a login attempt gives one ``decision`` record (from the gate; an unreachable
-upstream is a temporary deny ``upstream_unavailable``); a connection that ends before
-any login attempt gives one ``session_end`` record with the reason.
+upstream is a temporary deny ``upstream_unavailable``); a connection that completed
+TLS and ends before any login attempt gives one ``session_end`` record with the
+reason; one that never completed TLS is counted into the per-minute ``abuse_summary``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections import deque
 
 from proxy.frontends import FrontendContext
-from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
+from proxy.frontends.imap_transport import UpstreamConnection, UpstreamError
 from proxy.frontends.pop3_preauth import (
-    ClientClosed,
-    Close,
-    CloseUpstream,
-    Connected,
-    Crashed,
-    DataReceived,
-    DecisionMade,
     OpenUpstream,
     Preauth,
-    PreauthCommand,
-    PreauthEvent,
-    RecordAuthFailed,
-    RecordUnavailable,
-    RequestDecision,
-    SendToClient,
-    ShutdownRequested,
-    Splice,
-    StartTls,
-    TimedOut,
-    TlsEstablished,
-    TlsFailed,
     UpstreamAnswered,
-    UpstreamFailed,
 )
 from proxy.frontends.pop3_upstream import (
     LoginAnswered,
@@ -81,9 +62,9 @@ from proxy.frontends.pop3_upstream import (
     quit_command,
 )
 from proxy.frontends.pop3_wire import RemoteProtocolError
-from proxy.gate import Identity, origin_for
-from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
-from proxy.net.tls import client_cert_from_ssl
+from proxy.frontends.preauth_exec import PreauthListener, PreauthSession
+from proxy.gate import Origin, origin_for
+from proxy.net.socket_transport import open_connection
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.pop3")
@@ -93,48 +74,23 @@ _OWN_CAPABILITIES = {"STLS", "USER", "SASL", "RESP-CODES", "AUTH-RESP-CODE",
                      "IMPLEMENTATION", "CAPA"}
 #: Advertised until the first upstream CAPA tells what the server supports.
 DEFAULT_UPSTREAM_CAPABILITIES = ("TOP", "UIDL")
-#: Pause reading from a pre-auth client when this many unparsed bytes are held.
-PREAUTH_READ_PAUSE_BYTES = 64 * 1024
-#: TLS 1.3 session tickets sent to clients (each keeps a copy of the session with the
-#: client certificate for as long as the connection lives; see ``imap.py``).
-TLS_SESSION_TICKETS = 0
-#: Cap on the TLS handshake, also bounded by the pre-auth idle timeout.
-TLS_HANDSHAKE_TIMEOUT_S = 20.0
 
 
 # -------------------------------------------------------------------------- listener
 
 
-class Pop3Listener:
+class Pop3Listener(PreauthListener):
     """A started POP3 listener (``RunningListener``)."""
 
+    log = log
+
     def __init__(self, ctx: FrontendContext) -> None:
-        self.ctx = ctx
-        self.listener = ctx.listener
-        self.name = ctx.listener.name
-        self.port = 0
+        super().__init__(ctx)
         self.sessions: set[_Pop3Session] = set()
         self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
-        self._server: SocketServer | None = None
-        self.closing = False
 
-    async def start(self) -> Pop3Listener:
-        loop = asyncio.get_running_loop()
-        tls = self.ctx.server_tls
-        if tls is not None:
-            with contextlib.suppress(ValueError, AttributeError):
-                tls.num_tickets = TLS_SESSION_TICKETS
-        self._server = SocketServer(loop, self._new_connection, self.listener.host,
-                                    self.listener.port, backlog=1024)
-        self.port = self._server.port
-        log.info("pop3 listener started", listener=self.name, port=self.port,
-                 tls=self.listener.tls, upstream=self.listener.upstream)
-        return self
-
-    def _new_connection(self, sock: socket.socket) -> None:
-        # Implicit TLS: nothing is read until the handshake, which reads it all.
-        SocketTransport(asyncio.get_running_loop(), sock, _Pop3Session(self).client,
-                        start_reading=self.listener.tls != "implicit")
+    def new_session(self) -> _Pop3Session:
+        return _Pop3Session(self)
 
     def capabilities(self) -> list[str]:
         """What pre-auth CAPA shows of the upstream's capabilities."""
@@ -145,21 +101,6 @@ class Pop3Listener:
         self.upstream_capabilities = [
             c for c in caps if c.split()[0].upper() not in _OWN_CAPABILITIES]
 
-    async def close(self, grace_s: float) -> None:
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-        for session in list(self.sessions):
-            await session.shutdown()
-        deadline = loop.time() + 5
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        log.info("pop3 listener closed", listener=self.name)
-
 
 async def start(ctx: FrontendContext) -> Pop3Listener:
     """Start the POP3 listener described by ``ctx.listener``."""
@@ -169,178 +110,33 @@ async def start(ctx: FrontendContext) -> Pop3Listener:
 # --------------------------------------------------------------------------- session
 
 
-class _Pop3Session:
-    """One client connection: the executor of its pre-auth layer (``pop3_preauth``),
-    then a registered live session. Every ``await`` of the pre-auth phase is here."""
+class _Pop3Session(PreauthSession):
+    """One client connection: the executor of its pre-auth layer (``pop3_preauth``,
+    performed by ``preauth_exec.PreauthSession``), then a registered live session."""
 
-    __slots__ = ("_deadline", "_inbox", "_reading_paused", "_spliced", "_task", "_wakeup",
-                 "cfg", "client", "client_port", "gate", "identity", "layer", "origin",
-                 "owner", "upstream")
+    __slots__ = ()
+
+    log = log
+    shutdown_text = ""  # nothing is said to a live session (see the module docstring)
+    upstream_errors = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError,
+                       TimeoutError, ConnectionError)
 
     def __init__(self, owner: Pop3Listener) -> None:
-        self.owner = owner
-        self.cfg = owner.listener
-        self.gate = owner.ctx.gate
-        self.client = Pipe(self._on_client_data, self._on_client_close, self._on_made)
-        self.layer: Preauth | None = Preauth(
-            tls_mode=self.cfg.tls,
-            cleartext_allowed=self.cfg.allow_cleartext_auth and self.cfg.is_loopback,
-            max_commands=self.cfg.max_preauth_commands,
+        cfg = owner.listener
+        super().__init__(owner, Preauth(
+            tls_mode=cfg.tls,
+            cleartext_allowed=cfg.allow_cleartext_auth and cfg.is_loopback,
+            max_commands=cfg.max_preauth_commands,
             upstream_capabilities=owner.capabilities,
-        )
-        self.identity = Identity("")
-        self.origin = origin_for(self.cfg)
-        self.upstream: UpstreamConnection | None = None
-        self.client_port = 0
-        self._inbox = bytearray()  # client bytes not yet fed to the layer
-        self._wakeup = asyncio.Event()
-        self._reading_paused = False
-        self._spliced = False
-        self._task: asyncio.Task[None] | None = None  # the loop keeps only weak references
-        self._deadline = 0.0
+        ))
+        self.owner: Pop3Listener = owner
 
-    # ------------------------------------------------------------ callbacks
-
-    def _on_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.origin = origin_for(self.cfg, str(peer[0]))
-        self.client_port = int(peer[1]) if len(peer) > 1 else 0
-        self.owner.sessions.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def _on_client_data(self, data: bytes) -> None:
-        layer = self.layer
-        if layer is None:
-            return
-        self._inbox += data
-        if len(self._inbox) + layer.buffered > PREAUTH_READ_PAUSE_BYTES \
-                and not self._reading_paused:
-            self._reading_paused = True
-            self.client.transport.pause_reading()
-        self._wakeup.set()
-
-    def _on_client_close(self) -> None:
-        self._wakeup.set()
-        if self._spliced:
-            self._finish_spliced()
-
-    # ------------------------------------------------------------ executor
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            assert self.layer is not None
-            await self._execute(self.layer.handle(Connected()))
-            self._deadline = loop.time() + self.cfg.preauth_timeout_s
-            while self.layer is not None and not self.layer.finished:
-                await self._execute(self.layer.handle(await self._client_event()))
-        except Exception as exc:  # a bug must not take the listener down
-            log.exception("pop3 session failed", client_ip=self.origin.client_ip)
-            self.client.abort()
-            if self.layer is not None:
-                await self._execute(self.layer.handle(Crashed(type(exc).__name__)))
-        finally:
-            if not self._spliced:
-                self.client.close()
-                self._quit_upstream()
-                self.layer = None
-                self.owner.sessions.discard(self)
-            self._task = None  # a live session keeps no task or coroutine alive
-
-    async def _client_event(self) -> PreauthEvent:
-        """What the client did next: sent bytes, closed, or let a time limit pass."""
-        loop = asyncio.get_running_loop()
-        while not self._inbox:
-            if self.client.closed:
-                return ClientClosed()
-            if self._reading_paused:
-                self._reading_paused = False
-                self.client.transport.resume_reading()
-            remaining = self._deadline - loop.time()
-            self._wakeup.clear()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(
-                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
-            except TimeoutError:
-                return TimedOut(total=loop.time() >= self._deadline)
-        return DataReceived(self._take_inbox())
-
-    def _take_inbox(self) -> bytes:
-        data = bytes(self._inbox)
-        self._inbox.clear()
-        return data
-
-    async def _execute(self, commands: list[PreauthCommand]) -> None:
-        """Perform commands in order; an outcome goes back to the layer, after the
-        client bytes that arrived before it (events in the order they happened)."""
-        queue = deque(commands)
-        while queue:
-            outcome = await self._perform(queue.popleft())
-            layer = self.layer
-            if outcome is not None and layer is not None:
-                if self._inbox:
-                    queue.extend(layer.handle(DataReceived(self._take_inbox())))
-                queue.extend(layer.handle(outcome))
-
-    async def _perform(self, command: PreauthCommand) -> PreauthEvent | None:
-        """One command; returns the outcome event of those that have one."""
-        match command:
-            case SendToClient(data):
-                self.client.write(data)
-            case StartTls():
-                return await self._start_tls()
-            case OpenUpstream():
-                return await self._open_upstream(command)
-            case RequestDecision(identity):
-                decision = await self.gate.decide(identity, self.origin)
-                return DecisionMade(decision, shutting_down=self.owner.closing)
-            case RecordAuthFailed(identity):
-                await self.gate.record_auth_failed(identity, self.origin)
-            case RecordUnavailable(identity, detail):
-                await self.gate.record_deny(
-                    identity, self.origin, "upstream_unavailable",
-                    f"upstream unavailable: {detail}", temporary=True)
-            case CloseUpstream():
-                self._quit_upstream()
-            case Splice(answer, pipelined, identity):
-                self._splice(answer, pipelined, identity)
-            case Close(record):
-                self.client.close()
-                self._quit_upstream()
-                if record is not None:
-                    await self.gate.record_session_end(
-                        self.origin, record.reason, identity=record.identity,
-                        detail=record.detail)
-        return None
-
-    async def _start_tls(self) -> PreauthEvent:
-        ctx = self.owner.ctx.server_tls
-        if ctx is None:
-            raise RuntimeError("TLS listener without a server TLS context")
-        timeout = min(TLS_HANDSHAKE_TIMEOUT_S, self.cfg.preauth_idle_timeout_s)
-        transport: SocketTransport = self.client.transport
-        try:  # aborts the connection if it fails
-            await transport.start_tls(ctx, server_side=True, timeout=timeout)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            return TlsFailed(str(exc)[:200] or type(exc).__name__)
-        cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
-        return TlsEstablished(cert.device_id if cert else None, cert)
+    def _origin(self, client_ip: str) -> Origin:
+        return origin_for(self.cfg, client_ip)
 
     # ------------------------------------------------------------------ upstream
 
-    async def _open_upstream(self, command: OpenUpstream) -> PreauthEvent:
-        try:
-            answer = await self._upstream_login(command)
-        except (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
-                ConnectionError) as exc:
-            detail = str(exc)[:200] or type(exc).__name__
-            log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
-            return UpstreamFailed(detail)
-        return UpstreamAnswered(answer.ok, answer.line)
-
-    async def _upstream_login(self, command: OpenUpstream) -> LoginAnswered:
+    async def _login_upstream(self, command: OpenUpstream) -> UpstreamAnswered:
         """Connect and run the sans-IO ``UpstreamLogin`` to the server's answer."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
@@ -378,56 +174,14 @@ class _Pop3Session:
                     self.owner.learn_capabilities(caps)
                 case LoginAnswered() as answer:
                     up.inbox[:0] = login.rest  # the client's, once spliced
-                    return answer
+                    return UpstreamAnswered(answer.ok, answer.line)
 
-    def _quit_upstream(self) -> None:
+    def _drop_upstream(self) -> None:
         """Drop an upstream connection that is not (or no longer) to be spliced."""
         up, self.upstream = self.upstream, None
         if up is not None and not up.pipe.closed:
             up.pipe.write(quit_command())
             up.pipe.close()
-
-    # ------------------------------------------------------------------ splice
-
-    def _splice(self, answer: bytes, pipelined: bytes, identity: Identity) -> None:
-        """Join client and upstream; from here on bytes flow without Python parsing."""
-        up, client = self.upstream, self.client
-        if client.closed or up is None or up.pipe.closed:
-            return  # nothing to join: the executor's cleanup closes what is left
-        client.write(answer)
-        upipe = up.pipe
-        self.identity = identity
-        self._spliced = True
-        # Drop pre-auth state: memory per live session counts.
-        self.layer = None
-        self._inbox = bytearray()
-        self._wakeup = NO_EVENT
-        client.start_splice(upipe)
-        upipe.start_splice(client)
-        upipe.on_close = self._finish_spliced
-        leftover = up.release()
-        if leftover:
-            client.write(leftover)
-        if pipelined:
-            upipe.write(pipelined)
-        if self._reading_paused:
-            self._reading_paused = False
-            client.transport.resume_reading()
-        with contextlib.suppress(Exception):
-            upipe.transport.resume_reading()
-        self.gate.register(self)
-        if client.closed or upipe.closed:
-            client.close()
-            upipe.close()
-            self._finish_spliced()
-
-    def _finish_spliced(self) -> None:
-        if self in self.owner.sessions:
-            self.owner.sessions.discard(self)
-            self.gate.unregister(self)
-            if self.upstream is not None:
-                self.upstream.pipe.close()
-            self.client.close()
 
     # ---------------------------------------------------------------- ending
 
@@ -441,18 +195,6 @@ class _Pop3Session:
                 self.upstream.pipe.abort()
             if self._spliced:
                 self._finish_spliced()
-
-    async def shutdown(self) -> None:
-        """Listener shutdown: pre-auth sessions get ``-ERR [SYS/TEMP]``, live ones are
-        closed (as :meth:`terminate`)."""
-        if self._spliced:
-            self.gate.unregister(self)
-            await self.gate.record_session_end(self.origin, "shutdown", identity=self.identity)
-            await self.terminate("")
-        elif self.layer is not None:
-            await self._execute(self.layer.handle(ShutdownRequested()))
-        else:
-            self.client.close()
 
 
 __all__ = ["Pop3Listener", "start"]

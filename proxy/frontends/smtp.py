@@ -4,13 +4,15 @@ the server.
 How a session goes (see DESIGN.md, "Sessions, in order"):
 
 1. TLS first. Implicit TLS listeners run the handshake on the accepted connection
-   before the greeting (a failed one is a ``session_end``); STARTTLS listeners answer
+   before the greeting (a failed one is counted, not recorded: DESIGN "Sessions, in
+   order", 4; so is any connection that never completed TLS); STARTTLS listeners answer
    everything but EHLO/NOOP/STARTTLS/QUIT with ``530 5.7.0`` until TLS is up (unless
    ``allow_cleartext_auth`` on a loopback listener), and drop what was pipelined after
    STARTTLS. A client certificate, when presented, names the device.
 2. AUTH PLAIN/LOGIN: the upstream checks the client's credentials (PLAIN or LOGIN,
    whichever it offers); a refusal is passed back as the server's own ``535``;
-   mailward never checks or keeps passwords.
+   mailward never checks or keeps passwords. The answer waits what the failed-login
+   throttle of ``[limits]`` says (``login_limits``).
 3. Only then does the gate decide (one ``decision`` record per login attempt). Deny:
    AUTH is accepted and every MAIL FROM gets ``550 5.7.1 <what to do>``, because mail
    apps show a MAIL FROM refusal to the user but treat a failed AUTH as a wrong
@@ -38,6 +40,7 @@ import contextlib
 import socket
 
 from proxy.frontends import FrontendContext, RunningListener
+from proxy.frontends.login_limits import pre_tls_end
 from proxy.frontends.smtp_replies import Replies, multiline
 from proxy.frontends.smtp_session import POST_AUTH_IDLE_TIMEOUT_S, SmtpSession
 from proxy.frontends.smtp_upstream import (
@@ -86,7 +89,8 @@ class SmtpListener:
         if self.cfg.tls != "none" and self.server_tls is None:
             raise ValueError(f"listener {self.name}: tls = {self.cfg.tls} needs a server context")
         self._server = SocketServer(asyncio.get_running_loop(), self._accept,
-                                    self.cfg.host, self.cfg.port)
+                                    self.cfg.host, self.cfg.port, limits=self.gate.limits,
+                                    listener=self.name)
         self.port = self._server.port
         log.info("smtp listener started", listener=self.name, port=self.port,
                  tls=self.cfg.tls, upstream=self.cfg.upstream)
@@ -134,7 +138,10 @@ class SmtpListener:
 
     async def _after_session(self, session: SmtpSession) -> None:
         record = session.end_record
-        if record is not None:  # first: a slow upstream QUIT must not lose it
+        if record is not None and not (session.tls_done or self.cfg.tls == "none"):
+            # Never completed TLS: counted into the abuse summary, not recorded.
+            pre_tls_end(self.gate.limits, session.origin.client_ip, record[0], self.name)
+        elif record is not None:  # first: a slow upstream QUIT must not lose it
             reason, detail = record
             await self.gate.record_session_end(
                 session.origin, reason, identity=session.identity, detail=detail

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiosmtplib import SMTPResponse
 
+from proxy.frontends.login_limits import login_answered, login_refused
 from proxy.frontends.smtp_replies import Replies, relayed
 from proxy.frontends.smtp_upstream import (
     ClientInfo,
@@ -278,6 +279,8 @@ class SmtpLogin:
         """The upstream's final answer to the credentials: the attempt's one record."""
         if answer.code != 235:
             return await self._upstream_refused(answer, identity, upstream)
+        await login_answered(self.listener.gate.limits, identity.user, self.origin.client_ip,
+                             self.cfg.name, self.device_id, accepted=True)
         return await self._decide(identity, upstream)
 
     async def _upstream_unavailable(self, exc: UpstreamUnavailable,
@@ -303,12 +306,17 @@ class SmtpLogin:
         await upstream.quit()
         gate = self.listener.gate
         self._decided = True
+        limits, ip = gate.limits, self.origin.client_ip
         if answer.code < 500:  # the server could not check the credentials now
             await gate.record_deny(
                 identity, self.origin, "upstream_auth_temporary",
                 f"The mail server answered {answer.code} to the login.", temporary=True)
+            await login_answered(limits, identity.user, ip, self.cfg.name, self.device_id,
+                                 accepted=False)
             return relayed(answer)
         await gate.record_auth_failed(identity, self.origin)
+        # The record first: a client that leaves while the answer waits is recorded.
+        await login_refused(limits, identity.user, ip, self.cfg.name, self.device_id)
         self._auth_failures += 1
         if self._auth_failures < MAX_AUTH_FAILURES:
             return relayed(answer)

@@ -87,6 +87,7 @@ class SmtpSession(SmtpLogin, asyncio.Protocol):
         self.transport: SocketTransport | None = None
         self.device_id: str | None = None
         self.client_cert: ClientCert | None = None
+        self.tls_done = False  # the handshake completed (else: counted, not recorded)
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[bool] | None = None  # for the client's bytes
         self._reading_paused = False
@@ -277,6 +278,7 @@ class SmtpSession(SmtpLogin, asyncio.Protocol):
             raise
         finally:
             self._handshaking = False
+        self.tls_done = True
         self.client_cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
         self.device_id = self.client_cert.device_id if self.client_cert else None
         return True

@@ -88,7 +88,7 @@ from proxy.policy import (
     evaluate,
     evaluate_authorities,
 )
-from proxy.posture import Posture, PostureReader
+from proxy.posture import POSTURE_CACHED, Posture, PostureReader
 
 if TYPE_CHECKING:
     import asyncio
@@ -182,6 +182,7 @@ class Gate(DeviceAdmin):
         started = time.perf_counter()
         policy = self._policy()
         device = None
+        POSTURE_CACHED.set(False)
         try:
             decision, posture, device = await self._evaluate(
                 identity, origin, policy, what_if, record_binding=event == "decision")
@@ -194,6 +195,7 @@ class Gate(DeviceAdmin):
                                  self._clock(), device)
         if actor:
             fields["actor"] = actor
+        fields["posture_cached"] = POSTURE_CACHED.get()  # Redis down: read from its cache
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed

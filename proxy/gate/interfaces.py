@@ -43,6 +43,8 @@ class Observer(Protocol):
         """A limit of ``[limits]`` was hit (``proxy.net.limits``)."""
     def health(self, check: str, ok: bool) -> None:
         """A readiness check changed (``/readyz``)."""
+    def cert_expiry(self, file: str, seconds_left: float) -> None:
+        """A certificate bundle or CRL ends in ``seconds_left`` (``proxy.expiry``)."""
     def expose(self) -> tuple[bytes, str]:
         """The metrics in the text exposition format, and its content type."""
         ...
@@ -60,6 +62,7 @@ class NullObserver:
     def policy_reload_failed(self) -> None: ...
     def limit_hit(self, limit: str, listener: str) -> None: ...
     def health(self, check: str, ok: bool) -> None: ...
+    def cert_expiry(self, file: str, seconds_left: float) -> None: ...
     def expose(self) -> tuple[bytes, str]:
         return b"", "text/plain; charset=utf-8"
 

@@ -31,6 +31,8 @@ import uuid
 from email.message import EmailMessage
 from pathlib import Path
 
+from helpers.serve import free_port
+
 from peers import peer_missing
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -42,12 +44,6 @@ def require_dovecot() -> None:
         peer_missing("dovecot is not installed (Debian package dovecot-imapd; `make peers`)")
     if os.geteuid() != 0:
         peer_missing("the test Dovecot must be started as root (CI runs as root)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_message(i: int, size: int = 0) -> bytes:

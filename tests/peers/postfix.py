@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 
 import trustme
+from helpers.serve import free_port
 
 POSTFIX = "/usr/sbin/postfix"
 DOVECOT = "/usr/sbin/dovecot"
@@ -72,12 +73,6 @@ def missing_reason() -> str | None:
     if os.geteuid() != 0:
         return "the Postfix peer must be started as root"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, deadline: float, log: Path) -> None:

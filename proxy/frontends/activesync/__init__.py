@@ -48,11 +48,21 @@ upstream 401 to Basic credentials is a failed login
 address equal to the upstream's becomes the listener's ``public_url``
 (:mod:`.rewrite`), never anything taken from the request. Other paths answer 404.
 
+Limits (DESIGN "Limits", :mod:`.guard`): a request head must arrive within
+``header_timeout`` (slowloris; on ActiveSync and Autodiscover, over TLS or not);
+failed logins (an upstream 401 to Basic credentials, on the credential check, a
+cached device-session, ``OPTIONS`` or Autodiscover) are throttled per (user, client
+address), or per device with a verified certificate; bodies stream up to
+``eas_max_body`` (413 beyond); unauthenticated garbage is counted per address into
+the per-minute ``abuse_summary``.
+
 The modules
 -----------
 * :mod:`.handler` -- the aiohttp handler (steps 1-5), the listener, :func:`start` and
   the HTTPS accept loop on ``proxy.net.socket_transport``.
 * :mod:`.hygiene` -- what a request must not carry (400) and the upstream target.
+* :mod:`.guard` -- the listener's use of the limits: the failed-login throttle, the
+  streamed body cap, abuse counting.
 * :mod:`.autodiscover` -- the Autodiscover paths, passed to the upstream;
   :mod:`.rewrite` -- the upstream's address in their answers replaced, byte for byte
   elsewhere (expat, DTDs refused).

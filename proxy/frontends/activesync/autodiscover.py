@@ -17,11 +17,14 @@ The request passes the same hygiene as ActiveSync (checked by the handler first:
 encoded ``/``, is 404 and never reaches an upstream that might read it as
 ``/Microsoft-Server-ActiveSync`` -- which would be ActiveSync without a decision.
 
-Autodiscover takes Basic credentials, so it is a password-guessing endpoint too: an
-upstream 401 to a request that carried Basic credentials is reported to the
-``on_auth_failed`` hook given by the front end (its
-:meth:`~proxy.frontends.activesync.handler.ActiveSyncFrontend.autodiscover_auth_failed`,
-where the failed-login limiter plugs in).
+Autodiscover takes Basic credentials, so it is a password-guessing endpoint too: a
+request with Basic credentials of a throttled (user, address) pair waits before it is
+forwarded (:meth:`~proxy.frontends.activesync.guard.LoginThrottle.before`), and an
+upstream 401 to it is reported to the ``on_auth_failed`` hook given by the front end
+(its :meth:`~proxy.frontends.activesync.handler.ActiveSyncFrontend.autodiscover_auth_failed`,
+which counts the failed login and waits the rest of its delay). An Autodiscover
+answer never clears the pair's failures: the JSON form is anonymous, so its 200 proves
+nothing about the password.
 
 The answer is read whole (at most :data:`MAX_ANSWER_BYTES`; 502 beyond) and, when the
 listener has a ``public_url``, the upstream's own address in it is replaced
@@ -51,6 +54,8 @@ from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
     from proxy.config import ListenerConfig
+    from proxy.frontends.activesync.guard import LoginThrottle
+    from proxy.ids import ClientCert
 
 log = get_logger("mailward.activesync.autodiscover")
 
@@ -73,7 +78,8 @@ _ADDRESS: Final = re.compile(r"[A-Za-z0-9!#$&'*+=?^_`{|}~.-]+(?:@[A-Za-z0-9.-]+)
 _DROP: Final = NOT_FORWARDED | {b"content-length", b"accept-encoding"}
 _CONTENT_LENGTH: Final = frozenset({b"content-length"})
 
-OnAuthFailed = Callable[[str, str], Awaitable[None]]
+#: Told of a refused login: (user, client address, device certificate, seconds waited).
+OnAuthFailed = Callable[[str, str, "ClientCert | None", float], Awaitable[None]]
 
 
 def autodiscover_kind(path: str) -> Kind | None:
@@ -122,21 +128,25 @@ class Autodiscover:
     """The Autodiscover side of one ActiveSync listener."""
 
     def __init__(self, cfg: ListenerConfig, forwarder: Forwarder,
-                 on_auth_failed: OnAuthFailed) -> None:
+                 on_auth_failed: OnAuthFailed, throttle: LoginThrottle | None = None) -> None:
         self.cfg = cfg
         self.forwarder = forwarder
         self.on_auth_failed = on_auth_failed
+        self.throttle = throttle
         self.rewriter = Rewriter(cfg.upstream, cfg.public_url) if cfg.public_url else None
         self._base = str(forwarder.upstream).rstrip("/")
 
-    async def serve(self, request: web.BaseRequest, kind: Kind, user: str | None
-                    ) -> web.StreamResponse:
+    async def serve(self, request: web.BaseRequest, kind: Kind, user: str | None,
+                    cert: ClientCert | None = None) -> web.StreamResponse:
         """Answer one Autodiscover request (hygiene already checked); ``user`` is the
-        Basic user, None without Basic credentials."""
+        Basic user, None without Basic credentials; ``cert`` the connection's
+        verified device certificate."""
         target = upstream_target(request.raw_path)
         if target is None:
+            self._abuse(request, "autodiscover_bad_target")
             return text_response(404, "Not found.")
         if request.method not in METHODS:
+            self._abuse(request, "bad_method")
             return text_response(405, "Autodiscover requests use POST or GET.",
                                  {"Allow": "GET, POST"})
         body = b""
@@ -145,6 +155,9 @@ class Autodiscover:
             if isinstance(read, web.StreamResponse):
                 return read
             body = read
+        waited = 0.0
+        if user is not None and self.throttle is not None:
+            waited = await self.throttle.before(user, request.remote or "", cert)
         try:
             status, reason, headers, answer = await self._exchange(request, target, body)
         except UPSTREAM_ERRORS as e:
@@ -154,10 +167,14 @@ class Autodiscover:
             log.warning("autodiscover answer too large", limit=MAX_ANSWER_BYTES)
             return text_response(502, "The mail server's answer is too large.")
         if status == 401 and user is not None:
-            await self.on_auth_failed(user, request.remote or "")
+            await self.on_auth_failed(user, request.remote or "", cert, waited)
         if status == 200:
             answer = self._rewritten(kind, headers, answer)
         return web.Response(status=status, reason=reason, body=answer, headers=headers)
+
+    def _abuse(self, request: web.BaseRequest, kind: str) -> None:
+        if self.throttle is not None:
+            self.throttle.abuse(request.remote or "", kind)
 
     async def _body(self, request: web.BaseRequest) -> bytes | web.StreamResponse:
         """The request body, or the answer refusing it (413 too large, 408 too slow)."""

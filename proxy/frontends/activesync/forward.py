@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.frontends.activesync.guard import CappedBody
 from proxy.frontends.activesync.hygiene import EAS_PATH, NOT_FORWARDED, upstream_target
 from proxy.frontends.activesync.refusal import text_response
 from proxy.frontends.activesync.upstream import UpstreamPool
@@ -60,7 +61,8 @@ _POOLED_DROP: Final = NOT_FORWARDED | _CONTENT_LENGTH
 #: ... and for a request sent without its body (OPTIONS).
 _BODILESS_DROP: Final = NOT_FORWARDED | _NO_BODY_HEADERS
 
-OnAuthFailed = Callable[[], Awaitable[None]]
+#: Told of an upstream 401 (the request it answered) before the answer goes out.
+OnAuthFailed = Callable[[web.BaseRequest], Awaitable[None]]
 
 
 class Progress:
@@ -166,23 +168,25 @@ class Forwarder:
             raise UpstreamProtocolError(f"credential check answered {up.status}")
 
     def forward(self, request: web.BaseRequest, progress: Progress, *,
-                resendable: bool, on_auth_failed: OnAuthFailed | None
+                resendable: bool, on_auth_failed: OnAuthFailed | None, max_body: int
                 ) -> Awaitable[web.StreamResponse]:
         """Stream ``request`` to the upstream and the answer back; ``on_auth_failed``
         runs when the upstream answers 401. A body of known length up to CHUNK_BYTES
         (nearly every EAS request) is read first and goes over the pool; larger or
-        chunked request bodies are streamed through aiohttp's client. ``OPTIONS`` goes
+        chunked request bodies are streamed through aiohttp's client, a chunked one
+        refused with 413 once it passes ``max_body`` (the caller refuses a longer
+        ``Content-Length`` before anything is forwarded). ``OPTIONS`` goes
         without its body, if it had one. (Not a coroutine itself: it picks the one to
         await, one frame less on every resumption of a request.)"""
         if request.method == "OPTIONS":
             return self._exchange(request, None, progress, resendable, on_auth_failed,
                                   _BODILESS_DROP)
-        if request.body_exists:
-            length = request.content_length
-            if length is None or length > CHUNK_BYTES:
-                return self._stream(request, progress, on_auth_failed)
-        return self._exchange(request, request.content_length, progress, resendable,
-                              on_auth_failed, _POOLED_DROP)
+        length = request.content_length
+        if request.body_exists and (length is None or length > CHUNK_BYTES):
+            return self._stream(request, progress, on_auth_failed,
+                                max_body if length is None else None)
+        return self._exchange(request, length, progress, resendable, on_auth_failed,
+                              _POOLED_DROP)
 
     async def _exchange(self, request: web.BaseRequest, length: int | None,
                         progress: Progress, resendable: bool,
@@ -220,7 +224,7 @@ class Forwarder:
                     conn.abort()  # a stale keep-alive connection: try a fresh one
                     conn = None
             if head.status == 401 and on_auth_failed is not None:
-                await on_auth_failed()
+                await on_auth_failed(request)
             reason = header_text(head.reason)
             if head.length is not None and head.length <= CHUNK_BYTES:
                 data = b""
@@ -243,24 +247,41 @@ class Forwarder:
                 pool.release(conn)  # closes it unless its answer was read whole
 
     async def _stream(self, request: web.BaseRequest, progress: Progress,
-                      on_auth_failed: OnAuthFailed | None) -> web.StreamResponse:
-        """A request body of unknown or large size, streamed through aiohttp's client."""
+                      on_auth_failed: OnAuthFailed | None, cap: int | None
+                      ) -> web.StreamResponse:
+        """A request body of unknown or large size, streamed through aiohttp's client;
+        one of unknown size is cut off after ``cap`` bytes (413)."""
         assert self._client is not None
         # The query goes upstream exactly as the client sent it.
         url = URL(self._base + upstream_target(request.raw_path), encoded=True)
         headers = CIMultiDict((header_text(k), header_text(v))
                               for k, v in self._headers(request))
-        async with self._client.request(
-            request.method, url, headers=headers, data=request.content,
-            allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
-            compress=False, chunked=None,
-        ) as up:
-            if up.status == 401 and on_auth_failed is not None:
-                await on_auth_failed()
-            progress.response = response = web.StreamResponse(
-                status=up.status, reason=up.reason, headers=client_headers(list(up.raw_headers)))
-            await response.prepare(request)
-            async for chunk in up.content.iter_chunked(CHUNK_BYTES):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+        capped = CappedBody(request.content, cap) if cap is not None else None
+        try:
+            async with self._client.request(
+                request.method, url, headers=headers,
+                data=capped.chunks(CHUNK_BYTES) if capped is not None else request.content,
+                allow_redirects=False, timeout=self._timeout(self.cfg.longpoll_timeout_s),
+                compress=False, chunked=None,
+            ) as up:
+                if up.status == 401 and on_auth_failed is not None:
+                    await on_auth_failed(request)
+                progress.response = response = web.StreamResponse(
+                    status=up.status, reason=up.reason,
+                    headers=client_headers(list(up.raw_headers)))
+                await response.prepare(request)
+                async for chunk in up.content.iter_chunked(CHUNK_BYTES):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except UPSTREAM_ERRORS:
+            if capped is None or not capped.over or progress.response is not None:
+                raise
+            return too_large()
+
+
+def too_large() -> web.Response:
+    """413 for a body over ``eas_max_body``; the rest of it is not read."""
+    response = text_response(413, "The request is too large.")
+    response.force_close()
+    return response

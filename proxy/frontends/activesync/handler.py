@@ -29,8 +29,11 @@ from proxy.frontends.activesync.forward import (
     RESENDABLE_COMMANDS,
     UPSTREAM_ERRORS,
     Forwarder,
+    OnAuthFailed,
     Progress,
+    too_large,
 )
+from proxy.frontends.activesync.guard import LoginThrottle
 from proxy.frontends.activesync.hygiene import EAS_PATH, refusal
 from proxy.frontends.activesync.refusal import blocked_response, text_response, unavailable
 from proxy.frontends.activesync.sessions import (
@@ -42,6 +45,7 @@ from proxy.frontends.activesync.sessions import (
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
 from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin, origin_for
 from proxy.gate.identity import CERT_REQUIRED_TEXT
+from proxy.net.http_guard import guarded
 from proxy.net.socket_transport import SocketServer, SocketTransport
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     from proxy.frontends import FrontendContext
     from proxy.gate import Gate
     from proxy.ids import ClientCert
+    from proxy.net.limits import Limits
     from proxy.policy import Decision
 
 log = get_logger("mailward.activesync")
@@ -125,10 +130,13 @@ class ActiveSyncFrontend:
         self.clock = clock
         self.origin_name = self.cfg.name
         self.upstream = Forwarder(self.cfg, ctx.upstream_tls)
-        self.autodiscover = Autodiscover(self.cfg, self.upstream, self.autodiscover_auth_failed)
+        #: Failed logins and garbage, counted in the gate's limits (:mod:`.guard`).
+        self.throttle = LoginThrottle(self.gate, self.cfg.name)
+        self.autodiscover = Autodiscover(self.cfg, self.upstream, self.autodiscover_auth_failed,
+                                         self.throttle)
         #: Autodiscover logins the upstream refused (see :meth:`autodiscover_auth_failed`).
         self.autodiscover_auth_failures = 0
-        self.sessions = DeviceSessions(self.gate, clock)
+        self.sessions = DeviceSessions(self.gate, clock, self.throttle)
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._queries: dict[str, EasQuery] = {}  # parsed query strings (see _post)
@@ -170,16 +178,25 @@ class ActiveSyncFrontend:
     # -- request handling -----------------------------------------------------------
 
     async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The low-level server's handler (no router: two paths are served)."""
+        """The low-level server's handler (no router: two paths are served). Garbage
+        (unknown paths and methods, hygiene refusals) is counted as abuse of the
+        client's address, not logged one by one; a ``Content-Length`` over
+        ``eas_max_body`` is 413 before anything else."""
         autodiscover: Kind | None = None
         if request.path != EAS_PATH:
             autodiscover = autodiscover_kind(request.path)
             if autodiscover is None:
+                self.throttle.abuse(request.remote or "", "unknown_path")
                 return text_response(404, "Not found.")
         refused = refusal(request.raw_path, request.headers)
         if refused is not None:
-            log.info("request refused", reason=refused, remote=request.remote)
+            self.throttle.abuse(request.remote or "", refused)
             return text_response(400, "Bad ActiveSync request.")
+        length = request.content_length
+        if length is not None and length > self.gate.limits.cfg.eas_max_body \
+                and autodiscover is None:
+            self.throttle.body_too_large(request.remote or "")
+            return too_large()
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)
@@ -191,13 +208,32 @@ class ActiveSyncFrontend:
                     return text_response(403, CERT_REQUIRED_TEXT)
                 if autodiscover is not None:
                     return await self._autodiscover(request, autodiscover)
-                return await self._forward(request, None)
+                return await self._options(request)
             if request.method != "POST":
+                self.throttle.abuse(request.remote or "", "bad_method")
                 return text_response(405, "ActiveSync requests use POST or OPTIONS.",
                                      {"Allow": "OPTIONS, POST"})
             return await self._post(request, task)
         finally:
             self._inflight.discard(task)
+
+    async def _options(self, request: web.BaseRequest) -> web.StreamResponse:
+        """OPTIONS (protocol discovery), forwarded without a decision. With Basic
+        credentials the upstream checks them, so it is a login for the throttle."""
+        user = basic_user(request.headers.get("Authorization"))
+        if user is None:
+            return await self._forward(request, None)
+        ip = request.remote or ""
+        cert = self._connection(request)[1]
+        waited = await self.throttle.before(user, ip, cert)
+
+        async def refused(_: web.BaseRequest) -> None:
+            await self.throttle.failed(user, ip, cert, waited)
+
+        response = await self._forward(request, None, on_auth_failed=refused)
+        if 200 <= response.status < 300:
+            self.throttle.succeeded(user, ip, cert)
+        return response
 
     async def _autodiscover(self, request: web.BaseRequest, kind: Kind
                             ) -> web.StreamResponse:
@@ -205,7 +241,8 @@ class ActiveSyncFrontend:
         listener answers it 503."""
         try:
             return await self.autodiscover.serve(
-                request, kind, basic_user(request.headers.get("Authorization")))
+                request, kind, basic_user(request.headers.get("Authorization")),
+                self._connection(request)[1])
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._closing or task is None:
@@ -213,12 +250,16 @@ class ActiveSyncFrontend:
             task.uncancel()
             return unavailable()
 
-    async def autodiscover_auth_failed(self, user: str, client_ip: str) -> None:
+    async def autodiscover_auth_failed(self, user: str, client_ip: str,
+                                       cert: ClientCert | None = None,
+                                       waited: float = 0.0) -> None:
         """The upstream refused the Basic credentials of an Autodiscover request: a
-        failed login for (``user``, ``client_ip``). The one place the failed-login
-        throttle (issue 13) hooks in for Autodiscover; for now counted and logged."""
+        failed login for (``user``, ``client_ip``), or (``user``, device) with a
+        verified device certificate; its answer waits the throttle's delay, less the
+        ``waited`` seconds it already waited before it was forwarded."""
         self.autodiscover_auth_failures += 1
         log.info("autodiscover login failed", user=user, client_ip=client_ip)
+        await self.throttle.failed(user, client_ip, cert, waited)
 
     def _query(self, raw_query: str) -> EasQuery:
         """The parsed query (``QueryError`` when bad); a phone repeats the same few
@@ -259,6 +300,7 @@ class ActiveSyncFrontend:
         try:
             query = self._query(request.rel_url.raw_query_string)
         except QueryError as e:
+            self.throttle.abuse(request.remote or "", "bad_query")
             return text_response(400, f"Bad ActiveSync request: {e.detail}.")
         auth_user = basic_user(request.headers.get("Authorization"))
         if auth_user is None:
@@ -349,14 +391,22 @@ class ActiveSyncFrontend:
     async def _verify_credentials(
         self, request: web.BaseRequest, identity: Identity, origin: Origin
     ) -> web.StreamResponse | None:
-        """None when the upstream accepted the credentials; else the response to send."""
+        """None when the upstream accepted the credentials; else the response to send.
+        A throttled (user, address) pair waits before the upstream is asked, and a
+        401 waits the rest of its delay (:class:`~.guard.LoginThrottle`)."""
+        user, ip, cert = identity.user, origin.client_ip, identity.cert
+        waited = await self.throttle.before(user, ip, cert)
         try:
             refused = await self.upstream.check_credentials(request)
         except UPSTREAM_ERRORS as e:
             log.warning("upstream unavailable", error=str(e) or type(e).__name__)
         else:
-            if refused is not None:
-                await self.gate.record_auth_failed(identity, origin)
+            if refused is None:
+                self.throttle.succeeded(user, ip, cert)
+                return None
+            await self.gate.record_auth_failed(identity, origin)
+            if refused.status == 401:
+                await self.throttle.failed(user, ip, cert, waited)
             return refused
         # The request's one decision record: a temporary deny (the gate counts it).
         await self.gate.record_deny(identity, origin, UPSTREAM_UNAVAILABLE,
@@ -380,16 +430,19 @@ class ActiveSyncFrontend:
         return blocked_response(query.command if query else "", version, text)
 
     async def _forward(self, request: web.BaseRequest, session: DeviceSession | None,
-                       command: str = "") -> web.StreamResponse:
+                       command: str = "", on_auth_failed: OnAuthFailed | None = None
+                       ) -> web.StreamResponse:
         """Forward to the upstream. A cancellation (the gate ended the session, or the
         listener closes) answers 403/503 if no answer has started, else cuts the
-        connection; so does an upstream failure (503)."""
+        connection; so does an upstream failure (503). An upstream 401 goes to the
+        session (a failed login that ends it), else to ``on_auth_failed``."""
         progress = Progress()
         try:
             return await self.upstream.forward(
                 request, progress,
                 resendable=request.method != "POST" or command in RESENDABLE_COMMANDS,
-                on_auth_failed=session.auth_failed if session is not None else None)
+                on_auth_failed=session.auth_failed if session is not None else on_auth_failed,
+                max_body=self.gate.limits.cfg.eas_max_body)
         except asyncio.CancelledError:
             ended = session.ended if session is not None else None
             if ended is None and not self._closing:
@@ -436,14 +489,11 @@ class RunningActiveSync:
     port: int
     frontend: ActiveSyncFrontend
     runner: web.BaseRunner
-    accept: SocketServer | None = None  # HTTPS: our own accept loop, not a site
+    accept: SocketServer | asyncio.Server  # HTTPS: our own accept loop
 
     async def close(self, grace_s: float) -> None:
         # Stop accepting first, then let open requests finish or answer them 503.
-        if self.accept is not None:
-            self.accept.close()
-        for site in list(self.runner.sites):
-            await site.stop()
+        self.accept.close()
         await self.frontend.close(grace_s)
         await self.runner.cleanup()
 
@@ -458,17 +508,29 @@ async def start(ctx: FrontendContext) -> RunningActiveSync:
     server = web.Server(frontend.serve, handler_cancellation=True, access_log=None)
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
+    protocol = head_timed(server, frontend)
+    name = ctx.listener.name
     if ctx.server_tls is not None:
         _certificate_refusals_answered(ctx.server_tls, ctx.listener.client_cert)
-        accept = serve_https(server, ctx.server_tls, ctx.listener.host, ctx.listener.port)
-        return RunningActiveSync(ctx.listener.name, accept.port, frontend, runner, accept)
-    site = web.TCPSite(runner, ctx.listener.host, ctx.listener.port, backlog=1024)
-    await site.start()
-    port = ctx.listener.port
-    sockets = getattr(site._server, "sockets", None)  # the bound sockets are only here
-    if sockets:
-        port = sockets[0].getsockname()[1]
-    return RunningActiveSync(ctx.listener.name, port, frontend, runner)
+        accept = serve_https(protocol, ctx.server_tls, ctx.listener.host, ctx.listener.port,
+                             limits=ctx.gate.limits, listener=name)
+        return RunningActiveSync(name, accept.port, frontend, runner, accept)
+    plain = await asyncio.get_running_loop().create_server(
+        protocol, ctx.listener.host, ctx.listener.port, backlog=1024, reuse_address=True)
+    port = int(plain.sockets[0].getsockname()[1]) if plain.sockets else ctx.listener.port
+    return RunningActiveSync(name, port, frontend, runner, plain)
+
+
+def head_timed(server: web.Server, frontend: ActiveSyncFrontend) -> Callable[[], Any]:
+    """The listener's protocol factory: aiohttp's request handler with the limits'
+    ``header_timeout`` for every request head (slowloris), read when each connection
+    starts; a connection cut off counts against its address."""
+
+    def protocol() -> Any:
+        timeout = frontend.gate.limits.cfg.header_timeout_s
+        return guarded(server, timeout, frontend.throttle.slow_head)()
+
+    return protocol
 
 
 def _certificate_refusals_answered(tls: ssl.SSLContext, client_cert: str) -> None:
@@ -481,12 +543,14 @@ def _certificate_refusals_answered(tls: ssl.SSLContext, client_cert: str) -> Non
         tls.verify_mode = ssl.CERT_OPTIONAL
 
 
-def serve_https(server: web.Server, tls: ssl.SSLContext, host: str, port: int
-                ) -> SocketServer:
+def serve_https(protocol: Callable[[], Any], tls: ssl.SSLContext, host: str, port: int,
+                *, limits: Limits | None = None, listener: str = "") -> SocketServer:
     """HTTPS connections on ``proxy.net.socket_transport`` (OpenSSL on the socket) rather
     than the event loop's TLS transport, which would keep per connection a 256 KiB
     receive buffer and TLS buffers as large as the biggest Sync response or attachment
-    it ever carried: phones hold these connections open for long-polls all day."""
+    it ever carried: phones hold these connections open for long-polls all day.
+    ``protocol`` makes each connection's aiohttp handler (a ``web.Server`` will do);
+    ``limits`` and ``listener`` go to the accept loop."""
     loop = asyncio.get_running_loop()
     handshakes: set[asyncio.Task[None]] = set()
 
@@ -496,9 +560,10 @@ def serve_https(server: web.Server, tls: ssl.SSLContext, host: str, port: int
 
     def accept(sock: Any) -> None:
         # aiohttp's protocol is connected now; it sees bytes once TLS is up.
-        transport = SocketTransport(loop, sock, server(), start_reading=False)
+        transport = SocketTransport(loop, sock, protocol(), start_reading=False)
         task = loop.create_task(handshake(transport))
         handshakes.add(task)
         task.add_done_callback(handshakes.discard)
 
-    return SocketServer(loop, accept, host, port, backlog=1024)
+    return SocketServer(loop, accept, host, port, backlog=1024, limits=limits,
+                        listener=listener)

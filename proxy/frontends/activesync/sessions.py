@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any, Final
 from proxy.gate import Identity, Origin
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.frontends.activesync.guard import LoginThrottle
     from proxy.gate import Gate
 
 #: A decision covers a device-session for at most this long, then is made again.
@@ -92,10 +95,15 @@ class DeviceSession:
         if self.retired and not self.tasks:
             self.table.gate.unregister(self)
 
-    async def auth_failed(self) -> None:
-        """The upstream answered 401: the credentials stopped working, so the
-        decision no longer applies."""
+    async def auth_failed(self, request: web.BaseRequest) -> None:
+        """The upstream answered 401 to ``request``: the credentials stopped working,
+        so the decision no longer applies, and it is a failed login (its answer waits
+        when the pair is throttled)."""
         await self.table.drop(self, "auth_failed")
+        throttle = self.table.throttle
+        if throttle is not None:
+            await throttle.failed(self.identity.user, request.remote or "",
+                                  self.identity.cert)
 
     async def terminate(self, text: str) -> None:
         """The gate ended this session: answer open requests 403, forget the decision."""
@@ -108,9 +116,12 @@ class DeviceSession:
 class DeviceSessions:
     """The device-sessions of one listener, by :data:`SessionKey`."""
 
-    def __init__(self, gate: Gate, clock: Callable[[], float]) -> None:
+    def __init__(self, gate: Gate, clock: Callable[[], float],
+                 throttle: LoginThrottle | None = None) -> None:
         self.gate = gate
         self.clock = clock
+        #: Failed logins on cached sessions (an upstream 401) are counted here.
+        self.throttle = throttle
         self.by_key: dict[SessionKey, DeviceSession] = {}
         #: Keys whose first request is being decided, and when that is over.
         self.admitting: dict[SessionKey, asyncio.Future[None]] = {}
