@@ -22,10 +22,12 @@ from proxy.config.reading import ConfigError, is_loopback, parse_duration, split
 from proxy.config.settings import (
     DEFAULT_CONFIG,
     ApiConfig,
+    ApiToken,
     AuditConfig,
     Config,
     LimitsConfig,
     ListenerConfig,
+    PolicyGuardConfig,
     PostureConfig,
     ServerConfig,
     TlsConfig,
@@ -45,6 +47,7 @@ def check_files(config_path: Path | str) -> tuple[Config, Policy]:
 __all__ = [
     "DEFAULT_CONFIG",
     "ApiConfig",
+    "ApiToken",
     "AuditConfig",
     "Config",
     "ConfigError",
@@ -52,6 +55,7 @@ __all__ = [
     "ListenerConfig",
     "MdmConfig",
     "NotifyConfig",
+    "PolicyGuardConfig",
     "PostureConfig",
     "ServerConfig",
     "TlsConfig",

@@ -94,7 +94,7 @@ from proxy.policy import (
     evaluate,
     evaluate_authorities,
 )
-from proxy.posture import Posture, PostureReader
+from proxy.posture import POSTURE_CACHED, Posture, PostureReader
 
 if TYPE_CHECKING:
     import asyncio
@@ -169,7 +169,8 @@ class Gate(DeviceAdmin):
         return decision
 
     async def explain(
-        self, identity: Identity, origin: Origin, *, posture: Posture | None = None
+        self, identity: Identity, origin: Origin, *, posture: Posture | None = None,
+        actor: str | None = None,
     ) -> Decision:
         """What-if: the decision :meth:`decide` would take, recorded as an ``explain``
         record (never counted as an access decision). ``posture`` replaces the stored
@@ -177,16 +178,19 @@ class Gate(DeviceAdmin):
 
         Like :meth:`decide` it never raises for store or audit failures: the answer
         is then a temporary deny whose reason is :data:`STORE_UNAVAILABLE` or
-        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer"."""
-        decision, _ = await self._decide("explain", identity, origin, posture)
+        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer". ``actor``
+        (who asked) goes into the record."""
+        decision, _ = await self._decide("explain", identity, origin, posture, actor)
         return decision
 
     async def _decide(
-        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None
+        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None,
+        actor: str | None = None,
     ) -> tuple[Decision, int]:
         started = time.perf_counter()
         policy = self._policy()
         device = None
+        POSTURE_CACHED.set(False)
         try:
             decision, posture, device = await self._evaluate(
                 identity, origin, policy, what_if, record_binding=event == "decision")
@@ -198,6 +202,9 @@ class Gate(DeviceAdmin):
         now = self._clock()
         fields = decision_record(event, identity, origin, decision, posture, latency_us,
                                  now, device)
+        if actor:
+            fields["actor"] = actor
+        fields["posture_cached"] = POSTURE_CACHED.get()  # Redis down: read from its cache
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
