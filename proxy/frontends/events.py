@@ -83,6 +83,7 @@ class UpstreamFailed:
 class DecisionMade:
     decision: Decision
     shutting_down: bool = False  # the listener is closing: start no session
+    alert: str = ""  # a warning to show before the login's OK (IMAP ``* OK [ALERT]``)
 
 
 @dataclass(frozen=True, slots=True)

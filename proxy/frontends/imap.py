@@ -40,14 +40,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_preauth import (
     OWN_MECHANISMS,
     SHUTDOWN_TEXT,
+    DecisionMade,
     OpenUpstream,
     Preauth,
+    RequestDecision,
     UpstreamAnswered,
 )
 from proxy.frontends.imap_syntax import SUPPORTED_MECHANISMS, bye_line
@@ -158,6 +162,16 @@ class _ImapSession(PreauthSession):
 
     def _origin(self, client_ip: str) -> Origin:
         return Origin("imap", self.cfg.name, client_ip, self.cfg.unidentified)
+
+    async def _perform(self, command: Any) -> Any:
+        """As the shared executor, and an allowed login learns the warning to show
+        (``* OK [ALERT]``, once per device per day: ``gate.warning_alert``)."""
+        outcome = await super()._perform(command)
+        if isinstance(command, RequestDecision) and isinstance(outcome, DecisionMade):
+            alert = self.gate.warning_alert(command.identity, self.origin, outcome.decision)
+            if alert:
+                outcome = dataclasses.replace(outcome, alert=alert)
+        return outcome
 
     def _on_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname") or ("", 0)

@@ -22,7 +22,9 @@ The rules (DESIGN.md, "Sessions, in order"):
   clients that retry on the same connection show only the last line they read.
   Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream unreachable:
   ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the upstream's
-  answer goes to the client and the connections are spliced.
+  answer goes to the client and the connections are spliced; a warning that comes
+  with the allow (a rule's ``enforce_from`` is ahead, rationed by ``proxy.notify``)
+  goes first, as ``* OK [ALERT] <warning with the date>``.
 - ``AUTHENTICATE``: the mechanisms of ``imap_sasl`` that the upstream offers (PLAIN
   always: it is relayed as ``LOGIN``); the exchange reads the user, the upstream
   verifies the credentials.
@@ -201,7 +203,8 @@ class Preauth(PreauthLayer):
         return [SendToClient(event.tagged), CloseUpstream(), RecordAuthFailed(self.identity),
                 *self._drain()]
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[PreauthCommand]:
         self.decided = True
         tag = self._tag
         if not decision.allow:
@@ -222,6 +225,8 @@ class Preauth(PreauthLayer):
                     *self._close("shutdown")]
         self.finished = True
         answer, self._answer = self._answer, b""
+        if alert:  # untagged, before the tagged OK: clients show it as the login's
+            answer = untagged_line("OK", refusal_text(alert), "ALERT") + answer
         return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands

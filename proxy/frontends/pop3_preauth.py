@@ -166,7 +166,8 @@ class Preauth(PreauthLayer):
         return [SendToClient(event.line), CloseUpstream(), RecordAuthFailed(self.identity),
                 *self._drain()]
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[PreauthCommand]:  # POP3 has no ALERT
         self.decided = True
         if not decision.allow:
             text = decision.user_text()

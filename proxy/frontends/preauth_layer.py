@@ -86,7 +86,8 @@ class PreauthLayer:
         """The protocol's ``UpstreamAnswered``: the upstream's answer to the login."""
         raise NotImplementedError
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[Any]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[Any]:
         raise NotImplementedError
 
     def _client_event(self, ev: Any) -> list[Any]:
@@ -125,8 +126,8 @@ class PreauthLayer:
                 return [SendToClient(self._shutdown_reply()), *self._close("shutdown")]
             case Crashed(detail):
                 return self._close("internal_error", detail)
-            case DecisionMade(decision, shutting_down):
-                return self._decided(decision, shutting_down)
+            case DecisionMade(decision, shutting_down, alert):
+                return self._decided(decision, shutting_down, alert)
         return self._upstream_answered(event)  # the one event the protocol defines
 
     def _close(self, reason: str, detail: str = "") -> list[Any]:
