@@ -178,7 +178,8 @@ class Notifier:
         """Give queued notices ``drain_s`` to go out, then stop; keep the memory."""
         if self._workers and not self._queue.empty():
             try:
-                await asyncio.wait_for(self._queue.join(), drain_s)
+                async with asyncio.timeout(drain_s):
+                    await self._queue.join()
             except TimeoutError:
                 log.warning("notices not sent at shutdown", queued=self._queue.qsize())
         for task in self._workers:

@@ -302,8 +302,8 @@ class PreauthSession:
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(
-                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
+                async with asyncio.timeout(min(self.cfg.preauth_idle_timeout_s, remaining)):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return ev.TimedOut(total=loop.time() >= self._deadline)
         return ev.DataReceived(self._take_inbox())

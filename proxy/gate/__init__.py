@@ -544,7 +544,8 @@ async def _safe_terminate(session: LiveSession, text: str) -> None:
     import asyncio
 
     try:
-        await asyncio.wait_for(session.terminate(text), timeout=5)
+        async with asyncio.timeout(5):
+            await session.terminate(text)
     except Exception as exc:
         log.warning("terminating session failed", error=str(exc))
 
