@@ -16,7 +16,7 @@ import imaplib
 import os
 import pwd
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from proxy.config import ListenerConfig, NotifyConfig, load_policy
 from proxy.frontends.imap import start
 from proxy.gate import Gate
 from proxy.notify import Notifier
+from proxy.policy import Policy
 from proxy.posture import App
 
 pytestmark = pytest.mark.peer
@@ -95,17 +96,19 @@ enforce_from = {start}
 
 class Env(FrontendEnv):
     """An IMAP listener before Dovecot, its gate on a clock the test moves, and a
-    notifier relaying through Postfix (or, ``relay_down``, to a closed port)."""
+    notifier relaying through Postfix (or, ``relay_down``, to a closed port); the gate
+    asks ``policy_of`` for its policy when given (else the test policy, fixed)."""
 
     def __init__(self, pki: Pki, peers: tuple[Any, Dovecot], tmp: Path, *,
-                 mode: str = "", relay_down: bool = False) -> None:
+                 mode: str = "", relay_down: bool = False,
+                 policy_of: Callable[[], Policy] | None = None) -> None:
         super().__init__(pki, tmp)
         self.pf, self.dv = peers
         (tmp / "policy.toml").write_text(POLICY.format(start=START, mode=mode))
         policy = load_policy(tmp / "policy.toml")
         self.clock = [time.time()]
-        self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy,
-                         clock=lambda: self.clock[0])
+        self.gate = Gate(store=self.store, audit=self.audit,
+                         policy=policy_of or (lambda: policy), clock=lambda: self.clock[0])
         (tmp / "relay.secret").write_text(f"{SENDER}:{USERS[SENDER]}\n")
         cfg = NotifyConfig(
             smtp_host="127.0.0.1",
