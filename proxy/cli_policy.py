@@ -92,11 +92,20 @@ def _print_csv(preview: Preview) -> None:
         print(preview.guard.confirm, file=sys.stderr)
 
 
+def _today() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 def _print_table(preview: Preview) -> None:
     c, b = preview.candidate, preview.baseline
     print(f"candidate  {c.version} ({c.sha256[:12]})  {c.source}")
     print(f"in force   {b.version} ({b.sha256[:12]})" if b else
           "in force   none yet (every current deny counts as new)")
+    if preview.judged_as_of and preview.judged_as_of[:10] > _today():
+        print(f"judged as  in force on {preview.judged_as_of[:10]} (its enforce_from): "
+              "until then those devices are allowed and warned")
     parts: list[tuple[str, Outcome]] = [("devices", preview.devices)]
     if preview.replay is not None:
         parts.append((f"replay since {preview.replay_since}", preview.replay))

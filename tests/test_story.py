@@ -91,16 +91,16 @@ async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
     stopped = False
     watcher = asyncio.create_task(live.watch(env.gate, stop=lambda: stopped))
     try:
-        # 1. Preview today: a future enforce_from only warns, so nobody is newly denied;
-        #    previewed as of the date, the TikTok user is the one cut off.
+        # 1. Preview: the ban is judged as it will be on its enforce_from date, so the
+        #    TikTok user's phone is the one that will be cut off (exit 3 in the CLI).
         cfg.server.policy.write_text(BAN)
-        today = await live.preview({}, actor="story")
-        assert today["candidate"]["version"] == "tiktok-ban" and not today["newly_denied"]
-        assert today["devices"]["newly_denied"] == 0 and today["devices"]["unchanged"] == 1
+        preview = await live.preview({}, actor="story")
+        assert preview["candidate"]["version"] == "tiktok-ban" and preview["newly_denied"]
+        assert preview["candidate"]["judged_as_of"][:10] == f"{START}"
+        assert preview["devices"]["newly_denied"] == 1 and preview["devices"]["unchanged"] == 0
         candidate, data = load_candidate(cfg.server.policy)
-        on_the_date = build_preview(cfg, candidate, data, baseline=holder.current(),
-                                    now=datetime.now(UTC) + timedelta(seconds=AFTER_S))
-        [cut_off] = on_the_date.devices.newly_denied
+        [cut_off] = build_preview(cfg, candidate, data,
+                                  baseline=holder.current()).devices.newly_denied
         assert (cut_off.user, cut_off.device, cut_off.rules) == (ALICE, DEVICE, ("TikTok",))
         await reload_file(env, live, holder, cfg.server.policy)
         assert holder.current().version == "tiktok-ban"

@@ -81,7 +81,10 @@ def build_preview(cfg: Config, candidate: Policy, data: bytes, *,
     if baseline is not None:
         verdict = guard(cfg.policy_guard.max_new_denies,
                         cfg.policy_guard.limit(len(devices.postures)), outcome, data)
-    return Preview(candidate, baseline, outcome, replay, verdict, since)
+    from proxy.policies.preview import enforced_at
+
+    as_of = enforced_at(candidate, now).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Preview(candidate, baseline, outcome, replay, verdict, since, as_of)
 
 
 def load_candidate(path: Path) -> tuple[Policy, bytes]:

@@ -167,11 +167,22 @@ def _groups(policy: Policy, user: str) -> tuple[str, ...]:
     return found or (NO_GROUP,)
 
 
+def enforced_at(policy: Policy, now: datetime) -> datetime:
+    """When every rule of ``policy`` is in force: the latest ``enforce_from`` still
+    ahead of ``now``, else ``now``."""
+    dates = [r.enforce_from for r in policy.prohibited if r.enforce_from is not None]
+    return max([now, *dates])
+
+
 class _Judge:
     """Both verdicts for one posture list; the candidate's groups for the lists."""
 
     def __init__(self, baseline: Policy | None, candidate: Policy, now: datetime) -> None:
         self.baseline, self.candidate, self.now = baseline, candidate, now
+        # The candidate is judged as it will be once every enforce_from it names has
+        # passed: a ban announced for next week would otherwise preview as "nobody
+        # newly denied" although it will cut those devices off on that date.
+        self.enforced_at = enforced_at(candidate, now)
 
     def add(self, out: Outcome, postures: list[Posture], user: str, device: str,
             protocol: str, revoked: bool) -> None:
@@ -180,7 +191,9 @@ class _Judge:
             out.unchanged += 1
             return
         ctx = Context(now=self.now, user=user, device_id=device, protocol=protocol)
-        new, _ = evaluate_authorities(postures, self.candidate, ctx)
+        later = ctx if self.enforced_at == self.now else Context(
+            now=self.enforced_at, user=user, device_id=device, protocol=protocol)
+        new, _ = evaluate_authorities(postures, self.candidate, later)
         if self.baseline is None:
             old_allow, old = True, None
         else:
@@ -263,6 +276,8 @@ class Preview:
     replay: Outcome | None
     guard: GuardVerdict | None
     replay_since: str | None = None
+    #: When the candidate was judged as in force (its latest enforce_from, or now).
+    judged_as_of: str | None = None
 
     @property
     def newly_denied(self) -> bool:
@@ -272,7 +287,8 @@ class Preview:
         base = self.baseline
         return {
             "candidate": {"version": self.candidate.version, "sha256": self.candidate.sha256,
-                          "source": self.candidate.source},
+                          "source": self.candidate.source,
+                          "judged_as_of": self.judged_as_of},
             "in_force": None if base is None else {"version": base.version,
                                                    "sha256": base.sha256},
             "devices": self.devices.to_dict(),
