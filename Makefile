@@ -1,8 +1,9 @@
 # mailward — make demo, make test, make bench.
 # `make test` works on a fresh Debian machine: it installs the peer servers the tests
-# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail; systemd-analyze for the unit
-# file check) when missing, creates .venv from the locked, hash-checked dependency set
-# (requirements.lock) and installs the package itself on top, editable, without deps.
+# drive (Dovecot, Postfix, swaks, mbsync, nginx, fetchmail, redis; systemd-analyze for
+# the unit file check; Chromium and a font for the auditor report's browser test) when
+# missing, creates .venv from the locked, hash-checked dependency set (requirements.lock)
+# and installs the package itself on top, editable, without deps.
 
 PY      ?= python3
 VENV    := .venv
@@ -15,10 +16,13 @@ PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allo
               --no-emit-index-url --no-emit-find-links
 APT_PKGS := dovecot-imapd dovecot-submissiond dovecot-lmtpd postfix swaks isync msmtp \
             libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl \
-            nginx libnginx-mod-mail dovecot-pop3d fetchmail systemd
+            nginx libnginx-mod-mail libnginx-mod-stream dovecot-pop3d fetchmail systemd \
+            redis-server chromium fonts-dejavu-core
 PEER_BINS := /usr/sbin/dovecot /usr/sbin/postfix /usr/bin/swaks /usr/bin/mbsync /usr/bin/msmtp \
              /usr/sbin/nginx /usr/lib/nginx/modules/ngx_mail_module.so \
-             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail /usr/bin/systemd-analyze
+             /usr/lib/dovecot/pop3-login /usr/bin/fetchmail /usr/bin/systemd-analyze \
+             /usr/lib/nginx/modules/ngx_stream_module.so /usr/bin/redis-server \
+             /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
 .PHONY: all venv lock peers test test-fast lint demo bench bench-compare clean
 

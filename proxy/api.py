@@ -13,14 +13,18 @@ Endpoints
                             device (the MDM's when there is one; ``source`` is its
                             authority) and its evaluation, not just the report received.
 ``GET  /v1/challenge``      a single-use nonce for reports, with its expiry.
-``GET  /v1/devices/{id}``   latest posture summary, current evaluation (admin).
-``POST /v1/devices/{id}/revoke``  revoke a device (admin; body ``{"why": TEXT}``
+``GET  /v1/devices/{id}``   latest posture summary, current evaluation (read).
+``POST /v1/devices/{id}/revoke``  revoke a device (operate; body ``{"why": TEXT}``
                             optional): refused everywhere, live sessions end; an id
                             never seen is revoked in advance. A ``device_revoked``
-                            record with ``actor`` = ``admin``.
-``POST /v1/explain``        what-if evaluation against the current policy (admin);
+                            record with ``actor`` = the token's name.
+``POST /v1/policy/preview`` impact of a candidate policy (read; body
+                            ``{"policy": TOML, "replay": "7d"}``, both optional).
+``POST /v1/explain``        what-if evaluation against the current policy (read);
                             no posture is stored; the question is an ``explain``
-                            audit record.
+                            audit record with ``actor``.
+``GET  /v1/report``         the auditor's report, one HTML file (read;
+                            :mod:`proxy.api_report`).
 ``GET  /healthz``           the process is up; its body names the version.
 ``GET  /readyz``            listeners bound, audit writable, store reachable, policy.
 ``GET  /metrics``           Prometheus text format.
@@ -41,8 +45,10 @@ wrong Content-Type                                                  415
 posture store unavailable                                           503
 ==================================================================  ======
 
-Admin endpoints take ``Authorization: Bearer <token>``, compared in constant time;
-without a configured token they are disabled (403).
+Admin endpoints take ``Authorization: Bearer <token>``, compared in constant time
+with every named token (:mod:`proxy.api_tokens`); scope ``read`` or ``operate`` as
+marked above (a read token on an operate endpoint: 403); without a configured token
+they are disabled (403).
 
 Limits (:mod:`proxy.api_guard`, ``[limits]``): requests without the admin token or
 an attester-signed report are rate-limited per address (429 + ``Retry-After``);
@@ -63,12 +69,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 
@@ -87,7 +92,12 @@ from proxy.api_guard import (
     rate_middleware,
     retry_after,
 )
+from proxy.api_report import AuditReports as AuditReports
+from proxy.api_report import report_response
+from proxy.api_tokens import AdminToken, Scope, match, tokens_from
+from proxy.api_tokens import load_tokens as load_tokens
 from proxy.attestation import AttestationError, Verifier, ingest
+from proxy.config import ConfigError
 from proxy.gate import (
     AUDIT_UNAVAILABLE,
     AuditSink,
@@ -134,7 +144,7 @@ class ApiState:
     store: PostureStore
     verifier: Callable[[], Verifier]
     policy: Callable[[], Policy]
-    admin_token: bytes | None
+    tokens: tuple[AdminToken, ...]
     readiness: Callable[[], dict[str, bool]]
     max_body_bytes: int
     audit: AuditSink
@@ -142,6 +152,7 @@ class ApiState:
     degraded: Callable[[], list[str]]
     limits: Limits
     store_health: StoreHealth
+    report: AuditReports | None = None
 
 
 _CFG: Final = web.AppKey("mailward_api", ApiState)
@@ -197,24 +208,23 @@ def make_app(
     clock: Callable[[], float] = time.time,
     degraded: Callable[[], list[str]] | None = None,
     limits: Limits | None = None,
+    tokens: tuple[AdminToken, ...] = (),
+    report: AuditReports | None = None,
 ) -> web.Application:
     """Build the API application. Pass ``verifier`` or ``verifier_factory`` (the latter
     lets the server swap trust anchors on reload). ``degraded`` names what
     ``/readyz`` reports as degraded without failing (a CRL past nextUpdate).
-    ``limits`` defaults to the gate's."""
+    ``limits`` defaults to the gate's. ``admin_token`` is the token named ``admin``
+    (scope operate), ``tokens`` the named ones; ``report`` serves ``/v1/report``."""
     if verifier_factory is None:
         if verifier is None:
             raise ValueError("make_app needs verifier or verifier_factory")
         fixed = verifier
         verifier_factory = lambda: fixed  # noqa: E731
-    if admin_token is not None:
-        admin_token = admin_token.strip()
-        if not admin_token:
-            admin_token = None  # an empty token file must not mean "no password"
     health = StoreHealth(store.ping, lambda ok: gate.observer.health("posture_store", ok))
-    state = ApiState(gate, store, verifier_factory, policy, admin_token,
+    state = ApiState(gate, store, verifier_factory, policy, tokens_from(admin_token, tokens),
                      readiness or (lambda: {}), max_body_bytes, audit, clock,
-                     degraded or (lambda: []), limits or gate.limits, health)
+                     degraded or (lambda: []), limits or gate.limits, health, report)
     # client_max_size bounds every body read through aiohttp (JSON endpoints).
     app = web.Application(
         middlewares=[_errors, rate_middleware(lambda: state.limits, _is_admin)],
@@ -227,6 +237,7 @@ def make_app(
     app.router.add_get("/v1/devices/{device_id}", _device)
     app.router.add_post("/v1/devices/{device_id}/revoke", _revoke)
     app.router.add_post("/v1/explain", _explain)
+    app.router.add_get("/v1/report", _report)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -334,22 +345,22 @@ async def _challenge(request: web.Request) -> web.Response:
 
 
 def _is_admin(request: web.Request) -> bool:
-    token = _state(request).admin_token
-    if token is None:
-        return False
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # compare_digest on bytes of any length: the time does not depend on the content.
-    # surrogateescape: a header that is not UTF-8 is just a wrong token, not an error.
-    given_bytes = given.strip().encode("utf-8", "surrogateescape")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, token)
+    return match(_state(request).tokens, request.headers.get("Authorization", "")) is not None
 
 
-def _require_admin(request: web.Request) -> None:
-    if _state(request).admin_token is None:
+def _require_admin(request: web.Request, scope: Scope = "read") -> str:
+    """The name of the presented token (the ``actor``), if its scope allows ``scope``."""
+    tokens = _state(request).tokens
+    if not tokens:
         raise ApiError(403, "admin_disabled", "No admin token is configured.")
-    if not _is_admin(request):
+    token = match(tokens, request.headers.get("Authorization", ""))
+    if token is None:
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <admin token>.",
                        {"WWW-Authenticate": 'Bearer realm="mailward"'})
+    if not token.allows(scope):
+        raise ApiError(403, "forbidden", f"The token {token.name!r} has scope "
+                       f"{token.scope}; this needs {scope}.")
+    return token.name
 
 
 async def _device(request: web.Request) -> web.Response:
@@ -401,7 +412,7 @@ async def _device(request: web.Request) -> web.Response:
 async def _revoke(request: web.Request) -> web.Response:
     """Revoke a device through the gate (which records ``device_revoked`` and ends
     its live sessions). Ids never seen may be revoked in advance."""
-    _require_admin(request)
+    actor = _require_admin(request, "operate")
     st = _state(request)
     device_id = request.match_info["device_id"]
     if not DEVICE_ID_RE.fullmatch(device_id):
@@ -416,7 +427,7 @@ async def _revoke(request: web.Request) -> web.Response:
         if not isinstance(why, str) or len(why) > 1024:
             raise ApiError(400, "malformed", "why must be a string.")
     try:
-        device = await st.gate.revoke(device_id, why=str(why), actor="admin", via="api")
+        device = await st.gate.revoke(device_id, why=str(why), actor=actor, via="api")
     except Exception as e:
         log.error("posture store unavailable for revoke", error=str(e))
         raise ApiError(503, "unavailable", "The posture store is unavailable; retry later.",
@@ -429,7 +440,7 @@ async def _explain(request: web.Request) -> web.Response:
     policy, through the gate's decision core. No posture is stored; the question and
     its answer are an ``explain`` audit record (DESIGN: what-if questions are
     auditable, never mistaken for access decisions)."""
-    _require_admin(request)
+    actor = _require_admin(request)
     st = _state(request)
     try:
         doc = await request.json()
@@ -451,7 +462,7 @@ async def _explain(request: web.Request) -> web.Response:
         what_if = what_if_posture(doc["posture"], device_id, user, st.clock())
     decision = await st.gate.explain(Identity(user, device_id, "api"),
                                      Origin(protocol, "api", request.remote or ""),
-                                     posture=what_if)
+                                     posture=what_if, actor=actor)
     if decision.temporary:
         code = decision.reasons[0].code
         if code == AUDIT_UNAVAILABLE:
@@ -460,6 +471,11 @@ async def _explain(request: web.Request) -> web.Response:
                            {"Retry-After": "30"})
         raise ApiError(503, "unavailable", "The posture store is unavailable.")
     return web.json_response(_decision_json(decision))
+
+
+async def _report(request: web.Request) -> web.Response:
+    _require_admin(request)
+    return await report_response(_state(request).report, request.query)
 
 
 def _decision_json(decision: Decision) -> dict[str, Any]:
@@ -472,6 +488,35 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
         "policy_version": decision.policy_version,
         "policy_sha256": decision.policy_sha256,
     }
+
+
+# ------------------------------------------------------------------ policy preview
+
+_PREVIEW: Final = web.AppKey("mailward_policy_preview", object)
+PreviewFn = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+
+
+def add_policy_preview(app: web.Application, preview: PreviewFn) -> None:
+    """``POST /v1/policy/preview`` (admin): impact of a candidate policy
+    (:meth:`proxy.policies.live.LivePolicy.preview`)."""
+    app[_PREVIEW] = preview
+    app.router.add_post("/v1/policy/preview", _policy_preview)
+
+
+async def _policy_preview(request: web.Request) -> web.Response:
+    actor = _require_admin(request)  # read: a preview changes nothing
+    try:
+        doc = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, "malformed", "The body is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    preview = cast(PreviewFn, request.app[_PREVIEW])
+    try:
+        result = await preview(doc, actor)
+    except (ConfigError, ValueError) as exc:
+        raise ApiError(422, "invalid_policy", str(exc)) from None
+    return web.json_response(result)
 
 
 # ----------------------------------------------------------------- health, metrics

@@ -61,9 +61,10 @@ def _private_dir(path: Path) -> None:
 
 
 def _policy(cfg: Config) -> Any:
-    from proxy.config import load_policy
+    """The policy in force (``state/`` pointer, proxy.policies), else the file."""
+    from proxy.policies import policy_in_force
 
-    return load_policy(cfg.server.policy)
+    return policy_in_force(cfg.server.state_dir, cfg.server.policy)
 
 
 # ------------------------------------------------------------------ commands
@@ -89,6 +90,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             ("audit.signing_key", cfg.audit.signing_key),
             ("audit.verify_key", cfg.audit.verify_key),
             ("api.admin_token_file", cfg.api.admin_token_file),
+            *((f"api.tokens.{t.name}.file", t.file) for t in cfg.api.tokens),
             *((f"trust.attesters[{i}]", p) for i, p in enumerate(cfg.trust.attesters)),
             *((f"trust.crl[{i}]", p) for i, p in enumerate(cfg.trust.crl)),
             *((f"listeners.{lst.name}.upstream_ca", lst.upstream_ca) for lst in cfg.listeners),
@@ -106,6 +108,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    from proxy.cli_policy import guard_warnings
+
+    for warning in guard_warnings(cfg, policy):
+        print(f"warning: {warning}")
     _check_expiry(cfg)
     print(
         f"{cfg.source}: ok ({len(cfg.listeners)} listeners); "
@@ -157,6 +163,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     records: revocations, bindings, aliases) is read and the record appended
     synchronously (see :func:`_complete`), so start-up stays close to
     ``mailward --help``."""
+    import getpass
+
     from proxy.gate import AUDIT_UNAVAILABLE, Gate, Identity, NullObserver, Origin, TrustState
     from proxy.ids import ClientCert
     from proxy.posture.sqlite import read_trust
@@ -184,7 +192,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _audit_log(cfg) as log:  # closing seals the record with a signed checkpoint
         gate = Gate(store=_SqliteReader(path), audit=_AppendingSink(log),
                     policy=lambda: policy, observer=NullObserver(), trust=trust)
-        decision = _complete(gate.explain(identity, origin))
+        decision = _complete(gate.explain(identity, origin, actor=getpass.getuser()))
     if decision.temporary:
         code = decision.reasons[0].code
         if code == AUDIT_UNAVAILABLE:
@@ -440,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.cli_mdm import mdm_commands
 
     mdm_commands(add, group("mdm", "MDM connectors (Intune, Jamf Pro, Google Workspace)"))
+    from proxy.cli_policy import policy_commands
+
+    policy_commands(add, group("policy", "policy changes: preview, history, diff, rollback"))
     add("demo", cmd_demo, "self-contained demonstration (see README)")
     return p
 
@@ -486,6 +497,9 @@ def _audit_commands(add: _Add, audit: Any) -> None:
     sp.add_argument("--since", help="RFC 3339 time, a date, or 7d / 24h / 30m ago")
     sp.add_argument("--until")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    from proxy.cli_report import report_command
+
+    report_command(add, audit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

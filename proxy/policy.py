@@ -210,27 +210,14 @@ class Policy:
     approved: tuple[ApprovedApps, ...] = ()
     source: str = ""
     # Indexes built once per policy load (see __post_init__); not part of equality.
-    _exact: dict[str, tuple[ProhibitedApp, ...]] = field(
-        init=False, repr=False, compare=False, default_factory=dict)
-    _globs: tuple[tuple[re.Pattern[str], ProhibitedApp], ...] = field(
-        init=False, repr=False, compare=False, default=())
-    _memo: dict[str, tuple[ProhibitedApp, ...]] = field(
-        init=False, repr=False, compare=False, default_factory=dict)
+    _ids: _RuleIndex | None = field(init=False, repr=False, compare=False, default=None)
     _approved: dict[str, tuple[frozenset[str], tuple[re.Pattern[str], ...], ApprovedApps]] = (
         field(init=False, repr=False, compare=False, default_factory=dict))
     _platforms: frozenset[str] = field(init=False, repr=False, compare=False,
                                        default=frozenset())
-    _names: _NameIndex | None = field(init=False, repr=False, compare=False, default=None)
+    _names: _RuleIndex | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        exact: dict[str, list[ProhibitedApp]] = {}
-        globs: list[tuple[re.Pattern[str], ProhibitedApp]] = []
-        for rule in self.prohibited:
-            for app_id in rule.ids:
-                if _is_glob(app_id):
-                    globs.append((re.compile(fnmatch.translate(app_id)), rule))
-                else:
-                    exact.setdefault(app_id, []).append(rule)
         approved = {
             a.platform: (
                 frozenset(i for i in a.ids if not _is_glob(i)),
@@ -239,28 +226,16 @@ class Policy:
             )
             for a in self.approved
         }
-        object.__setattr__(self, "_exact", {k: tuple(v) for k, v in exact.items()})
-        object.__setattr__(self, "_globs", tuple(globs))
-        object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_ids", _RuleIndex(self.prohibited, by_name=False))
         object.__setattr__(self, "_approved", approved)
         object.__setattr__(self, "_platforms", frozenset(self.platforms))
         if any(rule.names for rule in self.prohibited):
-            object.__setattr__(self, "_names", _NameIndex(self.prohibited))
+            object.__setattr__(self, "_names", _RuleIndex(self.prohibited, by_name=True))
 
     def rules_for(self, app_id: str) -> tuple[ProhibitedApp, ...]:
         """Rules whose ids match ``app_id`` (exact first, then globs), memoised."""
-        memo = self._memo
-        hit = memo.get(app_id)
-        if hit is not None:
-            return hit
-        rules = list(self._exact.get(app_id, ()))
-        for pattern, rule in self._globs:
-            if pattern.match(app_id) and rule not in rules:
-                rules.append(rule)
-        found = tuple(rules)
-        if len(memo) < MAX_MEMOISED_APP_IDS:
-            memo[app_id] = found
-        return found
+        assert self._ids is not None  # built by __post_init__
+        return self._ids.rules_for(app_id)
 
     @property
     def has_name_rules(self) -> bool:
@@ -305,30 +280,37 @@ def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-class _NameIndex:
-    """Rules by display name: exact names (lower-cased) in a dict, globs compiled
-    case-insensitively; memoised per lower-cased name like :meth:`Policy.rules_for`."""
+class _RuleIndex:
+    """Rules by app id (``by_name`` False: exact ids in a dict, globs compiled) or by
+    display name (True: the same, lower-cased and case-insensitive), memoised per key
+    up to :data:`MAX_MEMOISED_APP_IDS` keys."""
 
-    def __init__(self, rules: Iterable[ProhibitedApp]) -> None:
-        self._exact: dict[str, list[ProhibitedApp]] = {}
+    def __init__(self, rules: Iterable[ProhibitedApp], *, by_name: bool) -> None:
+        self._fold = by_name
+        exact: dict[str, list[ProhibitedApp]] = {}
         self._globs: list[tuple[re.Pattern[str], ProhibitedApp]] = []
+        flags = re.IGNORECASE if by_name else 0
         for rule in rules:
-            for name in rule.names:
-                if _is_glob(name):
-                    self._globs.append((re.compile(fnmatch.translate(name), re.IGNORECASE),
-                                        rule))
+            for key in rule.names if by_name else rule.ids:
+                if _is_glob(key):
+                    self._globs.append((re.compile(fnmatch.translate(key), flags), rule))
                 else:
-                    self._exact.setdefault(name.lower(), []).append(rule)
+                    exact.setdefault(self._key(key), []).append(rule)
+        self._exact = {k: tuple(v) for k, v in exact.items()}
         self._memo: dict[str, tuple[ProhibitedApp, ...]] = {}
 
-    def rules_for(self, name: str) -> tuple[ProhibitedApp, ...]:
-        key = name.lower()
+    def _key(self, text: str) -> str:
+        return text.lower() if self._fold else text
+
+    def rules_for(self, text: str) -> tuple[ProhibitedApp, ...]:
+        """Rules matching ``text`` (exact first, then globs), memoised."""
+        key = self._key(text)
         hit = self._memo.get(key)
         if hit is not None:
             return hit
         rules = list(self._exact.get(key, ()))
         for pattern, rule in self._globs:
-            if pattern.match(name) and rule not in rules:
+            if pattern.match(text) and rule not in rules:
                 rules.append(rule)
         found = tuple(rules)
         if len(self._memo) < MAX_MEMOISED_APP_IDS:

@@ -49,11 +49,13 @@ from proxy import metrics
 from proxy.config import Config, ConfigError, load_config, load_policy
 from proxy.frontends import FrontendContext, RunningListener
 from proxy.gate import Gate
-from proxy.net import limits
+from proxy.net import limits, listener
 from proxy.net.limits import Limits
 from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
+from proxy.policies.live import LivePolicy
 from proxy.policy import Policy
+from proxy.policy_sync import PolicySync
 from proxy.startup import (
     StartupError,
     audit_log,
@@ -101,23 +103,27 @@ class Server:
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg
         self.holder = PolicyHolder(policy)
+        self._reload_lock = asyncio.Lock()
         self.store: Any = None
         self.audit: Any = None
         self.gate: Gate | None = None
         self.observer = metrics.PrometheusObserver()
         self.limits: Limits | None = None
         self.upkeep: Upkeep | None = None
+        self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
+        self.notifier: Any = None  # proxy.notify.Notifier (gate.notices)
+        self.policies = LivePolicy(cfg, self.holder, self.observer, self._reload_lock,
+                                   self._audit_write)
         self.draining = False
         self.started = False
         self._stop = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._reload_lock = asyncio.Lock()
         # sha256 of the policy file bytes last looked at: a file event whose content
         # did not change (touch, ConfigMap symlink swap, a second event for one edit)
         # is not a reload.
@@ -141,7 +147,8 @@ class Server:
         from proxy.posture import open_store
 
         try:
-            self.store = open_store(cfg.posture.store)
+            self.store = open_store(cfg.posture.store, state_dir=cfg.server.state_dir,
+                                    cache_max_age_s=cfg.posture.cache_max_age_s)
             await self.store.ping()
         except Exception as exc:
             raise StartupError(f"posture.store: cannot open {cfg.posture.store}: {exc}") from None
@@ -166,7 +173,14 @@ class Server:
         except Exception as exc:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
+        await self.policies.at_start()  # the pointer's policy, or the file (proxy.policies)
         self.observer.policy_loaded(self.holder.current())
+        from proxy.notify import start_notifier  # [notify]: warnings and deny notices
+
+        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir)
+        self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
+                                      self._apply_policy)
+        await self.policy_sync.start(Path(cfg.server.policy))
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
@@ -180,10 +194,14 @@ class Server:
             ctx = FrontendContext(
                 listener=lc, gate=self.gate, server_tls=server_tls, upstream_tls=upstream_tls
             )
+            listener.expect_proxy_protocol(lc.host, lc.port, listener.ProxyProtocol.of(
+                cfg.server.trusted_proxies) if lc.proxy_protocol else None)
             try:
                 running = await module.start(ctx)
             except OSError as exc:
                 raise bind_error(f"listeners.{lc.name}", lc.host, lc.port, exc) from None
+            finally:
+                listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
             self.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
@@ -213,13 +231,10 @@ class Server:
             require_file(cfg.tls.key, "tls.key")
             ssl_ctx = server_context(cfg.tls.cert, cfg.tls.key, client_ca=None,
                                      client_cert="none")
-        token = None
-        if cfg.api.admin_token_file is not None and cfg.api.admin_token_file.exists():
-            try:
-                token = cfg.api.admin_token_file.read_bytes()
-            except OSError as exc:
-                raise StartupError(f"api.admin_token_file: cannot read "
-                                   f"{cfg.api.admin_token_file}: {exc.strerror}") from None
+        try:
+            tokens = api.load_tokens(cfg.api)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"api tokens: {exc}") from None
         assert self.gate is not None
         app = api.make_app(
             gate=self.gate,
@@ -227,11 +242,13 @@ class Server:
             policy=self.holder.current,
             audit=self.audit,
             verifier=self.verifier,
-            admin_token=token,
+            tokens=tokens,
+            report=api.AuditReports(cfg.audit.path, tuple(filter(None, [cfg.audit.verify_key]))),
             readiness=self.readiness,
             max_body_bytes=cfg.api.max_body_bytes,
             degraded=self.degraded,
         )
+        api.add_policy_preview(app, self.policies.preview)
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
         except OSError as exc:
@@ -251,11 +268,18 @@ class Server:
         }
 
     def degraded(self) -> list[str]:
-        """What ``/readyz`` names without failing: CRLs past their nextUpdate, MDM
-        connectors whose last pass failed (with their last success)."""
-        mdm, stale = self.mdm.degraded() if self.mdm else [], \
-            self.crl.stale(time.time()) if self.crl else []
-        return [f"crl_past_next_update:{p}" for p in stale] + mdm
+        """What ``/readyz`` names without failing: CRLs past their nextUpdate, Redis
+        unreachable (decisions from the cache), a policy other instances use that this
+        one could not load, MDM connectors whose last pass failed, a policy file the
+        policy guard refused."""
+        store_says = getattr(self.store, "degraded", None)
+        names = list(store_says()) if store_says is not None else []
+        names += self.policy_sync.degraded() if self.policy_sync is not None else []
+        names += self.mdm.degraded() if self.mdm else []
+        names += self.policies.degraded()
+        if self.crl:
+            names += [f"crl_past_next_update:{p}" for p in self.crl.stale(time.time())]
+        return names
 
     # -------------------------------------------------------------- running
 
@@ -294,6 +318,7 @@ class Server:
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
         assert self.upkeep is not None
+        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # CLI rollback
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
@@ -333,6 +358,9 @@ class Server:
             await asyncio.sleep(TRUST_POLL_S)
             try:
                 ended = await self.gate.sync_changes()
+                async with self._reload_lock:  # another instance's reload (Redis)
+                    assert self.policy_sync is not None
+                    await self.policy_sync.poll()
                 if self.crl and self.crl.reload_if_changed():
                     ended += await self.gate.recheck_all("crl_reload")
             except Exception as exc:
@@ -367,9 +395,10 @@ class Server:
         assert self.gate is not None
         path = Path(self.cfg.server.policy)
         try:
-            raw_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            data = path.read_bytes()
         except OSError:
-            raw_sha = ""  # load_policy below reports the error with the file name
+            data = b""  # load_policy below reports the error with the file name
+        raw_sha = hashlib.sha256(data).hexdigest() if data else ""
         if raw_sha == self._seen_sha and trigger == "file_change":
             return False
         self._seen_sha = raw_sha
@@ -377,19 +406,23 @@ class Server:
         try:
             new = load_policy(path)
         except ConfigError as exc:
-            self.observer.policy_reload_failed()
-            log.error("policy reload refused; keeping the current policy", trigger=trigger,
-                      error=str(exc), file=exc.file, line=exc.line, key=exc.key,
-                      policy_version=old.version)
-            await self._audit_write({
-                "event": "policy_reload", "result": "refused", "trigger": trigger,
-                "error": str(exc), "old_version": old.version, "old_sha256": old.sha256,
-                "new_version": None, "new_sha256": raw_sha or None,
-            })
-            return False
+            return await self._refused(trigger, str(exc), old, None, raw_sha, file=exc.file,
+                                       line=exc.line, key=exc.key)
         if new.sha256 == old.sha256:
             log.info("policy unchanged", trigger=trigger, policy_version=old.version)
             return False
+        refusal = await self.policies.admit(old, new, data, trigger)  # the policy guard
+        if refusal is not None:
+            return await self._refused(trigger, refusal, old, new.version, raw_sha)
+        await self._apply_policy(new, trigger)
+        if self.policy_sync is not None:
+            await self.policy_sync.push(path)
+        return True
+
+    async def _apply_policy(self, new: Policy, trigger: str) -> None:
+        """Swap ``new`` in, record it and re-check every live session."""
+        assert self.gate is not None
+        old = self.holder.current()
         self.holder.swap(new)
         self.observer.policy_loaded(new)
         log.info("policy reloaded", trigger=trigger, old_version=old.version,
@@ -398,13 +431,28 @@ class Server:
             "event": "policy_reload", "result": "applied", "trigger": trigger,
             "old_version": old.version, "old_sha256": old.sha256,
             "new_version": new.version, "new_sha256": new.sha256,
+            "actor": self.policies.actor(),
         })
         started = time.perf_counter()
         ended = await self.gate.policy_changed()
         log.info("live sessions re-checked", ended=ended,
                  live=len(self.gate.live_sessions()),
                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
-        return True
+
+    async def _refused(self, trigger: str, error: str, old: Policy, version: str | None,
+                       raw_sha: str, **where: Any) -> bool:
+        """A reload refused (invalid file, or the policy guard): the old policy stays;
+        logged, counted and recorded."""
+        self.observer.policy_reload_failed()
+        log.error("policy reload refused; keeping the current policy", trigger=trigger,
+                  error=error, policy_version=old.version, **where)
+        await self._audit_write({
+            "event": "policy_reload", "result": "refused", "trigger": trigger,
+            "error": error, "old_version": old.version, "old_sha256": old.sha256,
+            "new_version": version, "new_sha256": raw_sha or None,
+            "actor": self.policies.actor(),
+        })
+        return False
 
     async def _audit_write(self, fields: dict[str, Any]) -> None:
         try:
@@ -448,6 +496,8 @@ class Server:
             self.api = None
         if self.mdm is not None:
             await _quietly(self.mdm.close, "mdm connectors")
+        if self.notifier is not None:  # queued notices get a moment, then their records
+            await _quietly(self.notifier.close, "notifier")
         if self.audit is not None:
             await _quietly(self.audit.close, "audit log")  # writes the final checkpoint
         if self.store is not None:

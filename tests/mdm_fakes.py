@@ -2,18 +2,25 @@
 response shapes, for tests and ``bench/mdm.py``: aiohttp on loopback.
 
 * Microsoft: ``POST /<tenant>/oauth2/v2.0/token`` (client credentials) and Graph
-  ``/v1.0/deviceManagement/managedDevices`` (``$select``, ``$top``, ``$filter=
-  lastSyncDateTime ge T``, ``@odata.nextLink`` with ``$skiptoken``) and
-  ``.../managedDevices/{id}/detectedApps`` (paged at ``app_page``);
+  ``/beta/deviceManagement/managedDevices`` (``$select``, ``$top``, ``$filter=
+  lastSyncDateTime gt T``, ``@odata.nextLink`` with ``$skiptoken``; ``udid`` empty
+  as in a real listing) and ``.../managedDevices/{id}/detectedApps`` (paged at
+  ``app_page``). Only ``/beta``: v1.0 has neither ``managementState`` nor
+  ``detectedApps`` on a managed device (see proxy/mdm/intune.py);
 * Jamf Pro: ``POST /api/oauth/token`` and ``GET /api/v2/mobile-devices/detail``
-  (``page``, ``page-size``, ``section``, ``filter`` on lastInventoryUpdateDate);
+  (``page``, ``page-size``, ``sort``, ``section``, the RSQL ``filter``
+  ``lastInventoryUpdateDate>="T"``; records with ``general``, ``hardware``,
+  ``userAndLocation.emailAddress`` and ``applications``);
 * Google: ``POST /token`` (JWT bearer; the assertion's RS256 signature, ``sub`` and
   ``scope`` are checked) and ``GET /admin/directory/v1/customer/{c}/devices/mobile``
-  (``projection=FULL``, ``maxResults``, ``pageToken``, ``query=sync:DATE..``).
+  (``projection=FULL``, ``maxResults`` up to 100, ``pageToken``, ``orderBy=lastSync``
+  with ``sortOrder``; no ``query``: the connector does not search).
 
 Every fake can answer the next requests with 500s (``fail``), 429 with
-``Retry-After`` (``throttle``), garbage (``garbage``), and can expire every token
-issued so far (``expire_tokens``: the next request gets 401).
+``Retry-After`` (``throttle``), garbage (``garbage``), can expire every token
+issued so far (``expire_tokens``: the next request gets 401), and can replace
+top-level fields of one device's record in every listing (``overrides``: a
+malformed record among good ones).
 """
 
 from __future__ import annotations
@@ -66,12 +73,14 @@ class FakeMdm:
         self.devices: dict[str, FakeDevice] = {}
         self.tokens: set[str] = set()
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, dict[str, list[str]]]] = []  # path, query
         self.apps_served: dict[str, float] = {}  # device id -> monotonic time
         self.failures: list[int] = []
         self.throttles = 0
         self.garbage = 0
         self.token_requests = 0
         self.app_page = 1000  # detectedApps per page (Intune pages collections at 1,000)
+        self.overrides: dict[str, dict[str, Any]] = {}  # device id -> record fields
         self.base = ""
         self._runner: web.AppRunner | None = None
 
@@ -93,8 +102,8 @@ class FakeMdm:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._ms_token)
-        app.router.add_get("/v1.0/deviceManagement/managedDevices", self._graph_devices)
-        app.router.add_get("/v1.0/deviceManagement/managedDevices/{id}/detectedApps",
+        app.router.add_get("/beta/deviceManagement/managedDevices", self._graph_devices)
+        app.router.add_get("/beta/deviceManagement/managedDevices/{id}/detectedApps",
                            self._graph_apps)
         app.router.add_post("/api/oauth/token", self._jamf_token)
         app.router.add_get("/api/v2/mobile-devices/detail", self._jamf_devices)
@@ -119,6 +128,7 @@ class FakeMdm:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        self.queries.append((request.path, {k: request.query.getall(k) for k in request.query}))
         if self.failures:
             return web.json_response({"error": "boom"}, status=self.failures.pop(0))
         if self.throttles:
@@ -158,28 +168,28 @@ class FakeMdm:
         devices = list(self.devices.values())
         if "$filter" in q:
             field_, op, value = q["$filter"].split(" ", 2)
-            assert (field_, op) == ("lastSyncDateTime", "ge"), q["$filter"]
+            assert (field_, op) == ("lastSyncDateTime", "gt"), q["$filter"]  # lt, gt only
             since = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            devices = [d for d in devices if d.last_sync >= since]
+            devices = [d for d in devices if d.last_sync > since]
         chunk = devices[skip:skip + top]
-        body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata",
-                                "value": [self._graph_device(d) for d in chunk]}
+        body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/beta/$metadata",
+                                "value": _select(q, [self._graph_device(d) for d in chunk])}
         if skip + top < len(devices):
-            params = {k: v for k, v in q.items() if k != "$skiptoken"}
-            params["$skiptoken"] = str(skip + top)
-            body["@odata.nextLink"] = str(request.url.with_query(params))
+            body["@odata.nextLink"] = _next_link(request, skip + top)
         return web.json_response(body)
 
-    @staticmethod
-    def _graph_device(d: FakeDevice) -> dict[str, Any]:
-        return {
+    def _record(self, d: FakeDevice, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, **self.overrides.get(d.id, {})}
+
+    def _graph_device(self, d: FakeDevice) -> dict[str, Any]:
+        return self._record(d, {
             "id": d.id, "userPrincipalName": d.user, "emailAddress": d.user,
             "operatingSystem": "Android" if d.platform == "android" else "iOS",
             "osVersion": "14", "model": d.model, "easDeviceId": d.eas_id or None,
-            "serialNumber": d.serial, "udid": d.udid or None,
+            "serialNumber": d.serial, "udid": "",  # values only on a GET of one device
             "lastSyncDateTime": iso(d.last_sync), "complianceState": d.compliance,
             "managementState": d.state, "managedDeviceOwnerType": d.owner,
-        }
+        })
 
     async def _graph_apps(self, request: web.Request) -> web.Response:
         device = self.devices.get(request.match_info["id"])
@@ -189,18 +199,21 @@ class FakeMdm:
         skip = int(request.query.get("$skiptoken", "0"))
         size = self.app_page
         chunk = device.apps[skip:skip + size]
-        body: dict[str, Any] = {"value": [
+        body: dict[str, Any] = {"value": _select(request.query, [
             {"id": f"{i:040x}", "displayName": name, "version": version, "sizeInByte": 0,
-             "deviceCount": 1} for i, (_, name, version) in enumerate(chunk, skip)]}
+             "deviceCount": 1, "publisher": "", "platform": "ios" if device.platform == "ios"
+             else "androidDedicatedAndFullyManaged"}
+            for i, (_, name, version) in enumerate(chunk, skip)])}
         if skip + size < len(device.apps):
-            body["@odata.nextLink"] = str(request.url.with_query({"$skiptoken": skip + size}))
+            body["@odata.nextLink"] = _next_link(request, skip + size)
         return web.json_response(body)
 
     # ------------------------------------------------------------------ Jamf
 
     async def _jamf_token(self, request: web.Request) -> web.Response:
         form = await request.post()
-        if form.get("client_secret") != self.secret:
+        if form.get("grant_type") != "client_credentials" or form.get("client_secret") \
+                != self.secret:
             return web.json_response({"httpStatus": 401}, status=401)
         return self._issue()
 
@@ -208,22 +221,25 @@ class FakeMdm:
         q = request.query
         page, size = int(q.get("page", "0")), int(q.get("page-size", "100"))
         assert "APPLICATIONS" in q.getall("section", [])
-        devices = list(self.devices.values())
-        if "filter" in q:
-            value = q["filter"].split(">=", 1)[1].strip('"')
-            since = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        assert q.get("sort", "mobileDeviceId:asc") == "mobileDeviceId:asc", q["sort"]
+        devices = sorted(self.devices.values(), key=lambda d: d.id)
+        if "filter" in q:  # flat field names, not general.lastInventoryUpdateDate
+            field_, value = q["filter"].split(">=", 1)
+            assert field_ == "lastInventoryUpdateDate", q["filter"]
+            since = datetime.fromisoformat(value.strip('"').replace("Z", "+00:00")).timestamp()
             devices = [d for d in devices if d.last_sync >= since]
         chunk = devices[page * size:(page + 1) * size]
-        return web.json_response({"totalCount": len(devices), "results": [{
+        return web.json_response({"totalCount": len(devices), "results": [self._record(d, {
             "mobileDeviceId": d.id, "deviceType": "iOS",
             "hardware": {"serialNumber": d.serial, "model": d.model},
-            "userAndLocation": {"email": d.user, "username": d.user.split("@")[0]},
+            "userAndLocation": {"emailAddress": d.user, "username": d.user.split("@")[0]},
             "general": {"udid": d.udid, "osVersion": "17.5", "managed": d.state == "managed",
                         "lastInventoryUpdateDate": iso(d.last_sync).replace("0Z", "Z"),
+                        "exchangeDeviceId": d.eas_id or None,
                         "deviceOwnershipType": "Institutional" if d.owner == "company"
                         else "UserEnrollment"},
             "applications": [{"identifier": i, "name": n, "version": v} for i, n, v in d.apps],
-        } for d in chunk]})
+        }) for d in chunk]})
 
     # ------------------------------------------------------------------ Google
 
@@ -243,15 +259,16 @@ class FakeMdm:
 
     async def _google_devices(self, request: web.Request) -> web.Response:
         q = request.query
-        assert q.get("projection") == "FULL"
+        assert q.get("projection") == "FULL" and "query" not in q
         size, start = int(q.get("maxResults", "100")), int(q.get("pageToken", "0"))
+        assert 1 <= size <= 100
         devices = list(self.devices.values())
-        if "query" in q:
-            day = q["query"].removeprefix("sync:").removesuffix("..")
-            since = datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
-            devices = [d for d in devices if d.last_sync >= since]
+        if "orderBy" in q:
+            assert q["orderBy"] == "lastSync", q["orderBy"]
+            devices.sort(key=lambda d: d.last_sync, reverse=q.get("sortOrder") == "DESCENDING")
         chunk = devices[start:start + size]
-        body: dict[str, Any] = {"kind": "admin#directory#mobiledevices", "mobiledevices": [{
+        body: dict[str, Any] = {"kind": "admin#directory#mobiledevices", "mobiledevices": [
+            self._record(d, {
             "kind": "admin#directory#mobiledevice", "resourceId": d.id, "deviceId": d.eas_id,
             "serialNumber": d.serial, "email": [d.user], "model": d.model,
             "os": "Android 14" if d.platform == "android" else "iOS 17.5",
@@ -261,10 +278,25 @@ class FakeMdm:
             "managedAccountIsOnOwnerProfile": d.owner == "company",
             "applications": [{"packageName": i, "displayName": n, "versionName": v,
                               "versionCode": 1} for i, n, v in d.apps],
-        } for d in chunk]}
+            }) for d in chunk]}
         if start + size < len(devices):
             body["nextPageToken"] = str(start + size)
         return web.json_response(body)
+
+
+def _select(query: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Graph's ``$select``: only the properties named."""
+    if "$select" not in query:
+        return records
+    keep = set(query["$select"].split(","))
+    return [{k: v for k, v in r.items() if k in keep} for r in records]
+
+
+def _next_link(request: web.Request, skip: int) -> str:
+    """An ``@odata.nextLink``: the same query options, the next ``$skiptoken``."""
+    params = {k: v for k, v in request.query.items() if k != "$skiptoken"}
+    params["$skiptoken"] = str(skip)
+    return str(request.url.with_query(params))
 
 
 class FakeMdmThread:

@@ -61,7 +61,7 @@ BAD_CONFIGS = [
     (MINIMAL_LISTENER + MINIMAL_LISTENER, "listeners[1].name", 9, "duplicate"),
     ("[posture]\nstore = 'mysql://x'\n", "posture.store", 2, "sqlite"),
     ("[audit]\ncheckpoint_interval = '0s'\n", "audit.checkpoint_interval", 2, "zero"),
-    ("[posture]\nstore = 'redis://localhost:6379/0'\n", "posture.store", 2, "not available"),
+    ("[posture]\nstore = 'memcached://localhost:11211'\n", "posture.store", 2, "must start"),
 ]
 
 

@@ -13,11 +13,7 @@ from helpers.playbook import ALICE, ALLOW, BUSY, DENY, PHONE, PW, play
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.frontends.imap_preauth import (
-    PRIVACY_TEXT,
-    SHUTDOWN_TEXT,
-    TIMEOUT_TEXT,
-    UNAVAILABLE_TEXT,
+from proxy.frontends.events import (
     ClientClosed,
     Close,
     CloseUpstream,
@@ -25,8 +21,6 @@ from proxy.frontends.imap_preauth import (
     Crashed,
     DataReceived,
     DecisionMade,
-    OpenUpstream,
-    Preauth,
     RecordAuthFailed,
     RecordUnavailable,
     RequestDecision,
@@ -38,8 +32,16 @@ from proxy.frontends.imap_preauth import (
     TimedOut,
     TlsEstablished,
     TlsFailed,
-    UpstreamAnswered,
     UpstreamFailed,
+)
+from proxy.frontends.imap_preauth import (
+    PRIVACY_TEXT,
+    SHUTDOWN_TEXT,
+    TIMEOUT_TEXT,
+    UNAVAILABLE_TEXT,
+    OpenUpstream,
+    Preauth,
+    UpstreamAnswered,
 )
 from proxy.frontends.imap_syntax import MAX_REFUSAL_CHARS
 from proxy.gate import Identity

@@ -16,6 +16,7 @@ from mdm_fakes import OUTLOOK, TIKTOK, FakeDevice, FakeMdm
 
 from proxy.config.mdm import MdmConfig
 from proxy.gate import Gate, Identity, NullObserver, Origin
+from proxy.mdm.cursor import CursorFile, SavedCursor, cursor_path, mdm_identity
 from proxy.mdm.http import MdmHttp
 from proxy.mdm.sync import MdmSync, open_connector
 from proxy.policy import Policy, ProhibitedApp
@@ -307,20 +308,25 @@ async def test_jamf_paging_and_bundle_ids(fake: FakeMdm, store: SqlitePostureSto
     assert p4.inventory == "managed-only" and p4.source == "mdm:jamf"
 
 
-async def test_google_service_account_and_page_tokens(fake: FakeMdm, store: SqlitePostureStore,
-                                                      tmp_path: Path) -> None:
-    """Google: a signed JWT assertion for the delegated admin, pageToken paging;
-    a work profile is managed-only; a wiping device loses its posture."""
+def google_world(fake: FakeMdm, store: SqlitePostureStore, tmp_path: Path, **extra: Any) -> World:
+    """A Google connector whose service-account key the fake's token endpoint trusts."""
+    import json
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     fake.public_key = key.public_key()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption()).decode()
-    import json
-
     (tmp_path / "google.secret").write_text(json.dumps({
         "type": "service_account", "client_email": "sa@proj.iam.gserviceaccount.com",
         "private_key_id": "k1", "private_key": pem, "token_uri": f"{fake.base}/token"}))
-    w = World(fake, store, mdm_config(tmp_path, "google", fake.base, page_size=2))
+    return World(fake, store, mdm_config(tmp_path, "google", fake.base, **extra))
+
+
+async def test_google_service_account_and_page_tokens(fake: FakeMdm, store: SqlitePostureStore,
+                                                      tmp_path: Path) -> None:
+    """Google: a signed JWT assertion for the delegated admin, pageToken paging;
+    a work profile is managed-only; a wiping device loses its posture."""
+    w = google_world(fake, store, tmp_path, page_size=2)
     for i in range(3):
         fake.add(FakeDevice(id=f"res{i}", user=f"g{i}@corp.example", eas_id=f"gdev{i}",
                             apps=[OUTLOOK, TIKTOK] if i == 0 else [OUTLOOK],
@@ -346,3 +352,171 @@ async def test_ten_thousand_devices(fake: FakeMdm, store: SqlitePostureStore,
     await w.http.close()
     assert report.ok and report.seen == 10_000 and report.changed == 10_000
     assert len(await store.mdm_devices("mdm:intune")) == 10_000
+
+
+# ------------------------------------------------------------------ vendor request shapes
+
+
+def listing_queries(fake: FakeMdm, path_end: str) -> list[dict[str, list[str]]]:
+    return [q for path, q in fake.queries if path.endswith(path_end)]
+
+
+async def test_intune_reads_graph_beta_with_gt_filter(intune: World) -> None:
+    """Intune is read from Graph beta (v1.0 lacks managementState and detectedApps) even
+    when base_url names v1.0, and an incremental pass filters lastSyncDateTime with gt."""
+    w = intune
+    w.fake.add(alice())
+    await w.sync.run_once()
+    w.fake.devices["11111111-aaaa"].touch()
+    await w.sync.run_once()
+    paths = {path for _, path in w.fake.requests if "deviceManagement" in path}
+    assert paths and all(p.startswith("/beta/deviceManagement/") for p in paths)
+    incremental = listing_queries(w.fake, "/managedDevices")[-1]
+    assert incremental["$filter"][0].startswith("lastSyncDateTime gt ")
+    assert "managementState" in incremental["$select"][0].split(",")
+
+
+async def test_jamf_filter_ownership_and_exchange_id(fake: FakeMdm, store: SqlitePostureStore,
+                                                     tmp_path: Path) -> None:
+    """Jamf: the incremental RSQL filter names the flat lastInventoryUpdateDate field,
+    general.exchangeDeviceId is an alias, account-driven device enrollment is a full
+    inventory and account-driven user enrollment is managed-only."""
+    w = World(fake, store, mdm_config(tmp_path, "jamf", fake.base, device_id="udid"))
+    fake.add(FakeDevice(id="7", user="ann@corp.example", platform="ios", udid="UDID-7",
+                        eas_id="EASANN"),
+             FakeDevice(id="8", user="ben@corp.example", platform="ios", udid="UDID-8"))
+    fake.overrides["7"] = {"general": {
+        "udid": "UDID-7", "managed": True, "exchangeDeviceId": "EASANN",
+        "lastInventoryUpdateDate": "2026-01-01T00:00:00Z",
+        "deviceOwnershipType": "AccountDrivenDeviceEnrollment"}}
+    fake.overrides["8"] = {"general": {
+        "udid": "UDID-8", "managed": True, "lastInventoryUpdateDate": "2026-01-01T00:00:00Z",
+        "deviceOwnershipType": "AccountDrivenUserEnrollment"}}
+    assert (await w.sync.run_once()).seen == 2
+    (ann,) = await store.device_postures("EASANN")  # the alias resolves
+    (ben,) = await store.device_postures("UDID-8")
+    assert (ann.device_id, ann.inventory, ben.inventory) == ("UDID-7", "full", "managed-only")
+    await w.sync.run_once()
+    await w.http.close()
+    (rsql,) = listing_queries(fake, "/mobile-devices/detail")[-1]["filter"]
+    assert rsql.startswith('lastInventoryUpdateDate>="') and rsql.endswith('Z"')
+
+
+async def test_google_incremental_lists_newest_first_and_stops(
+        fake: FakeMdm, store: SqlitePostureStore, tmp_path: Path) -> None:
+    """Google: an incremental pass does not search (the search index lags up to 36 h):
+    it lists by lastSync descending and stops at the first page older than the cursor."""
+    w = google_world(fake, store, tmp_path, page_size=2)
+    start = time.time() - 7200  # check-ins 10 min apart, older than the cursor's overlap
+    for i in range(10):
+        fake.add(FakeDevice(id=f"res{i}", user=f"g{i}@corp.example", eas_id=f"gdev{i}",
+                            last_sync=start + 600 * i))
+    assert (await w.sync.run_once()).seen == 10
+    fake.queries.clear()
+    fake.devices["res3"].apps.append(TIKTOK)
+    fake.devices["res3"].touch()
+    report = await w.sync.run_once()
+    await w.http.close()
+    assert report.ok and report.changed == 1 and report.newly_noncompliant == 1
+    pages = listing_queries(fake, "/devices/mobile")  # [res3, res9], [res8 (older), res7]
+    assert len(pages) == 2 and "query" not in pages[0]
+    assert (pages[0]["orderBy"], pages[0]["sortOrder"]) == (["lastSync"], ["DESCENDING"])
+
+
+@pytest.mark.parametrize("vendor,broken", [
+    ("jamf", {"general": "not a section"}),
+    ("google", {"lastSync": 20261202}),
+])
+async def test_malformed_record_in_a_page_skipped_rest_syncs(
+        fake: FakeMdm, store: SqlitePostureStore, tmp_path: Path, vendor: str,
+        broken: dict[str, Any]) -> None:
+    """A malformed record in the middle of a page is skipped and counted; the rest of
+    that page and the next one are stored."""
+    w = google_world(fake, store, tmp_path, page_size=3) if vendor == "google" else \
+        World(fake, store, mdm_config(tmp_path, vendor, fake.base, page_size=3))
+    for i in range(5):
+        fake.add(FakeDevice(id=f"d{i}", user=f"u{i}@corp.example", platform="ios",
+                            udid=f"UDID-{i}", eas_id=f"EAS{i}"))
+    fake.overrides["d1"] = broken
+    report = await w.sync.run_once()
+    await w.http.close()
+    assert report.ok and (report.seen, report.malformed) == (4, 1), report.error
+    assert ("jamf" if vendor == "jamf" else "google", "malformed") in w.metrics.errors
+    stored = await store.mdm_devices(f"mdm:{vendor}")
+    assert len(stored) == 4
+
+
+# ------------------------------------------------------------------ the saved cursor
+
+
+def restarted(w: World, path: Path) -> MdmSync:
+    """A new MdmSync of the same connector, as after a restart of mailward serve."""
+    return MdmSync(w.cfg, open_connector(w.cfg, w.http), store=w.store, gate=w.gate,
+                   audit=w.audit, observer=w.metrics,
+                   cursor_file=CursorFile(path, mdm_identity(w.cfg)))
+
+
+async def test_restart_resumes_incrementally_from_saved_cursor(intune: World,
+                                                               tmp_path: Path) -> None:
+    """The cursor saved in state/ makes the first pass after a restart incremental and
+    catch changes made while mailward was down; the file is private."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    w.fake.add(alice(), FakeDevice(id="2222", user="bob@corp.example", eas_id="EASBOB",
+                                   last_sync=time.time() - 3600))  # before the overlap
+    first = await restarted(w, path).run_once()
+    assert first.full and path.stat().st_mode & 0o777 == 0o600
+    saved = CursorFile(path, mdm_identity(w.cfg)).load(time.time())
+    newest = max(d.last_sync for d in w.fake.devices.values())
+    assert saved is not None and saved.cursor == pytest.approx(newest, abs=1e-5)
+    w.fake.devices["11111111-aaaa"].apps.append(TIKTOK)
+    w.fake.devices["11111111-aaaa"].touch()
+    w.fake.queries.clear()
+    again = await restarted(w, path).run_once()
+    assert again.ok and not again.full and (again.seen, again.changed) == (1, 1)
+    assert not (await w.decide("EASALICE", "alice@corp.example")).allow
+    assert "$filter" in listing_queries(w.fake, "/managedDevices")[0]
+
+
+async def test_saved_cursor_keeps_full_resync_on_its_interval(intune: World,
+                                                              tmp_path: Path) -> None:
+    """A saved last full pass older than full_interval makes the first pass after a
+    restart a full one (a device gone from the MDM meanwhile loses its posture)."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    w.fake.add(alice(), FakeDevice(id="2222", user="bob@corp.example", eas_id="EASBOB"))
+    await restarted(w, path).run_once()
+    file = CursorFile(path, mdm_identity(w.cfg))
+    saved = file.load(time.time())
+    assert saved is not None and saved.last_full is not None
+    file.save(SavedCursor(saved.cursor, saved.last_full - w.cfg.full_interval_s - 1))
+    del w.fake.devices["2222"]
+    report = await restarted(w, path).run_once()
+    assert report.full and report.removed == ["easbob"]
+
+
+async def test_saved_cursor_ignored_when_untrustworthy(intune: World, tmp_path: Path) -> None:
+    """An empty posture store, another MDM's cursor, a future or garbage cursor: the
+    first pass is full; a dry run saves nothing."""
+    w, path = intune, cursor_path(tmp_path / "state", "intune")
+    file = CursorFile(path, mdm_identity(w.cfg))
+    now = time.time()
+    file.save(SavedCursor(now - 60, now - 60))  # but the store holds nothing yet
+    w.fake.add(alice())
+    assert (await restarted(w, path).run_once()).full
+    assert not (await restarted(w, path).run_once()).full  # now it is trusted
+    for body in ("{not json", json_dumps({"mdm": "jamf https://other", "cursor": now}),
+                 json_dumps({"mdm": file.identity, "cursor": now + 86400}),
+                 json_dumps({"mdm": file.identity, "cursor": "soon"}),
+                 json_dumps({"mdm": file.identity, "cursor": now, "last_full": 1e400})):
+        path.write_text(body)
+        assert file.load(now) is None, body
+    assert (await restarted(w, path).run_once()).full
+    before = path.read_bytes()
+    dry = MdmSync(w.cfg, open_connector(w.cfg, w.http), store=w.store, gate=w.gate,
+                  audit=None, dry_run=True, cursor_file=file)
+    assert (await dry.run_once(full=True)).ok and path.read_bytes() == before
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

@@ -11,11 +11,7 @@ import base64
 import pytest
 from helpers.playbook import ALICE, ALLOW, BUSY, DENY, PHONE, PW, play
 
-from proxy.frontends.pop3_preauth import (
-    PRIVACY_TEXT,
-    SHUTDOWN_TEXT,
-    TIMEOUT_TEXT,
-    UNAVAILABLE_TEXT,
+from proxy.frontends.events import (
     ClientClosed,
     Close,
     CloseUpstream,
@@ -23,8 +19,6 @@ from proxy.frontends.pop3_preauth import (
     Crashed,
     DataReceived,
     DecisionMade,
-    OpenUpstream,
-    Preauth,
     RecordAuthFailed,
     RecordUnavailable,
     RequestDecision,
@@ -36,8 +30,16 @@ from proxy.frontends.pop3_preauth import (
     TimedOut,
     TlsEstablished,
     TlsFailed,
-    UpstreamAnswered,
     UpstreamFailed,
+)
+from proxy.frontends.pop3_preauth import (
+    PRIVACY_TEXT,
+    SHUTDOWN_TEXT,
+    TIMEOUT_TEXT,
+    UNAVAILABLE_TEXT,
+    OpenUpstream,
+    Preauth,
+    UpstreamAnswered,
 )
 from proxy.gate import Identity
 

@@ -1,4 +1,7 @@
-"""SqlitePostureStore: persistence, atomic replay/nonce handling, concurrency."""
+"""The posture stores: persistence, atomic replay/nonce handling, concurrency.
+
+Tests taking the ``store`` fixture run against both stores, SQLite and Redis (a real
+``redis-server``, tests/peers/redis.py); the rest are about the SQLite file."""
 
 from __future__ import annotations
 
@@ -33,9 +36,25 @@ def make_posture(device_id: str = "dev-1", user: str = "alice@corp.example", **k
     return Posture(**fields)
 
 
-@pytest.fixture
-async def store(tmp_path: Path):
-    s = SqlitePostureStore(tmp_path / "state" / "posture.db")
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    from peers.redis import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.peer)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        s: SqlitePostureStore = SqlitePostureStore(tmp_path / "state" / "posture.db")
+    else:
+        import uuid
+
+        from proxy.posture.redis import RedisPostureStore
+
+        url = request.getfixturevalue("redis_url")
+        s = RedisPostureStore(url, prefix=f"t-{uuid.uuid4().hex[:8]}:")  # type: ignore[assignment]
     yield s
     await s.close()
 

@@ -16,15 +16,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from proxy.config.mdm import MdmConfig
+from proxy.config.notify import NotifyConfig
 from proxy.config.policy_file import load_policy
 from proxy.config.reading import ConfigError, is_loopback, parse_duration, split_hostport
 from proxy.config.settings import (
     DEFAULT_CONFIG,
     ApiConfig,
+    ApiToken,
     AuditConfig,
     Config,
     LimitsConfig,
     ListenerConfig,
+    PolicyGuardConfig,
     PostureConfig,
     ServerConfig,
     TlsConfig,
@@ -44,12 +47,15 @@ def check_files(config_path: Path | str) -> tuple[Config, Policy]:
 __all__ = [
     "DEFAULT_CONFIG",
     "ApiConfig",
+    "ApiToken",
     "AuditConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
     "ListenerConfig",
     "MdmConfig",
+    "NotifyConfig",
+    "PolicyGuardConfig",
     "PostureConfig",
     "ServerConfig",
     "TlsConfig",

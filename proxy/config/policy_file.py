@@ -55,6 +55,7 @@ def load_policy(path: Path | str) -> Policy:
     rules = tuple(_rule(r, groups) for r in top.tables("prohibited"))
     exemptions = tuple(_exemption(e) for e in top.tables("exemptions"))
     approved = tuple(_approved(a, groups) for a in top.tables("approved"))
+    top.text("confirm", "")  # the policy guard's confirm line (proxy.policies.store)
     top.done()
     return Policy(
         version=version,

@@ -8,6 +8,8 @@ directory that holds the file.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.config.mdm import MdmConfig, read_mdm
+from proxy.config.notify import NotifyConfig, read_notify
 from proxy.config.reading import (
     ConfigError,
     Locator,
@@ -36,6 +39,8 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     recheck_interval_s: float = 30.0
     instance: str = ""  # names this instance in checkpoints and records [host name]
+    #: CIDRs whose PROXY protocol headers listeners with ``proxy_protocol`` believe.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,8 @@ class TrustConfig:
 @dataclass(frozen=True, slots=True)
 class PostureConfig:
     store: str  # sqlite://<absolute path> or redis://...
+    #: Redis unreachable: decisions may use posture read at most this long ago.
+    cache_max_age_s: float = 300.0
     forget_after_s: float = 90 * 86400.0  # devices not seen for this long are dropped
 
 
@@ -71,12 +78,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One named admin token (``[api] tokens``): scope ``read`` may read (report,
+    query, explain, device summaries); ``operate`` may also change (revoke, rollback,
+    push). Records a token causes carry its name as ``actor``."""
+
+    name: str
+    scope: Literal["read", "operate"]
+    file: Path
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     host: str
     port: int
     tls: bool
-    admin_token_file: Path | None
+    admin_token_file: Path | None  # the token named "admin", scope operate
     max_body_bytes: int = 256 * 1024
+    tokens: tuple[ApiToken, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +146,8 @@ class ListenerConfig:
     #: ActiveSync: the https://host[:port] phones reach mailward at; Autodiscover
     #: answers naming the upstream's address are rewritten to it (None: unchanged).
     public_url: str | None = None
+    #: A PROXY protocol v1/v2 header precedes each connection (from trusted_proxies).
+    proxy_protocol: bool = False
 
     @property
     def upstream_host(self) -> str:
@@ -142,6 +163,20 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyGuardConfig:
+    """``[policy_guard]``: a policy file that would newly deny more devices than
+    ``max_new_denies`` (a count, or a percentage of known devices, rounded up) is
+    not applied without its confirm line (:mod:`proxy.policies`)."""
+
+    max_new_denies: str = "10%"
+
+    def limit(self, devices: int) -> int:
+        if self.max_new_denies.endswith("%"):
+            return math.ceil(float(self.max_new_denies[:-1]) * devices / 100)
+        return int(self.max_new_denies)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     root: Path
@@ -154,6 +189,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     mdm: tuple[MdmConfig, ...] = ()
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    policy_guard: PolicyGuardConfig = field(default_factory=PolicyGuardConfig)
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -188,7 +225,13 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     limits = _section(top, "limits", _limits)
     api = _section(top, "api", lambda t: _api(t, resolve, limits))
     listeners = tuple(_listener(lt, resolve, limits) for lt in top.tables("listeners"))
+    for lt, lst in zip(top.tables("listeners"), listeners, strict=True):
+        if lst.proxy_protocol and not server.trusted_proxies:
+            raise lt.error("proxy_protocol", "needs [server] trusted_proxies (the load "
+                                             "balancers' addresses)")
     mdm = read_mdm(top.tables("mdm"), resolve.path)
+    notify = _section(top, "notify", lambda t: read_notify(t, resolve.path))
+    guard = _section(top, "policy_guard", _policy_guard)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -196,7 +239,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits, mdm)
+                  limits, mdm, notify, guard)
 
 
 class _Resolver:
@@ -234,7 +277,36 @@ def _server(s: Table, resolve: _Resolver) -> ServerConfig:
         shutdown_grace_s=s.duration("shutdown_grace", 10.0),
         recheck_interval_s=s.positive_duration("recheck_interval", 30.0),
         instance=s.text("instance", "") or socket.gethostname(),
+        trusted_proxies=_cidrs(s, "trusted_proxies"),
     )
+
+
+def _policy_guard(t: Table) -> PolicyGuardConfig:
+    value = t.get("max_new_denies", (int, str), "10%")
+    text = str(value).strip()
+    number = text[:-1] if text.endswith("%") else text
+    try:
+        ok = not isinstance(value, bool) and float(number) >= 0 and (
+            text.endswith("%") or float(number).is_integer()) and float(number) < 1e12
+    except ValueError:
+        ok = False
+    if not ok:
+        raise t.error("max_new_denies", f"{value!r}: use a count (25) or a percentage "
+                      '("10%")')
+    return PolicyGuardConfig(text)
+
+
+def _cidrs(t: Table, key: str) -> tuple[str, ...]:
+    found = t.strings(key, [])
+    for i, cidr in enumerate(found):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise t.error(key, f"entry {i + 1} ({cidr!r}) is not a CIDR") from None
+    return tuple(found)
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
@@ -244,11 +316,12 @@ def _posture(ps: Table, root: Path) -> PostureConfig:
         rest = store_url.removeprefix("sqlite:///")
         db = Path(rest) if rest.startswith("/") else root / rest
         return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
-    if store_url.startswith("redis://"):
-        # DESIGN.md names a Redis store for scale-out; until it exists, say so here
-        # rather than let `serve` fail later.
-        raise ps.error("store", "redis:// is not available in this build; use sqlite:///")
-    raise ps.error("store", "must start with sqlite:///")
+    if store_url.startswith(REDIS_SCHEMES):
+        return PostureConfig(store=store_url,
+                             cache_max_age_s=ps.duration("cache_max_age", 300.0),
+                             forget_after_s=forget_after)
+    raise ps.error("store", "must start with sqlite:///, redis://, rediss:// or "
+                            "redis+sentinel://")
 
 
 def _audit(a: Table, resolve: _Resolver) -> AuditConfig:
@@ -318,7 +391,27 @@ def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
         admin_token_file=resolve(ap, "admin_token_file", "certs/admin.token", optional=True),
         # The older key still works and wins when set; else [limits] api_max_body.
         max_body_bytes=ap.positive_int("max_body_bytes", limits.api_max_body),
+        tokens=_api_tokens(ap, resolve),
     )
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def _api_tokens(ap: Table, resolve: _Resolver) -> tuple[ApiToken, ...]:
+    """``tokens = [{name, scope, file}, ...]``: names unique, scope read or operate."""
+    tokens: list[ApiToken] = []
+    for t in ap.tables("tokens"):
+        name = t.text("name")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise t.error("name", "must be 1 to 64 letters, digits or . _ @ - (it is "
+                          "recorded as the actor)")
+        if any(other.name == name for other in tokens):
+            raise t.error("name", f"duplicate token name {name!r}")
+        tokens.append(ApiToken(name, t.choice("scope", ("read", "operate")),
+                               resolve(t, "file")))
+        t.done()
+    return tuple(tokens)
 
 
 def _public_url(t: Table, protocol: str) -> str | None:
@@ -385,6 +478,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         longpoll_timeout_s=t.positive_duration("longpoll_timeout", 3600.0),
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
         public_url=_public_url(t, protocol),
+        proxy_protocol=t.get("proxy_protocol", bool, False),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")

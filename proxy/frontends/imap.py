@@ -40,38 +40,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
-from collections import deque
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
-from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_preauth import (
     OWN_MECHANISMS,
     SHUTDOWN_TEXT,
+    DecisionMade,
     OpenUpstream,
     Preauth,
+    RequestDecision,
     UpstreamAnswered,
 )
 from proxy.frontends.imap_syntax import SUPPORTED_MECHANISMS, bye_line
-from proxy.frontends.imap_transport import UpstreamConnection, UpstreamError
-from proxy.frontends.imap_upstream import (
-    LoginAnswered,
-    Phase,
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamCommand,
-    UpstreamDataReceived,
-    UpstreamLogin,
-    UpstreamTlsEstablished,
-    logout_command,
+from proxy.frontends.imap_transport import UpstreamConnection
+from proxy.frontends.imap_upstream import UpstreamLogin, logout_command
+from proxy.frontends.preauth_exec import (
+    UPSTREAM_ERRORS,
+    PreauthListener,
+    PreauthSession,
+    converse_upstream,
 )
-from proxy.frontends.preauth_exec import UPSTREAM_ERRORS, PreauthListener, PreauthSession
 from proxy.gate import Origin
-from proxy.net.socket_transport import (
-    open_connection,
-)
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.imap")
@@ -110,7 +102,7 @@ class ImapListener(PreauthListener):
         """The upstream's SASL mechanisms that the proxy can relay (``imap_sasl``)."""
         return self.upstream_mechanisms
 
-    def learn_capabilities(self, caps: list[str]) -> None:
+    def learn_capabilities(self, caps: Sequence[str]) -> None:
         """Pre-auth capabilities of the upstream (from its greeting), minus our own."""
         keep = [c for c in caps
                 if c.upper() not in _OWN_CAPABILITIES and not c.upper().startswith("AUTH=")]
@@ -144,46 +136,6 @@ async def start(ctx: FrontendContext) -> ImapListener:
     return await listener.start()
 
 
-async def converse_upstream(cfg: ListenerConfig, tls_ctx: ssl.SSLContext | None,
-                            up: UpstreamConnection, login: UpstreamLogin,
-                            learn: Callable[[list[str]], None]) -> LoginAnswered | None:
-    """Connect ``up`` to the listener's upstream and run the sans-IO ``login`` to its
-    end: the login's tagged answer, or None when ``login`` is a probe."""
-    loop = asyncio.get_running_loop()
-    if cfg.upstream_tls != "none" and tls_ctx is None:
-        raise UpstreamError("upstream TLS configured without a TLS context")
-    try:
-        up.pipe.transport = await open_connection(
-            cfg.upstream_host, cfg.upstream_port, up.pipe,
-            tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
-            timeout=cfg.upstream_connect_timeout_s)
-    except TimeoutError:
-        raise UpstreamError("connecting to the upstream timed out") from None
-    deadline = loop.time() + cfg.upstream_timeout_s
-    queue: deque[UpstreamCommand] = deque()
-    while True:
-        if not queue:
-            if login.phase is Phase.DONE:  # a probe, which has logged out
-                return None
-            queue.extend(login.handle(UpstreamDataReceived(await up.receive(deadline))))
-            continue
-        match queue.popleft():
-            case SendToUpstream(data):
-                up.pipe.write(data)
-            case StartUpstreamTls():
-                assert tls_ctx is not None
-                await up.pipe.transport.start_tls(
-                    tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
-                    timeout=max(0.1, deadline - loop.time()))
-                queue.extend(login.handle(UpstreamDataReceived(up.take())))
-                queue.extend(login.handle(UpstreamTlsEstablished()))
-            case ReportCapabilities(caps):
-                learn(list(caps))
-            case LoginAnswered() as answer:
-                up.inbox[:0] = login.rest  # the client's, once spliced
-                return answer
-
-
 # --------------------------------------------------------------------------- session
 
 
@@ -210,6 +162,16 @@ class _ImapSession(PreauthSession):
 
     def _origin(self, client_ip: str) -> Origin:
         return Origin("imap", self.cfg.name, client_ip, self.cfg.unidentified)
+
+    async def _perform(self, command: Any) -> Any:
+        """As the shared executor, and an allowed login learns the warning to show
+        (``* OK [ALERT]``, once per device per day: ``gate.warning_alert``)."""
+        outcome = await super()._perform(command)
+        if isinstance(command, RequestDecision) and isinstance(outcome, DecisionMade):
+            alert = self.gate.warning_alert(command.identity, self.origin, outcome.decision)
+            if alert:
+                outcome = dataclasses.replace(outcome, alert=alert)
+        return outcome
 
     def _on_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname") or ("", 0)

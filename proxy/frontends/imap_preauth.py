@@ -22,7 +22,9 @@ The rules (DESIGN.md, "Sessions, in order"):
   clients that retry on the same connection show only the last line they read.
   Temporary deny: ``NO [UNAVAILABLE]``, the client may retry. Upstream unreachable:
   ``NO [UNAVAILABLE]``, ``* BYE``, a temporary deny record. Allow: the upstream's
-  answer goes to the client and the connections are spliced.
+  answer goes to the client and the connections are spliced; a warning that comes
+  with the allow (a rule's ``enforce_from`` is ahead, rationed by ``proxy.notify``)
+  goes first, as ``* OK [ALERT] <warning with the date>``.
 - ``AUTHENTICATE``: the mechanisms of ``imap_sasl`` that the upstream offers (PLAIN
   always: it is relayed as ``LOGIN``); the exchange reads the user, the upstream
   verifies the credentials.
@@ -36,6 +38,29 @@ import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from proxy.frontends.events import (
+    ClientClosed,
+    Close,
+    CloseUpstream,
+    Connected,
+    Crashed,
+    DataReceived,
+    DecisionMade,
+    RecordAuthFailed,
+    RecordUnavailable,
+    RequestDecision,
+    SendToClient,
+    SessionCommand,
+    SessionEnd,
+    SessionEvent,
+    ShutdownRequested,
+    Splice,
+    StartTls,
+    TimedOut,
+    TlsEstablished,
+    TlsFailed,
+    UpstreamFailed,
+)
 from proxy.frontends.imap_sasl import Challenge, Credentials, SaslExchange, SaslRefused
 from proxy.frontends.imap_syntax import (
     RemoteProtocolError,
@@ -61,12 +86,11 @@ from proxy.frontends.imap_wire import (
     LimitExceeded,
     LoginAttempted,
     PrivacyRequired,
-    Sentinel,
     StartTlsRequested,
     State,
 )
+from proxy.frontends.preauth_layer import PreauthLayer
 from proxy.gate import Identity
-from proxy.ids import ClientCert
 from proxy.policy import Decision
 
 #: Capabilities the proxy itself implements before login.
@@ -78,28 +102,9 @@ TIMEOUT_TEXT = "Autologout; too slow before login"
 #: Mechanisms offered whatever the upstream says: PLAIN goes upstream as ``LOGIN``.
 OWN_MECHANISMS = ("PLAIN",)
 
-# ------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """The client connected (implicit TLS: nothing has been read yet)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    data: bytes = field(repr=False)  # may carry a password
-
-
-@dataclass(frozen=True, slots=True)
-class TlsEstablished:
-    device_id: str | None  # from a verified client certificate's SAN
-    cert: ClientCert | None = None  # that certificate's identity facts, for the gate
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFailed:
-    detail: str
+# ---------------------------------------------------------------- events and commands
+# The session's events and commands are protocol-neutral (``events``), except the two
+# that carry the login: the client's tag, and the upstream's tagged answer.
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,58 +114,6 @@ class UpstreamAnswered:
     ok: bool
     untagged: bytes
     tagged: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamFailed:
-    """The upstream is unreachable, timed out or answered nonsense."""
-
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionMade:
-    decision: Decision
-    shutting_down: bool = False  # the listener is closing: start no session
-
-
-@dataclass(frozen=True, slots=True)
-class TimedOut:
-    total: bool  # the total pre-auth limit (else the idle one)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientClosed:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ShutdownRequested:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Crashed:
-    """The executor hit a bug; the connection has been aborted."""
-
-    detail: str
-
-
-PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
-                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
-                | Crashed)
-
-# ---------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """Handshake with the client; then feed TlsEstablished or TlsFailed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,91 +130,29 @@ class OpenUpstream:
     response: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    """Ask the gate (it writes the decision record); then feed DecisionMade."""
-
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordAuthFailed:
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordUnavailable:
-    """The login attempt's one decision record: a temporary deny."""
-
-    identity: Identity
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class CloseUpstream:
-    """Log out of the upstream connection and close it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Splice:
-    """Send ``answer`` (the upstream's OK) and join client and upstream, if both are
-    still there (else close: no false success); ``pipelined`` is what the client sent
-    after LOGIN, for the upstream."""
-
-    answer: bytes
-    pipelined: bytes = field(repr=False)
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEnd:
-    reason: str
-    detail: str = ""
-    identity: Identity | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the client (after what was sent), drop the upstream, and write
-    ``record`` as a ``session_end`` (None: a decision record exists)."""
-
-    record: SessionEnd | None
-
-
-PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
-                  | RecordUnavailable | CloseUpstream | Splice | Close)
+PreauthEvent = SessionEvent | UpstreamAnswered
+PreauthCommand = SessionCommand | OpenUpstream
 
 # ------------------------------------------------------------------------------- layer
 
 
-class Preauth:
+class Preauth(PreauthLayer):
     """One client connection before login (see the module docstring)."""
+
+    conn: Connection
 
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
                  upstream_capabilities: Callable[[], Sequence[str]] = tuple,
                  upstream_mechanisms: Callable[[], Sequence[str]] = tuple) -> None:
-        self.conn = Connection(max_commands=max_commands, tls=False,
-                               starttls=tls_mode == "starttls",
-                               cleartext_login=cleartext_allowed)
-        self.tls_mode = tls_mode
+        super().__init__(Connection(max_commands=max_commands, tls=False,
+                                    starttls=tls_mode == "starttls",
+                                    cleartext_login=cleartext_allowed),
+                         tls_mode=tls_mode, upstream_capabilities=upstream_capabilities)
         self.cleartext_allowed = cleartext_allowed
-        self.upstream_capabilities = upstream_capabilities
         self.upstream_mechanisms = upstream_mechanisms  # relayable ones it offers
         self._sasl: SaslExchange | None = None  # the AUTHENTICATE exchange in progress
-        self.device_id: str | None = None
-        self.cert: ClientCert | None = None
-        self.identity = Identity("")
         self.client_id: tuple[tuple[str, str | None], ...] | None = None
-        self.decided = False  # a decision record exists for this connection
-        self.finished = False  # Close or Splice was returned; later events are ignored
-        self.end_reason = "client_closed"
         self._tag = ""  # of the login attempt in flight
-        self._answer = b""  # the upstream's OK, sent to the client once allowed
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed client bytes held (the executor pauses reading above a limit)."""
-        return self.conn.buffered
 
     def capabilities(self) -> list[str]:
         caps = list(PROXY_CAPABILITIES)
@@ -282,60 +173,25 @@ class Preauth:
 
     # ------------------------------------------------------------------ events
 
-    def handle(self, event: PreauthEvent) -> list[PreauthCommand]:
-        """Feed one event; returns the commands to perform, in order."""
-        if self.finished:
-            return []
-        match event:
-            case DataReceived(data):
-                self.conn.receive_data(data)
-                return self._drain()
-            case Connected():
-                if self.tls_mode == "implicit":
-                    return [StartTls()]
-                return [SendToClient(greeting_line(self.capabilities()))]
-            case TlsEstablished(device_id, cert):
-                return self._tls_established(device_id, cert)
-            case TlsFailed(detail):
-                return self._close("tls_failed", detail)
-            case UpstreamAnswered():
-                return self._upstream_answered(event)
-            case UpstreamFailed(detail):
-                self.decided = True  # RecordUnavailable is this attempt's decision record
-                return [SendToClient(tagged_line(self._tag, "NO", UNAVAILABLE_TEXT,
-                                                 "UNAVAILABLE") + bye_line(UNAVAILABLE_TEXT)),
-                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
-            case DecisionMade(decision, shutting_down):
-                return self._decided(decision, shutting_down)
-            case TimedOut(total):
-                return [SendToClient(bye_line(TIMEOUT_TEXT)),
-                        *self._close("preauth_timeout" if total else "idle_timeout")]
-            case ClientClosed():
-                return self._close(self.end_reason)
-            case ShutdownRequested():
-                return [SendToClient(bye_line(SHUTDOWN_TEXT)), *self._close("shutdown")]
-            case Crashed(detail):
-                return self._close("internal_error", detail)
-        raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+    def _greeting(self) -> bytes:
+        return greeting_line(self.capabilities())
 
-    def _close(self, reason: str, detail: str = "") -> list[PreauthCommand]:
-        self.finished = True
-        self.end_reason = reason
-        if self.decided:
-            return [Close(None)]
-        identity = self.identity if self.identity.user else None
-        return [Close(SessionEnd(reason, detail, identity))]
+    def _unavailable_reply(self) -> bytes:
+        return (tagged_line(self._tag, "NO", UNAVAILABLE_TEXT, "UNAVAILABLE")
+                + bye_line(UNAVAILABLE_TEXT))
 
-    def _tls_established(
-        self, device_id: str | None, cert: ClientCert | None
-    ) -> list[PreauthCommand]:
-        self.device_id = device_id
-        self.cert = cert
+    def _timeout_reply(self) -> bytes:
+        return bye_line(TIMEOUT_TEXT)
+
+    def _shutdown_reply(self) -> bytes:
+        return bye_line(SHUTDOWN_TEXT)
+
+    def _tls_established(self) -> list[PreauthCommand]:
         if self.conn.state is State.STARTTLS:
             self.conn.starttls_done()  # drops what was pipelined after STARTTLS
             return self._drain()
         self.conn.tls = True  # implicit TLS: now greet
-        return [SendToClient(greeting_line(self.capabilities())), *self._drain()]
+        return [SendToClient(self._greeting()), *self._drain()]
 
     def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
         if event.ok:
@@ -347,7 +203,8 @@ class Preauth:
         return [SendToClient(event.tagged), CloseUpstream(), RecordAuthFailed(self.identity),
                 *self._drain()]
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[PreauthCommand]:
         self.decided = True
         tag = self._tag
         if not decision.allow:
@@ -368,19 +225,11 @@ class Preauth:
                     *self._close("shutdown")]
         self.finished = True
         answer, self._answer = self._answer, b""
+        if alert:  # untagged, before the tagged OK: clients show it as the login's
+            answer = untagged_line("OK", refusal_text(alert), "ALERT") + answer
         return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands
-
-    def _drain(self) -> list[PreauthCommand]:
-        """Parser events until it needs data or waits for an outcome."""
-        out: list[PreauthCommand] = []
-        while not self.finished:
-            ev = self.conn.next_event()
-            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
-                break
-            out += self._client_event(ev)
-        return out
 
     def _client_event(self, ev: Event) -> list[PreauthCommand]:
         """One parsed client command -> commands (login and limits in their methods)."""

@@ -169,7 +169,8 @@ class UpstreamConnection:
             if timeout <= 0:
                 raise UpstreamError("upstream timed out")
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
             except TimeoutError:
                 raise UpstreamError("upstream timed out") from None
         return self.take()

@@ -33,8 +33,16 @@ import base64
 import enum
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from proxy.frontends.events import (
+    ReportCapabilities,
+    SendToUpstream,
+    StartUpstreamTls,
+    UpstreamDataReceived,
+    UpstreamEvent,
+    UpstreamTlsEstablished,
+)
 from proxy.frontends.imap_sasl import ERROR_ACKNOWLEDGEMENT
 from proxy.frontends.imap_syntax import (
     LITERAL_AT_END,
@@ -54,33 +62,7 @@ _CONTINUATION = "+"
 _CAPS_IN_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 # ------------------------------------------------------------------ events and commands
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamDataReceived:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTlsEstablished:
-    """The handshake asked for by :class:`StartUpstreamTls` succeeded."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendToUpstream:
-    data: bytes = field(repr=False)  # may carry the password
-
-
-@dataclass(frozen=True, slots=True)
-class StartUpstreamTls:
-    """Upgrade the upstream connection to TLS, then feed :class:`UpstreamTlsEstablished`."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReportCapabilities:
-    """The server's pre-auth capabilities (the listener advertises some of them)."""
-
-    capabilities: tuple[str, ...]
+# Protocol-neutral ones (``events``: UpstreamDataReceived, SendToUpstream, ...) and the answer.
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +74,6 @@ class LoginAnswered:
     tagged: bytes
 
 
-UpstreamEvent = UpstreamDataReceived | UpstreamTlsEstablished
 UpstreamCommand = SendToUpstream | StartUpstreamTls | ReportCapabilities | LoginAnswered
 
 
@@ -207,6 +188,11 @@ class UpstreamLogin:
 
     def __repr__(self) -> str:  # never the password or token
         return f"<UpstreamLogin tag={self._tag!r} user={self._user!r} {self.phase.value}>"
+
+    @property
+    def finished(self) -> bool:
+        """The login was answered, or the probe has logged out."""
+        return self.phase is Phase.DONE
 
     def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
         """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the

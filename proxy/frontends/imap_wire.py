@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.imap_syntax import (
     LITERAL_AT_END,
     LPAREN,
@@ -66,23 +67,6 @@ from proxy.frontends.imap_syntax import (
 )
 
 # ----------------------------------------------------------------------------- events
-
-
-class Sentinel:
-    """The type of NEED_DATA and PAUSED (not events)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-#: ``next_event`` needs more bytes from the client.
-NEED_DATA = Sentinel("NEED_DATA")
-#: ``next_event`` will not produce events until the executor reports an outcome
-#: (STARTTLS handshake, login result) or because the conversation is over.
-PAUSED = Sentinel("PAUSED")
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +497,7 @@ __all__ = [
     "LoginAttempted",
     "PrivacyRequired",
     "RemoteProtocolError",
+    "Sentinel",
     "StartTlsRequested",
     "State",
     "decode_plain",

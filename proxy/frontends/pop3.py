@@ -38,10 +38,8 @@ reason; one that never completed TLS is counted into the per-minute ``abuse_summ
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
-from collections import deque
 
 from proxy.frontends import FrontendContext
 from proxy.frontends.imap_transport import UpstreamConnection, UpstreamError
@@ -50,21 +48,10 @@ from proxy.frontends.pop3_preauth import (
     Preauth,
     UpstreamAnswered,
 )
-from proxy.frontends.pop3_upstream import (
-    LoginAnswered,
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamCommand,
-    UpstreamDataReceived,
-    UpstreamLogin,
-    UpstreamTlsEstablished,
-    quit_command,
-)
+from proxy.frontends.pop3_upstream import UpstreamLogin, quit_command
 from proxy.frontends.pop3_wire import RemoteProtocolError
-from proxy.frontends.preauth_exec import PreauthListener, PreauthSession
+from proxy.frontends.preauth_exec import PreauthListener, PreauthSession, converse_upstream
 from proxy.gate import Origin, origin_for
-from proxy.net.socket_transport import open_connection
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.pop3")
@@ -138,43 +125,14 @@ class _Pop3Session(PreauthSession):
 
     async def _login_upstream(self, command: OpenUpstream) -> UpstreamAnswered:
         """Connect and run the sans-IO ``UpstreamLogin`` to the server's answer."""
-        cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        up = self.upstream = UpstreamConnection()
-        tls_ctx = self.owner.ctx.upstream_tls
-        if cfg.upstream_tls != "none" and tls_ctx is None:
-            raise UpstreamError("upstream TLS configured without a TLS context")
-        try:
-            up.pipe.transport = await open_connection(
-                cfg.upstream_host, cfg.upstream_port, up.pipe,
-                tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
-                timeout=cfg.upstream_connect_timeout_s)
-        except TimeoutError:
-            raise UpstreamError("connecting to the upstream timed out") from None
-        deadline = loop.time() + cfg.upstream_timeout_s
+        self.upstream = UpstreamConnection()
         login = UpstreamLogin(user=command.user, password=command.password,
-                              starttls=cfg.upstream_tls == "starttls",
+                              starttls=self.cfg.upstream_tls == "starttls",
                               client_ip=self.origin.client_ip, client_port=self.client_port)
-        queue: deque[UpstreamCommand] = deque()
-        while True:
-            if not queue:
-                queue.extend(login.handle(UpstreamDataReceived(await up.receive(deadline))))
-                continue
-            match queue.popleft():
-                case SendToUpstream(data):
-                    up.pipe.write(data)
-                case StartUpstreamTls():
-                    assert tls_ctx is not None
-                    await up.pipe.transport.start_tls(
-                        tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
-                        timeout=max(0.1, deadline - loop.time()))
-                    queue.extend(login.handle(UpstreamDataReceived(up.take())))
-                    queue.extend(login.handle(UpstreamTlsEstablished()))
-                case ReportCapabilities(caps):
-                    self.owner.learn_capabilities(caps)
-                case LoginAnswered() as answer:
-                    up.inbox[:0] = login.rest  # the client's, once spliced
-                    return UpstreamAnswered(answer.ok, answer.line)
+        answer = await converse_upstream(self.cfg, self.owner.ctx.upstream_tls,
+                                         self.upstream, login, self.owner.learn_capabilities)
+        assert answer is not None  # a POP3 login always ends with an answer
+        return UpstreamAnswered(answer.ok, answer.line)
 
     def _drop_upstream(self) -> None:
         """Drop an upstream connection that is not (or no longer) to be spliced."""

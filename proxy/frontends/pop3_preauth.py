@@ -33,26 +33,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.frontends.imap_preauth import (
-    ClientClosed,
-    Close,
+from proxy.frontends.events import (
     CloseUpstream,
-    Connected,
-    Crashed,
-    DataReceived,
-    DecisionMade,
     RecordAuthFailed,
-    RecordUnavailable,
     RequestDecision,
     SendToClient,
-    SessionEnd,
-    ShutdownRequested,
+    SessionCommand,
+    SessionEvent,
     Splice,
     StartTls,
-    TimedOut,
-    TlsEstablished,
-    TlsFailed,
-    UpstreamFailed,
 )
 from proxy.frontends.pop3_wire import (
     MECHANISMS,
@@ -69,7 +58,6 @@ from proxy.frontends.pop3_wire import (
     PrivacyRequired,
     QuitRequested,
     RemoteProtocolError,
-    Sentinel,
     State,
     StlsRequested,
     UserGiven,
@@ -80,8 +68,8 @@ from proxy.frontends.pop3_wire import (
     mechanisms_response,
     ok_line,
 )
+from proxy.frontends.preauth_layer import PreauthLayer
 from proxy.gate import Identity
-from proxy.ids import ClientCert
 from proxy.policy import Decision
 
 #: Capabilities the proxy itself implements before login (RFC 2449, RFC 3206).
@@ -96,9 +84,8 @@ TIMEOUT_TEXT = "Autologout; too slow before login"
 PERMANENT, TEMPORARY = "SYS/PERM", "SYS/TEMP"
 
 # ---------------------------------------------------------------- events and commands
-# The session's events and commands are IMAP's (``imap_preauth``: they name nothing
-# IMAP-specific), except the two that carry the login: POP3 has no tags, and the
-# upstream answers with one line.
+# The session's events and commands are protocol-neutral (``events``), except the two
+# that carry the login: POP3 has no tags, and the upstream answers with one line.
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,37 +105,23 @@ class OpenUpstream:
     password: str = field(repr=False)
 
 
-PreauthEvent = (Connected | DataReceived | TlsEstablished | TlsFailed | UpstreamAnswered
-                | UpstreamFailed | DecisionMade | TimedOut | ClientClosed | ShutdownRequested
-                | Crashed)
-PreauthCommand = (SendToClient | StartTls | OpenUpstream | RequestDecision | RecordAuthFailed
-                  | RecordUnavailable | CloseUpstream | Splice | Close)
+PreauthEvent = SessionEvent | UpstreamAnswered
+PreauthCommand = SessionCommand | OpenUpstream
 
 # ------------------------------------------------------------------------------- layer
 
 
-class Preauth:
+class Preauth(PreauthLayer):
     """One client connection before login (see the module docstring)."""
+
+    conn: Connection
 
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
                  upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
-        self.conn = Connection(max_commands=max_commands, tls=False,
-                               stls=tls_mode == "starttls",
-                               cleartext_login=cleartext_allowed)
-        self.tls_mode = tls_mode
-        self.upstream_capabilities = upstream_capabilities
-        self.device_id: str | None = None
-        self.cert: ClientCert | None = None
-        self.identity = Identity("")
-        self.decided = False  # a decision record exists for this connection
-        self.finished = False  # Close or Splice was returned; later events are ignored
-        self.end_reason = "client_closed"
-        self._answer = b""  # the upstream's +OK, sent to the client once allowed
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed client bytes held (the executor pauses reading above a limit)."""
-        return self.conn.buffered
+        super().__init__(Connection(max_commands=max_commands, tls=False,
+                                    stls=tls_mode == "starttls",
+                                    cleartext_login=cleartext_allowed),
+                         tls_mode=tls_mode, upstream_capabilities=upstream_capabilities)
 
     def capabilities(self) -> list[str]:
         """CAPA before login: the upstream's (TOP, UIDL, ...), then the proxy's own."""
@@ -164,70 +137,37 @@ class Preauth:
 
     # ------------------------------------------------------------------ events
 
-    def handle(self, event: PreauthEvent) -> list[PreauthCommand]:
-        """Feed one event; returns the commands to perform, in order."""
-        if self.finished:
-            return []
-        match event:
-            case DataReceived(data):
-                self.conn.receive_data(data)
-                return self._drain()
-            case Connected():
-                if self.tls_mode == "implicit":
-                    return [StartTls()]
-                return [SendToClient(ok_line(GREETING_TEXT))]
-            case TlsEstablished(device_id, cert):
-                return self._tls_established(device_id, cert)
-            case TlsFailed(detail):
-                return self._close("tls_failed", detail)
-            case UpstreamAnswered(ok, line):
-                return self._upstream_answered(ok, line)
-            case UpstreamFailed(detail):
-                self.decided = True  # RecordUnavailable is this attempt's decision record
-                return [SendToClient(err_line(UNAVAILABLE_TEXT, TEMPORARY)),
-                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
-            case DecisionMade(decision, shutting_down):
-                return self._decided(decision, shutting_down)
-            case TimedOut(total):
-                return [SendToClient(err_line(TIMEOUT_TEXT)),
-                        *self._close("preauth_timeout" if total else "idle_timeout")]
-            case ClientClosed():
-                return self._close(self.end_reason)
-            case ShutdownRequested():
-                return [SendToClient(err_line(SHUTDOWN_TEXT, TEMPORARY)),
-                        *self._close("shutdown")]
-            case Crashed(detail):
-                return self._close("internal_error", detail)
-        raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+    def _greeting(self) -> bytes:
+        return ok_line(GREETING_TEXT)
 
-    def _close(self, reason: str, detail: str = "") -> list[PreauthCommand]:
-        self.finished = True
-        self.end_reason = reason
-        if self.decided:
-            return [Close(None)]
-        identity = self.identity if self.identity.user else None
-        return [Close(SessionEnd(reason, detail, identity))]
+    def _unavailable_reply(self) -> bytes:
+        return err_line(UNAVAILABLE_TEXT, TEMPORARY)
 
-    def _tls_established(self, device_id: str | None,
-                         cert: ClientCert | None) -> list[PreauthCommand]:
-        self.device_id, self.cert = device_id, cert
+    def _timeout_reply(self) -> bytes:
+        return err_line(TIMEOUT_TEXT)
+
+    def _shutdown_reply(self) -> bytes:
+        return err_line(SHUTDOWN_TEXT, TEMPORARY)
+
+    def _tls_established(self) -> list[PreauthCommand]:
         if self.conn.state is State.STLS:
             self.conn.stls_done()  # drops what was pipelined after STLS
             return self._drain()
         self.conn.tls = True  # implicit TLS: now greet
-        return [SendToClient(ok_line(GREETING_TEXT)), *self._drain()]
+        return [SendToClient(self._greeting()), *self._drain()]
 
-    def _upstream_answered(self, ok: bool, line: bytes) -> list[PreauthCommand]:
-        if ok:
-            self._answer = line
+    def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
+        if event.ok:
+            self._answer = event.line
             return [RequestDecision(self.identity)]
         self.decided = True
         self.conn.login_refused()
         # The upstream's own answer, e.g. -ERR [AUTH]; the client may retry.
-        return [SendToClient(line), CloseUpstream(), RecordAuthFailed(self.identity),
+        return [SendToClient(event.line), CloseUpstream(), RecordAuthFailed(self.identity),
                 *self._drain()]
 
-    def _decided(self, decision: Decision, shutting_down: bool) -> list[PreauthCommand]:
+    def _decided(self, decision: Decision, shutting_down: bool,
+                 alert: str = "") -> list[PreauthCommand]:  # POP3 has no ALERT
         self.decided = True
         if not decision.allow:
             text = decision.user_text()
@@ -245,16 +185,6 @@ class Preauth:
         return [Splice(answer, self.conn.login_accepted(), self.identity)]
 
     # ------------------------------------------------------------ client commands
-
-    def _drain(self) -> list[PreauthCommand]:
-        """Parser events until it needs data or waits for an outcome."""
-        out: list[PreauthCommand] = []
-        while not self.finished:
-            ev = self.conn.next_event()
-            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
-                break
-            out += self._client_event(ev)
-        return out
 
     def _client_event(self, ev: Event) -> list[PreauthCommand]:
         """One parsed client command -> commands (login and limits in their methods)."""
@@ -318,28 +248,9 @@ __all__ = [
     "TEMPORARY",
     "TIMEOUT_TEXT",
     "UNAVAILABLE_TEXT",
-    "ClientClosed",
-    "Close",
-    "CloseUpstream",
-    "Connected",
-    "Crashed",
-    "DataReceived",
-    "DecisionMade",
     "OpenUpstream",
     "Preauth",
     "PreauthCommand",
     "PreauthEvent",
-    "RecordAuthFailed",
-    "RecordUnavailable",
-    "RequestDecision",
-    "SendToClient",
-    "SessionEnd",
-    "ShutdownRequested",
-    "Splice",
-    "StartTls",
-    "TimedOut",
-    "TlsEstablished",
-    "TlsFailed",
     "UpstreamAnswered",
-    "UpstreamFailed",
 ]

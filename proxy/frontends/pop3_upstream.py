@@ -30,8 +30,16 @@ from __future__ import annotations
 import base64
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from proxy.frontends.events import (
+    ReportCapabilities,
+    SendToUpstream,
+    StartUpstreamTls,
+    UpstreamDataReceived,
+    UpstreamEvent,
+    UpstreamTlsEstablished,
+)
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError
 
 #: Longest answer (the CAPA list included) the proxy reads from the upstream before
@@ -43,33 +51,7 @@ _XCLIENT_IN_GREETING = re.compile(rb"^\+OK \[XCLIENT\]", re.IGNORECASE)
 _UNSENDABLE = re.compile(r"[\r\n\x00]")  # in USER/PASS arguments: command injection
 
 # ------------------------------------------------------------------ events and commands
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamDataReceived:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTlsEstablished:
-    """The handshake asked for by :class:`StartUpstreamTls` succeeded."""
-
-
-@dataclass(frozen=True, slots=True)
-class SendToUpstream:
-    data: bytes = field(repr=False)  # may carry the password
-
-
-@dataclass(frozen=True, slots=True)
-class StartUpstreamTls:
-    """Upgrade the upstream connection to TLS, then feed :class:`UpstreamTlsEstablished`."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReportCapabilities:
-    """The server's CAPA list before login (the listener shows some of it)."""
-
-    capabilities: tuple[str, ...]
+# Protocol-neutral ones (``events``: UpstreamDataReceived, SendToUpstream, ...) and the answer.
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +62,6 @@ class LoginAnswered:
     line: bytes
 
 
-UpstreamEvent = UpstreamDataReceived | UpstreamTlsEstablished
 UpstreamCommand = SendToUpstream | StartUpstreamTls | ReportCapabilities | LoginAnswered
 
 
@@ -144,6 +125,11 @@ class UpstreamLogin:
 
     def __repr__(self) -> str:  # never the password
         return f"<UpstreamLogin user={self._user!r} {self.step.value}>"
+
+    @property
+    def finished(self) -> bool:
+        """The login was answered."""
+        return self.step is Step.DONE
 
     def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
         """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the

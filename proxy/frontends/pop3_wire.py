@@ -40,7 +40,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from proxy.frontends.smtp_events import NEED_DATA, PAUSED, Sentinel
+from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
@@ -81,7 +81,7 @@ class SyntaxProblem(Exception):
 
 # NEED_DATA (``next_event`` needs more bytes from the client) and PAUSED (no events
 # until an outcome is reported: STLS handshake, login result; or the conversation is
-# over) are the sans-IO sentinels the SMTP wire module defined first.
+# over) are the sans-IO sentinels the wire parsers share (``events``).
 
 
 @dataclass(frozen=True, slots=True)

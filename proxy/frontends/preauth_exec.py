@@ -28,36 +28,17 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, Self
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from proxy.config import ListenerConfig
 from proxy.frontends import FrontendContext
-from proxy.frontends.imap_preauth import (
-    ClientClosed,
-    Close,
-    CloseUpstream,
-    Connected,
-    Crashed,
-    DataReceived,
-    DecisionMade,
-    RecordAuthFailed,
-    RecordUnavailable,
-    RequestDecision,
-    SendToClient,
-    ShutdownRequested,
-    Splice,
-    StartTls,
-    TimedOut,
-    TlsEstablished,
-    TlsFailed,
-    UpstreamFailed,
-)
+from proxy.frontends import events as ev
 from proxy.frontends.imap_syntax import RemoteProtocolError
 from proxy.frontends.imap_transport import NO_EVENT, Pipe, UpstreamConnection, UpstreamError
 from proxy.frontends.login_limits import login_answered, login_refused, pre_tls_end
 from proxy.gate import Identity, Origin
-from proxy.net.socket_transport import SocketServer, SocketTransport
+from proxy.net.socket_transport import SocketServer, SocketTransport, open_connection
 from proxy.net.tls import client_cert_from_ssl
 from proxy.oplog import get_logger
 
@@ -73,6 +54,62 @@ TLS_HANDSHAKE_TIMEOUT_S = 20.0
 #: What a failed upstream conversation raises (the client is told: unavailable).
 UPSTREAM_ERRORS = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError, TimeoutError,
                    ConnectionError)
+
+Answer = TypeVar("Answer", covariant=True)
+
+
+class UpstreamLoginLayer(Protocol[Answer]):
+    """A protocol's sans-IO upstream login (``imap_upstream``, ``pop3_upstream``)."""
+
+    rest: bytes  # what the server sent after the answer (the client's, once spliced)
+
+    @property
+    def finished(self) -> bool: ...
+
+    def handle(self, event: ev.UpstreamEvent) -> Sequence[
+        ev.SendToUpstream | ev.StartUpstreamTls | ev.ReportCapabilities | Answer]: ...
+
+
+async def converse_upstream(cfg: ListenerConfig, tls_ctx: ssl.SSLContext | None,
+                            up: UpstreamConnection, login: UpstreamLoginLayer[Answer],
+                            learn: Callable[[tuple[str, ...]], None]) -> Answer | None:
+    """Connect ``up`` to the listener's upstream and run the sans-IO ``login`` to its
+    end: its answer (the protocol's ``LoginAnswered``), or None when it finished
+    without one (an IMAP probe, which has logged out)."""
+    loop = asyncio.get_running_loop()
+    if cfg.upstream_tls != "none" and tls_ctx is None:
+        raise UpstreamError("upstream TLS configured without a TLS context")
+    try:
+        up.pipe.transport = await open_connection(
+            cfg.upstream_host, cfg.upstream_port, up.pipe,
+            tls=tls_ctx if cfg.upstream_tls == "implicit" else None,
+            timeout=cfg.upstream_connect_timeout_s)
+    except TimeoutError:
+        raise UpstreamError("connecting to the upstream timed out") from None
+    deadline = loop.time() + cfg.upstream_timeout_s
+    queue: deque[ev.SendToUpstream | ev.StartUpstreamTls | ev.ReportCapabilities
+                 | Answer] = deque()
+    while True:
+        if not queue:
+            if login.finished:
+                return None
+            queue.extend(login.handle(ev.UpstreamDataReceived(await up.receive(deadline))))
+            continue
+        match command := queue.popleft():
+            case ev.SendToUpstream(data):
+                up.pipe.write(data)
+            case ev.StartUpstreamTls():
+                assert tls_ctx is not None
+                await up.pipe.transport.start_tls(
+                    tls_ctx, server_side=False, server_hostname=cfg.upstream_host,
+                    timeout=max(0.1, deadline - loop.time()))
+                queue.extend(login.handle(ev.UpstreamDataReceived(up.take())))
+                queue.extend(login.handle(ev.UpstreamTlsEstablished()))
+            case ev.ReportCapabilities(caps):
+                learn(caps)
+            case _:  # the answer
+                up.inbox[:0] = login.rest  # the client's, once spliced
+                return command
 
 
 class PreauthListener:
@@ -233,7 +270,7 @@ class PreauthSession:
         loop = asyncio.get_running_loop()
         try:
             assert self.layer is not None
-            await self._execute(self.layer.handle(Connected()))
+            await self._execute(self.layer.handle(ev.Connected()))
             self._deadline = loop.time() + self.cfg.preauth_timeout_s
             while self.layer is not None and not self.layer.finished:
                 await self._execute(self.layer.handle(await self._client_event()))
@@ -242,7 +279,7 @@ class PreauthSession:
                                client_ip=self.origin.client_ip)
             self.client.abort()
             if self.layer is not None:
-                await self._execute(self.layer.handle(Crashed(type(exc).__name__)))
+                await self._execute(self.layer.handle(ev.Crashed(type(exc).__name__)))
         finally:
             if not self._spliced:
                 self.client.close()
@@ -256,7 +293,7 @@ class PreauthSession:
         loop = asyncio.get_running_loop()
         while not self._inbox:
             if self.client.closed:
-                return ClientClosed()
+                return ev.ClientClosed()
             if self._reading_paused:
                 self._reading_paused = False
                 self.client.transport.resume_reading()
@@ -265,11 +302,11 @@ class PreauthSession:
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(
-                    self._wakeup.wait(), min(self.cfg.preauth_idle_timeout_s, remaining))
+                async with asyncio.timeout(min(self.cfg.preauth_idle_timeout_s, remaining)):
+                    await self._wakeup.wait()
             except TimeoutError:
-                return TimedOut(total=loop.time() >= self._deadline)
-        return DataReceived(self._take_inbox())
+                return ev.TimedOut(total=loop.time() >= self._deadline)
+        return ev.DataReceived(self._take_inbox())
 
     def _take_inbox(self) -> bytes:
         data = bytes(self._inbox)
@@ -285,30 +322,30 @@ class PreauthSession:
             layer = self.layer
             if outcome is not None and layer is not None:
                 if self._inbox:
-                    queue.extend(layer.handle(DataReceived(self._take_inbox())))
+                    queue.extend(layer.handle(ev.DataReceived(self._take_inbox())))
                 queue.extend(layer.handle(outcome))
 
     async def _perform(self, command: Any) -> Any:
         """One command; returns the outcome event of those that have one."""
         match command:
-            case SendToClient(data):
+            case ev.SendToClient(data):
                 self.client.write(data)
-            case StartTls():
+            case ev.StartTls():
                 return await self._start_tls()
-            case RequestDecision(identity):
+            case ev.RequestDecision(identity):
                 decision = await self.gate.decide(identity, self.origin)
-                return DecisionMade(decision, shutting_down=self.owner.closing)
-            case RecordAuthFailed(identity):
+                return ev.DecisionMade(decision, shutting_down=self.owner.closing)
+            case ev.RecordAuthFailed(identity):
                 await self.gate.record_auth_failed(identity, self.origin)
-            case RecordUnavailable(identity, detail):
+            case ev.RecordUnavailable(identity, detail):
                 await self.gate.record_deny(
                     identity, self.origin, "upstream_unavailable",
                     f"upstream unavailable: {detail}", temporary=True)
-            case CloseUpstream():
+            case ev.CloseUpstream():
                 self._drop_upstream()
-            case Splice(answer, pipelined, identity):
+            case ev.Splice(answer, pipelined, identity):
                 self._splice(answer, pipelined, identity)
-            case Close(record):
+            case ev.Close(record):
                 self.client.close()
                 self._drop_upstream()
                 if record is not None and not self._tls_up():
@@ -335,9 +372,9 @@ class PreauthSession:
         try:  # aborts the connection if it fails
             await transport.start_tls(ctx, server_side=True, timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            return TlsFailed(str(exc)[:200] or type(exc).__name__)
+            return ev.TlsFailed(str(exc)[:200] or type(exc).__name__)
         cert = client_cert_from_ssl(transport.get_extra_info("ssl_object"))
-        return TlsEstablished(cert.device_id if cert else None, cert)
+        return ev.TlsEstablished(cert.device_id if cert else None, cert)
 
     # ------------------------------------------------------------------ upstream
 
@@ -348,7 +385,7 @@ class PreauthSession:
         except self.upstream_errors as exc:
             detail = str(exc)[:200] or type(exc).__name__
             self.log.warning("upstream unavailable", listener=self.cfg.name, error=detail)
-            return UpstreamFailed(detail)
+            return ev.UpstreamFailed(detail)
         device = self.layer.device_id if self.layer is not None else None
         limits, ip = self.gate.limits, self.origin.client_ip
         if answer.ok:
@@ -410,9 +447,10 @@ class PreauthSession:
             await self.gate.record_session_end(self.origin, "shutdown", identity=self.identity)
             await self.terminate(self.shutdown_text)
         elif self.layer is not None:
-            await self._execute(self.layer.handle(ShutdownRequested()))
+            await self._execute(self.layer.handle(ev.ShutdownRequested()))
         else:
             self.client.close()
 
 __all__ = ["PREAUTH_READ_PAUSE_BYTES", "TLS_HANDSHAKE_TIMEOUT_S", "TLS_SESSION_TICKETS",
-           "UPSTREAM_ERRORS", "Layer", "Owner", "PreauthListener", "PreauthSession"]
+           "UPSTREAM_ERRORS", "Layer", "Owner", "PreauthListener", "PreauthSession",
+           "UpstreamLoginLayer", "converse_upstream"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.smtp_replies import Replies
 
 #: SASL mechanisms the proxy can relay (it needs the password to log in upstream).
@@ -34,20 +35,6 @@ class ClientError(SmtpWireError):
 class UsageError(SmtpWireError):
     """The executor used the connection in a way its state does not allow."""
 
-
-class Sentinel:
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-#: ``next_event`` needs more bytes from the client.
-NEED_DATA = Sentinel("NEED_DATA")
-#: ``next_event`` gives nothing until the executor has answered the last event (or
-#: finished STARTTLS), or because the connection is over.
-PAUSED = Sentinel("PAUSED")
 
 _REPLY_LINE = re.compile(r"\d\d\d(?:[ -][\x20-\x7e]*)?")
 

@@ -26,32 +26,11 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from proxy.frontends import smtp_events as ev
 from proxy.frontends.smtp_login import MAX_AUTH_FAILURES, POST_AUTH_IDLE_TIMEOUT_S, SmtpLogin
 from proxy.frontends.smtp_replies import Replies
 from proxy.frontends.smtp_upstream import Relay, describe
-from proxy.frontends.smtp_wire import (
-    PAUSED,
-    AuthCancelled,
-    AuthResponse,
-    AuthStarted,
-    ChunkReceived,
-    Connection,
-    DataRequested,
-    Event,
-    Hello,
-    LimitExceeded,
-    MailFrom,
-    MessageReceived,
-    PassThrough,
-    PrivacyRequired,
-    QuitRequested,
-    RcptTo,
-    ReplyNeeded,
-    ResetRequested,
-    Sentinel,
-    StartTlsRequested,
-    State,
-)
+from proxy.frontends.smtp_wire import Connection, State
 from proxy.gate import Identity, Origin
 from proxy.ids import ClientCert
 from proxy.net.tls import client_cert_from_ssl
@@ -186,16 +165,16 @@ class SmtpSession(SmtpLogin, asyncio.Protocol):
                 self._goodbye(self._pending_goodbye)
                 return
 
-    async def _next_event(self) -> Event | None:
+    async def _next_event(self) -> ev.Event | None:
         """The wire's next event, or None when the session should end (client gone
         or half-closed with nothing left, closing, or a time limit passed)."""
         conn = self.conn
         loop = asyncio.get_running_loop()
         while True:
             event = conn.next_event()
-            if event is PAUSED or self._closing:
+            if event is ev.PAUSED or self._closing:
                 return None
-            if not isinstance(event, Sentinel):
+            if not isinstance(event, ev.Sentinel):
                 return event
             if self._gone or self._eof or self._closing:
                 return None
@@ -288,62 +267,62 @@ class SmtpSession(SmtpLogin, asyncio.Protocol):
             self._end_reason, self._end_detail = "tls_failed", detail
         self._closing = True
 
-    async def _on_starttls(self, event: StartTlsRequested) -> None:
+    async def _on_starttls(self, event: ev.StartTlsRequested) -> None:
         self._write(Replies.READY_FOR_TLS)
         if await self._start_tls():
             self.conn.starttls_done()
 
     # -- commands answered here ----------------------------------------------------------
 
-    async def _on_hello(self, event: Hello) -> None:
+    async def _on_hello(self, event: ev.Hello) -> None:
         self._write(self.listener.ehlo_reply(self.conn) if event.extended
                     else f"250 {self.listener.hostname}")
 
-    async def _on_reply_needed(self, event: ReplyNeeded) -> None:
+    async def _on_reply_needed(self, event: ev.ReplyNeeded) -> None:
         self._write(event.reply)
 
-    async def _on_privacy_required(self, event: PrivacyRequired) -> None:
+    async def _on_privacy_required(self, event: ev.PrivacyRequired) -> None:
         self._end_reason = "cleartext_refused"
         self._write(event.reply)
 
-    async def _on_limit(self, event: LimitExceeded) -> None:
+    async def _on_limit(self, event: ev.LimitExceeded) -> None:
         self._end_reason = _LIMIT_REASONS.get(event.limit, event.limit)
         self._goodbye(event.reply)
 
-    async def _on_quit(self, event: QuitRequested) -> None:
+    async def _on_quit(self, event: ev.QuitRequested) -> None:
         self._goodbye(Replies.BYE)  # the upstream gets its QUIT when the client is gone
 
     # -- the relay ---------------------------------------------------------------------
 
-    async def _on_mail(self, event: MailFrom) -> None:
+    async def _on_mail(self, event: ev.MailFrom) -> None:
         if self._refusal is not None or self._relay is None:
             self._write(self._refusal or Replies.UPSTREAM_DOWN)
             return
         self._write(await self._relay.mail(event.path, event.params))
 
-    async def _on_rcpt(self, event: RcptTo) -> None:
+    async def _on_rcpt(self, event: ev.RcptTo) -> None:
         assert self._relay is not None  # the wire asks for MAIL first
         self._write(await self._relay.rcpt(event.path, event.params))
 
-    async def _on_chunk(self, event: ChunkReceived) -> None:
+    async def _on_chunk(self, event: ev.ChunkReceived) -> None:
         assert self._relay is not None  # the wire asks for MAIL and RCPT first
         self._write(await self._relay.chunk(event.data, event.last))
 
-    async def _on_pass_through(self, event: PassThrough) -> None:
+    async def _on_pass_through(self, event: ev.PassThrough) -> None:
         """VRFY, ETRN: the upstream's answer (a refused session: the refusal)."""
         if self._refusal is not None or self._relay is None:
             self._write(self._refusal or Replies.UPSTREAM_DOWN)
             return
         self._write(await self._relay.command(event.command.encode(), event.argument))
 
-    async def _on_data(self, event: DataRequested) -> None:
+    async def _on_data(self, event: ev.DataRequested) -> None:
         self._write(Replies.START_MAIL)
 
-    async def _on_message(self, event: MessageReceived) -> None:
+    async def _on_message(self, event: ev.MessageReceived) -> None:
         assert self._relay is not None  # the wire asks for MAIL and RCPT first
         self._write(await self._relay.message(event.content))
 
-    async def _on_reset(self, event: ResetRequested) -> None:
+    async def _on_reset(self, event: ev.ResetRequested) -> None:
         self._write(Replies.OK if self._relay is None else await self._relay.reset())
 
     def _upstream_gone(self) -> bool:
@@ -412,22 +391,22 @@ class SmtpSession(SmtpLogin, asyncio.Protocol):
 
 
 _HANDLERS: dict[type[Any], Any] = {
-    Hello: SmtpSession._on_hello,
-    StartTlsRequested: SmtpSession._on_starttls,
-    AuthStarted: SmtpSession._on_auth_started,
-    AuthResponse: SmtpSession._on_auth_response,
-    AuthCancelled: SmtpSession._on_auth_cancelled,
-    MailFrom: SmtpSession._on_mail,
-    RcptTo: SmtpSession._on_rcpt,
-    DataRequested: SmtpSession._on_data,
-    MessageReceived: SmtpSession._on_message,
-    ChunkReceived: SmtpSession._on_chunk,
-    PassThrough: SmtpSession._on_pass_through,
-    ResetRequested: SmtpSession._on_reset,
-    QuitRequested: SmtpSession._on_quit,
-    ReplyNeeded: SmtpSession._on_reply_needed,
-    PrivacyRequired: SmtpSession._on_privacy_required,
-    LimitExceeded: SmtpSession._on_limit,
+    ev.Hello: SmtpSession._on_hello,
+    ev.StartTlsRequested: SmtpSession._on_starttls,
+    ev.AuthStarted: SmtpSession._on_auth_started,
+    ev.AuthResponse: SmtpSession._on_auth_response,
+    ev.AuthCancelled: SmtpSession._on_auth_cancelled,
+    ev.MailFrom: SmtpSession._on_mail,
+    ev.RcptTo: SmtpSession._on_rcpt,
+    ev.DataRequested: SmtpSession._on_data,
+    ev.MessageReceived: SmtpSession._on_message,
+    ev.ChunkReceived: SmtpSession._on_chunk,
+    ev.PassThrough: SmtpSession._on_pass_through,
+    ev.ResetRequested: SmtpSession._on_reset,
+    ev.QuitRequested: SmtpSession._on_quit,
+    ev.ReplyNeeded: SmtpSession._on_reply_needed,
+    ev.PrivacyRequired: SmtpSession._on_privacy_required,
+    ev.LimitExceeded: SmtpSession._on_limit,
 }
 
 __all__ = ["MAX_AUTH_FAILURES", "POST_AUTH_IDLE_TIMEOUT_S", "SmtpSession"]

@@ -30,7 +30,10 @@ too, so there is one record builder per event:
 
 What the gate does is reported to an :class:`Observer` (Prometheus in a server,
 :class:`NullObserver` for one-shot CLI commands); the API and the server report
-through the same object (``gate.observer``).
+through the same object (``gate.observer``). Users are told by a :class:`Notices`
+observer (``gate.notices``, the server's ``proxy.notify.Notifier``): it sees each
+recorded access decision (:class:`DecisionSeen`) and queues notice mail off the
+decision path; its ``notice`` records go through :meth:`Gate.record_notice`.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ from proxy.gate.identity import (
 )
 from proxy.gate.interfaces import (
     AuditSink,
+    DecisionSeen,
     GateObserver,
     LiveSession,
+    Notices,
     NullObserver,
     Observer,
     TrustAdmin,
@@ -76,6 +81,7 @@ from proxy.gate.records import (
     attestation_record,
     decision_record,
     device_record,
+    notice_record,
 )
 from proxy.net.limits import Limits
 from proxy.oplog import get_logger
@@ -88,7 +94,7 @@ from proxy.policy import (
     evaluate,
     evaluate_authorities,
 )
-from proxy.posture import Posture, PostureReader
+from proxy.posture import POSTURE_CACHED, Posture, PostureReader
 
 if TYPE_CHECKING:
     import asyncio
@@ -141,6 +147,8 @@ class Gate(DeviceAdmin):
         self.trust = trust if trust is not None else TrustState()
         self._crl = crl or (lambda: None)
         self._on_revoked: list[Callable[[str], None]] = []
+        #: Told of every recorded access decision (``proxy.notify``); None: nobody.
+        self.notices: Notices | None = None
 
     @property
     def observer(self) -> Observer:
@@ -161,7 +169,8 @@ class Gate(DeviceAdmin):
         return decision
 
     async def explain(
-        self, identity: Identity, origin: Origin, *, posture: Posture | None = None
+        self, identity: Identity, origin: Origin, *, posture: Posture | None = None,
+        actor: str | None = None,
     ) -> Decision:
         """What-if: the decision :meth:`decide` would take, recorded as an ``explain``
         record (never counted as an access decision). ``posture`` replaces the stored
@@ -169,16 +178,19 @@ class Gate(DeviceAdmin):
 
         Like :meth:`decide` it never raises for store or audit failures: the answer
         is then a temporary deny whose reason is :data:`STORE_UNAVAILABLE` or
-        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer"."""
-        decision, _ = await self._decide("explain", identity, origin, posture)
+        :data:`AUDIT_UNAVAILABLE`, which callers report as "cannot answer". ``actor``
+        (who asked) goes into the record."""
+        decision, _ = await self._decide("explain", identity, origin, posture, actor)
         return decision
 
     async def _decide(
-        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None
+        self, event: str, identity: Identity, origin: Origin, what_if: Posture | None,
+        actor: str | None = None,
     ) -> tuple[Decision, int]:
         started = time.perf_counter()
         policy = self._policy()
         device = None
+        POSTURE_CACHED.set(False)
         try:
             decision, posture, device = await self._evaluate(
                 identity, origin, policy, what_if, record_binding=event == "decision")
@@ -187,14 +199,36 @@ class Gate(DeviceAdmin):
             self._observer.upstream_failed("posture_store")
             decision, posture = _temporary(policy, STORE_UNAVAILABLE), None
         latency_us = int((time.perf_counter() - started) * 1e6)
+        now = self._clock()
         fields = decision_record(event, identity, origin, decision, posture, latency_us,
-                                 self._clock(), device)
+                                 now, device)
+        if actor:
+            fields["actor"] = actor
+        fields["posture_cached"] = POSTURE_CACHED.get()  # Redis down: read from its cache
         try:
             await self._audit.write(fields)
         except Exception as exc:  # AuditUnavailable or anything else: fail closed
             log.error("audit log unavailable; refusing", error=str(exc))
-            decision = _temporary(policy, AUDIT_UNAVAILABLE)
+            return _temporary(policy, AUDIT_UNAVAILABLE), latency_us
+        if event == "decision" and self.notices is not None:
+            self.notices.decided(DecisionSeen(identity, origin, decision, policy, device, now))
         return decision, latency_us
+
+    def warning_alert(self, identity: Identity, origin: Origin,
+                      decision: Decision) -> str | None:
+        """The warning an allowed login should show now (IMAP ``* OK [ALERT]``), as
+        the notices observer rations it (once per device per day), or None."""
+        if self.notices is None or not decision.allow or not decision.reasons:
+            return None
+        device = self.trust.resolve(identity.device_id) if identity.device_id else None
+        seen = DecisionSeen(identity, origin, decision, self._policy(), device, self._clock())
+        return self.notices.alert(seen)
+
+    async def record_notice(self, user: str, device: str | None, reason: str, kind: str,
+                            channel: str, result: str, **extra: Any) -> None:
+        """A user was told (or telling failed): its ``notice`` record."""
+        await self._write_quietly(notice_record(user, device, reason, kind, channel,
+                                                result, **extra))
 
     async def _evaluate(
         self, identity: Identity, origin: Origin, policy: Policy,
@@ -510,7 +544,8 @@ async def _safe_terminate(session: LiveSession, text: str) -> None:
     import asyncio
 
     try:
-        await asyncio.wait_for(session.terminate(text), timeout=5)
+        async with asyncio.timeout(5):
+            await session.terminate(text)
     except Exception as exc:
         log.warning("terminating session failed", error=str(exc))
 
@@ -533,10 +568,12 @@ __all__ = [
     "UNIDENTIFIED_TEXT",
     "UNKNOWN_DEVICE",
     "AuditSink",
+    "DecisionSeen",
     "Gate",
     "GateObserver",
     "Identity",
     "LiveSession",
+    "Notices",
     "NullObserver",
     "Observer",
     "Origin",
@@ -550,5 +587,6 @@ __all__ = [
     "device_record",
     "judge",
     "judge_postures",
+    "notice_record",
     "origin_for",
 ]

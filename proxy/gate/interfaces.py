@@ -3,6 +3,7 @@ and, for device administration, the store's trust records."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.gate.identity import Identity, Origin
@@ -17,6 +18,30 @@ class LiveSession(Protocol):
     origin: Origin
 
     async def terminate(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSeen:
+    """One access decision as a notifier sees it, after its record was written:
+    who, on which device (``device``: the resolved one), under which policy, when."""
+
+    identity: Identity
+    origin: Origin
+    decision: Decision
+    policy: Policy
+    device: str | None
+    now: float
+
+
+class Notices(Protocol):
+    """Observes the gate's decisions to tell users (``proxy.notify.Notifier``). Both
+    run on the decision path: they must return at once and never raise."""
+
+    def decided(self, seen: DecisionSeen) -> None:
+        """Queue the notices this decision calls for (mail goes out later)."""
+
+    def alert(self, seen: DecisionSeen) -> str | None:
+        """The warning to show this login now (IMAP ``* OK [ALERT]``), or None."""
 
 
 class AuditSink(Protocol):

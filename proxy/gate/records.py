@@ -101,3 +101,15 @@ def device_record(event: str, device_id: str, device: str, actor: str,
                               "actor": actor, "via": via}
     fields.update(extra)
     return fields
+
+
+def notice_record(user: str, device: str | None, reason: str, kind: str, channel: str,
+                  result: str, **extra: Any) -> dict[str, Any]:
+    """``notice``: a user was told (``kind`` warning | deny) through ``channel``
+    (``mail`` | ``imap_alert``), ``result`` delivered | failed (with ``error``).
+    Never the message itself."""
+    fields: dict[str, Any] = {"event": "notice", "user": user, "device": device,
+                              "reason": reason, "kind": kind, "channel": channel,
+                              "result": result}
+    fields.update(extra)
+    return fields

@@ -168,11 +168,11 @@ def parse_time(value: object) -> float:
         text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp())
+    except (ValueError, OverflowError):  # OverflowError: year 1 with a + offset
         raise MalformedDevice(f"bad time {value!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp())
 
 
 def app(app_id: object, name: object, version: object) -> App | None:

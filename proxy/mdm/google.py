@@ -6,10 +6,16 @@ delegation, acting for ``subject`` (an administrator) with the scope
 ``secret_file`` is the service account's JSON key.
 
 Listing: ``GET /admin/directory/v1/customer/{customer}/devices/mobile`` with
-``projection=FULL``, ``maxResults`` and ``pageToken`` paging; an incremental pass
-searches ``sync:<date>..`` (day granularity: the overlap is harmless, unchanged
-devices are not written again). Android devices list ``applications``
-(``packageName``, ``displayName``, ``versionName``).
+``projection=FULL``, ``maxResults`` (at most 100) and ``pageToken`` paging. An
+incremental pass does not search (``query=sync:<date>..``): Google's search guide
+says data updates "can take up to 36 hours to be reflected in search results", and
+the search is day-granular. It lists instead with ``orderBy=lastSync`` and
+``sortOrder=DESCENDING`` and stops after the first page that reaches back past the
+cursor. Android devices list ``applications`` (``packageName``, ``displayName``,
+``versionName``).
+
+The method lists user-owned devices; Google's reference points to the Cloud Identity
+Devices API for company-owned ones (not read here).
 
 An Android work profile (``managedAccountIsOnOwnerProfile`` false) and iOS devices
 (Google lists no apps for them) are ``managed-only``. ``status`` ``BLOCKED``,
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 from proxy.config.mdm import MdmConfig
@@ -61,17 +66,26 @@ class GoogleConnector:
         cfg = self._cfg
         url = f"{cfg.base_url}/admin/directory/v1/customer/{cfg.customer}/devices/mobile"
         params = {"projection": "FULL", "maxResults": str(min(cfg.page_size or PAGE_SIZE, 100))}
-        if since is not None:
-            params["query"] = f"sync:{datetime.fromtimestamp(since, UTC):%Y-%m-%d}.."
+        if since is not None:  # newest first; see the module docstring
+            params.update(orderBy="lastSync", sortOrder="DESCENDING")
         while True:
             body = await self._http.get_json(url, token=self._token, params=params)
             if not isinstance(body, dict) or not isinstance(body.get("mobiledevices", []), list):
                 raise MdmError("garbage", "Directory API answered something other than a page")
-            yield convert(body.get("mobiledevices", []))
+            page = convert(body.get("mobiledevices", []))
+            yield page
             next_token = body.get("nextPageToken")
             if not isinstance(next_token, str) or not next_token:
                 return
+            if since is not None and _reaches_back(page, since):
+                return
             params = {**params, "pageToken": next_token}
+
+
+def _reaches_back(page: Page, since: float) -> bool:
+    """Whether a newest-first page lists a device synced before ``since`` (the rest
+    are older still). A page of only unusable records does not stop the listing."""
+    return any(d.last_seen < since for d in page.devices)
 
 
 def convert(records: list[Any]) -> Page:

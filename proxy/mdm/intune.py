@@ -1,17 +1,29 @@
-"""Microsoft Intune through Microsoft Graph (v1.0).
+"""Microsoft Intune through Microsoft Graph (the ``beta`` endpoint; see below).
 
 Token: OAuth 2.0 client credentials at the tenant's endpoint
 (``https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token``, scope
 ``https://graph.microsoft.com/.default``); the app registration needs the
 application permission ``DeviceManagementManagedDevices.Read.All`` only.
 
+Why ``beta``: in Graph ``v1.0`` a ``managedDevice`` has neither ``managementState``
+(retire / wipe pending) nor the ``detectedApps`` relationship, so neither a leaver's
+phone nor a device's installed apps can be read there; ``beta`` has both (Graph
+reference, "managedDevice resource type", v1.0 and beta; the v1.0 and beta SDK
+models agree). ``base_url`` names the Graph service (``https://graph.microsoft.com``,
+a national cloud, a test fake), with or without a trailing ``/v1.0`` or ``/beta``;
+the connector always calls ``<service>/beta``.
+
 Listing: ``GET /deviceManagement/managedDevices`` with ``$select`` (only the fields
-below) and, for an incremental pass, ``$filter=lastSyncDateTime ge <time>``; pages
-follow ``@odata.nextLink``. Installed apps: ``GET
+below) and, for an incremental pass, ``$filter=lastSyncDateTime gt <time>`` (the
+reference: "Supports $filter operator 'lt' and 'gt'", not ``ge``); pages follow
+``@odata.nextLink``. Installed apps: ``GET
 /deviceManagement/managedDevices/{id}/detectedApps`` per device (also paged), a few
-devices at a time. ``detectedApps`` carry a display name and a version but no
-package id, so the name is also the app's id (policy rules match it with ``names``,
-or with ``ids`` where Intune reports the package name as the display name).
+devices at a time. A ``detectedApp`` carries ``displayName``, ``version``,
+``publisher`` and ``platform`` but no package or bundle id, so the display name is
+also the app's id (policy rules match it with ``names``, or with ``ids`` where Intune
+reports the package name as the display name). ``udid`` is empty in a listing (the
+reference: actual values only on a GET of one device), so Intune devices alias by
+EAS DeviceId, serial and Intune id.
 
 Intune lists unmanaged apps only on corporate-owned devices
 (``managedDeviceOwnerType = company``); a personal device's inventory is
@@ -58,14 +70,15 @@ class IntuneConnector:
         base = urlsplit_base(cfg.base_url)
         self._token = ClientCredentials(http, token_url, cfg.client_id, secret,
                                         scope=f"{base}/.default")
+        self._graph = graph_beta(cfg.base_url)
 
     async def devices(self, since: float | None) -> AsyncIterator[Page]:
         cfg = self._cfg
         params = {"$select": SELECT, "$top": str(cfg.page_size or PAGE_SIZE)}
         if since is not None:
             when = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            params["$filter"] = f"lastSyncDateTime ge {when}"
-        url: str | None = f"{cfg.base_url}/deviceManagement/managedDevices"
+            params["$filter"] = f"lastSyncDateTime gt {when}"
+        url: str | None = f"{self._graph}/deviceManagement/managedDevices"
         limit = asyncio.Semaphore(cfg.concurrency)
         while url is not None:
             body = await self._http.get_json(url, token=self._token, params=params)
@@ -77,18 +90,17 @@ class IntuneConnector:
         """The page's devices, each with its detectedApps (a few requests at a time)."""
         page = page_of(records, parse_device)
 
-        async def with_apps(d: MdmDevice) -> MdmDevice:
+        async def one(d: MdmDevice) -> MdmDevice:
             if d.gone:
                 return d
             async with limit:
-                return _with_apps(d, await self._apps(d.ids["mdm_id"]))
+                return with_apps(d, await self._apps(d.ids["mdm_id"]))
 
-        page.devices = list(await asyncio.gather(*(with_apps(d) for d in page.devices)))
+        page.devices = list(await asyncio.gather(*(one(d) for d in page.devices)))
         return page
 
     async def _apps(self, mdm_id: str) -> list[Any]:
-        url: str | None = (f"{self._cfg.base_url}/deviceManagement/managedDevices/"
-                           f"{mdm_id}/detectedApps")
+        url: str | None = f"{self._graph}/deviceManagement/managedDevices/{mdm_id}/detectedApps"
         params = {"$select": "id,displayName,version"}
         out: list[Any] = []
         while url is not None:
@@ -105,6 +117,14 @@ def urlsplit_base(base_url: str) -> str:
 
     u = urlsplit(base_url)
     return f"{u.scheme}://{u.netloc}"
+
+
+def graph_beta(base_url: str) -> str:
+    """``<service>/beta`` from the configured Graph URL (see the module docstring)."""
+    root = base_url.rstrip("/")
+    for version in ("/v1.0", "/beta"):
+        root = root.removesuffix(version)
+    return f"{root}/beta"
 
 
 def _page(body: Any, base_url: str) -> tuple[list[Any], str | None]:
@@ -142,7 +162,7 @@ def parse_device(d: Any) -> MdmDevice | None:
     )
 
 
-def _with_apps(device: MdmDevice, records: list[Any]) -> MdmDevice:
+def with_apps(device: MdmDevice, records: list[Any]) -> MdmDevice:
     """The device with its detectedApps (the display name is also the id). The
     common case is inlined: 150 apps x 10,000 devices per full sync."""
     from dataclasses import replace

@@ -1,18 +1,30 @@
 """Jamf Pro through the Jamf Pro API.
 
 Token: OAuth client credentials at ``<base_url>/api/oauth/token`` (an API client
-whose role grants "Read Mobile Devices" only).
+whose role grants "Read Mobile Devices" only; Jamf Pro 10.49 or later).
 
 Listing: ``GET /api/v2/mobile-devices/detail`` with the sections ``GENERAL``,
 ``HARDWARE``, ``USER_AND_LOCATION`` and ``APPLICATIONS``, ``page``/``page-size``
-paging sorted by id until ``totalCount``; an incremental pass adds an RSQL
-``filter`` on ``general.lastInventoryUpdateDate``. Applications carry the bundle
-``identifier``, ``name`` and ``version``.
+paging sorted by ``mobileDeviceId:asc`` until ``totalCount``; an incremental pass
+adds the RSQL ``filter`` ``lastInventoryUpdateDate>="<time>"``. The filter and sort
+fields are the endpoint's flat names, not section paths (Jamf Pro API reference,
+"Return paginated Mobile Device Inventory records": "Fields allowed in the query:
+... lastInventoryUpdateDate ..."; supported since 11.4.0). A record is
+``mobileDeviceId``, ``deviceType`` (``iOS``, ``tvOS``, ``watchOS``...) and one
+object per section: ``general`` (``udid``, ``lastInventoryUpdateDate``,
+``osVersion``, ``managed``, ``deviceOwnershipType``, and for iOS
+``exchangeDeviceId``), ``hardware`` (``serialNumber``, ``model``),
+``userAndLocation`` (``emailAddress``, ``username``) and ``applications``
+(``identifier``, ``name``, ``version``).
 
-User Enrollment and personal device profiles (``general.deviceOwnershipType`` other
-than ``Institutional``) let Jamf see only managed apps: ``managed-only``. A device
-no longer managed (``general.managed`` false) loses its posture. Jamf has no
-compliance verdict of its own for mobile devices: ``unknown``.
+``deviceOwnershipType`` is ``Institutional``, ``UserEnrollment``,
+``AccountDrivenUserEnrollment`` or ``AccountDrivenDeviceEnrollment`` (and
+``PersonalDeviceProfile`` before 11.25). User Enrollment of either kind lets the MDM
+see only the apps it manages: ``managed-only``; institutional and account-driven
+*device* enrollment are ``full``; a record without the field is ``managed-only``
+(nothing says the inventory is whole). A device no longer managed
+(``general.managed`` false) loses its posture. Jamf has no compliance verdict of its
+own for mobile devices: ``unknown``.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from proxy.mdm.http import ClientCredentials, MdmError, MdmHttp
 
 PAGE_SIZE = 100
 SECTIONS = ("GENERAL", "HARDWARE", "USER_AND_LOCATION", "APPLICATIONS")
+#: ``deviceOwnershipType`` values whose inventory lists every app.
+FULL_INVENTORY = frozenset({"Institutional", "AccountDrivenDeviceEnrollment"})
 
 
 class JamfConnector:
@@ -52,7 +66,7 @@ class JamfConnector:
         base += [("page-size", str(size)), ("sort", "mobileDeviceId:asc")]
         if since is not None:
             when = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            base.append(("filter", f'general.lastInventoryUpdateDate>="{when}"'))
+            base.append(("filter", f'lastInventoryUpdateDate>="{when}"'))
         url = f"{self._cfg.base_url}/api/v2/mobile-devices/detail"
         number = done = 0
         while True:
@@ -79,26 +93,28 @@ def parse_device(d: Any) -> MdmDevice | None:
         raise MalformedDevice("not an object")
     general, hardware, person = (_section(d, k) for k in ("general", "hardware",
                                                           "userAndLocation"))
-    mdm_id = d.get("mobileDeviceId")
-    ids = device_ids(mdm_id=str(mdm_id) if isinstance(mdm_id, int | str) else None,
+    mdm_id = d.get("mobileDeviceId")  # a string in the reference; older servers: a number
+    if isinstance(mdm_id, int) and not isinstance(mdm_id, bool):
+        mdm_id = str(mdm_id)
+    ids = device_ids(mdm_id=mdm_id,
                      udid=general.get("udid"), serial=hardware.get("serialNumber"),
                      easDeviceId=general.get("exchangeDeviceId"))
     try:
         last_seen = parse_time(general.get("lastInventoryUpdateDate"))
     except MalformedDevice as exc:
         raise MalformedDevice(str(exc), tuple(ids.values())) from None
-    user = mailbox(person.get("email"), person.get("username"))
+    user = mailbox(person.get("emailAddress"), person.get("username"))
     platform = _platform_of(d.get("deviceType") or "iOS", hardware.get("model"))
     if user is None or platform not in ("ios", "ipados"):
         return None
     apps_in = d.get("applications")
     apps = [a for r in (apps_in if isinstance(apps_in, list) else []) if isinstance(r, dict)
             if (a := app(r.get("identifier"), r.get("name"), r.get("version"))) is not None]
-    ownership = str(general.get("deviceOwnershipType") or "Institutional")
+    ownership = general.get("deviceOwnershipType")
     return MdmDevice(
         ids=ids, user=user, platform=platform, os_version=str(general.get("osVersion") or ""),
         apps=tuple(apps), last_seen=last_seen, managed=general.get("managed") is not False,
-        inventory="full" if ownership.lower() == "institutional" else "managed-only",
+        inventory="full" if ownership in FULL_INVENTORY else "managed-only",
         compliance="unknown", gone=general.get("managed") is False,
     )
 

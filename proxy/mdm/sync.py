@@ -16,7 +16,10 @@ resync is due (``full_interval``) or no cursor exists yet. Page by page:
 4. retired or wipe-pending devices lose their posture at once.
 
 After a full listing that completed, devices the store holds for this connector but
-the MDM no longer listed lose their posture too. Each pass ends with one
+the MDM no longer listed lose their posture too. With a :class:`~proxy.mdm.cursor.
+CursorFile` (``mailward serve``: ``<state_dir>/mdm-<name>.cursor.json``) the cursor
+and the time of the last full pass survive a restart: the first pass after it is
+incremental, the full resync stays on its interval. Each pass ends with one
 ``mdm_sync`` record (counts and the removed devices) and its metrics. A pass that
 fails (MDM unreachable, garbage, auth) changes nothing more: the posture already
 stored stays until the policy's ``max_posture_age`` makes it stale.
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.config.mdm import MdmConfig
 from proxy.mdm import Connector, MdmDevice, Page
+from proxy.mdm.cursor import CursorFile, SavedCursor, cursor_path, mdm_identity
 from proxy.mdm.http import MdmError, MdmHttp
 from proxy.oplog import get_logger
 from proxy.posture import Posture, device_key
@@ -123,6 +127,7 @@ class ConnectorState:
     last_error: str | None = None  # None while the last pass succeeded
     cursor: float | None = None  # newest MDM inventory time seen
     last_full: float | None = None  # monotonic time of the last complete full pass
+    last_full_at: float | None = None  # the same, wall clock (saved with the cursor)
     devices: int | None = None  # devices listed by the last complete full pass
 
     def degraded(self, name: str) -> str | None:
@@ -138,7 +143,8 @@ class MdmSync:
 
     def __init__(self, cfg: MdmConfig, connector: Connector, *, store: MdmStore, gate: Gate,
                  audit: AuditSink | None, observer: MdmObserver | None = None,
-                 clock: Callable[[], float] = time.time, dry_run: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, dry_run: bool = False,
+                 cursor_file: CursorFile | None = None) -> None:
         self.cfg, self.connector = cfg, connector
         self.source = cfg.source
         self.state = ConnectorState()
@@ -147,6 +153,8 @@ class MdmSync:
         self._clock = clock
         self._dry_run = dry_run
         self._limit = asyncio.Semaphore(ATTEST_CONCURRENCY)
+        self._cursor_file = cursor_file
+        self._restored = cursor_file is None
 
     def full_due(self) -> bool:
         last = self.state.last_full
@@ -157,6 +165,8 @@ class MdmSync:
                        progress: Callable[[SyncReport], None] | None = None) -> SyncReport:
         """One pass (full when due, or as asked); never raises for MDM or store
         failures: they are in the report, the record and the metrics."""
+        if not self._restored:
+            await self._restore()
         started = time.monotonic()
         full = self.full_due() if full is None else full
         state = self.state
@@ -190,6 +200,9 @@ class MdmSync:
                 state.cursor = newest or state.cursor or self._clock()
             if report.full:
                 state.last_full, state.devices = started, report.seen
+                state.last_full_at = self._clock() - (time.monotonic() - started)
+            if self._cursor_file is not None and not self._dry_run and state.cursor:
+                self._cursor_file.save(SavedCursor(state.cursor, state.last_full_at))
             log.info("mdm sync", connector=self.cfg.name, full=report.full, seen=report.seen,
                      changed=report.changed, removed=len(report.removed),
                      malformed=report.malformed, seconds=round(report.seconds, 3))
@@ -200,6 +213,25 @@ class MdmSync:
                       kind=report.error_kind, error=report.error)
         self._observer.mdm_synced(self.cfg.name, report.seconds,
                                   state.devices if report.full and report.ok else None)
+
+    async def _restore(self) -> None:
+        """The saved cursor, if it can be trusted (see :mod:`proxy.mdm.cursor`)."""
+        self._restored = True
+        assert self._cursor_file is not None
+        now = self._clock()
+        saved = self._cursor_file.load(now)
+        try:
+            if saved is None or not await self._store.mdm_devices(self.source):
+                return
+        except (sqlite3.Error, OSError):
+            return  # the pass reports the store's state
+        state = self.state
+        state.cursor = saved.cursor
+        if saved.last_full is not None and now - saved.last_full < self.cfg.full_interval_s:
+            state.last_full_at = saved.last_full
+            state.last_full = time.monotonic() - (now - saved.last_full)
+        log.info("mdm cursor restored", connector=self.cfg.name, cursor=saved.cursor,
+                 full_due=self.full_due())
 
     # ------------------------------------------------------------------ one page
 
@@ -365,8 +397,9 @@ class MdmRunner:
         for m in cfg.mdm:
             http = MdmHttp(m.name, timeout_s=m.timeout_s)
             self._http.append(http)
+            cursor = CursorFile(cursor_path(cfg.server.state_dir, m.name), mdm_identity(m))
             self.syncs.append(MdmSync(m, open_connector(m, http), store=store, gate=gate,
-                                      audit=audit, observer=observer))
+                                      audit=audit, observer=observer, cursor_file=cursor))
 
     def spawn(self, spawn: Callable[[Any, str], Any]) -> None:
         for sync in self.syncs:

@@ -13,6 +13,14 @@ to the connection's :class:`~proxy.net.socket_transport.SocketTransport` through
 :func:`take_ticket` (by file descriptor, in the same callback), which releases it
 when a device certificate verifies and when the connection closes.
 
+PROXY protocol (``proxy_protocol = true`` on a listener): a connection is served
+only from ``[server] trusted_proxies``, otherwise closed at once; its PROXY v1/v2
+header (:mod:`proxy.net.proxy_protocol`) is read before anything else (before TLS),
+within :data:`PROXY_HEADER_TIMEOUT_S`, and the client address it names is the one the
+limits count and the transport reports as ``peername`` (:func:`take_peer`), so
+records and limits see the phone, not the load balancer. The server announces a
+listener's policy with :func:`expect_proxy_protocol` before starting it.
+
 Running out of file descriptors: one descriptor is kept in reserve; it is given up
 to accept and close the waiting connections (so their clients see a close, not a
 silent connection stuck in the kernel's queue), then accepting pauses for
@@ -24,14 +32,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.net import limits as _limits
 from proxy.net.limits import FILE_DESCRIPTORS, Limits, Ticket
+from proxy.net.proxy_protocol import MAX_HEADER_BYTES, ProxyProtocolError, parse
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -42,6 +53,51 @@ ACCEPTS_PER_CALLBACK = 64
 ACCEPT_RETRY_S = 0.1
 
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+#: A PROXY protocol header must arrive within this long after the connection.
+PROXY_HEADER_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocol:
+    """A listener that takes PROXY protocol headers from these networks only."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def of(cls, cidrs: tuple[str, ...]) -> ProxyProtocol:
+        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted)
+
+
+#: Listeners about to start that take PROXY protocol, by (host, port) as configured.
+_expected: dict[tuple[str, int], ProxyProtocol] = {}
+#: Client addresses from PROXY headers, by file descriptor, until the transport
+#: takes them (:func:`take_peer`).
+_peers: dict[int, tuple[str, int]] = {}
+
+
+def expect_proxy_protocol(host: str, port: int, policy: ProxyProtocol | None) -> None:
+    """The listener the server starts next on ``host:port`` takes PROXY headers
+    (``None``: forget it again once started)."""
+    if policy is None:
+        _expected.pop((host, port), None)
+    else:
+        _expected[(host, port)] = policy
+
+
+def take_peer(fd: int) -> tuple[str, int] | None:
+    """The client address a PROXY header gave for an accepted socket, if any."""
+    return _peers.pop(fd, None)
+
 
 #: Tickets of connections accepted in this callback, by file descriptor, until their
 #: transport takes them (:func:`take_ticket`).
@@ -75,9 +131,13 @@ class SocketServer:
         backlog: int = 1024,
         limits: Limits | None = None,
         listener: str = "",
+        proxy_protocol: ProxyProtocol | None = None,
     ) -> None:
         """``limits`` defaults to the server's installed ones; ``listener`` (the
-        metric label) to the name the server gave this port."""
+        metric label) to the name the server gave this port; ``proxy_protocol`` to
+        what the server announced for ``host:port``."""
+        self._proxy = proxy_protocol or _expected.get((host, port))
+        self._pending: set[asyncio.Task[None]] = set()
         self._loop = loop
         self._on_accept = on_accept
         self._limits = limits
@@ -133,17 +193,57 @@ class SocketServer:
                     self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(ACCEPT_RETRY_S, self._resume, listener)
                 return  # ECONNABORTED and the like: the next readiness will do
-            if limits is not None and not self._admit(conn, addr, limits, name):
+            if self._proxy is not None:
+                self._proxied(conn, addr, self._proxy)
                 continue
-            try:
-                self._on_accept(conn)
-            except Exception:
-                log.exception("accept handler failed")
-                conn.close()
-            finally:
-                left = _tickets.pop(conn.fileno(), None) if conn.fileno() >= 0 else None
-                if left is not None:  # no transport took it
-                    left[0].close()
+            self._hand_over(conn, addr, limits, name)
+
+    def _hand_over(self, conn: socket.socket, addr: Any, limits: Limits | None,
+                   name: str) -> None:
+        if limits is not None and not self._admit(conn, addr, limits, name):
+            return
+        try:
+            self._on_accept(conn)
+        except Exception:
+            log.exception("accept handler failed")
+            conn.close()
+        finally:
+            fd = conn.fileno()
+            left = _tickets.pop(fd, None) if fd >= 0 else None
+            if left is not None:  # no transport took it
+                left[0].close()
+            if fd >= 0:
+                _peers.pop(fd, None)
+
+    def _proxied(self, conn: socket.socket, addr: Any, policy: ProxyProtocol) -> None:
+        """A connection on a PROXY protocol listener: only from a trusted proxy;
+        its header is read off the event loop's accept path."""
+        ip = addr[0] if isinstance(addr, tuple) else ""
+        if not policy.trusts(ip):
+            log.warning("PROXY protocol connection from an untrusted address; closed",
+                        client_ip=ip, listener=self._listener)
+            _refuse(conn)
+            return
+        task = self._loop.create_task(self._read_header(conn, addr))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _read_header(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            async with asyncio.timeout(PROXY_HEADER_TIMEOUT_S):
+                header = await _proxy_header(self._loop, conn)
+        except (ProxyProtocolError, TimeoutError, OSError) as exc:
+            log.warning("bad or missing PROXY protocol header; closed",
+                        proxy_ip=addr[0] if isinstance(addr, tuple) else "",
+                        error=str(exc) or type(exc).__name__)
+            _refuse(conn)
+            return
+        if header.source is not None and header.command == "PROXY":
+            addr = header.source
+        limits, name = self._names()
+        if conn.fileno() >= 0:
+            _peers[conn.fileno()] = (str(addr[0]), int(addr[1]))
+        self._hand_over(conn, addr, limits, name)
 
     @staticmethod
     def _admit(conn: socket.socket, addr: Any, limits: Limits, name: str) -> bool:
@@ -178,6 +278,8 @@ class SocketServer:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
         for sock in self.sockets:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
@@ -185,6 +287,42 @@ class SocketServer:
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
+
+
+async def _proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Any:
+    """Read exactly the PROXY header off ``conn`` (peeking, so the client's bytes
+    after it stay in the socket for TLS or the protocol)."""
+    conn.setblocking(False)
+    while True:
+        try:
+            data = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, conn)
+            continue
+        if not data:
+            raise ProxyProtocolError("connection closed before the PROXY header")
+        header = parse(data)
+        if header is not None:
+            got = b""
+            while len(got) < header.length:  # all peeked already: recv returns at once
+                got += conn.recv(header.length - len(got))
+            return header
+        await asyncio.sleep(0.01)  # more of the header is on its way
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def bind_failure(exc: OSError) -> str:
@@ -206,5 +344,5 @@ def _refuse(conn: socket.socket) -> None:
     conn.close()
 
 
-__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "SocketServer", "bind_failure",
-           "take_ticket"]
+__all__ = ["ACCEPTS_PER_CALLBACK", "ACCEPT_RETRY_S", "ProxyProtocol", "SocketServer",
+           "bind_failure", "expect_proxy_protocol", "take_peer", "take_ticket"]

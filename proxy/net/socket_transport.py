@@ -41,7 +41,7 @@ from typing import Any
 
 from proxy.net import memory
 from proxy.net.limits import Limits, Ticket
-from proxy.net.listener import SocketServer, take_ticket
+from proxy.net.listener import SocketServer, take_peer, take_ticket
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
@@ -86,10 +86,31 @@ class SocketTransport(asyncio.Transport):
     buffer (which may be :func:`shared_read_buffer`)."""
 
     # Phones hold IMAP sessions for hours: no per-instance __dict__.
-    __slots__ = ("_buffered", "_closed", "_closing", "_drained", "_fd", "_handshake",
-                 "_high", "_inflight", "_linger_timer", "_loop", "_lost_scheduled", "_low",
-                 "_outgoing", "_outgoing_size", "_protocol", "_protocol_paused",
-                 "_read_paused", "_reading", "_sock", "_ticket", "_tls", "_writer_added")
+    __slots__ = (
+        "_buffered",
+        "_closed",
+        "_closing",
+        "_drained",
+        "_fd",
+        "_handshake",
+        "_high",
+        "_inflight",
+        "_linger_timer",
+        "_loop",
+        "_lost_scheduled",
+        "_low",
+        "_outgoing",
+        "_outgoing_size",
+        "_peer",
+        "_protocol",
+        "_protocol_paused",
+        "_read_paused",
+        "_reading",
+        "_sock",
+        "_ticket",
+        "_tls",
+        "_writer_added",
+    )
 
     def __init__(
         self,
@@ -127,6 +148,7 @@ class SocketTransport(asyncio.Transport):
         # An accepted connection's limits ticket (proxy.net.listener): released when a
         # device certificate verifies or the connection closes.
         self._ticket: tuple[Ticket, Limits, str] | None = take_ticket(self._fd)
+        self._peer = take_peer(self._fd)  # the client's address from a PROXY header
         memory.connection_opened()
         self._loop.call_soon(protocol.connection_made, self)
         if start_reading:
@@ -138,6 +160,8 @@ class SocketTransport(asyncio.Transport):
         # Asked of the socket (and OpenSSL) when wanted, not kept per connection.
         if name == "socket":
             return self._sock
+        if name == "peername" and self._peer is not None:
+            return self._peer
         if name in ("peername", "sockname") and not self._closed:
             try:
                 return self._sock.getpeername() if name == "peername" else self._sock.getsockname()
@@ -284,7 +308,8 @@ class SocketTransport(asyncio.Transport):
                 await asyncio.wait_for(self._handshake, timeout)
             except BaseException:
                 if counted is not None:
-                    counted[1].handshake_finished(counted[2], _peer_ip(tls_sock), ok=False)
+                    counted[1].handshake_finished(
+                        counted[2], self._peer[0] if self._peer else _peer_ip(tls_sock), ok=False)
                 raise
             if counted is not None:
                 counted[1].handshake_finished(counted[2], "", ok=True)

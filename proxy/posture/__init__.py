@@ -8,7 +8,8 @@ connector). A :class:`PostureStore` keeps the newest posture per device *per
 authority*, the replay memory (used ``jti`` values per issuer, issued nonces) and the
 device trust records: aliases, certificate bindings and revocations, with a change
 feed that lets a server notice what another process (the CLI) changed.
-``sqlite.py`` is the default store.
+``sqlite.py`` is the default store; ``redis.py`` is the store several instances
+share (scale-out).
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal, Protocol
 
 PLATFORMS = ("android", "ios", "ipados", "windows", "macos", "linux")
 
 CommitResult = Literal["ok", "bad_nonce", "replay", "revoked", "platform_mismatch"]
+
+#: Set (in the reading task's context) when a store answered a read from its local
+#: cache because its server was unreachable; the gate resets it before a decision
+#: and records it as ``posture_cached``.
+POSTURE_CACHED: ContextVar[bool] = ContextVar("posture_cached", default=False)
 
 #: The authority of a report signed by the device's own certificate.
 DEVICE_AUTHORITY = "device"
@@ -175,8 +183,11 @@ class PostureStore(PostureReader, Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> PostureStore:
-    """Open a store from a URL such as ``sqlite:///state/posture.db``.
+def open_store(url: str, *, state_dir: Path | None = None,
+               cache_max_age_s: float = 300.0) -> PostureStore:
+    """Open a store from a URL such as ``sqlite:///state/posture.db`` or
+    ``redis://host:6379/0`` (``state_dir`` keeps the Redis store's local copy of
+    revocations; ``cache_max_age_s`` bounds its read-through cache).
 
     Relative sqlite paths must already be resolved by ``proxy.config``.
     """
@@ -184,6 +195,8 @@ def open_store(url: str) -> PostureStore:
         from proxy.posture.sqlite import SqlitePostureStore
 
         return SqlitePostureStore(url.removeprefix("sqlite://"))
-    if url.startswith("redis://"):
-        raise ValueError("redis posture store is not available in this build")
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from proxy.posture.redis import RedisPostureStore
+
+        return RedisPostureStore(url, state_dir=state_dir, cache_max_age_s=cache_max_age_s)
     raise ValueError(f"unknown posture store URL {url!r}")

@@ -1,0 +1,98 @@
+"""Benchmark of ``mailward policy preview``: a 500-rule candidate policy against the
+policy in force (499 rules: the candidate adds a TikTok ban), over 100,000 devices in
+a synthetic SQLite posture store (40 apps per device, drawn from 5,000 app ids, about
+1 device in 20 with TikTok). Target: under 10 s for reading the store and judging
+every device under both policies.
+
+Prints the time to read the store, the time to judge, the total, devices per second
+and the newly denied count.
+
+    .venv/bin/python bench/preview.py [--devices N] [--apps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sqlite3
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from proxy.policies.preview import compare_devices, read_devices, relevant_to
+from proxy.posture.sqlite_schema import SCHEMA
+
+TIKTOK = "com.zhiliaoapp.musically"
+
+
+def policy_text(rules: int, with_tiktok: bool) -> str:
+    out = ['version = "bench"', 'mode = "enforce"']
+    for i in range(rules - 51):
+        out += ["[[prohibited]]", f'name = "App {i}"',
+                f'ids = ["com.banned{i}.app", "com.banned{i}.lite"]',
+                'reason = "r"', 'remediation = "Uninstall it."']
+    for i in range(50):
+        out += ["[[prohibited]]", f'name = "Vendor {i}"', f'ids = ["com.vendor{i}.*"]',
+                'reason = "r"', 'remediation = "Uninstall it."']
+    if with_tiktok:
+        out += ["[[prohibited]]", 'name = "TikTok"', f'ids = ["{TIKTOK}"]',
+                'names = ["TikTok*"]', 'reason = "r"', 'remediation = "Uninstall TikTok."']
+    return "\n".join(out) + "\n"
+
+
+def build_store(path: Path, devices: int, apps: int) -> None:
+    rng = random.Random(7)
+    pool = [f"com.example{i}.app" for i in range(5000)]
+    now = int(time.time())
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    rows = []
+    for n in range(devices):
+        chosen = [*rng.sample(pool, apps - 1), TIKTOK if n % 20 == 0 else "com.example.mail"]
+        device = f"bench-{n:06d}"
+        user = f"user{n}@corp.example"
+        doc = {"device_id": device, "user": user, "platform": "android" if n % 2 else "ios",
+               "os_version": "14", "managed": True, "iat": now - 60, "exp": now + 3600,
+               "jti": f"j{n}", "issuer": device, "attested_by": "device",
+               "received_at": now, "nonce": None, "source": "device", "signer": "",
+               "apps": [{"id": a, "version": "1.0", "name": ""} for a in chosen]}
+        rows.append((device, "device", user, json.dumps(doc), now))
+    db.executemany("INSERT INTO posture VALUES (?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=100_000)
+    ap.add_argument("--apps", type=int, default=40)
+    args = ap.parse_args()
+    from proxy.config import load_policy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "in-force.toml").write_text(policy_text(500, with_tiktok=False))
+        (d / "candidate.toml").write_text(policy_text(500, with_tiktok=True))
+        build_store(d / "posture.db", args.devices, args.apps)
+        started = time.perf_counter()
+        baseline = load_policy(d / "in-force.toml")
+        candidate = load_policy(d / "candidate.toml")
+        devices = read_devices(d / "posture.db", relevant_to(baseline, candidate))
+        read_s = time.perf_counter() - started
+        judged = time.perf_counter()
+        out = compare_devices(devices, baseline, candidate, datetime.now(UTC))
+        done = time.perf_counter()
+    total = done - started
+    print(f"preview: {args.devices} devices x {args.apps} apps, "
+          f"{len(candidate.prohibited)}-rule candidate vs {len(baseline.prohibited)} in force")
+    print(f"  read store + policies {read_s:6.2f} s")
+    print(f"  judge (both policies) {done - judged:6.2f} s")
+    print(f"  total                 {total:6.2f} s  ({args.devices / total:,.0f} devices/s; "
+          f"target < 10 s: {'ok' if total < 10 else 'MISSED'})")
+    print(f"  newly denied {len(out.newly_denied)}, unchanged {out.unchanged}")
+
+
+if __name__ == "__main__":
+    main()

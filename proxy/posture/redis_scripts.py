@@ -1,0 +1,258 @@
+"""The Redis posture store's Lua scripts: each store operation is one script, so it is
+atomic on the server (Redis runs a script to the end before any other command) and
+costs one round trip. Every script takes the key prefix as ``ARGV[1]``.
+
+Keys (``P`` = the prefix, ``mailward:`` by default):
+
+``P p:<device>``   hash: authority -> posture JSON (the newest per authority)
+``P u:<user>``     set of devices whose posture names the user
+``P devs``         set of devices with posture
+``P j:<issuer>:<jti>``  replay memory: ``exp`` + skew (compared with the caller's
+                   clock), with a TTL so Redis drops it afterwards
+``P n:<nonce>``    an issued challenge: its expiry, or ``used`` once consumed
+``P alias``        hash: alias -> device
+``P bind``         hash: device -> bound-at
+``P rev``          hash: device -> ``{"why", "actor", "at"}`` JSON
+``P unrev``        hash: device -> when it was last unrevoked (tells a stale local
+                   copy of a revocation from one Redis lost)
+``P seq``, ``P feed``  the change feed: a counter and a stream whose entry ids are
+                   ``<seq>-1`` (fields ``d`` device, ``k`` kind, ``o`` origin)
+``P policy:active``, ``P policy:<sha256>``  the policy in force (content-addressed)
+
+Device ids arrive lower-cased (:func:`proxy.posture.device_key`). The scripts build
+key names from the prefix, so the store needs a single Redis (or a Sentinel-managed
+primary), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Change-feed entries kept (about a day of changes at one a second).
+FEED_MAXLEN: Final = 100_000
+
+_COMMON = """
+local P = ARGV[1]
+local function feed(device, kind, origin)
+  local s = redis.call('INCR', P .. 'seq')
+  redis.call('XADD', P .. 'feed', 'MAXLEN', '~', 'FEED_MAXLEN', s .. '-1',
+             'd', device, 'k', kind, 'o', origin)
+end
+local function resolve(key)
+  return redis.call('HGET', P .. 'alias', key) or key
+end
+""".replace("FEED_MAXLEN", str(FEED_MAXLEN))
+
+#: ARGV: prefix, nonce ('' for none), now, key, authority, platform, iat, signer, jti,
+#: jti expiry, jti ttl, user, posture JSON, origin.
+COMMIT = _COMMON + """
+local nonce, now = ARGV[2], tonumber(ARGV[3])
+if nonce ~= '' then
+  local v = redis.call('GET', P .. 'n:' .. nonce)
+  if (not v) or v == 'used' or tonumber(v) <= now then return 'bad_nonce' end
+end
+local key = ARGV[4]
+local device = resolve(key)
+if redis.call('HEXISTS', P .. 'rev', device) == 1
+   or redis.call('HEXISTS', P .. 'rev', key) == 1 then return 'revoked' end
+local authority, pk = ARGV[5], P .. 'p:' .. device
+if authority == 'device' then
+  local all = redis.call('HGETALL', pk)
+  local best_mdm, best_iat, best_platform = -1, 0, nil
+  for i = 1, #all, 2 do
+    local p = cjson.decode(all[i + 1])
+    local m = (all[i] ~= 'device') and 1 or 0
+    if m > best_mdm or (m == best_mdm and p.iat > best_iat) then
+      best_mdm, best_iat, best_platform = m, p.iat, p.platform
+    end
+  end
+  if best_platform and best_platform ~= ARGV[6] then return 'platform_mismatch' end
+end
+local jk = P .. 'j:' .. ARGV[8] .. ':' .. ARGV[9]
+local seen = redis.call('GET', jk)
+if seen and tonumber(seen) > now then return 'replay' end
+redis.call('SET', jk, ARGV[10], 'EX', ARGV[11])
+if nonce ~= '' then redis.call('SET', P .. 'n:' .. nonce, 'used', 'KEEPTTL') end
+local cur = redis.call('HGET', pk, authority)
+if (not cur) or cjson.decode(cur).iat <= tonumber(ARGV[7]) then
+  redis.call('HSET', pk, authority, ARGV[13])
+  redis.call('SADD', P .. 'u:' .. ARGV[12], device)
+  redis.call('SADD', P .. 'devs', device)
+  feed(device, 'posture', ARGV[14])
+end
+return 'ok'
+"""
+
+#: ARGV: prefix, key. Returns {device, {authority, json, ...}}.
+POSTURES = _COMMON + """
+local device = resolve(ARGV[2])
+return {device, redis.call('HGETALL', P .. 'p:' .. device)}
+"""
+
+#: ARGV: prefix, user. Returns {device, {authority, json, ...}, ...}.
+USER_DEVICES = _COMMON + """
+local out = {}
+for _, d in ipairs(redis.call('SMEMBERS', P .. 'u:' .. ARGV[2])) do
+  out[#out + 1] = d
+  out[#out + 1] = redis.call('HGETALL', P .. 'p:' .. d)
+end
+return out
+"""
+
+#: ARGV: prefix. Returns {aliases, bound devices, revocations, seq}.
+TRUST = """
+local P = ARGV[1]
+return {redis.call('HGETALL', P .. 'alias'), redis.call('HKEYS', P .. 'bind'),
+        redis.call('HGETALL', P .. 'rev'), redis.call('GET', P .. 'seq') or '0'}
+"""
+
+#: ARGV: prefix, seq. Returns {newest seq, entries} (entries only when newer).
+CHANGES = """
+local P = ARGV[1]
+local cur = tonumber(redis.call('GET', P .. 'seq') or '0')
+if cur <= tonumber(ARGV[2]) then return {cur, {}} end
+return {cur, redis.call('XRANGE', P .. 'feed', '(' .. ARGV[2] .. '-1', '+', 'COUNT', 10000)}
+"""
+
+#: ARGV: prefix, key, record JSON, origin. Returns {device, newly revoked}.
+REVOKE = _COMMON + """
+local device = resolve(ARGV[2])
+local n = redis.call('HSETNX', P .. 'rev', device, ARGV[3])
+if n == 1 then feed(device, 'revoked', ARGV[4]) end
+return {device, n}
+"""
+
+#: Replays a revocation kept locally: ARGV prefix, device, record JSON, at, origin
+#: (the device resolved through aliases made since).
+#: Skipped when Redis holds a later unrevocation of the device.
+REPLAY_REVOKE = _COMMON + """
+local device = resolve(ARGV[2])
+local un = tonumber(redis.call('HGET', P .. 'unrev', device) or '-1')
+if un >= tonumber(ARGV[4]) then return -1 end
+local n = redis.call('HSETNX', P .. 'rev', device, ARGV[3])
+if n == 1 then feed(device, 'revoked', ARGV[5]) end
+return n
+"""
+
+#: ARGV: prefix, key, now, origin.
+UNREVOKE = _COMMON + """
+local device = resolve(ARGV[2])
+local n = redis.call('HDEL', P .. 'rev', device)
+if ARGV[2] ~= device then n = n + redis.call('HDEL', P .. 'rev', ARGV[2]) end
+redis.call('HSET', P .. 'unrev', device, ARGV[3])
+if n > 0 then feed(device, 'unrevoked', ARGV[4]) end
+return {device, n}
+"""
+
+#: ARGV: prefix, key, origin.
+UNBIND = _COMMON + """
+local device = resolve(ARGV[2])
+local n = redis.call('HDEL', P .. 'bind', device)
+if n > 0 then feed(device, 'unbound', ARGV[3]) end
+return {device, n}
+"""
+
+#: ARGV: prefix, device (resolved), now, origin.
+BIND = _COMMON + """
+local n = redis.call('HSETNX', P .. 'bind', ARGV[2], ARGV[3])
+if n == 1 then feed(ARGV[2], 'bound', ARGV[4]) end
+return n
+"""
+
+_DROP_POSTURE = """
+local function drop_posture(device)
+  local all = redis.call('HGETALL', P .. 'p:' .. device)
+  for i = 1, #all, 2 do
+    redis.call('SREM', P .. 'u:' .. string.lower(cjson.decode(all[i + 1]).user), device)
+  end
+  redis.call('DEL', P .. 'p:' .. device)
+  redis.call('SREM', P .. 'devs', device)
+  return #all / 2
+end
+"""
+
+#: ARGV: prefix, key, origin. Posture, binding and aliases go; a revocation stays.
+FORGET = _COMMON + _DROP_POSTURE + """
+local device = resolve(ARGV[2])
+local n = drop_posture(device) + redis.call('HDEL', P .. 'bind', device)
+local aliases = redis.call('HGETALL', P .. 'alias')
+for i = 1, #aliases, 2 do
+  if aliases[i] == device or aliases[i + 1] == device then
+    n = n + redis.call('HDEL', P .. 'alias', aliases[i])
+  end
+end
+feed(device, 'forgotten', ARGV[3])
+return {device, n}
+"""
+
+#: ARGV: prefix, key of the device, key of the other id, origin. Returns {device,
+#: the device the other id named}.
+ALIAS = _COMMON + _DROP_POSTURE + """
+local device, old = resolve(ARGV[2]), resolve(ARGV[3])
+if old == device then return {device, old} end
+local moved = redis.call('HGETALL', P .. 'p:' .. old)
+for i = 1, #moved, 2 do
+  local p = cjson.decode(moved[i + 1])
+  local mine = redis.call('HGET', P .. 'p:' .. device, moved[i])
+  if (not mine) or cjson.decode(mine).iat < p.iat then
+    redis.call('HSET', P .. 'p:' .. device, moved[i], moved[i + 1])
+    redis.call('SADD', P .. 'u:' .. string.lower(p.user), device)
+    redis.call('SADD', P .. 'devs', device)
+  end
+end
+drop_posture(old)
+for _, h in ipairs({'bind', 'rev'}) do
+  local v = redis.call('HGET', P .. h, old)
+  if v then
+    redis.call('HSETNX', P .. h, device, v)
+    redis.call('HDEL', P .. h, old)
+  end
+end
+local aliases = redis.call('HGETALL', P .. 'alias')
+for i = 1, #aliases, 2 do
+  if aliases[i + 1] == old then redis.call('HSET', P .. 'alias', aliases[i], device) end
+end
+redis.call('HSET', P .. 'alias', old, device)
+redis.call('HSET', P .. 'alias', ARGV[3], device)
+redis.call('HDEL', P .. 'alias', device)
+feed(device, 'alias', ARGV[4])
+feed(old, 'alias', ARGV[4])
+return {device, old}
+"""
+
+#: ARGV: prefix. Everything ``device list`` shows.
+DUMP = """
+local P = ARGV[1]
+local postures = {}
+for _, d in ipairs(redis.call('SMEMBERS', P .. 'devs')) do
+  postures[#postures + 1] = d
+  postures[#postures + 1] = redis.call('HGETALL', P .. 'p:' .. d)
+end
+return {postures, redis.call('HKEYS', P .. 'bind'), redis.call('HGETALL', P .. 'alias'),
+        redis.call('HGETALL', P .. 'rev')}
+"""
+
+#: ARGV: prefix, sha256, policy text: store the text and make it active.
+POLICY_PUSH = """
+local P = ARGV[1]
+redis.call('SET', P .. 'policy:' .. ARGV[2], ARGV[3])
+if redis.call('GET', P .. 'policy:active') == ARGV[2] then return 0 end
+redis.call('SET', P .. 'policy:active', ARGV[2])
+return 1
+"""
+
+#: ARGV: prefix, sha256 this instance has. Returns {active sha, text when different}.
+POLICY_ACTIVE = """
+local P = ARGV[1]
+local sha = redis.call('GET', P .. 'policy:active')
+if (not sha) or sha == ARGV[2] then return {sha or '', false} end
+return {sha, redis.call('GET', P .. 'policy:' .. sha) or false}
+"""
+
+SCRIPTS: Final = {
+    "commit": COMMIT, "postures": POSTURES, "user_devices": USER_DEVICES,
+    "trust": TRUST, "changes": CHANGES, "revoke": REVOKE, "replay_revoke": REPLAY_REVOKE,
+    "unrevoke": UNREVOKE, "unbind": UNBIND, "bind": BIND, "forget": FORGET,
+    "alias": ALIAS, "dump": DUMP, "policy_push": POLICY_PUSH,
+    "policy_active": POLICY_ACTIVE,
+}
