@@ -83,10 +83,28 @@ _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 _NO_BODY: Final = frozenset({204, 304})
 
 _TCHAR: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 section 5.6.2
-_TOKEN: Final = re.compile(_TCHAR + b"+")
 _TOKENS: Final = re.compile(_TCHAR + b"+(?::" + _TCHAR + b"+)*")  # names joined with ":"
-_TARGET: Final = re.compile(rb"[\x21-\x7e]+")  # no spaces, controls or non-ASCII
-_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # forbidden in a field value
+
+
+def _table(allowed: Callable[[int], bool]) -> bytes:
+    """A ``bytes.translate`` table: each allowed byte to 1, every other byte to 0."""
+    return bytes(1 if allowed(i) else 0 for i in range(256))
+
+
+# Byte classes checked per request by one ``translate`` (a table lookup per byte in C)
+# and a ``memchr`` for 0: several times cheaper than a regular expression's character
+# class, which the target and the values of every request head went through.
+#: Token characters (RFC 9110 section 5.6.2): a method.
+_TOKEN_BYTES: Final = _table(lambda i: re.fullmatch(_TCHAR, bytes([i])) is not None)
+#: Visible ASCII (no spaces, controls or non-ASCII): a request target.
+_TARGET_BYTES: Final = _table(lambda i: 0x21 <= i <= 0x7E)
+#: Anything but the control bytes forbidden in a field value (TAB is allowed).
+_FIELD_BYTES: Final = _table(lambda i: i == 0x09 or 0x20 <= i != 0x7F)
+
+
+def _all_in(data: bytes, table: bytes) -> bool:
+    """Every byte of ``data`` is allowed by ``table`` (from :func:`_table`)."""
+    return b"\0" not in data.translate(table)
 header_name: Final = itemgetter(0)  # of a Header (C, no Python frame per header)
 header_value: Final = itemgetter(1)
 
@@ -210,7 +228,7 @@ class _Plan:
 
     keep: Callable[[Sequence[Header]], Sequence[Header]]  # the client's forwarded
     host_at: int  # the client's first Host (X-Forwarded-Host), or -1
-    template: bytes  # the head with a %s for method, target and each value
+    template: tuple[bytes, ...]  # the head around method, target and values
     error: str | None  # why the names cannot be sent, if they cannot
 
 
@@ -294,11 +312,17 @@ def _plan(names: bytes, count: int, drop: frozenset[bytes]) -> _Plan | None:
 _PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]], _Plan | None]] = Memo(_plan, 512)
 
 
-def _template(names: list[bytes]) -> bytes:
-    """A request head for ``%`` with method, target and a value for each of ``names``,
-    up to the body's framing."""
-    return b"%s %s HTTP/1.1\r\n" + b"".join([n.replace(b"%", b"%%") + b": %s\r\n"
-                                              for n in names])
+def _template(names: list[bytes]) -> tuple[bytes, ...]:
+    """A request head up to the body's framing, as the pieces around its method,
+    target and a value for each of ``names``: ``b""`` at every odd position, where
+    :func:`_written` puts them (one slice assignment and one join per request)."""
+    pieces = [b"", b"", b" "]
+    glue = b" HTTP/1.1\r\n"
+    for name in names:
+        pieces += (b"", glue + name + b": ")
+        glue = b"\r\n"
+    pieces += (b"", glue)
+    return tuple(pieces)
 
 
 def _names_error(names: list[bytes], lowered: list[bytes]) -> str | None:
@@ -314,25 +338,28 @@ def _names_error(names: list[bytes], lowered: list[bytes]) -> str | None:
     return None
 
 
-def _written(method: bytes, target: bytes, template: bytes, error: str | None,
+def _written(method: bytes, target: bytes, template: tuple[bytes, ...], error: str | None,
              values: list[bytes], body_length: int) -> RequestHead:
     """The head from its :func:`_template` and header values, after the checks."""
-    if not _TOKEN.fullmatch(method):
+    if not method or not _all_in(method, _TOKEN_BYTES):
         raise UnsendableRequest("request method is not a token")
-    if not _TARGET.fullmatch(target):
+    if not target or not _all_in(target, _TARGET_BYTES):
         raise UnsendableRequest("request target is not visible ASCII")
     if error is not None:
         raise UnsendableRequest(error)
     # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
     # llhttp strips a trailing space but not a trailing tab, so strip both here. (Tab
     # and space are no control bytes: stripping first changes nothing of the check.)
-    values = list(map(bytes.strip, values, repeat(b" \t")))
-    if _CONTROL.search(b"\t".join(values)):
+    values = [method, target, *map(bytes.strip, values, repeat(b" \t"))]
+    if not _all_in(b"\t".join(values), _FIELD_BYTES):  # method and target passed already
         raise UnsendableRequest("a header is not valid HTTP")
+    parts = list(template)
+    parts[1::2] = values
     if body_length or method == b"POST":
-        return RequestHead(method, (template + b"Content-Length: %d\r\n\r\n")
-                           % (method, target, *values, body_length), body_length)
-    return RequestHead(method, (template + b"\r\n") % (method, target, *values), body_length)
+        parts.append(b"Content-Length: %d\r\n\r\n" % body_length)
+    else:
+        parts.append(b"\r\n")
+    return RequestHead(method, b"".join(parts), body_length)
 
 
 @dataclass(slots=True)
@@ -500,7 +527,7 @@ class UpstreamWire:
         if status < 200:
             self._interim = True  # 100 Continue, 102, 103: the real answer follows
             return
-        if _CONTROL.search(self._reason):
+        if not _all_in(self._reason, _FIELD_BYTES):
             self._fail("control bytes in the reason")
         # lower_names without its frame: llhttp lets no line feed into a name
         lowered = b"\n".join(map(header_name, self._headers)).lower().split(b"\n")
