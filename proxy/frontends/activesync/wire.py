@@ -104,7 +104,7 @@ _FIELD_BYTES: Final = _table(lambda i: i == 0x09 or 0x20 <= i != 0x7F)
 
 def _all_in(data: bytes, table: bytes) -> bool:
     """Every byte of ``data`` is allowed by ``table`` (from :func:`_table`)."""
-    return b"\0" not in data.translate(table)
+    return 0 not in data.translate(table)  # (an int: b"\0" would raise and clear a TypeError)
 header_name: Final = itemgetter(0)  # of a Header (C, no Python frame per header)
 header_value: Final = itemgetter(1)
 
