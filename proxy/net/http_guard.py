@@ -20,7 +20,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-
 _data_received = RequestHandler.data_received
 
 

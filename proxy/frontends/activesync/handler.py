@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy.frontends.activesync.autodiscover import Autodiscover, Kind, autodiscover_kind
 from proxy.frontends.activesync.forward import (
@@ -219,7 +219,7 @@ class ActiveSyncFrontend:
     async def _options(self, request: web.BaseRequest) -> web.StreamResponse:
         """OPTIONS (protocol discovery), forwarded without a decision. With Basic
         credentials the upstream checks them, so it is a login for the throttle."""
-        user = basic_user(request.headers.get("Authorization"))
+        user = basic_user(request.headers.get(hdrs.AUTHORIZATION))
         if user is None:
             return await self._forward(request, None)
         ip = request.remote or ""
@@ -240,7 +240,7 @@ class ActiveSyncFrontend:
         listener answers it 503."""
         try:
             return await self.autodiscover.serve(
-                request, kind, basic_user(request.headers.get("Authorization")),
+                request, kind, basic_user(request.headers.get(hdrs.AUTHORIZATION)),
                 self._connection(request)[1])
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -302,7 +302,7 @@ class ActiveSyncFrontend:
         except QueryError as e:
             self.throttle.abuse(request.remote or "", "bad_query")
             return text_response(400, f"Bad ActiveSync request: {e.detail}.")
-        auth_user = basic_user(request.headers.get("Authorization"))
+        auth_user = basic_user(request.headers.get(hdrs.AUTHORIZATION))
         if auth_user is None:
             return text_response(401, "Sign in with your mail account.",
                                  {"WWW-Authenticate": 'Basic realm="ActiveSync"'})
@@ -316,7 +316,9 @@ class ActiveSyncFrontend:
                                       "signed-in account.")
         identity, key = facts
 
-        session = await self.sessions.current(key)
+        session = self.sessions.cached(key)  # nearly always: no coroutine to run
+        if session is None:
+            session = await self.sessions.current(key)
         if session is None:
             admitted = await self._admit(request, query, identity, origin, key)
             if isinstance(admitted, web.StreamResponse):

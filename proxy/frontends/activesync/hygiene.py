@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from aiohttp import hdrs
 from multidict import MultiMapping
 
 from proxy.frontends.activesync.wire import connection_names
@@ -51,9 +52,9 @@ def refusal(raw_target: str, headers: MultiMapping[str]) -> str | None:
         return "absolute_form"
     if "#" in raw_target:
         return "fragment"
-    if len(headers.getall("Authorization", ())) > 1:
+    if len(headers.getall(hdrs.AUTHORIZATION, ())) > 1:
         return "duplicate_authorization"
-    for value in headers.getall("Connection", ()):
+    for value in headers.getall(hdrs.CONNECTION, ()):
         if not connection_names(value.encode("utf-8", "surrogateescape")).isdisjoint(RELIED_ON):
             return "connection_names_end_to_end"
     return None

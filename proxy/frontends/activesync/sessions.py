@@ -126,21 +126,34 @@ class DeviceSessions:
         #: Keys whose first request is being decided, and when that is over.
         self.admitting: dict[SessionKey, asyncio.Future[None]] = {}
 
+    def cached(self, key: SessionKey) -> DeviceSession | None:
+        """The cached device-session when it stands as it is: no admission of its key
+        under way, not ended, decided under the policy in force, not past its age (or
+        still busy); else None, and :meth:`current` sorts it out. (Not a coroutine:
+        nearly every request takes this path.)"""
+        session = self.by_key.get(key)
+        if session is None or session.ended is not None or key in self.admitting or \
+                session.policy_version != self.gate.policy.version or \
+                (self.clock() - session.created > DECISION_MAX_AGE_S and not session.tasks):
+            return None
+        return session
+
     async def current(self, key: SessionKey) -> DeviceSession | None:
         """The cached device-session, if still valid; waits for a concurrent admission
         of the same key so a burst of first requests writes one decision."""
         while (pending := self.admitting.get(key)) is not None:
             await asyncio.shield(pending)
+        session = self.cached(key)
+        if session is not None:
+            return session
         session = self.by_key.get(key)
         if session is None or session.ended is not None:
             return None
-        if session.policy_version != self.gate.policy.version:
-            await self.drop(session, "policy_changed")
-            return None
-        if self.clock() - session.created > DECISION_MAX_AGE_S and not session.tasks:
-            await self.drop(session, "max_age")
-            return None
-        return session
+        # Not cached as it stands (and no admission under way): the policy changed, or
+        # the decision is too old.
+        changed = session.policy_version != self.gate.policy.version
+        await self.drop(session, "policy_changed" if changed else "max_age")
+        return None
 
     @contextlib.asynccontextmanager
     async def admission(self, key: SessionKey) -> AsyncIterator[DeviceSession | None]:
