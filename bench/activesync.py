@@ -191,6 +191,16 @@ async def _seed(store: Any, n: int) -> None:
         await store.commit_attestation(p, None, now)
 
 
+def _settle_heap() -> None:
+    """What ``mailward serve`` does once its listeners are up (``settle_heap``: the
+    start-up heap frozen, a larger young generation), in trees that have it."""
+    import proxy.startup
+
+    settle = getattr(proxy.startup, "settle_heap", None)
+    if settle is not None:
+        settle()
+
+
 def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
     _pin_proxy()
     _uvloop()
@@ -212,6 +222,7 @@ def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
                                   port=port, upstream=f"http://127.0.0.1:{upstream_port}",
                                   tls="none", upstream_tls="none")
         await start(FrontendContext(listener, gate, None, None))
+        _settle_heap()
         await asyncio.Event().wait()
 
     asyncio.run(main())

@@ -63,6 +63,7 @@ from proxy.startup import (
     build_tls,
     frontend_module,
     require_file,
+    settle_heap,
     trust_anchors,
 )
 from proxy.upkeep import Upkeep, raise_fd_limit
@@ -525,6 +526,7 @@ async def _main(cfg: Config, policy: Policy) -> int:
         await server.close()
         _say(str(exc))
         return EXIT_ERROR
+    settle_heap()
     try:
         await server.serve()
     finally:
