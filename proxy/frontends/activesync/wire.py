@@ -350,11 +350,12 @@ def _written(method: bytes, target: bytes, template: tuple[bytes, ...], error: s
     # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
     # llhttp strips a trailing space but not a trailing tab, so strip both here. (Tab
     # and space are no control bytes: stripping first changes nothing of the check.)
-    values = [method, target, *map(bytes.strip, values, repeat(b" \t"))]
-    if not _all_in(b"\t".join(values), _FIELD_BYTES):  # method and target passed already
+    values = list(map(bytes.strip, values, repeat(b" \t")))
+    if not _all_in(b"\t".join(values), _FIELD_BYTES):
         raise UnsendableRequest("a header is not valid HTTP")
     parts = list(template)
-    parts[1::2] = values
+    parts[1], parts[3] = method, target
+    parts[5::2] = values
     if body_length or method == b"POST":
         parts.append(b"Content-Length: %d\r\n\r\n" % body_length)
     else:
