@@ -251,6 +251,30 @@ def test_nothing_can_be_injected_into_a_request_head(
         request_head(method, target, headers, 0)
 
 
+_TCHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_each_byte_is_allowed_exactly_where_http_allows_it(byte: int) -> None:
+    """Every byte value, in a method, a target and a header value, is accepted exactly
+    when RFC 9110 allows it there: token characters in a method, visible ASCII in a
+    target, anything but the control bytes other than TAB inside a field value."""
+    b = bytes([byte])
+    checks = [(b"P" + b + b"T", b"/", b"v", byte in _TCHARS),
+              (b"POST", b"/a" + b + b"b", b"v", 0x21 <= byte <= 0x7E),
+              (b"POST", b"/", b"a" + b + b"b", byte == 0x09 or 0x20 <= byte != 0x7F)]
+    for method, target, value, allowed in checks:
+        headers = [(b"Host", b"u"), (b"X", value)]
+        if allowed:
+            head = request_head(method, target, headers, 0)
+            assert head.data.startswith(method + b" " + target + b" HTTP/1.1\r\n")
+            assert b"\r\nX: " + value + b"\r\n" in head.data
+        else:
+            with pytest.raises(UnsendableRequest):
+                request_head(method, target, headers, 0)
+
+
 def test_a_body_must_match_its_head() -> None:
     """A body of another length than the head announced is UnsendableRequest."""
     head = request_head(b"POST", b"/", [(b"Host", b"u")], 3)
