@@ -93,8 +93,10 @@ def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
         except UnicodeDecodeError:
             decoded = []
         if len(decoded) == len(values) and values:
-            return CIMultiDict(zip(texts, decoded, strict=True))
-    return CIMultiDict((header_text(k), header_text(v)) for k, v in end_to_end(headers, drop))
+            # A list, not the zip itself: multidict asks an iterator for ``items``
+            # first, and the AttributeError made it five times slower.
+            return CIMultiDict(list(zip(texts, decoded, strict=True)))
+    return CIMultiDict([(header_text(k), header_text(v)) for k, v in end_to_end(headers, drop)])
 
 
 def _answer_plan(names: bytes, count: int, drop: frozenset[bytes]
@@ -188,8 +190,8 @@ class Forwarder:
         ``Authorization``). None when it accepted them, its answer when it refused
         them (401, 403); one of :data:`UPSTREAM_ERRORS` when it cannot tell."""
         assert self._client is not None
-        headers = CIMultiDict((header_text(k), header_text(v))
-                              for k, v in self._headers(request, _BODILESS_DROP))
+        headers = CIMultiDict([(header_text(k), header_text(v))
+                               for k, v in self._headers(request, _BODILESS_DROP)])
         async with self._client.options(
             self.upstream.with_path(EAS_PATH), headers=headers, allow_redirects=False,
             timeout=self._timeout(self.cfg.upstream_timeout_s),
@@ -292,8 +294,8 @@ class Forwarder:
         assert self._client is not None
         # The query goes upstream exactly as the client sent it.
         url = URL(self._base + upstream_target(request.raw_path), encoded=True)
-        headers = CIMultiDict((header_text(k), header_text(v))
-                              for k, v in self._headers(request))
+        headers = CIMultiDict([(header_text(k), header_text(v))
+                               for k, v in self._headers(request)])
         capped = CappedBody(request.content, cap) if cap is not None else None
         try:
             async with self._client.request(
