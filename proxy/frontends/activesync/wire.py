@@ -337,12 +337,22 @@ def _names_error(names: list[bytes], lowered: list[bytes]) -> str | None:
     return None
 
 
+def _visible(target: bytes) -> bool:
+    """A request target of visible ASCII only (no spaces, controls or non-ASCII)."""
+    return bool(target) and 0 not in target.translate(_TARGET_BYTES)
+
+
+#: Whether a target is :func:`_visible`, by target: a phone repeats the same few (and
+#: :mod:`.forward` hands out the same bytes object for each, so its hash is kept).
+_VISIBLE_TARGETS: Final[Memo[tuple[bytes], bool]] = Memo(_visible, 4096)
+
+
 def _written(method: bytes, target: bytes, template: tuple[bytes, ...], error: str | None,
              values: list[bytes], body_length: int) -> RequestHead:
     """The head from its :func:`_template` and header values, after the checks."""
     if not method or 0 in method.translate(_TOKEN_BYTES):
         raise UnsendableRequest("request method is not a token")
-    if not target or 0 in target.translate(_TARGET_BYTES):
+    if not _VISIBLE_TARGETS[target,]:
         raise UnsendableRequest("request target is not visible ASCII")
     if error is not None:
         raise UnsendableRequest(error)
