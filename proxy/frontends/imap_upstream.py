@@ -53,6 +53,7 @@ from proxy.frontends.imap_syntax import (
     quotable,
     quote,
 )
+from proxy.frontends.preauth_wire import UpstreamConversation
 
 #: Tags of the proxy's own upstream commands (never sent to the client; clients may
 #: not use the ``mw.`` prefix, see ``imap_syntax.RESERVED_TAG_PREFIX``).
@@ -158,14 +159,16 @@ def _capabilities_in_code(line: bytes) -> tuple[str, ...] | None:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin:
-    """One login conversation with the upstream server (see the module docstring)."""
+class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
+    """One login conversation with the upstream server (see the module docstring);
+    ``handle`` and its guard are ``UpstreamConversation``'s."""
 
     def __init__(self, *, tag: str, user: str, password: str, starttls: bool,
                  id_fields: Sequence[tuple[str, str | None]] | None = None,
                  client_ip: str = "", client_port: int = 0,
                  connected: tuple[str, int] = ("", 0), mechanism: str = "",
                  response: bytes = b"") -> None:
+        super().__init__(starttls_verb="STARTTLS", local_error=LocalProtocolError)
         self.phase = Phase.GREETING
         self.rest = b""  # what the server sent after the LOGIN answer (for the client)
         self._tag, self._user, self._password = tag, user, password
@@ -174,7 +177,6 @@ class UpstreamLogin:
         self._starttls = starttls
         self._probe = False
         self._client = (id_fields, client_ip, client_port, *connected)  # for ID
-        self._buf = bytearray()
         self._expect: list[str] = []  # awaited answers: tags, or _CONTINUATION
         self._untagged: list[bytes] = []
         self._segments: list[bytes] = []  # LOGIN pieces waiting for a continuation
@@ -194,20 +196,15 @@ class UpstreamLogin:
         """The login was answered, or the probe has logged out."""
         return self.phase is Phase.DONE
 
-    def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
-        """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the
-        server misbehaves, ``LocalProtocolError`` when fed after the end."""
-        if self.phase is Phase.DONE:
-            raise LocalProtocolError(f"{type(event).__name__} after the login was answered")
-        if isinstance(event, UpstreamTlsEstablished):
-            if self.phase is not Phase.HANDSHAKE:
-                raise LocalProtocolError("TLS established without STARTTLS")
-            self.phase = Phase.TALKING
-            self._expect = [TAG_CAP]
-            return [SendToUpstream(f"{TAG_CAP} CAPABILITY\r\n".encode())]
-        if self.phase is Phase.HANDSHAKE:
-            return []  # not protected by TLS: discarded (see starttls_accepted)
-        self._buf += event.data
+    def _handshaking(self) -> bool:
+        return self.phase is Phase.HANDSHAKE
+
+    def _tls_established(self) -> list[UpstreamCommand]:
+        self.phase = Phase.TALKING
+        self._expect = [TAG_CAP]
+        return [SendToUpstream(f"{TAG_CAP} CAPABILITY\r\n".encode())]
+
+    def _read(self) -> list[UpstreamCommand]:
         out: list[UpstreamCommand] = []
         while self.phase in (Phase.GREETING, Phase.TALKING):
             line = self._next_response()

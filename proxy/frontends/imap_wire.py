@@ -65,6 +65,7 @@ from proxy.frontends.imap_syntax import (
     tokens,
     untagged_line,
 )
+from proxy.frontends.preauth_wire import ClientWire
 
 # ----------------------------------------------------------------------------- events
 
@@ -206,8 +207,9 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 # ------------------------------------------------------------------------- connection
 
 
-class Connection:
-    """Pre-auth IMAP server side of one client connection (see module docstring)."""
+class Connection(ClientWire[State]):
+    """Pre-auth IMAP server side of one client connection (see module docstring); the
+    buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
 
     def __init__(
         self,
@@ -217,14 +219,15 @@ class Connection:
         starttls: bool = True,
         cleartext_login: bool = False,
     ) -> None:
-        self.state = State.NOT_AUTHENTICATED
+        super().__init__(State.NOT_AUTHENTICATED, TRANSITIONS,
+                         discard_in=(State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT,
+                                     State.STARTTLS),
+                         local_error=LocalProtocolError)
         self.tls = tls
         self.cleartext_login = cleartext_login  # config allows LOGIN before TLS
         self.starttls_available = starttls
         self.max_commands = max_commands
         self.commands = 0
-        self._buf = bytearray()
-        self._pos = 0  # start of unparsed data in _buf
         # The command being assembled: text segments and literals, in order.
         self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
@@ -234,19 +237,6 @@ class Connection:
 
     # ------------------------------------------------------------- input side
 
-    @property
-    def buffered(self) -> int:
-        """Unparsed bytes held (the executor pauses reading when this grows)."""
-        return len(self._buf) - self._pos
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client."""
-        if self.state in (State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT):
-            return  # nothing more will be parsed; dropping keeps memory bounded
-        if self.state is State.STARTTLS:
-            return  # pipelined after STARTTLS: discarded (STARTTLS injection)
-        self._buf += data
-
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit", reply="BYE")
@@ -254,10 +244,8 @@ class Connection:
                           State.LOGGED_OUT):
             return PAUSED
         event = self._parse()
-        if event is NEED_DATA and self._pos:
-            # compact so the buffer holds only unparsed bytes
-            del self._buf[: self._pos]
-            self._pos = 0
+        if event is NEED_DATA:
+            self._compact()
         return event
 
     # --------------------------------------------------------- executor calls
@@ -266,8 +254,7 @@ class Connection:
         """TLS is up: drop everything the client pipelined after STARTTLS."""
         self._transition("starttls_done")
         self.tls = True
-        self._buf.clear()
-        self._pos = 0
+        self._drop_input()
 
     def sasl_continue(self) -> None:
         """A SASL challenge was sent: read the client's next response line."""
@@ -275,21 +262,6 @@ class Connection:
 
     def login_refused(self) -> None:
         self._transition("login_refused")
-
-    def login_accepted(self) -> bytes:
-        """Hand over to the upstream; returns bytes the client pipelined after login."""
-        self._transition("login_accepted")
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def _transition(self, trigger: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{trigger} not allowed in state {self.state.value}") from None
 
     # ----------------------------------------------------------------- parsing
 
@@ -346,9 +318,7 @@ class Connection:
         return len(words) >= 2 and words[1].upper() == b"LOGIN"
 
     def _limit(self, tag: str | None, limit: str, text: str) -> LimitExceeded:
-        self.state = TRANSITIONS[(self.state, "LimitExceeded")]
-        self._buf.clear()
-        self._pos = 0
+        self._break()
         self._segments = []
         return LimitExceeded(tag, limit, text)
 

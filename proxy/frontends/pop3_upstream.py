@@ -41,6 +41,7 @@ from proxy.frontends.events import (
     UpstreamTlsEstablished,
 )
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError
+from proxy.frontends.preauth_wire import UpstreamConversation
 
 #: Longest answer (the CAPA list included) the proxy reads from the upstream before
 #: login; more is not a POP3 server talking.
@@ -108,11 +109,13 @@ def offers_plain(capabilities: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin:
-    """One login conversation with the upstream server (see the module docstring)."""
+class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
+    """One login conversation with the upstream server (see the module docstring);
+    ``handle`` and its guard are ``UpstreamConversation``'s."""
 
     def __init__(self, *, user: str, password: str, starttls: bool,
                  client_ip: str = "", client_port: int = 0) -> None:
+        super().__init__(starttls_verb="STLS", local_error=LocalProtocolError)
         self.step = Step.GREETING
         self.rest = b""  # what the server sent after the login answer (for the client)
         self._user, self._password = user, password
@@ -120,7 +123,6 @@ class UpstreamLogin:
         self._client = (client_ip, client_port)
         self._xclient = False  # the greeting offered XCLIENT
         self._plain = False  # the server offers SASL PLAIN (from its CAPA)
-        self._buf = bytearray()
         self._capa: list[bytes] | None = None  # CAPA lines while the list is read
 
     def __repr__(self) -> str:  # never the password
@@ -131,18 +133,13 @@ class UpstreamLogin:
         """The login was answered."""
         return self.step is Step.DONE
 
-    def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
-        """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the
-        server misbehaves, ``LocalProtocolError`` when fed after the end."""
-        if self.step is Step.DONE:
-            raise LocalProtocolError(f"{type(event).__name__} after the login was answered")
-        if isinstance(event, UpstreamTlsEstablished):
-            if self.step is not Step.HANDSHAKE:
-                raise LocalProtocolError("TLS established without STLS")
-            return self._send(Step.CAPA, b"CAPA\r\n")
-        if self.step is Step.HANDSHAKE:
-            return []  # not protected by TLS: discarded (see _answer)
-        self._buf += event.data
+    def _handshaking(self) -> bool:
+        return self.step is Step.HANDSHAKE
+
+    def _tls_established(self) -> list[UpstreamCommand]:
+        return self._send(Step.CAPA, b"CAPA\r\n")
+
+    def _read(self) -> list[UpstreamCommand]:
         out: list[UpstreamCommand] = []
         while self.step not in (Step.DONE, Step.HANDSHAKE):
             line = self._next_line()

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
+from proxy.frontends.preauth_wire import ClientWire
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
@@ -273,8 +274,9 @@ def continuation_line() -> bytes:
 # ------------------------------------------------------------------------- connection
 
 
-class Connection:
-    """Pre-auth POP3 server side of one client connection (see module docstring)."""
+class Connection(ClientWire[State]):
+    """Pre-auth POP3 server side of one client connection (see module docstring); the
+    buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
 
     def __init__(
         self,
@@ -284,29 +286,17 @@ class Connection:
         stls: bool = True,
         cleartext_login: bool = False,
     ) -> None:
-        self.state = State.AUTHORIZATION
+        super().__init__(State.AUTHORIZATION, TRANSITIONS,
+                         discard_in=(State.ERROR, State.TRANSACTION, State.CLOSED, State.STLS),
+                         local_error=LocalProtocolError)
         self.tls = tls
         self.stls_available = stls
         self.cleartext_login = cleartext_login  # config allows USER/PASS before TLS
         self.max_commands = max_commands
         self.commands = 0
         self.user: str | None = None  # from USER, until PASS or a refused login
-        self._buf = bytearray()
-        self._pos = 0  # start of unparsed data in _buf
 
     # ------------------------------------------------------------- input side
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed bytes held (the executor pauses reading when this grows)."""
-        return len(self._buf) - self._pos
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client."""
-        if self.state in (State.ERROR, State.TRANSACTION, State.CLOSED, State.STLS):
-            # Done, or pipelined after STLS: discarded (STARTTLS command injection).
-            return
-        self._buf += data
 
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
@@ -318,9 +308,7 @@ class Connection:
         if nl < 0:
             if len(self._buf) - self._pos >= MAX_LINE_BYTES:
                 return self._limit("line", "Command line too long")
-            if self._pos:  # compact so the buffer holds only unparsed bytes
-                del self._buf[: self._pos]
-                self._pos = 0
+            self._compact()
             return NEED_DATA
         line = bytes(self._buf[self._pos : nl]).removesuffix(b"\r")
         self._pos = nl + 1
@@ -341,35 +329,17 @@ class Connection:
         self._transition("stls_done")
         self.tls = True
         self.user = None
-        self._buf.clear()
-        self._pos = 0
+        self._drop_input()
 
     def login_refused(self) -> None:
         """The login failed or was refused; the client may try again."""
         self._transition("login_refused")
         self.user = None
 
-    def login_accepted(self) -> bytes:
-        """Hand over to the upstream; returns bytes the client pipelined after login."""
-        self._transition("login_accepted")
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def _transition(self, trigger: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{trigger} not allowed in state {self.state.value}") from None
-
     # ----------------------------------------------------------------- parsing
 
     def _limit(self, limit: str, text: str) -> LimitExceeded:
-        self.state = TRANSITIONS[(self.state, "LimitExceeded")]
-        self._buf.clear()
-        self._pos = 0
+        self._break()
         return LimitExceeded(limit, text)
 
     def _cleartext_ok(self) -> bool:
