@@ -49,7 +49,7 @@ def test_dovecot_with_xclient_gets_the_phones_address_then_auth_plain():
     assert got(lg, b"+OK Updated\r\n") == [SendToUpstream(PLAIN)]
     assert got(lg, b"+OK Logged in.\r\n+OK 2 650\r\n") == [
         LoginAnswered(True, b"+OK Logged in.\r\n")]
-    assert lg.rest == b"+OK 2 650\r\n" and lg.step is Step.DONE
+    assert lg.rest == b"+OK 2 650\r\n" and lg.phase is Step.DONE
     with pytest.raises(LocalProtocolError):
         got(lg, b"more")
 
@@ -139,9 +139,9 @@ def test_any_server_input_gives_commands_or_the_remote_error(chunks: list[bytes]
     lg = login(starttls=starttls, client_ip="10.0.0.1")
     try:
         for chunk in chunks:
-            if lg.step is Step.DONE:
+            if lg.phase is Step.DONE:
                 break
-            if lg.step is Step.HANDSHAKE:
+            if lg.phase is Step.HANDSHAKE:
                 lg.handle(UpstreamTlsEstablished())
             lg.handle(UpstreamDataReceived(chunk))
     except RemoteProtocolError:

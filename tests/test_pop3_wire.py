@@ -138,7 +138,7 @@ def test_sasl_continuation_data_cancel_and_bad_base64():
 def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined_bytes():
     """Before TLS, USER/PASS/AUTH PLAIN are refused by event (AUTH alone lists); bytes
     pipelined after STLS are dropped, and after the handshake USER is read."""
-    conn = Connection(tls=False, stls=True)
+    conn = Connection(tls=False, starttls=True)
     assert events(conn, b"USER a\r\nPASS b\r\nAUTH PLAIN =\r\nAUTH\r\n") == [
         PrivacyRequired("USER"), PrivacyRequired("PASS"), PrivacyRequired("AUTH"),
         MechanismsRequested()]
@@ -154,7 +154,7 @@ def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined
 def test_stls_unavailable_and_cleartext_allowed_on_loopback():
     """An implicit-TLS listener has no STLS; a loopback listener allowing cleartext
     reads USER/PASS before TLS."""
-    assert events(Connection(stls=False), b"STLS\r\n") == [
+    assert events(Connection(starttls=False), b"STLS\r\n") == [
         BadCommand("STLS is not available here")]
     conn = Connection(cleartext_login=True)
     assert events(conn, b"USER a\r\nPASS b\r\n") == [UserGiven("a"), LoginAttempted("a", "b")]

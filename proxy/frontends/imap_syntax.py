@@ -28,8 +28,6 @@ MAX_LINE_BYTES = 8 * 1024
 MAX_LITERAL_BYTES = 8 * 1024
 #: Largest whole command, lines plus literals (bounds a command built of many literals).
 MAX_COMMAND_BYTES = 4 * 8 * 1024
-#: Default number of commands a client may send before it is logged in.
-MAX_PREAUTH_COMMANDS = 50
 #: RFC 2971: at most 30 field/value pairs in an ID command.
 MAX_ID_FIELDS = 30
 #: Longest upstream response (with literals) read before login; more is an error.

@@ -159,7 +159,7 @@ def _capabilities_in_code(line: bytes) -> tuple[str, ...] | None:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
+class UpstreamLogin(UpstreamConversation[Phase, UpstreamCommand]):
     """One login conversation with the upstream server (see the module docstring);
     ``handle`` and its guard are ``UpstreamConversation``'s."""
 
@@ -168,8 +168,8 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
                  client_ip: str = "", client_port: int = 0,
                  connected: tuple[str, int] = ("", 0), mechanism: str = "",
                  response: bytes = b"") -> None:
-        super().__init__(starttls_verb="STARTTLS", local_error=LocalProtocolError)
-        self.phase = Phase.GREETING
+        super().__init__(Phase.GREETING, handshake=Phase.HANDSHAKE, done=Phase.DONE,
+                         starttls_verb="STARTTLS", local_error=LocalProtocolError)
         self.rest = b""  # what the server sent after the LOGIN answer (for the client)
         self._tag, self._user, self._password = tag, user, password
         self._mechanism, self._response = mechanism, response  # AUTHENTICATE, if set
@@ -191,27 +191,13 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
     def __repr__(self) -> str:  # never the password or token
         return f"<UpstreamLogin tag={self._tag!r} user={self._user!r} {self.phase.value}>"
 
-    @property
-    def finished(self) -> bool:
-        """The login was answered, or the probe has logged out."""
-        return self.phase is Phase.DONE
-
-    def _handshaking(self) -> bool:
-        return self.phase is Phase.HANDSHAKE
-
     def _tls_established(self) -> list[UpstreamCommand]:
         self.phase = Phase.TALKING
         self._expect = [TAG_CAP]
         return [SendToUpstream(f"{TAG_CAP} CAPABILITY\r\n".encode())]
 
-    def _read(self) -> list[UpstreamCommand]:
-        out: list[UpstreamCommand] = []
-        while self.phase in (Phase.GREETING, Phase.TALKING):
-            line = self._next_response()
-            if line is None:
-                break
-            out += self._greeting(line) if self.phase is Phase.GREETING else self._answer(line)
-        return out
+    def _respond(self, line: bytes) -> list[UpstreamCommand]:
+        return self._greeting(line) if self.phase is Phase.GREETING else self._answer(line)
 
     # ------------------------------------------------------------------ reading
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Unpack
 
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.imap_syntax import (
@@ -40,7 +41,6 @@ from proxy.frontends.imap_syntax import (
     MAX_ID_FIELDS,
     MAX_LINE_BYTES,
     MAX_LITERAL_BYTES,
-    MAX_PREAUTH_COMMANDS,
     RESERVED_TAG_PREFIX,
     RPAREN,
     SUPPORTED_MECHANISMS,
@@ -65,7 +65,7 @@ from proxy.frontends.imap_syntax import (
     tokens,
     untagged_line,
 )
-from proxy.frontends.preauth_wire import ClientWire
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
 
 # ----------------------------------------------------------------------------- events
 
@@ -211,28 +211,15 @@ class Connection(ClientWire[State]):
     """Pre-auth IMAP server side of one client connection (see module docstring); the
     buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
 
-    def __init__(
-        self,
-        *,
-        max_commands: int = MAX_PREAUTH_COMMANDS,
-        tls: bool = False,
-        starttls: bool = True,
-        cleartext_login: bool = False,
-    ) -> None:
+    def __init__(self, **options: Unpack[WireOptions]) -> None:
         super().__init__(State.NOT_AUTHENTICATED, TRANSITIONS,
                          discard_in=(State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT,
                                      State.STARTTLS),
-                         local_error=LocalProtocolError)
-        self.tls = tls
-        self.cleartext_login = cleartext_login  # config allows LOGIN before TLS
-        self.starttls_available = starttls
-        self.max_commands = max_commands
-        self.commands = 0
+                         local_error=LocalProtocolError, **options)
         # The command being assembled: text segments and literals, in order.
         self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
         self._literal_left: int | None = None  # bytes still to read into a literal
-        self._literal_sync_pending = False
         self._auth_tag = ""
 
     # ------------------------------------------------------------- input side

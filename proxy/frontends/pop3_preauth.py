@@ -119,7 +119,7 @@ class Preauth(PreauthLayer):
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
                  upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
         super().__init__(Connection(max_commands=max_commands, tls=False,
-                                    stls=tls_mode == "starttls",
+                                    starttls=tls_mode == "starttls",
                                     cleartext_login=cleartext_allowed),
                          tls_mode=tls_mode, upstream_capabilities=upstream_capabilities)
 

@@ -109,14 +109,14 @@ def offers_plain(capabilities: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
+class UpstreamLogin(UpstreamConversation[Step, UpstreamCommand]):
     """One login conversation with the upstream server (see the module docstring);
     ``handle`` and its guard are ``UpstreamConversation``'s."""
 
     def __init__(self, *, user: str, password: str, starttls: bool,
                  client_ip: str = "", client_port: int = 0) -> None:
-        super().__init__(starttls_verb="STLS", local_error=LocalProtocolError)
-        self.step = Step.GREETING
+        super().__init__(Step.GREETING, handshake=Step.HANDSHAKE, done=Step.DONE,
+                         starttls_verb="STLS", local_error=LocalProtocolError)
         self.rest = b""  # what the server sent after the login answer (for the client)
         self._user, self._password = user, password
         self._starttls = starttls
@@ -126,29 +126,12 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
         self._capa: list[bytes] | None = None  # CAPA lines while the list is read
 
     def __repr__(self) -> str:  # never the password
-        return f"<UpstreamLogin user={self._user!r} {self.step.value}>"
-
-    @property
-    def finished(self) -> bool:
-        """The login was answered."""
-        return self.step is Step.DONE
-
-    def _handshaking(self) -> bool:
-        return self.step is Step.HANDSHAKE
+        return f"<UpstreamLogin user={self._user!r} {self.phase.value}>"
 
     def _tls_established(self) -> list[UpstreamCommand]:
         return self._send(Step.CAPA, b"CAPA\r\n")
 
-    def _read(self) -> list[UpstreamCommand]:
-        out: list[UpstreamCommand] = []
-        while self.step not in (Step.DONE, Step.HANDSHAKE):
-            line = self._next_line()
-            if line is None:
-                break
-            out += self._answer(line)
-        return out
-
-    def _next_line(self) -> bytes | None:
+    def _next_response(self) -> bytes | None:
         nl = self._buf.find(b"\n")
         if nl < 0:
             if len(self._buf) > MAX_UPSTREAM_RESPONSE_BYTES:
@@ -159,14 +142,14 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
         return line
 
     def _send(self, step: Step, data: bytes) -> list[UpstreamCommand]:
-        self.step = step
+        self.phase = step
         return [SendToUpstream(data)]
 
     # ------------------------------------------------------------------ answers
 
-    def _answer(self, line: bytes) -> list[UpstreamCommand]:
+    def _respond(self, line: bytes) -> list[UpstreamCommand]:
         ok = line.startswith(b"+OK")
-        match self.step:
+        match self.phase:
             case Step.GREETING:
                 if not ok:
                     raise RemoteProtocolError(f"upstream greeting {line[:100]!r}")
@@ -177,7 +160,7 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
             case Step.STLS:
                 if not ok:
                     raise RemoteProtocolError("upstream refused STLS")
-                self.step = Step.HANDSHAKE
+                self.phase = Step.HANDSHAKE
                 self._buf.clear()  # sent before TLS: a man in the middle may have injected it
                 return [StartUpstreamTls()]
             case Step.CAPA:
@@ -229,14 +212,14 @@ class UpstreamLogin(UpstreamConversation[UpstreamCommand]):
             return self._send(Step.AUTH_CONTINUATION, b"AUTH PLAIN\r\n")
         if _UNSENDABLE.search(self._user) or _UNSENDABLE.search(self._password):
             # Only AUTH PLAIN can carry these; USER/PASS would split into commands.
-            self.step = Step.DONE
+            self.phase = Step.DONE
             self._password = ""
             return [LoginAnswered(False, b"-ERR [AUTH] These credentials cannot be sent "
                                          b"to the mail server.\r\n")]
         return self._send(Step.USER, b"USER " + self._user.encode("utf-8") + b"\r\n")
 
     def _finish(self, line: bytes) -> LoginAnswered:
-        self.step = Step.DONE
+        self.phase = Step.DONE
         self.rest = bytes(self._buf)
         self._buf.clear()
         self._password = ""

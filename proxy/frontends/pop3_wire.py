@@ -39,17 +39,15 @@ import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Unpack
 
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
-from proxy.frontends.preauth_wire import ClientWire
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
 #: responses may be longer, and DESIGN.md allows 8 KiB before login on every protocol).
 MAX_LINE_BYTES = 8 * 1024
-#: Command lines before login (every line counts, junk too); the listener's
-#: ``max_preauth_commands`` overrides it.
-MAX_PREAUTH_COMMANDS = 50
 #: Longest response line the proxy writes, CRLF included (RFC 2449 section 4).
 MAX_RESPONSE_BYTES = 512
 #: SASL mechanisms the proxy reads the user from (and the upstream verifies).
@@ -278,22 +276,10 @@ class Connection(ClientWire[State]):
     """Pre-auth POP3 server side of one client connection (see module docstring); the
     buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
 
-    def __init__(
-        self,
-        *,
-        max_commands: int = MAX_PREAUTH_COMMANDS,
-        tls: bool = False,
-        stls: bool = True,
-        cleartext_login: bool = False,
-    ) -> None:
+    def __init__(self, **options: Unpack[WireOptions]) -> None:
         super().__init__(State.AUTHORIZATION, TRANSITIONS,
                          discard_in=(State.ERROR, State.TRANSACTION, State.CLOSED, State.STLS),
-                         local_error=LocalProtocolError)
-        self.tls = tls
-        self.stls_available = stls
-        self.cleartext_login = cleartext_login  # config allows USER/PASS before TLS
-        self.max_commands = max_commands
-        self.commands = 0
+                         local_error=LocalProtocolError, **options)
         self.user: str | None = None  # from USER, until PASS or a refused login
 
     # ------------------------------------------------------------- input side
@@ -387,7 +373,7 @@ class Connection(ClientWire[State]):
     def _stls(self) -> Event:
         if self.tls:
             raise SyntaxProblem("TLS is already active")
-        if not self.stls_available:
+        if not self.starttls_available:
             raise SyntaxProblem("STLS is not available here")
         self._transition("StlsRequested")
         return StlsRequested()

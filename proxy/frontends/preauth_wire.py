@@ -18,12 +18,25 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping
-from typing import Generic, TypeVar
+from typing import Generic, TypedDict, TypeVar, Unpack
 
 from proxy.frontends.events import UpstreamEvent, UpstreamTlsEstablished
 
-S = TypeVar("S", bound=enum.Enum)  # a protocol's states
+#: Command lines before login (every line counts, junk too); the listener's
+#: ``max_preauth_commands`` overrides it.
+MAX_PREAUTH_COMMANDS = 50
+
+S = TypeVar("S", bound=enum.Enum)  # a protocol's states (or phases)
 C = TypeVar("C")  # a protocol's upstream commands
+
+
+class WireOptions(TypedDict, total=False):
+    """How a listener sets up a connection's parser (the defaults are ``ClientWire``'s)."""
+
+    max_commands: int  # command lines before login
+    tls: bool  # implicit TLS: the connection starts encrypted
+    starttls: bool  # STARTTLS (POP3: STLS) is offered
+    cleartext_login: bool  # config allows a password before TLS (loopback)
 
 
 class ClientWire(Generic[S]):
@@ -32,11 +45,17 @@ class ClientWire(Generic[S]):
     table does not allow raises ``local_error`` (the caller's bug, not the client's)."""
 
     def __init__(self, state: S, transitions: Mapping[tuple[S, str], S], *,
-                 discard_in: Collection[S], local_error: type[Exception]) -> None:
+                 discard_in: Collection[S], local_error: type[Exception],
+                 **options: Unpack[WireOptions]) -> None:
         self.state = state
         self._transitions = transitions
         self._discard_in = discard_in  # states in which client bytes are dropped
         self._local_error = local_error
+        self.tls = options.get("tls", False)
+        self.starttls_available = options.get("starttls", True)
+        self.cleartext_login = options.get("cleartext_login", False)
+        self.max_commands = options.get("max_commands", MAX_PREAUTH_COMMANDS)
+        self.commands = 0
         self._buf = bytearray()
         self._pos = 0  # start of unparsed data in _buf
 
@@ -81,15 +100,25 @@ class ClientWire(Generic[S]):
             self._pos = 0
 
 
-class UpstreamConversation(Generic[C]):
+class UpstreamConversation(Generic[S, C]):
     """The guard every upstream login runs before its own reading (see the module
-    docstring). A protocol supplies :attr:`finished`, :meth:`_handshaking`,
-    :meth:`_tls_established` and :meth:`_read`."""
+    docstring). ``phase`` is what the login waits for; ``handshake`` and ``done`` are
+    the protocol's phases for "the TLS handshake runs" and "the login was answered". A
+    protocol supplies :meth:`_tls_established`, :meth:`_next_response` and
+    :meth:`_respond`."""
 
-    def __init__(self, *, starttls_verb: str, local_error: type[Exception]) -> None:
+    def __init__(self, phase: S, *, handshake: S, done: S, starttls_verb: str,
+                 local_error: type[Exception]) -> None:
+        self.phase = phase
+        self._handshake, self._done = handshake, done
         self._starttls_verb = starttls_verb  # for the error text
         self._local_error = local_error
         self._buf = bytearray()  # server bytes not yet read
+
+    @property
+    def finished(self) -> bool:
+        """The login was answered (or a probe is over)."""
+        return self.phase is self._done
 
     def handle(self, event: UpstreamEvent) -> list[C]:
         """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the
@@ -97,31 +126,32 @@ class UpstreamConversation(Generic[C]):
         if self.finished:
             raise self._local_error(f"{type(event).__name__} after the login was answered")
         if isinstance(event, UpstreamTlsEstablished):
-            if not self._handshaking():
+            if self.phase is not self._handshake:
                 raise self._local_error(f"TLS established without {self._starttls_verb}")
             return self._tls_established()
-        if self._handshaking():
+        if self.phase is self._handshake:
             return []  # not protected by TLS: discarded
         self._buf += event.data
-        return self._read()
+        out: list[C] = []
+        while self.phase not in (self._handshake, self._done):
+            line = self._next_response()
+            if line is None:
+                break
+            out += self._respond(line)
+        return out
 
     # ------------------------------------------------------------ protocol's part
 
-    @property
-    def finished(self) -> bool:
-        """The login was answered (the conversation is over)."""
-        raise NotImplementedError
-
-    def _handshaking(self) -> bool:
-        """Whether the TLS handshake asked for by ``StartUpstreamTls`` is under way."""
-        raise NotImplementedError
-
     def _tls_established(self) -> list[C]:
+        """The handshake asked for by ``StartUpstreamTls`` succeeded."""
         raise NotImplementedError
 
-    def _read(self) -> list[C]:
-        """Answer the complete responses in the buffer."""
+    def _next_response(self) -> bytes | None:
+        """Take one complete response from ``_buf``; None until there is one."""
+        raise NotImplementedError
+
+    def _respond(self, line: bytes) -> list[C]:
         raise NotImplementedError
 
 
-__all__ = ["ClientWire", "UpstreamConversation"]
+__all__ = ["MAX_PREAUTH_COMMANDS", "ClientWire", "UpstreamConversation", "WireOptions"]
