@@ -33,14 +33,13 @@ that use it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Unpack
 
+from proxy.frontends import sasl
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
@@ -211,26 +210,15 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 
 
 def sasl_base64(data: bytes) -> bytes:
-    """A SASL initial response or response line, decoded (``=`` is empty, RFC 5034)."""
-    if data == b"=":
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise SyntaxProblem("Invalid base64") from None
+    """A SASL initial response or response line, decoded (``=`` is empty, RFC 5034);
+    not base64 is a ``SyntaxProblem`` (``-ERR``, carry on)."""
+    return sasl.decode_base64(data, SyntaxProblem)
 
 
 def decode_plain(message: bytes) -> tuple[str, str, str]:
     """RFC 4616 PLAIN message -> (authzid, authcid, password); a malformed one is the
     client's fault (``RemoteProtocolError``: the layer answers ``-ERR``)."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3 or not parts[1]:
-        raise RemoteProtocolError("Malformed PLAIN credentials")
-    try:
-        authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("PLAIN credentials are not UTF-8") from None
-    return authzid, authcid, password
+    return sasl.decode_plain(message, RemoteProtocolError)
 
 
 def response_text(text: str) -> str:
