@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.frontends.events import UpstreamDataReceived, UpstreamTlsEstablished
 from proxy.frontends.pop3_upstream import (
     MAX_UPSTREAM_RESPONSE_BYTES,
     LoginAnswered,
@@ -15,9 +16,7 @@ from proxy.frontends.pop3_upstream import (
     SendToUpstream,
     StartUpstreamTls,
     Step,
-    UpstreamDataReceived,
     UpstreamLogin,
-    UpstreamTlsEstablished,
     offers_plain,
 )
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError

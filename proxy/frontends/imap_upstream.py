@@ -35,14 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.frontends.events import (
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamDataReceived,
-    UpstreamEvent,
-    UpstreamTlsEstablished,
-)
+from proxy.frontends.events import ReportCapabilities, SendToUpstream, StartUpstreamTls
 from proxy.frontends.imap_sasl import ERROR_ACKNOWLEDGEMENT
 from proxy.frontends.imap_syntax import (
     LITERAL_AT_END,
@@ -317,10 +310,7 @@ __all__ = [
     "SendToUpstream",
     "StartUpstreamTls",
     "UpstreamCommand",
-    "UpstreamDataReceived",
-    "UpstreamEvent",
     "UpstreamLogin",
-    "UpstreamTlsEstablished",
     "authenticate_segments",
     "id_command",
     "login_segments",

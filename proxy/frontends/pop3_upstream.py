@@ -32,14 +32,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from proxy.frontends.events import (
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamDataReceived,
-    UpstreamEvent,
-    UpstreamTlsEstablished,
-)
+from proxy.frontends.events import ReportCapabilities, SendToUpstream, StartUpstreamTls
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError
 from proxy.frontends.preauth_wire import UpstreamConversation
 
@@ -235,10 +228,7 @@ __all__ = [
     "StartUpstreamTls",
     "Step",
     "UpstreamCommand",
-    "UpstreamDataReceived",
-    "UpstreamEvent",
     "UpstreamLogin",
-    "UpstreamTlsEstablished",
     "offers_plain",
     "parse_capa",
     "plain_response",
