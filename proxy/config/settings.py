@@ -12,7 +12,7 @@ import math
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -344,35 +344,30 @@ def _witness_url(a: Table) -> str | None:
 
 
 def _limits(t: Table) -> LimitsConfig:
-    d = LimitsConfig()
+    """``[limits]``: a key per :class:`LimitsConfig` field, read by the field's kind
+    (see :func:`_limit`), the field's default where the key is absent."""
     exempt = t.strings("exempt", [])
     for i, cidr in enumerate(exempt):
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise t.error("exempt", f"entry {i + 1} ({cidr!r}) is not a CIDR") from None
-    return LimitsConfig(
-        max_connections_per_ip=t.positive_int("max_connections_per_ip",
-                                              d.max_connections_per_ip),
-        max_handshakes=t.positive_int("max_handshakes", d.max_handshakes),
-        preauth_idle_s=t.positive_duration("preauth_idle", d.preauth_idle_s),
-        preauth_total_s=t.positive_duration("preauth_total", d.preauth_total_s),
-        header_timeout_s=t.positive_duration("header_timeout", d.header_timeout_s),
-        auth_failures=t.positive_int("auth_failures", d.auth_failures),
-        auth_failures_window_s=t.positive_duration("auth_failures_window",
-                                                   d.auth_failures_window_s),
-        auth_delay_s=t.positive_duration("auth_delay", d.auth_delay_s),
-        auth_delay_max_s=t.positive_duration("auth_delay_max", d.auth_delay_max_s),
-        api_rate_per_ip=t.positive_number("api_rate_per_ip", d.api_rate_per_ip),
-        api_rate_burst=t.positive_int("api_rate_burst", d.api_rate_burst),
-        max_outstanding_nonces=t.positive_int("max_outstanding_nonces",
-                                              d.max_outstanding_nonces),
-        max_outstanding_nonces_total=t.positive_int("max_outstanding_nonces_total",
-                                                    d.max_outstanding_nonces_total),
-        api_max_body=t.size("api_max_body", d.api_max_body),
-        eas_max_body=t.size("eas_max_body", d.eas_max_body),
-        exempt=exempt,
-    )
+    values = {f.name: _limit(t, f.name, f.default)
+              for f in fields(LimitsConfig) if f.name != "exempt"}
+    return LimitsConfig(**values, exempt=exempt)
+
+
+def _limit(t: Table, name: str, default: Any) -> Any:
+    """One ``[limits]`` value: a field ending in ``_s`` is a duration whose key has no
+    ``_s`` (``preauth_idle = "30s"``), ``*_max_body`` a byte size, a float a positive
+    number (a rate), anything else a positive count."""
+    if name.endswith("_s"):
+        return t.positive_duration(name.removesuffix("_s"), default)
+    if name.endswith("_max_body"):
+        return t.size(name, default)
+    if isinstance(default, float):
+        return t.positive_number(name, default)
+    return t.positive_int(name, default)
 
 
 def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
