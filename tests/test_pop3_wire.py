@@ -145,7 +145,7 @@ def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined
     assert events(conn, b"STLS\r\nUSER evil\r\n") == [StlsRequested()]
     conn.receive_data(b"PASS evil\r\n")
     assert conn.next_event() is PAUSED
-    conn.stls_done()
+    conn.starttls_done()
     assert conn.tls and conn.buffered == 0
     assert events(conn, b"STLS\r\nUSER a\r\n") == [
         BadCommand("TLS is already active"), UserGiven("a")]
@@ -182,7 +182,7 @@ def test_outcomes_the_state_does_not_allow_are_local_errors():
     with pytest.raises(LocalProtocolError):
         conn.login_accepted()
     with pytest.raises(LocalProtocolError):
-        conn.stls_done()
+        conn.starttls_done()
     assert all(isinstance(k[0], State) and isinstance(v, State) for k, v in TRANSITIONS.items())
 
 
@@ -234,7 +234,7 @@ def test_any_input_parses_or_raises_the_parsers_own_error(
                         conn.login_refused()
                         continue
                     if conn.state is State.STLS:
-                        conn.stls_done()
+                        conn.starttls_done()
                         continue
                     break
     except Pop3ProtocolError:

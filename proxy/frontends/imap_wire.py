@@ -237,12 +237,6 @@ class Connection(ClientWire[State]):
 
     # --------------------------------------------------------- executor calls
 
-    def starttls_done(self) -> None:
-        """TLS is up: drop everything the client pipelined after STARTTLS."""
-        self._transition("starttls_done")
-        self.tls = True
-        self._drop_input()
-
     def sasl_continue(self) -> None:
         """A SASL challenge was sent: read the client's next response line."""
         self._transition("sasl_continue")

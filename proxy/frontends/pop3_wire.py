@@ -5,7 +5,7 @@ sent with :meth:`Connection.receive_data`, hands out events with
 :meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`), and its
 ``send_*`` helpers turn replies into bytes. The conversation layer (``pop3_preauth``)
 decides what to answer and tells the connection how things went
-(:meth:`Connection.stls_done`, :meth:`Connection.login_refused`,
+(:meth:`Connection.starttls_done`, :meth:`Connection.login_refused`,
 :meth:`Connection.login_accepted`).
 
 Only what a client may say in the AUTHORIZATION state is understood (RFC 1939, 2449,
@@ -201,7 +201,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AUTHENTICATING, "AuthCancelled"): State.AUTHORIZATION,
     (State.AUTHENTICATING, "BadCommand"): State.AUTHORIZATION,
     (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
-    (State.STLS, "stls_done"): State.AUTHORIZATION,
+    (State.STLS, "starttls_done"): State.AUTHORIZATION,
     (State.AWAITING_LOGIN, "login_refused"): State.AUTHORIZATION,
     (State.AWAITING_LOGIN, "login_accepted"): State.TRANSACTION,
 }
@@ -298,12 +298,10 @@ class Connection(ClientWire[State]):
 
     # --------------------------------------------------------- executor calls
 
-    def stls_done(self) -> None:
-        """TLS is up: drop everything the client pipelined after STLS."""
-        self._transition("stls_done")
-        self.tls = True
+    def starttls_done(self) -> None:
+        """TLS is up after STLS: drop what the client pipelined, and a USER name."""
+        super().starttls_done()
         self.user = None
-        self._drop_input()
 
     def login_refused(self) -> None:
         """The login failed or was refused; the client may try again."""

@@ -70,6 +70,17 @@ class ClientWire(Generic[S]):
             return  # done, or pipelined after STARTTLS; dropping keeps memory bounded
         self._buf += data
 
+    @property
+    def starttls_pending(self) -> bool:
+        """STARTTLS was answered and its handshake runs (:meth:`starttls_done` next)."""
+        return (self.state, "starttls_done") in self._transitions
+
+    def starttls_done(self) -> None:
+        """TLS is up: drop everything the client pipelined after STARTTLS (STLS)."""
+        self._transition("starttls_done")
+        self.tls = True
+        self._drop_input()
+
     def login_accepted(self) -> bytes:
         """Hand over to the upstream; returns bytes the client pipelined after login."""
         self._transition("login_accepted")
