@@ -71,10 +71,17 @@ from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireO
 
 
 @dataclass(frozen=True, slots=True)
-class CommandReceived:
-    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+class Tagged:
+    """The base of the client's events: the tag of its command. An event without
+    fields of its own is a subclass of this one without a decorator."""
 
     tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived(Tagged):
+    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+
     name: str
 
     def __post_init__(self) -> None:
@@ -83,75 +90,68 @@ class CommandReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class IdReceived:
+class IdReceived(Tagged):
     """RFC 2971 ID; ``fields`` is None for ``ID NIL``."""
 
-    tag: str
     fields: tuple[tuple[str, str | None], ...] | None
 
 
-@dataclass(frozen=True, slots=True)
-class StartTlsRequested:
-    tag: str
+class StartTlsRequested(Tagged):
+    """STARTTLS: answer OK, run the handshake, then :meth:`Connection.starttls_done`."""
 
 
 @dataclass(frozen=True, slots=True)
-class LoginAttempted:
-    tag: str
+class LoginAttempted(Tagged):
+    """LOGIN with a user name and a password."""
+
     user: str
     password: str = field(repr=False)  # never in logs or tracebacks
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateStarted:
+class AuthenticateStarted(Tagged):
     """AUTHENTICATE with a mechanism of ``SUPPORTED_MECHANISMS``. With an initial
     response the connection then waits for the outcome (a login result, or
     :meth:`Connection.sasl_continue` after a further challenge); without, the executor
     sends a challenge and an :class:`AuthenticateData` follows."""
 
-    tag: str
     mechanism: str
     initial_response: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateData:
-    tag: str
+class AuthenticateData(Tagged):
+    """The client's response line to a SASL challenge, base64-decoded."""
+
     data: bytes = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthenticateCancelled:
-    tag: str
+class AuthenticateCancelled(Tagged):
+    """``*`` instead of a SASL response line."""
 
 
-@dataclass(frozen=True, slots=True)
-class PrivacyRequired:
+class PrivacyRequired(Tagged):
     """LOGIN announced a synchronizing literal before TLS: the command is dropped
     without ``+``, so the client is never invited to send its password in the clear
     (RFC 3501 7.5: after a tagged answer the client does not send the literal)."""
 
-    tag: str
 
-
-@dataclass(frozen=True, slots=True)
-class ContinuationNeeded:
+class ContinuationNeeded(Tagged):
     """A synchronizing literal within limits: send ``+ Ready`` so the client sends it."""
 
-    tag: str
-
 
 @dataclass(frozen=True, slots=True)
-class BadCommand:
-    """Syntax error or a command not allowed before login: answer BAD, carry on."""
+class BadCommand(Tagged):
+    """Syntax error or a command not allowed before login: answer BAD, carry on. The
+    tag is "*" when none could be read."""
 
-    tag: str  # "*" when no tag could be read
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class LimitExceeded:
-    """A size or count limit was broken: answer (BAD or BYE) and close."""
+    """A size or count limit was broken: answer (BAD or BYE) and close; ``tag`` is None
+    when none could be read."""
 
     tag: str | None
     limit: str  # "line", "literal", "command", "commands"

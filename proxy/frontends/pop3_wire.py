@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Unpack
 
 from proxy.frontends import sasl
-from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
+from proxy.frontends.events import NEED_DATA, PAUSED, Marker, Sentinel
 from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
@@ -82,18 +82,15 @@ class SyntaxProblem(Exception):
 # over) are the sans-IO sentinels the wire parsers share (``events``).
 
 
-@dataclass(frozen=True, slots=True)
-class CapaRequested:
+class CapaRequested(Marker):
     """CAPA (RFC 2449)."""
 
 
-@dataclass(frozen=True, slots=True)
-class QuitRequested:
+class QuitRequested(Marker):
     """QUIT before login: answer +OK and close."""
 
 
-@dataclass(frozen=True, slots=True)
-class StlsRequested:
+class StlsRequested(Marker):
     """STLS (RFC 2595): answer +OK, then the handshake."""
 
 
@@ -112,8 +109,7 @@ class LoginAttempted:
     password: str = field(repr=False)  # never in logs or tracebacks
 
 
-@dataclass(frozen=True, slots=True)
-class MechanismsRequested:
+class MechanismsRequested(Marker):
     """AUTH without arguments: list the SASL mechanisms (RFC 1734 style, as Dovecot)."""
 
 
@@ -134,8 +130,7 @@ class AuthData:
     data: bytes = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthCancelled:
+class AuthCancelled(Marker):
     """``*`` instead of a SASL response (RFC 5034)."""
 
 
