@@ -83,16 +83,17 @@ def _decision(rnd: random.Random, i: int, version: str) -> dict[str, Any]:
         "device": f"dev-{user_n:05d}", "device_source": "client_cert", "platform": "ios",
         "posture_age_s": 120.5, "posture_sha256": "b" * 64, "posture_source": "mdm:intune",
         "posture_cached": False, "policy_version": version, "policy_sha256": "c" * 64,
-        "mode": "enforce", "latency_us": 80 + i % 50, "instance": "bench",
+        "mode": "enforce", "latency_us": 80 + i % 50,
     }
 
 
 def write_log(path: Path, key: Ed25519PrivateKey,
               records: Iterator[tuple[float, dict[str, Any]]] | list[tuple[float, dict[str, Any]]],
-              *, checkpoint_every: int = 1000) -> int:
-    """Write ``records`` as a sealed, signed chain at ``path``; returns the last seq."""
+              *, checkpoint_every: int = 1000, instance: str = "bench") -> int:
+    """Write ``records`` as a sealed, signed chain at ``path``, each naming ``instance``
+    as the writer's do; returns the last seq."""
     kid = key_id(key.public_key())
-    meta = {"instance": "bench", "checkpoint_every": checkpoint_every}
+    meta = {"instance": instance, "checkpoint_every": checkpoint_every}
     seq, prev, unsealed, at = 0, ZERO_HASH, 0, 0.0
     last: dict[str, Any] = {}
     with open(path, "w", encoding="utf-8") as out:
@@ -104,7 +105,7 @@ def write_log(path: Path, key: Ed25519PrivateKey,
             out.write(canonical_json(last) + "\n")
 
         for at, fields in records:
-            put(fields, at)
+            put({"instance": instance, **fields}, at)
             unsealed += 1
             if unsealed == checkpoint_every:
                 put(checkpoint_body(seq, prev, key, kid, meta), at)
