@@ -137,8 +137,8 @@ def _chains(chains: Sequence[ChainSummary]) -> str:
                               f"{' for ' + escape(_name(c)) if several else ''}: "
                               f"{escape(c.error or '')}" for c in failed)
         if several and len(failed) < len(chains):
-            verdict += "<br>" + escape(", ".join(_name(c) for c in chains if c.ok)) + \
-                " verified on their own (see below)."
+            verdict += "<br>Verified on their own: " + \
+                escape("; ".join(_name(c) for c in chains if c.ok)) + "."
     elif not all(c.signatures_checked for c in chains):
         verdict = ("<b>Chain links and hashes hold, but signatures were NOT checked</b> "
                    "(no verify key given)")
@@ -154,7 +154,9 @@ def _chains(chains: Sequence[ChainSummary]) -> str:
 
 
 def _name(chain: ChainSummary) -> str:
-    return ", ".join(chain.instances) or str(chain.log)
+    """The log's path, and its instance when its checkpoints named one."""
+    named = ", ".join(chain.instances)
+    return f"{chain.log} (instance {named})" if named else str(chain.log)
 
 
 def _witness(chain: ChainSummary) -> str:
