@@ -1,6 +1,6 @@
 """`mailward audit report` over a large synthetic log: time and peak memory.
 
-    python bench/report.py [--records 1000000] [--keep DIR]
+    python bench/report.py [--records 1000000] [--instances 1] [--keep DIR]
 
 Writes a hash-chained log of N records (decisions on four protocols from 20,000
 users' devices, a deny in eight, a few policy reloads, rollbacks and previews with
@@ -9,7 +9,8 @@ module's own sealing and signing (:func:`proxy.audit.record.seal`,
 :func:`proxy.audit.record.checkpoint_body`), so `audit verify` accepts it. Then runs
 `mailward audit report` on it in a fresh process and prints the wall time, the
 child's peak RSS and the report's size. The targets (issue 18): under 60 s and under
-500 MB for 1,000,000 records.
+500 MB for 1,000,000 records. ``--instances N`` deals the records round-robin into N
+logs (one per instance, each its own signed chain) and reports on them merged.
 
 :func:`write_log` is also what tests/test_report.py uses to make its logs.
 """
@@ -17,6 +18,7 @@ child's peak RSS and the report's size. The targets (issue 18): under 60 s and u
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import resource
@@ -129,21 +131,29 @@ def write_keys(directory: Path) -> tuple[Ed25519PrivateKey, Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--instances", type=int, default=1, help="logs to deal records into")
     ap.add_argument("--keep", help="write the log and the report here and keep them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
         key, pub = write_keys(work)
-        log = work / "audit.jsonl"
+        logs = ([work / "audit.jsonl"] if args.instances == 1 else
+                [work / f"audit-{n}.jsonl" for n in range(args.instances)])
         now = time.time()
         started = time.perf_counter()
-        last = write_log(log, key, synthetic_records(args.records, start=now - 29 * 86400,
-                                                     span_s=28 * 86400))
-        print(f"wrote {last:,} records ({log.stat().st_size / 1e6:.0f} MB) in "
+        last = 0
+        for n, log in enumerate(logs):  # the same records afresh for each log: no copy
+            records = synthetic_records(args.records, start=now - 29 * 86400,
+                                        span_s=28 * 86400)
+            last += write_log(log, key, itertools.islice(records, n, None, len(logs)),
+                              instance=f"bench-{n}" if len(logs) > 1 else "bench")
+        size = sum(log.stat().st_size for log in logs)
+        print(f"wrote {last:,} records ({size / 1e6:.0f} MB) in {len(logs)} log(s) in "
               f"{time.perf_counter() - started:.1f} s")
         out = work / "report.html"
-        cmd = [sys.executable, "-m", "proxy.cli", "audit", "report", "--log", str(log),
+        cmd = [sys.executable, "-m", "proxy.cli", "audit", "report",
+               *(a for log in logs for a in ("--log", str(log))),
                "--key", str(pub), "--since", "30d", "-o", str(out)]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True,
