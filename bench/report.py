@@ -159,11 +159,12 @@ def main() -> int:
         done = subprocess.run(cmd, capture_output=True, text=True,
                               env={**os.environ, "MAILWARD_CONFIG": "/nonexistent"})
         elapsed = time.perf_counter() - started
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_mb, cpu_s = child.ru_maxrss / 1024, child.ru_utime + child.ru_stime
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
         print(f"audit report: {args.records:,} records in {elapsed:.1f} s "
-              f"(target < 60 s), peak RSS {peak_mb:.0f} MB (target < 500 MB), "
+              f"(target < 60 s; {cpu_s:.1f} CPU-s), peak RSS {peak_mb:.0f} MB (target < 500 MB), "
               f"report {out.stat().st_size / 1e6:.2f} MB" if out.exists() else "no report")
         ok = done.returncode == 0 and elapsed < 60 and peak_mb < 500
         return 0 if ok else 1

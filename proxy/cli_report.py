@@ -19,6 +19,7 @@ from proxy.cli import EXIT_FAILED, EXIT_OK, UserError, _Add, _given_logs, _load
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
     from proxy.audit import load_verify_key, read_witness_file
+    from proxy.audit.command import shared_instances
     from proxy.audit.report import build_report, report_window
     from proxy.audit.report_html import render_report
 
@@ -49,6 +50,8 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
           f"{out.stat().st_size:,} bytes")
     for exported in data.exported:
         print(exported)
+    for warning in shared_instances([(c.log, c.instances) for c in data.chains]):
+        print(f"warning: {warning}", file=sys.stderr)
     broken = [c for c in data.chains if not c.ok]
     for chain in broken:
         print(f"mailward: the audit log does not verify: {chain.error}", file=sys.stderr)

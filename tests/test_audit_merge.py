@@ -280,3 +280,21 @@ def test_query_logs_of_one_log_is_that_log(two_logs: tuple[Path, Path, Path]) ->
     got = list(query_logs([a], since=since))
     assert got and [r["seq"] for r in got] == sorted(r["seq"] for r in got)
     assert all(r["ts"] >= format_ts(since.timestamp()) for r in got)
+
+
+def test_one_instance_in_two_logs_is_warned(two_logs: tuple[Path, Path, Path],
+                                            tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of one log given as a second log verifies, but verify and report warn
+    that both name the same instance (its records would count twice)."""
+    a, _, pub = two_logs
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(a.read_bytes())
+    copy.with_name("copy.jsonl.head").write_bytes(a.with_name("audit.jsonl.head").read_bytes())
+    rc, _, err = _run(capsys, "audit", "verify", "--log", str(a), "--log", str(copy),
+                      "--key", str(pub))
+    assert rc == 0 and f"warning: instance mail-a is named by 2 logs: {a}, {copy}" in err
+    rc, _, err = _run(capsys, "audit", "report", "--log", str(a), "--log", str(copy),
+                      "--key", str(pub), "--since", "2025-06-01", "--until", "2025-07-01",
+                      "-o", str(tmp_path / "r.html"))
+    assert rc == 0 and "warning: instance mail-a is named by 2 logs" in err
