@@ -59,7 +59,7 @@ async def start(cfg: Config, gate: Gate,
         await forwarder.start()
         closers.append(forwarder.close)
         eas = EasAuth(gate, lc, forwarder, certs)
-    app = make_app(ng, secret, gate.limits, mail, eas)
+    app = make_app(ng, secret, lambda: gate.limits, mail, eas)
     try:
         running = await bind(ng, app, gate.limits)
     except (ValueError, OSError) as exc:

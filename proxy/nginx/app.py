@@ -67,7 +67,10 @@ def read_secret(cfg: NginxConfig) -> str:
     return secret
 
 
-def secret_middleware(header: str, secret: str, limits: Limits) -> Middleware:
+def secret_middleware(header: str, secret: str, limits: Callable[[], Limits]
+                      ) -> Middleware:
+    """403 (429 once the address's budget is spent) without the secret; ``limits``
+    returns the server's one :class:`Limits` (read on each refusal)."""
     expected = secret.encode()
 
     @web.middleware
@@ -77,8 +80,8 @@ def secret_middleware(header: str, secret: str, limits: Limits) -> Middleware:
         given = request.headers.get(header, "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             ip = request.remote or ""
-            limits.abuse(ip, "nginx_secret", LISTENER)
-            wait = limits.api_request(ip, LISTENER)
+            limits().abuse(ip, "nginx_secret", LISTENER)
+            wait = limits().api_request(ip, LISTENER)
             if wait > 0:
                 return web.Response(status=429, text="Too many requests.\n",
                                     headers={"Retry-After": str(max(1, int(wait + 0.999)))})
@@ -115,7 +118,7 @@ async def auth_request(request: web.Request) -> web.Response:
                             headers={"Retry-After": "30"})
 
 
-def make_app(cfg: NginxConfig, secret: str, limits: Limits, mail: MailAuth,
+def make_app(cfg: NginxConfig, secret: str, limits: Callable[[], Limits], mail: MailAuth,
              eas: EasAuth | None) -> web.Application:
     app = web.Application(middlewares=[secret_middleware(cfg.auth_http_header, secret,
                                                          limits)],
