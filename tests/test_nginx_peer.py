@@ -1,13 +1,14 @@
 """mailward behind a real nginx: ``mailward serve`` with ``[nginx]``, nginx's ``mail``
-proxy (IMAP, SMTP) asking ``auth_http`` in front of real Dovecot and Postfix, and
+proxy (IMAP, POP3, SMTP) asking ``auth_http`` in front of real Dovecot and Postfix, and
 nginx's ``http`` proxy asking ``auth_request`` in front of an ActiveSync upstream, each
-driven by a real client (imaplib, smtplib, urllib) as the phone."""
+driven by a real client (imaplib, poplib, smtplib, urllib) as the phone."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import imaplib
+import poplib
 import shutil
 import smtplib
 import time
@@ -85,6 +86,14 @@ upstream_ca = "certs/ca.pem"
 nginx_upstream = "127.0.0.1:{dovecot_plain}"
 
 [[listeners]]
+name = "pop3s"
+protocol = "pop3"
+listen = "127.0.0.1:{pop3s}"
+upstream = "127.0.0.1:{dovecot_pop3_tls}"
+upstream_ca = "certs/ca.pem"
+nginx_upstream = "127.0.0.1:{dovecot_pop3_plain}"
+
+[[listeners]]
 name = "submission"
 protocol = "smtp"
 listen = "127.0.0.1:{submission}"
@@ -128,14 +137,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     except PeerUnavailable as exc:
         peer_missing(f"Postfix peer unavailable: {exc}")
     eas = UpstreamThread(users=USERS, imap_tls="none", smtp_tls="none", eas_tls=False)
-    dovecot = Dovecot(pki.dir / "server.pem", pki.dir / "server.key", USERS)
+    dovecot = Dovecot(pki.dir / "server.pem", pki.dir / "server.key", USERS, pop3=True)
     with postfix, dovecot:
         dovecot.deliver(ALICE, [make_message(i) for i in range(3)])
         up = eas.start()
-        ports = {n: free_port() for n in ("api", "auth", "imaps", "submission", "activesync")}
+        ports = {n: free_port() for n in ("api", "auth", "imaps", "pop3s", "submission",
+                                       "activesync")}
         config = root / "config/mailward.toml"
         config.write_text(CONFIG.format(
             **ports, dovecot_tls=dovecot.port_tls, dovecot_plain=dovecot.port_plain,
+            dovecot_pop3_tls=dovecot.pop3_port_tls, dovecot_pop3_plain=dovecot.pop3_port_plain,
             postfix_submission=postfix.submission_port, postfix_ca=postfix.ca_pem,
             postfix_plain=postfix.plain_port, eas_url=up.eas_url, eas_port=up.ports["eas"]))
         log = root / "serve.log"
@@ -207,6 +218,25 @@ def test_imap_wrong_password_waits_and_the_connection_may_retry(site: Site) -> N
     recs = site.decisions(2, device_id="bob-phone", protocol="imap")
     assert [r["reasons"][0]["code"] if r["reasons"] else r["decision"] for r in recs] == [
         "auth_failed", "allow"]
+
+
+def test_pop3_through_nginx_allows_and_refuses_with_the_reason(site: Site) -> None:
+    """poplib through nginx: the compliant device lists its mail, TikTok reads the reason."""
+    p = poplib.POP3_SSL("localhost", site.nginx.ports["pop3"],
+                        context=site.pki.client_ctx("alice-phone"), timeout=20)
+    p.user(ALICE)
+    assert p.pass_(USERS[ALICE]).startswith(b"+OK")
+    assert p.stat()[0] >= 3
+    p.quit()
+    p = poplib.POP3_SSL("localhost", site.nginx.ports["pop3"],
+                        context=site.pki.client_ctx("alice-tiktok"), timeout=20)
+    p.user(ALICE)
+    with pytest.raises(poplib.error_proto) as err:
+        p.pass_(USERS[ALICE])
+    assert b"[SYS/PERM]" in err.value.args[0] and b"TikTok" in err.value.args[0]
+    recs = site.decisions(2, protocol="pop3")
+    assert [(r["decision"], r["device_id"], r["listener"]) for r in recs] == [
+        ("allow", "alice-phone", "nginx:pop3s"), ("deny", "alice-tiktok", "nginx:pop3s")]
 
 
 def test_smtp_compliant_device_sends_mail_through_nginx(site: Site) -> None:

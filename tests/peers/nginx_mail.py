@@ -1,4 +1,4 @@
-"""A throw-away nginx with ``mail { }`` (IMAP and SMTP) and ``http { }`` blocks that ask
+"""A throw-away nginx with ``mail { }`` (IMAP, POP3 and SMTP) and ``http { }`` blocks that ask
 mailward's ``[nginx]`` listener, and the Postfix port nginx's SMTP proxy needs.
 
 :class:`NginxFront` writes ``nginx.conf`` under its own directory and runs ``nginx -p
@@ -44,6 +44,7 @@ mail {{
     ssl_client_certificate {device_ca};
     ssl_verify_client optional;
     server {{ listen 127.0.0.1:{imap_port} ssl; protocol imap; imap_auth plain login; }}
+    server {{ listen 127.0.0.1:{pop3_port} ssl; protocol pop3; pop3_auth plain; }}
     server {{ listen 127.0.0.1:{smtp_port} ssl; protocol smtp; smtp_auth plain login;
              xclient on; }}
 }}
@@ -112,17 +113,18 @@ def require_nginx_mail() -> None:
 
 @dataclass
 class NginxFront:
-    """nginx in front of mailward: ``ports`` holds ``imap``, ``smtp`` and ``eas``."""
+    """nginx in front of mailward: ``ports`` holds ``imap``, ``pop3``, ``smtp``, ``eas``."""
 
     root: Path
     values: dict[str, object]
     ports: dict[str, int] = field(default_factory=lambda: {
-        "imap": free_port(), "smtp": free_port(), "eas": free_port()})
+        "imap": free_port(), "pop3": free_port(), "smtp": free_port(), "eas": free_port()})
     proc: subprocess.Popen[bytes] | None = None
 
     def conf(self) -> str:
         v = {**self.values, "root": self.root, "mail_module": MAIL_MODULE,
-             "imap_port": self.ports["imap"], "smtp_port": self.ports["smtp"],
+             "imap_port": self.ports["imap"], "pop3_port": self.ports["pop3"],
+             "smtp_port": self.ports["smtp"],
              "eas_port": self.ports["eas"]}
         http = HTTP_CONF.format(**v).replace("    access_log off;\n",
                                             "    access_log off;\n" + _TEMP_PATHS.format(**v))
