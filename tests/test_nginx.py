@@ -41,6 +41,7 @@ from proxy.nginx.protocol import (
     parse_mail_request,
     refused,
 )
+from proxy.policy import Decision
 from proxy.posture import App
 
 ALICE, BOB = "alice@corp.example", "bob@corp.example"
@@ -133,6 +134,17 @@ def test_any_refusal_renders_as_safe_headers(protocol: str, kind: Any, text: str
     assert ("Auth-Error-Code" in headers) == (protocol == "smtp")
 
 
+#: Header values as they can reach the listener (printable), and realistic ones.
+WIRE_VALUES = st.one_of(
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80),
+    st.sampled_from(["imap", "smtp", "plain", "192.0.2.1", "GET", "OPTIONS",
+                     "Basic YWxpY2VAY29ycC5leGFtcGxlOnNlY3JldA==", "Basic !!",
+                     "/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=abc&DeviceType=x",
+                     "/Microsoft-Server-ActiveSync?jAkJBAp2MTQwZGV2aWNlaWQ=",
+                     "-----BEGIN CERTIFICATE-----%0AAAAA%0A-----END CERTIFICATE-----"]),
+)
+
+
 class _StubMail:
     """Answers every parsed login with OK (the handler's framing is under test)."""
 
@@ -142,8 +154,7 @@ class _StubMail:
 
 @pytest.mark.pure
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(HEADER_NAMES), st.text(
-    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)))
+@given(st.dictionaries(st.sampled_from(HEADER_NAMES), WIRE_VALUES))
 def test_auth_http_handler_always_answers_headers(headers: dict[str, str]) -> None:
     """Any header values give 200 with an Auth-Status nginx can read, never a 500."""
     app = web.Application()
@@ -158,6 +169,43 @@ def test_auth_http_handler_always_answers_headers(headers: dict[str, str]) -> No
     except BadAuthRequest:
         parsed = False
     assert (response.headers["Auth-Status"] == "OK") == parsed
+
+
+class _StubGate:
+    """A gate that allows everyone and records nothing (the handler is under test)."""
+
+    limits = Limits()
+
+    async def decide(self, identity: Any, origin: Any) -> Decision:
+        return Decision(True, (), "v", "0" * 64)
+
+    async def record_deny(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    record_auth_failed = record_deny
+
+
+class _StubUpstream:
+    async def check_credentials(self, request: Any) -> None:
+        return None
+
+
+@pytest.mark.pure
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(HEADER_NAMES), WIRE_VALUES))
+def test_auth_request_handler_answers_a_status_nginx_knows(headers: dict[str, str]) -> None:
+    """Any header values give 200, 401 or 403 (403 with a printable reason), never a 500."""
+    lc = ListenerConfig(name="activesync", protocol="activesync", host="127.0.0.1", port=0,
+                        upstream="http://127.0.0.1:1")
+    eas = EasAuth(_StubGate(), lc, _StubUpstream(), CertificateCheck(None))  # type: ignore[arg-type]
+    app = web.Application()
+    app[nginx_app._EAS] = eas
+    request = make_mocked_request("GET", "/auth_request", headers=headers, app=app)
+    response = asyncio.run(nginx_app.auth_request(request))
+    assert response.status in (200, 401, 403)
+    assert all(printable(v) for v in response.headers.values())
+    if response.status == 403:
+        assert response.headers["X-Mailward-Refusal"]
 
 
 @pytest.mark.pure
