@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
+
+from proxy.frontends.imap_syntax import refusal_text
 
 MailProtocol = Literal["imap", "pop3", "smtp"]
 PROTOCOLS: Final = ("imap", "pop3", "smtp")
@@ -147,9 +148,9 @@ def parse_mail_request(headers: Mapping[str, str]) -> MailRequest:
         protocol=protocol,  # type: ignore[arg-type]  # one of PROTOCOLS
         attempt=attempt,
         client_ip=client_ip(headers.get("Client-IP")),
-        client_host=header_text(headers.get("Client-Host", ""))[:255],
+        client_host=_token(headers.get("Client-Host")),
         cert_pem=certificate(headers.get("Auth-SSL-Cert")),
-        smtp_helo=header_text(helo)[:255] if helo else None,
+        smtp_helo=_token(helo) or None,
     )
 
 
@@ -172,11 +173,15 @@ def parse_eas_request(headers: Mapping[str, str]) -> EasRequest:
 
 
 def header_text(text: str) -> str:
-    """``text`` as one header value of printable ASCII (accents dropped, anything
-    else a space), at most :data:`MAX_TEXT_CHARS` characters."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    cleaned = "".join(c if " " <= c <= "~" else " " for c in ascii_text)
-    return " ".join(cleaned.split())[:MAX_TEXT_CHARS]
+    """A refusal as one header value: the IMAP front end's refusal text (printable
+    ASCII, typographic punctuation spelled plainly, one line, at most
+    :data:`MAX_TEXT_CHARS` characters)."""
+    return refusal_text(text, MAX_TEXT_CHARS)
+
+
+def _token(value: str | None) -> str:
+    """A host or EHLO name nginx passes on, printable ASCII without spaces."""
+    return "".join(c for c in value or "" if " " < c <= "~")[:255]
 
 
 # ------------------------------------------------------------------ answers
@@ -227,7 +232,7 @@ def refused(protocol: str, kind: Refusal, text: str, *, attempt: int = 1,
     means close), until :data:`MAX_WAITED_ATTEMPTS`; ``smtp_code`` overrides the
     SMTP reply code (the upstream's own)."""
     imap, pop3, smtp = _CODES[kind]
-    body = header_text(text) or "Login refused."
+    body = header_text(text)
     wait = None
     if delay_s is not None and attempt < MAX_WAITED_ATTEMPTS:
         wait = max(1, math.ceil(delay_s))
