@@ -113,6 +113,7 @@ class Server:
         self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
+        self.nginx: Any = None  # proxy.nginx.RunningNginxListener ([nginx])
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
@@ -207,6 +208,11 @@ class Server:
             log.info("listening", listener=lc.name, protocol=lc.protocol,
                      address=f"{lc.host}:{running.port}", tls=lc.tls, upstream=lc.upstream)
 
+        if cfg.nginx is not None:  # plain-HTTP loopback listener for nginx's auth_http
+            from proxy.nginx import start as start_nginx
+
+            self.nginx = await start_nginx(cfg, self.gate, {
+                lc.name: up for lc, (_, up) in zip(cfg.listeners, contexts, strict=True)})
         await self._start_api()
         if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
             log.error("audit log not writable; new sessions will be refused",
@@ -500,6 +506,9 @@ class Server:
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None
+        if self.nginx is not None:
+            await _quietly(lambda: self.nginx.close(1.0), "nginx listener")
+            self.nginx = None
         if self.mdm is not None:
             await _quietly(self.mdm.close, "mdm connectors")
         if self.notifier is not None:  # queued notices get a moment, then their records

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.config.mdm import MdmConfig, read_mdm
+from proxy.config.nginx import NginxConfig, read_nginx, read_nginx_upstream
 from proxy.config.notify import NotifyConfig, read_notify
 from proxy.config.reading import (
     ConfigError,
@@ -148,6 +149,8 @@ class ListenerConfig:
     public_url: str | None = None
     #: A PROXY protocol v1/v2 header precedes each connection (from trusted_proxies).
     proxy_protocol: bool = False
+    #: ``IP:port`` nginx proxies this protocol to once ``[nginx]`` allowed a login.
+    nginx_upstream: str | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -191,6 +194,7 @@ class Config:
     mdm: tuple[MdmConfig, ...] = ()
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     policy_guard: PolicyGuardConfig = field(default_factory=PolicyGuardConfig)
+    nginx: NginxConfig | None = None  # [nginx]: None when the table is absent
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -232,6 +236,9 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     mdm = read_mdm(top.tables("mdm"), resolve.path)
     notify = _section(top, "notify", lambda t: read_notify(t, resolve.path))
     guard = _section(top, "policy_guard", _policy_guard)
+    nginx = _section(top, "nginx", lambda t: read_nginx(t, resolve.path)) \
+        if "nginx" in doc else None
+    _check_nginx_upstreams(top.tables("listeners"), listeners, nginx)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -239,7 +246,21 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits, mdm, notify, guard)
+                  limits, mdm, notify, guard, nginx)
+
+
+def _check_nginx_upstreams(tables: list[Table], listeners: tuple[ListenerConfig, ...],
+                           nginx: NginxConfig | None) -> None:
+    """``nginx_upstream`` needs ``[nginx]``; one listener per protocol has it."""
+    seen: set[str] = set()
+    for t, lst in zip(tables, listeners, strict=True):
+        if lst.nginx_upstream is None:
+            continue
+        if nginx is None:
+            raise t.error("nginx_upstream", "needs an [nginx] table")
+        if lst.protocol in seen:
+            raise t.error("nginx_upstream", f"only one {lst.protocol} listener may have it")
+        seen.add(lst.protocol)
 
 
 class _Resolver:
@@ -474,6 +495,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
         public_url=_public_url(t, protocol),
         proxy_protocol=t.get("proxy_protocol", bool, False),
+        nginx_upstream=read_nginx_upstream(t),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")
