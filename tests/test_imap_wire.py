@@ -50,7 +50,7 @@ def test_simple_commands_become_events():
         CommandReceived("a2", "NOOP"),
         CommandReceived("a3", "LOGOUT"),
     ]
-    assert conn.state is State.LOGGED_OUT
+    assert conn.state is State.CLOSED
     assert conn.next_event() is PAUSED
 
 
@@ -87,7 +87,7 @@ def test_login_refused_then_retry_and_accept_hands_over_pipelined_bytes():
     conn.login_refused()
     assert events(conn, b"b LOGIN u q\r\nc SELECT INBOX\r\n") == [LoginAttempted("b", "u", "q")]
     assert conn.login_accepted() == b"c SELECT INBOX\r\n"
-    assert conn.state is State.AUTHENTICATED
+    assert conn.state is State.HANDED_OVER
     with pytest.raises(LocalProtocolError):  # the caller's mistake, not the client's
         conn.login_refused()
 
@@ -121,7 +121,7 @@ def test_authenticate_bad_base64_and_unknown_mechanism():
     assert events(conn, b"!!notbase64\r\n") == [BadCommand("x", "AUTHENTICATE: invalid base64")]
     got = events(conn, b"y AUTHENTICATE CRAM-MD5\r\n")
     assert isinstance(got[0], BadCommand) and "CRAM-MD5" in got[0].text
-    assert conn.state is State.NOT_AUTHENTICATED
+    assert conn.state is State.COMMANDS
 
 
 def test_sasl_continue_reads_another_response_line_under_the_same_tag():
@@ -175,7 +175,7 @@ def test_starttls_discards_pipelined_commands():
     conn.receive_data(b"c LOGIN more evil\r\n")
     assert conn.next_event() is PAUSED
     conn.starttls_done()
-    assert conn.tls and conn.state is State.NOT_AUTHENTICATED
+    assert conn.tls and conn.state is State.COMMANDS
     assert conn.next_event() is NEED_DATA
     got = events(conn, b"d STARTTLS\r\n")
     assert got == [BadCommand("d", "TLS is already active")]

@@ -23,13 +23,14 @@ made the connection unusable (any input either parses or raises this, never anyt
 else), :class:`LocalProtocolError` when the caller reports an outcome the state does not
 allow. Both are :class:`ImapProtocolError`.
 
-Everything that affects the state machine lives in :data:`TRANSITIONS` and the methods
-that use it. The lexer and the reply builders live in ``imap_syntax``.
+States and transitions are ``preauth_wire``'s (:class:`State`, re-exported here, and
+``TRANSITIONS``), shared with POP3: RFC 3501's "not authenticated" is
+``State.COMMANDS``, "authenticated" is ``State.HANDED_OVER``. The lexer and the reply
+builders live in ``imap_syntax``.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Unpack
 
@@ -65,7 +66,7 @@ from proxy.frontends.imap_syntax import (
     tokens,
     untagged_line,
 )
-from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 
 # ----------------------------------------------------------------------------- events
 
@@ -172,50 +173,15 @@ Event = (
     | LimitExceeded
 )
 
-# ----------------------------------------------------------------------------- states
-
-
-class State(enum.Enum):
-    NOT_AUTHENTICATED = "not_authenticated"  # reading commands
-    AUTHENTICATING = "authenticating"  # reading one SASL response line
-    STARTTLS = "starttls"  # handshake in progress; buffered bytes will be discarded
-    AWAITING_LOGIN = "awaiting_login"  # credentials handed out; waiting for the result
-    AUTHENTICATED = "authenticated"  # handed over to the upstream; parser done
-    LOGGED_OUT = "logged_out"
-    ERROR = "error"  # a limit was broken
-
-
-#: (state, trigger) -> next state. Triggers are event class names or executor calls.
-TRANSITIONS: dict[tuple[State, str], State] = {
-    (State.NOT_AUTHENTICATED, "StartTlsRequested"): State.STARTTLS,
-    (State.NOT_AUTHENTICATED, "LoginAttempted"): State.AWAITING_LOGIN,
-    (State.NOT_AUTHENTICATED, "AuthenticateStarted+ir"): State.AWAITING_LOGIN,
-    (State.NOT_AUTHENTICATED, "AuthenticateStarted"): State.AUTHENTICATING,
-    (State.NOT_AUTHENTICATED, "LOGOUT"): State.LOGGED_OUT,
-    (State.NOT_AUTHENTICATED, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "AuthenticateData"): State.AWAITING_LOGIN,
-    (State.AUTHENTICATING, "AuthenticateCancelled"): State.NOT_AUTHENTICATED,
-    (State.AUTHENTICATING, "BadCommand"): State.NOT_AUTHENTICATED,
-    (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "login_refused"): State.NOT_AUTHENTICATED,  # e.g. no TLS yet
-    (State.STARTTLS, "starttls_done"): State.NOT_AUTHENTICATED,
-    (State.AWAITING_LOGIN, "sasl_continue"): State.AUTHENTICATING,  # e.g. LOGIN's Password:
-    (State.AWAITING_LOGIN, "login_refused"): State.NOT_AUTHENTICATED,
-    (State.AWAITING_LOGIN, "login_accepted"): State.AUTHENTICATED,
-}
-
 # ------------------------------------------------------------------------- connection
 
 
-class Connection(ClientWire[State]):
+class Connection(ClientWire):
     """Pre-auth IMAP server side of one client connection (see module docstring); the
-    buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
+    buffer and the state change through ``preauth_wire.TRANSITIONS`` are ``ClientWire``'s."""
 
     def __init__(self, **options: Unpack[WireOptions]) -> None:
-        super().__init__(State.NOT_AUTHENTICATED, TRANSITIONS,
-                         discard_in=(State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT,
-                                     State.STARTTLS),
-                         local_error=LocalProtocolError, **options)
+        super().__init__(local_error=LocalProtocolError, **options)
         # The command being assembled: text segments and literals, in order.
         self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
@@ -227,8 +193,7 @@ class Connection(ClientWire[State]):
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit", reply="BYE")
-        if self.state in (State.STARTTLS, State.AWAITING_LOGIN, State.AUTHENTICATED,
-                          State.LOGGED_OUT):
+        if self.paused:
             return PAUSED
         event = self._parse()
         if event is NEED_DATA:
@@ -240,9 +205,6 @@ class Connection(ClientWire[State]):
     def sasl_continue(self) -> None:
         """A SASL challenge was sent: read the client's next response line."""
         self._transition("sasl_continue")
-
-    def login_refused(self) -> None:
-        self._transition("login_refused")
 
     # ----------------------------------------------------------------- parsing
 
@@ -309,14 +271,14 @@ class Connection(ClientWire[State]):
         tag = self._auth_tag
         data = line.rstrip(b"\r\n")
         if data == b"*":
-            self._transition("AuthenticateCancelled")
+            self._transition("sasl_cancelled")
             return AuthenticateCancelled(tag)
         try:
             decoded = sasl_base64(data) if data else b""
         except SyntaxProblem as exc:
-            self._transition("BadCommand")
+            self._transition("bad_command")
             return BadCommand(tag, f"AUTHENTICATE: {exc}")
-        self._transition("AuthenticateData")
+        self._transition("sasl_response")
         return AuthenticateData(tag, decoded)
 
     def _finish_command(self) -> Event:
@@ -364,10 +326,10 @@ class Connection(ClientWire[State]):
                     raise SyntaxProblem("TLS is already active")
                 if not self.starttls_available:
                     raise SyntaxProblem("STARTTLS is not available here")
-                self._transition("StartTlsRequested")
+                self._transition("starttls")
                 return StartTlsRequested(tag)
             if name == "LOGOUT":
-                self._transition("LOGOUT")
+                self._transition("goodbye")
             return CommandReceived(tag, name)
         if name == "ID":
             return IdReceived(tag, self._id_fields(args))
@@ -375,7 +337,7 @@ class Connection(ClientWire[State]):
             if len(args) != 2:
                 raise SyntaxProblem("LOGIN needs a user name and a password")
             user, password = astring(args[0], "user name"), astring(args[1], "password")
-            self._transition("LoginAttempted")
+            self._transition("login")
             return LoginAttempted(tag, user, password)
         if name == "AUTHENTICATE":
             return self._authenticate(tag, args)
@@ -391,9 +353,9 @@ class Connection(ClientWire[State]):
         self._auth_tag = tag
         if len(args) == 2:
             ir = sasl_base64(args[1])  # type: ignore[arg-type]
-            self._transition("AuthenticateStarted+ir")
+            self._transition("sasl_start+ir")
             return AuthenticateStarted(tag, mech, ir)
-        self._transition("AuthenticateStarted")
+        self._transition("sasl_start")
         return AuthenticateStarted(tag, mech, None)
 
     @staticmethod
@@ -432,7 +394,6 @@ __all__ = [
     "MAX_PREAUTH_COMMANDS",
     "NEED_DATA",
     "PAUSED",
-    "TRANSITIONS",
     "AuthenticateCancelled",
     "AuthenticateData",
     "AuthenticateStarted",

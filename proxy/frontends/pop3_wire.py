@@ -27,13 +27,13 @@ made the connection unusable (any input either parses or raises this, never anyt
 else), :class:`LocalProtocolError` when the caller reports an outcome the state does not
 allow. Both are :class:`Pop3ProtocolError`.
 
-Everything that affects the state machine lives in :data:`TRANSITIONS` and the methods
-that use it.
+RFC 1939's AUTHORIZATION state is ``State.COMMANDS`` here, and TRANSACTION is
+``State.HANDED_OVER``: the machine (:class:`State`, re-exported here, and
+``TRANSITIONS``) is the one ``preauth_wire`` shares with IMAP.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,7 +41,7 @@ from typing import Unpack
 
 from proxy.frontends import sasl
 from proxy.frontends.events import NEED_DATA, PAUSED, Marker, Sentinel
-from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
@@ -171,36 +171,6 @@ Event = (
     | LimitExceeded
 )
 
-# ----------------------------------------------------------------------------- states
-
-
-class State(enum.Enum):
-    AUTHORIZATION = "authorization"  # reading commands (RFC 1939's name)
-    AUTHENTICATING = "authenticating"  # reading one SASL response line
-    STLS = "stls"  # handshake in progress; buffered bytes will be discarded
-    AWAITING_LOGIN = "awaiting_login"  # credentials handed out; waiting for the result
-    TRANSACTION = "transaction"  # handed over to the upstream; parser done
-    CLOSED = "closed"  # QUIT
-    ERROR = "error"  # a limit was broken
-
-
-#: (state, trigger) -> next state. Triggers are event class names or executor calls.
-TRANSITIONS: dict[tuple[State, str], State] = {
-    (State.AUTHORIZATION, "StlsRequested"): State.STLS,
-    (State.AUTHORIZATION, "LoginAttempted"): State.AWAITING_LOGIN,
-    (State.AUTHORIZATION, "AuthStarted+ir"): State.AWAITING_LOGIN,
-    (State.AUTHORIZATION, "AuthStarted"): State.AUTHENTICATING,
-    (State.AUTHORIZATION, "QuitRequested"): State.CLOSED,
-    (State.AUTHORIZATION, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "AuthData"): State.AWAITING_LOGIN,
-    (State.AUTHENTICATING, "AuthCancelled"): State.AUTHORIZATION,
-    (State.AUTHENTICATING, "BadCommand"): State.AUTHORIZATION,
-    (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
-    (State.STLS, "starttls_done"): State.AUTHORIZATION,
-    (State.AWAITING_LOGIN, "login_refused"): State.AUTHORIZATION,
-    (State.AWAITING_LOGIN, "login_accepted"): State.TRANSACTION,
-}
-
 # ------------------------------------------------------------------------ pure helpers
 
 
@@ -255,14 +225,12 @@ def continuation_line() -> bytes:
 # ------------------------------------------------------------------------- connection
 
 
-class Connection(ClientWire[State]):
+class Connection(ClientWire):
     """Pre-auth POP3 server side of one client connection (see module docstring); the
-    buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
+    buffer and the state change through ``preauth_wire.TRANSITIONS`` are ``ClientWire``'s."""
 
     def __init__(self, **options: Unpack[WireOptions]) -> None:
-        super().__init__(State.AUTHORIZATION, TRANSITIONS,
-                         discard_in=(State.ERROR, State.TRANSACTION, State.CLOSED, State.STLS),
-                         local_error=LocalProtocolError, **options)
+        super().__init__(local_error=LocalProtocolError, **options)
         self.user: str | None = None  # from USER, until PASS or a refused login
 
     # ------------------------------------------------------------- input side
@@ -270,8 +238,7 @@ class Connection(ClientWire[State]):
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit")
-        if self.state in (State.STLS, State.AWAITING_LOGIN, State.TRANSACTION,
-                          State.CLOSED):
+        if self.paused:
             return PAUSED
         nl = self._buf.find(b"\n", self._pos, self._pos + MAX_LINE_BYTES)
         if nl < 0:
@@ -299,8 +266,8 @@ class Connection(ClientWire[State]):
         self.user = None
 
     def login_refused(self) -> None:
-        """The login failed or was refused; the client may try again."""
-        self._transition("login_refused")
+        """The login failed or was refused; the client may try again (with a new USER)."""
+        super().login_refused()
         self.user = None
 
     # ----------------------------------------------------------------- parsing
@@ -314,14 +281,14 @@ class Connection(ClientWire[State]):
 
     def _sasl_response(self, line: bytes) -> Event:
         if line == b"*":
-            self._transition("AuthCancelled")
+            self._transition("sasl_cancelled")
             return AuthCancelled()
         try:
             decoded = sasl_base64(line) if line else b""
         except SyntaxProblem as exc:
-            self._transition("BadCommand")
+            self._transition("bad_command")
             return BadCommand(f"AUTH: {exc}")
-        self._transition("AuthData")
+        self._transition("sasl_response")
         return AuthData(decoded)
 
     def _command(self, line: bytes) -> Event:
@@ -335,7 +302,7 @@ class Connection(ClientWire[State]):
             case "CAPA":
                 return CapaRequested()
             case "QUIT":
-                self._transition("QuitRequested")
+                self._transition("goodbye")
                 return QuitRequested()
             case "STLS":
                 return self._stls()
@@ -356,7 +323,7 @@ class Connection(ClientWire[State]):
             raise SyntaxProblem("TLS is already active")
         if not self.starttls_available:
             raise SyntaxProblem("STLS is not available here")
-        self._transition("StlsRequested")
+        self._transition("starttls")
         return StlsRequested()
 
     def _user(self, arg: bytes) -> Event:
@@ -379,7 +346,7 @@ class Connection(ClientWire[State]):
         if b"\x00" in arg:
             raise SyntaxProblem("Invalid password")
         user, self.user = self.user, None
-        self._transition("LoginAttempted")
+        self._transition("login")
         # The rest of the line, spaces included (passwords may contain them); bytes
         # that are not UTF-8 survive the round trip to the upstream unchanged.
         return LoginAttempted(user, arg.decode("utf-8", "surrogateescape"))
@@ -397,9 +364,9 @@ class Connection(ClientWire[State]):
             return PrivacyRequired("AUTH")
         if len(words) == 2:
             ir = sasl_base64(words[1])
-            self._transition("AuthStarted+ir")
+            self._transition("sasl_start+ir")
             return AuthStarted(mech, ir)
-        self._transition("AuthStarted")
+        self._transition("sasl_start")
         return AuthStarted(mech, None)
 
     # ------------------------------------------------------------ output side
@@ -420,7 +387,6 @@ __all__ = [
     "MECHANISMS",
     "NEED_DATA",
     "PAUSED",
-    "TRANSITIONS",
     "AuthCancelled",
     "AuthData",
     "AuthStarted",

@@ -3,9 +3,14 @@
 :class:`ClientWire` is the part of ``imap_wire.Connection`` and ``pop3_wire.Connection``
 that names no protocol: the buffer of client bytes (with the offset of what is not
 parsed yet), the rule that input is dropped once nothing more will be parsed or while
-the TLS handshake runs (STARTTLS command injection), the state change through the
-protocol's transition table, and the hand-over of what the client pipelined after a
-successful login. The protocol keeps its states, its table, its events and its parser.
+the TLS handshake runs (STARTTLS command injection), the state machine, and the
+hand-over of what the client pipelined after a successful login. The protocol keeps its
+events and its parser.
+
+IMAP and POP3 before login are the same machine under each RFC's names, so there is one
+:class:`State` and one :data:`TRANSITIONS` table, with protocol-neutral names; each
+state's docstring line gives the RFC names. Everything that affects the state machine
+lives in that table and the methods of :class:`ClientWire` that use it.
 
 :class:`UpstreamConversation` is the same for the client side of the login to the
 upstream server (``imap_upstream.UpstreamLogin``, ``pop3_upstream.UpstreamLogin``): the
@@ -17,8 +22,7 @@ buffer the server's bytes go to.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
-from typing import Generic, TypedDict, TypeVar, Unpack
+from typing import Final, Generic, TypedDict, TypeVar, Unpack
 
 from proxy.frontends.events import UpstreamEvent, UpstreamTlsEstablished
 
@@ -26,8 +30,53 @@ from proxy.frontends.events import UpstreamEvent, UpstreamTlsEstablished
 #: ``max_preauth_commands`` overrides it.
 MAX_PREAUTH_COMMANDS = 50
 
-S = TypeVar("S", bound=enum.Enum)  # a protocol's states (or phases)
+S = TypeVar("S", bound=enum.Enum)  # a protocol's upstream login phases
 C = TypeVar("C")  # a protocol's upstream commands
+
+
+class State(enum.Enum):
+    """Where a client connection is before login (IMAP: RFC 3501 section 3; POP3:
+    RFC 1939 sections 3 to 6)."""
+
+    #: Reading commands. IMAP: "not authenticated"; POP3: AUTHORIZATION.
+    COMMANDS = "commands"
+    #: Reading one SASL response line (IMAP AUTHENTICATE, POP3 AUTH).
+    AUTHENTICATING = "authenticating"
+    #: STARTTLS (POP3: STLS) was answered and its handshake runs; buffered bytes are
+    #: discarded.
+    TLS_HANDSHAKE = "tls_handshake"
+    #: The credentials were handed out; waiting for the login result.
+    AWAITING_LOGIN = "awaiting_login"
+    #: Handed over to the upstream; the parser is done. IMAP: "authenticated"; POP3:
+    #: TRANSACTION.
+    HANDED_OVER = "handed_over"
+    #: The client said goodbye (IMAP LOGOUT, POP3 QUIT).
+    CLOSED = "closed"
+    #: A limit was broken; the connection is unusable.
+    ERROR = "error"
+
+
+#: (state, trigger) -> next state. The parser's triggers name what the client did; the
+#: executor's are the names of the :class:`ClientWire` methods it calls. POP3 never
+#: takes the two edges marked IMAP (its parser refuses AUTH before TLS itself, and it
+#: sends no SASL challenge after the credentials are complete).
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.COMMANDS, "starttls"): State.TLS_HANDSHAKE,
+    (State.COMMANDS, "login"): State.AWAITING_LOGIN,  # IMAP LOGIN, POP3 PASS
+    (State.COMMANDS, "sasl_start+ir"): State.AWAITING_LOGIN,  # with an initial response
+    (State.COMMANDS, "sasl_start"): State.AUTHENTICATING,
+    (State.COMMANDS, "goodbye"): State.CLOSED,
+    (State.COMMANDS, "limit"): State.ERROR,
+    (State.AUTHENTICATING, "sasl_response"): State.AWAITING_LOGIN,
+    (State.AUTHENTICATING, "sasl_cancelled"): State.COMMANDS,
+    (State.AUTHENTICATING, "bad_command"): State.COMMANDS,  # a response not in base64
+    (State.AUTHENTICATING, "limit"): State.ERROR,
+    (State.AUTHENTICATING, "login_refused"): State.COMMANDS,  # IMAP: e.g. no TLS yet
+    (State.TLS_HANDSHAKE, "starttls_done"): State.COMMANDS,
+    (State.AWAITING_LOGIN, "sasl_continue"): State.AUTHENTICATING,  # IMAP: e.g. LOGIN's Password:
+    (State.AWAITING_LOGIN, "login_refused"): State.COMMANDS,
+    (State.AWAITING_LOGIN, "login_accepted"): State.HANDED_OVER,
+}
 
 
 class WireOptions(TypedDict, total=False):
@@ -39,17 +88,23 @@ class WireOptions(TypedDict, total=False):
     cleartext_login: bool  # config allows a password before TLS (loopback)
 
 
-class ClientWire(Generic[S]):
-    """The client bytes and the state of one pre-auth connection (see the module
-    docstring). ``transitions`` maps (state, trigger) to the next state; a trigger the
-    table does not allow raises ``local_error`` (the caller's bug, not the client's)."""
+#: States in which client bytes are dropped: nothing more will be parsed, or they were
+#: pipelined after STARTTLS (dropping them also keeps memory bounded).
+DISCARD_INPUT_IN: Final = frozenset(
+    {State.TLS_HANDSHAKE, State.HANDED_OVER, State.CLOSED, State.ERROR})
+#: States in which the parser gives no events (an outcome is awaited, or it is over).
+PAUSED_IN: Final = frozenset(
+    {State.TLS_HANDSHAKE, State.AWAITING_LOGIN, State.HANDED_OVER, State.CLOSED})
 
-    def __init__(self, state: S, transitions: Mapping[tuple[S, str], S], *,
-                 discard_in: Collection[S], local_error: type[Exception],
+
+class ClientWire:
+    """The client bytes and the state of one pre-auth connection (see the module
+    docstring). A trigger :data:`TRANSITIONS` does not allow in the current state
+    raises ``local_error`` (the caller's bug, not the client's)."""
+
+    def __init__(self, *, local_error: type[Exception],
                  **options: Unpack[WireOptions]) -> None:
-        self.state = state
-        self._transitions = transitions
-        self._discard_in = discard_in  # states in which client bytes are dropped
+        self.state = State.COMMANDS
         self._local_error = local_error
         self.tls = options.get("tls", False)
         self.starttls_available = options.get("starttls", True)
@@ -64,22 +119,31 @@ class ClientWire(Generic[S]):
         """Unparsed bytes held (the executor pauses reading when this grows)."""
         return len(self._buf) - self._pos
 
+    @property
+    def paused(self) -> bool:
+        """``next_event`` gives ``PAUSED``: an outcome is awaited, or parsing is over."""
+        return self.state in PAUSED_IN
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the client."""
-        if self.state in self._discard_in:
-            return  # done, or pipelined after STARTTLS; dropping keeps memory bounded
+        if self.state in DISCARD_INPUT_IN:
+            return
         self._buf += data
 
     @property
     def starttls_pending(self) -> bool:
         """STARTTLS was answered and its handshake runs (:meth:`starttls_done` next)."""
-        return (self.state, "starttls_done") in self._transitions
+        return self.state is State.TLS_HANDSHAKE
 
     def starttls_done(self) -> None:
         """TLS is up: drop everything the client pipelined after STARTTLS (STLS)."""
         self._transition("starttls_done")
         self.tls = True
         self._drop_input()
+
+    def login_refused(self) -> None:
+        """The login failed or was refused; the client may try again."""
+        self._transition("login_refused")
 
     def login_accepted(self) -> bytes:
         """Hand over to the upstream; returns bytes the client pipelined after login."""
@@ -90,14 +154,14 @@ class ClientWire(Generic[S]):
 
     def _transition(self, trigger: str) -> None:
         try:
-            self.state = self._transitions[(self.state, trigger)]
+            self.state = TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise self._local_error(
                 f"{trigger} not allowed in state {self.state.value}") from None
 
     def _break(self) -> None:
         """A limit was broken: the connection is dead and holds no more input."""
-        self.state = self._transitions[(self.state, "LimitExceeded")]
+        self.state = TRANSITIONS[(self.state, "limit")]
         self._drop_input()
 
     def _drop_input(self) -> None:
@@ -165,4 +229,5 @@ class UpstreamConversation(Generic[S, C]):
         raise NotImplementedError
 
 
-__all__ = ["MAX_PREAUTH_COMMANDS", "ClientWire", "UpstreamConversation", "WireOptions"]
+__all__ = ["DISCARD_INPUT_IN", "MAX_PREAUTH_COMMANDS", "PAUSED_IN", "TRANSITIONS", "ClientWire",
+           "State", "UpstreamConversation", "WireOptions"]
