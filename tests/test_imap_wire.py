@@ -9,6 +9,7 @@ from helpers.wire import drain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.frontends.imap_syntax import bye_line, continuation_line, greeting_line, tagged_line
 from proxy.frontends.imap_wire import (
     MAX_LINE_BYTES,
     MAX_LITERAL_BYTES,
@@ -218,13 +219,13 @@ def test_too_many_commands():
     assert got[-1].limit == "commands"
 
 
-def test_send_helpers_never_emit_raw_newlines():
+def test_reply_lines_never_emit_raw_newlines():
     """Texts from policy cannot split a response line or forge a tagged reply."""
-    out = Connection.send_tagged("a", "NO", "bad\r\na OK fake", "AUTHORIZATIONFAILED")
+    out = tagged_line("a", "NO", "bad\r\na OK fake", "AUTHORIZATIONFAILED")
     assert out == b"a NO [AUTHORIZATIONFAILED] bad  a OK fake\r\n"
-    assert Connection.send_bye("bye") == b"* BYE bye\r\n"
-    assert Connection.send_continuation() == b"+ \r\n"
-    assert Connection.send_greeting(["IMAP4rev1", "STARTTLS"]).startswith(
+    assert bye_line("bye") == b"* BYE bye\r\n"
+    assert continuation_line() == b"+ \r\n"
+    assert greeting_line(["IMAP4rev1", "STARTTLS"]).startswith(
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS] "
     )
 

@@ -151,6 +151,15 @@ def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined
         BadCommand("TLS is already active"), UserGiven("a")]
 
 
+def test_events_validate_their_fields_and_keep_sasl_data_out_of_repr():
+    """PrivacyRequired only names a command that carries credentials, and AuthData's
+    bytes (a password, for PLAIN) are not in its repr."""
+    with pytest.raises(ValueError):
+        PrivacyRequired("CAPA")
+    assert "s3cret" not in repr(AuthData(b"\0alice\0s3cret"))
+    assert AuthData(b"x") == AuthData(b"x") != AuthStarted("PLAIN", b"x")
+
+
 def test_stls_unavailable_and_cleartext_allowed_on_loopback():
     """An implicit-TLS listener has no STLS; a loopback listener allowing cleartext
     reads USER/PASS before TLS."""

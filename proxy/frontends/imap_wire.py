@@ -2,9 +2,10 @@
 
 This module contains no networking code. A :class:`Connection` takes the bytes a client
 sent with :meth:`Connection.receive_data`, hands out events with
-:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`), and its
-``send_*`` helpers turn replies into bytes. The I/O executor (``imap.py``) writes those
-bytes, talks to the upstream and the gate, and tells the connection how things went
+:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`); replies are
+built as bytes by the pure functions of ``imap_syntax`` (``tagged_line``,
+``greeting_line``, ...). The I/O executor (``imap.py``) writes those bytes, talks to
+the upstream and the gate, and tells the connection how things went
 (:meth:`Connection.starttls_done`, :meth:`Connection.login_refused`,
 :meth:`Connection.login_accepted`).
 
@@ -53,18 +54,11 @@ from proxy.frontends.imap_syntax import (
     SyntaxProblem,
     Token,
     astring,
-    bye_line,
-    capability_line,
-    continuation_line,
     decode_plain,
-    greeting_line,
-    id_line,
     nstring,
     quote,
     sasl_base64,
-    tagged_line,
     tokens,
-    untagged_line,
 )
 from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 
@@ -373,18 +367,6 @@ class Connection(ClientWire):
                 raise SyntaxProblem("ID field names are strings")
             fields.append((astring(k, "ID field")[:30], nstring(v, "ID value")))
         return tuple(fields)
-
-    # ------------------------------------------------------------ output side
-    # Replies are pure functions of their arguments (``imap_syntax``); they are reachable
-    # from here so that the parser and its replies read as one API, as in h11.
-
-    send_greeting = staticmethod(greeting_line)
-    send_capability = staticmethod(capability_line)
-    send_tagged = staticmethod(tagged_line)
-    send_untagged = staticmethod(untagged_line)
-    send_bye = staticmethod(bye_line)
-    send_continuation = staticmethod(continuation_line)
-    send_id = staticmethod(id_line)
 
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 This module contains no networking code. A :class:`Connection` takes the bytes a client
 sent with :meth:`Connection.receive_data`, hands out events with
-:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`), and its
-``send_*`` helpers turn replies into bytes. The conversation layer (``pop3_preauth``)
+:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`); replies are
+built as bytes by this module's pure functions (:func:`ok_line`, :func:`err_line`,
+:func:`capa_response`, ...). The conversation layer (``pop3_preauth``)
 decides what to answer and tells the connection how things went
 (:meth:`Connection.starttls_done`, :meth:`Connection.login_refused`,
 :meth:`Connection.login_accepted`).
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Unpack
 
 from proxy.frontends import sasl
-from proxy.frontends.events import NEED_DATA, PAUSED, Marker, Sentinel
+from proxy.frontends.events import NEED_DATA, PAUSED, Marker, SecretData, Sentinel
 from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
@@ -117,17 +118,14 @@ class MechanismsRequested(Marker):
 class AuthStarted:
     """AUTH PLAIN. With an initial response the credentials are complete (the
     connection then waits for the login result); without, the layer sends
-    :meth:`Connection.send_continuation` and an :class:`AuthData` follows."""
+    :func:`continuation_line` and an :class:`AuthData` follows."""
 
     mechanism: str
     initial_response: bytes | None = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthData:
+class AuthData(SecretData):
     """The client's SASL response line, base64-decoded."""
-
-    data: bytes = field(repr=False)
 
 
 class AuthCancelled(Marker):
@@ -139,6 +137,10 @@ class PrivacyRequired:
     """USER, PASS or AUTH PLAIN before TLS: refused, never sent upstream."""
 
     command: str
+
+    def __post_init__(self) -> None:
+        if self.command not in ("USER", "PASS", "AUTH"):
+            raise ValueError(f"not a command that carries credentials: {self.command}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,16 +370,6 @@ class Connection(ClientWire):
             return AuthStarted(mech, ir)
         self._transition("sasl_start")
         return AuthStarted(mech, None)
-
-    # ------------------------------------------------------------ output side
-    # Replies are pure functions of their arguments; they are reachable from here so
-    # that the parser and its replies read as one API, as in h11.
-
-    send_ok = staticmethod(ok_line)
-    send_err = staticmethod(err_line)
-    send_capa = staticmethod(capa_response)
-    send_mechanisms = staticmethod(mechanisms_response)
-    send_continuation = staticmethod(continuation_line)
 
 
 __all__ = [
