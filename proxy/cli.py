@@ -490,24 +490,33 @@ def cmd_limits_reset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_commands(add: _Add, audit: Any) -> None:
-    sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
+def add_log_options(sp: argparse.ArgumentParser, *, merged: bool, checked: bool) -> None:
+    """The options that choose the audit logs an ``audit`` command reads: ``--log``
+    (several logs are ``merged`` by time, or, for ``verify``, checked one by one) and,
+    when the command verifies the chains (``checked``), ``--key`` and ``--witness``."""
+    how = ", merged by time" if merged else ""
     sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
-                    "instance (default: [audit] path)")
+                    f"instance{how} (default: [audit] path)")
+    if not checked:
+        return
     sp.add_argument("--key", action="append", help="checkpoint public key, repeatable for "
                     "rotated keys (default: [audit] verify_key)")
-    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
-                    help="use only the key with this SHA-256 fingerprint (or key_id)")
     sp.add_argument("--witness", action="append", metavar="FILE", help="audit_checkpoint/"
                     "audit_head log lines as a SIEM collected them: the log must hold them")
+
+
+def _audit_commands(add: _Add, audit: Any) -> None:
+    sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
+    add_log_options(sp, merged=False, checked=True)
+    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
+                    help="use only the key with this SHA-256 fingerprint (or key_id)")
     sp.add_argument("--from-checkpoint", type=int, metavar="SEQ",
                     help="start at this signed checkpoint (older files deleted)")
     sp.add_argument("--strict", action="store_true",
                     help="fail on records sealed after a crash (unwitnessed)")
     sp = add("query", cmd_audit_query, "filter decisions; several logs merge by time",
              audit)
-    sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
-                    "instance, merged by time (default: [audit] path)")
+    add_log_options(sp, merged=True, checked=False)
     sp.add_argument("--user")
     sp.add_argument("--device")
     sp.add_argument("--decision", choices=("allow", "deny"))

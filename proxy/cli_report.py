@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import EXIT_FAILED, EXIT_OK, UserError, _Add, _given_logs, _load
+from proxy.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UserError,
+    _Add,
+    _given_logs,
+    _load,
+    add_log_options,
+)
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
@@ -83,9 +91,4 @@ def report_command(add: _Add, audit: Any) -> None:
                     help="also write every record of the period as CSV and JSON lines")
     sp.add_argument("--no-client-ip", action="store_true",
                     help="leave client addresses out of the report and the exports")
-    sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
-                    "instance, merged by time (default: [audit] path)")
-    sp.add_argument("--key", action="append", help="checkpoint public key, repeatable "
-                    "(default: [audit] verify_key)")
-    sp.add_argument("--witness", action="append", metavar="FILE",
-                    help="audit_checkpoint/audit_head lines a SIEM collected")
+    add_log_options(sp, merged=True, checked=True)
