@@ -108,7 +108,7 @@ from proxy.gate import (
 )
 from proxy.ids import DEVICE_ID_RE
 from proxy.net.http_guard import guarded
-from proxy.net.limits import HEADER_TIMEOUT, Limits
+from proxy.net.limits import Limit, Limits
 from proxy.oplog import get_logger
 from proxy.policy import Decision, Policy
 from proxy.posture import PostureStore
@@ -586,7 +586,7 @@ async def start_api(cfg: Any, app: web.Application, ssl_context: Any = None) -> 
     assert runner.server is not None
 
     def cut_off(ip: str) -> None:
-        limits.hit(HEADER_TIMEOUT, "api", ip)
+        limits.hit(Limit.HEADER_TIMEOUT, "api", ip)
         limits.abuse(ip, "slow_request_head", "api")
 
     factory = guarded(runner.server, limits.cfg.header_timeout_s, cut_off)

@@ -8,7 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.net.limits import API_BODY, HEADER_TIMEOUT, Limits
+from proxy.net.limits import Limit, Limits
 from proxy.posture import App, Posture
 
 #: A request body must arrive within this many ``header_timeout``s.
@@ -32,7 +32,7 @@ async def read_limited(request: web.Request, limit: int, limits: Limits) -> byte
     it does not arrive within :data:`BODY_TIMEOUT_FACTOR` header timeouts."""
     too_large = ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
     if request.content_length is not None and request.content_length > limit:
-        limits.hit(API_BODY, "api", request.remote or "")
+        limits.hit(Limit.API_BODY, "api", request.remote or "")
         raise too_large
     chunks, size = [], 0
     try:
@@ -40,11 +40,11 @@ async def read_limited(request: web.Request, limit: int, limits: Limits) -> byte
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    limits.hit(API_BODY, "api", request.remote or "")
+                    limits.hit(Limit.API_BODY, "api", request.remote or "")
                     raise too_large
                 chunks.append(chunk)
     except TimeoutError:
-        limits.hit(HEADER_TIMEOUT, "api", request.remote or "")
+        limits.hit(Limit.HEADER_TIMEOUT, "api", request.remote or "")
         raise ApiError(408, "timeout", "The request body arrived too slowly.",
                        {"Connection": "close"}) from None
     return b"".join(chunks)

@@ -33,7 +33,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.config import NginxConfig
 from proxy.net.http_guard import guarded
-from proxy.net.limits import HEADER_TIMEOUT, Limits
+from proxy.net.limits import Limit, Limits
 from proxy.nginx.eas import EasAuth, forbidden
 from proxy.nginx.mail import MailAuth
 from proxy.nginx.protocol import BadAuthRequest, parse_mail_request, refused
@@ -169,7 +169,7 @@ async def bind(cfg: NginxConfig, app: web.Application, limits: Limits
     assert runner.server is not None
 
     def cut_off(ip: str) -> None:
-        limits.hit(HEADER_TIMEOUT, LISTENER, ip)
+        limits.hit(Limit.HEADER_TIMEOUT, LISTENER, ip)
         limits.abuse(ip, "slow_request_head", LISTENER)
 
     factory = guarded(runner.server, limits.cfg.header_timeout_s, cut_off)
