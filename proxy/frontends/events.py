@@ -18,7 +18,8 @@ Three kinds, each protocol-neutral; what names a protocol stays in its own modul
 
 Events and commands are small frozen dataclasses; credentials stay out of their
 ``repr``. Those that carry nothing but their kind subclass :class:`Marker`, and those
-that share fields share a base (:class:`Failure`, :class:`ForIdentity`); a subclass
+that share fields share a base (:class:`Failure`, :class:`ForIdentity`,
+:class:`Credentials`, ...); a subclass
 that adds no field needs no decorator of its own.
 """
 
@@ -85,6 +86,14 @@ class SecretData:
     """Bytes from or for a peer that may carry a password: kept out of the ``repr``."""
 
     data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A user name and a password; the password is never in logs or tracebacks."""
+
+    user: str
+    password: str = field(repr=False)
 
 
 # ------------------------------------------------------------- pre-auth session events

@@ -31,10 +31,11 @@ The rules (DESIGN.md, "Sessions, in order" and "Refusals the user sees"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.frontends.events import (
     CloseUpstream,
+    Credentials,
     SendToClient,
     SessionCommand,
     SessionEvent,
@@ -93,13 +94,9 @@ class UpstreamAnswered:
     line: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OpenUpstream:
+class OpenUpstream(Credentials):
     """Connect upstream and log in (``pop3_upstream``); then feed UpstreamAnswered or
     UpstreamFailed."""
-
-    user: str
-    password: str = field(repr=False)
 
 
 PreauthEvent = SessionEvent | UpstreamAnswered

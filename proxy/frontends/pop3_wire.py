@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Unpack
 
 from proxy.frontends import sasl
-from proxy.frontends.events import NEED_DATA, PAUSED, Marker, SecretData, Sentinel
+from proxy.frontends.events import NEED_DATA, PAUSED, Credentials, Marker, SecretData, Sentinel
 from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
@@ -102,12 +102,8 @@ class UserGiven:
     user: str
 
 
-@dataclass(frozen=True, slots=True)
-class LoginAttempted:
+class LoginAttempted(Credentials):
     """PASS after USER: the credentials are complete."""
-
-    user: str
-    password: str = field(repr=False)  # never in logs or tracebacks
 
 
 class MechanismsRequested(Marker):
