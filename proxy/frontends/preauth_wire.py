@@ -8,9 +8,10 @@ hand-over of what the client pipelined after a successful login. The protocol ke
 events and its parser.
 
 IMAP and POP3 before login are the same machine under each RFC's names, so there is one
-:class:`State` and one :data:`TRANSITIONS` table, with protocol-neutral names; each
-state's docstring line gives the RFC names. Everything that affects the state machine
-lives in that table and the methods of :class:`ClientWire` that use it.
+:class:`State` and one :data:`TRANSITIONS` table, with protocol-neutral names; the
+comment on each state gives the RFC names. Everything that affects the state machine
+lives in this module: that table, the states in which input is dropped or parsing
+pauses, and the methods of :class:`ClientWire` that use them.
 
 :class:`UpstreamConversation` is the same for the client side of the login to the
 upstream server (``imap_upstream.UpstreamLogin``, ``pop3_upstream.UpstreamLogin``): the
@@ -58,8 +59,8 @@ class State(enum.Enum):
 
 #: (state, trigger) -> next state. The parser's triggers name what the client did; the
 #: executor's are the names of the :class:`ClientWire` methods it calls. POP3 never
-#: takes the two edges marked IMAP (its parser refuses AUTH before TLS itself, and it
-#: sends no SASL challenge after the credentials are complete).
+#: takes the two edges marked IMAP: its parser itself refuses AUTH before TLS and
+#: mechanisms other than PLAIN, and PLAIN needs no further challenge.
 TRANSITIONS: dict[tuple[State, str], State] = {
     (State.COMMANDS, "starttls"): State.TLS_HANDSHAKE,
     (State.COMMANDS, "login"): State.AWAITING_LOGIN,  # IMAP LOGIN, POP3 PASS
@@ -71,7 +72,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AUTHENTICATING, "sasl_cancelled"): State.COMMANDS,
     (State.AUTHENTICATING, "bad_command"): State.COMMANDS,  # a response not in base64
     (State.AUTHENTICATING, "limit"): State.ERROR,
-    (State.AUTHENTICATING, "login_refused"): State.COMMANDS,  # IMAP: e.g. no TLS yet
+    (State.AUTHENTICATING, "login_refused"): State.COMMANDS,  # IMAP: e.g. before TLS
     (State.TLS_HANDSHAKE, "starttls_done"): State.COMMANDS,
     (State.AWAITING_LOGIN, "sasl_continue"): State.AUTHENTICATING,  # IMAP: e.g. LOGIN's Password:
     (State.AWAITING_LOGIN, "login_refused"): State.COMMANDS,
