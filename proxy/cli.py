@@ -61,10 +61,10 @@ def _private_dir(path: Path) -> None:
 
 
 def _policy(cfg: Config) -> Any:
-    """The policy in force (``state/`` pointer, proxy.policies), else the file."""
-    from proxy.policies import policy_in_force
+    """The policy in force (the pointer, proxy.policies.pointer), else the file."""
+    from proxy.policies.pointer import in_force
 
-    return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    return in_force(cfg)
 
 
 # ------------------------------------------------------------------ commands

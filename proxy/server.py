@@ -36,7 +36,6 @@ How the parts fit:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import sys
@@ -55,7 +54,6 @@ from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policies.live import LivePolicy
 from proxy.policy import Policy
-from proxy.policy_sync import PolicySync
 from proxy.startup import (
     StartupError,
     audit_log,
@@ -110,7 +108,6 @@ class Server:
         self.observer = metrics.PrometheusObserver()
         self.limits: Limits | None = None
         self.upkeep: Upkeep | None = None
-        self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
         self.verifier: Any = None  # proxy.attestation.Verifier
@@ -124,11 +121,6 @@ class Server:
         self._stop = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # sha256 of the policy file bytes last looked at: a file event whose content
-        # did not change (touch, ConfigMap symlink swap, a second event for one edit)
-        # is not a reload.
-        self._seen_sha = hashlib.sha256(Path(cfg.server.policy).read_bytes()).hexdigest() \
-            if Path(cfg.server.policy).exists() else ""
 
     # -------------------------------------------------------------- start
 
@@ -173,14 +165,12 @@ class Server:
         except Exception as exc:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
+        self.policies.use_pointer(self.store)  # state/, or Redis when scaled out
         await self.policies.at_start()  # the pointer's policy, or the file (proxy.policies)
         self.observer.policy_loaded(self.holder.current())
         from proxy.notify import start_notifier  # [notify]: warnings and deny notices
 
         self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir)
-        self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
-                                      self._apply_policy)
-        await self.policy_sync.start(Path(cfg.server.policy))
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
@@ -274,7 +264,6 @@ class Server:
         policy guard refused."""
         store_says = getattr(self.store, "degraded", None)
         names = list(store_says()) if store_says is not None else []
-        names += self.policy_sync.degraded() if self.policy_sync is not None else []
         names += self.mdm.degraded() if self.mdm else []
         names += self.policies.degraded()
         if self.crl:
@@ -318,7 +307,7 @@ class Server:
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
         assert self.upkeep is not None
-        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # CLI rollback
+        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # rollback, push
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
@@ -358,9 +347,6 @@ class Server:
             await asyncio.sleep(TRUST_POLL_S)
             try:
                 ended = await self.gate.sync_changes()
-                async with self._reload_lock:  # another instance's reload (Redis)
-                    assert self.policy_sync is not None
-                    await self.policy_sync.poll()
                 if self.crl and self.crl.reload_if_changed():
                     ended += await self.gate.recheck_all("crl_reload")
             except Exception as exc:
@@ -387,72 +373,10 @@ class Server:
     # -------------------------------------------------------------- reload
 
     async def reload(self, trigger: str) -> bool:
-        """Load the policy file again; True if a new policy was applied."""
-        async with self._reload_lock:
-            return await self._reload(trigger)
-
-    async def _reload(self, trigger: str) -> bool:
+        """Load the policy file again; True if a new policy was applied
+        (:meth:`proxy.policies.live.LivePolicy.reload`)."""
         assert self.gate is not None
-        path = Path(self.cfg.server.policy)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = b""  # load_policy below reports the error with the file name
-        raw_sha = hashlib.sha256(data).hexdigest() if data else ""
-        if raw_sha == self._seen_sha and trigger == "file_change":
-            return False
-        self._seen_sha = raw_sha
-        old = self.holder.current()
-        try:
-            new = load_policy(path)
-        except ConfigError as exc:
-            return await self._refused(trigger, str(exc), old, None, raw_sha, file=exc.file,
-                                       line=exc.line, key=exc.key)
-        if new.sha256 == old.sha256:
-            log.info("policy unchanged", trigger=trigger, policy_version=old.version)
-            return False
-        refusal = await self.policies.admit(old, new, data, trigger)  # the policy guard
-        if refusal is not None:
-            return await self._refused(trigger, refusal, old, new.version, raw_sha)
-        await self._apply_policy(new, trigger)
-        if self.policy_sync is not None:
-            await self.policy_sync.push(path)
-        return True
-
-    async def _apply_policy(self, new: Policy, trigger: str) -> None:
-        """Swap ``new`` in, record it and re-check every live session."""
-        assert self.gate is not None
-        old = self.holder.current()
-        self.holder.swap(new)
-        self.observer.policy_loaded(new)
-        log.info("policy reloaded", trigger=trigger, old_version=old.version,
-                 new_version=new.version, new_sha256=new.sha256)
-        await self._audit_write({
-            "event": "policy_reload", "result": "applied", "trigger": trigger,
-            "old_version": old.version, "old_sha256": old.sha256,
-            "new_version": new.version, "new_sha256": new.sha256,
-            "actor": self.policies.actor(),
-        })
-        started = time.perf_counter()
-        ended = await self.gate.policy_changed()
-        log.info("live sessions re-checked", ended=ended,
-                 live=len(self.gate.live_sessions()),
-                 elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
-
-    async def _refused(self, trigger: str, error: str, old: Policy, version: str | None,
-                       raw_sha: str, **where: Any) -> bool:
-        """A reload refused (invalid file, or the policy guard): the old policy stays;
-        logged, counted and recorded."""
-        self.observer.policy_reload_failed()
-        log.error("policy reload refused; keeping the current policy", trigger=trigger,
-                  error=error, policy_version=old.version, **where)
-        await self._audit_write({
-            "event": "policy_reload", "result": "refused", "trigger": trigger,
-            "error": error, "old_version": old.version, "old_sha256": old.sha256,
-            "new_version": version, "new_sha256": raw_sha or None,
-            "actor": self.policies.actor(),
-        })
-        return False
+        return await self.policies.reload(self.gate, trigger)
 
     async def _audit_write(self, fields: dict[str, Any]) -> None:
         try:

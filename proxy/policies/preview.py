@@ -1,7 +1,8 @@
 """Impact preview: who a candidate policy would newly deny or newly allow.
 
-:func:`read_devices` reads every known device's posture (per authority) from the
-SQLite posture store through a read-only connection; :func:`replay_keys` reads the
+:func:`load_devices` reads every known device's posture (per authority) from the
+posture store: SQLite through a read-only connection (:func:`read_devices`), Redis
+page by page (:func:`read_redis_devices`); :func:`replay_keys` reads the
 distinct (user, device, protocol) of the audit log's ``decision`` records since a
 time. :func:`compare` judges each device (and each replayed key) on its *current*
 posture under the policy in force and under the candidate, with the pure
@@ -53,8 +54,44 @@ class Devices:
 def store_path(store_url: str) -> Path:
     """The SQLite file of a ``sqlite://`` store URL (ValueError for other stores)."""
     if not store_url.startswith("sqlite://"):
-        raise ValueError(f"policy preview reads the sqlite posture store; {store_url} is not")
+        raise ValueError(f"not a sqlite posture store: {store_url}")
     return Path(store_url.removeprefix("sqlite://"))
+
+
+def load_devices(store_url: str, keep: Callable[[str, str, str], bool] | None = None
+                 ) -> Devices:
+    """Every known device of the posture store at ``store_url`` (SQLite: a read-only
+    connection; Redis: :func:`read_redis_devices` on a connection of its own). Call it
+    outside a running event loop (the server uses a worker thread)."""
+    if store_url.startswith("sqlite://"):
+        return read_devices(store_path(store_url), keep)
+    import asyncio
+
+    from proxy.posture import open_store
+
+    return asyncio.run(read_redis_devices(open_store(store_url), keep))
+
+
+#: Devices per Redis round trip when reading every device (a short script each, so
+#: the decisions of a live fleet are not held up behind one long one).
+REDIS_PAGE = 2000
+
+
+async def read_redis_devices(store: Any, keep: Callable[[str, str, str], bool] | None = None
+                             ) -> Devices:
+    """Every device of a Redis posture store (which this closes), page by page
+    (:meth:`~proxy.posture.redis.RedisPostureStore.posture_pages`), with the revoked
+    devices and aliases."""
+    postures: dict[str, list[Posture]] = {}
+    try:
+        async for page in store.posture_pages(REDIS_PAGE):
+            for device, texts in page:  # a device SSCAN returns twice is read twice
+                postures[device] = [Posture.from_json(t) if keep is None else _decode(t, keep)
+                                    for t in texts]
+        trust = await store.trust_records()
+    finally:
+        await store.close()
+    return Devices(postures, frozenset(trust.revoked), dict(trust.aliases))
 
 
 def relevant_to(*policies: Policy | None) -> Callable[[str, str, str], bool]:

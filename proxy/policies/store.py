@@ -180,12 +180,17 @@ class PolicyStore:
             raise ValueError(f"how must be one of {HOW}")
         self.save(policy, data)
         entry = Entry(policy.sha256, policy.version, now_rfc3339(), how, actor)
+        self.move(entry, file_sha256)
+        return entry
+
+    def move(self, entry: Entry, file_sha256: str | None = None) -> None:
+        """Point at ``entry.sha256`` (already stored) and append ``entry`` to the history;
+        ``file_sha256`` None keeps the file's last-looked-at digest."""
         with self._locked():
             old = self.read()
             history = (old.history if old else ()) + (entry,)
             seen = file_sha256 if file_sha256 is not None else (old.file_sha256 if old else "")
-            self._write(Pointer(policy.sha256, seen, history))
-        return entry
+            self._write(Pointer(entry.sha256, seen, history))
 
     def note_file(self, file_sha256: str) -> None:
         """Remember the policy file's bytes as looked at (a refused file stays refused
@@ -202,10 +207,12 @@ class PolicyStore:
 
     # ---------------------------------------------------------------- references
 
-    def resolve(self, ref: str) -> str:
-        """A version string or a SHA-256 prefix (at least 4 hex) -> the stored digest."""
-        pointer = self.read()
-        history = pointer.history if pointer else ()
+    def resolve(self, ref: str, history: tuple[Entry, ...] | None = None) -> str:
+        """A version string or a SHA-256 prefix (at least 4 hex) -> the digest, among
+        the stored policies and ``history`` (default: this pointer's)."""
+        if history is None:
+            pointer = self.read()
+            history = pointer.history if pointer else ()
         by_version = {e.sha256 for e in history if e.version == ref}
         if len(by_version) == 1:
             return by_version.pop()
@@ -213,7 +220,8 @@ class PolicyStore:
             raise PolicyStoreError(f"version {ref!r} names {len(by_version)} different "
                                    "policies; give a sha256 prefix (mailward policy history)")
         if _SHA_PREFIX.match(ref.lower()):
-            found = [s for s in self.stored() if s.startswith(ref.lower())]
+            known = set(self.stored()) | {e.sha256 for e in history}
+            found = sorted(s for s in known if s.startswith(ref.lower()))
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:

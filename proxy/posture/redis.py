@@ -33,6 +33,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -405,6 +406,52 @@ class RedisPostureStore:
         """(SHA-256 of the policy in force, its text when it is not ``have``)."""
         sha, text = await self._call("policy_active", have)
         return str(sha), (str(text) if text else None)
+
+    # -- the policy pointer (proxy.policies.pointer.RedisPointer) ----------------------
+
+    async def policy_pointer(self, instance: str) -> tuple[str, str, list[str]]:
+        """(active SHA-256 or "", ``instance``'s file SHA-256 or "", history entries as
+        JSON), in one round trip."""
+        active, file_sha, history = await self._call("policy_pointer", instance)
+        return str(active), str(file_sha), [str(h) for h in history]
+
+    async def move_policy_pointer(self, sha256: str, text: str, entry: str, instance: str,
+                                  file_sha256: str) -> int:
+        """Store the text, make it active and append ``entry`` (JSON) to the history,
+        atomically; ``file_sha256`` "" leaves the instance's file digest alone."""
+        return int(await self._call("policy_move", sha256, text, entry, instance,
+                                    file_sha256))
+
+    async def policy_stamp(self) -> str:
+        """Changes whenever the pointer moves (one round trip)."""
+        return str(await self._call("policy_stamp"))
+
+    async def note_policy_file(self, instance: str, file_sha256: str) -> None:
+        await self._call("policy_note_file", instance, file_sha256)
+
+    async def policy_text(self, sha256: str) -> str | None:
+        text = await self._call("policy_text", sha256)
+        return str(text) if text else None
+
+    # -- shared notice rate (proxy.notify_memory) ---------------------------------------
+
+    async def claim_notice(self, key: str, now: float, window_s: float, count: int) -> bool:
+        """One notice under ``key`` at ``now`` if fewer than ``count`` went out in the
+        ``window_s`` before (by any instance); one round trip."""
+        return bool(await self._call("notice_claim", key, repr(float(now)),
+                                     repr(float(window_s)), count))
+
+    # -- every device (proxy.policies.preview) ------------------------------------------
+
+    async def posture_pages(self, count: int = 1000) -> AsyncIterator[list[tuple[str, list[str]]]]:
+        """Every device's postures as (device, [posture JSON per authority]), a page
+        (about ``count`` devices, one round trip, a short script) at a time."""
+        cursor = "0"
+        while True:
+            cursor, flat = await self._call("posture_page", cursor, count)
+            yield [(d, fields[1::2]) for d, fields in zip(flat[::2], flat[1::2], strict=True)]
+            if str(cursor) == "0":
+                return
 
     # -- health -------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ Keys (``P`` = the prefix, ``mailward:`` by default):
 ``P seq``, ``P feed``  the change feed: a counter and a stream whose entry ids are
                    ``<seq>-1`` (fields ``d`` device, ``k`` kind, ``o`` origin)
 ``P policy:active``, ``P policy:<sha256>``  the policy in force (content-addressed)
+``P policy:history``  list of JSON activations (sha256, version, when, how, actor)
+``P policy:files``   hash: instance -> SHA-256 of its policy file as last looked at
+``P notice:<key>``   sorted set of notice times (the notice rate shared by instances)
 
 Device ids arrive lower-cased (:func:`proxy.posture.device_key`). The scripts build
 key names from the prefix, so the store needs a single Redis (or a Sentinel-managed
@@ -249,10 +252,74 @@ if (not sha) or sha == ARGV[2] then return {sha or '', false} end
 return {sha, redis.call('GET', P .. 'policy:' .. sha) or false}
 """
 
+#: ARGV: prefix, sha256, policy text, history entry JSON, instance, file sha256 ('' =
+#: unchanged). Stores the text, points at it, appends the entry; returns the history length.
+POLICY_MOVE = """
+local P = ARGV[1]
+redis.call('SET', P .. 'policy:' .. ARGV[2], ARGV[3])
+redis.call('SET', P .. 'policy:active', ARGV[2])
+if ARGV[6] ~= '' then redis.call('HSET', P .. 'policy:files', ARGV[5], ARGV[6]) end
+return redis.call('RPUSH', P .. 'policy:history', ARGV[4])
+"""
+
+#: ARGV: prefix, instance. Returns {active sha256 or '', the instance's file sha256 or
+#: '', history entries}.
+POLICY_POINTER = """
+local P = ARGV[1]
+return {redis.call('GET', P .. 'policy:active') or '',
+        redis.call('HGET', P .. 'policy:files', ARGV[2]) or '',
+        redis.call('LRANGE', P .. 'policy:history', 0, -1)}
+"""
+
+#: ARGV: prefix. A cheap change detector: "<active sha256> <history length>".
+POLICY_STAMP = """
+local P = ARGV[1]
+return (redis.call('GET', P .. 'policy:active') or '') .. ' '
+       .. redis.call('LLEN', P .. 'policy:history')
+"""
+
+#: ARGV: prefix, instance, file sha256.
+POLICY_NOTE_FILE = """
+return redis.call('HSET', ARGV[1] .. 'policy:files', ARGV[2], ARGV[3])
+"""
+
+#: ARGV: prefix, sha256. The stored text, or false.
+POLICY_TEXT = """
+return redis.call('GET', ARGV[1] .. 'policy:' .. ARGV[2])
+"""
+
+#: ARGV: prefix, key, now, window seconds, count. Claims one notice under the key when
+#: fewer than ``count`` were sent in the window before ``now`` (times are the callers'
+#: clocks); returns 1 when claimed, 0 when the rate is used up.
+NOTICE_CLAIM = """
+local k, now, window = ARGV[1] .. 'notice:' .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. (now - window))
+if redis.call('ZCOUNT', k, now - window, '+inf') >= tonumber(ARGV[5]) then return 0 end
+redis.call('ZADD', k, now, ARGV[3] .. '#' .. redis.call('ZCARD', k))
+redis.call('EXPIRE', k, math.ceil(window) + 3600)
+return 1
+"""
+
+#: ARGV: prefix, cursor, count. One page of every device's postures:
+#: {next cursor ('0' at the end), {device, {authority, json, ...}, ...}}.
+POSTURE_PAGE = """
+local P = ARGV[1]
+local page = redis.call('SSCAN', P .. 'devs', ARGV[2], 'COUNT', ARGV[3])
+local out = {}
+for _, d in ipairs(page[2]) do
+  out[#out + 1] = d
+  out[#out + 1] = redis.call('HGETALL', P .. 'p:' .. d)
+end
+return {page[1], out}
+"""
+
 SCRIPTS: Final = {
     "commit": COMMIT, "postures": POSTURES, "user_devices": USER_DEVICES,
     "trust": TRUST, "changes": CHANGES, "revoke": REVOKE, "replay_revoke": REPLAY_REVOKE,
     "unrevoke": UNREVOKE, "unbind": UNBIND, "bind": BIND, "forget": FORGET,
     "alias": ALIAS, "dump": DUMP, "policy_push": POLICY_PUSH,
     "policy_active": POLICY_ACTIVE,
+    "policy_move": POLICY_MOVE, "policy_pointer": POLICY_POINTER, "policy_stamp": POLICY_STAMP,
+    "policy_note_file": POLICY_NOTE_FILE, "policy_text": POLICY_TEXT,
+    "notice_claim": NOTICE_CLAIM, "posture_page": POSTURE_PAGE,
 }
