@@ -170,7 +170,8 @@ class Server:
         self.observer.policy_loaded(self.holder.current())
         from proxy.notify import start_notifier  # [notify]: warnings and deny notices
 
-        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir)
+        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir,
+                                             self.store)  # Redis: the rate is shared
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
