@@ -177,7 +177,7 @@ class Notifier:
 
     async def close(self, drain_s: float = DRAIN_S) -> None:
         """Give queued notices ``drain_s`` to go out, then stop; keep the memory."""
-        if self._workers and not self._queue.empty():
+        if self._workers:  # queued, and taken but not yet sent
             try:
                 async with asyncio.timeout(drain_s):
                     await self._queue.join()

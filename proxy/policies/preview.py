@@ -251,12 +251,15 @@ class _Judge:
 
 def compare_devices(devices: Devices, baseline: Policy | None, candidate: Policy,
                     now: datetime) -> Outcome:
-    """Every known device, judged for the user its posture names."""
+    """Every known device, judged for the user its posture names (the lists in device
+    order, whichever order the store gave them in)."""
     judge, out = _Judge(baseline, candidate, now), Outcome()
     for device, postures in devices.postures.items():
         speaking = in_force(postures)
         user = speaking.user if speaking is not None else ""
         judge.add(out, postures, user, device, "", device in devices.revoked)
+    out.newly_denied.sort(key=lambda c: c.device)
+    out.newly_allowed.sort(key=lambda c: c.device)
     return out
 
 
