@@ -74,7 +74,7 @@ def load_devices(store_url: str, keep: Callable[[str, str, str], bool] | None = 
 
 #: Devices per Redis round trip when reading every device (a short script each, so
 #: the decisions of a live fleet are not held up behind one long one).
-REDIS_PAGE = 2000
+REDIS_PAGE = 1000
 
 
 async def read_redis_devices(store: Any, keep: Callable[[str, str, str], bool] | None = None
@@ -85,9 +85,8 @@ async def read_redis_devices(store: Any, keep: Callable[[str, str, str], bool] |
     postures: dict[str, list[Posture]] = {}
     try:
         async for page in store.posture_pages(REDIS_PAGE):
-            for device, texts in page:  # a device SSCAN returns twice is read twice
-                postures[device] = [Posture.from_json(t) if keep is None else _decode(t, keep)
-                                    for t in texts]
+            for device, docs in page:  # a device SSCAN returns twice is read twice
+                postures[device] = [_posture(d, keep) for d in docs]
         trust = await store.trust_records()
     finally:
         await store.close()
@@ -133,10 +132,16 @@ def read_devices(path: Path, keep: Callable[[str, str, str], bool] | None = None
 
 def _decode(text: str, keep: Callable[[str, str, str], bool]) -> Posture:
     """:meth:`Posture.from_json` keeping only the apps ``keep`` accepts."""
-    d = json.loads(text)
+    return _posture(json.loads(text), keep)
+
+
+def _posture(d: dict[str, Any], keep: Callable[[str, str, str], bool] | None) -> Posture:
+    """A posture from its decoded JSON, with only the apps ``keep`` accepts (all when
+    None)."""
     platform = d["platform"]
     d["apps"] = tuple(App(a["id"], a.get("version", ""), a.get("name", ""))
-                      for a in d["apps"] if keep(platform, a["id"], a.get("name", "")))
+                      for a in d["apps"]
+                      if keep is None or keep(platform, a["id"], a.get("name", "")))
     return Posture(**d)
 
 

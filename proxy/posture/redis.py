@@ -27,6 +27,7 @@ When Redis is unreachable (:attr:`RedisPostureStore.available` false):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -443,15 +444,23 @@ class RedisPostureStore:
 
     # -- every device (proxy.policies.preview) ------------------------------------------
 
-    async def posture_pages(self, count: int = 1000) -> AsyncIterator[list[tuple[str, list[str]]]]:
-        """Every device's postures as (device, [posture JSON per authority]), a page
-        (about ``count`` devices, one round trip, a short script) at a time."""
-        cursor = "0"
-        while True:
-            cursor, flat = await self._call("posture_page", cursor, count)
-            yield [(d, fields[1::2]) for d, fields in zip(flat[::2], flat[1::2], strict=True)]
-            if str(cursor) == "0":
+    async def posture_pages(self, count: int = 1000) -> AsyncIterator[list[Any]]:
+        """Every device's postures, a page (about ``count`` devices, one round trip, a
+        short script) at a time: ``[[device, [posture as a JSON object, ...]], ...]``
+        (decoded once per page; :meth:`Posture.from_json` semantics are the caller's)."""
+        cursor, text = await self._call("posture_page", "0", count)
+        while True:  # the next page is asked for before this one is decoded
+            nxt = None if str(cursor) == "0" else asyncio.ensure_future(
+                self._call("posture_page", cursor, count))
+            try:
+                yield json.loads(text)
+            except BaseException:
+                if nxt is not None:
+                    nxt.cancel()
+                raise
+            if nxt is None:
                 return
+            cursor, text = await nxt
 
     # -- health -------------------------------------------------------------------------
 

@@ -300,17 +300,18 @@ redis.call('EXPIRE', k, math.ceil(window) + 3600)
 return 1
 """
 
-#: ARGV: prefix, cursor, count. One page of every device's postures:
-#: {next cursor ('0' at the end), {device, {authority, json, ...}, ...}}.
+#: ARGV: prefix, cursor, count. One page of every device's postures as one JSON text
+#: (one string to parse, not four per device): {next cursor ('0' at the end),
+#: '[[device, [posture, ...]], ...]'} (the postures are stored JSON, spliced in).
 POSTURE_PAGE = """
 local P = ARGV[1]
 local page = redis.call('SSCAN', P .. 'devs', ARGV[2], 'COUNT', ARGV[3])
 local out = {}
 for _, d in ipairs(page[2]) do
-  out[#out + 1] = d
-  out[#out + 1] = redis.call('HGETALL', P .. 'p:' .. d)
+  out[#out + 1] = '[' .. cjson.encode(d) .. ',['
+                  .. table.concat(redis.call('HVALS', P .. 'p:' .. d), ',') .. ']]'
 end
-return {page[1], out}
+return {page[1], '[' .. table.concat(out, ',') .. ']'}
 """
 
 SCRIPTS: Final = {
