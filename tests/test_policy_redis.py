@@ -18,12 +18,21 @@ from typing import Any
 import pytest
 from helpers.serve import free_port, mailward, serve, wait_serving
 from peers.redis import RedisServer
-from test_policy_ops_server import ALICE, BAN, BEFORE, BOB, CAROL, PHONES
+from test_policy_ops_server import (
+    ALICE,
+    BAN,
+    BEFORE,
+    BOB,
+    CAROL,
+    PHONES,
+    decide,
+    enrolled_root,
+    wait_for,
+)
 from test_server import REACT_S, Served, attest
 
 from proxy.audit import query
 from proxy.demo.run import Phone
-from proxy.pki import certs_init, enroll_device
 from proxy.policies import confirm_line
 
 pytestmark = pytest.mark.peer
@@ -62,26 +71,10 @@ class Fleet:
         return list(query(self.root / f"state-{name}/audit.jsonl", **filters))
 
     def decide(self, name: str, phone: Phone) -> str:
-        s = self.served[name]
-        token = (self.root / "certs/admin.token").read_text().strip()
-        body = json.dumps({"user": phone.user, "device_id": phone.device_id,
-                           "protocol": "imap"}).encode()
-        status, answer = s.api("POST", "/v1/explain", body, {
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        assert status == 200, answer
-        return str(json.loads(answer)["decision"])
+        return decide(self.served[name], phone)
 
     def cli(self, name: str, *args: str) -> Any:
         return mailward(*args, config=self.config(name))
-
-
-def wait_for(what: str, check: Any, timeout_s: float) -> float:
-    """Seconds until ``check()`` holds (fails after ``timeout_s``)."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout_s, what
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def start(root: Path, name: str, url: str) -> Served:
@@ -96,14 +89,7 @@ def start(root: Path, name: str, url: str) -> Served:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("polredis")
-    certs_init(root / "certs")
-    for p in PHONES:
-        enroll_device(device_ca_cert=root / "certs/device-ca.pem",
-                      device_ca_key=root / "certs/offline/device-ca.key",
-                      device_id=p.device_id, user=p.user,
-                      out_dir=root / "certs/devices" / p.device_id)
-    (root / "config").mkdir()
+    root = enrolled_root(tmp_path_factory.mktemp("polredis"))
     for name in ("a", "b"):
         (root / f"config/policy-{name}.toml").write_text(BEFORE)
     redis = RedisServer(root / "redis").start()
