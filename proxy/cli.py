@@ -62,7 +62,7 @@ def _private_dir(path: Path) -> None:
 
 def _policy(cfg: Config) -> Any:
     """The policy in force (the pointer, proxy.policies.pointer), else the file."""
-    from proxy.policies.pointer import in_force
+    from proxy.policies import in_force
 
     return in_force(cfg)
 

@@ -36,15 +36,13 @@ from proxy.policies.store import (
     Pointer,
     PolicyStore,
     PolicyStoreError,
+    is_shared,
     now_rfc3339,
 )
 
 if TYPE_CHECKING:
     from proxy.config import Config
     from proxy.policy import Policy
-
-SHARED_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
-
 
 class ActivePointer(Protocol):
     """Which stored policy is in force, since when, how and by whom."""
@@ -204,11 +202,6 @@ def _keep(contents: PolicyStore, sha256: str, text: bytes) -> None:
     _write_atomic(contents.path_of(sha256), text)
 
 
-def is_shared(store_url: str) -> bool:
-    """True when ``[posture] store`` puts the pointer in Redis."""
-    return store_url.startswith(SHARED_SCHEMES)
-
-
 def open_versions(cfg: Config, store: Any = None) -> PolicyVersions:
     """The policy versions of this deployment: the pointer in Redis when the posture
     store is Redis (``store``: the server's open one, else a connection of its own),
@@ -224,15 +217,10 @@ def open_versions(cfg: Config, store: Any = None) -> PolicyVersions:
     return PolicyVersions(contents, RedisPointer(store, cfg.server.instance, owned=owned))
 
 
-def in_force(cfg: Config) -> Policy:
-    """What a one-shot command judges by (:func:`~proxy.policies.store.policy_in_force`
-    semantics, wherever the pointer lives): the pointer's policy while this instance's
-    policy file still has the bytes last looked at, else the file."""
+def shared_in_force(cfg: Config) -> Policy:
+    """:func:`proxy.policies.store.in_force` when the pointer is in Redis."""
     from proxy.config import load_policy
-    from proxy.policies.store import file_sha256, policy_in_force
-
-    if not is_shared(cfg.posture.store):  # no event loop (and no asyncio import cost)
-        return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    from proxy.policies.store import file_sha256
 
     async def go() -> Policy | None:
         versions = open_versions(cfg)
@@ -249,5 +237,5 @@ def in_force(cfg: Config) -> Policy:
     return asyncio.run(go()) or load_policy(cfg.server.policy)
 
 
-__all__ = ["ActivePointer", "FilePointer", "PolicyVersions", "RedisPointer", "in_force",
-           "is_shared", "open_versions"]
+__all__ = ["ActivePointer", "FilePointer", "PolicyVersions", "RedisPointer", "is_shared",
+           "open_versions", "shared_in_force"]

@@ -31,15 +31,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, load_policy
 from proxy.policy import Policy
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 POINTER = "active.json"  # in state/policies/, so `mailward backup` copies it
 LOCK = "policy-active.lock"
 DIRECTORY = "policies"
 HOW = ("start", "file", "sighup", "rollback", "push")
+#: ``[posture] store`` URLs whose deployments keep the pointer in Redis.
+SHARED_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 
 _CONFIRM_LINE = re.compile(rb"confirm\s*=")
 _SHA_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -268,3 +273,19 @@ def policy_in_force(state_dir: Path, policy_file: Path) -> Policy:
         with contextlib.suppress(ConfigError):
             return store.load(pointer.active)
     return load_policy(policy_file)
+
+
+def is_shared(store_url: str) -> bool:
+    """True when ``[posture] store`` puts the pointer in Redis (several instances)."""
+    return store_url.startswith(SHARED_SCHEMES)
+
+
+def in_force(cfg: Config) -> Policy:
+    """:func:`policy_in_force` wherever the pointer lives (Redis when scaled out:
+    :func:`proxy.policies.pointer.shared_in_force`). The single-instance path imports
+    no asyncio (one-shot commands such as ``explain`` stay light)."""
+    if not is_shared(cfg.posture.store):
+        return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    from proxy.policies.pointer import shared_in_force
+
+    return shared_in_force(cfg)
