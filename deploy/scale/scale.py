@@ -11,7 +11,8 @@ tests/test_scale.py drives the same functions. In production Redis runs on its o
 host(s) with AOF persistence (``appendonly yes``) and Sentinel (``redis+sentinel://``).
 
 nginx: ``mailward_imaps`` balances both instances on the public port; the pinned
-ports reach one instance each (operations, and the tests). ``proxy_protocol on``
+ports reach one instance each (operations, and the tests); ``--eas-upstream`` adds
+an ActiveSync listener to each instance, balanced the same way. ``proxy_protocol on``
 sends the phone's address; each listener sets ``proxy_protocol = true`` and trusts
 only the balancer's address (``[server] trusted_proxies``).
 """
@@ -48,7 +49,7 @@ stream {{
     server {{ listen 127.0.0.1:{lb}; proxy_pass mailward_imaps; proxy_protocol on; }}
     server {{ listen 127.0.0.1:{pin_a}; proxy_pass 127.0.0.1:{a_imaps}; proxy_protocol on; }}
     server {{ listen 127.0.0.1:{pin_b}; proxy_pass 127.0.0.1:{b_imaps}; proxy_protocol on; }}
-}}
+{eas}}}
 """
 
 INSTANCE_CONF = """\
@@ -85,6 +86,28 @@ upstream_tls = "implicit"
 upstream_ca = "{upstream_ca}"
 """
 
+#: ActiveSync (HTTPS) on each instance, when an ActiveSync upstream is given; nginx
+#: balances it too (``lb_eas``) and pins it (``pin_a_eas``, ``pin_b_eas``).
+EAS_LISTENER = """
+[[listeners]]
+name = "activesync"
+protocol = "activesync"
+listen = "127.0.0.1:{eas}"
+proxy_protocol = true
+upstream = "{eas_upstream}"
+upstream_ca = "{upstream_ca}"
+"""
+
+NGINX_EAS = """\
+    upstream mailward_eas {{
+        server 127.0.0.1:{a_eas};
+        server 127.0.0.1:{b_eas};
+    }}
+    server {{ listen 127.0.0.1:{lb_eas}; proxy_pass mailward_eas; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_a_eas}; proxy_pass 127.0.0.1:{a_eas}; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_b_eas}; proxy_pass 127.0.0.1:{b_eas}; proxy_protocol on; }}
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -105,11 +128,14 @@ class Layout:
 
 
 def write_configs(root: Path, redis_url: str, imap_upstream: str, upstream_ca: str,
-                  policy: str) -> Layout:
-    """Config files for both instances and nginx under ``root``."""
+                  policy: str, eas_upstream: str = "") -> Layout:
+    """Config files for both instances and nginx under ``root`` (ActiveSync too when
+    ``eas_upstream``, an https:// URL, is given)."""
     layout = Layout(root, redis_url)
-    for key in ("lb", "pin_a", "pin_b", *(f"{n}_{p}" for n in INSTANCES
-                                          for p in ("imaps", "api"))):
+    kinds = ("imaps", "api", "eas") if eas_upstream else ("imaps", "api")
+    pins = ("lb_eas", "pin_a_eas", "pin_b_eas") if eas_upstream else ()
+    for key in ("lb", "pin_a", "pin_b", *pins, *(f"{n}_{p}" for n in INSTANCES
+                                                 for p in kinds)):
         layout.ports[key] = free_port()
     (root / "config").mkdir(parents=True, exist_ok=True)
     for name in INSTANCES:
@@ -117,9 +143,12 @@ def write_configs(root: Path, redis_url: str, imap_upstream: str, upstream_ca: s
         layout.config(name).write_text(INSTANCE_CONF.format(
             name=name, redis_url=redis_url, api=layout.ports[f"{name}_api"],
             imaps=layout.ports[f"{name}_imaps"], imap_upstream=imap_upstream,
-            upstream_ca=upstream_ca))
+            upstream_ca=upstream_ca) + (EAS_LISTENER.format(
+                eas=layout.ports[f"{name}_eas"], eas_upstream=eas_upstream,
+                upstream_ca=upstream_ca) if eas_upstream else ""))
+    eas = NGINX_EAS.format(**layout.ports) if eas_upstream else ""
     (root / "nginx.conf").write_text(NGINX_CONF.format(
-        stream_module=STREAM_MODULE, root=root, **layout.ports))
+        stream_module=STREAM_MODULE, root=root, eas=eas, **layout.ports))
     return layout
 
 
@@ -165,6 +194,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--imap-upstream", required=True, help="host:port (implicit TLS)")
+    ap.add_argument("--eas-upstream", default="", help="https://host[:port] (ActiveSync)")
     ap.add_argument("--upstream-ca", default="", help="PEM bundle for the upstream")
     ap.add_argument("--policy", type=Path, default=Path("config/policy.toml"))
     args = ap.parse_args()
@@ -177,10 +207,12 @@ def main() -> int:
                         "--dir", str(root / "certs")], check=True)
     redis = RedisServer(root / "redis").start()
     layout = write_configs(root, redis.url, args.imap_upstream, args.upstream_ca,
-                           args.policy.read_text())
+                           args.policy.read_text(), args.eas_upstream)
     procs = [start_instance(layout, n) for n in INSTANCES]
     nginx = start_nginx(layout)
     print(f"imaps via nginx: 127.0.0.1:{layout.ports['lb']}; redis: {redis.url}")
+    if "lb_eas" in layout.ports:
+        print(f"activesync via nginx: https://127.0.0.1:{layout.ports['lb_eas']}")
     for n in INSTANCES:
         print(f"instance {n}: api https://127.0.0.1:{layout.ports[n + '_api']}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
