@@ -2,7 +2,8 @@
 
 ``[posture] store = "redis://host:6379/0"`` (also ``rediss://`` with
 ``?ssl_ca_certs=/path/ca.pem``, a password as ``redis://:secret@host``, and Sentinel
-``redis+sentinel://[:secret@]host:26379[,host2:26379]/<service>[/<db>]``). Every
+``redis+sentinel://[:secret@]host:26379[,host2:26379]/<service>[/<db>]``; the
+sentinels get the same password unless ``?sentinel_password=`` names theirs). Every
 operation is one Lua script (:mod:`proxy.posture.redis_scripts`): atomic on the
 server and one round trip, so a decision costs one round trip and a report replayed
 on instance B after A accepted it is refused by the same script that stored it.
@@ -98,7 +99,7 @@ def connect(url: str) -> Any:
     """A ``redis.asyncio.Redis`` client for ``url`` (strings decoded, short timeouts,
     one quick retry)."""
     from redis.asyncio import Redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.retry import Retry
 
     common: dict[str, Any] = {
@@ -110,8 +111,17 @@ def connect(url: str) -> Any:
         from redis.asyncio.sentinel import Sentinel
 
         hosts, service, db, kwargs = parse_sentinel_url(url)
-        sentinel = Sentinel(hosts, sentinel_kwargs={k: v for k, v in kwargs.items()
-                                                    if k == "password"},
+        # Given sentinel_kwargs, redis-py drops the socket timeouts for the sentinels
+        # (a sentinel host that stopped answering would hang every login), and its
+        # default retries with back-off took 15 s per silent sentinel: one try each,
+        # the next sentinel is the retry.
+        to_sentinels: dict[str, Any] = {
+            "socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0)}
+        password = kwargs.pop("sentinel_password", None) or kwargs.get("password")
+        if password:
+            to_sentinels["password"] = password
+        sentinel = Sentinel(hosts, sentinel_kwargs=to_sentinels,
                             **common)  # type: ignore[no-untyped-call]
         return sentinel.master_for(service, db=db, **kwargs)
     return Redis.from_url(url, **common)
