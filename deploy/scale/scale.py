@@ -171,8 +171,9 @@ def start_nginx(layout: Layout) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise RuntimeError("nginx exited: "
                                + (layout.root / "nginx-error.log").read_text()[-2000:])
-        try:
-            socket.create_connection(("127.0.0.1", layout.ports["lb"]), timeout=0.5).close()
+        try:  # a pinned port: a probe of the balanced one while the instances are
+            # still starting would have nginx set both aside for 10 s (max_fails)
+            socket.create_connection(("127.0.0.1", layout.ports["pin_a"]), timeout=0.5).close()
             return proc
         except OSError:
             time.sleep(0.05)
