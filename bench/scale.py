@@ -22,10 +22,11 @@ system from ``/proc/<pid>/stat``), and of ``redis-server``; the Redis/SQLite rat
 the two/one instance ratio of decisions per second (on 2 cores shared by the clients,
 nginx, the upstream, Redis and the instances this shows the overhead of the
 balancing, not linear scaling); Redis round trips per decision, counted by Redis
-itself (``INFO stats`` total_commands_processed before and after the phase: commands
-received from clients, so one EVALSHA is one, whatever its script runs inside),
-less the background the instances make when idle (change feed and policy polls,
-health pings), measured just before the phase for as long.
+itself (``MONITOR``: commands received from clients, named by script for EVALSHA;
+what a script runs inside Redis is not a round trip) in a second window as long
+(MONITOR slows Redis, so not while timing); the instances' background (change-feed
+and policy polls, health pings) and the set-up commands of new pooled connections
+(HELLO, once per connection) are shown apart.
 
 Checks (exit status 1): every login succeeded, and each instance's audit log holds
 exactly one allow ``decision`` record per login it served.
@@ -236,6 +237,8 @@ def cpu_s(proc: subprocess.Popen[bytes] | int) -> float:
 #: Commands the instances send whatever the load (not per decision): change-feed
 #: and policy polls, health pings.
 BACKGROUND = ("changes", "policy_active", "PING")
+#: A new pooled connection's first commands (once per connection, not per decision).
+CONNECTION_SETUP = ("HELLO", "AUTH", "SELECT", "CLIENT")
 
 
 class RoundTrips(threading.Thread):
@@ -280,7 +283,7 @@ class RoundTrips(threading.Thread):
 
     def per_decision(self, decisions: int) -> dict[str, float]:
         return {k: v / max(decisions, 1) for k, v in sorted(self.seen.items())
-                if k not in BACKGROUND}
+                if k not in BACKGROUND + CONNECTION_SETUP}
 
 
 @dataclass
@@ -296,6 +299,7 @@ class Phase:
     round_trips: dict[str, float] = field(default_factory=dict)
     background_per_s: float = 0.0
     counted: int = 0  # logins in the round-trip counting window
+    new_connections: int = 0  # set-up commands of connections opened meanwhile
 
     @property
     def logins(self) -> int:
@@ -325,6 +329,7 @@ def run_phase(name: str, site: Site, port_key: str, devices: list[Device],
     phase.failed, phase.counted = phase.failed + more_failed, counted
     phase.round_trips = seen.per_decision(counted)
     phase.background_per_s = sum(seen.seen[k] for k in BACKGROUND) / counted_s
+    phase.new_connections = sum(seen.seen[k] for k in CONNECTION_SETUP)
     return phase
 
 
@@ -395,6 +400,8 @@ def report(sq: Phase, one: Phase, two: Phase, args: argparse.Namespace) -> None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in p.round_trips.items())
         print(f"Redis round trips per decision, {p.name}: {sum(p.round_trips.values()):.2f}")
         print(f"Redis round trips per decision by script, {p.name}: {parts}")
+        print(f"Redis connection set-up commands (HELLO...) in the window, {p.name}: "
+              f"{p.new_connections} for {p.counted} decisions")
     print(f"Redis commands per second of the instances' polls and pings, left out above: "
           f"{two.background_per_s:.1f}")
     print("  (goal: at most 1 round trip on the hot path, the script reading the posture)")
