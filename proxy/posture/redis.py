@@ -400,6 +400,11 @@ class RedisPostureStore:
             self.revocations.add(device, moved)
         return str(device)
 
+    async def not_seen_since(self, before: float) -> list[str]:
+        """Devices whose newest posture was made before ``before`` (``[posture]
+        forget_after``)."""
+        return [str(d) for d in await self._call("not_seen", repr(float(before)))]
+
     async def list_devices(self, *, revoked_only: bool = False) -> list[dict[str, Any]]:
         postures, bound, aliases, revoked = await self._call("dump")
         return _device_list(postures, bound, aliases, revoked, revoked_only)

@@ -7,6 +7,7 @@ Keys (``P`` = the prefix, ``mailward:`` by default):
 ``P p:<device>``   hash: authority -> posture JSON (the newest per authority)
 ``P u:<user>``     set of devices whose posture names the user
 ``P devs``         set of devices with posture
+``P seen``         sorted set: device -> its newest posture's ``iat`` (``forget_after``)
 ``P j:<issuer>:<jti>``  replay memory: ``exp`` + skew (compared with the caller's
                    clock), with a TTL so Redis drops it afterwards
 ``P n:<nonce>``    an issued challenge: its expiry, or ``used`` once consumed
@@ -78,6 +79,7 @@ if (not cur) or cjson.decode(cur).iat <= tonumber(ARGV[7]) then
   redis.call('HSET', pk, authority, ARGV[13])
   redis.call('SADD', P .. 'u:' .. ARGV[12], device)
   redis.call('SADD', P .. 'devs', device)
+  redis.call('ZADD', P .. 'seen', 'GT', ARGV[7], device)
   feed(device, 'posture', ARGV[14])
 end
 return 'ok'
@@ -167,6 +169,7 @@ local function drop_posture(device)
   end
   redis.call('DEL', P .. 'p:' .. device)
   redis.call('SREM', P .. 'devs', device)
+  redis.call('ZREM', P .. 'seen', device)
   return #all / 2
 end
 """
@@ -198,6 +201,7 @@ for i = 1, #moved, 2 do
     redis.call('HSET', P .. 'p:' .. device, moved[i], moved[i + 1])
     redis.call('SADD', P .. 'u:' .. string.lower(p.user), device)
     redis.call('SADD', P .. 'devs', device)
+    redis.call('ZADD', P .. 'seen', 'GT', p.iat, device)
   end
 end
 drop_posture(old)
@@ -249,10 +253,16 @@ if (not sha) or sha == ARGV[2] then return {sha or '', false} end
 return {sha, redis.call('GET', P .. 'policy:' .. sha) or false}
 """
 
+#: ARGV: prefix, time. Devices whose newest posture was made before it (posture
+#: stored before this key existed is not listed until the device reports again).
+NOT_SEEN = """
+return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'seen', '-inf', '(' .. ARGV[2])
+"""
+
 SCRIPTS: Final = {
     "commit": COMMIT, "postures": POSTURES, "user_devices": USER_DEVICES,
     "trust": TRUST, "changes": CHANGES, "revoke": REVOKE, "replay_revoke": REPLAY_REVOKE,
     "unrevoke": UNREVOKE, "unbind": UNBIND, "bind": BIND, "forget": FORGET,
     "alias": ALIAS, "dump": DUMP, "policy_push": POLICY_PUSH,
-    "policy_active": POLICY_ACTIVE,
+    "policy_active": POLICY_ACTIVE, "not_seen": NOT_SEEN,
 }
