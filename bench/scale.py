@@ -400,8 +400,8 @@ def report(sq: Phase, one: Phase, two: Phase, args: argparse.Namespace) -> None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in p.round_trips.items())
         print(f"Redis round trips per decision, {p.name}: {sum(p.round_trips.values()):.2f}")
         print(f"Redis round trips per decision by script, {p.name}: {parts}")
-        print(f"Redis connection set-up commands (HELLO...) in the window, {p.name}: "
-              f"{p.new_connections} for {p.counted} decisions")
+        print(f"Redis connection set-up commands (HELLO) per decision, {p.name}: "
+              f"{p.new_connections / max(p.counted, 1):.3f}")
     print(f"Redis commands per second of the instances' polls and pings, left out above: "
           f"{two.background_per_s:.1f}")
     print("  (goal: at most 1 round trip on the hot path, the script reading the posture)")
