@@ -42,14 +42,18 @@ pid {root}/nginx.pid;
 error_log {root}/nginx-error.log info;
 events {{ worker_connections 1024; }}
 stream {{
-    upstream mailward_imaps {{
-        server 127.0.0.1:{a_imaps};
-        server 127.0.0.1:{b_imaps};
+{services}}}
+"""
+
+#: One service balanced over both instances on ``lb``, and pinned to each.
+NGINX_SERVICE = """\
+    upstream mailward_{name} {{
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{b};
     }}
-    server {{ listen 127.0.0.1:{lb}; proxy_pass mailward_imaps; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_a}; proxy_pass 127.0.0.1:{a_imaps}; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_b}; proxy_pass 127.0.0.1:{b_imaps}; proxy_protocol on; }}
-{eas}}}
+    server {{ listen 127.0.0.1:{lb}; proxy_pass mailward_{name}; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_a}; proxy_pass 127.0.0.1:{a}; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_b}; proxy_pass 127.0.0.1:{b}; proxy_protocol on; }}
 """
 
 INSTANCE_CONF = """\
@@ -87,7 +91,7 @@ upstream_ca = "{upstream_ca}"
 """
 
 #: ActiveSync (HTTPS) on each instance, when an ActiveSync upstream is given; nginx
-#: balances it too (``lb_eas``) and pins it (``pin_a_eas``, ``pin_b_eas``).
+#: balances it too (port ``lb_eas``) and pins it (``pin_a_eas``, ``pin_b_eas``).
 EAS_LISTENER = """
 [[listeners]]
 name = "activesync"
@@ -97,17 +101,6 @@ proxy_protocol = true
 upstream = "{eas_upstream}"
 upstream_ca = "{upstream_ca}"
 """
-
-NGINX_EAS = """\
-    upstream mailward_eas {{
-        server 127.0.0.1:{a_eas};
-        server 127.0.0.1:{b_eas};
-    }}
-    server {{ listen 127.0.0.1:{lb_eas}; proxy_pass mailward_eas; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_a_eas}; proxy_pass 127.0.0.1:{a_eas}; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_b_eas}; proxy_pass 127.0.0.1:{b_eas}; proxy_protocol on; }}
-"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -146,9 +139,15 @@ def write_configs(root: Path, redis_url: str, imap_upstream: str, upstream_ca: s
             upstream_ca=upstream_ca) + (EAS_LISTENER.format(
                 eas=layout.ports[f"{name}_eas"], eas_upstream=eas_upstream,
                 upstream_ca=upstream_ca) if eas_upstream else ""))
-    eas = NGINX_EAS.format(**layout.ports) if eas_upstream else ""
+    ports = layout.ports
+    services = NGINX_SERVICE.format(name="imaps", a=ports["a_imaps"], b=ports["b_imaps"],
+                                    lb=ports["lb"], pin_a=ports["pin_a"], pin_b=ports["pin_b"])
+    if eas_upstream:
+        services += NGINX_SERVICE.format(name="eas", a=ports["a_eas"], b=ports["b_eas"],
+                                         lb=ports["lb_eas"], pin_a=ports["pin_a_eas"],
+                                         pin_b=ports["pin_b_eas"])
     (root / "nginx.conf").write_text(NGINX_CONF.format(
-        stream_module=STREAM_MODULE, root=root, eas=eas, **layout.ports))
+        stream_module=STREAM_MODULE, root=root, services=services))
     return layout
 
 
