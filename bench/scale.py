@@ -15,7 +15,10 @@ Phases, each ``--seconds`` long, ``--concurrency`` clients logging in back to ba
 
 1. one instance on the SQLite store (through nginx, pinned to it);
 2. one instance on Redis (the same; the second instance is up and idle);
-3. two instances on Redis behind nginx's round-robin upstream.
+3. two instances on Redis behind nginx's round-robin upstream;
+
+then, on that Redis site, ActiveSync: the Redis round trips of 50 Sync requests of one
+device-session whose first request (FolderSync) made the decision.
 
 Printed: decisions per second; CPU per decision of the mailward process(es) (user +
 system from ``/proc/<pid>/stat``), and of ``redis-server``; the Redis/SQLite ratio;
@@ -36,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -121,7 +126,7 @@ def make_devices(root: Path, n: int) -> list[Device]:
     return out
 
 
-def start_upstream(root: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_upstream(root: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """The embedded upstream in its own process (bench/load.py's upstream role)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench/load.py"), "--role-upstream",
                              str(root)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -130,7 +135,7 @@ def start_upstream(root: Path) -> tuple[subprocess.Popen[bytes], int]:
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError("the upstream did not start")
-    return proc, int(json.loads(line)["imap"])
+    return proc, dict(json.loads(line))
 
 
 @dataclass
@@ -156,12 +161,13 @@ class Site:
             return 0
 
     def decisions(self, name: str) -> int:
-        """Allow decision records in the instance's audit log."""
+        """Allow decision records of IMAP logins in the instance's audit log."""
         n = 0
         with open(self.root / f"state-{name}/audit.jsonl", "rb") as f:
             for line in f:
                 if b'"event":"decision"' in line.replace(b" ", b""):
-                    n += json.loads(line).get("decision") == "allow"
+                    r = json.loads(line)
+                    n += r.get("decision") == "allow" and r.get("protocol") == "imap"
         return n
 
     def stop(self) -> None:
@@ -170,10 +176,12 @@ class Site:
                 scale.stop(proc)
 
 
-def start_site(root: Path, store: str, imap_port: int, names: tuple[str, ...]) -> Site:
+def start_site(root: Path, store: str, up: dict[str, int], names: tuple[str, ...],
+               eas: bool = False) -> Site:
     root.mkdir(parents=True)
     (root / "certs").symlink_to(root.parent / "certs")
-    layout = scale.write_configs(root, store, f"{HOST}:{imap_port}", "certs/ca.pem", POLICY)
+    layout = scale.write_configs(root, store, f"{HOST}:{up['imap']}", "certs/ca.pem", POLICY,
+                                 f"https://{HOST}:{up['eas']}" if eas else "")
     if store.startswith("sqlite:"):  # the same config, minus the Redis cache's setting
         for n in names:
             cfg = layout.config(n)
@@ -350,9 +358,9 @@ def warm(site: Site, devices: list[Device], port_key: str, rounds: int = 1) -> N
     asyncio.run(all_once())
 
 
-def sqlite_phase(work: Path, imap: int, devices: list[Device], args: argparse.Namespace,
+def sqlite_phase(work: Path, up: dict[str, int], devices: list[Device], args: argparse.Namespace,
                  served: dict[str, int]) -> Phase:
-    site = start_site(work / "sqlite", "sqlite:///state-a/posture.db", imap, ("a",))
+    site = start_site(work / "sqlite", "sqlite:///state-a/posture.db", up, ("a",))
     try:
         warm(site, devices, "pin_a")
         phase = run_phase("one instance, SQLite", site, "pin_a", devices, args)
@@ -363,27 +371,59 @@ def sqlite_phase(work: Path, imap: int, devices: list[Device], args: argparse.Na
         site.stop()
 
 
-def redis_phases(work: Path, imap: int, devices: list[Device], args: argparse.Namespace,
-                 served: dict[str, int]) -> tuple[Phase, Phase]:
+def redis_phases(work: Path, up: dict[str, int], devices: list[Device],
+                 args: argparse.Namespace, served: dict[str, int]) -> tuple[Phase, Phase, float]:
     from peers.redis import RedisServer
 
     redis = RedisServer(work / "redis").start()
     site = None
     try:
-        site = start_site(work / "redis-site", redis.url, imap, scale.INSTANCES)
+        site = start_site(work / "redis-site", redis.url, up, scale.INSTANCES, eas=True)
         warm(site, devices, "lb", rounds=2)  # round-robin: each instance sees each device
         one = run_phase("one instance, Redis", site, "pin_a", devices, args, redis)
         two = run_phase("two instances, Redis", site, "lb", devices, args, redis)
         served["redis a+b"] = one.logins + two.logins + 2 * len(devices)
         served["redis a+b audit"] = site.decisions("a") + site.decisions("b")
-        return one, two
+        return one, two, eas_round_trips(site, redis, devices[0], EAS_REQUESTS)
     finally:
         if site is not None:
             site.stop()
         redis.stop()
 
 
-def report(sq: Phase, one: Phase, two: Phase, args: argparse.Namespace) -> None:
+#: ActiveSync requests counted in one device-session after the one that decided.
+EAS_REQUESTS = 50
+
+
+def eas_round_trips(site: Site, redis: Any, d: Device, requests: int) -> float:
+    """Redis round trips per ActiveSync request of a device-session that is already
+    decided (its first request decided), through nginx to instance a."""
+    ctx = ssl.create_default_context(cafile=str(site.root / "certs/ca.pem"))
+    conn = http.client.HTTPSConnection(HOST, site.layout.ports["pin_a_eas"], context=ctx,
+                                       timeout=10)
+    auth = base64.b64encode(f"{d.user}:{d.password}".encode()).decode()
+
+    def post(cmd: str) -> None:
+        conn.request("POST", f"/Microsoft-Server-ActiveSync?Cmd={cmd}&User={d.user}"
+                     f"&DeviceId={d.id}&DeviceType=Phone", body=b"\x03\x01\x6a\x00",
+                     headers={"Authorization": f"Basic {auth}", "MS-ASProtocolVersion": "14.1",
+                              "Content-Type": "application/vnd.ms-sync.wbxml"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"ActiveSync {cmd} answered {resp.status}")
+
+    try:
+        post("FolderSync")  # the device-session's decision
+        with RoundTrips(redis) as seen:
+            for _ in range(requests):
+                post("Sync")
+    finally:
+        conn.close()
+    return sum(seen.per_decision(requests).values())
+
+
+def report(sq: Phase, one: Phase, two: Phase, eas: float, args: argparse.Namespace) -> None:
     print(f"decision = one IMAP login (TLS with a device certificate, LOGIN, LOGOUT) through "
           f"nginx stream + PROXY protocol; {args.devices} devices, {args.concurrency} "
           f"clients, {args.seconds:g} s per phase; {os.cpu_count()} CPUs")
@@ -404,7 +444,10 @@ def report(sq: Phase, one: Phase, two: Phase, args: argparse.Namespace) -> None:
               f"{p.new_connections / max(p.counted, 1):.3f}")
     print(f"Redis commands per second of the instances' polls and pings, left out above: "
           f"{two.background_per_s:.1f}")
-    print("  (goal: at most 1 round trip on the hot path, the script reading the posture)")
+    print(f"ActiveSync, Redis round trips per request of a live device-session: {eas:.2f} "
+          f"(Sync requests counted: {EAS_REQUESTS})")
+    print("  (goal: at most 1 round trip on the hot path, the script reading the posture, "
+          "once per device-session)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,15 +466,15 @@ def main(argv: list[str] | None = None) -> int:
             work = args.keep.resolve()
             work.mkdir(parents=True)
         devices = make_devices(work, args.devices)
-        upstream, imap = start_upstream(work)
+        upstream, up = start_upstream(work)
         served: dict[str, int] = {}
         try:
-            sq = sqlite_phase(work, imap, devices, args, served)
-            one, two = redis_phases(work, imap, devices, args, served)
+            sq = sqlite_phase(work, up, devices, args, served)
+            one, two, eas = redis_phases(work, up, devices, args, served)
         finally:
             upstream.kill()
             upstream.wait()
-    report(sq, one, two, args)
+    report(sq, one, two, eas, args)
     failed = sq.failed + one.failed + two.failed
     audit_ok = (served["sqlite a"] == served["sqlite a audit"]
                 and served["redis a+b"] == served["redis a+b audit"])

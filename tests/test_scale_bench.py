@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_scale_smoke() -> None:
     """bench/scale.py runs all three phases without a failed login or a missing audit
-    record, prints its figures, and a decision costs exactly one Redis round trip."""
+    record, prints its figures, a decision costs exactly one Redis round trip, and
+    the requests of a decided ActiveSync device-session none."""
     require_redis()
     if not (os.path.exists("/usr/sbin/nginx")
             and os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so")):
@@ -38,3 +39,5 @@ def test_bench_scale_smoke() -> None:
     scripts = re.findall(r"^Redis round trips per decision by script, .*: (.*)$", out, re.M)
     assert trips == ["1.00"] * 2 and scripts == ["postures 1.00"] * 2, out
     assert "not linear scaling" in out
+    assert re.search(r"^ActiveSync, Redis round trips per request of a live device-session: "
+                     r"0\.00 ", out, re.M), out  # decided once per device-session
