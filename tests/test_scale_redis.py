@@ -212,3 +212,24 @@ async def test_not_seen_since_for_forget_after(tmp_path: Path) -> None:
         finally:
             await a.close()
             await b.close()
+
+
+async def test_alias_index_built_for_data_from_before_it(tmp_path: Path) -> None:
+    """Aliases stored before the reverse index existed are found by the next alias
+    (repointed to the surviving device) and by a forget (removed)."""
+    with RedisServer(tmp_path / "redis") as srv:
+        a = RedisPostureStore(srv.url)
+        try:
+            await a.alias("dev-a", "old-1")
+            await a.alias("dev-a", "old-2")
+            with srv.client() as c:  # as a Redis written before this index
+                c.delete(*c.keys("mailward:ra:*"))
+            await a.alias("dev-b", "dev-a")
+            assert (await a.trust_records()).aliases == {
+                "old-1": "dev-b", "old-2": "dev-b", "dev-a": "dev-b"}
+            await a.forget("dev-b")
+            assert (await a.trust_records()).aliases == {}
+            with srv.client() as c:
+                assert c.hlen("mailward:alias") == 0 and not c.keys("mailward:ra:dev*")
+        finally:
+            await a.close()

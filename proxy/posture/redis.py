@@ -29,6 +29,7 @@ When Redis is unreachable (:attr:`RedisPostureStore.available` false):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import secrets
@@ -50,6 +51,7 @@ from proxy.posture import (
 )
 from proxy.posture.redis_scripts import SCRIPTS
 from proxy.posture.sqlite import JTI_SKEW_S  # the same replay window as the SQLite store
+from proxy.posture.sqlite_mdm import MdmResult, MdmWrite, content
 
 log = get_logger("mailward.posture")
 
@@ -399,6 +401,37 @@ class RedisPostureStore:
             self.revocations.remove(old)
             self.revocations.add(device, moved)
         return str(device)
+
+    # -- MDM connectors (proxy.mdm): a page of devices per script ------------------
+
+    async def mdm_commit(self, writes: list[MdmWrite], now: float) -> list[MdmResult]:
+        """Store a page of connector postures, as the SQLite store does
+        (:func:`proxy.posture.sqlite_mdm.commit`): one script, one round trip."""
+        args: list[object] = [self._origin]
+        for w in writes:
+            p = w.posture if w.posture.received_at else dataclasses.replace(
+                w.posture, received_at=now)
+            text = p.to_json()
+            args += [device_key(p.device_id), p.authority, p.user.lower(), text,
+                     hashlib.sha256(content(text).encode()).hexdigest(), p.iat,
+                     json.dumps([device_key(a) for a in w.aliases])]
+        rows = await self._call("mdm_commit", *args) if writes else []
+        self._cache.clear()
+        return [MdmResult(str(device), outcome, Posture.from_json(prev) if prev else None,
+                          bool(aliased)) for device, outcome, prev, aliased in rows]
+
+    async def mdm_devices(self, authority: str) -> set[str]:
+        return {str(d) for d in await self._call("mdm_devices", authority)}
+
+    async def mdm_remove(self, devices: list[str], authority: str, now: float) -> list[str]:
+        """The devices lose ``authority``'s posture and their own reports; returns
+        the devices that had any."""
+        if not devices:
+            return []
+        removed = await self._call("mdm_remove", authority, self._origin,
+                                   *[device_key(d) for d in devices])
+        self._cache.clear()
+        return [str(d) for d in removed]
 
     async def not_seen_since(self, before: float) -> list[str]:
         """Devices whose newest posture was made before ``before`` (``[posture]
