@@ -371,7 +371,8 @@ def _revoke(c: Cluster, name: str, device: str) -> int:
 
 
 def test_audit_logs_of_both_verify(cluster: Cluster) -> None:
-    """After SIGTERM, both instances' audit logs verify together."""
+    """After SIGTERM, both instances' audit logs verify together and `audit query`
+    merges them by time."""
     for proc in cluster.procs.values():
         scale.stop(proc)
     mailward = str(Path(sys.executable).with_name("mailward"))
@@ -382,3 +383,14 @@ def test_audit_logs_of_both_verify(cluster: Cluster) -> None:
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "MAILWARD_CONFIG": str(cluster.layout.config("a"))})
     assert done.returncode == 0, done.stdout + done.stderr
+    merged = subprocess.run(
+        [mailward, "audit", "query", "--log", str(cluster.root / "state-a/audit.jsonl"),
+         "--log", str(cluster.root / "state-b/audit.jsonl"), "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MAILWARD_CONFIG": str(cluster.layout.config("a"))})
+    assert merged.returncode == 0, merged.stderr
+    records = [json.loads(line) for line in merged.stdout.splitlines()]
+    keys = [(r["ts"], r["instance"], r["seq"]) for r in records]
+    assert keys == sorted(keys)  # merged by time, ties by instance then seq
+    assert {r["instance"] for r in records} == {"a", "b"}
+    assert len(records) == len(cluster.audit("a")) + len(cluster.audit("b"))
