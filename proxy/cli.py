@@ -109,7 +109,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
     if cfg.nginx is not None:
-        from proxy.nginx import read_secret
+        from proxy.nginx.app import read_secret
 
         try:
             read_secret(cfg.nginx)  # serve refuses to start on the same error
