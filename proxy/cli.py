@@ -108,6 +108,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    if cfg.nginx is not None:
+        from proxy.nginx.app import read_secret
+
+        try:
+            read_secret(cfg.nginx)  # serve refuses to start on the same error
+        except ValueError as exc:
+            print(f"{cfg.source}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     from proxy.cli_policy import guard_warnings
 
     for warning in guard_warnings(cfg, policy):
@@ -350,20 +358,37 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
-    from proxy.audit import format_records, parse_time, query
+    from proxy.audit import format_records, parse_time
+    from proxy.audit.query import query_logs
 
-    path = Path(args.log) if args.log else _load(args).audit.path
+    logs = _given_logs(args.log) or [_load(args).audit.path]
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    records = query(
-        path, user=args.user, device=args.device, decision=args.decision,
+    records = query_logs(
+        logs, user=args.user, device=args.device, decision=args.decision,
         protocol=args.protocol, event=args.event, since=since, until=until,
     )
-    format_records(records, args.format, sys.stdout)
+    format_records(records, args.format, sys.stdout, instance=len(logs) > 1)
     return EXIT_OK
+
+
+def _given_logs(given: Sequence[str] | None) -> list[Path]:
+    """The ``--log`` paths, each once; with several, each must exist (a missing one
+    would silently drop an instance from the merge)."""
+    from proxy.audit.query import log_exists
+
+    logs = [Path(p) for p in given or ()]
+    seen: set[Path] = set()
+    for log in logs:
+        if log.resolve() in seen:
+            raise UserError(f"{log}: --log given twice")
+        seen.add(log.resolve())
+        if len(logs) > 1 and not log_exists(log):
+            raise UserError(f"{log}: no such audit log")
+    return logs
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -487,8 +512,10 @@ def _audit_commands(add: _Add, audit: Any) -> None:
                     help="start at this signed checkpoint (older files deleted)")
     sp.add_argument("--strict", action="store_true",
                     help="fail on records sealed after a crash (unwitnessed)")
-    sp = add("query", cmd_audit_query, "filter decisions", audit)
-    sp.add_argument("--log")
+    sp = add("query", cmd_audit_query, "filter decisions; several logs merge by time",
+             audit)
+    sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
+                    "instance, merged by time (default: [audit] path)")
     sp.add_argument("--user")
     sp.add_argument("--device")
     sp.add_argument("--decision", choices=("allow", "deny"))

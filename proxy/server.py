@@ -110,6 +110,7 @@ class Server:
         self.upkeep: Upkeep | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
+        self.nginx: Any = None  # proxy.nginx.RunningNginxListener ([nginx])
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
@@ -198,6 +199,11 @@ class Server:
             log.info("listening", listener=lc.name, protocol=lc.protocol,
                      address=f"{lc.host}:{running.port}", tls=lc.tls, upstream=lc.upstream)
 
+        if cfg.nginx is not None:  # plain-HTTP loopback listener for nginx's auth_http
+            from proxy.nginx import start as start_nginx
+
+            self.nginx = await start_nginx(cfg, self.gate, {
+                lc.name: up for lc, (_, up) in zip(cfg.listeners, contexts, strict=True)})
         await self._start_api()
         if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
             log.error("audit log not writable; new sessions will be refused",
@@ -329,32 +335,38 @@ class Server:
 
     async def _recheck_loop(self) -> None:
         assert self.gate is not None
-        interval = max(self.cfg.server.recheck_interval_s, 0.1)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                ended = await self.gate.recheck_all()
-            except Exception as exc:
-                log.error("posture sweep failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            if ended:
-                log.info("sessions ended by posture sweep", ended=ended)
+        await self._every(max(self.cfg.server.recheck_interval_s, 0.1), self.gate.recheck_all,
+                          failed="posture sweep failed",
+                          ended="sessions ended by posture sweep")
 
     async def _trust_loop(self) -> None:
-        """Apply the store's change feed (revocations, bindings, aliases and posture
-        written by other processes) and reload changed CRL files."""
-        assert self.gate is not None
+        await self._every(TRUST_POLL_S, self._sync_trust, failed="device trust sync failed",
+                          ended="sessions ended by device trust changes")
+
+    @staticmethod
+    async def _every(interval_s: float, sweep: Callable[[], Awaitable[int]], *,
+                     failed: str, ended: str) -> None:
+        """Run ``sweep`` (it returns how many sessions it ended) every ``interval_s``
+        seconds, for ever; a failure is logged as ``failed`` and the next round comes."""
         while True:
-            await asyncio.sleep(TRUST_POLL_S)
+            await asyncio.sleep(interval_s)
             try:
-                ended = await self.gate.sync_changes()
-                if self.crl and self.crl.reload_if_changed():
-                    ended += await self.gate.recheck_all("crl_reload")
+                count = await sweep()
             except Exception as exc:
-                log.error("device trust sync failed", error=f"{type(exc).__name__}: {exc}")
+                log.error(failed, error=f"{type(exc).__name__}: {exc}")
                 continue
-            if ended:
-                log.info("sessions ended by device trust changes", ended=ended)
+            if count:
+                log.info(ended, ended=count)
+
+    async def _sync_trust(self) -> int:
+        """Apply the store's change feed (revocations, bindings, aliases and posture
+        written by other processes) and reload changed CRL files; returns the sessions
+        ended."""
+        assert self.gate is not None
+        ended = await self.gate.sync_changes()
+        if self.crl and self.crl.reload_if_changed():
+            ended += await self.gate.recheck_all("crl_reload")
+        return ended
 
     async def _watch_policy(self) -> None:
         """Reload when the policy file changes. The directory is watched, not the
@@ -419,6 +431,9 @@ class Server:
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None
+        if self.nginx is not None:
+            await _quietly(lambda: self.nginx.close(1.0), "nginx listener")
+            self.nginx = None
         if self.mdm is not None:
             await _quietly(self.mdm.close, "mdm connectors")
         if self.notifier is not None:  # queued notices get a moment, then their records

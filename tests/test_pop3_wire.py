@@ -138,14 +138,14 @@ def test_sasl_continuation_data_cancel_and_bad_base64():
 def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined_bytes():
     """Before TLS, USER/PASS/AUTH PLAIN are refused by event (AUTH alone lists); bytes
     pipelined after STLS are dropped, and after the handshake USER is read."""
-    conn = Connection(tls=False, stls=True)
+    conn = Connection(tls=False, starttls=True)
     assert events(conn, b"USER a\r\nPASS b\r\nAUTH PLAIN =\r\nAUTH\r\n") == [
         PrivacyRequired("USER"), PrivacyRequired("PASS"), PrivacyRequired("AUTH"),
         MechanismsRequested()]
     assert events(conn, b"STLS\r\nUSER evil\r\n") == [StlsRequested()]
     conn.receive_data(b"PASS evil\r\n")
     assert conn.next_event() is PAUSED
-    conn.stls_done()
+    conn.starttls_done()
     assert conn.tls and conn.buffered == 0
     assert events(conn, b"STLS\r\nUSER a\r\n") == [
         BadCommand("TLS is already active"), UserGiven("a")]
@@ -154,7 +154,7 @@ def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined
 def test_stls_unavailable_and_cleartext_allowed_on_loopback():
     """An implicit-TLS listener has no STLS; a loopback listener allowing cleartext
     reads USER/PASS before TLS."""
-    assert events(Connection(stls=False), b"STLS\r\n") == [
+    assert events(Connection(starttls=False), b"STLS\r\n") == [
         BadCommand("STLS is not available here")]
     conn = Connection(cleartext_login=True)
     assert events(conn, b"USER a\r\nPASS b\r\n") == [UserGiven("a"), LoginAttempted("a", "b")]
@@ -182,7 +182,7 @@ def test_outcomes_the_state_does_not_allow_are_local_errors():
     with pytest.raises(LocalProtocolError):
         conn.login_accepted()
     with pytest.raises(LocalProtocolError):
-        conn.stls_done()
+        conn.starttls_done()
     assert all(isinstance(k[0], State) and isinstance(v, State) for k, v in TRANSITIONS.items())
 
 
@@ -234,7 +234,7 @@ def test_any_input_parses_or_raises_the_parsers_own_error(
                         conn.login_refused()
                         continue
                     if conn.state is State.STLS:
-                        conn.stls_done()
+                        conn.starttls_done()
                         continue
                     break
     except Pop3ProtocolError:

@@ -277,6 +277,8 @@ class AuditLog:
         if self._closed:
             raise AuditUnavailable("audit log is closed")
         body = None if fields is None else validated(fields)
+        if body is not None:
+            body.setdefault("instance", self.instance)  # DESIGN: in every record
         try:
             with self._locked():
                 self._catch_up()

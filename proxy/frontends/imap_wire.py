@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Unpack
 
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.imap_syntax import (
@@ -40,7 +41,6 @@ from proxy.frontends.imap_syntax import (
     MAX_ID_FIELDS,
     MAX_LINE_BYTES,
     MAX_LITERAL_BYTES,
-    MAX_PREAUTH_COMMANDS,
     RESERVED_TAG_PREFIX,
     RPAREN,
     SUPPORTED_MECHANISMS,
@@ -65,15 +65,23 @@ from proxy.frontends.imap_syntax import (
     tokens,
     untagged_line,
 )
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, WireOptions
 
 # ----------------------------------------------------------------------------- events
 
 
 @dataclass(frozen=True, slots=True)
-class CommandReceived:
-    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+class Tagged:
+    """The base of the client's events: the tag of its command. An event without
+    fields of its own is a subclass of this one without a decorator."""
 
     tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived(Tagged):
+    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+
     name: str
 
     def __post_init__(self) -> None:
@@ -82,75 +90,68 @@ class CommandReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class IdReceived:
+class IdReceived(Tagged):
     """RFC 2971 ID; ``fields`` is None for ``ID NIL``."""
 
-    tag: str
     fields: tuple[tuple[str, str | None], ...] | None
 
 
-@dataclass(frozen=True, slots=True)
-class StartTlsRequested:
-    tag: str
+class StartTlsRequested(Tagged):
+    """STARTTLS: answer OK, run the handshake, then :meth:`Connection.starttls_done`."""
 
 
 @dataclass(frozen=True, slots=True)
-class LoginAttempted:
-    tag: str
+class LoginAttempted(Tagged):
+    """LOGIN with a user name and a password."""
+
     user: str
     password: str = field(repr=False)  # never in logs or tracebacks
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateStarted:
+class AuthenticateStarted(Tagged):
     """AUTHENTICATE with a mechanism of ``SUPPORTED_MECHANISMS``. With an initial
     response the connection then waits for the outcome (a login result, or
     :meth:`Connection.sasl_continue` after a further challenge); without, the executor
     sends a challenge and an :class:`AuthenticateData` follows."""
 
-    tag: str
     mechanism: str
     initial_response: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateData:
-    tag: str
+class AuthenticateData(Tagged):
+    """The client's response line to a SASL challenge, base64-decoded."""
+
     data: bytes = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthenticateCancelled:
-    tag: str
+class AuthenticateCancelled(Tagged):
+    """``*`` instead of a SASL response line."""
 
 
-@dataclass(frozen=True, slots=True)
-class PrivacyRequired:
+class PrivacyRequired(Tagged):
     """LOGIN announced a synchronizing literal before TLS: the command is dropped
     without ``+``, so the client is never invited to send its password in the clear
     (RFC 3501 7.5: after a tagged answer the client does not send the literal)."""
 
-    tag: str
 
-
-@dataclass(frozen=True, slots=True)
-class ContinuationNeeded:
+class ContinuationNeeded(Tagged):
     """A synchronizing literal within limits: send ``+ Ready`` so the client sends it."""
 
-    tag: str
-
 
 @dataclass(frozen=True, slots=True)
-class BadCommand:
-    """Syntax error or a command not allowed before login: answer BAD, carry on."""
+class BadCommand(Tagged):
+    """Syntax error or a command not allowed before login: answer BAD, carry on. The
+    tag is "*" when none could be read."""
 
-    tag: str  # "*" when no tag could be read
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class LimitExceeded:
-    """A size or count limit was broken: answer (BAD or BYE) and close."""
+    """A size or count limit was broken: answer (BAD or BYE) and close; ``tag`` is None
+    when none could be read."""
 
     tag: str | None
     limit: str  # "line", "literal", "command", "commands"
@@ -206,46 +207,22 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 # ------------------------------------------------------------------------- connection
 
 
-class Connection:
-    """Pre-auth IMAP server side of one client connection (see module docstring)."""
+class Connection(ClientWire[State]):
+    """Pre-auth IMAP server side of one client connection (see module docstring); the
+    buffer and the state change through :data:`TRANSITIONS` are ``ClientWire``'s."""
 
-    def __init__(
-        self,
-        *,
-        max_commands: int = MAX_PREAUTH_COMMANDS,
-        tls: bool = False,
-        starttls: bool = True,
-        cleartext_login: bool = False,
-    ) -> None:
-        self.state = State.NOT_AUTHENTICATED
-        self.tls = tls
-        self.cleartext_login = cleartext_login  # config allows LOGIN before TLS
-        self.starttls_available = starttls
-        self.max_commands = max_commands
-        self.commands = 0
-        self._buf = bytearray()
-        self._pos = 0  # start of unparsed data in _buf
+    def __init__(self, **options: Unpack[WireOptions]) -> None:
+        super().__init__(State.NOT_AUTHENTICATED, TRANSITIONS,
+                         discard_in=(State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT,
+                                     State.STARTTLS),
+                         local_error=LocalProtocolError, **options)
         # The command being assembled: text segments and literals, in order.
         self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
         self._literal_left: int | None = None  # bytes still to read into a literal
-        self._literal_sync_pending = False
         self._auth_tag = ""
 
     # ------------------------------------------------------------- input side
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed bytes held (the executor pauses reading when this grows)."""
-        return len(self._buf) - self._pos
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client."""
-        if self.state in (State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT):
-            return  # nothing more will be parsed; dropping keeps memory bounded
-        if self.state is State.STARTTLS:
-            return  # pipelined after STARTTLS: discarded (STARTTLS injection)
-        self._buf += data
 
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
@@ -254,20 +231,11 @@ class Connection:
                           State.LOGGED_OUT):
             return PAUSED
         event = self._parse()
-        if event is NEED_DATA and self._pos:
-            # compact so the buffer holds only unparsed bytes
-            del self._buf[: self._pos]
-            self._pos = 0
+        if event is NEED_DATA:
+            self._compact()
         return event
 
     # --------------------------------------------------------- executor calls
-
-    def starttls_done(self) -> None:
-        """TLS is up: drop everything the client pipelined after STARTTLS."""
-        self._transition("starttls_done")
-        self.tls = True
-        self._buf.clear()
-        self._pos = 0
 
     def sasl_continue(self) -> None:
         """A SASL challenge was sent: read the client's next response line."""
@@ -275,21 +243,6 @@ class Connection:
 
     def login_refused(self) -> None:
         self._transition("login_refused")
-
-    def login_accepted(self) -> bytes:
-        """Hand over to the upstream; returns bytes the client pipelined after login."""
-        self._transition("login_accepted")
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def _transition(self, trigger: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{trigger} not allowed in state {self.state.value}") from None
 
     # ----------------------------------------------------------------- parsing
 
@@ -346,9 +299,7 @@ class Connection:
         return len(words) >= 2 and words[1].upper() == b"LOGIN"
 
     def _limit(self, tag: str | None, limit: str, text: str) -> LimitExceeded:
-        self.state = TRANSITIONS[(self.state, "LimitExceeded")]
-        self._buf.clear()
-        self._pos = 0
+        self._break()
         self._segments = []
         return LimitExceeded(tag, limit, text)
 

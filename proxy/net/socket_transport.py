@@ -291,7 +291,8 @@ class SocketTransport(asyncio.Transport):
             if self._outgoing or self._inflight is not None:  # flush plaintext first
                 self._drained = self._loop.create_future()
                 self._add_writer()
-                await asyncio.wait_for(self._drained, timeout)
+                async with asyncio.timeout(timeout):
+                    await self._drained
             raw = self._sock
             assert not isinstance(raw, ssl.SSLSocket)
             tls_sock = ctx.wrap_socket(
@@ -305,7 +306,8 @@ class SocketTransport(asyncio.Transport):
                 counted[1].handshake_started(counted[2])
             try:
                 self._handshake_step()
-                await asyncio.wait_for(self._handshake, timeout)
+                async with asyncio.timeout(timeout):
+                    await self._handshake
             except BaseException:
                 if counted is not None:
                     counted[1].handshake_finished(
