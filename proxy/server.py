@@ -246,6 +246,9 @@ class Server:
             degraded=self.degraded,
         )
         api.add_policy_preview(app, self.policies.preview)
+        from proxy.policies.routes import add_policy_changes  # rollback, push (operate)
+
+        add_policy_changes(app, self.policies, self.gate)
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
         except OSError as exc:

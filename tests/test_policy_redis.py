@@ -176,3 +176,30 @@ def test_push_from_b_is_applied_by_a_and_guarded_on_redis_devices(fleet: Fleet) 
     assert time.monotonic() - moved < REACT_S
     history = json.loads(fleet.cli("a", "policy", "history", "--format", "json").stdout)
     assert history["history"][-1]["how"] == "push"
+
+
+def test_api_rollback_on_b_is_applied_by_a(fleet: Fleet) -> None:
+    """``POST /v1/policy/rollback`` (an operate token) on B moves the shared pointer: B
+    answers with both versions, A allows the device again within 2 s; a bad policy
+    pushed through the API is refused (422) and a request without a token is 401."""
+    b = fleet.served["b"]
+    token = (fleet.root / "certs/admin.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    assert b.api("POST", "/v1/policy/rollback", b"{}",
+                 {"Content-Type": "application/json"})[0] == 401
+    assert fleet.decide("a", ALICE) == "deny"  # the ban pushed by the test before
+    status, body = b.api("POST", "/v1/policy/rollback", b"{}", auth)
+    moved = time.monotonic()
+    assert status == 200, body
+    answer = json.loads(body)
+    assert (answer["from_version"], answer["to_version"], answer["actor"]) == (
+        "tiktok-ban", "before", "admin")
+    assert fleet.decide("b", ALICE) == "allow"  # applied at once where it was asked
+    wait_for("A applies B's API rollback", lambda: fleet.decide("a", ALICE) == "allow",
+             REACT_S)
+    assert time.monotonic() - moved < REACT_S
+    (rec,) = [r for r in fleet.audit("b", event="policy_rollback") if r.get("via") == "api"]
+    assert rec["actor"] == "admin" and rec["to_version"] == "before"
+    status, body = b.api("POST", "/v1/policy/push",
+                         json.dumps({"policy": 'mode = "sometimes"'}).encode(), auth)
+    assert status == 422 and json.loads(body)["error"] == "invalid_policy"

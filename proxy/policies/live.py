@@ -250,22 +250,74 @@ class LivePolicy:
         await self.audit_write({**result.record(), "actor": actor, "via": "api"})
         return {**result.to_dict(), "newly_denied": result.newly_denied}
 
-    def _preview(self, text: str | None, since: Any) -> Any:
-        from proxy.policies.ops import build_preview, load_candidate
+    def _candidate(self, text: str | None) -> tuple[Policy, bytes]:
+        """The policy file (``text`` None) or a policy's TOML text, loaded and validated
+        like the file (``ConfigError``)."""
+        from proxy.policies.ops import load_candidate
 
         if text is None:
-            candidate, data = load_candidate(Path(self.cfg.server.policy))
-        else:
-            data = text.encode()
-            self.store.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self.store.directory / f".preview-{hashlib.sha256(data).hexdigest()}.toml"
-            try:
-                tmp.write_bytes(data)
-                candidate = load_candidate(tmp)[0]
-            finally:
-                tmp.unlink(missing_ok=True)
+            return load_candidate(Path(self.cfg.server.policy))
+        data = text.encode()
+        self.store.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.store.directory / f".candidate-{hashlib.sha256(data).hexdigest()}.toml"
+        try:
+            tmp.write_bytes(data)
+            return load_candidate(tmp)[0], data
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _preview(self, text: str | None, since: Any) -> Any:
+        from proxy.policies.ops import build_preview
+
+        candidate, data = self._candidate(text)
         return build_preview(self.cfg, candidate, data, baseline=self.holder.current(),
                              replay_since=since)
+
+    async def rollback(self, gate: Gate, ref: str | None, actor: str) -> dict[str, Any]:
+        """``POST /v1/policy/rollback``: as ``mailward policy rollback [VERSION]``, by
+        ``actor``; applied here at once, by the other instances within a poll.
+        ``PolicyStoreError`` when there is nothing (else) to roll back to."""
+        async with self.lock:
+            pointer = await self.versions.read()
+            previous = pointer.previous() if pointer is not None else None
+            if ref:
+                target = await self.versions.resolve(ref)
+            elif previous is not None:
+                target = previous.sha256
+            else:
+                raise PolicyStoreError("no previous policy in the history")
+            if pointer is None or target == pointer.active:
+                raise PolicyStoreError(f"{ref or target[:12]} is already in force")
+            new = await self.versions.load(target)
+            return await self._move(gate, new, self.store.path_of(target).read_bytes(),
+                                    "rollback", actor)
+
+    async def push(self, gate: Gate, text: str, actor: str) -> dict[str, Any]:
+        """``POST /v1/policy/push``: put the policy ``text`` in force (the guard as for a
+        file change: a refusal is a ``ValueError`` naming the confirm line)."""
+        candidate, data = await asyncio.to_thread(self._candidate, text)
+        async with self.lock:
+            old = self.holder.current()
+            if candidate.sha256 == old.sha256:
+                raise PolicyStoreError(f"{candidate.version} is already in force")
+            verdict = await asyncio.to_thread(check_guard, self.cfg, old, candidate, data)
+            if verdict is not None and verdict.blocks:
+                raise ValueError(verdict.reason())
+            return await self._move(gate, candidate, data, "push", actor)
+
+    async def _move(self, gate: Gate, new: Policy, data: bytes, how: str, actor: str
+                    ) -> dict[str, Any]:
+        """Move the pointer to ``new`` (under the lock), write the ``policy_<how>``
+        record and apply it here."""
+        old = self.holder.current()
+        await self.versions.activate(new, data, how=how, actor=actor)
+        record = {"event": f"policy_{how}", "actor": actor, "via": "api",
+                  "from_version": old.version, "from_sha256": old.sha256,
+                  "to_version": new.version, "to_sha256": new.sha256}
+        await self.audit_write(record)
+        self._stamp = await self.versions.stamp()
+        await self._follow(gate)
+        return {k: v for k, v in record.items() if k != "event"} | {"how": how}
 
     async def watch(self, gate: Gate, stop: Callable[[], bool] = lambda: False) -> None:
         """Apply pointer moves made by other processes (the CLI, other instances),
