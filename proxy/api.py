@@ -80,6 +80,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.api_forms import (
     ApiError,
+    json_object,
     read_limited,
     what_if_posture,
 )
@@ -505,12 +506,7 @@ def add_policy_preview(app: web.Application, preview: PreviewFn) -> None:
 
 async def _policy_preview(request: web.Request) -> web.Response:
     actor = _require_admin(request)  # read: a preview changes nothing
-    try:
-        doc = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise ApiError(400, "malformed", "The body is not JSON.") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    doc = await json_object(request)
     preview = cast(PreviewFn, request.app[_PREVIEW])
     try:
         result = await preview(doc, actor)

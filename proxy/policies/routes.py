@@ -11,11 +11,12 @@ nothing to roll back to, the policy is already in force, or the policy guard ref
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from proxy.api_forms import ApiError
+from proxy.api_forms import ApiError, json_object
 from proxy.config import ConfigError
 from proxy.policies.store import PolicyStoreError
 
@@ -34,45 +35,34 @@ def add_policy_changes(app: web.Application, live: LivePolicy, gate: Gate) -> No
     app.router.add_post("/v1/policy/push", _push)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        doc = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise ApiError(400, "malformed", "The body is not JSON.") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "malformed", "The body is not a JSON object.")
-    return doc
-
-
 async def _rollback(request: web.Request) -> web.Response:
-    from proxy.api import _require_admin  # the API's token check (scopes)
-
-    actor = _require_admin(request, "operate")
-    version = (await _body(request)).get("version")
+    version = (await json_object(request)).get("version")
     if version is not None and not isinstance(version, str):
         raise ApiError(400, "malformed", "version must be a string.")
-    live, gate = request.app[_LIVE], request.app[_GATE]
-    try:
-        answer = await live.rollback(gate, version, actor)  # type: ignore[attr-defined]
-    except PolicyStoreError as exc:
-        raise ApiError(409, "not_rolled_back", str(exc)) from None
-    return web.json_response(answer)
+    return await _change(request, "not_rolled_back",
+                         lambda live, gate, actor: live.rollback(gate, version, actor))
 
 
 async def _push(request: web.Request) -> web.Response:
-    from proxy.api import _require_admin
-
-    actor = _require_admin(request, "operate")
-    text = (await _body(request)).get("policy")
+    text = (await json_object(request)).get("policy")
     if not isinstance(text, str):
         raise ApiError(400, "malformed", "policy must be the TOML text of a policy file.")
-    live, gate = request.app[_LIVE], request.app[_GATE]
+    return await _change(request, "not_pushed",
+                         lambda live, gate, actor: live.push(gate, text, actor))
+
+
+async def _change(request: web.Request, refused: str,
+                  call: Callable[[Any, Any, str], Awaitable[dict[str, Any]]]) -> web.Response:
+    """Check the token's scope, make the change, map its refusals to 409/422."""
+    from proxy.api import _require_admin  # the API's token check (named, scoped tokens)
+
+    actor = _require_admin(request, "operate")
     try:
-        answer = await live.push(gate, text, actor)  # type: ignore[attr-defined]
+        answer = await call(request.app[_LIVE], request.app[_GATE], actor)
     except ConfigError as exc:
         raise ApiError(422, "invalid_policy", str(exc)) from None
     except (PolicyStoreError, ValueError) as exc:
-        raise ApiError(409, "not_pushed", str(exc)) from None
+        raise ApiError(409, refused, str(exc)) from None
     return web.json_response(answer)
 
 
