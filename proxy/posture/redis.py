@@ -486,7 +486,11 @@ class RedisPostureStore:
 
     async def claim_notice(self, key: str, now: float, window_s: float, count: int) -> bool:
         """One notice under ``key`` at ``now`` if fewer than ``count`` went out in the
-        ``window_s`` before (by any instance); one round trip."""
+        ``window_s`` before (by any instance); one round trip. While Redis is known to
+        be down this fails at once (a login is not held up by a second timeout; the
+        caller's own memory decides), until another call finds it back."""
+        if not self.available:
+            raise StoreUnavailable("redis unreachable")
         return bool(await self._call("notice_claim", key, repr(float(now)),
                                      repr(float(window_s)), count))
 
