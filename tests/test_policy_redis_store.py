@@ -1,10 +1,14 @@
 """The Redis side of policy changes without a server, on a real ``redis-server``:
 preview reads the same devices from Redis as from SQLite and reaches the same
-verdicts, the pointer and its history are shared by every store object, and the
-notice rate (mail and IMAP ALERT) holds across instances."""
+verdicts, the pointer and its history are shared by every store object, a policy an
+instance cannot load is not applied (and named), and the notice rate (mail and IMAP
+ALERT) holds across instances."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import random
 import time
 import uuid
@@ -14,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.fakes import ListAudit
 from peers.redis import RedisServer
 from test_notify import World, policy
 from test_policy_ops import BASE, TELEGRAM_RULE, TIKTOK, TIKTOK_RULE
 
+from proxy.cli_ops import init_deployment
+from proxy.config import load_config
 from proxy.config.policy_file import load_policy
+from proxy.gate import Gate
+from proxy.policies.live import LivePolicy
 from proxy.policies.pointer import PolicyVersions, RedisPointer
 from proxy.policies.preview import (
     REDIS_PAGE,
@@ -31,6 +40,7 @@ from proxy.policies.store import PolicyStore
 from proxy.posture import App, Posture
 from proxy.posture.redis import RedisPostureStore
 from proxy.posture.sqlite import SqlitePostureStore
+from proxy.server import PolicyHolder
 
 pytestmark = pytest.mark.peer
 
@@ -167,3 +177,50 @@ async def test_notice_rate_is_shared_across_instances(
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+async def test_a_policy_this_instance_cannot_load_is_not_applied(
+        store: RedisPostureStore, tmp_path: Path) -> None:
+    """A pointer moved (by another instance) to a text this instance cannot load keeps
+    the policy in force and names ``policy_not_applied:<sha12>`` in /readyz's degraded
+    list; a loadable move afterwards is applied and clears it."""
+    init_deployment(tmp_path)
+    cfg_path = tmp_path / "config/mailward.toml"
+    cfg_path.write_text(cfg_path.read_text().replace(
+        'store = "sqlite:///state/posture.db"', f'store = "{store.url}"'))
+    cfg = load_config(cfg_path)
+    holder = PolicyHolder(load_policy(cfg.server.policy))
+    audit = ListAudit()
+    gate = Gate(store=store, audit=audit, policy=holder.current)
+    live = LivePolicy(cfg, holder, gate.observer, asyncio.Lock(), audit.write)
+    live.use_pointer(store)
+    await live.at_start()
+    start = holder.current()
+    bad = 'version = "bad"\nmode = "sometimes"\n'
+    sha = hashlib.sha256(bad.encode()).hexdigest()
+    entry = {"sha256": sha, "version": "bad", "when": "2026-12-02T00:00:00Z", "how": "push",
+             "actor": "other"}
+    await store.move_policy_pointer(sha, bad, json.dumps(entry), "b", "")
+    stopped = False
+    watcher = asyncio.create_task(live.watch(gate, stop=lambda: stopped))
+    try:
+        for _ in range(40):
+            if live.degraded():
+                break
+            await asyncio.sleep(0.05)
+        assert live.degraded() == [f"policy_not_applied:{sha[:12]}"]
+        assert holder.current().sha256 == start.sha256
+        good = _write(tmp_path / "good.toml", BASE.format(version="good", rules=TIKTOK_RULE))
+        await PolicyVersions(PolicyStore(tmp_path / "b"), RedisPointer(store, "b")).activate(
+            load_policy(good), good.read_bytes(), how="push", actor="other")
+        for _ in range(40):
+            if holder.current().version == "good":
+                break
+            await asyncio.sleep(0.05)
+        assert holder.current().version == "good" and live.degraded() == []
+        [applied] = [r for r in audit.records if r.get("event") == "policy_reload"]
+        assert (applied["trigger"], applied["how"], applied["actor"]) == ("store", "push",
+                                                                        "other")
+    finally:
+        stopped = True
+        await watcher
