@@ -58,6 +58,17 @@ def deployment(root: Path) -> Path:
     return root / "config/mailward.toml"
 
 
+def assert_verifies_signed(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mailward audit verify`` passes, checking the signed checkpoints (every record
+    sealed) with the deployment's public key."""
+    assert main(["audit", "verify", "--config", str(cfg_path)]) == 0
+    verified = capsys.readouterr().out
+    key_id = fingerprint(load_verify_key(load_config(cfg_path).audit.verify_key))[:16]
+    checked = re.search(r"audit\.jsonl: ok, \d+ records, (\d+) checkpoints, 0 after the last "
+                        rf"checkpoint; signed by key_id {key_id}$", verified, re.M)
+    assert checked is not None and int(checked[1]) >= 2, verified
+
+
 async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
         pki: Pki, peers: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Preview, warn, deny, one-command rollback and the auditor's report of one TikTok
@@ -134,9 +145,4 @@ async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
     assert report.events["notice"] == 3
     html = render_report(report)
     assert all(text in html for text in ("tiktok-ban", "before", DEVICE, "policy_rollback"))
-    assert main(["audit", "verify", "--config", str(cfg_path)]) == 0
-    verified = capsys.readouterr().out  # signed checkpoints checked with the public key
-    key_id = fingerprint(load_verify_key(cfg.audit.verify_key))[:16]
-    checked = re.search(r"audit\.jsonl: ok, \d+ records, (\d+) checkpoints, 0 after the last "
-                        rf"checkpoint; signed by key_id {key_id}$", verified, re.M)
-    assert checked is not None and int(checked[1]) >= 2, verified
+    assert_verifies_signed(cfg_path, capsys)
