@@ -252,9 +252,10 @@ def _state(request: web.Request) -> ApiState:
 # ------------------------------------------------------------------ attestations
 
 
-async def _attestations(request: web.Request) -> web.Response:
-    st = _state(request)
-    source = ReportSource("api", request.remote or "")
+async def _report_body(st: ApiState, request: web.Request,
+                       source: ReportSource) -> tuple[bytes, bool]:
+    """The report's bytes and whether it claims an attester's signature; a wrong media
+    type or an oversized body is charged to the address and summarised, not recorded."""
     if request.content_type != JOSE:
         charge(st.limits, request)
         st.gate.attest_garbage(source, "unsupported_media_type")
@@ -270,6 +271,13 @@ async def _attestations(request: web.Request) -> web.Response:
     attester = st.verifier().claims_attester(body)
     if not attester:
         charge(st.limits, request)
+    return body, attester
+
+
+async def _attestations(request: web.Request) -> web.Response:
+    st = _state(request)
+    source = ReportSource("api", request.remote or "")
+    body, attester = await _report_body(st, request, source)
     if not getattr(st.audit, "healthy", True):
         # An accepted report changes access: never without its audit record.
         raise ApiError(503, "audit_unavailable",
