@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -129,6 +130,26 @@ class Server:
         cfg = self.cfg
         contexts = [build_tls(cfg, lc) for lc in cfg.listeners]  # fail before binding
         modules = [frontend_module(lc.protocol) for lc in cfg.listeners]
+        await self._open_state()
+        gate = await self._build_gate()
+        await self._start_listeners(gate, contexts, modules)
+        if cfg.nginx is not None:  # plain-HTTP loopback listener for nginx's auth_http
+            from proxy.nginx import start as start_nginx
+
+            self.nginx = await start_nginx(cfg, gate, {
+                lc.name: up for lc, (_, up) in zip(cfg.listeners, contexts, strict=True)})
+        await self._start_api()
+        if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
+            log.error("audit log not writable; new sessions will be refused",
+                      path=str(cfg.audit.path), error=self.audit.last_error)
+        self.started = True
+        policy = self.holder.current()
+        log.info("started", listeners=len(self.listeners), policy_version=policy.version,
+                 policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
+
+    async def _open_state(self) -> None:
+        """The state directory, the posture store and the audit log."""
+        cfg = self.cfg
         try:
             if not cfg.server.state_dir.exists():
                 cfg.server.state_dir.mkdir(mode=0o700, parents=True)
@@ -152,6 +173,10 @@ class Server:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None
 
+    async def _build_gate(self) -> Gate:
+        """Trust anchors, limits, the gate and what feeds it: device trust, the policy
+        in force, notices and the MDM connectors."""
+        cfg = self.cfg
         self.verifier, self.crl = trust_anchors(cfg)
         raise_fd_limit()
         self.limits = Limits(cfg.limits, on_hit=self.observer.limit_hit)
@@ -179,12 +204,20 @@ class Server:
                                  audit=metrics.TimedAuditSink(self.audit))
         except MdmError as exc:
             raise StartupError(str(exc)) from None
+        return self.gate
 
+    async def _start_listeners(
+        self, gate: Gate, contexts: list[tuple[ssl.SSLContext | None, ssl.SSLContext | None]],
+        modules: list[Any],
+    ) -> None:
+        """Each ``[[listeners]]`` entry bound by its front end (PROXY protocol expected
+        from ``trusted_proxies`` where the listener says so)."""
+        cfg = self.cfg
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
         ):
             ctx = FrontendContext(
-                listener=lc, gate=self.gate, server_tls=server_tls, upstream_tls=upstream_tls
+                listener=lc, gate=gate, server_tls=server_tls, upstream_tls=upstream_tls
             )
             listener.expect_proxy_protocol(lc.host, lc.port, listener.ProxyProtocol.of(
                 cfg.server.trusted_proxies) if lc.proxy_protocol else None)
@@ -195,23 +228,9 @@ class Server:
             finally:
                 listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
-            self.limits.names[running.port] = lc.name
+            gate.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
                      address=f"{lc.host}:{running.port}", tls=lc.tls, upstream=lc.upstream)
-
-        if cfg.nginx is not None:  # plain-HTTP loopback listener for nginx's auth_http
-            from proxy.nginx import start as start_nginx
-
-            self.nginx = await start_nginx(cfg, self.gate, {
-                lc.name: up for lc, (_, up) in zip(cfg.listeners, contexts, strict=True)})
-        await self._start_api()
-        if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
-            log.error("audit log not writable; new sessions will be refused",
-                      path=str(cfg.audit.path), error=self.audit.last_error)
-        self.started = True
-        policy = self.holder.current()
-        log.info("started", listeners=len(self.listeners), policy_version=policy.version,
-                 policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
 
     async def _start_api(self) -> None:
         try:
