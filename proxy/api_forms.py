@@ -4,7 +4,7 @@ the bounded body reader, and the what-if posture of ``POST /v1/explain``."""
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -25,6 +25,17 @@ class ApiError(Exception):
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
         self.headers = headers or {}
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (an empty body is ``{}``); 400 otherwise."""
+    try:
+        doc = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, "malformed", "The body is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    return doc
 
 
 async def read_limited(request: web.Request, limit: int, limits: Limits) -> bytes:

@@ -61,10 +61,10 @@ def _private_dir(path: Path) -> None:
 
 
 def _policy(cfg: Config) -> Any:
-    """The policy in force (``state/`` pointer, proxy.policies), else the file."""
-    from proxy.policies import policy_in_force
+    """The policy in force (the pointer, proxy.policies.pointer), else the file."""
+    from proxy.policies import in_force
 
-    return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    return in_force(cfg)
 
 
 # ------------------------------------------------------------------ commands
@@ -108,6 +108,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    if cfg.nginx is not None:
+        from proxy.nginx.app import read_secret
+
+        try:
+            read_secret(cfg.nginx)  # serve refuses to start on the same error
+        except ValueError as exc:
+            print(f"{cfg.source}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     from proxy.cli_policy import guard_warnings
 
     for warning in guard_warnings(cfg, policy):

@@ -163,7 +163,8 @@ class _ImapSession(PreauthSession):
         (``* OK [ALERT]``, once per device per day: ``gate.warning_alert``)."""
         outcome = await super()._perform(command)
         if isinstance(command, RequestDecision) and isinstance(outcome, DecisionMade):
-            alert = self.gate.warning_alert(command.identity, self.origin, outcome.decision)
+            alert = await self.gate.warning_alert(command.identity, self.origin,
+                                                  outcome.decision)
             if alert:
                 outcome = dataclasses.replace(outcome, alert=alert)
         return outcome
