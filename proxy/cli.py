@@ -416,6 +416,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _Add = Callable[..., argparse.ArgumentParser]
 
 
+def _explain_command(add: _Add) -> None:
+    sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync"), default="imap")
+    sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
+                    "eas_claims, unidentified settings)")
+    sp.add_argument("--client-cert", action="store_true",
+                    help="the device presents its certificate (ActiveSync)")
+    sp.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mailward",
@@ -442,15 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("serve", cmd_serve, "run the proxy")
     add("check-config", cmd_check_config, "validate mailward.toml and the policy (exit 2 if not)")
-    sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
-    sp.add_argument("--user", required=True)
-    sp.add_argument("--device", required=True)
-    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync"), default="imap")
-    sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
-                    "eas_claims, unidentified settings)")
-    sp.add_argument("--client-cert", action="store_true",
-                    help="the device presents its certificate (ActiveSync)")
-    sp.add_argument("--json", action="store_true")
+    _explain_command(add)
     sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
              group("posture", "device posture reports"))
     sp.add_argument("files", nargs="+", metavar="FILE")
