@@ -243,8 +243,8 @@ def cpu_s(proc: subprocess.Popen[bytes] | int) -> float:
 
 
 #: Commands the instances send whatever the load (not per decision): change-feed
-#: and policy polls, health pings.
-BACKGROUND = ("changes", "policy_active", "PING")
+#: and policy-pointer polls, health pings.
+BACKGROUND = ("changes", "policy_stamp", "PING")
 #: A new pooled connection's first commands (once per connection, not per decision).
 CONNECTION_SETUP = ("HELLO", "AUTH", "SELECT", "CLIENT")
 

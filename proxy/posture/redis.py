@@ -444,18 +444,6 @@ class RedisPostureStore:
         postures, bound, aliases, revoked = await self._call("dump")
         return _device_list(postures, bound, aliases, revoked, revoked_only)
 
-    # -- policy agreement -------------------------------------------------------------
-
-    async def push_policy(self, sha256: str, text: str) -> bool:
-        """Store a policy by its SHA-256 and make it the one in force; True if the
-        active policy changed."""
-        return bool(await self._call("policy_push", sha256, text))
-
-    async def active_policy(self, have: str) -> tuple[str, str | None]:
-        """(SHA-256 of the policy in force, its text when it is not ``have``)."""
-        sha, text = await self._call("policy_active", have)
-        return str(sha), (str(text) if text else None)
-
     # -- the policy pointer (proxy.policies.pointer.RedisPointer) ----------------------
 
     async def policy_pointer(self, instance: str) -> tuple[str, str, list[str]]:

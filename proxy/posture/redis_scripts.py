@@ -271,23 +271,6 @@ return {postures, redis.call('HKEYS', P .. 'bind'), redis.call('HGETALL', P .. '
         redis.call('HGETALL', P .. 'rev')}
 """
 
-#: ARGV: prefix, sha256, policy text: store the text and make it active.
-POLICY_PUSH = """
-local P = ARGV[1]
-redis.call('SET', P .. 'policy:' .. ARGV[2], ARGV[3])
-if redis.call('GET', P .. 'policy:active') == ARGV[2] then return 0 end
-redis.call('SET', P .. 'policy:active', ARGV[2])
-return 1
-"""
-
-#: ARGV: prefix, sha256 this instance has. Returns {active sha, text when different}.
-POLICY_ACTIVE = """
-local P = ARGV[1]
-local sha = redis.call('GET', P .. 'policy:active')
-if (not sha) or sha == ARGV[2] then return {sha or '', false} end
-return {sha, redis.call('GET', P .. 'policy:' .. sha) or false}
-"""
-
 #: ARGV: prefix, sha256, policy text, history entry JSON, instance, file sha256 ('' =
 #: unchanged). Stores the text, points at it, appends the entry; returns the history length.
 POLICY_MOVE = """
@@ -441,8 +424,7 @@ SCRIPTS: Final = {
     "commit": COMMIT, "postures": POSTURES, "user_devices": USER_DEVICES,
     "trust": TRUST, "changes": CHANGES, "revoke": REVOKE, "replay_revoke": REPLAY_REVOKE,
     "unrevoke": UNREVOKE, "unbind": UNBIND, "bind": BIND, "forget": FORGET,
-    "alias": ALIAS, "dump": DUMP, "policy_push": POLICY_PUSH,
-    "policy_active": POLICY_ACTIVE, "not_seen": NOT_SEEN, "mdm_commit": MDM_COMMIT,
+    "alias": ALIAS, "dump": DUMP, "not_seen": NOT_SEEN, "mdm_commit": MDM_COMMIT,
     "mdm_remove": MDM_REMOVE, "mdm_devices": MDM_DEVICES,
     "policy_move": POLICY_MOVE, "policy_pointer": POLICY_POINTER, "policy_stamp": POLICY_STAMP,
     "policy_note_file": POLICY_NOTE_FILE, "policy_text": POLICY_TEXT,
