@@ -55,6 +55,7 @@ BENCHES = (
     Bench("tls_memory.py"),
     Bench("burst_memory.py", drop=(r"^round \[", r"^round / greeted")),
     Bench("load.py", ("--json",), json=True),
+    Bench("scale.py", drop=(r"^decision = ",)),
 )
 
 #: An operational log line a benchmark's in-process listener printed (structlog).

@@ -80,6 +80,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.api_forms import (
     ApiError,
+    json_object,
     read_limited,
     what_if_posture,
 )
@@ -108,7 +109,7 @@ from proxy.gate import (
 )
 from proxy.ids import DEVICE_ID_RE
 from proxy.net.http_guard import guarded
-from proxy.net.limits import HEADER_TIMEOUT, Limits
+from proxy.net.limits import Limit, Limits
 from proxy.oplog import get_logger
 from proxy.policy import Decision, Policy
 from proxy.posture import PostureStore
@@ -251,9 +252,10 @@ def _state(request: web.Request) -> ApiState:
 # ------------------------------------------------------------------ attestations
 
 
-async def _attestations(request: web.Request) -> web.Response:
-    st = _state(request)
-    source = ReportSource("api", request.remote or "")
+async def _report_body(st: ApiState, request: web.Request,
+                       source: ReportSource) -> tuple[bytes, bool]:
+    """The report's bytes and whether it claims an attester's signature; a wrong media
+    type or an oversized body is charged to the address and summarised, not recorded."""
     if request.content_type != JOSE:
         charge(st.limits, request)
         st.gate.attest_garbage(source, "unsupported_media_type")
@@ -269,6 +271,13 @@ async def _attestations(request: web.Request) -> web.Response:
     attester = st.verifier().claims_attester(body)
     if not attester:
         charge(st.limits, request)
+    return body, attester
+
+
+async def _attestations(request: web.Request) -> web.Response:
+    st = _state(request)
+    source = ReportSource("api", request.remote or "")
+    body, attester = await _report_body(st, request, source)
     if not getattr(st.audit, "healthy", True):
         # An accepted report changes access: never without its audit record.
         raise ApiError(503, "audit_unavailable",
@@ -505,12 +514,7 @@ def add_policy_preview(app: web.Application, preview: PreviewFn) -> None:
 
 async def _policy_preview(request: web.Request) -> web.Response:
     actor = _require_admin(request)  # read: a preview changes nothing
-    try:
-        doc = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise ApiError(400, "malformed", "The body is not JSON.") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    doc = await json_object(request)
     preview = cast(PreviewFn, request.app[_PREVIEW])
     try:
         result = await preview(doc, actor)
@@ -586,7 +590,7 @@ async def start_api(cfg: Any, app: web.Application, ssl_context: Any = None) -> 
     assert runner.server is not None
 
     def cut_off(ip: str) -> None:
-        limits.hit(HEADER_TIMEOUT, "api", ip)
+        limits.hit(Limit.HEADER_TIMEOUT, "api", ip)
         limits.abuse(ip, "slow_request_head", "api")
 
     factory = guarded(runner.server, limits.cfg.header_timeout_s, cut_off)

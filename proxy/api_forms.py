@@ -4,11 +4,11 @@ the bounded body reader, and the what-if posture of ``POST /v1/explain``."""
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
-from proxy.net.limits import API_BODY, HEADER_TIMEOUT, Limits
+from proxy.net.limits import Limit, Limits
 from proxy.posture import App, Posture
 
 #: A request body must arrive within this many ``header_timeout``s.
@@ -27,12 +27,23 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (an empty body is ``{}``); 400 otherwise."""
+    try:
+        doc = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise ApiError(400, "malformed", "The body is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "malformed", "The body is not a JSON object.")
+    return doc
+
+
 async def read_limited(request: web.Request, limit: int, limits: Limits) -> bytes:
     """The body, refusing (413) as soon as it exceeds ``limit`` bytes, and (408) when
     it does not arrive within :data:`BODY_TIMEOUT_FACTOR` header timeouts."""
     too_large = ApiError(413, "too_large", f"The request body is larger than {limit} bytes.")
     if request.content_length is not None and request.content_length > limit:
-        limits.hit(API_BODY, "api", request.remote or "")
+        limits.hit(Limit.API_BODY, "api", request.remote or "")
         raise too_large
     chunks, size = [], 0
     try:
@@ -40,11 +51,11 @@ async def read_limited(request: web.Request, limit: int, limits: Limits) -> byte
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    limits.hit(API_BODY, "api", request.remote or "")
+                    limits.hit(Limit.API_BODY, "api", request.remote or "")
                     raise too_large
                 chunks.append(chunk)
     except TimeoutError:
-        limits.hit(HEADER_TIMEOUT, "api", request.remote or "")
+        limits.hit(Limit.HEADER_TIMEOUT, "api", request.remote or "")
         raise ApiError(408, "timeout", "The request body arrived too slowly.",
                        {"Connection": "close"}) from None
     return b"".join(chunks)

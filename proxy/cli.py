@@ -61,10 +61,10 @@ def _private_dir(path: Path) -> None:
 
 
 def _policy(cfg: Config) -> Any:
-    """The policy in force (``state/`` pointer, proxy.policies), else the file."""
-    from proxy.policies import policy_in_force
+    """The policy in force (the pointer, proxy.policies.pointer), else the file."""
+    from proxy.policies import in_force
 
-    return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    return in_force(cfg)
 
 
 # ------------------------------------------------------------------ commands
@@ -108,6 +108,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in signing_key_warnings(cfg.audit.signing_key):
         print(f"warning: {cfg.source}: audit.signing_key: {warning}", file=sys.stderr)
     _check_crls(cfg)
+    if cfg.nginx is not None:
+        from proxy.nginx.app import read_secret
+
+        try:
+            read_secret(cfg.nginx)  # serve refuses to start on the same error
+        except ValueError as exc:
+            print(f"{cfg.source}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     from proxy.cli_policy import guard_warnings
 
     for warning in guard_warnings(cfg, policy):
@@ -350,20 +358,37 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
-    from proxy.audit import format_records, parse_time, query
+    from proxy.audit import format_records, parse_time
+    from proxy.audit.query import query_logs
 
-    path = Path(args.log) if args.log else _load(args).audit.path
+    logs = _given_logs(args.log) or [_load(args).audit.path]
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    records = query(
-        path, user=args.user, device=args.device, decision=args.decision,
+    records = query_logs(
+        logs, user=args.user, device=args.device, decision=args.decision,
         protocol=args.protocol, event=args.event, since=since, until=until,
     )
-    format_records(records, args.format, sys.stdout)
+    format_records(records, args.format, sys.stdout, instance=len(logs) > 1)
     return EXIT_OK
+
+
+def _given_logs(given: Sequence[str] | None) -> list[Path]:
+    """The ``--log`` paths, each once; with several, each must exist (a missing one
+    would silently drop an instance from the merge)."""
+    from proxy.audit.query import log_exists
+
+    logs = [Path(p) for p in given or ()]
+    seen: set[Path] = set()
+    for log in logs:
+        if log.resolve() in seen:
+            raise UserError(f"{log}: --log given twice")
+        seen.add(log.resolve())
+        if len(logs) > 1 and not log_exists(log):
+            raise UserError(f"{log}: no such audit log")
+    return logs
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -389,6 +414,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _Add = Callable[..., argparse.ArgumentParser]
+
+
+def _explain_command(add: _Add) -> None:
+    sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync"), default="imap")
+    sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
+                    "eas_claims, unidentified settings)")
+    sp.add_argument("--client-cert", action="store_true",
+                    help="the device presents its certificate (ActiveSync)")
+    sp.add_argument("--json", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,15 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("serve", cmd_serve, "run the proxy")
     add("check-config", cmd_check_config, "validate mailward.toml and the policy (exit 2 if not)")
-    sp = add("explain", cmd_explain, "what would the policy decide for this user and device")
-    sp.add_argument("--user", required=True)
-    sp.add_argument("--device", required=True)
-    sp.add_argument("--protocol", choices=("imap", "pop3", "smtp", "activesync"), default="imap")
-    sp.add_argument("--listener", help="judge as on this listener (its client_cert, "
-                    "eas_claims, unidentified settings)")
-    sp.add_argument("--client-cert", action="store_true",
-                    help="the device presents its certificate (ActiveSync)")
-    sp.add_argument("--json", action="store_true")
+    _explain_command(add)
     sp = add("ingest", cmd_posture_ingest, "verify and store posture reports (JWS files)",
              group("posture", "device posture reports"))
     sp.add_argument("files", nargs="+", metavar="FILE")
@@ -473,22 +502,33 @@ def cmd_limits_reset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_commands(add: _Add, audit: Any) -> None:
-    sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
+def add_log_options(sp: argparse.ArgumentParser, *, merged: bool, checked: bool) -> None:
+    """The options that choose the audit logs an ``audit`` command reads: ``--log``
+    (several logs are ``merged`` by time, or, for ``verify``, checked one by one) and,
+    when the command verifies the chains (``checked``), ``--key`` and ``--witness``."""
+    how = ", merged by time" if merged else ""
     sp.add_argument("--log", action="append", help="audit log, repeatable: one per "
-                    "instance (default: [audit] path)")
+                    f"instance{how} (default: [audit] path)")
+    if not checked:
+        return
     sp.add_argument("--key", action="append", help="checkpoint public key, repeatable for "
                     "rotated keys (default: [audit] verify_key)")
-    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
-                    help="use only the key with this SHA-256 fingerprint (or key_id)")
     sp.add_argument("--witness", action="append", metavar="FILE", help="audit_checkpoint/"
                     "audit_head log lines as a SIEM collected them: the log must hold them")
+
+
+def _audit_commands(add: _Add, audit: Any) -> None:
+    sp = add("verify", cmd_audit_verify, "check the hash chain and signed checkpoints", audit)
+    add_log_options(sp, merged=False, checked=True)
+    sp.add_argument("--key-fingerprint", action="append", metavar="HEX",
+                    help="use only the key with this SHA-256 fingerprint (or key_id)")
     sp.add_argument("--from-checkpoint", type=int, metavar="SEQ",
                     help="start at this signed checkpoint (older files deleted)")
     sp.add_argument("--strict", action="store_true",
                     help="fail on records sealed after a crash (unwitnessed)")
-    sp = add("query", cmd_audit_query, "filter decisions", audit)
-    sp.add_argument("--log")
+    sp = add("query", cmd_audit_query, "filter decisions; several logs merge by time",
+             audit)
+    add_log_options(sp, merged=True, checked=False)
     sp.add_argument("--user")
     sp.add_argument("--device")
     sp.add_argument("--decision", choices=("allow", "deny"))

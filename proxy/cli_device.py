@@ -10,15 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any, cast
 
-from proxy.cli import (
-    EXIT_OK,
-    UserError,
-    _Add,
-    _AppendingSink,
-    _audit_log,
-    _load,
-    _policy,
-)
+from proxy.cli import EXIT_OK, UserError, _Add, _load
+from proxy.cli_gate import audit_sink, offline_gate
+from proxy.cli_policy import _appending
 
 
 def _device_ca(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -79,26 +73,19 @@ def cmd_device(args: argparse.Namespace) -> int:
     import asyncio
     import getpass
 
-    from proxy.gate import Gate, NullObserver
     from proxy.posture import open_store
 
     cfg = _load(args)
-    log = _audit_log(cfg)
-    if not log.healthy:  # a revocation without its record is not auditable
-        log.close_sync()
-        raise UserError(f"not changing devices: the audit log cannot be written "
-                        f"({log.last_error})")
+    log = _appending(cfg, "changing devices")
     actor = getpass.getuser()
     op = args.device_command
 
     async def go() -> str:
         store = open_store(cfg.posture.store)
-        # The policy is never read (no live sessions here to re-check): a broken
-        # policy file must not stop a lost phone from being cut off.
-        gate = Gate(store=store, audit=_AppendingSink(log), policy=lambda: _policy(cfg),
-                    observer=NullObserver())
         try:
-            await gate.load_trust()
+            # The policy is never read (no live sessions here to re-check): a broken
+            # policy file must not stop a lost phone from being cut off.
+            gate = await offline_gate(cfg, store, audit_sink(log))
             if op == "revoke":
                 return await gate.revoke(args.id, why=args.why or "", actor=actor, via="cli")
             if op == "unrevoke":

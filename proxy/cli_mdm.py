@@ -15,16 +15,9 @@ import argparse
 import sys
 from typing import Any
 
-from proxy.cli import (
-    EXIT_FAILED,
-    EXIT_OK,
-    UserError,
-    _Add,
-    _AppendingSink,
-    _audit_log,
-    _load,
-    _policy,
-)
+from proxy.cli import EXIT_FAILED, EXIT_OK, UserError, _Add, _load, _policy
+from proxy.cli_gate import audit_sink, offline_gate
+from proxy.cli_policy import _appending
 
 
 def cmd_mdm_sync(args: argparse.Namespace) -> int:
@@ -42,10 +35,7 @@ def cmd_mdm_sync(args: argparse.Namespace) -> int:
         names = ", ".join(m.name for m in cfg.mdm)
         raise UserError(f"{cfg.source}: no [[mdm]] named {args.name!r} (configured: {names})")
     policy = _policy(cfg)
-    log = None if args.dry_run else _audit_log(cfg)
-    if log is not None and not log.healthy:
-        log.close_sync()
-        raise UserError(f"not syncing: the audit log cannot be written ({log.last_error})")
+    log = None if args.dry_run else _appending(cfg, "syncing")
 
     async def go() -> int:
         return await _sync_all(cfg, policy, chosen, log, dry_run=args.dry_run)
@@ -58,17 +48,15 @@ def cmd_mdm_sync(args: argparse.Namespace) -> int:
 
 async def _sync_all(cfg: Any, policy: Any, chosen: list[Any], log: Any, *,
                     dry_run: bool) -> int:
-    from proxy.gate import Gate, NullObserver
     from proxy.mdm.http import MdmError, MdmHttp
     from proxy.mdm.sync import MdmSync, open_connector
     from proxy.posture import open_store
 
     store: Any = open_store(cfg.posture.store)
-    sink = _AppendingSink(log) if log is not None else _Discard()
-    gate = Gate(store=store, audit=sink, policy=lambda: policy, observer=NullObserver())
+    sink = audit_sink(log)
     failed = False
     try:
-        await gate.load_trust()
+        gate = await offline_gate(cfg, store, sink, policy=lambda: policy)
         for mcfg in chosen:
             http = MdmHttp(mcfg.name, timeout_s=mcfg.timeout_s)
             try:
@@ -99,11 +87,6 @@ def _progress() -> Any:
               end="", file=sys.stderr, flush=True)
 
     return show
-
-
-class _Discard:
-    async def write(self, fields: dict[str, Any]) -> dict[str, Any]:
-        return fields
 
 
 def mdm_commands(add: _Add, group: Any) -> None:

@@ -1,11 +1,13 @@
 """``mailward policy ...``: ``preview``, ``history``, ``diff``, ``rollback``, ``push``
 (DESIGN "Policy changes"), and the policy guard's ``check-config`` warning.
 
-``rollback`` and ``push`` move the active-version pointer in ``state/`` (never the
-config directory, which may be read-only); a running server applies the move within
-a poll (:mod:`proxy.policies.live`). Each writes its audit record (``policy_rollback``
-naming both versions, ``policy_push``, ``policy_preview`` with counts) with ``actor``
-= the OS user, and refuses to act when the audit log cannot be written.
+``rollback`` and ``push`` move the active-version pointer (in ``state/``, or in Redis
+when the posture store is Redis: :mod:`proxy.policies.pointer`; never the config
+directory, which may be read-only); every running server sharing the pointer
+applies the move within a poll (:mod:`proxy.policies.live`). Each writes its audit
+record (``policy_rollback`` naming both versions, ``policy_push``, ``policy_preview``
+with counts) with ``actor`` = the OS user, and refuses to act when the audit log
+cannot be written.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.cli import EXIT_DENY, EXIT_FAILED, EXIT_OK, UserError, _Add, _audit_log, _load
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from proxy.policies.pointer import PolicyVersions
     from proxy.policies.preview import Outcome, Preview
     from proxy.policy import Policy
 
@@ -35,20 +38,34 @@ def _appending(cfg: Config, what: str) -> Any:
     return log
 
 
-def _store(cfg: Config) -> Any:
-    from proxy.policies import PolicyStore
-
-    return PolicyStore(cfg.server.state_dir)
+T = TypeVar("T")
 
 
-def _checked(fn: Any, *args: Any) -> Any:
-    """Policy-store errors are user errors (one line, exit 2)."""
+def _versions(cfg: Config, fn: Callable[[PolicyVersions], Awaitable[T]]) -> T:
+    """``fn`` run against this deployment's policy versions (the pointer in ``state/``
+    or in Redis); policy-store errors and an unreachable Redis are user errors (one
+    line, exit 2)."""
+    import asyncio
+
     from proxy.policies import PolicyStoreError
+    from proxy.policies.pointer import open_versions
+    from proxy.posture.redis import StoreUnavailable
+
+    async def go() -> T:
+        versions = open_versions(cfg)
+        try:
+            return await fn(versions)
+        finally:
+            await versions.close()
 
     try:
-        return fn(*args)
-    except PolicyStoreError as exc:
+        return asyncio.run(go())
+    except (PolicyStoreError, StoreUnavailable) as exc:
         raise UserError(str(exc)) from None
+
+
+async def _active(versions: PolicyVersions) -> Policy | None:
+    return await versions.active()
 
 
 # ------------------------------------------------------------------ preview
@@ -57,7 +74,7 @@ def _checked(fn: Any, *args: Any) -> Any:
 def cmd_policy_preview(args: argparse.Namespace) -> int:
     """Exit 0 when nothing would be newly denied, 3 otherwise (2 on error)."""
     from proxy.audit import parse_time
-    from proxy.policies.ops import active_policy, build_preview, cli_actor, load_candidate
+    from proxy.policies.ops import build_preview, cli_actor, load_candidate
 
     cfg = _load(args)
     path = Path(args.file) if args.file else cfg.server.policy
@@ -66,7 +83,7 @@ def cmd_policy_preview(args: argparse.Namespace) -> int:
         since = parse_time(args.replay) if args.replay else None
     except ValueError as exc:
         raise UserError(f"--replay: {exc}") from None
-    baseline = _checked(active_policy, cfg)
+    baseline = _versions(cfg, _active)
     try:
         preview = build_preview(cfg, candidate, data, baseline=baseline, replay_since=since)
     except ValueError as exc:  # a store preview cannot read
@@ -147,7 +164,7 @@ def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...], indent: str
 
 def cmd_policy_history(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    pointer = _checked(_store(cfg).read)
+    pointer = _versions(cfg, lambda v: v.read())
     if pointer is None:
         print("no policy has been put in force yet (mailward serve does at start)")
         return EXIT_OK
@@ -173,7 +190,11 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
     from proxy.policies.ops import resolve_policy
 
     cfg = _load(args)
-    result = diff(_checked(resolve_policy, cfg, args.a), _checked(resolve_policy, cfg, args.b))
+
+    async def both(v: PolicyVersions) -> tuple[Policy, Policy]:
+        return await resolve_policy(v, args.a), await resolve_policy(v, args.b)
+
+    result = diff(*_versions(cfg, both))
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -189,36 +210,40 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
     from proxy.policies.ops import cli_actor
 
     cfg = _load(args)
-    store = _store(cfg)
-    pointer = _checked(store.read)
-    if pointer is None:
-        raise UserError("no policy has been put in force yet; nothing to roll back")
-    if args.version:
-        target = _checked(store.resolve, args.version)
-    else:
-        previous = pointer.previous()
-        if previous is None:
-            raise UserError("no previous policy in the history (mailward policy history)")
-        target = previous.sha256
-    if target == pointer.active:
-        raise UserError(f"{args.version or target[:12]} is already in force")
-    old, new = store.load(pointer.active), store.load(target)
-    _move(cfg, store, old, new, "rollback", store.path_of(target).read_bytes())
+
+    async def go(versions: PolicyVersions) -> tuple[Policy, Policy]:
+        pointer = await versions.read()
+        if pointer is None:
+            raise UserError("no policy has been put in force yet; nothing to roll back")
+        if args.version:
+            target = await versions.resolve(args.version)
+        else:
+            previous = pointer.previous()
+            if previous is None:
+                raise UserError("no previous policy in the history (mailward policy history)")
+            target = previous.sha256
+        if target == pointer.active:
+            raise UserError(f"{args.version or target[:12]} is already in force")
+        old, new = await versions.load(pointer.active), await versions.load(target)
+        data = versions.contents.path_of(target).read_bytes()
+        await _move(cfg, versions, old, new, "rollback", data)
+        return old, new
+
+    old, new = _versions(cfg, go)
     print(f"rolled back from {old.version} ({old.sha256[:12]}) to {new.version} "
-          f"({new.sha256[:12]}) by {cli_actor()}; a running server applies it within 2 s")
+          f"({new.sha256[:12]}) by {cli_actor()}; running servers apply it within 2 s")
     return EXIT_OK
 
 
 def cmd_policy_push(args: argparse.Namespace) -> int:
     """Put FILE (default: the policy file) in force by moving the pointer; the policy
     guard applies as to a file change."""
-    from proxy.policies.ops import active_policy, check_guard, cli_actor, load_candidate
+    from proxy.policies.ops import check_guard, cli_actor, load_candidate
 
     cfg = _load(args)
-    store = _store(cfg)
     path = Path(args.file) if args.file else cfg.server.policy
     new, data = load_candidate(path)
-    old = _checked(active_policy, cfg)
+    old = _versions(cfg, _active)
     if old is not None and old.sha256 == new.sha256:
         raise UserError(f"{path}: already in force ({new.version})")
     try:
@@ -228,20 +253,20 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
     if verdict is not None and verdict.blocks:
         print(f"mailward: {path}: not pushed: {verdict.reason()}", file=sys.stderr)
         return EXIT_FAILED
-    _move(cfg, store, old, new, "push", data, file=str(path))
+    _versions(cfg, lambda v: _move(cfg, v, old, new, "push", data, file=str(path)))
     print(f"pushed {new.version} ({new.sha256[:12]}) from {path} by {cli_actor()}; "
-          "a running server applies it within 2 s")
+          "running servers apply it within 2 s")
     return EXIT_OK
 
 
-def _move(cfg: Config, store: Any, old: Policy | None, new: Policy, how: str, data: bytes,
-          **extra: str) -> None:
+async def _move(cfg: Config, versions: PolicyVersions, old: Policy | None, new: Policy,
+                how: str, data: bytes, **extra: str) -> None:
     """Check the audit log can take the record, move the pointer, write the record."""
     from proxy.policies.ops import cli_actor
 
     actor = cli_actor()
     with _appending(cfg, f"doing the {how}") as log:
-        store.activate(new, data, how=how, actor=actor)
+        await versions.activate(new, data, how=how, actor=actor)
         log.append({"event": f"policy_{how}", "actor": actor, "via": "cli",
                     "from_version": old.version if old else None,
                     "from_sha256": old.sha256 if old else None,
@@ -254,10 +279,10 @@ def _move(cfg: Config, store: Any, old: Policy | None, new: Policy, how: str, da
 def guard_warnings(cfg: Config, policy: Policy) -> list[str]:
     """``check-config``: a ``warning:`` line when the policy guard would refuse the
     policy file against the policy in force (nothing when that cannot be judged)."""
-    from proxy.policies.ops import active_policy, check_guard
+    from proxy.policies.ops import check_guard
 
     try:
-        baseline = active_policy(cfg)
+        baseline = _versions(cfg, _active)
         if baseline is None or baseline.sha256 == policy.sha256:
             return []
         verdict = check_guard(cfg, baseline, policy, Path(cfg.server.policy).read_bytes())

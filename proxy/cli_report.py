@@ -14,23 +14,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import EXIT_FAILED, EXIT_OK, UserError, _Add, _load
+from proxy.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UserError,
+    _Add,
+    _given_logs,
+    _load,
+    add_log_options,
+)
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
     from proxy.audit import load_verify_key, read_witness_file
+    from proxy.audit.command import shared_instances
     from proxy.audit.report import build_report, report_window
     from proxy.audit.report_html import render_report
 
-    path = Path(args.log) if args.log else None
+    logs = _given_logs(args.log)
     keys = [Path(k) for k in args.key or ()]
-    if path is None or not keys:
-        cfg = _load(args) if path is None or args.config else _try_load(args)
+    if not logs or not keys:
+        cfg = _load(args) if not logs or args.config else _try_load(args)
         if cfg is not None:
-            path = path or cfg.audit.path
+            logs = logs or [cfg.audit.path]
             if not keys and cfg.audit.verify_key and cfg.audit.verify_key.exists():
                 keys = [cfg.audit.verify_key]
-    assert path is not None
     try:
         since, until = report_window(args.since, args.until)
     except ValueError as exc:
@@ -38,23 +46,26 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     witness = None
     if args.witness:
         witness = [w for f in args.witness for w in read_witness_file(Path(f))]
-    data = build_report(path, since=since, until=until,
+    data = build_report(logs, since=since, until=until,
                         keys=[load_verify_key(k) for k in keys], witness=witness,
                         no_client_ip=args.no_client_ip,
                         export_dir=Path(args.export_dir) if args.export_dir else None)
     out = Path(args.output)
     out.write_text(render_report(data), encoding="utf-8")
-    print(f"{out}: {data.selected:,} records from {since.isoformat()} to {until.isoformat()}, "
+    print(f"{out}: {data.selected:,} records from {since.isoformat()} to {until.isoformat()}"
+          f"{f' merged from {len(logs)} logs' if len(logs) > 1 else ''}, "
           f"{data.deny_total:,} denies ({len(data.denies):,} listed), "
           f"{out.stat().st_size:,} bytes")
     for exported in data.exported:
         print(exported)
-    chain = data.chain
-    assert chain is not None
-    if not chain.ok:
+    for warning in shared_instances([(c.log, c.instances) for c in data.chains]):
+        print(f"warning: {warning}", file=sys.stderr)
+    broken = [c for c in data.chains if not c.ok]
+    for chain in broken:
         print(f"mailward: the audit log does not verify: {chain.error}", file=sys.stderr)
+    if broken:
         return EXIT_FAILED
-    if not chain.signatures_checked:
+    if not all(c.signatures_checked for c in data.chains):
         print("warning: checkpoint signatures not checked: no verify key ([audit] "
               "verify_key or --key)", file=sys.stderr)
     return EXIT_OK
@@ -80,8 +91,4 @@ def report_command(add: _Add, audit: Any) -> None:
                     help="also write every record of the period as CSV and JSON lines")
     sp.add_argument("--no-client-ip", action="store_true",
                     help="leave client addresses out of the report and the exports")
-    sp.add_argument("--log", help="audit log (default: [audit] path)")
-    sp.add_argument("--key", action="append", help="checkpoint public key, repeatable "
-                    "(default: [audit] verify_key)")
-    sp.add_argument("--witness", action="append", metavar="FILE",
-                    help="audit_checkpoint/audit_head lines a SIEM collected")
+    add_log_options(sp, merged=True, checked=True)

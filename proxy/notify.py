@@ -21,7 +21,8 @@ fails one:
   reconnect into a record; the record names who was not told.
 
 The rate memory is :class:`proxy.notify_memory.NoticeMemory` (``state/notices.db``),
-so a restart does not send again. All times are the decision's (the gate's clock).
+so a restart does not send again, shared through Redis when instances share a Redis
+posture store. All times are the decision's (the gate's clock).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any, Literal, Protocol
 from proxy.config.notify import NotifyConfig
 from proxy.gate import DecisionSeen, Gate
 from proxy.notify_mail import SEND_ERRORS, Relay, TemplateError, Templates, build_message
-from proxy.notify_memory import NoticeMemory
+from proxy.notify_memory import NoticeMemory, SharedClaim
 from proxy.oplog import get_logger
 from proxy.policy import PROHIBITED_APP, Policy, ProhibitedApp, Reason
 from proxy.startup import StartupError
@@ -151,10 +152,10 @@ class Notifier:
     :class:`~proxy.notify_mail.Relay` when ``[notify] smtp`` is set."""
 
     def __init__(self, cfg: NotifyConfig, *, record: RecordNotice, state_dir: Path | None,
-                 sender: Sender | None = None) -> None:
+                 sender: Sender | None = None, shared: SharedClaim | None = None) -> None:
         self.cfg = cfg
         self._record = record
-        self.memory = NoticeMemory(state_dir / "notices.db" if state_dir else None)
+        self.memory = NoticeMemory(state_dir / "notices.db" if state_dir else None, shared)
         self.templates = Templates(cfg)
         self._sender = sender if sender is not None or not cfg.mail else Relay(cfg)
         self._queue: asyncio.Queue[Notice] = asyncio.Queue(cfg.queue_max)
@@ -176,7 +177,7 @@ class Notifier:
 
     async def close(self, drain_s: float = DRAIN_S) -> None:
         """Give queued notices ``drain_s`` to go out, then stop; keep the memory."""
-        if self._workers and not self._queue.empty():
+        if self._workers:  # queued, and taken but not yet sent
             try:
                 async with asyncio.timeout(drain_s):
                     await self._queue.join()
@@ -208,17 +209,17 @@ class Notifier:
         except Exception as exc:  # never fail a decision
             log.error("queueing a notice failed", error=f"{type(exc).__name__}: {exc}")
 
-    def alert(self, seen: DecisionSeen) -> str | None:
+    async def alert(self, seen: DecisionSeen) -> str | None:
         """The pending warnings to show an IMAP login now, once per device per day
-        (``Notices.alert``); each shown alert is a ``notice`` record."""
+        (``Notices.alert``; across instances when shared); each shown alert is a
+        ``notice`` record."""
         try:
             warnings = [n for n in notices_for(seen) if n.pending]
             if not warnings:
                 return None
             key = f"alert|{warnings[0].device}"
-            if not self.memory.allows(key, seen.now, 1, ALERT_WINDOW_S):
+            if not await self.memory.claim(key, seen.now, 1, ALERT_WINDOW_S):
                 return None
-            self.memory.remember(key, seen.now)
             for n in warnings:
                 self._spawn_record(n, "imap_alert", "delivered")
             return " ".join(dict.fromkeys(n.reason.text for n in warnings))
@@ -247,8 +248,8 @@ class Notifier:
             n = await self._queue.get()
             try:
                 self._queued.discard(n.key)
-                if self._allows(n):  # a twin may have gone out meanwhile
-                    self.memory.remember(n.key, n.at)
+                if await self.memory.claim(n.key, n.at, self.cfg.rate_count,
+                                           self.cfg.rate_window_s):  # a twin may have gone
                     await self._deliver(n)
             except Exception as exc:
                 log.error("notice failed", error=f"{type(exc).__name__}: {exc}")
@@ -301,11 +302,14 @@ class Notifier:
         return f"{user}@{self.cfg.user_domain}" if self.cfg.user_domain and user else None
 
 
-async def start_notifier(gate: Gate, cfg: NotifyConfig, state_dir: Path) -> Notifier:
+async def start_notifier(gate: Gate, cfg: NotifyConfig, state_dir: Path,
+                         store: Any = None) -> Notifier:
     """The server's notifier, started and observing ``gate``; a relay set-up that
-    cannot work (unreadable credentials or CA file) is a :class:`StartupError`."""
+    cannot work (unreadable credentials or CA file) is a :class:`StartupError`. A
+    posture ``store`` that can (Redis) shares the notice rate between instances."""
     try:
-        notifier = Notifier(cfg, record=gate.record_notice, state_dir=state_dir)
+        notifier = Notifier(cfg, record=gate.record_notice, state_dir=state_dir,
+                            shared=getattr(store, "claim_notice", None))
         await notifier.start()
     except (OSError, ValueError, sqlite3.Error, ssl.SSLError) as exc:
         raise StartupError(f"notify: {exc}") from None

@@ -6,6 +6,15 @@ go to the dictionary at once and to SQLite shortly after, in a worker thread
 (:meth:`NoticeMemory.flush`), so a restart forgets at most the last moment's
 marks. Keys are ``<channel or kind>|<device>|<reason>``; each holds the times of
 its recent notices, older ones are dropped as they age out.
+
+Several instances (a Redis posture store) share the rate: :meth:`NoticeMemory.claim`
+asks the local memory first (no round trip when this instance already knows the
+rate is used up), then claims the notice in Redis in one round trip
+(:meth:`~proxy.posture.redis.RedisPostureStore.claim_notice`, a sorted set of times
+per key with a TTL), so one device gets one notice per reason per day whichever
+instances it reaches. A claim another instance made is remembered locally too. When
+Redis does not answer, the local memory decides (a notice may go out twice rather
+than not at all).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -24,12 +34,18 @@ log = get_logger("mailward.notify")
 KEEP_S = 7 * 86400.0
 _SCHEMA = "CREATE TABLE IF NOT EXISTS sent (key TEXT PRIMARY KEY, times TEXT NOT NULL)"
 
+#: ``claim_notice(key, now, window_s, count) -> claimed`` of a shared store.
+SharedClaim = Callable[[str, float, float, int], Awaitable[bool]]
+
 
 class NoticeMemory:
-    """Recent notice times per key; ``path`` None keeps them in memory only."""
+    """Recent notice times per key; ``path`` None keeps them in memory only;
+    ``shared`` claims notices in the store several instances share."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, shared: SharedClaim | None = None) -> None:
         self.path = path
+        self.shared = shared
+        self._shared_error = ""
         self._times: dict[str, list[float]] = {}
         self._dirty: set[str] = set()
         self._flushing: asyncio.Task[None] | None = None
@@ -62,6 +78,27 @@ class NoticeMemory:
         """Fewer than ``count`` notices under ``key`` in the ``window_s`` before ``now``."""
         times = self._times.get(key)
         return times is None or sum(1 for t in times if now - t < window_s) < count
+
+    async def claim(self, key: str, now: float, count: int, window_s: float) -> bool:
+        """Take one notice under ``key`` at ``now`` if the rate allows it, here and
+        (when shared) on every instance; True when this caller may send it."""
+        if not self.allows(key, now, count, window_s):
+            return False
+        if self.shared is not None:
+            try:
+                claimed = await self.shared(key, now, window_s, count)
+                self._shared_error = ""
+            except Exception as exc:  # Redis down: this instance's memory decides
+                claimed = True
+                if not self._shared_error:
+                    log.warning("shared notice rate unavailable; deciding locally",
+                                error=f"{type(exc).__name__}: {exc}")
+                self._shared_error = str(exc) or type(exc).__name__
+            if not claimed:  # another instance sent it: remember, do not ask again
+                self.remember(key, now)
+                return False
+        self.remember(key, now)
+        return True
 
     def remember(self, key: str, now: float) -> None:
         """A notice under ``key`` at ``now``; persisted shortly (:meth:`flush`)."""

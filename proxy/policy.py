@@ -132,6 +132,11 @@ class UserScope:
 
 @dataclass(frozen=True, slots=True)
 class ProhibitedApp:
+    """A prohibited-app rule: an installed app it covers (an id in ``ids`` or a
+    display-name glob in ``names``, at a version in ``versions``, on one of
+    ``platforms``, for a user in ``scope``) is a violation with ``reason`` and
+    ``remediation``; ``mode`` and ``enforce_from`` say whether it denies or is reported."""
+
     name: str
     ids: tuple[str, ...]
     reason: str

@@ -36,9 +36,9 @@ How the parts fit:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -55,7 +55,6 @@ from proxy.net.tls import server_context
 from proxy.oplog import configure_logging, get_logger
 from proxy.policies.live import LivePolicy
 from proxy.policy import Policy
-from proxy.policy_sync import PolicySync
 from proxy.startup import (
     StartupError,
     audit_log,
@@ -111,9 +110,9 @@ class Server:
         self.observer = metrics.PrometheusObserver()
         self.limits: Limits | None = None
         self.upkeep: Upkeep | None = None
-        self.policy_sync: PolicySync | None = None
         self.listeners: list[RunningListener] = []
         self.api: Any = None  # proxy.api.RunningApi
+        self.nginx: Any = None  # proxy.nginx.RunningNginxListener ([nginx])
         self.verifier: Any = None  # proxy.attestation.Verifier
         self.crl: Any = None  # proxy.crl.CrlSet
         self.mdm: Any = None  # proxy.mdm.sync.MdmRunner
@@ -125,11 +124,6 @@ class Server:
         self._stop = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # sha256 of the policy file bytes last looked at: a file event whose content
-        # did not change (touch, ConfigMap symlink swap, a second event for one edit)
-        # is not a reload.
-        self._seen_sha = hashlib.sha256(Path(cfg.server.policy).read_bytes()).hexdigest() \
-            if Path(cfg.server.policy).exists() else ""
 
     # -------------------------------------------------------------- start
 
@@ -137,6 +131,26 @@ class Server:
         cfg = self.cfg
         contexts = [build_tls(cfg, lc) for lc in cfg.listeners]  # fail before binding
         modules = [frontend_module(lc.protocol) for lc in cfg.listeners]
+        await self._open_state()
+        gate = await self._build_gate()
+        await self._start_listeners(gate, contexts, modules)
+        if cfg.nginx is not None:  # plain-HTTP loopback listener for nginx's auth_http
+            from proxy.nginx import start as start_nginx
+
+            self.nginx = await start_nginx(cfg, gate, {
+                lc.name: up for lc, (_, up) in zip(cfg.listeners, contexts, strict=True)})
+        await self._start_api()
+        if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
+            log.error("audit log not writable; new sessions will be refused",
+                      path=str(cfg.audit.path), error=self.audit.last_error)
+        self.started = True
+        policy = self.holder.current()
+        log.info("started", listeners=len(self.listeners), policy_version=policy.version,
+                 policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
+
+    async def _open_state(self) -> None:
+        """The state directory, the posture store and the audit log."""
+        cfg = self.cfg
         try:
             if not cfg.server.state_dir.exists():
                 cfg.server.state_dir.mkdir(mode=0o700, parents=True)
@@ -160,6 +174,10 @@ class Server:
             raise StartupError(f"audit.path: cannot open {cfg.audit.path}: {exc.strerror}") \
                 from None
 
+    async def _build_gate(self) -> Gate:
+        """Trust anchors, limits, the gate and what feeds it: device trust, the policy
+        in force, notices and the MDM connectors."""
+        cfg = self.cfg
         self.verifier, self.crl = trust_anchors(cfg)
         raise_fd_limit()
         self.limits = Limits(cfg.limits, on_hit=self.observer.limit_hit)
@@ -174,26 +192,33 @@ class Server:
         except Exception as exc:
             raise StartupError(f"posture.store: cannot read device trust records: {exc}") \
                 from None
+        self.policies.use_pointer(self.store)  # state/, or Redis when scaled out
         await self.policies.at_start()  # the pointer's policy, or the file (proxy.policies)
         self.observer.policy_loaded(self.holder.current())
         from proxy.notify import start_notifier  # [notify]: warnings and deny notices
 
-        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir)
-        self.policy_sync = PolicySync(self.store, cfg.server.state_dir, self.holder.current,
-                                      self._apply_policy)
-        await self.policy_sync.start(Path(cfg.server.policy))
+        self.notifier = await start_notifier(self.gate, cfg.notify, cfg.server.state_dir,
+                                             self.store)  # Redis: the rate is shared
         from proxy.mdm.sync import MdmError, MdmRunner  # the [[mdm]] connectors
         try:
             self.mdm = MdmRunner(cfg, gate=self.gate, store=self.store, observer=self.observer,
                                  audit=metrics.TimedAuditSink(self.audit))
         except MdmError as exc:
             raise StartupError(str(exc)) from None
+        return self.gate
 
+    async def _start_listeners(
+        self, gate: Gate, contexts: list[tuple[ssl.SSLContext | None, ssl.SSLContext | None]],
+        modules: list[Any],
+    ) -> None:
+        """Each ``[[listeners]]`` entry bound by its front end (PROXY protocol expected
+        from ``trusted_proxies`` where the listener says so)."""
+        cfg = self.cfg
         for lc, (server_tls, upstream_tls), module in zip(
             cfg.listeners, contexts, modules, strict=True
         ):
             ctx = FrontendContext(
-                listener=lc, gate=self.gate, server_tls=server_tls, upstream_tls=upstream_tls
+                listener=lc, gate=gate, server_tls=server_tls, upstream_tls=upstream_tls
             )
             listener.expect_proxy_protocol(lc.host, lc.port, listener.ProxyProtocol.of(
                 cfg.server.trusted_proxies) if lc.proxy_protocol else None)
@@ -204,18 +229,9 @@ class Server:
             finally:
                 listener.expect_proxy_protocol(lc.host, lc.port, None)
             self.listeners.append(running)
-            self.limits.names[running.port] = lc.name
+            gate.limits.names[running.port] = lc.name
             log.info("listening", listener=lc.name, protocol=lc.protocol,
                      address=f"{lc.host}:{running.port}", tls=lc.tls, upstream=lc.upstream)
-
-        await self._start_api()
-        if not self.audit.healthy:  # sessions are refused (fail closed) until it recovers
-            log.error("audit log not writable; new sessions will be refused",
-                      path=str(cfg.audit.path), error=self.audit.last_error)
-        self.started = True
-        policy = self.holder.current()
-        log.info("started", listeners=len(self.listeners), policy_version=policy.version,
-                 policy_sha256=policy.sha256, loop=type(asyncio.get_running_loop()).__module__)
 
     async def _start_api(self) -> None:
         try:
@@ -250,6 +266,9 @@ class Server:
             degraded=self.degraded,
         )
         api.add_policy_preview(app, self.policies.preview)
+        from proxy.policies.routes import add_policy_changes  # rollback, push (operate)
+
+        add_policy_changes(app, self.policies, self.gate)
         try:
             self.api = await api.start_api(cfg.api, app, ssl_ctx)
         except OSError as exc:
@@ -275,7 +294,6 @@ class Server:
         policy guard refused."""
         store_says = getattr(self.store, "degraded", None)
         names = list(store_says()) if store_says is not None else []
-        names += self.policy_sync.degraded() if self.policy_sync is not None else []
         names += self.mdm.degraded() if self.mdm else []
         names += self.policies.degraded()
         if self.crl:
@@ -319,7 +337,7 @@ class Server:
         self._spawn(self._recheck_loop(), "recheck")
         self._spawn(self._trust_loop(), "trust")
         assert self.upkeep is not None
-        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # CLI rollback
+        self._spawn(self.policies.watch(self.upkeep.gate), "policy-pointer")  # rollback, push
         self._spawn(self.upkeep.run(), "upkeep")
         if self.mdm is not None:
             self.mdm.spawn(self._spawn)
@@ -340,35 +358,38 @@ class Server:
 
     async def _recheck_loop(self) -> None:
         assert self.gate is not None
-        interval = max(self.cfg.server.recheck_interval_s, 0.1)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                ended = await self.gate.recheck_all()
-            except Exception as exc:
-                log.error("posture sweep failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            if ended:
-                log.info("sessions ended by posture sweep", ended=ended)
+        await self._every(max(self.cfg.server.recheck_interval_s, 0.1), self.gate.recheck_all,
+                          failed="posture sweep failed",
+                          ended="sessions ended by posture sweep")
 
     async def _trust_loop(self) -> None:
-        """Apply the store's change feed (revocations, bindings, aliases and posture
-        written by other processes) and reload changed CRL files."""
-        assert self.gate is not None
+        await self._every(TRUST_POLL_S, self._sync_trust, failed="device trust sync failed",
+                          ended="sessions ended by device trust changes")
+
+    @staticmethod
+    async def _every(interval_s: float, sweep: Callable[[], Awaitable[int]], *,
+                     failed: str, ended: str) -> None:
+        """Run ``sweep`` (it returns how many sessions it ended) every ``interval_s``
+        seconds, for ever; a failure is logged as ``failed`` and the next round comes."""
         while True:
-            await asyncio.sleep(TRUST_POLL_S)
+            await asyncio.sleep(interval_s)
             try:
-                ended = await self.gate.sync_changes()
-                async with self._reload_lock:  # another instance's reload (Redis)
-                    assert self.policy_sync is not None
-                    await self.policy_sync.poll()
-                if self.crl and self.crl.reload_if_changed():
-                    ended += await self.gate.recheck_all("crl_reload")
+                count = await sweep()
             except Exception as exc:
-                log.error("device trust sync failed", error=f"{type(exc).__name__}: {exc}")
+                log.error(failed, error=f"{type(exc).__name__}: {exc}")
                 continue
-            if ended:
-                log.info("sessions ended by device trust changes", ended=ended)
+            if count:
+                log.info(ended, ended=count)
+
+    async def _sync_trust(self) -> int:
+        """Apply the store's change feed (revocations, bindings, aliases and posture
+        written by other processes) and reload changed CRL files; returns the sessions
+        ended."""
+        assert self.gate is not None
+        ended = await self.gate.sync_changes()
+        if self.crl and self.crl.reload_if_changed():
+            ended += await self.gate.recheck_all("crl_reload")
+        return ended
 
     async def _watch_policy(self) -> None:
         """Reload when the policy file changes. The directory is watched, not the
@@ -388,72 +409,10 @@ class Server:
     # -------------------------------------------------------------- reload
 
     async def reload(self, trigger: str) -> bool:
-        """Load the policy file again; True if a new policy was applied."""
-        async with self._reload_lock:
-            return await self._reload(trigger)
-
-    async def _reload(self, trigger: str) -> bool:
+        """Load the policy file again; True if a new policy was applied
+        (:meth:`proxy.policies.live.LivePolicy.reload`)."""
         assert self.gate is not None
-        path = Path(self.cfg.server.policy)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = b""  # load_policy below reports the error with the file name
-        raw_sha = hashlib.sha256(data).hexdigest() if data else ""
-        if raw_sha == self._seen_sha and trigger == "file_change":
-            return False
-        self._seen_sha = raw_sha
-        old = self.holder.current()
-        try:
-            new = load_policy(path)
-        except ConfigError as exc:
-            return await self._refused(trigger, str(exc), old, None, raw_sha, file=exc.file,
-                                       line=exc.line, key=exc.key)
-        if new.sha256 == old.sha256:
-            log.info("policy unchanged", trigger=trigger, policy_version=old.version)
-            return False
-        refusal = await self.policies.admit(old, new, data, trigger)  # the policy guard
-        if refusal is not None:
-            return await self._refused(trigger, refusal, old, new.version, raw_sha)
-        await self._apply_policy(new, trigger)
-        if self.policy_sync is not None:
-            await self.policy_sync.push(path)
-        return True
-
-    async def _apply_policy(self, new: Policy, trigger: str) -> None:
-        """Swap ``new`` in, record it and re-check every live session."""
-        assert self.gate is not None
-        old = self.holder.current()
-        self.holder.swap(new)
-        self.observer.policy_loaded(new)
-        log.info("policy reloaded", trigger=trigger, old_version=old.version,
-                 new_version=new.version, new_sha256=new.sha256)
-        await self._audit_write({
-            "event": "policy_reload", "result": "applied", "trigger": trigger,
-            "old_version": old.version, "old_sha256": old.sha256,
-            "new_version": new.version, "new_sha256": new.sha256,
-            "actor": self.policies.actor(),
-        })
-        started = time.perf_counter()
-        ended = await self.gate.policy_changed()
-        log.info("live sessions re-checked", ended=ended,
-                 live=len(self.gate.live_sessions()),
-                 elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
-
-    async def _refused(self, trigger: str, error: str, old: Policy, version: str | None,
-                       raw_sha: str, **where: Any) -> bool:
-        """A reload refused (invalid file, or the policy guard): the old policy stays;
-        logged, counted and recorded."""
-        self.observer.policy_reload_failed()
-        log.error("policy reload refused; keeping the current policy", trigger=trigger,
-                  error=error, policy_version=old.version, **where)
-        await self._audit_write({
-            "event": "policy_reload", "result": "refused", "trigger": trigger,
-            "error": error, "old_version": old.version, "old_sha256": old.sha256,
-            "new_version": version, "new_sha256": raw_sha or None,
-            "actor": self.policies.actor(),
-        })
-        return False
+        return await self.policies.reload(self.gate, trigger)
 
     async def _audit_write(self, fields: dict[str, Any]) -> None:
         try:
@@ -495,6 +454,9 @@ class Server:
         if self.api is not None:
             await _quietly(lambda: self.api.close(1.0), "api")
             self.api = None
+        if self.nginx is not None:
+            await _quietly(lambda: self.nginx.close(1.0), "nginx listener")
+            self.nginx = None
         if self.mdm is not None:
             await _quietly(self.mdm.close, "mdm connectors")
         if self.notifier is not None:  # queued notices get a moment, then their records

@@ -251,3 +251,18 @@ def test_check_config_warns_about_a_crl_near_next_update(deploy: Path, tmp_path:
     (tmp_path / "device-ca.crl").write_bytes(b"not a crl")
     r = mailward(deploy, "check-config", "--config", str(cfg))
     assert r.returncode == 2 and "device-ca.crl" in r.stderr
+
+
+def test_check_config_reads_the_nginx_secret(deploy: Path, tmp_path: Path) -> None:
+    """With [nginx], check-config refuses an unusable secret file as serve would (exit 2,
+    file named) and accepts a usable one."""
+    secret = tmp_path / "nginx.secret"
+    cfg = deploy / "config" / "nginx.toml"
+    text = (deploy / "config/mailward.toml").read_text()
+    cfg.write_text(text + f'\n[nginx]\nsecret_file = "{secret}"\n')
+    secret.write_text("short\n")
+    r = mailward(deploy, "check-config", "--config", str(cfg))
+    assert r.returncode == 2 and "nginx.secret_file" in r.stderr and str(secret) in r.stderr
+    secret.write_text("a-long-enough-shared-secret-0123456789\n")
+    r = mailward(deploy, "check-config", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr

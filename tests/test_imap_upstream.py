@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.frontends.events import UpstreamDataReceived, UpstreamTlsEstablished
 from proxy.frontends.imap_syntax import MAX_UPSTREAM_RESPONSE_BYTES
 from proxy.frontends.imap_upstream import (
     LoginAnswered,
@@ -16,9 +17,7 @@ from proxy.frontends.imap_upstream import (
     SendToUpstream,
     StartUpstreamTls,
     UpstreamCommand,
-    UpstreamDataReceived,
     UpstreamLogin,
-    UpstreamTlsEstablished,
     id_command,
 )
 from proxy.frontends.imap_wire import LocalProtocolError, RemoteProtocolError

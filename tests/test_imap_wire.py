@@ -9,6 +9,7 @@ from helpers.wire import drain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.frontends.imap_syntax import bye_line, continuation_line, greeting_line, tagged_line
 from proxy.frontends.imap_wire import (
     MAX_LINE_BYTES,
     MAX_LITERAL_BYTES,
@@ -50,7 +51,7 @@ def test_simple_commands_become_events():
         CommandReceived("a2", "NOOP"),
         CommandReceived("a3", "LOGOUT"),
     ]
-    assert conn.state is State.LOGGED_OUT
+    assert conn.state is State.CLOSED
     assert conn.next_event() is PAUSED
 
 
@@ -87,7 +88,7 @@ def test_login_refused_then_retry_and_accept_hands_over_pipelined_bytes():
     conn.login_refused()
     assert events(conn, b"b LOGIN u q\r\nc SELECT INBOX\r\n") == [LoginAttempted("b", "u", "q")]
     assert conn.login_accepted() == b"c SELECT INBOX\r\n"
-    assert conn.state is State.AUTHENTICATED
+    assert conn.state is State.HANDED_OVER
     with pytest.raises(LocalProtocolError):  # the caller's mistake, not the client's
         conn.login_refused()
 
@@ -121,7 +122,7 @@ def test_authenticate_bad_base64_and_unknown_mechanism():
     assert events(conn, b"!!notbase64\r\n") == [BadCommand("x", "AUTHENTICATE: invalid base64")]
     got = events(conn, b"y AUTHENTICATE CRAM-MD5\r\n")
     assert isinstance(got[0], BadCommand) and "CRAM-MD5" in got[0].text
-    assert conn.state is State.NOT_AUTHENTICATED
+    assert conn.state is State.COMMANDS
 
 
 def test_sasl_continue_reads_another_response_line_under_the_same_tag():
@@ -175,7 +176,7 @@ def test_starttls_discards_pipelined_commands():
     conn.receive_data(b"c LOGIN more evil\r\n")
     assert conn.next_event() is PAUSED
     conn.starttls_done()
-    assert conn.tls and conn.state is State.NOT_AUTHENTICATED
+    assert conn.tls and conn.state is State.COMMANDS
     assert conn.next_event() is NEED_DATA
     got = events(conn, b"d STARTTLS\r\n")
     assert got == [BadCommand("d", "TLS is already active")]
@@ -218,13 +219,13 @@ def test_too_many_commands():
     assert got[-1].limit == "commands"
 
 
-def test_send_helpers_never_emit_raw_newlines():
+def test_reply_lines_never_emit_raw_newlines():
     """Texts from policy cannot split a response line or forge a tagged reply."""
-    out = Connection.send_tagged("a", "NO", "bad\r\na OK fake", "AUTHORIZATIONFAILED")
+    out = tagged_line("a", "NO", "bad\r\na OK fake", "AUTHORIZATIONFAILED")
     assert out == b"a NO [AUTHORIZATIONFAILED] bad  a OK fake\r\n"
-    assert Connection.send_bye("bye") == b"* BYE bye\r\n"
-    assert Connection.send_continuation() == b"+ \r\n"
-    assert Connection.send_greeting(["IMAP4rev1", "STARTTLS"]).startswith(
+    assert bye_line("bye") == b"* BYE bye\r\n"
+    assert continuation_line() == b"+ \r\n"
+    assert greeting_line(["IMAP4rev1", "STARTTLS"]).startswith(
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS] "
     )
 

@@ -92,7 +92,7 @@ class World:
         identity, origin = Identity(ALICE, "alice-phone", "client_cert"), Origin(
             protocol, protocol, "192.0.2.1", "deny")
         decision = await self.gate.decide(identity, origin)
-        return decision, self.gate.warning_alert(identity, origin, decision)
+        return decision, await self.gate.warning_alert(identity, origin, decision)
 
     async def settle(self) -> None:
         await asyncio.wait_for(self.notifier._queue.join(), 5)

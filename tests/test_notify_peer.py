@@ -97,12 +97,14 @@ enforce_from = {start}
 class Env(FrontendEnv):
     """An IMAP listener before Dovecot, its gate on a clock the test moves, and a
     notifier relaying through Postfix (or, ``relay_down``, to a closed port); the gate
-    asks ``policy_of`` for its policy when given (else the test policy, fixed)."""
+    asks ``policy_of`` for its policy when given (else the test policy, fixed); the
+    audit log is signed with ``signing_key`` when given."""
 
     def __init__(self, pki: Pki, peers: tuple[Any, Dovecot], tmp: Path, *,
                  mode: str = "", relay_down: bool = False,
-                 policy_of: Callable[[], Policy] | None = None) -> None:
-        super().__init__(pki, tmp)
+                 policy_of: Callable[[], Policy] | None = None,
+                 signing_key: Any = None) -> None:
+        super().__init__(pki, tmp, signing_key)
         self.pf, self.dv = peers
         (tmp / "policy.toml").write_text(POLICY.format(start=START, mode=mode))
         policy = load_policy(tmp / "policy.toml")

@@ -54,9 +54,9 @@ def cli(s: Served, *args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "MAILWARD_CONFIG": str(s.config)})
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("polops")
+def enrolled_root(root: Path) -> Path:
+    """``root`` with a trial PKI (``certs init``), the four phones enrolled and an
+    empty ``config/``."""
     certs_init(root / "certs")
     for p in PHONES:
         enroll_device(device_ca_cert=root / "certs/device-ca.pem",
@@ -64,6 +64,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                       device_id=p.device_id, user=p.user,
                       out_dir=root / "certs/devices" / p.device_id)
     (root / "config").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = enrolled_root(tmp_path_factory.mktemp("polops"))
     (root / "config/policy.toml").write_text(BEFORE)
     ports = {"api": free_port()}
     cfg = write_config(root, "config", "", api_port=ports["api"])

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.frontends.events import UpstreamDataReceived, UpstreamTlsEstablished
 from proxy.frontends.pop3_upstream import (
     MAX_UPSTREAM_RESPONSE_BYTES,
     LoginAnswered,
@@ -15,9 +16,7 @@ from proxy.frontends.pop3_upstream import (
     SendToUpstream,
     StartUpstreamTls,
     Step,
-    UpstreamDataReceived,
     UpstreamLogin,
-    UpstreamTlsEstablished,
     offers_plain,
 )
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError
@@ -49,7 +48,7 @@ def test_dovecot_with_xclient_gets_the_phones_address_then_auth_plain():
     assert got(lg, b"+OK Updated\r\n") == [SendToUpstream(PLAIN)]
     assert got(lg, b"+OK Logged in.\r\n+OK 2 650\r\n") == [
         LoginAnswered(True, b"+OK Logged in.\r\n")]
-    assert lg.rest == b"+OK 2 650\r\n" and lg.step is Step.DONE
+    assert lg.rest == b"+OK 2 650\r\n" and lg.phase is Step.DONE
     with pytest.raises(LocalProtocolError):
         got(lg, b"more")
 
@@ -139,9 +138,9 @@ def test_any_server_input_gives_commands_or_the_remote_error(chunks: list[bytes]
     lg = login(starttls=starttls, client_ip="10.0.0.1")
     try:
         for chunk in chunks:
-            if lg.step is Step.DONE:
+            if lg.phase is Step.DONE:
                 break
-            if lg.step is Step.HANDSHAKE:
+            if lg.phase is Step.HANDSHAKE:
                 lg.handle(UpstreamTlsEstablished())
             lg.handle(UpstreamDataReceived(chunk))
     except RemoteProtocolError:

@@ -14,7 +14,6 @@ from proxy.frontends.pop3_wire import (
     MAX_RESPONSE_BYTES,
     NEED_DATA,
     PAUSED,
-    TRANSITIONS,
     AuthCancelled,
     AuthData,
     AuthStarted,
@@ -37,6 +36,7 @@ from proxy.frontends.pop3_wire import (
     err_line,
     ok_line,
 )
+from proxy.frontends.preauth_wire import TRANSITIONS
 
 pytestmark = pytest.mark.pure
 
@@ -52,35 +52,35 @@ def events(conn: Connection, data: bytes = b"") -> list[object]:
 # One command line over TLS -> (events, state after). Each row is a sentence of RFC
 # 1939 / 2449 / 2595 / 5034 as the proxy reads it.
 TABLE = [
-    (b"CAPA\r\n", [CapaRequested()], State.AUTHORIZATION),
-    (b"capa\n", [CapaRequested()], State.AUTHORIZATION),  # case, bare LF
+    (b"CAPA\r\n", [CapaRequested()], State.COMMANDS),
+    (b"capa\n", [CapaRequested()], State.COMMANDS),  # case, bare LF
     (b"QUIT\r\n", [QuitRequested()], State.CLOSED),
-    (b"USER alice@corp.example\r\n", [UserGiven(ALICE)], State.AUTHORIZATION),
+    (b"USER alice@corp.example\r\n", [UserGiven(ALICE)], State.COMMANDS),
     (b"PASS x\r\n", [BadCommand("No user name given; send USER first")],
-     State.AUTHORIZATION),
-    (b"AUTH\r\n", [MechanismsRequested()], State.AUTHORIZATION),
+     State.COMMANDS),
+    (b"AUTH\r\n", [MechanismsRequested()], State.COMMANDS),
     (b"AUTH PLAIN\r\n", [AuthStarted("PLAIN", None)], State.AUTHENTICATING),
     (b"auth plain " + CRED + b"\r\n",
      [AuthStarted("PLAIN", b"\0alice@corp.example\0s3cret")], State.AWAITING_LOGIN),
     (b"AUTH PLAIN =\r\n", [AuthStarted("PLAIN", b"")], State.AWAITING_LOGIN),
-    (b"AUTH PLAIN !!!\r\n", [BadCommand("Invalid base64")], State.AUTHORIZATION),
+    (b"AUTH PLAIN !!!\r\n", [BadCommand("Invalid base64")], State.COMMANDS),
     (b"AUTH CRAM-MD5\r\n", [BadCommand("Unsupported authentication mechanism")],
-     State.AUTHORIZATION),
+     State.COMMANDS),
     (b"AUTH PLAIN a b\r\n",
      [BadCommand("AUTH needs a mechanism and at most an initial response")],
-     State.AUTHORIZATION),
-    (b"STLS\r\n", [BadCommand("TLS is already active")], State.AUTHORIZATION),
-    (b"CAPA now\r\n", [BadCommand("CAPA takes no arguments")], State.AUTHORIZATION),
+     State.COMMANDS),
+    (b"STLS\r\n", [BadCommand("TLS is already active")], State.COMMANDS),
+    (b"CAPA now\r\n", [BadCommand("CAPA takes no arguments")], State.COMMANDS),
     (b"APOP alice 0123\r\n",
-     [BadCommand("APOP is not supported; use USER/PASS or AUTH PLAIN")], State.AUTHORIZATION),
-    (b"RETR 1\r\n", [BadCommand("RETR is not allowed before login")], State.AUTHORIZATION),
-    (b"NOOP\r\n", [BadCommand("NOOP is not allowed before login")], State.AUTHORIZATION),
-    (b"XYZZY\r\n", [BadCommand("Unknown command")], State.AUTHORIZATION),
-    (b"\r\n", [BadCommand("Empty command line")], State.AUTHORIZATION),
-    (b"\x00\xff\r\n", [BadCommand("Unknown command")], State.AUTHORIZATION),
-    (b"USER\r\n", [BadCommand("USER needs a user name")], State.AUTHORIZATION),
-    (b"USER a\x00b\r\n", [BadCommand("USER needs a user name")], State.AUTHORIZATION),
-    (b"USER \xff\r\n", [BadCommand("The user name is not UTF-8")], State.AUTHORIZATION),
+     [BadCommand("APOP is not supported; use USER/PASS or AUTH PLAIN")], State.COMMANDS),
+    (b"RETR 1\r\n", [BadCommand("RETR is not allowed before login")], State.COMMANDS),
+    (b"NOOP\r\n", [BadCommand("NOOP is not allowed before login")], State.COMMANDS),
+    (b"XYZZY\r\n", [BadCommand("Unknown command")], State.COMMANDS),
+    (b"\r\n", [BadCommand("Empty command line")], State.COMMANDS),
+    (b"\x00\xff\r\n", [BadCommand("Unknown command")], State.COMMANDS),
+    (b"USER\r\n", [BadCommand("USER needs a user name")], State.COMMANDS),
+    (b"USER a\x00b\r\n", [BadCommand("USER needs a user name")], State.COMMANDS),
+    (b"USER \xff\r\n", [BadCommand("The user name is not UTF-8")], State.COMMANDS),
 ]
 
 
@@ -101,7 +101,7 @@ def test_user_then_pass_gives_the_credentials_with_spaces_kept_and_not_in_repr()
     assert "two words" not in repr(got[1])
     assert conn.state is State.AWAITING_LOGIN and conn.next_event() is PAUSED
     assert conn.login_accepted() == b"CAPA\r\n"  # pipelined: for the upstream
-    assert conn.state is State.TRANSACTION
+    assert conn.state is State.HANDED_OVER
 
 
 def test_a_password_that_is_not_utf8_survives_unchanged():
@@ -132,29 +132,38 @@ def test_sasl_continuation_data_cancel_and_bad_base64():
     conn.login_refused()
     assert events(conn, b"AUTH PLAIN\r\n@@\r\n") == [
         AuthStarted("PLAIN", None), BadCommand("AUTH: Invalid base64")]
-    assert conn.state is State.AUTHORIZATION
+    assert conn.state is State.COMMANDS
 
 
 def test_before_tls_credentials_are_privacy_required_and_stls_discards_pipelined_bytes():
     """Before TLS, USER/PASS/AUTH PLAIN are refused by event (AUTH alone lists); bytes
     pipelined after STLS are dropped, and after the handshake USER is read."""
-    conn = Connection(tls=False, stls=True)
+    conn = Connection(tls=False, starttls=True)
     assert events(conn, b"USER a\r\nPASS b\r\nAUTH PLAIN =\r\nAUTH\r\n") == [
         PrivacyRequired("USER"), PrivacyRequired("PASS"), PrivacyRequired("AUTH"),
         MechanismsRequested()]
     assert events(conn, b"STLS\r\nUSER evil\r\n") == [StlsRequested()]
     conn.receive_data(b"PASS evil\r\n")
     assert conn.next_event() is PAUSED
-    conn.stls_done()
+    conn.starttls_done()
     assert conn.tls and conn.buffered == 0
     assert events(conn, b"STLS\r\nUSER a\r\n") == [
         BadCommand("TLS is already active"), UserGiven("a")]
 
 
+def test_events_validate_their_fields_and_keep_sasl_data_out_of_repr():
+    """PrivacyRequired only names a command that carries credentials, and AuthData's
+    bytes (a password, for PLAIN) are not in its repr."""
+    with pytest.raises(ValueError):
+        PrivacyRequired("CAPA")
+    assert "s3cret" not in repr(AuthData(b"\0alice\0s3cret"))
+    assert AuthData(b"x") == AuthData(b"x") != AuthStarted("PLAIN", b"x")
+
+
 def test_stls_unavailable_and_cleartext_allowed_on_loopback():
     """An implicit-TLS listener has no STLS; a loopback listener allowing cleartext
     reads USER/PASS before TLS."""
-    assert events(Connection(stls=False), b"STLS\r\n") == [
+    assert events(Connection(starttls=False), b"STLS\r\n") == [
         BadCommand("STLS is not available here")]
     conn = Connection(cleartext_login=True)
     assert events(conn, b"USER a\r\nPASS b\r\n") == [UserGiven("a"), LoginAttempted("a", "b")]
@@ -182,7 +191,7 @@ def test_outcomes_the_state_does_not_allow_are_local_errors():
     with pytest.raises(LocalProtocolError):
         conn.login_accepted()
     with pytest.raises(LocalProtocolError):
-        conn.stls_done()
+        conn.starttls_done()
     assert all(isinstance(k[0], State) and isinstance(v, State) for k, v in TRANSITIONS.items())
 
 
@@ -233,8 +242,8 @@ def test_any_input_parses_or_raises_the_parsers_own_error(
                     if conn.state is State.AWAITING_LOGIN:
                         conn.login_refused()
                         continue
-                    if conn.state is State.STLS:
-                        conn.stls_done()
+                    if conn.state is State.TLS_HANDSHAKE:
+                        conn.starttls_done()
                         continue
                     break
     except Pop3ProtocolError:

@@ -20,6 +20,7 @@ from proxy.api import AuditReports, make_app
 from proxy.api_tokens import AdminToken, load_tokens, match, tokens_from
 from proxy.config import ConfigError, load_config, load_policy
 from proxy.gate import Gate
+from proxy.policies.routes import add_policy_changes
 from proxy.posture.sqlite import SqlitePostureStore
 
 pytestmark = pytest.mark.conversation
@@ -31,10 +32,26 @@ def bearer(secret: bytes) -> dict[str, str]:
     return {"Authorization": "Bearer " + secret.decode()}
 
 
+class RecordingLive:
+    """Stands in for LivePolicy behind the policy-change endpoints: records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def rollback(self, gate: Gate, version: str | None, actor: str) -> dict[str, str]:
+        self.calls.append(("rollback", actor))
+        return {"from_version": "ban", "to_version": "before", "actor": actor}
+
+    async def push(self, gate: Gate, text: str, actor: str) -> dict[str, str]:
+        self.calls.append(("push", actor))
+        return {"from_version": "before", "to_version": "ban", "actor": actor}
+
+
 @dataclass
 class Env:
     client: TestClient
     audit: ListAudit
+    live: RecordingLive
 
 
 @pytest.fixture
@@ -51,10 +68,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
                    tokens=(AdminToken("auditor", "read", AUDITOR),
                            AdminToken("ops-alice", "operate", OPS)),
                    report=AuditReports(tmp_path / "history.jsonl", (pub,)))
+    live = RecordingLive()
+    add_policy_changes(app, live, gate)  # type: ignore[arg-type]
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
-        yield Env(client, audit)
+        yield Env(client, audit, live)
     finally:
         await client.close()
         await store.close()
@@ -87,6 +106,20 @@ async def test_read_token_cannot_revoke(env: Env) -> None:
     assert resp.status == 200
     revoked = [r for r in env.audit.records if r["event"] == "device_revoked"]
     assert [r["actor"] for r in revoked] == ["ops-alice"]
+
+
+async def test_read_token_cannot_roll_back_or_push_policy(env: Env) -> None:
+    """An auditor's read token is refused (403) on policy rollback and push and nothing
+    is changed; an operate token reaches the change, named as its actor."""
+    for path, body in (("/v1/policy/rollback", {}), ("/v1/policy/push", {"policy": "x"})):
+        resp = await env.client.post(path, headers=bearer(AUDITOR), json=body)
+        assert resp.status == 403 and (await resp.json())["error"] == "forbidden"
+    assert env.live.calls == []
+    resp = await env.client.post("/v1/policy/rollback", headers=bearer(OPS), json={})
+    assert resp.status == 200 and (await resp.json())["actor"] == "ops-alice"
+    resp = await env.client.post("/v1/policy/push", headers=bearer(OPS), json={"policy": "x"})
+    assert resp.status == 200
+    assert env.live.calls == [("rollback", "ops-alice"), ("push", "ops-alice")]
 
 
 async def test_admin_token_file_is_operate_named_admin(env: Env) -> None:

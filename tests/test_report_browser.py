@@ -122,14 +122,18 @@ async def chromium(profile: Path) -> AsyncIterator[Page]:
 
 
 def _report_file(tmp_path: Path) -> Path:
+    """A report of two instances' logs (every other record in each), merged by time."""
     key, pub = bench.write_keys(tmp_path)
     now = time.time()
     records = sorted([*bench.synthetic_records(40_000, start=now - 27 * 86400,
                                                span_s=26 * 86400),
                       *story(now - 12 * 86400)], key=lambda r: r[0])
-    bench.write_log(tmp_path / "audit.jsonl", key, records)
-    data = build_report(tmp_path / "audit.jsonl", since=datetime.now(UTC) - timedelta(days=28),
+    logs = [tmp_path / "mail-a.jsonl", tmp_path / "mail-b.jsonl"]
+    for n, log in enumerate(logs):
+        bench.write_log(log, key, records[n::2], instance=log.stem)
+    data = build_report(logs, since=datetime.now(UTC) - timedelta(days=28),
                         until=datetime.now(UTC), keys=[load_verify_key(pub)])
+    assert [c.ok for c in data.chains] == [True, True]
     out = tmp_path / "report.html"
     out.write_text(render_report(data), encoding="utf-8")
     return out
@@ -150,8 +154,9 @@ def _problems(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_report_renders_filters_sorts_offline(tmp_path: Path) -> None:
-    """The report opens with no console error, requests only its own file, filters
-    rows by typed text, sorts by a clicked column, and is screenshotted."""
+    """The report of two instances' logs opens with no console error, requests only
+    its own file, filters rows by typed text, sorts by a clicked column, and is
+    screenshotted."""
     report = _report_file(tmp_path)
     url = report.as_uri()
     async with chromium(tmp_path / "profile") as page:
@@ -171,9 +176,9 @@ async def test_report_renders_filters_sorts_offline(tmp_path: Path) -> None:
         assert png.startswith(b"\x89PNG") and len(png) > 20_000
 
         # Filter: type a user into the box like a person would.
-        user = await page.js("document.querySelector('#denies tbody tr').cells[2].textContent")
+        user = await page.js("document.querySelector('#denies tbody tr').cells[3].textContent")
         want = await page.js(f"[...document.querySelectorAll('#denies tbody tr')]"
-                             f".filter(r => r.cells[2].textContent === {json.dumps(user)})"
+                             f".filter(r => r.cells[3].textContent === {json.dumps(user)})"
                              ".length")
         await page.js("document.getElementById('filter').focus()")
         await page.send("Input.insertText", text=user)
@@ -186,24 +191,28 @@ async def test_report_renders_filters_sorts_offline(tmp_path: Path) -> None:
         assert await page.js("[...document.querySelectorAll('#denies tbody tr')]"
                              ".filter(r => !r.hidden).length") == total
 
-        # Sort: seq descending as rendered; one click sorts ascending, one more back.
-        seqs = ("[...document.querySelectorAll('#denies tbody tr')]"
-                ".map(r => +r.cells[0].textContent)")
-        before = await page.js(seqs)
+        # Sort: time descending as rendered (both instances interleaved); one click
+        # on time sorts ascending, one more back; seq sorts as numbers.
+        column = ("[...document.querySelectorAll('#denies tbody tr')]"
+                  ".map(r => r.cells[{}].textContent)")
+        head = "document.querySelectorAll('#denies thead th')[{}]"
+        assert await page.js(head.format(2) + ".textContent") == "time (UTC)"
+        before = await page.js(column.format(2))
         assert before == sorted(before, reverse=True)
-        await page.js("document.querySelector('#denies thead th').click()")
-        assert await page.js(seqs) == sorted(before)
-        await page.js("document.querySelector('#denies thead th').click()")
-        assert await page.js(seqs) == before
-        users = ("[...document.querySelectorAll('#denies tbody tr')]"
-                 ".map(r => r.cells[2].textContent)")
-        await page.js("document.querySelectorAll('#denies thead th')[2].click()")
-        ascending = await page.js(users)
+        assert set(await page.js(column.format(0))) == {"mail-a", "mail-b"}
+        await page.js(head.format(2) + ".click()")
+        assert await page.js(column.format(2)) == sorted(before)
+        await page.js(head.format(2) + ".click()")
+        assert await page.js(column.format(2)) == before
+        seqs = await page.js(column.format(1))
+        await page.js(head.format(1) + ".click()")
+        assert [int(x) for x in await page.js(column.format(1))] == sorted(map(int, seqs))
+        await page.js(head.format(3) + ".click()")
+        ascending = await page.js(column.format(3))
         assert ascending != await page.js("[]") and len(set(ascending)) > 1
-        await page.js("document.querySelectorAll('#denies thead th')[2].click()")
-        assert await page.js(users) == ascending[::-1]
-        assert await page.js("document.querySelectorAll('#denies thead th')[2]"
-                             ".getAttribute('aria-sort')") == "descending"
+        await page.js(head.format(3) + ".click()")
+        assert await page.js(column.format(3)) == ascending[::-1]
+        assert await page.js(head.format(3) + ".getAttribute('aria-sort')") == "descending"
 
         requests = [e["params"]["request"]["url"] for e in page.events
                     if e["method"] == "Network.requestWillBeSent"]

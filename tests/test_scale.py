@@ -3,13 +3,15 @@ load balancer with PROXY protocol, sharing a real ``redis-server`` (deploy/scale
 
 The module's tests form one scenario, in order: a report ingested on A is used by B
 and replayed on B is refused; the audit record names the phone's address (not
-nginx's); a device turning non-compliant through A ends its IMAP IDLE on B within
-2 s; a policy reload on A reaches B within 2 s; Redis stopped gives the degraded
-behaviour and recovers; both audit logs verify.
+nginx's); a device turning non-compliant through A ends its IMAP IDLE and its
+ActiveSync Ping on B within 2 s; a policy reload on A reaches B within 2 s; Redis
+stopped gives the degraded behaviour and recovers; both audit logs verify.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import imaplib
 import importlib.util
 import json
@@ -19,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +35,7 @@ from peers import peer_missing
 from peers.redis import RedisServer, require_redis
 from test_server import (
     ALICE,
+    BOB,
     CAROL,
     OUTLOOK,
     PHONES,
@@ -43,6 +47,7 @@ from test_server import (
 )
 
 from proxy.audit import query
+from proxy.demo.run import Phone
 from proxy.demo.upstream import UpstreamThread
 from proxy.pki import (
     certs_init,
@@ -64,6 +69,9 @@ _spec.loader.exec_module(scale)
 
 #: The phones connect from this loopback address; nginx connects from 127.0.0.1.
 PHONE_IP = "127.0.0.2"
+#: Erin's phone uses ActiveSync only.
+ERIN = Phone("erin-phone", "erin@corp.example", "erin-pw", "android", (OUTLOOK,))
+ENROLLED = (*PHONES, ERIN)
 
 
 class PhoneImap(imaplib.IMAP4_SSL):
@@ -80,6 +88,7 @@ class PhoneImap(imaplib.IMAP4_SSL):
 class Cluster:
     root: Path
     layout: Any
+    upstream: Any
     redis: RedisServer
     procs: dict[str, subprocess.Popen[bytes]]
     nginx: subprocess.Popen[bytes]
@@ -126,6 +135,39 @@ class Cluster:
         return (self.root / f"serve-{name}.log").read_text(errors="replace")
 
 
+class PhonePing(threading.Thread):
+    """An ActiveSync Ping long poll from :data:`PHONE_IP` to ``port`` (nginx); its
+    ``status``, ``refusal`` header and ``ended`` (monotonic) once it returns."""
+
+    def __init__(self, c: Cluster, phone: Phone, port: int) -> None:
+        super().__init__(daemon=True)
+        self.c, self.phone, self.port = c, phone, port
+        self.status: int | None = None
+        self.refusal = ""
+        self.ended: float | None = None
+
+    def run(self) -> None:
+        p = self.phone
+        auth = base64.b64encode(f"{p.user}:{p.password}".encode()).decode()
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=90,
+                                           source_address=(PHONE_IP, 0),
+                                           context=self.c.tls())
+        try:
+            conn.request("POST", "/Microsoft-Server-ActiveSync?Cmd=Ping&User="
+                         f"{p.user}&DeviceId={p.device_id}&DeviceType=Phone",
+                         body=b"\x03\x01\x6a\x00", headers={
+                             "Authorization": f"Basic {auth}", "MS-ASProtocolVersion": "14.1",
+                             "Content-Type": "application/vnd.ms-sync.wbxml"})
+            resp = conn.getresponse()
+            resp.read()
+            self.status, self.refusal = resp.status, resp.getheader("X-Mailward-Refusal", "")
+        except OSError:
+            self.status = -1
+        finally:
+            conn.close()
+            self.ended = time.monotonic()
+
+
 def _wait(predicate: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -151,24 +193,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                      "libnginx-mod-stream; `make peers`)")
     root = tmp_path_factory.mktemp("scale")
     certs_init(root / "certs")
-    for p in PHONES:
+    for p in ENROLLED:
         enroll_device(device_ca_cert=root / "certs/device-ca.pem",
                       device_ca_key=root / "certs/offline/device-ca.key",
                       device_id=p.device_id, user=p.user,
                       out_dir=root / "certs/devices" / p.device_id)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(root / "certs/server.pem", root / "certs/server.key")
-    thread = UpstreamThread(users={p.user: p.password for p in PHONES}, ssl_context=ctx,
-                            imap_tls="implicit", smtp_tls="starttls")
+    thread = UpstreamThread(users={p.user: p.password for p in ENROLLED}, ssl_context=ctx,
+                            imap_tls="implicit", smtp_tls="starttls", ping_hold_s=60.0)
     upstream = thread.start()
     redis = RedisServer(root / "redis").start()
     layout = scale.write_configs(root, redis.url, f"127.0.0.1:{upstream.ports['imap']}",
-                                 "certs/ca.pem", policy_text("t-1"))
+                                 "certs/ca.pem", policy_text("t-1"), upstream.eas_url)
     procs = {n: scale.start_instance(layout, n) for n in scale.INSTANCES}
     nginx = None
     try:
         nginx = scale.start_nginx(layout)
-        c = Cluster(root, layout, redis, procs, nginx)
+        c = Cluster(root, layout, upstream, redis, procs, nginx)
         for n in scale.INSTANCES:
             _wait(lambda n=n: _ready(c, n), 30, f"instance {n} ready")
         yield c
@@ -226,6 +268,30 @@ def test_noncompliant_through_a_ends_idle_on_b(cluster: Cluster) -> None:
     assert ends and ends[-1]["client_ip"] == PHONE_IP
 
 
+def test_noncompliant_through_a_ends_activesync_ping_on_b(cluster: Cluster) -> None:
+    """Erin's ActiveSync Ping is held open on B (through nginx); TikTok reported through
+    A ends it within 2 s with 403 naming TikTok; B's record names the phone's address."""
+    assert cluster.attest("a", cluster.report(ERIN, (OUTLOOK,)))[0] == 201
+    ping = PhonePing(cluster, ERIN, cluster.layout.ports["pin_b_eas"])
+    ping.start()
+    _wait(lambda: ("Ping", ERIN.user) in cluster.upstream.eas_requests, 10,
+          "Erin's Ping parked at the upstream")
+    assert ping.ended is None
+    allowed = cluster.audit("b", event="decision", user=ERIN.user)
+    assert allowed and allowed[-1]["decision"] == "allow"
+    assert allowed[-1]["protocol"] == "activesync" and allowed[-1]["client_ip"] == PHONE_IP
+    assert not cluster.audit("a", event="decision", user=ERIN.user)  # B holds it, not A
+    started = time.monotonic()
+    assert cluster.attest("a", cluster.report(ERIN, (OUTLOOK, TIKTOK)))[0] == 201
+    ping.join(REACT_S + 1)
+    assert ping.ended is not None, "the Ping on B did not end"
+    took = ping.ended - started
+    assert ping.status == 403 and "TikTok" in ping.refusal and took <= REACT_S, (
+        ping.status, ping.refusal, took)
+    ends = cluster.audit("b", event="session_end", user=ERIN.user)
+    assert ends and ends[-1]["client_ip"] == PHONE_IP
+
+
 def test_policy_reload_on_a_reaches_b(cluster: Cluster) -> None:
     """A SIGHUP reload on A (its file changed) is applied by B within 2 s."""
     path = cluster.root / "config/policy-a.toml"
@@ -243,37 +309,70 @@ def test_policy_reload_on_a_reaches_b(cluster: Cluster) -> None:
 
 
 def test_redis_stopped_degrades_and_recovers(cluster: Cluster) -> None:
-    """With Redis stopped: /readyz stays 200 and names the degraded state, a device read
-    recently is decided from the cache (posture_cached), new reports get 503; after
-    Redis restarts the degradation clears by itself."""
+    """With Redis stopped: /readyz stays 200 and names redis_unreachable, a device B
+    read recently is decided from its cache (posture_cached), one never read is
+    refused temporarily, new reports get 503, a revocation on A stands at once; after
+    Redis restarts the degradation clears by itself, the revocation reaches B and
+    decisions are read from Redis again."""
     dave = PHONES[3]
     assert cluster.attest("a", cluster.report(dave, (OUTLOOK,)))[0] == 201
     cluster.imap(dave, "pin_b").logout()  # B has read Dave's posture
     cluster.redis.stop()
     try:
-        def degraded() -> bool:
-            status, body = cluster.api("b", "GET", "/readyz")
-            names = json.loads(body)["degraded"]
-            return status == 200 and any("redis" in n or "posture_store" in n for n in names)
-
-        _wait(degraded, 10, "B names Redis in /readyz")
+        _wait(lambda: _degraded(cluster, "b") and _degraded(cluster, "a"), 10,
+              "both name Redis in /readyz")
         cluster.imap(dave, "pin_b").logout()
         last = cluster.audit("b", event="decision", user=dave.user)[-1]
         assert last["decision"] == "allow" and last["posture_cached"] is True
+        with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+            cluster.imap(BOB, "pin_a")  # never read: fail closed, temporarily
         assert cluster.attest("a", cluster.report(dave, (OUTLOOK,)))[0] == 503
+        assert _revoke(cluster, "a", ALICE.device_id) == 200  # kept in A's state/
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHORIZATIONFAILED"):
+            cluster.imap(ALICE, "pin_a")
     finally:
         cluster.redis.start()
 
-    def recovered() -> bool:
-        status, body = cluster.api("b", "GET", "/readyz")
-        return status == 200 and not any("redis" in n for n in json.loads(body)["degraded"])
-
-    _wait(recovered, 15, "B recovered")
+    _wait(lambda: not _degraded(cluster, "a") and not _degraded(cluster, "b"), 15,
+          "both recovered")
+    recovered = time.monotonic()
+    # A puts its revocation back into Redis on its next feed poll; B follows the feed.
+    _wait(lambda: _refused(cluster, ALICE, "pin_b"), REACT_S + 1,
+          "A's revocation reached B through Redis")
+    assert time.monotonic() - recovered <= REACT_S + 0.5
+    refused = cluster.audit("b", event="decision", user=ALICE.user)[-1]
+    assert refused["decision"] == "deny" and refused["posture_cached"] is False
     assert cluster.attest("a", cluster.report(dave, (OUTLOOK,)))[0] == 201
+    cluster.imap(dave, "pin_b").logout()
+    last = cluster.audit("b", event="decision", user=dave.user)[-1]
+    assert last["decision"] == "allow" and last["posture_cached"] is False
+
+
+def _refused(c: Cluster, phone: Phone, port_key: str) -> bool:
+    try:
+        c.imap(phone, port_key).logout()
+    except imaplib.IMAP4.error as exc:
+        assert "AUTHORIZATIONFAILED" in str(exc), exc
+        return True
+    return False
+
+
+def _degraded(c: Cluster, name: str) -> bool:
+    status, body = c.api(name, "GET", "/readyz")
+    assert status == 200, body
+    return any(n.startswith("redis_unreachable") for n in json.loads(body)["degraded"])
+
+
+def _revoke(c: Cluster, name: str, device: str) -> int:
+    token = (c.root / "certs/admin.token").read_text().strip()
+    return c.api(name, "POST", f"/v1/devices/{device}/revoke", b'{"why": "lost"}',
+                 {"Authorization": f"Bearer {token}",
+                  "Content-Type": "application/json"})[0]
 
 
 def test_audit_logs_of_both_verify(cluster: Cluster) -> None:
-    """After SIGTERM, both instances' audit logs verify together."""
+    """After SIGTERM, both instances' audit logs verify together and `audit query`
+    merges them by time."""
     for proc in cluster.procs.values():
         scale.stop(proc)
     mailward = str(Path(sys.executable).with_name("mailward"))
@@ -284,3 +383,14 @@ def test_audit_logs_of_both_verify(cluster: Cluster) -> None:
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "MAILWARD_CONFIG": str(cluster.layout.config("a"))})
     assert done.returncode == 0, done.stdout + done.stderr
+    merged = subprocess.run(
+        [mailward, "audit", "query", "--log", str(cluster.root / "state-a/audit.jsonl"),
+         "--log", str(cluster.root / "state-b/audit.jsonl"), "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MAILWARD_CONFIG": str(cluster.layout.config("a"))})
+    assert merged.returncode == 0, merged.stderr
+    records = [json.loads(line) for line in merged.stdout.splitlines()]
+    keys = [(r["ts"], r["instance"], r["seq"]) for r in records]
+    assert keys == sorted(keys)  # merged by time, ties by instance then seq
+    assert {r["instance"] for r in records} == {"a", "b"}
+    assert len(records) == len(cluster.audit("a")) + len(cluster.audit("b"))

@@ -3,7 +3,9 @@ TikTok ban with ``enforce_from`` next week is previewed and applied through the 
 policy machinery, the user is warned (IMAP ALERT and mail), the date passes on the
 gate's injected clock and the user is refused and told why, ``mailward policy rollback``
 puts the previous policy back within 2 s (the running listener's pointer watch) and the
-same user logs in again, and the auditor's report tells the whole story."""
+same user logs in again, and the auditor's report tells the whole story; the audit
+log, signed with the deployment's Ed25519 key as the server signs it, verifies with
+``mailward audit verify``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from helpers.tls import Pki, enrolled_pki
 from test_notify_peer import AFTER_S, ALICE, POLICY, START, Env, peers
 
 from proxy.audit import report as report_mod
+from proxy.audit.command import fingerprint
+from proxy.audit.keys import load_verify_key, signing_key_from_config
 from proxy.audit.report_html import render_report
 from proxy.cli import main
 from proxy.cli_ops import init_deployment
@@ -47,40 +51,35 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def deployment(root: Path) -> Path:
-    """``mailward init`` in ``root``, audit log unsigned (the test's in-process log is),
-    the pre-ban policy in the policy file; the config's path."""
+    """``mailward init`` in ``root`` (its audit signing key included), the pre-ban
+    policy in the policy file; the config's path."""
     init_deployment(root)
-    cfg_path = root / "config/mailward.toml"
-    text = re.sub(r"^(signing_key|verify_key) = .*$", r'\1 = ""', cfg_path.read_text(),
-                  flags=re.M)
-    cfg_path.write_text(text)
     (root / "config/policy.toml").write_text(BEFORE)
-    return cfg_path
+    return root / "config/mailward.toml"
 
 
-async def reload_file(env: Env, live: LivePolicy, holder: PolicyHolder, path: Path) -> None:
-    """What ``mailward serve`` does on a policy file change (``Server._reload``): the
-    guard admits and stores it, the holder swaps, a ``policy_reload`` record is
-    written and live sessions are re-checked."""
-    old, (new, data) = holder.current(), load_candidate(path)
-    assert await live.admit(old, new, data, "file_change") is None
-    holder.swap(new)
-    await env.audit.write({
-        "event": "policy_reload", "result": "applied", "trigger": "file_change",
-        "old_version": old.version, "old_sha256": old.sha256,
-        "new_version": new.version, "new_sha256": new.sha256, "actor": live.actor()})
-    await env.gate.policy_changed()
+def assert_verifies_signed(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mailward audit verify`` passes, checking the signed checkpoints (every record
+    sealed) with the deployment's public key."""
+    assert main(["audit", "verify", "--config", str(cfg_path)]) == 0
+    verified = capsys.readouterr().out
+    key_id = fingerprint(load_verify_key(load_config(cfg_path).audit.verify_key))[:16]
+    checked = re.search(r"audit\.jsonl: ok, \d+ records, (\d+) checkpoints, 0 after the last "
+                        rf"checkpoint; signed by key_id {key_id}$", verified, re.M)
+    assert checked is not None and int(checked[1]) >= 2, verified
 
 
 async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
-        pki: Pki, peers: Any, tmp_path: Path) -> None:
+        pki: Pki, peers: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Preview, warn, deny, one-command rollback and the auditor's report of one TikTok
     ban, for one user's phone through the real IMAP front end, Dovecot and Postfix."""
     began = datetime.now(UTC) - timedelta(minutes=1)
     cfg_path = deployment(tmp_path)
     cfg = load_config(cfg_path)
     holder = PolicyHolder(load_policy(cfg.server.policy))
-    env = Env(pki, peers, cfg.server.state_dir, policy_of=holder.current)
+    assert cfg.audit.path == cfg.server.state_dir / "audit.jsonl"  # Env's log is the server's
+    env = Env(pki, peers, cfg.server.state_dir, policy_of=holder.current,
+              signing_key=signing_key_from_config(cfg))
 
     async def audit_write(fields: dict[str, Any]) -> None:
         await env.audit.write(fields)
@@ -102,7 +101,7 @@ async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
         [cut_off] = build_preview(cfg, candidate, data,
                                   baseline=holder.current()).devices.newly_denied
         assert (cut_off.user, cut_off.device, cut_off.rules) == (ALICE, DEVICE, ("TikTok",))
-        await reload_file(env, live, holder, cfg.server.policy)
+        assert await live.reload(env.gate, "file_change")  # what the file watcher does
         assert holder.current().version == "tiktok-ban"
 
         # 2. Before the date the user logs in, sees an ALERT with the date, and is mailed.
@@ -146,3 +145,4 @@ async def test_tiktok_ban_warned_denied_rolled_back_and_reported(
     assert report.events["notice"] == 3
     html = render_report(report)
     assert all(text in html for text in ("tiktok-ban", "before", DEVICE, "policy_rollback"))
+    assert_verifies_signed(cfg_path, capsys)

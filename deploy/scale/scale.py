@@ -11,7 +11,8 @@ tests/test_scale.py drives the same functions. In production Redis runs on its o
 host(s) with AOF persistence (``appendonly yes``) and Sentinel (``redis+sentinel://``).
 
 nginx: ``mailward_imaps`` balances both instances on the public port; the pinned
-ports reach one instance each (operations, and the tests). ``proxy_protocol on``
+ports reach one instance each (operations, and the tests); ``--eas-upstream`` adds
+an ActiveSync listener to each instance, balanced the same way. ``proxy_protocol on``
 sends the phone's address; each listener sets ``proxy_protocol = true`` and trusts
 only the balancer's address (``[server] trusted_proxies``).
 """
@@ -41,14 +42,18 @@ pid {root}/nginx.pid;
 error_log {root}/nginx-error.log info;
 events {{ worker_connections 1024; }}
 stream {{
-    upstream mailward_imaps {{
-        server 127.0.0.1:{a_imaps};
-        server 127.0.0.1:{b_imaps};
+{services}}}
+"""
+
+#: One service balanced over both instances on ``lb``, and pinned to each.
+NGINX_SERVICE = """\
+    upstream mailward_{name} {{
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{b};
     }}
-    server {{ listen 127.0.0.1:{lb}; proxy_pass mailward_imaps; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_a}; proxy_pass 127.0.0.1:{a_imaps}; proxy_protocol on; }}
-    server {{ listen 127.0.0.1:{pin_b}; proxy_pass 127.0.0.1:{b_imaps}; proxy_protocol on; }}
-}}
+    server {{ listen 127.0.0.1:{lb}; proxy_pass mailward_{name}; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_a}; proxy_pass 127.0.0.1:{a}; proxy_protocol on; }}
+    server {{ listen 127.0.0.1:{pin_b}; proxy_pass 127.0.0.1:{b}; proxy_protocol on; }}
 """
 
 INSTANCE_CONF = """\
@@ -85,6 +90,17 @@ upstream_tls = "implicit"
 upstream_ca = "{upstream_ca}"
 """
 
+#: ActiveSync (HTTPS) on each instance, when an ActiveSync upstream is given; nginx
+#: balances it too (port ``lb_eas``) and pins it (``pin_a_eas``, ``pin_b_eas``).
+EAS_LISTENER = """
+[[listeners]]
+name = "activesync"
+protocol = "activesync"
+listen = "127.0.0.1:{eas}"
+proxy_protocol = true
+upstream = "{eas_upstream}"
+upstream_ca = "{upstream_ca}"
+"""
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -105,11 +121,14 @@ class Layout:
 
 
 def write_configs(root: Path, redis_url: str, imap_upstream: str, upstream_ca: str,
-                  policy: str) -> Layout:
-    """Config files for both instances and nginx under ``root``."""
+                  policy: str, eas_upstream: str = "") -> Layout:
+    """Config files for both instances and nginx under ``root`` (ActiveSync too when
+    ``eas_upstream``, an https:// URL, is given)."""
     layout = Layout(root, redis_url)
-    for key in ("lb", "pin_a", "pin_b", *(f"{n}_{p}" for n in INSTANCES
-                                          for p in ("imaps", "api"))):
+    kinds = ("imaps", "api", "eas") if eas_upstream else ("imaps", "api")
+    pins = ("lb_eas", "pin_a_eas", "pin_b_eas") if eas_upstream else ()
+    for key in ("lb", "pin_a", "pin_b", *pins, *(f"{n}_{p}" for n in INSTANCES
+                                                 for p in kinds)):
         layout.ports[key] = free_port()
     (root / "config").mkdir(parents=True, exist_ok=True)
     for name in INSTANCES:
@@ -117,9 +136,18 @@ def write_configs(root: Path, redis_url: str, imap_upstream: str, upstream_ca: s
         layout.config(name).write_text(INSTANCE_CONF.format(
             name=name, redis_url=redis_url, api=layout.ports[f"{name}_api"],
             imaps=layout.ports[f"{name}_imaps"], imap_upstream=imap_upstream,
-            upstream_ca=upstream_ca))
+            upstream_ca=upstream_ca) + (EAS_LISTENER.format(
+                eas=layout.ports[f"{name}_eas"], eas_upstream=eas_upstream,
+                upstream_ca=upstream_ca) if eas_upstream else ""))
+    ports = layout.ports
+    services = NGINX_SERVICE.format(name="imaps", a=ports["a_imaps"], b=ports["b_imaps"],
+                                    lb=ports["lb"], pin_a=ports["pin_a"], pin_b=ports["pin_b"])
+    if eas_upstream:
+        services += NGINX_SERVICE.format(name="eas", a=ports["a_eas"], b=ports["b_eas"],
+                                         lb=ports["lb_eas"], pin_a=ports["pin_a_eas"],
+                                         pin_b=ports["pin_b_eas"])
     (root / "nginx.conf").write_text(NGINX_CONF.format(
-        stream_module=STREAM_MODULE, root=root, **layout.ports))
+        stream_module=STREAM_MODULE, root=root, services=services))
     return layout
 
 
@@ -142,8 +170,9 @@ def start_nginx(layout: Layout) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise RuntimeError("nginx exited: "
                                + (layout.root / "nginx-error.log").read_text()[-2000:])
-        try:
-            socket.create_connection(("127.0.0.1", layout.ports["lb"]), timeout=0.5).close()
+        try:  # a pinned port: a probe of the balanced one while the instances are
+            # still starting would have nginx set both aside for 10 s (max_fails)
+            socket.create_connection(("127.0.0.1", layout.ports["pin_a"]), timeout=0.5).close()
             return proc
         except OSError:
             time.sleep(0.05)
@@ -165,6 +194,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--imap-upstream", required=True, help="host:port (implicit TLS)")
+    ap.add_argument("--eas-upstream", default="", help="https://host[:port] (ActiveSync)")
     ap.add_argument("--upstream-ca", default="", help="PEM bundle for the upstream")
     ap.add_argument("--policy", type=Path, default=Path("config/policy.toml"))
     args = ap.parse_args()
@@ -177,10 +207,12 @@ def main() -> int:
                         "--dir", str(root / "certs")], check=True)
     redis = RedisServer(root / "redis").start()
     layout = write_configs(root, redis.url, args.imap_upstream, args.upstream_ca,
-                           args.policy.read_text())
+                           args.policy.read_text(), args.eas_upstream)
     procs = [start_instance(layout, n) for n in INSTANCES]
     nginx = start_nginx(layout)
     print(f"imaps via nginx: 127.0.0.1:{layout.ports['lb']}; redis: {redis.url}")
+    if "lb_eas" in layout.ports:
+        print(f"activesync via nginx: https://127.0.0.1:{layout.ports['lb_eas']}")
     for n in INSTANCES:
         print(f"instance {n}: api https://127.0.0.1:{layout.ports[n + '_api']}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -83,9 +83,24 @@ def run_verify(
                           witness=witness)) for p in logs]
     for path, result in results:
         _print_result(path, result, out, err)
+    for warning in shared_instances([(p, r.instances) for p, r in results]):
+        print(f"warning: {warning}", file=err)
     if witness_files:
         _print_unmatched(witness, results, out)
     return EXIT_OK if all(r.ok for _, r in results) else EXIT_FAILED
+
+
+def shared_instances(logs: Sequence[tuple[Path, Sequence[str]]]) -> list[str]:
+    """A warning for each instance that more than one of the logs names: two servers
+    with one ``[server] instance``, or one log given twice under two names (a merge
+    would count its records twice)."""
+    owners: dict[str, list[Path]] = {}
+    for path, instances in logs:
+        for instance in dict.fromkeys(instances):
+            owners.setdefault(instance, []).append(path)
+    return [f"instance {name} is named by {len(paths)} logs: "
+            + ", ".join(str(p) for p in paths)
+            for name, paths in owners.items() if len(paths) > 1]
 
 
 def _print_result(path: Path, result: VerifyResult, out: TextIO, err: TextIO) -> None:

@@ -1,18 +1,29 @@
-"""Reading the log for people: filters (:func:`query`), output as an aligned table,
-JSON lines or CSV (:func:`format_records`), and the times the CLI accepts
-(:func:`parse_time`). Query reads; it never checks the chain (that is :func:`verify`)."""
+"""Reading the log for people: filters (:func:`query`), several logs (one per
+instance) merged by time (:func:`query_logs`, :func:`merge_by_time`), output as an
+aligned table, JSON lines or CSV (:func:`format_records`), and the times the CLI
+accepts (:func:`parse_time`). Query reads; it never checks the chain (that is
+:func:`verify`, which checks each log on its own: a merge never stands in for it).
+
+Merging is a k-way merge (:func:`heapq.merge`) of the logs' own streams, so memory
+holds one record per log, whatever their size. The order is :func:`merge_key`:
+``ts``, then ``instance``, then ``seq``, then the order the logs were given. Each
+log's own order (its chain) is kept as it is: if an instance's clock stepped back,
+its records still come out in seq order, next to the nearest times of the others.
+"""
 
 from __future__ import annotations
 
 import csv
+import heapq
+import itertools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from proxy.audit.files import log_files
-from proxy.audit.record import CHECKPOINT_EVENT, canonical_json, parse_line
+from proxy.audit.files import log_files, rotated_files
+from proxy.audit.record import CHECKPOINT_EVENT, canonical_json, format_ts, parse_line
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.audit")
@@ -54,6 +65,40 @@ def query(
         yield record
 
 
+def query_logs(paths: Sequence[Path | str], **filters: Any) -> Iterator[dict[str, Any]]:
+    """:func:`query` of each log in ``paths`` (same ``filters``), merged by time
+    (:func:`merge_by_time`); the records are the logs' own, ``instance`` included."""
+    if len(paths) == 1:
+        return query(paths[0], **filters)
+    return merge_by_time([query(p, **filters) for p in paths])
+
+
+def log_exists(path: Path) -> bool:
+    """Whether a log is at ``path``: its live file or rotated files."""
+    return path.exists() or bool(rotated_files(path))
+
+
+def merge_by_time(streams: Sequence[Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """One stream of the records of ``streams`` (each in its own log order), in
+    :func:`merge_key` order; one record per stream is held at a time."""
+    return heapq.merge(*streams, key=merge_key)
+
+
+_FIXED_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+
+
+def merge_key(record: Mapping[str, Any]) -> tuple[str, str, int]:
+    """(time, instance, seq): the time as the writer formats it (RFC 3339 UTC with
+    microseconds and ``Z``, so the strings compare as the times do; another
+    spelling of a time is converted, an unreadable one sorts first)."""
+    ts = record.get("ts")
+    if not (isinstance(ts, str) and _FIXED_TS.fullmatch(ts)):
+        moment = _record_time(record)
+        ts = format_ts(moment.timestamp()) if moment is not None else ""
+    seq = record.get("seq")
+    return ts, str(record.get("instance") or ""), seq if type(seq) is int else 0
+
+
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     """Every complete, readable record of the log at ``path``, oldest first."""
     for file in log_files(path):
@@ -89,6 +134,11 @@ def _record_time(record: Mapping[str, Any]) -> datetime | None:
 
 
 TABLE_COLUMNS = ("ts", "event", "decision", "user", "device_id", "protocol", "reasons")
+#: With several logs the table also names each record's instance (after ``ts``).
+TABLE_COLUMNS_MERGED = ("ts", "instance", *TABLE_COLUMNS[1:])
+#: Rows the table reads ahead to size its columns; later rows keep those widths
+#: (a longer cell only pushes its own line), so a table of any length is streamed.
+TABLE_SIZING_ROWS = 1000
 CSV_COLUMNS = (
     "seq",
     "ts",
@@ -105,6 +155,7 @@ CSV_COLUMNS = (
     "posture_age_s",
     "policy_version",
     "latency_us",
+    "instance",
 )
 
 
@@ -138,8 +189,11 @@ def format_records(
     records: Iterable[Mapping[str, Any]],
     fmt: Literal["table", "json", "csv"],
     out: TextIO,
+    *,
+    instance: bool = False,
 ) -> int:
-    """Print records as an aligned table, JSON lines or CSV; returns how many."""
+    """Print records as an aligned table, JSON lines or CSV, as they come; returns how
+    many. ``instance`` adds that column to the table (CSV always has it)."""
     count = 0
     if fmt == "json":
         for record in records:
@@ -152,19 +206,25 @@ def format_records(
             writer.writerow([_cell(record, c, ";") for c in CSV_COLUMNS])
             count += 1
     elif fmt == "table":
-        rows = [[_cell(r, c, ",") or "-" for c in TABLE_COLUMNS] for r in records]
-        count = len(rows)
-        widths = [len(c) for c in TABLE_COLUMNS]
-        for row in rows:
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-        for row in [list(TABLE_COLUMNS), *rows]:
-            out.write(
-                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            )
-            out.write("\n")
+        count = _table(records, TABLE_COLUMNS_MERGED if instance else TABLE_COLUMNS, out)
     else:
         raise ValueError(f"unknown format {fmt!r}; use table, json or csv")
     return count
+
+
+def _table(records: Iterable[Mapping[str, Any]], columns: Sequence[str], out: TextIO) -> int:
+    """An aligned table, its widths taken from the first :data:`TABLE_SIZING_ROWS`."""
+    rows = ([_cell(r, c, ",") or "-" for c in columns] for r in records)
+    ahead = list(itertools.islice(rows, TABLE_SIZING_ROWS))
+    widths = [len(c) for c in columns]
+    for row in ahead:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    count = 0
+    for row in itertools.chain([list(columns)], ahead, rows):
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+        count += 1
+    return count - 1
 
 
 _RELATIVE = re.compile(r"([0-9]+)\s*([smhdw])")

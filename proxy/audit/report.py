@@ -1,8 +1,11 @@
 """The auditor's report, part one: what goes into it, gathered in one streaming pass.
 
-:func:`build_report` verifies the chain (:func:`proxy.audit.verify.verify`, its own
-pass), then reads the log once, oldest first, keeping only counters and bounded
-collections whatever the log's size:
+:func:`build_report` verifies each log's chain on its own
+(:func:`proxy.audit.verify.verify`, its own pass per log: one summary per log, so a
+broken log is named as such and the others still show as verified), then reads the
+logs once, oldest first; several logs (one per instance) are merged by time as they
+are read (:func:`proxy.audit.query.merge_by_time`, one record per log in memory). It
+keeps only counters and bounded collections whatever the logs' size:
 
 * exact totals: records by event, decisions by protocol and outcome;
 * allow/deny per protocol in time buckets (at most :data:`MAX_BUCKETS` per series);
@@ -10,7 +13,7 @@ collections whatever the log's size:
   so they grow with the population of users and devices, not with the log);
 * the policy timeline (``policy_reload`` / ``policy_rollback`` / ``policy_push`` /
   ``policy_preview``, the newest :data:`MAX_TIMELINE` of them);
-* the newest :data:`MAX_DENIES` denies (a deque), each with its record's hash.
+* the newest :data:`MAX_DENIES` denies (a deque), each with its instance and hash.
 
 ``export_dir`` writes every selected record (checkpoints excepted) as CSV and JSON
 lines during the same pass. ``no_client_ip`` leaves the addresses (:data:`IP_FIELDS`)
@@ -33,7 +36,7 @@ from typing import Any, TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.audit.files import open_snapshot, read_lines, rotation_number
-from proxy.audit.query import CSV_COLUMNS, parse_time, reason_codes
+from proxy.audit.query import CSV_COLUMNS, log_exists, merge_by_time, parse_time, reason_codes
 from proxy.audit.record import CHECKPOINT_EVENT, canonical_json, format_ts
 from proxy.audit.verify import VerifyResult, verify
 from proxy.audit.witness import Witnessed
@@ -56,8 +59,9 @@ TOP = 15
 
 @dataclass(frozen=True, slots=True)
 class ChainSummary:
-    """What :func:`verify` said when the report was made."""
+    """What :func:`verify` said about one log when the report was made."""
 
+    log: Path
     ok: bool
     error: str | None
     records: int
@@ -88,6 +92,7 @@ class PolicyEvent:
 
 @dataclass(frozen=True, slots=True)
 class DenyRow:
+    instance: str
     seq: int
     ts: str
     user: str
@@ -106,13 +111,13 @@ class DenyRow:
 class ReportData:
     """Everything the HTML shows (see the module docstring)."""
 
-    log: Path
+    logs: tuple[Path, ...]
     since: datetime
     until: datetime
     generated: datetime
     no_client_ip: bool
     bucket_s: int
-    chain: ChainSummary | None = None
+    chains: tuple[ChainSummary, ...] = ()  # one per log, in the order given
     selected: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
@@ -134,6 +139,16 @@ class ReportData:
     deny_total: int = 0
     unreadable: int = 0
     exported: tuple[Path, ...] = ()
+
+    @property
+    def log(self) -> Path:
+        return self.logs[0]
+
+    @property
+    def chain(self) -> ChainSummary | None:
+        """The first log's summary that does not verify, else the first log's."""
+        return next((c for c in self.chains if not c.ok), self.chains[0] if self.chains
+                    else None)
 
     @property
     def protocols(self) -> list[str]:
@@ -164,7 +179,7 @@ def report_window(since: str | None, until: str | None,
 
 
 def build_report(
-    path: Path | str,
+    path: Path | str | Sequence[Path | str],
     *,
     since: datetime,
     until: datetime,
@@ -174,17 +189,22 @@ def build_report(
     export_dir: Path | None = None,
     now: datetime | None = None,
 ) -> ReportData:
-    """Verify the log at ``path`` and gather the report of ``since <= ts < until``."""
-    path = Path(path)
-    if not path.exists() and not any(path.parent.glob(path.name + ".*")):
-        raise ValueError(f"{path}: no such audit log")
-    data = ReportData(path, since, until, now or datetime.now(UTC), no_client_ip,
+    """Verify the log at ``path`` (or each of several, one per instance) and gather
+    the report of ``since <= ts < until`` over all of them, merged by time."""
+    logs = (Path(path),) if isinstance(path, str | Path) else tuple(Path(p) for p in path)
+    if not logs:
+        raise ValueError("no audit log to report on")
+    for log in logs:
+        if not log_exists(log):
+            raise ValueError(f"{log}: no such audit log")
+    data = ReportData(logs, since, until, now or datetime.now(UTC), no_client_ip,
                       bucket_width(since, until))
-    data.chain = summarise_chain(verify(path, list(keys) or None, witness=witness or ()),
-                                 keys, witness is not None)
+    data.chains = tuple(
+        summarise_chain(log, verify(log, list(keys) or None, witness=witness or ()), keys,
+                        witness is not None) for log in logs)
     with ExitStack() as stack:
         sinks = _open_exports(stack, export_dir, no_client_ip) if export_dir else None
-        for record in _window(path, since, until, data):
+        for record in _merged_window(logs, since, until, data):
             if no_client_ip:
                 for name in IP_FIELDS:
                     record.pop(name, None)
@@ -196,7 +216,7 @@ def build_report(
     return data
 
 
-def summarise_chain(result: VerifyResult, keys: Sequence[Ed25519PublicKey],
+def summarise_chain(log: Path, result: VerifyResult, keys: Sequence[Ed25519PublicKey],
                     witness_given: bool) -> ChainSummary:
     from proxy.audit.command import fingerprint
 
@@ -204,8 +224,8 @@ def summarise_chain(result: VerifyResult, keys: Sequence[Ed25519PublicKey],
     if result.files:
         first, last = _seq_bounds(result.files)
     return ChainSummary(
-        ok=result.ok,
-        error=(f"{result.bad_file}:{result.bad_line}: {result.error}" if not result.ok
+        log=log, ok=result.ok,
+        error=(f"{result.bad_file or log}:{result.bad_line}: {result.error}" if not result.ok
                else None),
         records=result.records, checkpoints=result.checkpoints, unsealed=result.unsealed,
         signatures_checked=result.signatures_checked,
@@ -238,6 +258,14 @@ def _seq_of(raw: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return seq if type(seq) is int else None
+
+
+def _merged_window(logs: Sequence[Path], since: datetime, until: datetime,
+                   data: ReportData) -> Iterator[dict[str, Any]]:
+    """:func:`_window` of each log, merged by time (one log: its window as it is)."""
+    if len(logs) == 1:
+        return _window(logs[0], since, until, data)
+    return merge_by_time([_window(log, since, until, data) for log in logs])
 
 
 def _window(path: Path, since: datetime, until: datetime,
@@ -313,7 +341,8 @@ def _count_deny(data: ReportData, record: dict[str, Any], user: str, device: str
     if device:
         data.deny_devices[device] += 1
     data.denies.append(DenyRow(
-        seq=int(record.get("seq") or 0), ts=str(record.get("ts")), user=user, device=device,
+        instance=str(record.get("instance") or ""), seq=int(record.get("seq") or 0),
+        ts=str(record.get("ts")), user=user, device=device,
         protocol=protocol, listener=str(record.get("listener") or ""),
         client_ip=str(record.get("client_ip") or ""), reasons=", ".join(codes),
         app=", ".join(apps), mode=str(record.get("mode") or ""),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from html import escape
 
@@ -61,7 +61,7 @@ rows.forEach(function(r){body.appendChild(r);});});});
 filter();})();
 """.strip()
 
-_DENY_COLUMNS = (("seq", "n"), ("time (UTC)", ""), ("user", ""), ("device", ""),
+_DENY_COLUMNS = (("instance", ""), ("seq", "n"), ("time (UTC)", ""), ("user", ""), ("device", ""),
                  ("protocol", ""), ("listener", ""), ("client ip", ""), ("reasons", ""),
                  ("app", ""), ("mode", ""), ("policy", ""), ("record hash", ""))
 
@@ -80,7 +80,7 @@ def render_html(data: ReportData, chart_svg: str) -> str:
         f"<title>mailward audit report {_day(data.since)} to {_day(data.until)}</title>",
         f"<style>{_CSS}</style></head><body>",
         _header(data),
-        _chain(data.chain),
+        _chains(data.chains),
         _totals(data),
         f'<h2>Allow and deny over time, with policy changes</h2><div class="chart">'
         f"{chart_svg}</div><p class=meta>One bucket = {_width(data.bucket_s)}. "
@@ -107,14 +107,17 @@ def _width(seconds: int) -> str:
 
 def _header(data: ReportData) -> str:
     ips = " Client addresses are left out of this report." if data.no_client_ip else ""
-    seqs = (f", seq {data.first_seq} to {data.last_seq}" if data.first_seq is not None
-            else "")
+    seqs = (f", seq {data.first_seq} to {data.last_seq}"
+            if data.first_seq is not None and len(data.logs) == 1 else "")
+    logs = ", ".join(f"<code>{escape(str(p))}</code>" for p in data.logs)
+    logs = (f"Log {logs}" if len(data.logs) == 1 else
+            f"{len(data.logs)} logs merged by time ({logs})")
     exported = "".join(f" <code>{escape(str(p))}</code>" for p in data.exported)
     return (
         "<h1>mailward audit report</h1>"
         f"<p class=meta>Period <b>{_day(data.since)}</b> to <b>{_day(data.until)}</b> UTC "
         f"(from {data.since.isoformat()} inclusive to {data.until.isoformat()} exclusive). "
-        f"Log <code>{escape(str(data.log))}</code>: {data.selected:,} records in the "
+        f"{logs}: {data.selected:,} records in the "
         f"period{seqs}. Generated {data.generated.strftime('%Y-%m-%d %H:%M:%S')} UTC by "
         f"mailward {escape(__version__)}.{ips}"
         + (f" Exported:{exported}." if exported else "")
@@ -123,41 +126,66 @@ def _header(data: ReportData) -> str:
     )
 
 
-def _chain(chain: ChainSummary | None) -> str:
-    if chain is None:
+def _chains(chains: Sequence[ChainSummary]) -> str:
+    """The verdict over all logs, then one column per log (each verified on its own)."""
+    if not chains:
         return ""
-    if not chain.ok:
-        verdict = f"<b>Chain verification FAILED</b>: {escape(chain.error or '')}"
-    elif not chain.signatures_checked:
+    several = len(chains) > 1
+    failed = [c for c in chains if not c.ok]
+    if failed:
+        verdict = "<br>".join(f"<b>Chain verification FAILED</b>"
+                              f"{' for ' + escape(_name(c)) if several else ''}: "
+                              f"{escape(c.error or '')}" for c in failed)
+        if several and len(failed) < len(chains):
+            verdict += "<br>Verified on their own: " + \
+                escape("; ".join(_name(c) for c in chains if c.ok)) + "."
+    elif not all(c.signatures_checked for c in chains):
         verdict = ("<b>Chain links and hashes hold, but signatures were NOT checked</b> "
                    "(no verify key given)")
     else:
-        verdict = "<b>Chain verified</b>: every link, hash and checkpoint signature holds"
-    witness = (f"{chain.witnessed} witnessed heads match" if chain.witness_given
-               else "not witnessed (no witness file given)")
-    if chain.witness_given and not chain.witnessed:
-        witness = "witness file given, but it names no head of this log"
-    crash = ", ".join(f"{a} to {b}" for a, b in chain.recovered) or "none"
-    rows = [
-        ("records (checkpoints included)", f"{chain.records:,}"),
-        ("signed checkpoints", f"{chain.checkpoints:,}"),
-        ("first and last seq", f"{chain.first_seq} to {chain.last_seq}"),
-        ("after the last checkpoint (unsealed)", f"{chain.unsealed:,}"),
-        ("key fingerprint (SHA-256)",
-         "<br>".join(f"<code>{escape(f)}</code>" for f in chain.fingerprints) or "none"),
-        ("checkpoints signed by key_id", escape(", ".join(chain.keys_used) or "none")),
-        ("instances", escape(", ".join(chain.instances) or "-")),
-        ("witness", escape(witness)),
-        ("sealed after a crash, unwitnessed (seq ranges)", escape(crash)),
-    ]
-    cls = "ok" if chain.ok and chain.signatures_checked else "bad"
+        verdict = ("<b>Chain verified</b>: every link, hash and checkpoint signature holds"
+                   + (f" in each of the {len(chains)} logs" if several else ""))
+    rows = [(label, [cell(c) for c in chains]) for label, cell in _CHAIN_ROWS]
+    if several:
+        rows.insert(0, ("log", [f"<code>{escape(str(c.log))}</code>" for c in chains]))
+    cls = "ok" if not failed and all(c.signatures_checked for c in chains) else "bad"
     return (f'<h2>Chain verification at generation</h2><div class="box {cls}">{verdict}'
             f"</div>{_kv_table(rows)}")
 
 
-def _kv_table(rows: Iterable[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + \
-        "</table>"
+def _name(chain: ChainSummary) -> str:
+    """The log's path, and its instance when its checkpoints named one."""
+    named = ", ".join(chain.instances)
+    return f"{chain.log} (instance {named})" if named else str(chain.log)
+
+
+def _witness(chain: ChainSummary) -> str:
+    if chain.witness_given and not chain.witnessed:
+        return escape("witness file given, but it names no head of this log")
+    return escape(f"{chain.witnessed} witnessed heads match" if chain.witness_given
+                  else "not witnessed (no witness file given)")
+
+
+_CHAIN_ROWS: tuple[tuple[str, Callable[[ChainSummary], str]], ...] = (
+    ("verified", lambda c: "yes" if c.ok else "<b>FAILED</b>"),
+    ("instances", lambda c: escape(", ".join(c.instances) or "-")),
+    ("records (checkpoints included)", lambda c: f"{c.records:,}"),
+    ("signed checkpoints", lambda c: f"{c.checkpoints:,}"),
+    ("first and last seq", lambda c: f"{c.first_seq} to {c.last_seq}"),
+    ("after the last checkpoint (unsealed)", lambda c: f"{c.unsealed:,}"),
+    ("key fingerprint (SHA-256)",
+     lambda c: "<br>".join(f"<code>{escape(f)}</code>" for f in c.fingerprints) or "none"),
+    ("checkpoints signed by key_id", lambda c: escape(", ".join(c.keys_used) or "none")),
+    ("witness", _witness),
+    ("sealed after a crash, unwitnessed (seq ranges)",
+     lambda c: escape(", ".join(f"{a} to {b}" for a, b in c.recovered) or "none")),
+)
+
+
+def _kv_table(rows: Iterable[tuple[str, Sequence[str]]]) -> str:
+    return "<table>" + "".join(
+        f"<tr><th>{k}</th>{''.join(f'<td>{v}</td>' for v in values)}</tr>"
+        for k, values in rows) + "</table>"
 
 
 def _totals(data: ReportData) -> str:
@@ -237,10 +265,10 @@ def _denies(data: ReportData) -> str:
     head = "".join(f"<th{' class=n' if cls else ''}>{name}</th>" for name, cls in columns)
     rows = []
     for d in reversed(data.denies):  # newest first
-        cells = [str(d.seq), d.ts, d.user, d.device, d.protocol, d.listener, d.client_ip,
-                 d.reasons, d.app, d.mode, d.policy_version]
+        cells = [d.instance, str(d.seq), d.ts, d.user, d.device, d.protocol, d.listener,
+                 d.client_ip, d.reasons, d.app, d.mode, d.policy_version]
         if data.no_client_ip:
-            del cells[6]
+            del cells[7]
         row = "".join(f"<td>{escape(c)}</td>" for c in cells)
         rows.append(f"<tr>{row}<td class=h>{escape(d.hash)}</td></tr>")
     listed = len(data.denies)

@@ -276,7 +276,8 @@ class AuditLog:
         """Write a record (a checkpoint if ``fields`` is None) under the file lock."""
         if self._closed:
             raise AuditUnavailable("audit log is closed")
-        body = None if fields is None else validated(fields)
+        # DESIGN: ``instance`` in every record (a caller's own value wins).
+        body = None if fields is None else {"instance": self.instance, **validated(fields)}
         try:
             with self._locked():
                 self._catch_up()

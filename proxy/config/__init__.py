@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from proxy.config.mdm import MdmConfig
+from proxy.config.nginx import NginxConfig
 from proxy.config.notify import NotifyConfig
 from proxy.config.policy_file import load_policy
 from proxy.config.reading import ConfigError, is_loopback, parse_duration, split_hostport
@@ -54,6 +55,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "MdmConfig",
+    "NginxConfig",
     "NotifyConfig",
     "PolicyGuardConfig",
     "PostureConfig",

@@ -12,12 +12,13 @@ import math
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.config.mdm import MdmConfig, read_mdm
+from proxy.config.nginx import NginxConfig, read_nginx, read_nginx_upstream
 from proxy.config.notify import NotifyConfig, read_notify
 from proxy.config.reading import (
     ConfigError,
@@ -148,6 +149,8 @@ class ListenerConfig:
     public_url: str | None = None
     #: A PROXY protocol v1/v2 header precedes each connection (from trusted_proxies).
     proxy_protocol: bool = False
+    #: ``IP:port`` nginx proxies this protocol to once ``[nginx]`` allowed a login.
+    nginx_upstream: str | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -191,6 +194,7 @@ class Config:
     mdm: tuple[MdmConfig, ...] = ()
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     policy_guard: PolicyGuardConfig = field(default_factory=PolicyGuardConfig)
+    nginx: NginxConfig | None = None  # [nginx]: None when the table is absent
 
 
 def _split_upstream(upstream: str) -> tuple[str, int]:
@@ -232,6 +236,9 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
     mdm = read_mdm(top.tables("mdm"), resolve.path)
     notify = _section(top, "notify", lambda t: read_notify(t, resolve.path))
     guard = _section(top, "policy_guard", _policy_guard)
+    nginx = _section(top, "nginx", lambda t: read_nginx(t, resolve.path)) \
+        if "nginx" in doc else None
+    _check_nginx_upstreams(top.tables("listeners"), listeners, nginx)
     names = [lst.name for lst in listeners]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -239,7 +246,21 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
             raise ConfigError(path, p, f"duplicate listener name {name!r}", loc.line(p))
     top.done()
     return Config(path, resolve.root, server, tls, trust, posture, audit, api, listeners,
-                  limits, mdm, notify, guard)
+                  limits, mdm, notify, guard, nginx)
+
+
+def _check_nginx_upstreams(tables: list[Table], listeners: tuple[ListenerConfig, ...],
+                           nginx: NginxConfig | None) -> None:
+    """``nginx_upstream`` needs ``[nginx]``; one listener per protocol has it."""
+    seen: set[str] = set()
+    for t, lst in zip(tables, listeners, strict=True):
+        if lst.nginx_upstream is None:
+            continue
+        if nginx is None:
+            raise t.error("nginx_upstream", "needs an [nginx] table")
+        if lst.protocol in seen:
+            raise t.error("nginx_upstream", f"only one {lst.protocol} listener may have it")
+        seen.add(lst.protocol)
 
 
 class _Resolver:
@@ -344,35 +365,30 @@ def _witness_url(a: Table) -> str | None:
 
 
 def _limits(t: Table) -> LimitsConfig:
-    d = LimitsConfig()
+    """``[limits]``: a key per :class:`LimitsConfig` field, read by the field's kind
+    (see :func:`_limit`), the field's default where the key is absent."""
     exempt = t.strings("exempt", [])
     for i, cidr in enumerate(exempt):
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise t.error("exempt", f"entry {i + 1} ({cidr!r}) is not a CIDR") from None
-    return LimitsConfig(
-        max_connections_per_ip=t.positive_int("max_connections_per_ip",
-                                              d.max_connections_per_ip),
-        max_handshakes=t.positive_int("max_handshakes", d.max_handshakes),
-        preauth_idle_s=t.positive_duration("preauth_idle", d.preauth_idle_s),
-        preauth_total_s=t.positive_duration("preauth_total", d.preauth_total_s),
-        header_timeout_s=t.positive_duration("header_timeout", d.header_timeout_s),
-        auth_failures=t.positive_int("auth_failures", d.auth_failures),
-        auth_failures_window_s=t.positive_duration("auth_failures_window",
-                                                   d.auth_failures_window_s),
-        auth_delay_s=t.positive_duration("auth_delay", d.auth_delay_s),
-        auth_delay_max_s=t.positive_duration("auth_delay_max", d.auth_delay_max_s),
-        api_rate_per_ip=t.positive_number("api_rate_per_ip", d.api_rate_per_ip),
-        api_rate_burst=t.positive_int("api_rate_burst", d.api_rate_burst),
-        max_outstanding_nonces=t.positive_int("max_outstanding_nonces",
-                                              d.max_outstanding_nonces),
-        max_outstanding_nonces_total=t.positive_int("max_outstanding_nonces_total",
-                                                    d.max_outstanding_nonces_total),
-        api_max_body=t.size("api_max_body", d.api_max_body),
-        eas_max_body=t.size("eas_max_body", d.eas_max_body),
-        exempt=exempt,
-    )
+    values = {f.name: _limit(t, f.name, f.default)
+              for f in fields(LimitsConfig) if f.name != "exempt"}
+    return LimitsConfig(**values, exempt=exempt)
+
+
+def _limit(t: Table, name: str, default: Any) -> Any:
+    """One ``[limits]`` value: a field ending in ``_s`` is a duration whose key has no
+    ``_s`` (``preauth_idle = "30s"``), ``*_max_body`` a byte size, a float a positive
+    number (a rate), anything else a positive count."""
+    if name.endswith("_s"):
+        return t.positive_duration(name.removesuffix("_s"), default)
+    if name.endswith("_max_body"):
+        return t.size(name, default)
+    if isinstance(default, float):
+        return t.positive_number(name, default)
+    return t.positive_int(name, default)
 
 
 def _api(ap: Table, resolve: _Resolver, limits: LimitsConfig) -> ApiConfig:
@@ -479,6 +495,7 @@ def _listener(t: Table, resolve: _Resolver, limits: LimitsConfig) -> ListenerCon
         eas_claims=t.choice("eas_claims", ("allow", "deny"), "allow"),
         public_url=_public_url(t, protocol),
         proxy_protocol=t.get("proxy_protocol", bool, False),
+        nginx_upstream=read_nginx_upstream(t),
     )
     if lst.eas_claims == "deny" and protocol != "activesync":
         raise t.error("eas_claims", "applies to activesync listeners only")

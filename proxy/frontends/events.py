@@ -17,7 +17,10 @@ Three kinds, each protocol-neutral; what names a protocol stays in its own modul
   (the answer, ``LoginAnswered``, is each protocol's).
 
 Events and commands are small frozen dataclasses; credentials stay out of their
-``repr``.
+``repr``. Those that carry nothing but their kind subclass :class:`Marker`, and those
+that share fields share a base (:class:`Failure`, :class:`ForIdentity`,
+:class:`Credentials`, ...); a subclass
+that adds no field needs no decorator of its own.
 """
 
 from __future__ import annotations
@@ -48,17 +51,60 @@ NEED_DATA = Sentinel("NEED_DATA")
 #: is over.
 PAUSED = Sentinel("PAUSED")
 
+# --------------------------------------------------------------------------- bases
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """An event or command that is only its kind (no fields). Subclasses inherit the
+    frozen dataclass methods; equality, like the ``repr``, goes by class."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Something failed; ``detail`` says what (for the logs, never for the client)."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForIdentity:
+    """A command about the login attempt of ``identity``."""
+
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Bytes from or for a peer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SecretData:
+    """Bytes from or for a peer that may carry a password: kept out of the ``repr``."""
+
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A user name and a password; the password is never in logs or tracebacks."""
+
+    user: str
+    password: str = field(repr=False)
+
+
 # ------------------------------------------------------------- pre-auth session events
 
 
-@dataclass(frozen=True, slots=True)
-class Connected:
+class Connected(Marker):
     """The client connected (implicit TLS: nothing has been read yet)."""
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    data: bytes = field(repr=False)  # may carry a password
+class DataReceived(SecretData):
+    """Bytes from the client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +113,12 @@ class TlsEstablished:
     cert: ClientCert | None = None  # that certificate's identity facts, for the gate
 
 
-@dataclass(frozen=True, slots=True)
-class TlsFailed:
-    detail: str
+class TlsFailed(Failure):
+    """The TLS handshake with the client failed."""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamFailed:
+class UpstreamFailed(Failure):
     """The upstream is unreachable, timed out or answered nonsense."""
-
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,58 +133,45 @@ class TimedOut:
     total: bool  # the total pre-auth limit (else the idle one)
 
 
-@dataclass(frozen=True, slots=True)
-class ClientClosed:
-    pass
+class ClientClosed(Marker):
+    """The client closed its connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownRequested:
-    pass
+class ShutdownRequested(Marker):
+    """The listener is shutting down."""
 
 
-@dataclass(frozen=True, slots=True)
-class Crashed:
+class Crashed(Failure):
     """The executor hit a bug; the connection has been aborted."""
-
-    detail: str
 
 
 # ----------------------------------------------------------- pre-auth session commands
 
 
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    data: bytes
+class SendToClient(Data):
+    """Write to the client."""
 
 
-@dataclass(frozen=True, slots=True)
-class StartTls:
+class StartTls(Marker):
     """Handshake with the client; then feed TlsEstablished or TlsFailed."""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
+class RequestDecision(ForIdentity):
     """Ask the gate (it writes the decision record); then feed DecisionMade."""
 
-    identity: Identity
+
+class RecordAuthFailed(ForIdentity):
+    """The upstream refused the credentials: an ``auth_failed`` record."""
 
 
 @dataclass(frozen=True, slots=True)
-class RecordAuthFailed:
-    identity: Identity
-
-
-@dataclass(frozen=True, slots=True)
-class RecordUnavailable:
+class RecordUnavailable(ForIdentity):
     """The login attempt's one decision record: a temporary deny."""
 
-    identity: Identity
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class CloseUpstream:
+class CloseUpstream(Marker):
     """Log out of the upstream connection and close it."""
 
 
@@ -182,23 +211,19 @@ SessionCommand = (SendToClient | StartTls | RequestDecision | RecordAuthFailed
 # ------------------------------------------------------------ the login to the upstream
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamDataReceived:
-    data: bytes
+class UpstreamDataReceived(Data):
+    """Bytes from the upstream server."""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamTlsEstablished:
+class UpstreamTlsEstablished(Marker):
     """The handshake asked for by :class:`StartUpstreamTls` succeeded."""
 
 
-@dataclass(frozen=True, slots=True)
-class SendToUpstream:
-    data: bytes = field(repr=False)  # may carry the password
+class SendToUpstream(SecretData):
+    """Write to the upstream server."""
 
 
-@dataclass(frozen=True, slots=True)
-class StartUpstreamTls:
+class StartUpstreamTls(Marker):
     """Upgrade the upstream connection to TLS, then feed :class:`UpstreamTlsEstablished`."""
 
 

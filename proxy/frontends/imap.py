@@ -39,7 +39,6 @@ address (``[limits]``), and a login's answer waits what the failed-login throttl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -84,19 +83,14 @@ class ImapListener(PreauthListener):
     """A started IMAP listener (``RunningListener``)."""
 
     log = log
+    default_capabilities = DEFAULT_UPSTREAM_CAPABILITIES
 
     def __init__(self, ctx: FrontendContext) -> None:
         super().__init__(ctx)
-        self.sessions: set[_ImapSession] = set()
-        self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
         self.upstream_mechanisms: list[str] = []  # relayable SASL mechanisms it offers
 
     def new_session(self) -> _ImapSession:
         return _ImapSession(self)
-
-    def capabilities(self) -> list[str]:
-        """What pre-auth CAPABILITY shows of the upstream's capabilities."""
-        return self.upstream_capabilities
 
     def mechanisms(self) -> list[str]:
         """The upstream's SASL mechanisms that the proxy can relay (``imap_sasl``)."""
@@ -147,6 +141,7 @@ class _ImapSession(PreauthSession):
 
     log = log
     shutdown_text = SHUTDOWN_TEXT
+    upstream_goodbye = logout_command()
 
     def __init__(self, owner: ImapListener) -> None:
         cfg = owner.listener
@@ -168,7 +163,8 @@ class _ImapSession(PreauthSession):
         (``* OK [ALERT]``, once per device per day: ``gate.warning_alert``)."""
         outcome = await super()._perform(command)
         if isinstance(command, RequestDecision) and isinstance(outcome, DecisionMade):
-            alert = self.gate.warning_alert(command.identity, self.origin, outcome.decision)
+            alert = await self.gate.warning_alert(command.identity, self.origin,
+                                                  outcome.decision)
             if alert:
                 outcome = dataclasses.replace(outcome, alert=alert)
         return outcome
@@ -194,23 +190,10 @@ class _ImapSession(PreauthSession):
         assert answer is not None  # not a probe
         return UpstreamAnswered(answer.ok, answer.untagged, answer.tagged)
 
-    def _drop_upstream(self) -> None:
-        up, self.upstream = self.upstream, None
-        if up is not None and not up.pipe.closed:
-            up.pipe.write(logout_command())
-            up.pipe.close()
-
     # ---------------------------------------------------------------- ending
 
-    async def terminate(self, text: str) -> None:
-        """End a live session now (``LiveSession``); never raises."""
-        with contextlib.suppress(Exception):
-            self.client.write(bye_line(text))
-            self.client.close()
-            if self.upstream is not None:
-                self.upstream.pipe.close()
-            if self._spliced:
-                self._finish_spliced()
+    def _last_words(self, text: str) -> bytes:
+        return bye_line(text)
 
 
 __all__ = ["ImapListener", "start"]

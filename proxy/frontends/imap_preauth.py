@@ -8,7 +8,9 @@ the commands it returns, imperative (:class:`SendToClient`, :class:`StartTls`,
 :class:`OpenUpstream`, :class:`RequestDecision`, :class:`Splice`, :class:`Close`, ...),
 in order. A command that has an outcome (``StartTls``, ``OpenUpstream``,
 ``RequestDecision``) is the last of its list; the executor feeds the outcome back as
-the next event. Client bytes go through the sans-IO parser ``imap_wire.Connection``.
+the next event. Client bytes go through the sans-IO parser ``imap_wire.Connection``;
+what every protocol does alike (the session events, the records rule: one ``decision``
+record per login attempt, else one ``session_end``) is ``preauth_layer.PreauthLayer``'s.
 
 The rules (DESIGN.md, "Sessions, in order"):
 
@@ -28,8 +30,6 @@ The rules (DESIGN.md, "Sessions, in order"):
 - ``AUTHENTICATE``: the mechanisms of ``imap_sasl`` that the upstream offers (PLAIN
   always: it is relayed as ``LOGIN``); the exchange reads the user, the upstream
   verifies the credentials.
-- One ``decision`` record per login attempt (the gate writes it); a connection that
-  ends before any gets one ``session_end`` record (carried by :class:`Close`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ from proxy.frontends.imap_wire import (
     LoginAttempted,
     PrivacyRequired,
     StartTlsRequested,
-    State,
 )
 from proxy.frontends.preauth_layer import PreauthLayer
 from proxy.gate import Identity
@@ -186,22 +185,10 @@ class Preauth(PreauthLayer):
     def _shutdown_reply(self) -> bytes:
         return bye_line(SHUTDOWN_TEXT)
 
-    def _tls_established(self) -> list[PreauthCommand]:
-        if self.conn.state is State.STARTTLS:
-            self.conn.starttls_done()  # drops what was pipelined after STARTTLS
-            return self._drain()
-        self.conn.tls = True  # implicit TLS: now greet
-        return [SendToClient(self._greeting()), *self._drain()]
-
     def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
-        if event.ok:
-            self._answer = event.untagged + event.tagged
-            return [RequestDecision(self.identity)]
-        self.decided = True
-        self.conn.login_refused()
-        # The upstream's own answer, e.g. NO [AUTHENTICATIONFAILED]; the client may retry.
-        return [SendToClient(event.tagged), CloseUpstream(), RecordAuthFailed(self.identity),
-                *self._drain()]
+        # A refusal is the tagged NO alone, e.g. NO [AUTHENTICATIONFAILED].
+        answer = event.untagged + event.tagged if event.ok else event.tagged
+        return self._login_answered(event.ok, answer)
 
     def _decided(self, decision: Decision, shutting_down: bool,
                  alert: str = "") -> list[PreauthCommand]:

@@ -13,12 +13,12 @@ derive from :class:`ImapProtocolError`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal
+
+from proxy.frontends import sasl
 
 # ----------------------------------------------------------------------------- limits
 
@@ -28,8 +28,6 @@ MAX_LINE_BYTES = 8 * 1024
 MAX_LITERAL_BYTES = 8 * 1024
 #: Largest whole command, lines plus literals (bounds a command built of many literals).
 MAX_COMMAND_BYTES = 4 * 8 * 1024
-#: Default number of commands a client may send before it is logged in.
-MAX_PREAUTH_COMMANDS = 50
 #: RFC 2971: at most 30 field/value pairs in an ID command.
 MAX_ID_FIELDS = 30
 #: Longest upstream response (with literals) read before login; more is an error.
@@ -174,26 +172,16 @@ def nstring(tok: Token, what: str) -> str | None:
 
 
 def sasl_base64(data: bytes) -> bytes:
-    """A SASL response line or initial response, base64-decoded."""
-    if data == b"=":  # RFC 4959: "=" is an empty initial response
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise SyntaxProblem("invalid base64") from None
+    """A SASL response line or initial response, base64-decoded (RFC 4959: ``=`` is an
+    empty initial response); not base64 is a ``SyntaxProblem`` (answer BAD)."""
+    return sasl.decode_base64(data, SyntaxProblem, invalid="invalid base64")
 
 
 def decode_plain(message: bytes) -> tuple[str, str, str]:
     """RFC 4616 PLAIN message -> (authzid, authcid, password); a malformed one is the
     client's fault (``RemoteProtocolError``, answer BAD)."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3 or not parts[1]:
-        raise RemoteProtocolError("malformed PLAIN credentials")
-    try:
-        authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("PLAIN credentials are not UTF-8") from None
-    return authzid, authcid, password
+    return sasl.decode_plain(message, RemoteProtocolError,
+                             malformed="malformed PLAIN credentials")
 
 
 # -------------------------------------------------------------------- output helpers

@@ -35,14 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.frontends.events import (
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamDataReceived,
-    UpstreamEvent,
-    UpstreamTlsEstablished,
-)
+from proxy.frontends.events import ReportCapabilities, SendToUpstream, StartUpstreamTls
 from proxy.frontends.imap_sasl import ERROR_ACKNOWLEDGEMENT
 from proxy.frontends.imap_syntax import (
     LITERAL_AT_END,
@@ -53,6 +46,7 @@ from proxy.frontends.imap_syntax import (
     quotable,
     quote,
 )
+from proxy.frontends.preauth_wire import UpstreamConversation
 
 #: Tags of the proxy's own upstream commands (never sent to the client; clients may
 #: not use the ``mw.`` prefix, see ``imap_syntax.RESERVED_TAG_PREFIX``).
@@ -158,15 +152,17 @@ def _capabilities_in_code(line: bytes) -> tuple[str, ...] | None:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin:
-    """One login conversation with the upstream server (see the module docstring)."""
+class UpstreamLogin(UpstreamConversation[Phase, UpstreamCommand]):
+    """One login conversation with the upstream server (see the module docstring);
+    ``handle`` and its guard are ``UpstreamConversation``'s."""
 
     def __init__(self, *, tag: str, user: str, password: str, starttls: bool,
                  id_fields: Sequence[tuple[str, str | None]] | None = None,
                  client_ip: str = "", client_port: int = 0,
                  connected: tuple[str, int] = ("", 0), mechanism: str = "",
                  response: bytes = b"") -> None:
-        self.phase = Phase.GREETING
+        super().__init__(Phase.GREETING, handshake=Phase.HANDSHAKE, done=Phase.DONE,
+                         starttls_verb="STARTTLS", local_error=LocalProtocolError)
         self.rest = b""  # what the server sent after the LOGIN answer (for the client)
         self._tag, self._user, self._password = tag, user, password
         self._mechanism, self._response = mechanism, response  # AUTHENTICATE, if set
@@ -174,7 +170,6 @@ class UpstreamLogin:
         self._starttls = starttls
         self._probe = False
         self._client = (id_fields, client_ip, client_port, *connected)  # for ID
-        self._buf = bytearray()
         self._expect: list[str] = []  # awaited answers: tags, or _CONTINUATION
         self._untagged: list[bytes] = []
         self._segments: list[bytes] = []  # LOGIN pieces waiting for a continuation
@@ -189,32 +184,13 @@ class UpstreamLogin:
     def __repr__(self) -> str:  # never the password or token
         return f"<UpstreamLogin tag={self._tag!r} user={self._user!r} {self.phase.value}>"
 
-    @property
-    def finished(self) -> bool:
-        """The login was answered, or the probe has logged out."""
-        return self.phase is Phase.DONE
+    def _tls_established(self) -> list[UpstreamCommand]:
+        self.phase = Phase.TALKING
+        self._expect = [TAG_CAP]
+        return [SendToUpstream(f"{TAG_CAP} CAPABILITY\r\n".encode())]
 
-    def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
-        """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the
-        server misbehaves, ``LocalProtocolError`` when fed after the end."""
-        if self.phase is Phase.DONE:
-            raise LocalProtocolError(f"{type(event).__name__} after the login was answered")
-        if isinstance(event, UpstreamTlsEstablished):
-            if self.phase is not Phase.HANDSHAKE:
-                raise LocalProtocolError("TLS established without STARTTLS")
-            self.phase = Phase.TALKING
-            self._expect = [TAG_CAP]
-            return [SendToUpstream(f"{TAG_CAP} CAPABILITY\r\n".encode())]
-        if self.phase is Phase.HANDSHAKE:
-            return []  # not protected by TLS: discarded (see starttls_accepted)
-        self._buf += event.data
-        out: list[UpstreamCommand] = []
-        while self.phase in (Phase.GREETING, Phase.TALKING):
-            line = self._next_response()
-            if line is None:
-                break
-            out += self._greeting(line) if self.phase is Phase.GREETING else self._answer(line)
-        return out
+    def _respond(self, line: bytes) -> list[UpstreamCommand]:
+        return self._greeting(line) if self.phase is Phase.GREETING else self._answer(line)
 
     # ------------------------------------------------------------------ reading
 
@@ -334,10 +310,7 @@ __all__ = [
     "SendToUpstream",
     "StartUpstreamTls",
     "UpstreamCommand",
-    "UpstreamDataReceived",
-    "UpstreamEvent",
     "UpstreamLogin",
-    "UpstreamTlsEstablished",
     "authenticate_segments",
     "id_command",
     "login_segments",

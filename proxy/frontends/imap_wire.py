@@ -2,9 +2,10 @@
 
 This module contains no networking code. A :class:`Connection` takes the bytes a client
 sent with :meth:`Connection.receive_data`, hands out events with
-:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`), and its
-``send_*`` helpers turn replies into bytes. The I/O executor (``imap.py``) writes those
-bytes, talks to the upstream and the gate, and tells the connection how things went
+:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`); replies are
+built as bytes by the pure functions of ``imap_syntax`` (``tagged_line``,
+``greeting_line``, ...). The I/O executor (``imap.py``) writes those bytes, talks to
+the upstream and the gate, and tells the connection how things went
 (:meth:`Connection.starttls_done`, :meth:`Connection.login_refused`,
 :meth:`Connection.login_accepted`).
 
@@ -23,14 +24,16 @@ made the connection unusable (any input either parses or raises this, never anyt
 else), :class:`LocalProtocolError` when the caller reports an outcome the state does not
 allow. Both are :class:`ImapProtocolError`.
 
-Everything that affects the state machine lives in :data:`TRANSITIONS` and the methods
-that use it. The lexer and the reply builders live in ``imap_syntax``.
+States and transitions are ``preauth_wire``'s (:class:`State`, re-exported here, and
+``TRANSITIONS``), shared with POP3: RFC 3501's "not authenticated" is
+``State.COMMANDS``, "authenticated" is ``State.HANDED_OVER``. The lexer and the reply
+builders live in ``imap_syntax``.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
+from typing import Unpack
 
 from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
 from proxy.frontends.imap_syntax import (
@@ -40,7 +43,6 @@ from proxy.frontends.imap_syntax import (
     MAX_ID_FIELDS,
     MAX_LINE_BYTES,
     MAX_LITERAL_BYTES,
-    MAX_PREAUTH_COMMANDS,
     RESERVED_TAG_PREFIX,
     RPAREN,
     SUPPORTED_MECHANISMS,
@@ -52,28 +54,29 @@ from proxy.frontends.imap_syntax import (
     SyntaxProblem,
     Token,
     astring,
-    bye_line,
-    capability_line,
-    continuation_line,
     decode_plain,
-    greeting_line,
-    id_line,
     nstring,
     quote,
     sasl_base64,
-    tagged_line,
     tokens,
-    untagged_line,
 )
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 
 # ----------------------------------------------------------------------------- events
 
 
 @dataclass(frozen=True, slots=True)
-class CommandReceived:
-    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+class Tagged:
+    """The base of the client's events: the tag of its command. An event without
+    fields of its own is a subclass of this one without a decorator."""
 
     tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived(Tagged):
+    """CAPABILITY, NOOP or LOGOUT: commands without arguments."""
+
     name: str
 
     def __post_init__(self) -> None:
@@ -82,75 +85,68 @@ class CommandReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class IdReceived:
+class IdReceived(Tagged):
     """RFC 2971 ID; ``fields`` is None for ``ID NIL``."""
 
-    tag: str
     fields: tuple[tuple[str, str | None], ...] | None
 
 
-@dataclass(frozen=True, slots=True)
-class StartTlsRequested:
-    tag: str
+class StartTlsRequested(Tagged):
+    """STARTTLS: answer OK, run the handshake, then :meth:`Connection.starttls_done`."""
 
 
 @dataclass(frozen=True, slots=True)
-class LoginAttempted:
-    tag: str
+class LoginAttempted(Tagged):
+    """LOGIN with a user name and a password."""
+
     user: str
     password: str = field(repr=False)  # never in logs or tracebacks
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateStarted:
+class AuthenticateStarted(Tagged):
     """AUTHENTICATE with a mechanism of ``SUPPORTED_MECHANISMS``. With an initial
     response the connection then waits for the outcome (a login result, or
     :meth:`Connection.sasl_continue` after a further challenge); without, the executor
     sends a challenge and an :class:`AuthenticateData` follows."""
 
-    tag: str
     mechanism: str
     initial_response: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticateData:
-    tag: str
+class AuthenticateData(Tagged):
+    """The client's response line to a SASL challenge, base64-decoded."""
+
     data: bytes = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthenticateCancelled:
-    tag: str
+class AuthenticateCancelled(Tagged):
+    """``*`` instead of a SASL response line."""
 
 
-@dataclass(frozen=True, slots=True)
-class PrivacyRequired:
+class PrivacyRequired(Tagged):
     """LOGIN announced a synchronizing literal before TLS: the command is dropped
     without ``+``, so the client is never invited to send its password in the clear
     (RFC 3501 7.5: after a tagged answer the client does not send the literal)."""
 
-    tag: str
 
-
-@dataclass(frozen=True, slots=True)
-class ContinuationNeeded:
+class ContinuationNeeded(Tagged):
     """A synchronizing literal within limits: send ``+ Ready`` so the client sends it."""
 
-    tag: str
-
 
 @dataclass(frozen=True, slots=True)
-class BadCommand:
-    """Syntax error or a command not allowed before login: answer BAD, carry on."""
+class BadCommand(Tagged):
+    """Syntax error or a command not allowed before login: answer BAD, carry on. The
+    tag is "*" when none could be read."""
 
-    tag: str  # "*" when no tag could be read
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class LimitExceeded:
-    """A size or count limit was broken: answer (BAD or BYE) and close."""
+    """A size or count limit was broken: answer (BAD or BYE) and close; ``tag`` is None
+    when none could be read."""
 
     tag: str | None
     limit: str  # "line", "literal", "command", "commands"
@@ -171,125 +167,38 @@ Event = (
     | LimitExceeded
 )
 
-# ----------------------------------------------------------------------------- states
-
-
-class State(enum.Enum):
-    NOT_AUTHENTICATED = "not_authenticated"  # reading commands
-    AUTHENTICATING = "authenticating"  # reading one SASL response line
-    STARTTLS = "starttls"  # handshake in progress; buffered bytes will be discarded
-    AWAITING_LOGIN = "awaiting_login"  # credentials handed out; waiting for the result
-    AUTHENTICATED = "authenticated"  # handed over to the upstream; parser done
-    LOGGED_OUT = "logged_out"
-    ERROR = "error"  # a limit was broken
-
-
-#: (state, trigger) -> next state. Triggers are event class names or executor calls.
-TRANSITIONS: dict[tuple[State, str], State] = {
-    (State.NOT_AUTHENTICATED, "StartTlsRequested"): State.STARTTLS,
-    (State.NOT_AUTHENTICATED, "LoginAttempted"): State.AWAITING_LOGIN,
-    (State.NOT_AUTHENTICATED, "AuthenticateStarted+ir"): State.AWAITING_LOGIN,
-    (State.NOT_AUTHENTICATED, "AuthenticateStarted"): State.AUTHENTICATING,
-    (State.NOT_AUTHENTICATED, "LOGOUT"): State.LOGGED_OUT,
-    (State.NOT_AUTHENTICATED, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "AuthenticateData"): State.AWAITING_LOGIN,
-    (State.AUTHENTICATING, "AuthenticateCancelled"): State.NOT_AUTHENTICATED,
-    (State.AUTHENTICATING, "BadCommand"): State.NOT_AUTHENTICATED,
-    (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "login_refused"): State.NOT_AUTHENTICATED,  # e.g. no TLS yet
-    (State.STARTTLS, "starttls_done"): State.NOT_AUTHENTICATED,
-    (State.AWAITING_LOGIN, "sasl_continue"): State.AUTHENTICATING,  # e.g. LOGIN's Password:
-    (State.AWAITING_LOGIN, "login_refused"): State.NOT_AUTHENTICATED,
-    (State.AWAITING_LOGIN, "login_accepted"): State.AUTHENTICATED,
-}
-
 # ------------------------------------------------------------------------- connection
 
 
-class Connection:
-    """Pre-auth IMAP server side of one client connection (see module docstring)."""
+class Connection(ClientWire):
+    """Pre-auth IMAP server side of one client connection (see module docstring); the
+    buffer and the state change through ``preauth_wire.TRANSITIONS`` are ``ClientWire``'s."""
 
-    def __init__(
-        self,
-        *,
-        max_commands: int = MAX_PREAUTH_COMMANDS,
-        tls: bool = False,
-        starttls: bool = True,
-        cleartext_login: bool = False,
-    ) -> None:
-        self.state = State.NOT_AUTHENTICATED
-        self.tls = tls
-        self.cleartext_login = cleartext_login  # config allows LOGIN before TLS
-        self.starttls_available = starttls
-        self.max_commands = max_commands
-        self.commands = 0
-        self._buf = bytearray()
-        self._pos = 0  # start of unparsed data in _buf
+    def __init__(self, **options: Unpack[WireOptions]) -> None:
+        super().__init__(local_error=LocalProtocolError, **options)
         # The command being assembled: text segments and literals, in order.
         self._segments: list[bytes | StringToken] = []
         self._command_bytes = 0
         self._literal_left: int | None = None  # bytes still to read into a literal
-        self._literal_sync_pending = False
         self._auth_tag = ""
 
     # ------------------------------------------------------------- input side
 
-    @property
-    def buffered(self) -> int:
-        """Unparsed bytes held (the executor pauses reading when this grows)."""
-        return len(self._buf) - self._pos
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client."""
-        if self.state in (State.ERROR, State.AUTHENTICATED, State.LOGGED_OUT):
-            return  # nothing more will be parsed; dropping keeps memory bounded
-        if self.state is State.STARTTLS:
-            return  # pipelined after STARTTLS: discarded (STARTTLS injection)
-        self._buf += data
-
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit", reply="BYE")
-        if self.state in (State.STARTTLS, State.AWAITING_LOGIN, State.AUTHENTICATED,
-                          State.LOGGED_OUT):
+        if self.paused:
             return PAUSED
         event = self._parse()
-        if event is NEED_DATA and self._pos:
-            # compact so the buffer holds only unparsed bytes
-            del self._buf[: self._pos]
-            self._pos = 0
+        if event is NEED_DATA:
+            self._compact()
         return event
 
     # --------------------------------------------------------- executor calls
 
-    def starttls_done(self) -> None:
-        """TLS is up: drop everything the client pipelined after STARTTLS."""
-        self._transition("starttls_done")
-        self.tls = True
-        self._buf.clear()
-        self._pos = 0
-
     def sasl_continue(self) -> None:
         """A SASL challenge was sent: read the client's next response line."""
         self._transition("sasl_continue")
-
-    def login_refused(self) -> None:
-        self._transition("login_refused")
-
-    def login_accepted(self) -> bytes:
-        """Hand over to the upstream; returns bytes the client pipelined after login."""
-        self._transition("login_accepted")
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def _transition(self, trigger: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{trigger} not allowed in state {self.state.value}") from None
 
     # ----------------------------------------------------------------- parsing
 
@@ -346,9 +255,7 @@ class Connection:
         return len(words) >= 2 and words[1].upper() == b"LOGIN"
 
     def _limit(self, tag: str | None, limit: str, text: str) -> LimitExceeded:
-        self.state = TRANSITIONS[(self.state, "LimitExceeded")]
-        self._buf.clear()
-        self._pos = 0
+        self._break()
         self._segments = []
         return LimitExceeded(tag, limit, text)
 
@@ -358,14 +265,14 @@ class Connection:
         tag = self._auth_tag
         data = line.rstrip(b"\r\n")
         if data == b"*":
-            self._transition("AuthenticateCancelled")
+            self._transition("sasl_cancelled")
             return AuthenticateCancelled(tag)
         try:
             decoded = sasl_base64(data) if data else b""
         except SyntaxProblem as exc:
-            self._transition("BadCommand")
+            self._transition("bad_command")
             return BadCommand(tag, f"AUTHENTICATE: {exc}")
-        self._transition("AuthenticateData")
+        self._transition("sasl_response")
         return AuthenticateData(tag, decoded)
 
     def _finish_command(self) -> Event:
@@ -413,10 +320,10 @@ class Connection:
                     raise SyntaxProblem("TLS is already active")
                 if not self.starttls_available:
                     raise SyntaxProblem("STARTTLS is not available here")
-                self._transition("StartTlsRequested")
+                self._transition("starttls")
                 return StartTlsRequested(tag)
             if name == "LOGOUT":
-                self._transition("LOGOUT")
+                self._transition("goodbye")
             return CommandReceived(tag, name)
         if name == "ID":
             return IdReceived(tag, self._id_fields(args))
@@ -424,7 +331,7 @@ class Connection:
             if len(args) != 2:
                 raise SyntaxProblem("LOGIN needs a user name and a password")
             user, password = astring(args[0], "user name"), astring(args[1], "password")
-            self._transition("LoginAttempted")
+            self._transition("login")
             return LoginAttempted(tag, user, password)
         if name == "AUTHENTICATE":
             return self._authenticate(tag, args)
@@ -440,9 +347,9 @@ class Connection:
         self._auth_tag = tag
         if len(args) == 2:
             ir = sasl_base64(args[1])  # type: ignore[arg-type]
-            self._transition("AuthenticateStarted+ir")
+            self._transition("sasl_start+ir")
             return AuthenticateStarted(tag, mech, ir)
-        self._transition("AuthenticateStarted")
+        self._transition("sasl_start")
         return AuthenticateStarted(tag, mech, None)
 
     @staticmethod
@@ -461,18 +368,6 @@ class Connection:
             fields.append((astring(k, "ID field")[:30], nstring(v, "ID value")))
         return tuple(fields)
 
-    # ------------------------------------------------------------ output side
-    # Replies are pure functions of their arguments (``imap_syntax``); they are reachable
-    # from here so that the parser and its replies read as one API, as in h11.
-
-    send_greeting = staticmethod(greeting_line)
-    send_capability = staticmethod(capability_line)
-    send_tagged = staticmethod(tagged_line)
-    send_untagged = staticmethod(untagged_line)
-    send_bye = staticmethod(bye_line)
-    send_continuation = staticmethod(continuation_line)
-    send_id = staticmethod(id_line)
-
 
 __all__ = [
     "MAX_COMMAND_BYTES",
@@ -481,7 +376,6 @@ __all__ = [
     "MAX_PREAUTH_COMMANDS",
     "NEED_DATA",
     "PAUSED",
-    "TRANSITIONS",
     "AuthenticateCancelled",
     "AuthenticateData",
     "AuthenticateStarted",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from proxy.net.limits import AUTH_DELAY, Limits
+from proxy.net.limits import Limit, Limits
 
 #: Endings before TLS that are not abuse: nothing said, or the server's own doing,
 #: or already counted (a failed handshake, by the transport).
@@ -45,7 +45,7 @@ async def login_answered(limits: Limits, user: str, ip: str, listener: str,
     (the upstream took the password) clears the pair's failures."""
     delay = limits.auth_wait(user, ip, device)
     if delay > 0:
-        limits.hit(AUTH_DELAY, listener, ip)
+        limits.hit(Limit.AUTH_DELAY, listener, ip)
         await asyncio.sleep(delay)
     if accepted:
         limits.auth_succeeded(user, ip, device)

@@ -38,7 +38,6 @@ reason; one that never completed TLS is counted into the per-minute ``abuse_summ
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 
 from proxy.frontends import FrontendContext
@@ -70,18 +69,10 @@ class Pop3Listener(PreauthListener):
     """A started POP3 listener (``RunningListener``)."""
 
     log = log
-
-    def __init__(self, ctx: FrontendContext) -> None:
-        super().__init__(ctx)
-        self.sessions: set[_Pop3Session] = set()
-        self.upstream_capabilities: list[str] = list(DEFAULT_UPSTREAM_CAPABILITIES)
+    default_capabilities = DEFAULT_UPSTREAM_CAPABILITIES
 
     def new_session(self) -> _Pop3Session:
         return _Pop3Session(self)
-
-    def capabilities(self) -> list[str]:
-        """What pre-auth CAPA shows of the upstream's capabilities."""
-        return self.upstream_capabilities
 
     def learn_capabilities(self, caps: tuple[str, ...]) -> None:
         """The upstream's CAPA before login, minus what the proxy answers itself."""
@@ -107,6 +98,8 @@ class _Pop3Session(PreauthSession):
     shutdown_text = ""  # nothing is said to a live session (see the module docstring)
     upstream_errors = (UpstreamError, RemoteProtocolError, OSError, ssl.SSLError,
                        TimeoutError, ConnectionError)
+    upstream_goodbye = quit_command()
+    abort_upstream = True  # no QUIT when a live session is ended: DELEs are not applied
 
     def __init__(self, owner: Pop3Listener) -> None:
         cfg = owner.listener
@@ -133,26 +126,6 @@ class _Pop3Session(PreauthSession):
                                          self.upstream, login, self.owner.learn_capabilities)
         assert answer is not None  # a POP3 login always ends with an answer
         return UpstreamAnswered(answer.ok, answer.line)
-
-    def _drop_upstream(self) -> None:
-        """Drop an upstream connection that is not (or no longer) to be spliced."""
-        up, self.upstream = self.upstream, None
-        if up is not None and not up.pipe.closed:
-            up.pipe.write(quit_command())
-            up.pipe.close()
-
-    # ---------------------------------------------------------------- ending
-
-    async def terminate(self, text: str) -> None:
-        """End a live session now (``LiveSession``); never raises. POP3 has no
-        unsolicited responses, so ``text`` is not sent (see the module docstring);
-        the upstream is dropped without QUIT, so the client's DELEs are not applied."""
-        with contextlib.suppress(Exception):
-            self.client.close()
-            if self.upstream is not None:
-                self.upstream.pipe.abort()
-            if self._spliced:
-                self._finish_spliced()
 
 
 __all__ = ["Pop3Listener", "start"]

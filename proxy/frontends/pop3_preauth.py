@@ -9,7 +9,9 @@ client connection before login and has no I/O, no clock and no ``await``. The ex
 :class:`RequestDecision`, :class:`Splice`, :class:`Close`, ...), in order. A command
 that has an outcome (``StartTls``, ``OpenUpstream``, ``RequestDecision``) is the last of
 its list; the executor feeds the outcome back as the next event. Client bytes go
-through the sans-IO parser ``pop3_wire.Connection``.
+through the sans-IO parser ``pop3_wire.Connection``; the session events every protocol
+answers alike and the records rule (one ``decision`` record per login attempt, else one
+``session_end``) are ``preauth_layer.PreauthLayer``'s.
 
 The rules (DESIGN.md, "Sessions, in order" and "Refusals the user sees"):
 
@@ -24,19 +26,16 @@ The rules (DESIGN.md, "Sessions, in order" and "Refusals the user sees"):
   ``-ERR [SYS/TEMP] <text>``, the client may retry. Upstream unreachable:
   ``-ERR [SYS/TEMP]``, close, a temporary deny record. Allow: the upstream's ``+OK``
   goes to the client and the connections are spliced.
-- One ``decision`` record per login attempt (the gate writes it); a connection that
-  ends before any gets one ``session_end`` record (carried by :class:`Close`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.frontends.events import (
     CloseUpstream,
-    RecordAuthFailed,
-    RequestDecision,
+    Credentials,
     SendToClient,
     SessionCommand,
     SessionEvent,
@@ -58,7 +57,6 @@ from proxy.frontends.pop3_wire import (
     PrivacyRequired,
     QuitRequested,
     RemoteProtocolError,
-    State,
     StlsRequested,
     UserGiven,
     capa_response,
@@ -96,13 +94,9 @@ class UpstreamAnswered:
     line: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OpenUpstream:
+class OpenUpstream(Credentials):
     """Connect upstream and log in (``pop3_upstream``); then feed UpstreamAnswered or
     UpstreamFailed."""
-
-    user: str
-    password: str = field(repr=False)
 
 
 PreauthEvent = SessionEvent | UpstreamAnswered
@@ -119,7 +113,7 @@ class Preauth(PreauthLayer):
     def __init__(self, *, tls_mode: str, cleartext_allowed: bool, max_commands: int,
                  upstream_capabilities: Callable[[], Sequence[str]] = tuple) -> None:
         super().__init__(Connection(max_commands=max_commands, tls=False,
-                                    stls=tls_mode == "starttls",
+                                    starttls=tls_mode == "starttls",
                                     cleartext_login=cleartext_allowed),
                          tls_mode=tls_mode, upstream_capabilities=upstream_capabilities)
 
@@ -149,22 +143,8 @@ class Preauth(PreauthLayer):
     def _shutdown_reply(self) -> bytes:
         return err_line(SHUTDOWN_TEXT, TEMPORARY)
 
-    def _tls_established(self) -> list[PreauthCommand]:
-        if self.conn.state is State.STLS:
-            self.conn.stls_done()  # drops what was pipelined after STLS
-            return self._drain()
-        self.conn.tls = True  # implicit TLS: now greet
-        return [SendToClient(self._greeting()), *self._drain()]
-
     def _upstream_answered(self, event: UpstreamAnswered) -> list[PreauthCommand]:
-        if event.ok:
-            self._answer = event.line
-            return [RequestDecision(self.identity)]
-        self.decided = True
-        self.conn.login_refused()
-        # The upstream's own answer, e.g. -ERR [AUTH]; the client may retry.
-        return [SendToClient(event.line), CloseUpstream(), RecordAuthFailed(self.identity),
-                *self._drain()]
+        return self._login_answered(event.ok, event.line)  # e.g. -ERR [AUTH]
 
     def _decided(self, decision: Decision, shutting_down: bool,
                  alert: str = "") -> list[PreauthCommand]:  # POP3 has no ALERT

@@ -32,15 +32,9 @@ import enum
 import re
 from dataclasses import dataclass
 
-from proxy.frontends.events import (
-    ReportCapabilities,
-    SendToUpstream,
-    StartUpstreamTls,
-    UpstreamDataReceived,
-    UpstreamEvent,
-    UpstreamTlsEstablished,
-)
+from proxy.frontends.events import ReportCapabilities, SendToUpstream, StartUpstreamTls
 from proxy.frontends.pop3_wire import LocalProtocolError, RemoteProtocolError
+from proxy.frontends.preauth_wire import UpstreamConversation
 
 #: Longest answer (the CAPA list included) the proxy reads from the upstream before
 #: login; more is not a POP3 server talking.
@@ -108,50 +102,29 @@ def offers_plain(capabilities: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------- the login
 
 
-class UpstreamLogin:
-    """One login conversation with the upstream server (see the module docstring)."""
+class UpstreamLogin(UpstreamConversation[Step, UpstreamCommand]):
+    """One login conversation with the upstream server (see the module docstring);
+    ``handle`` and its guard are ``UpstreamConversation``'s."""
 
     def __init__(self, *, user: str, password: str, starttls: bool,
                  client_ip: str = "", client_port: int = 0) -> None:
-        self.step = Step.GREETING
+        super().__init__(Step.GREETING, handshake=Step.HANDSHAKE, done=Step.DONE,
+                         starttls_verb="STLS", local_error=LocalProtocolError)
         self.rest = b""  # what the server sent after the login answer (for the client)
         self._user, self._password = user, password
         self._starttls = starttls
         self._client = (client_ip, client_port)
         self._xclient = False  # the greeting offered XCLIENT
         self._plain = False  # the server offers SASL PLAIN (from its CAPA)
-        self._buf = bytearray()
         self._capa: list[bytes] | None = None  # CAPA lines while the list is read
 
     def __repr__(self) -> str:  # never the password
-        return f"<UpstreamLogin user={self._user!r} {self.step.value}>"
+        return f"<UpstreamLogin user={self._user!r} {self.phase.value}>"
 
-    @property
-    def finished(self) -> bool:
-        """The login was answered."""
-        return self.step is Step.DONE
+    def _tls_established(self) -> list[UpstreamCommand]:
+        return self._send(Step.CAPA, b"CAPA\r\n")
 
-    def handle(self, event: UpstreamEvent) -> list[UpstreamCommand]:
-        """Feed one event; returns what to do. Raises ``RemoteProtocolError`` when the
-        server misbehaves, ``LocalProtocolError`` when fed after the end."""
-        if self.step is Step.DONE:
-            raise LocalProtocolError(f"{type(event).__name__} after the login was answered")
-        if isinstance(event, UpstreamTlsEstablished):
-            if self.step is not Step.HANDSHAKE:
-                raise LocalProtocolError("TLS established without STLS")
-            return self._send(Step.CAPA, b"CAPA\r\n")
-        if self.step is Step.HANDSHAKE:
-            return []  # not protected by TLS: discarded (see _answer)
-        self._buf += event.data
-        out: list[UpstreamCommand] = []
-        while self.step not in (Step.DONE, Step.HANDSHAKE):
-            line = self._next_line()
-            if line is None:
-                break
-            out += self._answer(line)
-        return out
-
-    def _next_line(self) -> bytes | None:
+    def _next_response(self) -> bytes | None:
         nl = self._buf.find(b"\n")
         if nl < 0:
             if len(self._buf) > MAX_UPSTREAM_RESPONSE_BYTES:
@@ -162,14 +135,14 @@ class UpstreamLogin:
         return line
 
     def _send(self, step: Step, data: bytes) -> list[UpstreamCommand]:
-        self.step = step
+        self.phase = step
         return [SendToUpstream(data)]
 
     # ------------------------------------------------------------------ answers
 
-    def _answer(self, line: bytes) -> list[UpstreamCommand]:
+    def _respond(self, line: bytes) -> list[UpstreamCommand]:
         ok = line.startswith(b"+OK")
-        match self.step:
+        match self.phase:
             case Step.GREETING:
                 if not ok:
                     raise RemoteProtocolError(f"upstream greeting {line[:100]!r}")
@@ -180,7 +153,7 @@ class UpstreamLogin:
             case Step.STLS:
                 if not ok:
                     raise RemoteProtocolError("upstream refused STLS")
-                self.step = Step.HANDSHAKE
+                self.phase = Step.HANDSHAKE
                 self._buf.clear()  # sent before TLS: a man in the middle may have injected it
                 return [StartUpstreamTls()]
             case Step.CAPA:
@@ -232,14 +205,14 @@ class UpstreamLogin:
             return self._send(Step.AUTH_CONTINUATION, b"AUTH PLAIN\r\n")
         if _UNSENDABLE.search(self._user) or _UNSENDABLE.search(self._password):
             # Only AUTH PLAIN can carry these; USER/PASS would split into commands.
-            self.step = Step.DONE
+            self.phase = Step.DONE
             self._password = ""
             return [LoginAnswered(False, b"-ERR [AUTH] These credentials cannot be sent "
                                          b"to the mail server.\r\n")]
         return self._send(Step.USER, b"USER " + self._user.encode("utf-8") + b"\r\n")
 
     def _finish(self, line: bytes) -> LoginAnswered:
-        self.step = Step.DONE
+        self.phase = Step.DONE
         self.rest = bytes(self._buf)
         self._buf.clear()
         self._password = ""
@@ -255,10 +228,7 @@ __all__ = [
     "StartUpstreamTls",
     "Step",
     "UpstreamCommand",
-    "UpstreamDataReceived",
-    "UpstreamEvent",
     "UpstreamLogin",
-    "UpstreamTlsEstablished",
     "offers_plain",
     "parse_capa",
     "plain_response",

@@ -2,10 +2,11 @@
 
 This module contains no networking code. A :class:`Connection` takes the bytes a client
 sent with :meth:`Connection.receive_data`, hands out events with
-:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`), and its
-``send_*`` helpers turn replies into bytes. The conversation layer (``pop3_preauth``)
+:meth:`Connection.next_event` (or :data:`NEED_DATA` / :data:`PAUSED`); replies are
+built as bytes by this module's pure functions (:func:`ok_line`, :func:`err_line`,
+:func:`capa_response`, ...). The conversation layer (``pop3_preauth``)
 decides what to answer and tells the connection how things went
-(:meth:`Connection.stls_done`, :meth:`Connection.login_refused`,
+(:meth:`Connection.starttls_done`, :meth:`Connection.login_refused`,
 :meth:`Connection.login_accepted`).
 
 Only what a client may say in the AUTHORIZATION state is understood (RFC 1939, 2449,
@@ -27,28 +28,26 @@ made the connection unusable (any input either parses or raises this, never anyt
 else), :class:`LocalProtocolError` when the caller reports an outcome the state does not
 allow. Both are :class:`Pop3ProtocolError`.
 
-Everything that affects the state machine lives in :data:`TRANSITIONS` and the methods
-that use it.
+RFC 1939's AUTHORIZATION state is ``State.COMMANDS`` here, and TRANSACTION is
+``State.HANDED_OVER``: the machine (:class:`State`, re-exported here, and
+``TRANSITIONS``) is the one ``preauth_wire`` shares with IMAP.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Unpack
 
-from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
+from proxy.frontends import sasl
+from proxy.frontends.events import NEED_DATA, PAUSED, Credentials, Marker, SecretData, Sentinel
+from proxy.frontends.preauth_wire import MAX_PREAUTH_COMMANDS, ClientWire, State, WireOptions
 from proxy.frontends.smtp_replies import ascii_text
 
 #: Longest command line before login, CRLF included (RFC 2449 says 255 octets; SASL
 #: responses may be longer, and DESIGN.md allows 8 KiB before login on every protocol).
 MAX_LINE_BYTES = 8 * 1024
-#: Command lines before login (every line counts, junk too); the listener's
-#: ``max_preauth_commands`` overrides it.
-MAX_PREAUTH_COMMANDS = 50
 #: Longest response line the proxy writes, CRLF included (RFC 2449 section 4).
 MAX_RESPONSE_BYTES = 512
 #: SASL mechanisms the proxy reads the user from (and the upstream verifies).
@@ -84,18 +83,15 @@ class SyntaxProblem(Exception):
 # over) are the sans-IO sentinels the wire parsers share (``events``).
 
 
-@dataclass(frozen=True, slots=True)
-class CapaRequested:
+class CapaRequested(Marker):
     """CAPA (RFC 2449)."""
 
 
-@dataclass(frozen=True, slots=True)
-class QuitRequested:
+class QuitRequested(Marker):
     """QUIT before login: answer +OK and close."""
 
 
-@dataclass(frozen=True, slots=True)
-class StlsRequested:
+class StlsRequested(Marker):
     """STLS (RFC 2595): answer +OK, then the handshake."""
 
 
@@ -106,16 +102,11 @@ class UserGiven:
     user: str
 
 
-@dataclass(frozen=True, slots=True)
-class LoginAttempted:
+class LoginAttempted(Credentials):
     """PASS after USER: the credentials are complete."""
 
-    user: str
-    password: str = field(repr=False)  # never in logs or tracebacks
 
-
-@dataclass(frozen=True, slots=True)
-class MechanismsRequested:
+class MechanismsRequested(Marker):
     """AUTH without arguments: list the SASL mechanisms (RFC 1734 style, as Dovecot)."""
 
 
@@ -123,21 +114,17 @@ class MechanismsRequested:
 class AuthStarted:
     """AUTH PLAIN. With an initial response the credentials are complete (the
     connection then waits for the login result); without, the layer sends
-    :meth:`Connection.send_continuation` and an :class:`AuthData` follows."""
+    :func:`continuation_line` and an :class:`AuthData` follows."""
 
     mechanism: str
     initial_response: bytes | None = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthData:
+class AuthData(SecretData):
     """The client's SASL response line, base64-decoded."""
 
-    data: bytes = field(repr=False)
 
-
-@dataclass(frozen=True, slots=True)
-class AuthCancelled:
+class AuthCancelled(Marker):
     """``*`` instead of a SASL response (RFC 5034)."""
 
 
@@ -146,6 +133,10 @@ class PrivacyRequired:
     """USER, PASS or AUTH PLAIN before TLS: refused, never sent upstream."""
 
     command: str
+
+    def __post_init__(self) -> None:
+        if self.command not in ("USER", "PASS", "AUTH"):
+            raise ValueError(f"not a command that carries credentials: {self.command}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,60 +169,19 @@ Event = (
     | LimitExceeded
 )
 
-# ----------------------------------------------------------------------------- states
-
-
-class State(enum.Enum):
-    AUTHORIZATION = "authorization"  # reading commands (RFC 1939's name)
-    AUTHENTICATING = "authenticating"  # reading one SASL response line
-    STLS = "stls"  # handshake in progress; buffered bytes will be discarded
-    AWAITING_LOGIN = "awaiting_login"  # credentials handed out; waiting for the result
-    TRANSACTION = "transaction"  # handed over to the upstream; parser done
-    CLOSED = "closed"  # QUIT
-    ERROR = "error"  # a limit was broken
-
-
-#: (state, trigger) -> next state. Triggers are event class names or executor calls.
-TRANSITIONS: dict[tuple[State, str], State] = {
-    (State.AUTHORIZATION, "StlsRequested"): State.STLS,
-    (State.AUTHORIZATION, "LoginAttempted"): State.AWAITING_LOGIN,
-    (State.AUTHORIZATION, "AuthStarted+ir"): State.AWAITING_LOGIN,
-    (State.AUTHORIZATION, "AuthStarted"): State.AUTHENTICATING,
-    (State.AUTHORIZATION, "QuitRequested"): State.CLOSED,
-    (State.AUTHORIZATION, "LimitExceeded"): State.ERROR,
-    (State.AUTHENTICATING, "AuthData"): State.AWAITING_LOGIN,
-    (State.AUTHENTICATING, "AuthCancelled"): State.AUTHORIZATION,
-    (State.AUTHENTICATING, "BadCommand"): State.AUTHORIZATION,
-    (State.AUTHENTICATING, "LimitExceeded"): State.ERROR,
-    (State.STLS, "stls_done"): State.AUTHORIZATION,
-    (State.AWAITING_LOGIN, "login_refused"): State.AUTHORIZATION,
-    (State.AWAITING_LOGIN, "login_accepted"): State.TRANSACTION,
-}
-
 # ------------------------------------------------------------------------ pure helpers
 
 
 def sasl_base64(data: bytes) -> bytes:
-    """A SASL initial response or response line, decoded (``=`` is empty, RFC 5034)."""
-    if data == b"=":
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise SyntaxProblem("Invalid base64") from None
+    """A SASL initial response or response line, decoded (``=`` is empty, RFC 5034);
+    not base64 is a ``SyntaxProblem`` (``-ERR``, carry on)."""
+    return sasl.decode_base64(data, SyntaxProblem)
 
 
 def decode_plain(message: bytes) -> tuple[str, str, str]:
     """RFC 4616 PLAIN message -> (authzid, authcid, password); a malformed one is the
     client's fault (``RemoteProtocolError``: the layer answers ``-ERR``)."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3 or not parts[1]:
-        raise RemoteProtocolError("Malformed PLAIN credentials")
-    try:
-        authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("PLAIN credentials are not UTF-8") from None
-    return authzid, authcid, password
+    return sasl.decode_plain(message, RemoteProtocolError)
 
 
 def response_text(text: str) -> str:
@@ -273,54 +223,26 @@ def continuation_line() -> bytes:
 # ------------------------------------------------------------------------- connection
 
 
-class Connection:
-    """Pre-auth POP3 server side of one client connection (see module docstring)."""
+class Connection(ClientWire):
+    """Pre-auth POP3 server side of one client connection (see module docstring); the
+    buffer and the state change through ``preauth_wire.TRANSITIONS`` are ``ClientWire``'s."""
 
-    def __init__(
-        self,
-        *,
-        max_commands: int = MAX_PREAUTH_COMMANDS,
-        tls: bool = False,
-        stls: bool = True,
-        cleartext_login: bool = False,
-    ) -> None:
-        self.state = State.AUTHORIZATION
-        self.tls = tls
-        self.stls_available = stls
-        self.cleartext_login = cleartext_login  # config allows USER/PASS before TLS
-        self.max_commands = max_commands
-        self.commands = 0
+    def __init__(self, **options: Unpack[WireOptions]) -> None:
+        super().__init__(local_error=LocalProtocolError, **options)
         self.user: str | None = None  # from USER, until PASS or a refused login
-        self._buf = bytearray()
-        self._pos = 0  # start of unparsed data in _buf
 
     # ------------------------------------------------------------- input side
-
-    @property
-    def buffered(self) -> int:
-        """Unparsed bytes held (the executor pauses reading when this grows)."""
-        return len(self._buf) - self._pos
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client."""
-        if self.state in (State.ERROR, State.TRANSACTION, State.CLOSED, State.STLS):
-            # Done, or pipelined after STLS: discarded (STARTTLS command injection).
-            return
-        self._buf += data
 
     def next_event(self) -> Event | Sentinel:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is unusable after a broken limit")
-        if self.state in (State.STLS, State.AWAITING_LOGIN, State.TRANSACTION,
-                          State.CLOSED):
+        if self.paused:
             return PAUSED
         nl = self._buf.find(b"\n", self._pos, self._pos + MAX_LINE_BYTES)
         if nl < 0:
             if len(self._buf) - self._pos >= MAX_LINE_BYTES:
                 return self._limit("line", "Command line too long")
-            if self._pos:  # compact so the buffer holds only unparsed bytes
-                del self._buf[: self._pos]
-                self._pos = 0
+            self._compact()
             return NEED_DATA
         line = bytes(self._buf[self._pos : nl]).removesuffix(b"\r")
         self._pos = nl + 1
@@ -336,40 +258,20 @@ class Connection:
 
     # --------------------------------------------------------- executor calls
 
-    def stls_done(self) -> None:
-        """TLS is up: drop everything the client pipelined after STLS."""
-        self._transition("stls_done")
-        self.tls = True
+    def starttls_done(self) -> None:
+        """TLS is up after STLS: drop what the client pipelined, and a USER name."""
+        super().starttls_done()
         self.user = None
-        self._buf.clear()
-        self._pos = 0
 
     def login_refused(self) -> None:
-        """The login failed or was refused; the client may try again."""
-        self._transition("login_refused")
+        """The login failed or was refused; the client may try again (with a new USER)."""
+        super().login_refused()
         self.user = None
-
-    def login_accepted(self) -> bytes:
-        """Hand over to the upstream; returns bytes the client pipelined after login."""
-        self._transition("login_accepted")
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def _transition(self, trigger: str) -> None:
-        try:
-            self.state = TRANSITIONS[(self.state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{trigger} not allowed in state {self.state.value}") from None
 
     # ----------------------------------------------------------------- parsing
 
     def _limit(self, limit: str, text: str) -> LimitExceeded:
-        self.state = TRANSITIONS[(self.state, "LimitExceeded")]
-        self._buf.clear()
-        self._pos = 0
+        self._break()
         return LimitExceeded(limit, text)
 
     def _cleartext_ok(self) -> bool:
@@ -377,14 +279,14 @@ class Connection:
 
     def _sasl_response(self, line: bytes) -> Event:
         if line == b"*":
-            self._transition("AuthCancelled")
+            self._transition("sasl_cancelled")
             return AuthCancelled()
         try:
             decoded = sasl_base64(line) if line else b""
         except SyntaxProblem as exc:
-            self._transition("BadCommand")
+            self._transition("bad_command")
             return BadCommand(f"AUTH: {exc}")
-        self._transition("AuthData")
+        self._transition("sasl_response")
         return AuthData(decoded)
 
     def _command(self, line: bytes) -> Event:
@@ -398,7 +300,7 @@ class Connection:
             case "CAPA":
                 return CapaRequested()
             case "QUIT":
-                self._transition("QuitRequested")
+                self._transition("goodbye")
                 return QuitRequested()
             case "STLS":
                 return self._stls()
@@ -417,9 +319,9 @@ class Connection:
     def _stls(self) -> Event:
         if self.tls:
             raise SyntaxProblem("TLS is already active")
-        if not self.stls_available:
+        if not self.starttls_available:
             raise SyntaxProblem("STLS is not available here")
-        self._transition("StlsRequested")
+        self._transition("starttls")
         return StlsRequested()
 
     def _user(self, arg: bytes) -> Event:
@@ -442,7 +344,7 @@ class Connection:
         if b"\x00" in arg:
             raise SyntaxProblem("Invalid password")
         user, self.user = self.user, None
-        self._transition("LoginAttempted")
+        self._transition("login")
         # The rest of the line, spaces included (passwords may contain them); bytes
         # that are not UTF-8 survive the round trip to the upstream unchanged.
         return LoginAttempted(user, arg.decode("utf-8", "surrogateescape"))
@@ -460,20 +362,10 @@ class Connection:
             return PrivacyRequired("AUTH")
         if len(words) == 2:
             ir = sasl_base64(words[1])
-            self._transition("AuthStarted+ir")
+            self._transition("sasl_start+ir")
             return AuthStarted(mech, ir)
-        self._transition("AuthStarted")
+        self._transition("sasl_start")
         return AuthStarted(mech, None)
-
-    # ------------------------------------------------------------ output side
-    # Replies are pure functions of their arguments; they are reachable from here so
-    # that the parser and its replies read as one API, as in h11.
-
-    send_ok = staticmethod(ok_line)
-    send_err = staticmethod(err_line)
-    send_capa = staticmethod(capa_response)
-    send_mechanisms = staticmethod(mechanisms_response)
-    send_continuation = staticmethod(continuation_line)
 
 
 __all__ = [
@@ -483,7 +375,6 @@ __all__ = [
     "MECHANISMS",
     "NEED_DATA",
     "PAUSED",
-    "TRANSITIONS",
     "AuthCancelled",
     "AuthData",
     "AuthStarted",

@@ -117,6 +117,8 @@ class PreauthListener:
     session (:meth:`new_session`) per connection."""
 
     log: ClassVar[Any] = get_logger("mailward.frontends")
+    #: Upstream capabilities shown until the upstream tells its own.
+    default_capabilities: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: FrontendContext) -> None:
         self.ctx = ctx
@@ -124,6 +126,7 @@ class PreauthListener:
         self.name = ctx.listener.name
         self.port = 0
         self.sessions: set[Any] = set()
+        self.upstream_capabilities: list[str] = list(self.default_capabilities)
         self._server: SocketServer | None = None
         self.closing = False
 
@@ -151,6 +154,10 @@ class PreauthListener:
 
     def new_session(self) -> PreauthSession:
         raise NotImplementedError
+
+    def capabilities(self) -> list[str]:
+        """What the pre-auth capability list shows of the upstream's capabilities."""
+        return self.upstream_capabilities
 
     async def close(self, grace_s: float) -> None:
         self.closing = True
@@ -203,6 +210,11 @@ class PreauthSession:
     shutdown_text: ClassVar[str] = ""
     #: What the protocol's upstream login raises when it fails.
     upstream_errors: ClassVar[tuple[type[Exception], ...]] = UPSTREAM_ERRORS
+    #: What the proxy says to an upstream it drops before splicing (LOGOUT, QUIT).
+    upstream_goodbye: ClassVar[bytes] = b""
+    #: When a live session is ended: abort the upstream (no goodbye, nothing flushed:
+    #: POP3's DELEs are not applied) rather than close it.
+    abort_upstream: ClassVar[bool] = False
 
     def __init__(self, owner: Owner, layer: Layer) -> None:
         self.owner = owner
@@ -233,11 +245,28 @@ class PreauthSession:
 
     def _drop_upstream(self) -> None:
         """End an upstream connection that is not (or no longer) to be spliced."""
-        raise NotImplementedError
+        up, self.upstream = self.upstream, None
+        if up is not None and not up.pipe.closed:
+            up.pipe.write(self.upstream_goodbye)
+            up.pipe.close()
+
+    def _last_words(self, text: str) -> bytes:
+        """What the client is told when its live session is ended (IMAP's ``* BYE``)."""
+        return b""
 
     async def terminate(self, text: str) -> None:
         """End a live session now (``LiveSession``); never raises."""
-        raise NotImplementedError
+        with contextlib.suppress(Exception):
+            if last_words := self._last_words(text):
+                self.client.write(last_words)
+            self.client.close()
+            if self.upstream is not None:
+                if self.abort_upstream:
+                    self.upstream.pipe.abort()
+                else:
+                    self.upstream.pipe.close()
+            if self._spliced:
+                self._finish_spliced()
 
     # ------------------------------------------------------------ callbacks
 

@@ -16,24 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.frontends.events import (
-    ClientClosed,
-    Close,
-    Connected,
-    Crashed,
-    DataReceived,
-    DecisionMade,
-    RecordUnavailable,
-    SendToClient,
-    Sentinel,
-    SessionEnd,
-    ShutdownRequested,
-    StartTls,
-    TimedOut,
-    TlsEstablished,
-    TlsFailed,
-    UpstreamFailed,
-)
+from proxy.frontends import events as ev
 from proxy.gate import Identity
 from proxy.ids import ClientCert
 from proxy.policy import Decision
@@ -78,19 +61,17 @@ class PreauthLayer:
     def _shutdown_reply(self) -> bytes:
         raise NotImplementedError
 
-    def _tls_established(self) -> list[Any]:
-        """TLS is up (``device_id`` and ``cert`` are set): tell the parser, greet."""
-        raise NotImplementedError
 
     def _upstream_answered(self, event: Any) -> list[Any]:
-        """The protocol's ``UpstreamAnswered``: the upstream's answer to the login."""
+        """The protocol's ``UpstreamAnswered``: the upstream's answer to the login
+        (most protocols hand it to :meth:`_login_answered`)."""
         raise NotImplementedError
 
     def _decided(self, decision: Decision, shutting_down: bool,
                  alert: str = "") -> list[Any]:
         raise NotImplementedError
 
-    def _client_event(self, ev: Any) -> list[Any]:
+    def _client_event(self, event: Any) -> list[Any]:
         """One parsed client command -> commands."""
         raise NotImplementedError
 
@@ -101,51 +82,72 @@ class PreauthLayer:
         if self.finished:
             return []
         match event:
-            case DataReceived(data):
+            case ev.DataReceived(data):
                 self.conn.receive_data(data)
                 return self._drain()
-            case Connected():
+            case ev.Connected():
                 if self.tls_mode == "implicit":
-                    return [StartTls()]
-                return [SendToClient(self._greeting())]
-            case TlsEstablished(device_id, cert):
+                    return [ev.StartTls()]
+                return [ev.SendToClient(self._greeting())]
+            case ev.TlsEstablished(device_id, cert):
                 self.device_id, self.cert = device_id, cert
                 return self._tls_established()
-            case TlsFailed(detail):
+            case ev.TlsFailed(detail):
                 return self._close("tls_failed", detail)
-            case UpstreamFailed(detail):
+            case ev.UpstreamFailed(detail):
                 self.decided = True  # RecordUnavailable is this attempt's decision record
-                return [SendToClient(self._unavailable_reply()),
-                        RecordUnavailable(self.identity, detail), *self._close("upstream")]
-            case TimedOut(total):
-                return [SendToClient(self._timeout_reply()),
+                return [ev.SendToClient(self._unavailable_reply()),
+                        ev.RecordUnavailable(self.identity, detail), *self._close("upstream")]
+            case ev.TimedOut(total):
+                return [ev.SendToClient(self._timeout_reply()),
                         *self._close("preauth_timeout" if total else "idle_timeout")]
-            case ClientClosed():
+            case ev.ClientClosed():
                 return self._close(self.end_reason)
-            case ShutdownRequested():
-                return [SendToClient(self._shutdown_reply()), *self._close("shutdown")]
-            case Crashed(detail):
+            case ev.ShutdownRequested():
+                return [ev.SendToClient(self._shutdown_reply()), *self._close("shutdown")]
+            case ev.Crashed(detail):
                 return self._close("internal_error", detail)
-            case DecisionMade(decision, shutting_down, alert):
+            case ev.DecisionMade(decision, shutting_down, alert):
                 return self._decided(decision, shutting_down, alert)
         return self._upstream_answered(event)  # the one event the protocol defines
+
+    def _tls_established(self) -> list[Any]:
+        """TLS is up (``device_id`` and ``cert`` are set). After STARTTLS the parser
+        drops what was pipelined before the handshake; with implicit TLS, greet now."""
+        if self.conn.starttls_pending:
+            self.conn.starttls_done()
+            return self._drain()
+        self.conn.tls = True
+        return [ev.SendToClient(self._greeting()), *self._drain()]
+
+    def _login_answered(self, ok: bool, answer: bytes) -> list[Any]:
+        """The upstream's answer to the login: an OK is kept for the client while the
+        gate decides; a refusal (e.g. bad credentials) goes to the client as it is, is
+        recorded as ``auth_failed``, and the client may try again."""
+        if ok:
+            self._answer = answer
+            return [ev.RequestDecision(self.identity)]
+        self.decided = True
+        self.conn.login_refused()
+        return [ev.SendToClient(answer), ev.CloseUpstream(), ev.RecordAuthFailed(self.identity),
+                *self._drain()]
 
     def _close(self, reason: str, detail: str = "") -> list[Any]:
         self.finished = True
         self.end_reason = reason
         if self.decided:
-            return [Close(None)]
+            return [ev.Close(None)]
         identity = self.identity if self.identity.user else None
-        return [Close(SessionEnd(reason, detail, identity))]
+        return [ev.Close(ev.SessionEnd(reason, detail, identity))]
 
     def _drain(self) -> list[Any]:
         """Parser events until it needs data or waits for an outcome."""
         out: list[Any] = []
         while not self.finished:
-            ev = self.conn.next_event()
-            if isinstance(ev, Sentinel):  # NEED_DATA, or PAUSED until an outcome
+            parsed = self.conn.next_event()
+            if isinstance(parsed, ev.Sentinel):  # NEED_DATA, or PAUSED until an outcome
                 break
-            out += self._client_event(ev)
+            out += self._client_event(parsed)
         return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.frontends.events import NEED_DATA, PAUSED, Sentinel
+from proxy.frontends.events import NEED_DATA, PAUSED, Marker, Sentinel
 from proxy.frontends.smtp_replies import Replies
 
 #: SASL mechanisms the proxy can relay (it needs the password to log in upstream).
@@ -59,8 +59,7 @@ class Hello:
     extended: bool
 
 
-@dataclass(frozen=True, slots=True)
-class StartTlsRequested:
+class StartTlsRequested(Marker):
     """Answer ``220``, run the handshake, then call :meth:`Connection.starttls_done`."""
 
 
@@ -83,29 +82,17 @@ class AuthResponse:
     data: bytes = field(repr=False)  # credentials: never logged
 
 
-@dataclass(frozen=True, slots=True)
-class AuthCancelled:
+class AuthCancelled(Marker):
     """The client answered a ``334`` with ``*`` (RFC 4954 4)."""
 
 
 @dataclass(frozen=True, slots=True)
-class MailFrom:
-    """MAIL FROM with a syntactically valid path and parameters mailward relays
-    (``KEYWORD=value``: the keyword upper-cased, the value as the client wrote it)."""
+class PathGiven:
+    """The base of MAIL FROM and RCPT TO: a syntactically valid path and the
+    parameters mailward relays (``KEYWORD=value``: the keyword upper-cased, the value
+    as the client wrote it)."""
 
     path: bytes  # with its angle brackets; ``<>`` for the null path
-    params: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        if not (self.path.startswith(b"<") and self.path.endswith(b">")):
-            raise ValueError("a path is enclosed in angle brackets")
-
-
-@dataclass(frozen=True, slots=True)
-class RcptTo:
-    """RCPT TO with a path and the DSN parameters (NOTIFY, ORCPT) when DSN is on."""
-
-    path: bytes
     params: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
@@ -113,8 +100,15 @@ class RcptTo:
             raise ValueError("a path is enclosed in angle brackets")
 
 
-@dataclass(frozen=True, slots=True)
-class DataRequested:
+class MailFrom(PathGiven):
+    """MAIL FROM: the sender and the MAIL parameters (SIZE, BODY, SMTPUTF8, DSN's)."""
+
+
+class RcptTo(PathGiven):
+    """RCPT TO: a recipient and the DSN parameters (NOTIFY, ORCPT) when DSN is on."""
+
+
+class DataRequested(Marker):
     """DATA with recipients: answer ``354`` and the message follows."""
 
 
@@ -147,13 +141,11 @@ class MessageReceived:
     content: bytes = field(repr=False)  # message contents are never logged
 
 
-@dataclass(frozen=True, slots=True)
-class ResetRequested:
+class ResetRequested(Marker):
     """RSET: the transaction is over."""
 
 
-@dataclass(frozen=True, slots=True)
-class QuitRequested:
+class QuitRequested(Marker):
     """QUIT: answer ``221`` and close."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 import unicodedata
+from functools import partial
 
 from aiosmtplib import SMTPResponse
 
@@ -134,33 +135,15 @@ class Replies:
         "The mail server did not confirm this message, so it was not sent. Please try again.",
     )
 
-    @staticmethod
-    def greeting(hostname: str) -> str:
-        return f"220 {hostname} mailward"
-
-    @staticmethod
-    def syntax(usage: str) -> str:
-        return f"501 5.5.4 Syntax: {usage}"
-
-    @staticmethod
-    def unrecognized(command: str) -> str:
-        return f'500 5.5.2 Error: command "{command}" not recognized'
-
-    @staticmethod
-    def send_hello_first(command: str) -> str:
-        return f"503 5.5.1 Error: send {command} first"
-
-    @staticmethod
-    def denied(text: str) -> str:
-        return reply(550, "5.7.1", text)
-
-    @staticmethod
-    def temporary(text: str) -> str:
-        return reply(454, "4.7.0", text)
-
-    @staticmethod
-    def terminated(text: str) -> str:
-        return reply(421, "4.7.0", text)
+    # -- with one argument: the session's own words put into a fixed text ...
+    greeting = staticmethod("220 {} mailward".format)  # the hostname
+    syntax = staticmethod("501 5.5.4 Syntax: {}".format)  # the usage
+    unrecognized = staticmethod('500 5.5.2 Error: command "{}" not recognized'.format)
+    send_hello_first = staticmethod("503 5.5.1 Error: send {} first".format)  # HELO/EHLO
+    # -- ... or a text for the user, made safe by ``reply``
+    denied = staticmethod(partial(reply, 550, "5.7.1"))
+    temporary = staticmethod(partial(reply, 454, "4.7.0"))
+    terminated = staticmethod(partial(reply, 421, "4.7.0"))
 
 
 __all__ = ["REPLY_TEXT_CHARS", "Replies", "ascii_text", "multiline", "relayed", "reply"]

@@ -16,10 +16,9 @@ Everything here takes bytes and returns a value, or the reply refusing it (from
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 
+from proxy.frontends import sasl
 from proxy.frontends.smtp_events import ClientError
 from proxy.frontends.smtp_replies import Replies
 
@@ -146,12 +145,7 @@ def check_parameters(
 
 def b64decode(data: bytes) -> bytes:
     """A SASL response (RFC 4954: ``=`` is empty); raises ClientError."""
-    if data == b"=":
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(Replies.BAD_BASE64) from None
+    return sasl.decode_base64(data, lambda _text: ClientError(Replies.BAD_BASE64))
 
 
 def decode_plain(message: bytes) -> tuple[bytes, bytes, bytes]:

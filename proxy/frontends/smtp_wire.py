@@ -133,6 +133,11 @@ TRANSITIONS: dict[tuple[str, str], State] = {
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is whitespace, CR/LF end lines
 _BDAT = re.compile(rb"(\d{1,18})(?:[ \t]+(LAST))?", re.IGNORECASE)
+#: MAIL and RCPT: (command, keyword before the path, parameters known, reply to others).
+_PATH_COMMANDS: dict[type[MailFrom | RcptTo], tuple[str, bytes, dict[bytes, str | None], str]] = {
+    MailFrom: ("MAIL FROM", b"FROM:", MAIL_PARAMETERS, Replies.MAIL_PARAMETERS),
+    RcptTo: ("RCPT TO", b"TO:", RCPT_PARAMETERS, Replies.RCPT_PARAMETERS),
+}
 
 
 # ------------------------------------------------------------------------- connection
@@ -398,11 +403,14 @@ class Connection:
             return self._reply("", Replies.BAD_SYNTAX)
         return self._reply("", Replies.unrecognized(name))
 
-    def _needs_session(self, hello: str) -> str | None:
-        """The reply refusing a transaction command before EHLO/HELO or AUTH."""
+    def _out_of_order(self, *rules: tuple[bool, str]) -> str | None:
+        """The reply refusing a transaction command: before EHLO/HELO or AUTH, else
+        the reply of the first rule whose condition holds; None when it may go on."""
         if self.helo is None:
-            return Replies.send_hello_first(hello)
-        return None if self.authenticated else Replies.AUTH_REQUIRED
+            return Replies.send_hello_first("HELO")
+        if not self.authenticated:
+            return Replies.AUTH_REQUIRED
+        return next((reply for broken, reply in rules if broken), None)
 
     def _hello(self, name: str, arg: bytes) -> Event:
         if not arg:
@@ -451,15 +459,23 @@ class Connection:
             return Replies.AUTH_MECHANISM
         return None
 
-    def _path_usage(self, command: str) -> str:
-        usage = f"{command}: <address>"
-        return usage + " [SP <mail-parameters>]" if self.extended else usage
+    def _mail(self, name: str, arg: bytes) -> Event:
+        return self._path_command(name, arg, MailFrom, self._out_of_order(),
+                                  nested=Replies.NESTED_MAIL if self.in_mail else None)
 
-    def _path_argument(
-        self, name: str, arg: bytes, keyword: bytes, usage: str
-    ) -> ReplyNeeded | tuple[bytes, bytes]:
-        """``FROM:<path> params`` / ``TO:<path> params`` -> (path, params), or the
-        reply refusing it."""
+    def _rcpt(self, name: str, arg: bytes) -> Event:
+        return self._path_command(name, arg, RcptTo,
+                                  self._out_of_order((not self.in_mail, Replies.NEED_MAIL)))
+
+    def _path_command(self, name: str, arg: bytes, event: type[MailFrom | RcptTo],
+                      refusal: str | None, nested: str | None = None) -> Event:
+        """``MAIL FROM:<path> params`` / ``RCPT TO:<path> params`` -> the event, or the
+        reply refusing it: ``refusal`` (out of order), a bad path, ``nested`` (MAIL in a
+        transaction: said only of a good path), then unknown or bad parameters."""
+        if refusal is not None:
+            return self._reply(name, refusal)
+        command, keyword, known, unknown = _PATH_COMMANDS[event]
+        usage = f"{command}: <address>" + (" [SP <mail-parameters>]" if self.extended else "")
         if arg[: len(keyword)].upper() != keyword:
             return self._reply(name, Replies.syntax(usage))
         parsed = parse_path(arg[len(keyword) :])
@@ -468,50 +484,18 @@ class Connection:
         path, rest = parsed
         if not path or (rest and not self.extended):
             return self._reply(name, Replies.syntax(usage))
-        return path, rest
-
-    def _mail(self, name: str, arg: bytes) -> Event:
-        refusal = self._needs_session("HELO")
-        if refusal is not None:
-            return self._reply(name, refusal)
-        usage = self._path_usage("MAIL FROM")
-        parsed = self._path_argument(name, arg, b"FROM:", usage)
-        if isinstance(parsed, ReplyNeeded):
-            return parsed
-        path, rest = parsed
-        if self.in_mail:
-            return self._reply(name, Replies.NESTED_MAIL)
-        params = check_parameters(rest, MAIL_PARAMETERS, self.extensions, usage,
-                                  Replies.MAIL_PARAMETERS, self.message_limit)
+        if nested is not None:
+            return self._reply(name, nested)
+        size_limit = self.message_limit if event is MailFrom else None  # SIZE=
+        params = check_parameters(rest, known, self.extensions, usage, unknown, size_limit)
         if isinstance(params, str):
             return self._reply(name, params)
-        return self._event(name, MailFrom(path, params))
-
-    def _rcpt(self, name: str, arg: bytes) -> Event:
-        refusal = self._needs_session("HELO")
-        if refusal is None and not self.in_mail:
-            refusal = Replies.NEED_MAIL
-        if refusal is not None:
-            return self._reply(name, refusal)
-        usage = self._path_usage("RCPT TO")
-        parsed = self._path_argument(name, arg, b"TO:", usage)
-        if isinstance(parsed, ReplyNeeded):
-            return parsed
-        path, rest = parsed
-        params = check_parameters(rest, RCPT_PARAMETERS, self.extensions, usage,
-                                  Replies.RCPT_PARAMETERS)
-        if isinstance(params, str):
-            return self._reply(name, params)
-        return self._event(name, RcptTo(path, params))
+        return self._event(name, event(path, params))
 
     def _data(self, name: str, arg: bytes) -> Event:
-        refusal = self._needs_session("HELO")
-        if refusal is None and not self.recipients:
-            refusal = Replies.NEED_RCPT
-        if refusal is None and self.chunked >= 0:
-            refusal = Replies.DATA_AFTER_BDAT
-        if refusal is None and arg:
-            refusal = Replies.syntax("DATA")
+        refusal = self._out_of_order((not self.recipients, Replies.NEED_RCPT),
+                                     (self.chunked >= 0, Replies.DATA_AFTER_BDAT),
+                                     (bool(arg), Replies.syntax("DATA")))
         if refusal is not None:
             return self._reply(name, refusal)
         return self._event(name, DataRequested())
@@ -527,11 +511,9 @@ class Connection:
             return self._limit("bdat_syntax", Replies.BDAT_SYNTAX)
         size, last = int(m[1]), m[2] is not None
         if refusal is None:
-            reply = self._needs_session("HELO")
-            if reply is None and not self.recipients:
-                reply = Replies.NEED_MAIL if not self.in_mail else Replies.NEED_RCPT
-            if reply is None and max(self.chunked, 0) + size > self.message_limit:
-                reply = Replies.MESSAGE_TOO_BIG
+            reply = self._out_of_order(
+                (not self.recipients, Replies.NEED_RCPT if self.in_mail else Replies.NEED_MAIL),
+                (max(self.chunked, 0) + size > self.message_limit, Replies.MESSAGE_TOO_BIG))
             refusal = None if reply is None else ReplyNeeded(reply)
         self._chunk_left, self._chunk_last, self._chunk_refusal = size, last, refusal
         self.chunked = max(self.chunked, 0)

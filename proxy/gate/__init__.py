@@ -214,7 +214,7 @@ class Gate(DeviceAdmin):
             self.notices.decided(DecisionSeen(identity, origin, decision, policy, device, now))
         return decision, latency_us
 
-    def warning_alert(self, identity: Identity, origin: Origin,
+    async def warning_alert(self, identity: Identity, origin: Origin,
                       decision: Decision) -> str | None:
         """The warning an allowed login should show now (IMAP ``* OK [ALERT]``), as
         the notices observer rations it (once per device per day), or None."""
@@ -222,7 +222,7 @@ class Gate(DeviceAdmin):
             return None
         device = self.trust.resolve(identity.device_id) if identity.device_id else None
         seen = DecisionSeen(identity, origin, decision, self._policy(), device, self._clock())
-        return self.notices.alert(seen)
+        return await self.notices.alert(seen)
 
     async def record_notice(self, user: str, device: str | None, reason: str, kind: str,
                             channel: str, result: str, **extra: Any) -> None:

@@ -35,12 +35,13 @@ class DecisionSeen:
 
 class Notices(Protocol):
     """Observes the gate's decisions to tell users (``proxy.notify.Notifier``). Both
-    run on the decision path: they must return at once and never raise."""
+    run on the decision path: they must return at once (``alert``: at most one round
+    trip to a shared store) and never raise."""
 
     def decided(self, seen: DecisionSeen) -> None:
         """Queue the notices this decision calls for (mail goes out later)."""
 
-    def alert(self, seen: DecisionSeen) -> str | None:
+    async def alert(self, seen: DecisionSeen) -> str | None:
         """The warning to show this login now (IMAP ``* OK [ALERT]``), or None."""
 
 

@@ -175,6 +175,20 @@ def parse_time(value: object) -> float:
         raise MalformedDevice(f"bad time {value!r}") from None
 
 
+def synced_at(value: object, ids: Mapping[str, str]) -> float:
+    """:func:`parse_time` of a device's last inventory time; the
+    :class:`MalformedDevice` carries the device's ``ids`` (it still counts as listed)."""
+    try:
+        return parse_time(value)
+    except MalformedDevice as exc:
+        raise MalformedDevice(str(exc), tuple(ids.values())) from None
+
+
+def rfc3339(when: float) -> str:
+    """POSIX seconds -> ``2026-12-02T15:04:05Z``, for a vendor's "changed since" filter."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def app(app_id: object, name: object, version: object) -> App | None:
     """An :class:`App` from vendor fields; None when it has neither id nor name."""
     i = app_id.strip() if isinstance(app_id, str) else ""
@@ -185,6 +199,14 @@ def app(app_id: object, name: object, version: object) -> App | None:
     return App(id=i or n, version=v.strip(), name=n)
 
 
+def apps_of(records: object, id_key: str, name_key: str, version_key: str) -> tuple[App, ...]:
+    """The apps of a vendor's app list (objects with the given keys); anything that is
+    not a list of objects, and entries with neither id nor name, are left out."""
+    entries = records if isinstance(records, list) else []
+    return tuple(a for r in entries if isinstance(r, dict)
+                 if (a := app(r.get(id_key), r.get(name_key), r.get(version_key))) is not None)
+
+
 __all__ = [
     "App",
     "Connector",
@@ -193,9 +215,12 @@ __all__ = [
     "MdmDevice",
     "Page",
     "app",
+    "apps_of",
     "device_ids",
     "mailbox",
     "page_of",
     "parse_time",
     "platform_of",
+    "rfc3339",
+    "synced_at",
 ]

@@ -30,18 +30,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from proxy import mdm
 from proxy.config.mdm import MdmConfig
-from proxy.mdm import (
-    MalformedDevice,
-    MdmDevice,
-    Page,
-    app,
-    device_ids,
-    mailbox,
-    page_of,
-    parse_time,
-)
-from proxy.mdm import platform_of as _platform_of
+from proxy.mdm import MdmDevice, Page
 from proxy.mdm.http import MdmError, MdmHttp, ServiceAccountJwt
 
 SCOPE = "https://www.googleapis.com/auth/admin.directory.device.mobile.readonly"
@@ -89,30 +80,24 @@ def _reaches_back(page: Page, since: float) -> bool:
 
 
 def convert(records: list[Any]) -> Page:
-    return page_of(records, parse_device)
+    return mdm.page_of(records, parse_device)
 
 
 def parse_device(d: Any) -> MdmDevice | None:
     """One ``mobiledevices`` resource; None when mail cannot come from it."""
     if not isinstance(d, dict):
-        raise MalformedDevice("not an object")
-    ids = device_ids(mdm_id=d.get("resourceId"), easDeviceId=d.get("deviceId"),
-                     serial=d.get("serialNumber"))
-    try:
-        last_seen = parse_time(d.get("lastSync"))
-    except MalformedDevice as exc:
-        raise MalformedDevice(str(exc), tuple(ids.values())) from None
+        raise mdm.MalformedDevice("not an object")
+    ids = mdm.device_ids(mdm_id=d.get("resourceId"), easDeviceId=d.get("deviceId"),
+                         serial=d.get("serialNumber"))
+    last_seen = mdm.synced_at(d.get("lastSync"), ids)
     emails = d.get("email")
-    user = mailbox(*(emails if isinstance(emails, list) else []))
+    user = mdm.mailbox(*(emails if isinstance(emails, list) else []))
     kind = str(d.get("type") or "")
     os_text = str(d.get("os") or "")
-    platform = _platform_of("android" if kind == "ANDROID" else os_text, d.get("model"))
+    platform = mdm.platform_of("android" if kind == "ANDROID" else os_text, d.get("model"))
     if user is None or platform is None:
         return None
-    apps_in = d.get("applications")
-    apps = [a for r in (apps_in if isinstance(apps_in, list) else []) if isinstance(r, dict)
-            if (a := app(r.get("packageName"), r.get("displayName"),
-                         r.get("versionName"))) is not None]
+    apps = mdm.apps_of(d.get("applications"), "packageName", "displayName", "versionName")
     full = platform == "android" and d.get("managedAccountIsOnOwnerProfile") is True
     status = str(d.get("status") or "")
     compliance = "compliant" if status == "APPROVED" else status.lower() or "unknown"
@@ -121,7 +106,7 @@ def parse_device(d: Any) -> MdmDevice | None:
     return MdmDevice(
         ids=ids, user=user, platform=platform,
         os_version=str(d.get("releaseVersion") or os_text.rpartition(" ")[2]),
-        apps=tuple(apps), last_seen=last_seen, managed=True,
+        apps=apps, last_seen=last_seen, managed=True,
         inventory="full" if full else "managed-only", compliance=compliance,
         gone=status in GONE,
     )

@@ -35,21 +35,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
+from proxy import mdm
 from proxy.config.mdm import MdmConfig
-from proxy.mdm import (
-    MalformedDevice,
-    MdmDevice,
-    Page,
-    app,
-    device_ids,
-    mailbox,
-    page_of,
-    parse_time,
-    platform_of,
-)
+from proxy.mdm import MdmDevice, Page
 from proxy.mdm.http import ClientCredentials, MdmError, MdmHttp, same_origin
 from proxy.posture import App
 
@@ -76,8 +66,7 @@ class IntuneConnector:
         cfg = self._cfg
         params = {"$select": SELECT, "$top": str(cfg.page_size or PAGE_SIZE)}
         if since is not None:
-            when = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            params["$filter"] = f"lastSyncDateTime gt {when}"
+            params["$filter"] = f"lastSyncDateTime gt {mdm.rfc3339(since)}"
         url: str | None = f"{self._graph}/deviceManagement/managedDevices"
         limit = asyncio.Semaphore(cfg.concurrency)
         while url is not None:
@@ -88,7 +77,7 @@ class IntuneConnector:
 
     async def _convert(self, records: list[Any], limit: asyncio.Semaphore) -> Page:
         """The page's devices, each with its detectedApps (a few requests at a time)."""
-        page = page_of(records, parse_device)
+        page = mdm.page_of(records, parse_device)
 
         async def one(d: MdmDevice) -> MdmDevice:
             if d.gone:
@@ -141,15 +130,12 @@ def parse_device(d: Any) -> MdmDevice | None:
     """One ``managedDevice`` (without apps); None for a device mail cannot come from
     (no user, a platform outside mailward's list). Raises MalformedDevice."""
     if not isinstance(d, dict):
-        raise MalformedDevice("not an object")
-    ids = device_ids(mdm_id=d.get("id"), easDeviceId=d.get("easDeviceId"),
-                     serial=d.get("serialNumber"), udid=d.get("udid"))
-    try:
-        last_seen = parse_time(d.get("lastSyncDateTime"))
-    except MalformedDevice as exc:
-        raise MalformedDevice(str(exc), tuple(ids.values())) from None
-    user = mailbox(d.get("emailAddress"), d.get("userPrincipalName"))
-    platform = platform_of(d.get("operatingSystem"), d.get("model"))
+        raise mdm.MalformedDevice("not an object")
+    ids = mdm.device_ids(mdm_id=d.get("id"), easDeviceId=d.get("easDeviceId"),
+                         serial=d.get("serialNumber"), udid=d.get("udid"))
+    last_seen = mdm.synced_at(d.get("lastSyncDateTime"), ids)
+    user = mdm.mailbox(d.get("emailAddress"), d.get("userPrincipalName"))
+    platform = mdm.platform_of(d.get("operatingSystem"), d.get("model"))
     if user is None or platform is None:
         return None
     owner = str(d.get("managedDeviceOwnerType") or "").lower()
@@ -174,6 +160,6 @@ def with_apps(device: MdmDevice, records: list[Any]) -> MdmDevice:
         if isinstance(name, str) and name and name == name.strip() \
                 and isinstance(version, str) and version == version.strip():
             apps.append(App(name, version, name))
-        elif (a := app(None, name, version)) is not None:
+        elif (a := mdm.app(None, name, version)) is not None:
             apps.append(a)
     return replace(device, apps=tuple(apps))

@@ -30,21 +30,11 @@ own for mobile devices: ``unknown``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
+from proxy import mdm
 from proxy.config.mdm import MdmConfig
-from proxy.mdm import (
-    MalformedDevice,
-    MdmDevice,
-    Page,
-    app,
-    device_ids,
-    mailbox,
-    page_of,
-    parse_time,
-)
-from proxy.mdm import platform_of as _platform_of
+from proxy.mdm import MdmDevice, Page
 from proxy.mdm.http import ClientCredentials, MdmError, MdmHttp
 
 PAGE_SIZE = 100
@@ -65,8 +55,7 @@ class JamfConnector:
         base: list[tuple[str, str]] = [("section", s) for s in SECTIONS]
         base += [("page-size", str(size)), ("sort", "mobileDeviceId:asc")]
         if since is not None:
-            when = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            base.append(("filter", f'lastInventoryUpdateDate>="{when}"'))
+            base.append(("filter", f'lastInventoryUpdateDate>="{mdm.rfc3339(since)}"'))
         url = f"{self._cfg.base_url}/api/v2/mobile-devices/detail"
         number = done = 0
         while True:
@@ -84,36 +73,31 @@ class JamfConnector:
 
 
 def convert(records: list[Any]) -> Page:
-    return page_of(records, parse_device)
+    return mdm.page_of(records, parse_device)
 
 
 def parse_device(d: Any) -> MdmDevice | None:
     """One mobile-device detail record; None when mail cannot come from it."""
     if not isinstance(d, dict):
-        raise MalformedDevice("not an object")
+        raise mdm.MalformedDevice("not an object")
     general, hardware, person = (_section(d, k) for k in ("general", "hardware",
                                                           "userAndLocation"))
     mdm_id = d.get("mobileDeviceId")  # a string in the reference; older servers: a number
     if isinstance(mdm_id, int) and not isinstance(mdm_id, bool):
         mdm_id = str(mdm_id)
-    ids = device_ids(mdm_id=mdm_id,
-                     udid=general.get("udid"), serial=hardware.get("serialNumber"),
-                     easDeviceId=general.get("exchangeDeviceId"))
-    try:
-        last_seen = parse_time(general.get("lastInventoryUpdateDate"))
-    except MalformedDevice as exc:
-        raise MalformedDevice(str(exc), tuple(ids.values())) from None
-    user = mailbox(person.get("emailAddress"), person.get("username"))
-    platform = _platform_of(d.get("deviceType") or "iOS", hardware.get("model"))
+    ids = mdm.device_ids(mdm_id=mdm_id,
+                         udid=general.get("udid"), serial=hardware.get("serialNumber"),
+                         easDeviceId=general.get("exchangeDeviceId"))
+    last_seen = mdm.synced_at(general.get("lastInventoryUpdateDate"), ids)
+    user = mdm.mailbox(person.get("emailAddress"), person.get("username"))
+    platform = mdm.platform_of(d.get("deviceType") or "iOS", hardware.get("model"))
     if user is None or platform not in ("ios", "ipados"):
         return None
-    apps_in = d.get("applications")
-    apps = [a for r in (apps_in if isinstance(apps_in, list) else []) if isinstance(r, dict)
-            if (a := app(r.get("identifier"), r.get("name"), r.get("version"))) is not None]
+    apps = mdm.apps_of(d.get("applications"), "identifier", "name", "version")
     ownership = general.get("deviceOwnershipType")
     return MdmDevice(
         ids=ids, user=user, platform=platform, os_version=str(general.get("osVersion") or ""),
-        apps=tuple(apps), last_seen=last_seen, managed=general.get("managed") is not False,
+        apps=apps, last_seen=last_seen, managed=general.get("managed") is not False,
         inventory="full" if ownership in FULL_INVENTORY else "managed-only",
         compliance="unknown", gone=general.get("managed") is False,
     )

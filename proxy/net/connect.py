@@ -30,14 +30,17 @@ async def open_connection(
     def left() -> float:
         return max(0.0, deadline - loop.time())
 
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), left())
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+    # cancellation that arrives just as the awaited call completes.
+    async with asyncio.timeout(left()):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError = OSError(f"no address for {host}")
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
         try:
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, addr), left())
+            async with asyncio.timeout(left()):
+                await loop.sock_connect(sock, addr)
         except (OSError, TimeoutError) as exc:
             sock.close()
             if isinstance(exc, TimeoutError):

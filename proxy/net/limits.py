@@ -36,6 +36,7 @@ and is logged, at most once a minute per (limit, listener, address).
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import math
 import time
@@ -57,15 +58,27 @@ MAX_PAIRS: Final = 200_000
 MAX_BUCKETS: Final = 100_000
 MAX_ABUSERS: Final = 100_000
 
-# Limit names (the ``limit`` label of mailward_limit_hits_total).
-CONNECTIONS_PER_IP: Final = "max_connections_per_ip"
-HANDSHAKES: Final = "max_handshakes"
-AUTH_DELAY: Final = "auth_delay"
-API_RATE: Final = "api_rate_per_ip"
-NONCES: Final = "max_outstanding_nonces"
-API_BODY: Final = "api_max_body"
-HEADER_TIMEOUT: Final = "header_timeout"
-FILE_DESCRIPTORS: Final = "file_descriptors"
+
+class Limit(enum.StrEnum):
+    """The limits :meth:`Limits.hit` counts: the ``limit`` label of
+    ``mailward_limit_hits_total`` and of the ``limit_hit`` log line. Most values are the
+    ``[limits]`` key that sets the limit."""
+
+    CONNECTIONS_PER_IP = "max_connections_per_ip"
+    HANDSHAKES = "max_handshakes"
+    AUTH_DELAY = "auth_delay"
+    API_RATE = "api_rate_per_ip"
+    NONCES = "max_outstanding_nonces"
+    API_BODY = "api_max_body"
+    HEADER_TIMEOUT = "header_timeout"
+    FILE_DESCRIPTORS = "file_descriptors"
+    EAS_BODY = "eas_max_body"  # the ActiveSync front end's request body cap
+
+
+#: The old name of :attr:`Limit.HEADER_TIMEOUT`, kept while ``frontends/activesync/guard.py``
+#: imports it; when that file says ``Limit.HEADER_TIMEOUT`` and ``Limit.EAS_BODY`` (for
+#: its own ``EAS_BODY``), drop this and type :meth:`Limits.hit`'s ``limit`` as ``Limit``.
+HEADER_TIMEOUT = Limit.HEADER_TIMEOUT
 
 
 def client_key(ip: str) -> str:
@@ -160,7 +173,8 @@ class Limits:
         return found
 
     def hit(self, limit: str, listener: str, ip: str = "") -> None:
-        """Count one hit of ``limit`` and log it (once a minute per address)."""
+        """Count one hit of ``limit`` (a :class:`Limit`) and log it (once a minute per
+        address)."""
         if self._on_hit is not None:
             self._on_hit(limit, listener)
         now = self._clock()
@@ -184,7 +198,7 @@ class Limits:
         slot = (listener, key)
         count = self._connections.get(slot, 0)
         if count >= self.cfg.max_connections_per_ip:
-            self.hit(CONNECTIONS_PER_IP, listener, ip)
+            self.hit(Limit.CONNECTIONS_PER_IP, listener, ip)
             return None
         self._connections[slot] = count + 1
         return Ticket(self, listener, key)
@@ -204,7 +218,7 @@ class Limits:
         """False (and a hit) while ``max_handshakes`` are in progress on ``listener``."""
         if self._handshakes.get(listener, 0) < self.cfg.max_handshakes or self.exempt(ip):
             return True
-        self.hit(HANDSHAKES, listener, ip)
+        self.hit(Limit.HANDSHAKES, listener, ip)
         return False
 
     def handshake_started(self, listener: str) -> None:
@@ -260,7 +274,7 @@ class Limits:
             del self._failures[next(iter(self._failures))]
         delay = self._delay(state.count)
         if delay:
-            self.hit(AUTH_DELAY, listener, ip)
+            self.hit(Limit.AUTH_DELAY, listener, ip)
         return delay
 
     def auth_succeeded(self, user: str, ip: str, device: str | None = None) -> None:
@@ -302,7 +316,7 @@ class Limits:
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
-        self.hit(API_RATE, listener, ip)
+        self.hit(Limit.API_RATE, listener, ip)
         return (1.0 - bucket.tokens) / rate
 
     def api_drain(self, ip: str) -> None:
@@ -327,7 +341,7 @@ class Limits:
         if (self._nonces_per_key.get(key, 0) < self.cfg.max_outstanding_nonces
                 and len(self._nonces) < self.cfg.max_outstanding_nonces_total):
             return True
-        self.hit(NONCES, listener, ip)
+        self.hit(Limit.NONCES, listener, ip)
         return False
 
     def nonce_issued(self, ip: str, nonce: str, ttl_s: float) -> None:
@@ -423,16 +437,10 @@ def installed() -> Limits | None:
 
 
 __all__ = [
-    "API_BODY",
-    "API_RATE",
-    "AUTH_DELAY",
-    "CONNECTIONS_PER_IP",
-    "FILE_DESCRIPTORS",
-    "HANDSHAKES",
     "HEADER_TIMEOUT",
     "MAX_SUMMARIES",
-    "NONCES",
     "SUMMARY_INTERVAL_S",
+    "Limit",
     "Limits",
     "Ticket",
     "client_key",

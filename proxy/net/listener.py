@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.net import limits as _limits
-from proxy.net.limits import FILE_DESCRIPTORS, Limits, Ticket
+from proxy.net.limits import Limit, Limits, Ticket
 from proxy.net.proxy_protocol import MAX_HEADER_BYTES, ProxyProtocolError, parse
 from proxy.oplog import get_logger
 
@@ -188,7 +188,7 @@ class SocketServer:
                 if exc.errno in _ACCEPT_RESOURCE_ERRORS:
                     log.warning("accept failed; pausing", error=str(exc))
                     if limits is not None:
-                        limits.hit(FILE_DESCRIPTORS, name)
+                        limits.hit(Limit.FILE_DESCRIPTORS, name)
                     self._shed(listener)
                     self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(ACCEPT_RETRY_S, self._resume, listener)

@@ -7,6 +7,9 @@ watches the number of open connections (:func:`open_connections`, kept by
 :class:`~proxy.net.socket_transport.SocketTransport`) with a :class:`Trimmer` and trims
 once the count has dropped by :data:`TRIM_AFTER_DROP` from its recent peak.
 Elsewhere (musl, macOS) trimming is a no-op.
+
+The other half of keeping idle connections small: :func:`shared_read_buffer`, the one
+plaintext receive buffer per event-loop thread that every connection reads into.
 """
 
 from __future__ import annotations
@@ -14,7 +17,33 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 from typing import Final
+
+#: Plaintext receive buffer, one per event-loop thread (above a TLS record's 16 KiB,
+#: so one ``recv_into`` takes a whole record).
+READ_BUFFER_BYTES = 256 * 1024
+
+
+class _ReadBuffer(threading.local):
+    view: memoryview | None = None
+
+
+_read_buffer = _ReadBuffer()
+
+
+def shared_read_buffer() -> memoryview:
+    """The receive buffer of this event-loop thread, shared by all its connections.
+
+    A read is handed on before the next one starts (the read into it and the
+    protocol's ``buffer_updated`` run with no other Python code in between), and a
+    :class:`SocketTransport` copies what it cannot send at once, so idle connections
+    hold no receive buffer at all."""
+    view = _read_buffer.view
+    if view is None:
+        view = _read_buffer.view = memoryview(bytearray(READ_BUFFER_BYTES))
+    return view
+
 
 #: Trim once this many connections have closed since the peak.
 TRIM_AFTER_DROP: Final = 256

@@ -35,20 +35,17 @@ import contextlib
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from proxy.net import memory
 from proxy.net.limits import Limits, Ticket
 from proxy.net.listener import SocketServer, take_peer, take_ticket
+from proxy.net.memory import shared_read_buffer
 from proxy.oplog import get_logger
 
 log = get_logger("mailward.sockets")
 
-#: Plaintext receive buffer, one per event-loop thread (above a TLS record's 16 KiB,
-#: so one ``recv_into`` takes a whole record).
-READ_BUFFER_BYTES = 256 * 1024
 #: Reads per readiness callback before other connections get a turn.
 READS_PER_CALLBACK = 16
 #: Bytes handed to one ``send``: OpenSSL must be given the same bytes again after a
@@ -60,24 +57,6 @@ WRITE_HIGH_BYTES, WRITE_LOW_BYTES = 64 * 1024, 16 * 1024
 #: :meth:`SocketTransport._linger`).
 LINGER_S = 2.0
 
-class _ReadBuffer(threading.local):
-    view: memoryview | None = None
-
-
-_read_buffer = _ReadBuffer()
-
-
-def shared_read_buffer() -> memoryview:
-    """The receive buffer of this event-loop thread, shared by all its connections.
-
-    A read is handed on before the next one starts (the read into it and the
-    protocol's ``buffer_updated`` run with no other Python code in between), and a
-    :class:`SocketTransport` copies what it cannot send at once, so idle connections
-    hold no receive buffer at all."""
-    view = _read_buffer.view
-    if view is None:
-        view = _read_buffer.view = memoryview(bytearray(READ_BUFFER_BYTES))
-    return view
 
 
 class SocketTransport(asyncio.Transport):
@@ -291,7 +270,8 @@ class SocketTransport(asyncio.Transport):
             if self._outgoing or self._inflight is not None:  # flush plaintext first
                 self._drained = self._loop.create_future()
                 self._add_writer()
-                await asyncio.wait_for(self._drained, timeout)
+                async with asyncio.timeout(timeout):
+                    await self._drained
             raw = self._sock
             assert not isinstance(raw, ssl.SSLSocket)
             tls_sock = ctx.wrap_socket(
@@ -305,7 +285,8 @@ class SocketTransport(asyncio.Transport):
                 counted[1].handshake_started(counted[2])
             try:
                 self._handshake_step()
-                await asyncio.wait_for(self._handshake, timeout)
+                async with asyncio.timeout(timeout):
+                    await self._handshake
             except BaseException:
                 if counted is not None:
                     counted[1].handshake_finished(

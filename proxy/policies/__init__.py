@@ -9,9 +9,10 @@ from proxy.policies.store import (
     PolicyStoreError,
     confirm_line,
     confirm_token,
+    in_force,
     is_confirmed,
     policy_in_force,
 )
 
 __all__ = ["PolicyStore", "PolicyStoreError", "confirm_line", "confirm_token",
-           "is_confirmed", "policy_in_force"]
+           "in_force", "is_confirmed", "policy_in_force"]

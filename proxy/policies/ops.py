@@ -1,6 +1,7 @@
 """Preview and guard for a configured deployment: the glue between the config, the
 policy store, the posture store and the audit log that the CLI, the API and the
-server share. Synchronous (file and SQLite reads); the server runs it on a thread.
+server share. Synchronous (file, SQLite and Redis reads; Redis through an event loop
+of its own): the server runs it on a thread.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from proxy.policies.preview import (
     compare_devices,
     compare_replay,
     guard,
-    read_devices,
+    load_devices,
     relevant_to,
     replay_keys,
-    store_path,
 )
-from proxy.policies.store import PolicyStore, PolicyStoreError
+from proxy.policies.store import PolicyStoreError
 
 if TYPE_CHECKING:
     from proxy.config import Config
+    from proxy.policies.pointer import PolicyVersions
     from proxy.policy import Policy
 
 
@@ -37,16 +38,9 @@ def cli_actor() -> str:
         return "unknown"
 
 
-def active_policy(cfg: Config) -> Policy | None:
-    """The policy the pointer names, or None when none has been put in force yet."""
-    store = PolicyStore(cfg.server.state_dir)
-    pointer = store.read()
-    return None if pointer is None else store.load(pointer.active)
-
-
 def devices_of(cfg: Config, *policies: Policy | None) -> Devices:
     """Every known device, with the apps that matter to ``policies``."""
-    return read_devices(store_path(cfg.posture.store), relevant_to(*policies))
+    return load_devices(cfg.posture.store, relevant_to(*policies))
 
 
 def check_guard(cfg: Config, baseline: Policy | None, candidate: Policy, data: bytes,
@@ -95,14 +89,13 @@ def load_candidate(path: Path) -> tuple[Policy, bytes]:
     return load_policy(path), data
 
 
-def resolve_policy(cfg: Config, ref: str) -> Policy:
+async def resolve_policy(versions: PolicyVersions, ref: str) -> Policy:
     """A file path, a version or a sha256 prefix -> the policy."""
     path = Path(ref)
     if path.is_file():
         return load_candidate(path)[0]
-    store = PolicyStore(cfg.server.state_dir)
     try:
-        return store.load(store.resolve(ref))
+        return await versions.load(await versions.resolve(ref))
     except PolicyStoreError:
         if "/" in ref or ref.endswith(".toml"):
             raise PolicyStoreError(f"{ref}: no such file") from None

@@ -31,15 +31,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, load_policy
 from proxy.policy import Policy
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 POINTER = "active.json"  # in state/policies/, so `mailward backup` copies it
 LOCK = "policy-active.lock"
 DIRECTORY = "policies"
 HOW = ("start", "file", "sighup", "rollback", "push")
+#: ``[posture] store`` URLs whose deployments keep the pointer in Redis.
+SHARED_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 
 _CONFIRM_LINE = re.compile(rb"confirm\s*=")
 _SHA_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -180,12 +185,17 @@ class PolicyStore:
             raise ValueError(f"how must be one of {HOW}")
         self.save(policy, data)
         entry = Entry(policy.sha256, policy.version, now_rfc3339(), how, actor)
+        self.move(entry, file_sha256)
+        return entry
+
+    def move(self, entry: Entry, file_sha256: str | None = None) -> None:
+        """Point at ``entry.sha256`` (already stored) and append ``entry`` to the history;
+        ``file_sha256`` None keeps the file's last-looked-at digest."""
         with self._locked():
             old = self.read()
             history = (old.history if old else ()) + (entry,)
             seen = file_sha256 if file_sha256 is not None else (old.file_sha256 if old else "")
-            self._write(Pointer(policy.sha256, seen, history))
-        return entry
+            self._write(Pointer(entry.sha256, seen, history))
 
     def note_file(self, file_sha256: str) -> None:
         """Remember the policy file's bytes as looked at (a refused file stays refused
@@ -202,10 +212,12 @@ class PolicyStore:
 
     # ---------------------------------------------------------------- references
 
-    def resolve(self, ref: str) -> str:
-        """A version string or a SHA-256 prefix (at least 4 hex) -> the stored digest."""
-        pointer = self.read()
-        history = pointer.history if pointer else ()
+    def resolve(self, ref: str, history: tuple[Entry, ...] | None = None) -> str:
+        """A version string or a SHA-256 prefix (at least 4 hex) -> the digest, among
+        the stored policies and ``history`` (default: this pointer's)."""
+        if history is None:
+            pointer = self.read()
+            history = pointer.history if pointer else ()
         by_version = {e.sha256 for e in history if e.version == ref}
         if len(by_version) == 1:
             return by_version.pop()
@@ -213,7 +225,8 @@ class PolicyStore:
             raise PolicyStoreError(f"version {ref!r} names {len(by_version)} different "
                                    "policies; give a sha256 prefix (mailward policy history)")
         if _SHA_PREFIX.match(ref.lower()):
-            found = [s for s in self.stored() if s.startswith(ref.lower())]
+            known = set(self.stored()) | {e.sha256 for e in history}
+            found = sorted(s for s in known if s.startswith(ref.lower()))
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
@@ -260,3 +273,19 @@ def policy_in_force(state_dir: Path, policy_file: Path) -> Policy:
         with contextlib.suppress(ConfigError):
             return store.load(pointer.active)
     return load_policy(policy_file)
+
+
+def is_shared(store_url: str) -> bool:
+    """True when ``[posture] store`` puts the pointer in Redis (several instances)."""
+    return store_url.startswith(SHARED_SCHEMES)
+
+
+def in_force(cfg: Config) -> Policy:
+    """:func:`policy_in_force` wherever the pointer lives (Redis when scaled out:
+    :func:`proxy.policies.pointer.shared_in_force`). The single-instance path imports
+    no asyncio (one-shot commands such as ``explain`` stay light)."""
+    if not is_shared(cfg.posture.store):
+        return policy_in_force(cfg.server.state_dir, cfg.server.policy)
+    from proxy.policies.pointer import shared_in_force
+
+    return shared_in_force(cfg)

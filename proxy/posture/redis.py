@@ -2,7 +2,8 @@
 
 ``[posture] store = "redis://host:6379/0"`` (also ``rediss://`` with
 ``?ssl_ca_certs=/path/ca.pem``, a password as ``redis://:secret@host``, and Sentinel
-``redis+sentinel://[:secret@]host:26379[,host2:26379]/<service>[/<db>]``). Every
+``redis+sentinel://[:secret@]host:26379[,host2:26379]/<service>[/<db>]``; the
+sentinels get the same password unless ``?sentinel_password=`` names theirs). Every
 operation is one Lua script (:mod:`proxy.posture.redis_scripts`): atomic on the
 server and one round trip, so a decision costs one round trip and a report replayed
 on instance B after A accepted it is refused by the same script that stored it.
@@ -27,12 +28,15 @@ When Redis is unreachable (:attr:`RedisPostureStore.available` false):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -49,6 +53,7 @@ from proxy.posture import (
 )
 from proxy.posture.redis_scripts import SCRIPTS
 from proxy.posture.sqlite import JTI_SKEW_S  # the same replay window as the SQLite store
+from proxy.posture.sqlite_mdm import MdmResult, MdmWrite, content
 
 log = get_logger("mailward.posture")
 
@@ -98,7 +103,7 @@ def connect(url: str) -> Any:
     """A ``redis.asyncio.Redis`` client for ``url`` (strings decoded, short timeouts,
     one quick retry)."""
     from redis.asyncio import Redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.retry import Retry
 
     common: dict[str, Any] = {
@@ -110,8 +115,17 @@ def connect(url: str) -> Any:
         from redis.asyncio.sentinel import Sentinel
 
         hosts, service, db, kwargs = parse_sentinel_url(url)
-        sentinel = Sentinel(hosts, sentinel_kwargs={k: v for k, v in kwargs.items()
-                                                    if k == "password"},
+        # Given sentinel_kwargs, redis-py drops the socket timeouts for the sentinels
+        # (a sentinel host that stopped answering would hang every login), and its
+        # default retries with back-off took 15 s per silent sentinel: one try each,
+        # the next sentinel is the retry.
+        to_sentinels: dict[str, Any] = {
+            "socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0)}
+        password = kwargs.pop("sentinel_password", None) or kwargs.get("password")
+        if password:
+            to_sentinels["password"] = password
+        sentinel = Sentinel(hosts, sentinel_kwargs=to_sentinels,
                             **common)  # type: ignore[no-untyped-call]
         return sentinel.master_for(service, db=db, **kwargs)
     return Redis.from_url(url, **common)
@@ -390,21 +404,103 @@ class RedisPostureStore:
             self.revocations.add(device, moved)
         return str(device)
 
+    # -- MDM connectors (proxy.mdm): a page of devices per script ------------------
+
+    async def mdm_commit(self, writes: list[MdmWrite], now: float) -> list[MdmResult]:
+        """Store a page of connector postures, as the SQLite store does
+        (:func:`proxy.posture.sqlite_mdm.commit`): one script, one round trip."""
+        args: list[object] = [self._origin]
+        for w in writes:
+            p = w.posture if w.posture.received_at else dataclasses.replace(
+                w.posture, received_at=now)
+            text = p.to_json()
+            args += [device_key(p.device_id), p.authority, p.user.lower(), text,
+                     hashlib.sha256(content(text).encode()).hexdigest(), p.iat,
+                     json.dumps([device_key(a) for a in w.aliases])]
+        rows = await self._call("mdm_commit", *args) if writes else []
+        self._cache.clear()
+        return [MdmResult(str(device), outcome, Posture.from_json(prev) if prev else None,
+                          bool(aliased)) for device, outcome, prev, aliased in rows]
+
+    async def mdm_devices(self, authority: str) -> set[str]:
+        return {str(d) for d in await self._call("mdm_devices", authority)}
+
+    async def mdm_remove(self, devices: list[str], authority: str, now: float) -> list[str]:
+        """The devices lose ``authority``'s posture and their own reports; returns
+        the devices that had any."""
+        if not devices:
+            return []
+        removed = await self._call("mdm_remove", authority, self._origin,
+                                   *[device_key(d) for d in devices])
+        self._cache.clear()
+        return [str(d) for d in removed]
+
+    async def not_seen_since(self, before: float) -> list[str]:
+        """Devices whose newest posture was made before ``before`` (``[posture]
+        forget_after``)."""
+        return [str(d) for d in await self._call("not_seen", repr(float(before)))]
+
     async def list_devices(self, *, revoked_only: bool = False) -> list[dict[str, Any]]:
         postures, bound, aliases, revoked = await self._call("dump")
         return _device_list(postures, bound, aliases, revoked, revoked_only)
 
-    # -- policy agreement -------------------------------------------------------------
+    # -- the policy pointer (proxy.policies.pointer.RedisPointer) ----------------------
 
-    async def push_policy(self, sha256: str, text: str) -> bool:
-        """Store a policy by its SHA-256 and make it the one in force; True if the
-        active policy changed."""
-        return bool(await self._call("policy_push", sha256, text))
+    async def policy_pointer(self, instance: str) -> tuple[str, str, list[str]]:
+        """(active SHA-256 or "", ``instance``'s file SHA-256 or "", history entries as
+        JSON), in one round trip."""
+        active, file_sha, history = await self._call("policy_pointer", instance)
+        return str(active), str(file_sha), [str(h) for h in history]
 
-    async def active_policy(self, have: str) -> tuple[str, str | None]:
-        """(SHA-256 of the policy in force, its text when it is not ``have``)."""
-        sha, text = await self._call("policy_active", have)
-        return str(sha), (str(text) if text else None)
+    async def move_policy_pointer(self, sha256: str, text: str, entry: str, instance: str,
+                                  file_sha256: str) -> int:
+        """Store the text, make it active and append ``entry`` (JSON) to the history,
+        atomically; ``file_sha256`` "" leaves the instance's file digest alone."""
+        return int(await self._call("policy_move", sha256, text, entry, instance,
+                                    file_sha256))
+
+    async def policy_stamp(self) -> str:
+        """Changes whenever the pointer moves (one round trip)."""
+        return str(await self._call("policy_stamp"))
+
+    async def note_policy_file(self, instance: str, file_sha256: str) -> None:
+        await self._call("policy_note_file", instance, file_sha256)
+
+    async def policy_text(self, sha256: str) -> str | None:
+        text = await self._call("policy_text", sha256)
+        return str(text) if text else None
+
+    # -- shared notice rate (proxy.notify_memory) ---------------------------------------
+
+    async def claim_notice(self, key: str, now: float, window_s: float, count: int) -> bool:
+        """One notice under ``key`` at ``now`` if fewer than ``count`` went out in the
+        ``window_s`` before (by any instance); one round trip. While Redis is known to
+        be down this fails at once (a login is not held up by a second timeout; the
+        caller's own memory decides), until another call finds it back."""
+        if not self.available:
+            raise StoreUnavailable("redis unreachable")
+        return bool(await self._call("notice_claim", key, repr(float(now)),
+                                     repr(float(window_s)), count))
+
+    # -- every device (proxy.policies.preview) ------------------------------------------
+
+    async def posture_pages(self, count: int = 1000) -> AsyncIterator[list[Any]]:
+        """Every device's postures, a page (about ``count`` devices, one round trip, a
+        short script) at a time: ``[[device, [posture as a JSON object, ...]], ...]``
+        (decoded once per page; :meth:`Posture.from_json` semantics are the caller's)."""
+        cursor, text = await self._call("posture_page", "0", count)
+        while True:  # the next page is asked for before this one is decoded
+            nxt = None if str(cursor) == "0" else asyncio.ensure_future(
+                self._call("posture_page", cursor, count))
+            try:
+                yield json.loads(text)
+            except BaseException:
+                if nxt is not None:
+                    nxt.cancel()
+                raise
+            if nxt is None:
+                return
+            cursor, text = await nxt
 
     # -- health -------------------------------------------------------------------------
 

@@ -31,21 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy.posture import (
-    DEVICE_AUTHORITY,
-    Change,
-    CommitResult,
-    Posture,
-    TrustRecords,
-    device_key,
-    in_force,
-)
+from proxy.posture import DEVICE_AUTHORITY, Posture, TrustRecords, device_key, in_force
 from proxy.posture import sqlite_mdm as mdm
 from proxy.posture import sqlite_trust as trust
 from proxy.posture.sqlite_schema import SCHEMA_VERSION, migrate
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.posture import Change, CommitResult  # the store interface's result types
 
 #: Clock skew allowed by the attestation format; a ``jti`` is kept until ``exp`` + this.
 JTI_SKEW_S = 300

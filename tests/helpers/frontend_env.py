@@ -29,10 +29,10 @@ class FrontendEnv:
 
     close_grace_s = 0.5
 
-    def __init__(self, pki: Pki, tmp: Path) -> None:
+    def __init__(self, pki: Pki, tmp: Path, signing_key: Any = None) -> None:
         self.pki, self.tmp = pki, tmp
         self.store = SqlitePostureStore(tmp / "posture.db")
-        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=None)
+        self.audit = AuditLog(tmp / "audit.jsonl", signing_key=signing_key)
         policy = load_policy(ROOT / "config" / "policy.toml")
         self.gate = Gate(store=self.store, audit=self.audit, policy=lambda: policy)
         self.listeners: list[Any] = []

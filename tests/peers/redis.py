@@ -1,11 +1,14 @@
-"""A throw-away ``redis-server`` for tests and benchmarks.
+"""A throw-away ``redis-server`` (and Sentinel) for tests and benchmarks.
 
 ``RedisServer(workdir)`` writes a config under ``workdir`` (loopback only, a free port,
-AOF on, no RDB snapshots, a password when given) and runs ``redis-server <conf>`` in
-the foreground. :meth:`stop` and :meth:`start` can be called again on the same object
-(same port, same data directory): a test stops Redis mid-test to see the degraded
-behaviour and starts it again to see the recovery (the AOF brings the data back, as a
-production Redis that persists must).
+AOF on, no RDB snapshots, a password when given; TLS only with ``tls=``; a replica
+with ``replica_of=``) and runs ``redis-server <conf>`` in the foreground.
+``RedisSentinel(workdir, master)`` is one Sentinel (``redis-server <conf> --sentinel``,
+what the Debian package ``redis-sentinel`` runs) watching ``master`` as ``mymaster``
+with quorum 1 and a one-second down-after. :meth:`stop` and :meth:`start` can be
+called again on the same object (same port, same data directory): a test stops
+Redis mid-test to see the degraded behaviour and starts it again to see the recovery
+(the AOF brings the data back, as a production Redis that persists must).
 
 When ``redis-server`` is not installed, :func:`require_redis` skips the test, or
 fails it under CI (``CI=true``), where ``make test`` installs the Debian package.
@@ -18,7 +21,9 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peers import peer_missing
 
@@ -37,33 +42,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-only Redis: its certificate chain and key, and the CA."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class RedisServer:
     """One ``redis-server`` on 127.0.0.1:``port`` with its data in ``workdir``."""
 
-    def __init__(self, workdir: Path, *, password: str = "", port: int = 0) -> None:
+    def __init__(self, workdir: Path, *, password: str = "", port: int = 0,
+                 tls: TlsFiles | None = None, replica_of: int = 0) -> None:
         require_redis()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.workdir / "redis.conf"
-        lines = [
-            "bind 127.0.0.1", f"port {self.port}", "protected-mode yes",
-            f"dir {self.workdir}", "appendonly yes", "appendfsync everysec", 'save ""',
-            "daemonize no", f"logfile {self.workdir / 'redis.log'}",
-        ]
+        lines = [*self._common(), "protected-mode yes", "appendonly yes",
+                 "appendfsync everysec", 'save ""']
         if password:
-            lines.append(f"requirepass {password}")
+            lines += [f"requirepass {password}", f"masterauth {password}"]
+        if replica_of:
+            lines.append(f"replicaof 127.0.0.1 {replica_of}")
+        if tls is not None:  # TLS only: no plain port; clients need no certificate
+            lines += ["port 0", f"tls-port {self.port}", f"tls-cert-file {tls.cert}",
+                      f"tls-key-file {tls.key}", f"tls-ca-cert-file {tls.ca}",
+                      "tls-auth-clients no"]
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def _common(self) -> list[str]:
+        return ["bind 127.0.0.1", f"port {self.port}", f"dir {self.workdir}",
+                "daemonize no", f"logfile {self.workdir / 'redis.log'}"]
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    def argv(self) -> list[str]:
+        return [REDIS, str(self.conf)]
+
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen([REDIS, str(self.conf)], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -77,19 +105,23 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
 
+    def client(self) -> Any:
+        """A synchronous redis-py client straight to this server (not through
+        mailward's store), for the tests to look at what Redis holds."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None,
+                           ssl=self.tls is not None,
+                           ssl_ca_certs=str(self.tls.ca) if self.tls else None,
+                           socket_timeout=2, decode_responses=True)
+
     def _answers(self) -> bool:
+        import redis
+
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                auth = f"AUTH {self.password}\r\n" if self.password else ""
-                s.sendall(f"{auth}PING\r\n".encode())
-                data = b""
-                while b"PONG" not in data and b"-" not in data[:1]:
-                    chunk = s.recv(256)
-                    if not chunk:
-                        break
-                    data += chunk
-                return b"PONG" in data
-        except OSError:
+            with self.client() as c:
+                return bool(c.ping())
+        except (OSError, redis.RedisError):
             return False
 
     def stop(self) -> None:
@@ -110,3 +142,46 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisSentinel(RedisServer):
+    """One Sentinel watching ``master`` (service ``mymaster``, quorum 1, down after
+    ``down_after_ms``). Sentinel rewrites its own config file as it learns."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self, workdir: Path, master: RedisServer, *, down_after_ms: int = 1000) -> None:
+        require_redis()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.password, self.tls = "", None
+        self.proc = None
+        self.conf = self.workdir / "sentinel.conf"
+        lines = [*self._common(),
+                 f"sentinel monitor {self.SERVICE} 127.0.0.1 {master.port} 1",
+                 f"sentinel down-after-milliseconds {self.SERVICE} {down_after_ms}",
+                 f"sentinel failover-timeout {self.SERVICE} 10000"]
+        if master.password:
+            lines.append(f"sentinel auth-pass {self.SERVICE} {master.password}")
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.master_password = master.password
+
+    def argv(self) -> list[str]:
+        return [REDIS, str(self.conf), "--sentinel"]
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.master_password}@" if self.master_password else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.port}/{self.SERVICE}/0"
+
+    def master_port(self) -> int:
+        """The port Sentinel names as the master now."""
+        with self.client() as c:
+            return int(c.sentinel_get_master_addr_by_name(self.SERVICE)[1])
+
+    def good_replicas(self) -> int:
+        """How many replicas Sentinel knows with their link to the master up."""
+        with self.client() as c:
+            return sum(1 for r in c.sentinel_slaves(self.SERVICE)
+                       if not r.get("is_sdown") and r.get("master-link-status") == "ok")
