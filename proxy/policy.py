@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -231,16 +231,22 @@ class Policy:
             )
             for a in self.approved
         }
-        object.__setattr__(self, "_ids", _RuleIndex(self.prohibited, by_name=False))
+        object.__setattr__(self, "_ids", _RuleIndex(self.prohibited))
         object.__setattr__(self, "_approved", approved)
         object.__setattr__(self, "_platforms", frozenset(self.platforms))
         if any(rule.names for rule in self.prohibited):
-            object.__setattr__(self, "_names", _RuleIndex(self.prohibited, by_name=True))
+            object.__setattr__(self, "_names", _NameIndex(self.prohibited))
 
     def rules_for(self, app_id: str) -> tuple[ProhibitedApp, ...]:
         """Rules whose ids match ``app_id`` (exact first, then globs), memoised."""
+        return self.rules_by_id(app_id)
+
+    @property
+    def rules_by_id(self) -> Callable[[str], tuple[ProhibitedApp, ...]]:
+        """:meth:`rules_for` itself, for a loop over a device's apps: one call per app
+        (the decision's hot path; ``bench/decide.py``)."""
         assert self._ids is not None  # built by __post_init__
-        return self._ids.rules_for(app_id)
+        return self._ids.rules_for
 
     @property
     def has_name_rules(self) -> bool:
@@ -286,12 +292,11 @@ def _is_glob(text: str) -> bool:
 
 
 class _RuleIndex:
-    """Rules by app id (``by_name`` False: exact ids in a dict, globs compiled) or by
-    display name (True: the same, lower-cased and case-insensitive), memoised per key
-    up to :data:`MAX_MEMOISED_APP_IDS` keys."""
+    """Rules by app id: exact ids in a dict, globs compiled, memoised per id up to
+    :data:`MAX_MEMOISED_APP_IDS` ids (``by_name``: by display name, see
+    :class:`_NameIndex`)."""
 
-    def __init__(self, rules: Iterable[ProhibitedApp], *, by_name: bool) -> None:
-        self._fold = by_name
+    def __init__(self, rules: Iterable[ProhibitedApp], *, by_name: bool = False) -> None:
         exact: dict[str, list[ProhibitedApp]] = {}
         self._globs: list[tuple[re.Pattern[str], ProhibitedApp]] = []
         flags = re.IGNORECASE if by_name else 0
@@ -300,27 +305,34 @@ class _RuleIndex:
                 if _is_glob(key):
                     self._globs.append((re.compile(fnmatch.translate(key), flags), rule))
                 else:
-                    exact.setdefault(self._key(key), []).append(rule)
+                    exact.setdefault(key.lower() if by_name else key, []).append(rule)
         self._exact = {k: tuple(v) for k, v in exact.items()}
         self._memo: dict[str, tuple[ProhibitedApp, ...]] = {}
 
-    def _key(self, text: str) -> str:
-        return text.lower() if self._fold else text
-
     def rules_for(self, text: str) -> tuple[ProhibitedApp, ...]:
-        """Rules matching ``text`` (exact first, then globs), memoised."""
-        key = self._key(text)
-        hit = self._memo.get(key)
+        """Rules matching ``text`` (exact first, then globs), memoised. Called once per
+        app of every decision: a memo hit is the whole call."""
+        hit = self._memo.get(text)
         if hit is not None:
             return hit
-        rules = list(self._exact.get(key, ()))
+        rules = list(self._exact.get(text, ()))
         for pattern, rule in self._globs:
             if pattern.match(text) and rule not in rules:
                 rules.append(rule)
         found = tuple(rules)
         if len(self._memo) < MAX_MEMOISED_APP_IDS:
-            self._memo[key] = found
+            self._memo[text] = found
         return found
+
+
+class _NameIndex(_RuleIndex):
+    """Rules by display name, case-insensitive (keys lower-cased, globs IGNORECASE)."""
+
+    def __init__(self, rules: Iterable[ProhibitedApp]) -> None:
+        super().__init__(rules, by_name=True)
+
+    def rules_for(self, text: str) -> tuple[ProhibitedApp, ...]:
+        return super().rules_for(text.lower())
 
 
 # ----------------------------------------------------------------------- decision
@@ -509,9 +521,10 @@ def _prohibited(posture: Posture, policy: Policy, ctx: Context) -> list[Reason]:
     """Step 3: installed apps that a prohibited-app rule covers."""
     reasons: list[Reason] = []
     by_name = policy.has_name_rules  # else one lookup per app, as before names existed
+    rules_by_id = policy.rules_by_id
     for app in posture.apps:
         found = policy.rules_for_app(app.id, app.name) if by_name and app.name \
-            else policy.rules_for(app.id)
+            else rules_by_id(app.id)
         for rule in found:
             if rule.platforms and posture.platform not in rule.platforms:
                 continue
