@@ -62,12 +62,10 @@ log = get_logger("mailward.activesync")
 TLS_HANDSHAKE_TIMEOUT_S: Final = 20.0
 #: Longest Basic credentials header accepted.
 MAX_AUTH_HEADER: Final = 4096
-#: Parsed query strings remembered (the cache is emptied when full).
-QUERY_CACHE_SIZE: Final = 4096
-#: Origins remembered by client address, and request identities by (user, DeviceId,
-#: query User, certificate); each cache is emptied when full.
-ORIGIN_CACHE_SIZE: Final = 4096
-IDENTITY_CACHE_SIZE: Final = 4096
+#: Entries each per-listener cache holds before it is emptied: parsed query strings,
+#: origins by client address, request identities by (user, DeviceId, query User,
+#: certificate).
+CACHE_ENTRIES: Final = 4096
 
 #: A connection's identity facts: where it comes from, its verified certificate.
 ConnectionFacts = tuple[Origin, "ClientCert | None"]
@@ -266,7 +264,7 @@ class ActiveSyncFrontend:
         query = self._queries.get(raw_query)
         if query is None:
             query = parse_query(raw_query)
-            if len(self._queries) >= QUERY_CACHE_SIZE:
+            if len(self._queries) >= CACHE_ENTRIES:
                 self._queries.clear()
             self._queries[raw_query] = query
         return query
@@ -290,7 +288,7 @@ class ActiveSyncFrontend:
     def _origin(self, remote: str) -> Origin:
         origin = self._origins.get(remote)
         if origin is None:
-            if len(self._origins) >= ORIGIN_CACHE_SIZE:
+            if len(self._origins) >= CACHE_ENTRIES:
                 self._origins.clear()
             origin = self._origins[remote] = origin_for(self.cfg, remote)
         return origin
@@ -345,7 +343,7 @@ class ActiveSyncFrontend:
         if user is not None:
             identity = Identity(user, query.device_id, "claim", cert=cert)
             facts = (identity, session_key(identity))
-        if len(self._identities) >= IDENTITY_CACHE_SIZE:
+        if len(self._identities) >= CACHE_ENTRIES:
             self._identities.clear()
         self._identities[made] = facts
         return facts
