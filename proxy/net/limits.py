@@ -75,12 +75,6 @@ class Limit(enum.StrEnum):
     EAS_BODY = "eas_max_body"  # the ActiveSync front end's request body cap
 
 
-#: The old name of :attr:`Limit.HEADER_TIMEOUT`, kept while ``frontends/activesync/guard.py``
-#: imports it; when that file says ``Limit.HEADER_TIMEOUT`` and ``Limit.EAS_BODY`` (for
-#: its own ``EAS_BODY``), drop this and type :meth:`Limits.hit`'s ``limit`` as ``Limit``.
-HEADER_TIMEOUT = Limit.HEADER_TIMEOUT
-
-
 def client_key(ip: str) -> str:
     """The address limits count by (see the module docstring)."""
     try:
@@ -172,8 +166,8 @@ class Limits:
             self._exempt_cache[ip] = found
         return found
 
-    def hit(self, limit: str, listener: str, ip: str = "") -> None:
-        """Count one hit of ``limit`` (a :class:`Limit`) and log it (once a minute per
+    def hit(self, limit: Limit, listener: str, ip: str = "") -> None:
+        """Count one hit of ``limit`` and log it (once a minute per
         address)."""
         if self._on_hit is not None:
             self._on_hit(limit, listener)
@@ -437,7 +431,6 @@ def installed() -> Limits | None:
 
 
 __all__ = [
-    "HEADER_TIMEOUT",
     "MAX_SUMMARIES",
     "SUMMARY_INTERVAL_S",
     "Limit",

@@ -32,19 +32,16 @@ import time
 from aiohttp import web
 
 from proxy.config import ListenerConfig
-from proxy.frontends.activesync.forward import UPSTREAM_ERRORS, Forwarder
-from proxy.frontends.activesync.guard import LoginThrottle
+from proxy.frontends.activesync.forward import Forwarder
+from proxy.frontends.activesync.guard import LoginThrottle, UpstreamUnavailable
 from proxy.frontends.activesync.handler import basic_user, resolve_user
 from proxy.frontends.activesync.hygiene import EAS_PATH
 from proxy.frontends.activesync.refusal import header_safe, unavailable
 from proxy.frontends.eas_query import QueryError, parse_query
-from proxy.gate import UPSTREAM_UNAVAILABLE, Gate, Identity, Origin, origin_for
+from proxy.gate import Gate, Identity, Origin, origin_for
 from proxy.nginx.certs import CertificateCheck, UntrustedCertificate
 from proxy.nginx.mail import UNTRUSTED_TEXT, listener_name
 from proxy.nginx.protocol import REFUSAL_HEADER, BadAuthRequest, EasRequest, parse_eas_request
-from proxy.oplog import get_logger
-
-log = get_logger("mailward.nginx")
 
 #: Request headers of the phone that the credential check sends upstream.
 CHECKED_HEADERS = ("Authorization", "User-Agent", "MS-ASProtocolVersion")
@@ -115,24 +112,16 @@ class EasAuth:
     async def _verify_credentials(self, request: web.Request, req: EasRequest,
                                   identity: Identity, origin: Origin) -> web.Response | None:
         """None when the upstream accepted the phone's credentials, else the answer."""
-        user, ip, cert = identity.user, req.client_ip, identity.cert
-        waited = await self.throttle.before(user, ip, cert)
         phone = request.clone(headers={k: request.headers[k] for k in CHECKED_HEADERS
-                                       if k in request.headers}, remote=ip)
+                                       if k in request.headers}, remote=req.client_ip)
         try:
-            upstream_refused = await self.upstream.check_credentials(phone)
-        except UPSTREAM_ERRORS as exc:
-            log.warning("upstream unavailable", error=str(exc) or type(exc).__name__)
-            await self.gate.record_deny(identity, origin, UPSTREAM_UNAVAILABLE,
-                                        "The mail server could not check the credentials.",
-                                        temporary=True)
+            refused = await self.throttle.check_credentials(self.upstream, phone, identity,
+                                                            origin)
+        except UpstreamUnavailable:
             return unavailable()
-        if upstream_refused is None:
-            self.throttle.succeeded(user, ip, cert)
+        if refused is None:
             return None
-        await self.gate.record_auth_failed(identity, origin)
-        if upstream_refused.status == 401:
-            await self.throttle.failed(user, ip, cert, waited)
+        if refused.status == 401:
             return web.Response(status=401, text="Sign in with your mail account.\n",
                                 headers=SIGN_IN)
         return forbidden("The mail server refused this account.")

@@ -45,10 +45,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.frontends.activesync.forward import UPSTREAM_ERRORS, Forwarder, client_headers
+from proxy.frontends.activesync.forward import Forwarder, client_headers
 from proxy.frontends.activesync.hygiene import NOT_FORWARDED
 from proxy.frontends.activesync.refusal import text_response, unavailable
 from proxy.frontends.activesync.rewrite import Rewriter, Unchanged
+from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS
 from proxy.frontends.activesync.wire import forwarded_headers, header_text
 from proxy.oplog import get_logger
 

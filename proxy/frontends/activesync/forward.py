@@ -23,7 +23,7 @@ from yarl import URL
 from proxy.frontends.activesync.guard import CappedBody
 from proxy.frontends.activesync.hygiene import EAS_PATH, NOT_FORWARDED, upstream_target
 from proxy.frontends.activesync.refusal import text_response
-from proxy.frontends.activesync.upstream import UpstreamPool
+from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS, UpstreamPool
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
     HOP_BY_HOP,
@@ -48,9 +48,6 @@ if TYPE_CHECKING:
 
     from proxy.config import ListenerConfig
 
-#: What an unreachable or misbehaving upstream raises, on either path.
-UPSTREAM_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError,
-                          asyncio.IncompleteReadError)
 #: Commands that only read, so resending one after a stale keep-alive connection
 #: cannot change mailbox state. SendMail, SmartReply, SmartForward, Sync (which may
 #: carry client changes), MoveItems and the like are never resent.

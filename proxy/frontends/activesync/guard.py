@@ -15,7 +15,7 @@ counters; this module says when ActiveSync and Autodiscover consult them).
   (:class:`CappedBody`; the upstream then sees a chunked body that never ends, so it
   does not act on it).
 * **Unauthenticated garbage** (hygiene 400s, bad queries, unknown paths and methods,
-  slow request heads) is counted per client address with :meth:`Limits.abuse` and
+  slow request heads) is counted per client address with ``Limits.abuse`` and
   summarised once a minute, never logged or recorded one by one.
 """
 
@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from proxy.net.limits import HEADER_TIMEOUT, Limits
+from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS
+from proxy.gate import UPSTREAM_UNAVAILABLE
+from proxy.net.limits import Limit
+from proxy.oplog import get_logger
 
 if TYPE_CHECKING:
     import aiohttp
+    from aiohttp import web
 
-    from proxy.gate import Gate
+    from proxy.frontends.activesync.forward import Forwarder
+    from proxy.gate import Gate, Identity, Origin
     from proxy.ids import ClientCert
 
-#: The ``limit`` label of a body over ``eas_max_body``.
-EAS_BODY: Final = "eas_max_body"
+log = get_logger("mailward.activesync")
 
 
 def throttle_user(auth_user: str) -> str:
@@ -51,8 +55,10 @@ def device_of(cert: ClientCert | None) -> str | None:
 
 
 class LoginThrottle:
-    """Failed-login delays for one listener (see the module docstring). The limits
-    are read from the gate on each use (the server's one :class:`Limits`)."""
+    """Failed-login delays for one listener (see the module docstring), and the
+    credential check the front end and nginx's ``auth_request`` share
+    (:meth:`check_credentials`). The limits are read from the gate on each use
+    (``gate.limits``, the server's one :class:`~proxy.net.limits.Limits`)."""
 
     __slots__ = ("gate", "listener")
 
@@ -60,14 +66,35 @@ class LoginThrottle:
         self.gate = gate
         self.listener = listener
 
-    @property
-    def limits(self) -> Limits:
-        return self.gate.limits
+    async def check_credentials(self, upstream: Forwarder, request: web.BaseRequest,
+                                identity: Identity, origin: Origin) -> web.Response | None:
+        """Have the upstream check the request's credentials: None when it accepted
+        them, else its refusal (a failed login for the gate; a 401 waits the rest of
+        its delay). A throttled pair waits before the upstream is asked. When the
+        upstream cannot tell, the request's one decision record is a temporary deny
+        and :class:`UpstreamUnavailable` is raised."""
+        user, ip, cert = identity.user, origin.client_ip, identity.cert
+        waited = await self.before(user, ip, cert)
+        try:
+            refused = await upstream.check_credentials(request)
+        except UPSTREAM_ERRORS as e:
+            log.warning("upstream unavailable", error=str(e) or type(e).__name__)
+            await self.gate.record_deny(identity, origin, UPSTREAM_UNAVAILABLE,
+                                        "The mail server could not check the credentials.",
+                                        temporary=True)
+            raise UpstreamUnavailable from e
+        if refused is None:
+            self.succeeded(user, ip, cert)
+            return None
+        await self.gate.record_auth_failed(identity, origin)
+        if refused.status == 401:
+            await self.failed(user, ip, cert, waited)
+        return refused
 
     async def before(self, user: str, ip: str, cert: ClientCert | None) -> float:
         """Wait what a throttled pair's answer is owed before the upstream is asked;
         returns the seconds waited."""
-        wait = self.limits.auth_wait(throttle_user(user), ip, device_of(cert))
+        wait = self.gate.limits.auth_wait(throttle_user(user), ip, device_of(cert))
         if wait > 0:
             await asyncio.sleep(wait)
         return wait
@@ -75,25 +102,30 @@ class LoginThrottle:
     async def failed(self, user: str, ip: str, cert: ClientCert | None,
                      waited: float = 0.0) -> None:
         """Count a failed login and wait its delay (less what was waited before)."""
-        delay = self.limits.auth_failed(throttle_user(user), ip, self.listener,
+        delay = self.gate.limits.auth_failed(throttle_user(user), ip, self.listener,
                                         device_of(cert)) - waited
         if delay > 0:
             await asyncio.sleep(delay)
 
     def succeeded(self, user: str, ip: str, cert: ClientCert | None) -> None:
-        self.limits.auth_succeeded(throttle_user(user), ip, device_of(cert))
+        self.gate.limits.auth_succeeded(throttle_user(user), ip, device_of(cert))
 
     def abuse(self, ip: str, kind: str) -> None:
         """Count a piece of unauthenticated garbage from ``ip``."""
-        self.limits.abuse(ip, kind, self.listener)
+        self.gate.limits.abuse(ip, kind, self.listener)
 
     def slow_head(self, ip: str) -> None:
         """A connection cut off for not sending its request head in time."""
-        self.limits.hit(HEADER_TIMEOUT, self.listener, ip)
-        self.limits.abuse(ip, "slow_request_head", self.listener)
+        self.gate.limits.hit(Limit.HEADER_TIMEOUT, self.listener, ip)
+        self.gate.limits.abuse(ip, "slow_request_head", self.listener)
 
     def body_too_large(self, ip: str) -> None:
-        self.limits.hit(EAS_BODY, self.listener, ip)
+        self.gate.limits.hit(Limit.EAS_BODY, self.listener, ip)
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not check the credentials (the temporary deny is recorded;
+    the caller answers 503)."""
 
 
 class BodyTooLarge(Exception):
@@ -122,5 +154,5 @@ class CappedBody:
             yield chunk
 
 
-__all__ = ["EAS_BODY", "BodyTooLarge", "CappedBody", "LoginThrottle", "device_of",
-           "throttle_user"]
+__all__ = ["BodyTooLarge", "CappedBody", "LoginThrottle", "UpstreamUnavailable",
+           "device_of", "throttle_user"]

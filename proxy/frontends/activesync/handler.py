@@ -26,13 +26,12 @@ from aiohttp import hdrs, web
 from proxy.frontends.activesync.autodiscover import Autodiscover, Kind, autodiscover_kind
 from proxy.frontends.activesync.forward import (
     RESENDABLE_COMMANDS,
-    UPSTREAM_ERRORS,
     Forwarder,
     OnAuthFailed,
     Progress,
     too_large,
 )
-from proxy.frontends.activesync.guard import LoginThrottle
+from proxy.frontends.activesync.guard import LoginThrottle, UpstreamUnavailable
 from proxy.frontends.activesync.hygiene import EAS_PATH, refusal
 from proxy.frontends.activesync.refusal import blocked_response, text_response, unavailable
 from proxy.frontends.activesync.sessions import (
@@ -41,8 +40,9 @@ from proxy.frontends.activesync.sessions import (
     SessionKey,
     session_key,
 )
+from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS
 from proxy.frontends.eas_query import EasQuery, QueryError, parse_query
-from proxy.gate import UPSTREAM_UNAVAILABLE, Identity, Origin, origin_for
+from proxy.gate import Identity, Origin, origin_for
 from proxy.gate.identity import CERT_REQUIRED_TEXT
 from proxy.net.http_guard import guarded
 from proxy.net.socket_transport import SocketServer, SocketTransport
@@ -359,7 +359,11 @@ class ActiveSyncFrontend:
             # Without the certificate a listener requires, the gate refuses whatever
             # the password: the upstream is not asked (no password oracle).
             if identity.cert is not None or origin.client_cert != "required":
-                refused = await self._verify_credentials(request, identity, origin)
+                try:
+                    refused = await self.throttle.check_credentials(
+                        self.upstream, request, identity, origin)
+                except UpstreamUnavailable:
+                    return unavailable()
                 if refused is not None:
                     return refused
             bound = self._new_binding(identity)
@@ -387,32 +391,6 @@ class ActiveSyncFrontend:
             return None
         device = self.gate.trust.resolve(cert.device_id)
         return None if device in self.gate.trust.bindings else device
-
-    async def _verify_credentials(
-        self, request: web.BaseRequest, identity: Identity, origin: Origin
-    ) -> web.StreamResponse | None:
-        """None when the upstream accepted the credentials; else the response to send.
-        A throttled (user, address) pair waits before the upstream is asked, and a
-        401 waits the rest of its delay (:class:`~.guard.LoginThrottle`)."""
-        user, ip, cert = identity.user, origin.client_ip, identity.cert
-        waited = await self.throttle.before(user, ip, cert)
-        try:
-            refused = await self.upstream.check_credentials(request)
-        except UPSTREAM_ERRORS as e:
-            log.warning("upstream unavailable", error=str(e) or type(e).__name__)
-        else:
-            if refused is None:
-                self.throttle.succeeded(user, ip, cert)
-                return None
-            await self.gate.record_auth_failed(identity, origin)
-            if refused.status == 401:
-                await self.throttle.failed(user, ip, cert, waited)
-            return refused
-        # The request's one decision record: a temporary deny (the gate counts it).
-        await self.gate.record_deny(identity, origin, UPSTREAM_UNAVAILABLE,
-                                    "The mail server could not check the credentials.",
-                                    temporary=True)
-        return unavailable()
 
     def _refusal(self, request: web.BaseRequest, query: EasQuery, identity: Identity,
                  decision: Decision) -> web.Response:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Final, Literal, cast, overload
 
+import aiohttp
 from yarl import URL
 
 from proxy.frontends.activesync.wire import (
@@ -26,6 +27,10 @@ from proxy.frontends.activesync.wire import (
     UpstreamWire,
 )
 
+#: What an unreachable or misbehaving upstream raises, on either path (the pool's
+#: and aiohttp's).
+UPSTREAM_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError,
+                          asyncio.IncompleteReadError)
 #: Received bytes waiting for the consumer above which reading pauses.
 HIGH_WATER: Final = 4 * CHUNK_BYTES
 #: Upstream keep-alive connections kept idle in the pool.
