@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.policies.store import (
@@ -139,12 +140,12 @@ class RedisPointer:
             await self.redis.close()
 
 
+@dataclass(frozen=True, slots=True)
 class PolicyVersions:
     """Stored policies plus the pointer (see the module docstring)."""
 
-    def __init__(self, contents: PolicyStore, pointer: ActivePointer) -> None:
-        self.contents = contents
-        self.pointer = pointer
+    contents: PolicyStore
+    pointer: ActivePointer
 
     @property
     def shared(self) -> bool:
