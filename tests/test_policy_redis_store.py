@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.exceptions
 from helpers.fakes import ListAudit
 from peers.redis import RedisServer
 from test_notify import World, policy
@@ -221,6 +222,51 @@ async def test_a_policy_this_instance_cannot_load_is_not_applied(
         [applied] = [r for r in audit.records if r.get("event") == "policy_reload"]
         assert (applied["trigger"], applied["how"], applied["actor"]) == ("store", "push",
                                                                         "other")
+    finally:
+        stopped = True
+        await watcher
+
+
+async def test_a_file_change_applied_during_an_outage_is_shared_when_redis_returns(
+        store: RedisPostureStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy file change applied while the pointer cannot be moved is in force here
+    and named ``policy_not_shared``; once the pointer can be moved again the watcher
+    puts it in force for every instance (another instance's view of the pointer names
+    it) and the degraded state clears."""
+    init_deployment(tmp_path)
+    cfg_path = tmp_path / "config/mailward.toml"
+    cfg_path.write_text(cfg_path.read_text().replace(
+        'store = "sqlite:///state/posture.db"', f'store = "{store.url}"'))
+    cfg = load_config(cfg_path)
+    holder = PolicyHolder(load_policy(cfg.server.policy))
+    audit = ListAudit()
+    gate = Gate(store=store, audit=audit, policy=holder.current)
+    live = LivePolicy(cfg, holder, gate.observer, asyncio.Lock(), audit.write)
+    live.use_pointer(store)
+    await live.at_start()
+    moves = store.move_policy_pointer
+
+    async def unreachable(*args: Any) -> None:
+        raise redis.exceptions.ConnectionError("Redis is down")
+
+    monkeypatch.setattr(store, "move_policy_pointer", unreachable)
+    _write(cfg.server.policy, BASE.format(version="outage", rules=TIKTOK_RULE))
+    assert await live.reload(gate, "sighup")
+    assert holder.current().version == "outage" and live.degraded() == ["policy_not_shared"]
+    other = PolicyVersions(PolicyStore(tmp_path / "b"), RedisPointer(store, "b"))
+    assert (await other.active()).version != "outage"  # type: ignore[union-attr]
+    monkeypatch.setattr(store, "move_policy_pointer", moves)
+    stopped = False
+    watcher = asyncio.create_task(live.watch(gate, stop=lambda: stopped))
+    try:
+        for _ in range(40):
+            if not live.degraded():
+                break
+            await asyncio.sleep(0.05)
+        assert live.degraded() == []
+        active = await other.active()
+        assert active is not None and active.version == "outage"
+        assert (await other.read()).history[-1].how == "file"  # type: ignore[union-attr]
     finally:
         stopped = True
         await watcher

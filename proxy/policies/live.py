@@ -326,7 +326,10 @@ class LivePolicy:
             await asyncio.sleep(POLL_S)
             try:
                 stamp = await self.versions.stamp()
-                if stamp != self._stamp:
+                if self.unshared:
+                    async with self.lock:
+                        await self._share_applied()
+                elif stamp != self._stamp:
                     async with self.lock:
                         self._stamp = stamp
                         await self._follow(gate)
@@ -337,6 +340,19 @@ class LivePolicy:
                     log.error("policy pointer unreadable; keeping the current policy",
                               where=self.versions.pointer.where, error=error)
                 self._pointer_error = error
+
+    async def _share_applied(self) -> None:
+        """The pointer is reachable again after a file change was applied here while it
+        was not: put that policy in force for every instance, as the change would have
+        been then (the file's change wins; the others follow within :data:`POLL_S`)."""
+        policy = self.holder.current()
+        data = await asyncio.to_thread(self.versions.contents.path_of(policy.sha256).read_bytes)
+        await self.versions.activate(policy, data, how="file", actor=self.actor(),
+                                     file_sha256=policy.sha256)
+        self.unshared = False
+        self._stamp = await self.versions.stamp()
+        log.info("policy applied during the outage now shared",
+                 where=self.versions.pointer.where, policy_version=policy.version)
 
     async def _follow(self, gate: Gate) -> None:
         pointer = await self.versions.read()
