@@ -160,3 +160,20 @@ def test_readme_policy_example_is_valid(tmp_path: Path) -> None:
     policy = load_policy(_write(tmp_path, "policy.toml", block.group(1)))
     assert policy.prohibited[0].name == "TikTok"
     assert policy.exemptions and policy.approved and "finance" in policy.groups
+
+
+def test_redis_url_file_parameters_resolve_like_other_paths(tmp_path: Path) -> None:
+    """A relative ssl_ca_certs/ssl_certfile/ssl_keyfile in a Redis store URL is resolved
+    against the deployment root (as a relative SQLite path is); absolute ones, the
+    password and the other parameters are kept as written."""
+    root = Path(load_config(_write(tmp_path, "sqlite.toml", "")).posture.store
+                .removeprefix("sqlite://")).parent.parent
+    url = ("rediss://:p%40ss@redis.corp.example:6380/0?ssl_ca_certs=certs/redis%20ca.pem"
+           "&health_check_interval=5&ssl_certfile=/etc/mailward/client.pem")
+    cfg = load_config(_write(tmp_path, "redis.toml", f'[posture]\nstore = "{url}"\n'))
+    assert cfg.posture.store == (
+        f"rediss://:p%40ss@redis.corp.example:6380/0?ssl_ca_certs={root}/certs/redis%20ca.pem"
+        "&health_check_interval=5&ssl_certfile=/etc/mailward/client.pem")
+    plain = "redis+sentinel://s1:26379,s2:26379/mymaster/0"
+    cfg = load_config(_write(tmp_path, "plain.toml", f'[posture]\nstore = "{plain}"\n'))
+    assert cfg.posture.store == plain

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from proxy.config.mdm import MdmConfig, read_mdm
 from proxy.config.nginx import NginxConfig, read_nginx, read_nginx_upstream
@@ -328,6 +328,22 @@ def _cidrs(t: Table, key: str) -> tuple[str, ...]:
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+#: Query parameters of a Redis URL that name files: a relative one is resolved against
+#: the deployment root like every other path in mailward.toml.
+REDIS_FILE_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def _redis_url(url: str, root: Path) -> str:
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    params = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        if name in REDIS_FILE_PARAMS and value and not unquote(value).startswith("/"):
+            value = quote(str(root / unquote(value)), safe="/")
+        params.append(f"{name}{eq}{value}")
+    return f"{base}?{'&'.join(params)}"
 
 
 def _posture(ps: Table, root: Path) -> PostureConfig:
@@ -338,7 +354,7 @@ def _posture(ps: Table, root: Path) -> PostureConfig:
         db = Path(rest) if rest.startswith("/") else root / rest
         return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith(REDIS_SCHEMES):
-        return PostureConfig(store=store_url,
+        return PostureConfig(store=_redis_url(store_url, root),
                              cache_max_age_s=ps.duration("cache_max_age", 300.0),
                              forget_after_s=forget_after)
     raise ps.error("store", "must start with sqlite:///, redis://, rediss:// or "
