@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from test_notify import World, policy
 from test_policy_ops import BASE, TELEGRAM_RULE, TIKTOK, TIKTOK_RULE
 
 from proxy.cli_ops import init_deployment
-from proxy.config import load_config
+from proxy.config import Config, load_config
 from proxy.config.policy_file import load_policy
 from proxy.gate import Gate
 from proxy.policies.live import LivePolicy
@@ -180,11 +181,20 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-async def test_a_policy_this_instance_cannot_load_is_not_applied(
-        store: RedisPostureStore, tmp_path: Path) -> None:
-    """A pointer moved (by another instance) to a text this instance cannot load keeps
-    the policy in force and names ``policy_not_applied:<sha12>`` in /readyz's degraded
-    list; a loadable move afterwards is applied and clears it."""
+@dataclass
+class LiveSetup:
+    """One instance's policy machinery on the Redis ``store`` (no listeners)."""
+
+    cfg: Config
+    holder: PolicyHolder
+    audit: ListAudit
+    gate: Gate
+    live: LivePolicy
+
+
+async def _live_on(store: RedisPostureStore, tmp_path: Path) -> LiveSetup:
+    """A deployment in ``tmp_path`` whose posture store is ``store``, its policy in
+    force through the Redis pointer."""
     init_deployment(tmp_path)
     cfg_path = tmp_path / "config/mailward.toml"
     cfg_path.write_text(cfg_path.read_text().replace(
@@ -196,6 +206,16 @@ async def test_a_policy_this_instance_cannot_load_is_not_applied(
     live = LivePolicy(cfg, holder, gate.observer, asyncio.Lock(), audit.write)
     live.use_pointer(store)
     await live.at_start()
+    return LiveSetup(cfg, holder, audit, gate, live)
+
+
+async def test_a_policy_this_instance_cannot_load_is_not_applied(
+        store: RedisPostureStore, tmp_path: Path) -> None:
+    """A pointer moved (by another instance) to a text this instance cannot load keeps
+    the policy in force and names ``policy_not_applied:<sha12>`` in /readyz's degraded
+    list; a loadable move afterwards is applied and clears it."""
+    on = await _live_on(store, tmp_path)
+    holder, audit, gate, live = on.holder, on.audit, on.gate, on.live
     start = holder.current()
     bad = 'version = "bad"\nmode = "sometimes"\n'
     sha = hashlib.sha256(bad.encode()).hexdigest()
@@ -233,17 +253,8 @@ async def test_a_file_change_applied_during_an_outage_is_shared_when_redis_retur
     and named ``policy_not_shared``; once the pointer can be moved again the watcher
     puts it in force for every instance (another instance's view of the pointer names
     it) and the degraded state clears."""
-    init_deployment(tmp_path)
-    cfg_path = tmp_path / "config/mailward.toml"
-    cfg_path.write_text(cfg_path.read_text().replace(
-        'store = "sqlite:///state/posture.db"', f'store = "{store.url}"'))
-    cfg = load_config(cfg_path)
-    holder = PolicyHolder(load_policy(cfg.server.policy))
-    audit = ListAudit()
-    gate = Gate(store=store, audit=audit, policy=holder.current)
-    live = LivePolicy(cfg, holder, gate.observer, asyncio.Lock(), audit.write)
-    live.use_pointer(store)
-    await live.at_start()
+    on = await _live_on(store, tmp_path)
+    cfg, holder, gate, live = on.cfg, on.holder, on.gate, on.live
     moves = store.move_policy_pointer
 
     async def unreachable(*args: Any) -> None:
