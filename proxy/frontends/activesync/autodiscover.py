@@ -209,7 +209,7 @@ class Autodiscover:
         ) as up:
             answer = await read_capped(up.content, MAX_ANSWER_BYTES)
             return (up.status, up.reason or "",
-                    client_headers(list(up.raw_headers), _CONTENT_LENGTH), answer)
+                    CIMultiDict(client_headers(list(up.raw_headers), _CONTENT_LENGTH)), answer)
 
     def _rewritten(self, kind: Kind, headers: CIMultiDict[str], answer: bytes) -> bytes:
         """``answer`` with the upstream's address replaced by ``public_url`` (see

@@ -12,7 +12,7 @@ forwarded_headers`) and pass bodies byte for byte (no automatic decompression).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -26,7 +26,6 @@ from proxy.frontends.activesync.refusal import text_response
 from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS, UpstreamPool
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
-    HOP_BY_HOP,
     Header,
     Memo,
     RequestHead,
@@ -36,11 +35,8 @@ from proxy.frontends.activesync.wire import (
     end_to_end,
     forward_head,
     forwarded_headers,
-    header_name,
     header_text,
-    header_value,
-    picker,
-    split_names,
+    hop_by_hop_and,
 )
 
 if TYPE_CHECKING:
@@ -76,44 +72,28 @@ class Progress:
 
 
 def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
-                   ) -> CIMultiDict[str]:
-    """Upstream answer headers for the client: end to end only, as aiohttp text. Which
-    are kept and their names as text are planned once per sequence of names (an
-    upstream sends the same few); the values are decoded at once when they are UTF-8
-    and hold no line feed, as parsed headers cannot, else one by one."""
-    plan = _ANSWER_PLANS[b"\n".join(map(header_name, headers)), len(headers), drop]
-    if plan is not None:
-        keep, texts = plan
-        values = list(map(header_value, keep(headers)))
-        try:
-            decoded = b"\n".join(values).decode().split("\n")
-        except UnicodeDecodeError:
-            decoded = []
-        if len(decoded) == len(values) and values:
-            # A list, not the zip itself: multidict asks an iterator for ``items``
-            # first, and the AttributeError made it five times slower.
-            return CIMultiDict(list(zip(texts, decoded, strict=True)))
-    return CIMultiDict([(header_text(k), header_text(v)) for k, v in end_to_end(headers, drop)])
+                   ) -> list[tuple[str, str]]:
+    """Upstream answer headers for the client: end to end only, as aiohttp text (UTF-8,
+    else Latin-1), in order; a list, which ``web.Response`` copies into its own
+    multidict. One plain pass for the usual answer (UTF-8 and no ``Connection``
+    header); the general filter otherwise."""
+    skip = hop_by_hop_and(drop)
+    out: list[tuple[str, str]] = []
+    try:
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in skip:
+                if lowered == b"connection":  # it names more to drop
+                    break
+                continue
+            out.append((name.decode(), value.decode()))
+        else:
+            return out
+    except UnicodeDecodeError:
+        pass
+    return [(header_text(k), header_text(v)) for k, v in end_to_end(headers, drop)]
 
 
-def _answer_plan(names: bytes, count: int, drop: frozenset[bytes]
-                 ) -> tuple[Callable[[Sequence[Header]], Sequence[Header]], tuple[str, ...]] | None:
-    """The positions of the end-to-end headers among ``count`` names (joined by line
-    feeds) and their names as text; None when a ``Connection`` header (whose value
-    names more) or a line feed in a name needs the general way."""
-    sent = split_names(names, count)
-    lowered = names.lower().split(b"\n")
-    if sent is None or b"connection" in lowered:
-        return None
-    keep = tuple(i for i, lk in enumerate(lowered) if lk not in HOP_BY_HOP and lk not in drop)
-    return picker(keep), tuple([header_text(sent[i]) for i in keep])
-
-
-#: Answer header plans (:func:`client_headers`) by names, their number and the names
-#: dropped.
-_ANSWER_PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]],
-                          tuple[Callable[[Sequence[Header]], Sequence[Header]],
-                                tuple[str, ...]] | None]] = Memo(_answer_plan, 256)
 def _target(raw_target: str) -> bytes:
     return upstream_target(raw_target).encode("utf-8", "surrogateescape")
 

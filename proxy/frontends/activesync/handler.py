@@ -145,6 +145,7 @@ class ActiveSyncFrontend:
         # renegotiation is off and post-handshake authentication never requested).
         self._tls_facts: weakref.WeakKeyDictionary[Any, ConnectionFacts] = \
             weakref.WeakKeyDictionary()
+        self._plain = ctx.server_tls is None  # no TLS session to ask about
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -275,7 +276,8 @@ class ActiveSyncFrontend:
         once per TLS connection."""
         remote = request.remote or ""
         transport = request.transport
-        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        tls = None if self._plain or transport is None else \
+            transport.get_extra_info("ssl_object")
         if tls is None:
             origin = self._origins.get(remote)
             return (self._origin(remote) if origin is None else origin), None

@@ -54,7 +54,6 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from operator import itemgetter
 from typing import Any, Final, TypeVar
 
@@ -81,11 +80,14 @@ _REPLACED: Final = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto",
                               b"x-forwarded-host"})
 #: Request headers that frame the body: :func:`request_head` writes its own.
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+#: How the status line of an HTTP/1.x answer starts.
+_HTTP_1X: Final = (b"HTTP/1.1 ", b"HTTP/1.0 ")
 #: Statuses whose answer never has a body (RFC 9110 section 6.4.1).
 _NO_BODY: Final = frozenset({204, 304})
 
 _TCHAR: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 section 5.6.2
 _TOKENS: Final = re.compile(_TCHAR + b"+(?::" + _TCHAR + b"+)*")  # names joined with ":"
+_TOKEN: Final = re.compile(_TCHAR + b"+")
 
 
 def _table(allowed: Callable[[int], bool]) -> bytes:
@@ -134,7 +136,7 @@ def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
     headers = list(headers)
     if lowered is None:
         lowered = lower_names(headers)
-    skip = _hop_by_hop_and(drop)
+    skip = hop_by_hop_and(drop)
     if b"connection" in lowered:
         skip = _and_connection_names(skip, headers, lowered)
     return [h for h, lk in zip(headers, lowered, strict=True) if lk not in skip]
@@ -157,9 +159,9 @@ def _and_connection_names(skip: frozenset[bytes], headers: Sequence[Header],
 
 
 @functools.lru_cache(maxsize=16)
-def _hop_by_hop_and(drop: frozenset[bytes]) -> frozenset[bytes]:
+def hop_by_hop_and(drop: frozenset[bytes]) -> frozenset[bytes]:
     """:data:`HOP_BY_HOP` and ``drop`` (the few drop sets are joined once, not per
-    request)."""
+    request): the headers an answer leaves out without a ``Connection`` header."""
     return HOP_BY_HOP | drop
 
 
@@ -210,33 +212,10 @@ class RequestHead:
     body_length: int
 
 
-def request_head(method: bytes, target: bytes, headers: list[Header], body_length: int
-                 ) -> RequestHead:
-    """The head of a request (``UnsendableRequest`` when it would not be valid
-    HTTP/1.1): ``method`` a token, ``target`` visible ASCII, exactly one ``Host``,
-    header names tokens and values free of control bytes (CR, LF, NUL...). The body's
-    framing is written here (``Content-Length`` with a body or for POST), so the
-    headers must not carry their own."""
-    names = list(map(header_name, headers))
-    return _written(method, target, _template(names), _names_error(names, lower_names(headers)),
-                    list(map(header_value, headers)), body_length)
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """How :func:`forward_head` writes the requests with one sequence of header names
-    (without a ``Connection`` header): the same for every request a phone sends."""
-
-    keep: Callable[[Sequence[Header]], Sequence[Header]]  # the client's forwarded
-    host_at: int  # the client's first Host (X-Forwarded-Host), or -1
-    template: tuple[bytes, ...]  # the head around method, target and values
-    error: str | None  # why the names cannot be sent, if they cannot
-
-
 class Memo(dict[K, V]):
     """A bounded memo: ``memo[key]`` is ``make(*key)``, made once (a hit is one dict
-    lookup, no Python frame); emptied when ``size`` keys are held. For what depends on
-    the header names alone, which a phone or an upstream repeats all day."""
+    lookup, no Python frame); emptied when ``size`` keys are held. For what a phone or
+    an upstream repeats all day (targets, reasons), never a credential."""
 
     __slots__ = ("_make", "_size")
 
@@ -252,20 +231,31 @@ class Memo(dict[K, V]):
         return value
 
 
-def picker(positions: tuple[int, ...]) -> Callable[[Sequence[Header]], Sequence[Header]]:
-    """A function giving the headers at ``positions``, in order: an ``itemgetter``, so
-    no Python frame runs when it is called."""
-    if len(positions) > 1:
-        return itemgetter(*positions)
-    at = positions[0] if positions else 0
-    return itemgetter(slice(at, at + len(positions)))
-
-
-def split_names(names: bytes, count: int) -> list[bytes] | None:
-    """``count`` header names joined by line feeds, apart again; None when one of them
-    holds a line feed (which no parsed header can)."""
-    parts = names.split(b"\n")
-    return parts if len(parts) == count else None
+def request_head(method: bytes, target: bytes, headers: list[Header], body_length: int
+                 ) -> RequestHead:
+    """The head of a request (``UnsendableRequest`` when it would not be valid
+    HTTP/1.1): ``method`` a token, ``target`` visible ASCII, exactly one ``Host``,
+    header names tokens and values free of control bytes (CR, LF, NUL...). The body's
+    framing is written here (``Content-Length`` with a body or for POST), so the
+    headers must not carry their own."""
+    if not method or 0 in method.translate(_TOKEN_BYTES):
+        raise UnsendableRequest("request method is not a token")
+    if not _visible(target):
+        raise UnsendableRequest("request target is not visible ASCII")
+    error = _names_error([name for name, _ in headers], lower_names(headers))
+    if error is not None:
+        raise UnsendableRequest(error)
+    # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
+    # llhttp strips a trailing space but not a trailing tab, so strip both here. (Tab
+    # and space are no control bytes: stripping first changes nothing of the check.)
+    values = [value.strip(b" \t") for _, value in headers]
+    if 0 in b"\t".join(values).translate(_FIELD_BYTES):
+        raise UnsendableRequest("a header is not valid HTTP")
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines += [name + b": " + value for (name, _), value in zip(headers, values, strict=True)]
+    if body_length or method == b"POST":
+        lines.append(b"Content-Length: %d" % body_length)
+    return RequestHead(method, b"\r\n".join(lines) + b"\r\n\r\n", body_length)
 
 
 def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[Header],
@@ -273,57 +263,80 @@ def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[He
                  ) -> RequestHead:
     """``request_head(method, target, [(b"Host", host), *forwarded_headers(headers,
     remote, scheme, drop)], body_length)``: the same bytes and the same checks (a
-    property test holds it to that), for every request mailward forwards. What depends
-    on the header names alone (which are forwarded, whether they are tokens, the
-    template of the head) is planned once per sequence of names (never a value:
-    nothing of a credential is kept) and drop set; the values are checked and written
-    for each request."""
-    plan = _PLANS[b"\n".join(map(header_name, headers)), len(headers), drop]
-    if plan is None:  # a Connection header, or a name with a line feed
-        return request_head(method, target, [(b"Host", host), *forwarded_headers(
-            headers, remote, scheme, drop)], body_length)
-    values = [host, *map(header_value, plan.keep(headers)), remote.encode(), scheme.encode()]
-    if plan.host_at >= 0:
-        values.append(headers[plan.host_at][1])
-    return _written(method, target, plan.template, plan.error, values, body_length)
+    property test holds it to that), for every request mailward forwards.
+
+    One pass over the client's headers writes the head, then one scan of all the values
+    for control bytes. Header names are checked against the names already seen to be
+    tokens (a phone sends the same dozen all day; names only, so nothing of a
+    credential is kept). Anything else (a ``Connection`` header, which names more to
+    drop; a name not seen before; a failed check) takes ``request_head``'s way, which
+    writes the same bytes or says why it cannot. A plain loop on purpose: the version
+    planned once per sequence of names that this replaces ran as many instructions but
+    cost more CPU in cache misses (see ``bench/RESULTS.md``)."""
+    skip = _forward_skip(drop)
+    # Four pieces per line, so the values are parts[7::4] (Host's first).
+    parts = [method, b" ", target, b" HTTP/1.1", b"\r\n", b"Host", b": ", host]
+    client_host: bytes | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in skip:
+            if lowered == b"host":
+                if client_host is None:
+                    client_host = value
+            elif lowered == b"connection":
+                return _forward_head_checked(method, target, host, headers, remote, scheme,
+                                             drop, body_length)
+            continue
+        if lowered not in _SENDABLE_NAMES and not _learn_name(lowered):
+            return _forward_head_checked(method, target, host, headers, remote, scheme, drop,
+                                         body_length)
+        parts += (b"\r\n", name, b": ", value.strip(b" \t"))
+    parts += (b"\r\n", b"X-Forwarded-For", b": ", remote.encode(),
+              b"\r\n", b"X-Forwarded-Proto", b": ", scheme.encode())
+    if client_host is not None:
+        parts += (b"\r\n", b"X-Forwarded-Host", b": ", client_host.strip(b" \t"))
+    if (not method or 0 in method.translate(_TOKEN_BYTES) or not _VISIBLE_TARGETS[target,]
+            or 0 in b"\t".join(parts[7::4]).translate(_FIELD_BYTES)):
+        return _forward_head_checked(method, target, host, headers, remote, scheme, drop,
+                                     body_length)
+    if body_length or method == b"POST":
+        parts.append(b"\r\nContent-Length: %d\r\n\r\n" % body_length)
+    else:
+        parts.append(b"\r\n\r\n")
+    data = b"".join(parts)
+    return RequestHead(method, data, body_length)
 
 
-def _plan(names: bytes, count: int, drop: frozenset[bytes]) -> _Plan | None:
-    """The plan for ``count`` header names (``names``, joined by line feeds), or None
-    when they need :func:`forwarded_headers` (a ``Connection`` header names more to
-    drop)."""
-    sent = split_names(names, count)
-    lowered = names.lower().split(b"\n")
-    if sent is None or b"connection" in lowered:
-        return None
-    skip = _hop_by_hop_and(_replaced_and(drop))
-    keep = tuple(i for i, lk in enumerate(lowered) if lk not in skip)
-    host_at = lowered.index(b"host") if b"host" in lowered else -1
-    out = [b"Host", *[sent[i] for i in keep], b"X-Forwarded-For", b"X-Forwarded-Proto"]
-    out_lowered = [b"host", *(lowered[i] for i in keep), b"x-forwarded-for",
-                   b"x-forwarded-proto"]
-    if host_at >= 0:
-        out.append(b"X-Forwarded-Host")
-        out_lowered.append(b"x-forwarded-host")
-    return _Plan(picker(keep), host_at, _template(out), _names_error(out, out_lowered))
+def _forward_head_checked(method: bytes, target: bytes, host: bytes,
+                          headers: Sequence[Header], remote: str, scheme: str,
+                          drop: frozenset[bytes], body_length: int) -> RequestHead:
+    """:func:`forward_head` the general way (``UnsendableRequest`` with the reason)."""
+    return request_head(method, target, [(b"Host", host), *forwarded_headers(
+        headers, remote, scheme, drop)], body_length)
 
 
-#: Plans of forwarded request heads (:func:`forward_head`) by names, their number and
-#: the names dropped.
-_PLANS: Final[Memo[tuple[bytes, int, frozenset[bytes]], _Plan | None]] = Memo(_plan, 512)
+@functools.lru_cache(maxsize=16)
+def _forward_skip(drop: frozenset[bytes]) -> frozenset[bytes]:
+    """The client headers a forwarded request leaves out: hop-by-hop, those mailward
+    replaces and ``drop`` (joined once per drop set)."""
+    return HOP_BY_HOP | _REPLACED | drop
 
 
-def _template(names: list[bytes]) -> tuple[bytes, ...]:
-    """A request head up to the body's framing, as the pieces around its method,
-    target and a value for each of ``names``: ``b""`` at every odd position, where
-    :func:`_written` puts them (one slice assignment and one join per request)."""
-    pieces = [b"", b"", b" "]
-    glue = b" HTTP/1.1\r\n"
-    for name in names:
-        pieces += (b"", glue + name + b": ")
-        glue = b"\r\n"
-    pieces += (b"", glue)
-    return tuple(pieces)
+#: Lower-case header names seen to be tokens and free to forward (not the body's
+#: framing): :func:`forward_head` checks a name once, not on every request.
+_SENDABLE_NAMES: Final[set[bytes]] = set()
+
+
+def _learn_name(lowered: bytes) -> bool:
+    """Whether ``lowered`` (a lower-case header name) may be forwarded as it is; if so
+    it joins :data:`_SENDABLE_NAMES` (emptied at 1,024 names, so junk names cannot
+    grow it)."""
+    if lowered in _FRAMING or _TOKEN.fullmatch(lowered) is None:
+        return False
+    if len(_SENDABLE_NAMES) >= 1024:
+        _SENDABLE_NAMES.clear()
+    _SENDABLE_NAMES.add(lowered)
+    return True
 
 
 def _names_error(names: list[bytes], lowered: list[bytes]) -> str | None:
@@ -347,31 +360,6 @@ def _visible(target: bytes) -> bool:
 #: Whether a target is :func:`_visible`, by target: a phone repeats the same few (and
 #: :mod:`.forward` hands out the same bytes object for each, so its hash is kept).
 _VISIBLE_TARGETS: Final[Memo[tuple[bytes], bool]] = Memo(_visible, 4096)
-
-
-def _written(method: bytes, target: bytes, template: tuple[bytes, ...], error: str | None,
-             values: list[bytes], body_length: int) -> RequestHead:
-    """The head from its :func:`_template` and header values, after the checks."""
-    if not method or 0 in method.translate(_TOKEN_BYTES):
-        raise UnsendableRequest("request method is not a token")
-    if not _VISIBLE_TARGETS[target,]:
-        raise UnsendableRequest("request target is not visible ASCII")
-    if error is not None:
-        raise UnsendableRequest(error)
-    # Without surrounding spaces or tabs: recipients strip them (RFC 9110 5.5), and
-    # llhttp strips a trailing space but not a trailing tab, so strip both here. (Tab
-    # and space are no control bytes: stripping first changes nothing of the check.)
-    values = list(map(bytes.strip, values, repeat(b" \t")))
-    if 0 in b"\t".join(values).translate(_FIELD_BYTES):
-        raise UnsendableRequest("a header is not valid HTTP")
-    parts = list(template)
-    parts[1], parts[3] = method, target
-    parts[5::2] = values
-    if body_length or method == b"POST":
-        parts.append(b"Content-Length: %d\r\n\r\n" % body_length)
-    else:
-        parts.append(b"\r\n")
-    return RequestHead(method, b"".join(parts), body_length)
 
 
 @dataclass(slots=True)
@@ -398,7 +386,7 @@ class UpstreamWire:
 
     __slots__ = ("_body", "_dead", "_done", "_eof", "_error", "_events", "_got_bytes", "_head",
                  "_headers", "_interim", "_keep_alive", "_method", "_parser", "_reason",
-                 "_stall", "_started", "_to_close", "_trailing")
+                 "_stall", "_started", "_to_close", "_trailing", "_version_seen")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -413,6 +401,9 @@ class UpstreamWire:
         self._events.clear()
         self._error: UpstreamProtocolError | None = None
         self._got_bytes = False  # something arrived for the current request
+        # The answer's first bytes were "HTTP/1.1 " or "HTTP/1.0 ": the version of its
+        # first head need not be asked of the parser (which formats a string for it).
+        self._version_seen = False
         self._started = False  # the head of the final answer was read
         self._done = False  # the answer to the current request was read whole
         self._to_close = False  # its body ends with the connection
@@ -448,7 +439,9 @@ class UpstreamWire:
             if not self._done and self._error is None:
                 self._error = self._end_of_connection()
             return
-        self._got_bytes = True
+        if not self._got_bytes:
+            self._got_bytes = True
+            self._version_seen = data.startswith(_HTTP_1X)
         if self._done or self._dead or self._error is not None:
             self._trailing = True  # nothing more is read from this connection
             return
@@ -532,8 +525,9 @@ class UpstreamWire:
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        if parser.get_http_version() not in ("1.1", "1.0"):
+        if not self._version_seen and parser.get_http_version() not in ("1.1", "1.0"):
             self._fail("not HTTP/1.x")
+        self._version_seen = False  # a head after an interim one is asked about
         if status < 100 or status == 101:
             self._fail(f"status {status}")
         if status < 200:
