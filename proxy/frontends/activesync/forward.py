@@ -26,6 +26,7 @@ from proxy.frontends.activesync.refusal import text_response
 from proxy.frontends.activesync.upstream import UPSTREAM_ERRORS, UpstreamPool
 from proxy.frontends.activesync.wire import (
     CHUNK_BYTES,
+    HOP_BY_HOP_AND,
     Header,
     Memo,
     RequestHead,
@@ -36,7 +37,6 @@ from proxy.frontends.activesync.wire import (
     forward_head,
     forwarded_headers,
     header_text,
-    hop_by_hop_and,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def client_headers(headers: list[Header], drop: frozenset[bytes] = frozenset()
     else Latin-1), in order; a list, which ``web.Response`` copies into its own
     multidict. One plain pass for the usual answer (UTF-8 and no ``Connection``
     header); the general filter otherwise."""
-    skip = hop_by_hop_and(drop)
+    skip = HOP_BY_HOP_AND[drop]
     out: list[tuple[str, str]] = []
     try:
         for name, value in headers:
@@ -99,9 +99,9 @@ def _target(raw_target: str) -> bytes:
 
 
 #: Upstream targets by the client's (a phone repeats the same few all day).
-_TARGETS: Final[Memo[tuple[str], bytes]] = Memo(_target, 4096)
+_TARGETS: Final[Memo[str, bytes]] = Memo(_target, 4096)
 #: Reasons as text, by the bytes of the upstream's status line.
-_REASONS: Final[Memo[tuple[bytes], str]] = Memo(header_text, 64)
+_REASONS: Final[Memo[bytes, str]] = Memo(header_text, 64)
 
 
 class Forwarder:
@@ -158,7 +158,7 @@ class Forwarder:
         query, ``Host`` the upstream's, the forwarded headers, ``Content-Length`` the
         body's (``UnsendableRequest`` when a header is not valid HTTP). Written anew for
         every request: nothing of a client's credentials outlives it."""
-        return forward_head(request.method.encode(), _TARGETS[request.raw_path,],
+        return forward_head(request.method.encode(), _TARGETS[request.raw_path],
                             self.pool.host_header, request.raw_headers, request.remote or "",
                             request.scheme, drop, body_length)
 
@@ -242,7 +242,7 @@ class Forwarder:
                     conn = None
             if head.status == 401 and on_auth_failed is not None:
                 await on_auth_failed(request)
-            reason = _REASONS[head.reason,]
+            reason = _REASONS[head.reason]
             if head.length is not None and head.length <= CHUNK_BYTES:
                 data = head.body  # most answers: it came whole with its head
                 if data is None:

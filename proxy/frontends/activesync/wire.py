@@ -49,13 +49,12 @@ read in pieces). ``bench/activesync_calls.py`` counts calls per request and
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import httptools
 
@@ -67,7 +66,7 @@ CHUNK_BYTES: Final = 64 * 1024
 MAX_HEAD_BYTES: Final = 64 * 1024
 
 Header = tuple[bytes, bytes]
-K = TypeVar("K", bound=tuple[Any, ...])
+K = TypeVar("K")
 V = TypeVar("V")
 
 #: Headers that describe one connection, never forwarded (lower case).
@@ -128,6 +127,37 @@ class _Stop(Exception):
     """Raised in a parser callback to stop llhttp (a HEAD answer's end, or an error)."""
 
 
+class Memo(dict[K, V]):
+    """A bounded memo: ``memo[key]`` is ``make(key)``, made once (a hit is one dict
+    lookup, no Python frame); emptied when ``size`` keys are held. For what a phone or
+    an upstream repeats all day (targets, reasons, sets of names), never a
+    credential."""
+
+    __slots__ = ("_make", "_size")
+
+    def __init__(self, make: Callable[..., V], size: int) -> None:
+        super().__init__()
+        self._make = make
+        self._size = size
+
+    def __missing__(self, key: K) -> V:
+        if len(self) >= self._size:
+            self.clear()
+        value = self[key] = self._make(key)
+        return value
+
+
+#: :data:`HOP_BY_HOP` and a drop set, by the drop set (the few drop sets are joined
+#: once, not per request): what an answer leaves out without a ``Connection`` header.
+HOP_BY_HOP_AND: Final[Memo[frozenset[bytes], frozenset[bytes]]] = Memo(HOP_BY_HOP.union, 16)
+#: The request headers mailward replaces and a drop set, by the drop set.
+_REPLACED_AND: Final[Memo[frozenset[bytes], frozenset[bytes]]] = Memo(_REPLACED.union, 16)
+#: What a forwarded request leaves out of the client's headers, by the drop set:
+#: hop-by-hop, replaced and dropped.
+_FORWARD_SKIP: Final[Memo[frozenset[bytes], frozenset[bytes]]] = Memo(
+    (HOP_BY_HOP | _REPLACED).union, 16)
+
+
 def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
                lowered: list[bytes] | None = None) -> list[Header]:
     """``headers`` in order without the hop-by-hop ones: the fixed set, those the
@@ -136,7 +166,7 @@ def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset(),
     headers = list(headers)
     if lowered is None:
         lowered = lower_names(headers)
-    skip = hop_by_hop_and(drop)
+    skip = HOP_BY_HOP_AND[drop]
     if b"connection" in lowered:
         skip = _and_connection_names(skip, headers, lowered)
     return [h for h, lk in zip(headers, lowered, strict=True) if lk not in skip]
@@ -158,13 +188,6 @@ def _and_connection_names(skip: frozenset[bytes], headers: Sequence[Header],
                         if lk == b"connection"))
 
 
-@functools.lru_cache(maxsize=16)
-def hop_by_hop_and(drop: frozenset[bytes]) -> frozenset[bytes]:
-    """:data:`HOP_BY_HOP` and ``drop`` (the few drop sets are joined once, not per
-    request): the headers an answer leaves out without a ``Connection`` header."""
-    return HOP_BY_HOP | drop
-
-
 def connection_names(value: bytes) -> frozenset[bytes]:
     """The lower-case header names a ``Connection`` header value lists."""
     return frozenset(t.strip().lower() for t in value.split(b","))
@@ -177,19 +200,12 @@ def forwarded_headers(headers: Sequence[Header], remote: str, scheme: str,
     value is dropped, since no proxy in front of mailward is trusted),
     ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the client's first ``Host``) set."""
     lowered = lower_names(headers)
-    out = end_to_end(headers, _replaced_and(drop), lowered)
+    out = end_to_end(headers, _REPLACED_AND[drop], lowered)
     out.append((b"X-Forwarded-For", remote.encode()))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
     if b"host" in lowered:
         out.append((b"X-Forwarded-Host", headers[lowered.index(b"host")][1]))
     return out
-
-
-@functools.lru_cache(maxsize=16)
-def _replaced_and(drop: frozenset[bytes]) -> frozenset[bytes]:
-    """:data:`_REPLACED` and ``drop`` (the few drop sets are joined once, not per
-    request)."""
-    return _REPLACED | drop
 
 
 def header_text(raw: bytes) -> str:
@@ -210,25 +226,6 @@ class RequestHead:
     method: bytes
     data: bytes
     body_length: int
-
-
-class Memo(dict[K, V]):
-    """A bounded memo: ``memo[key]`` is ``make(*key)``, made once (a hit is one dict
-    lookup, no Python frame); emptied when ``size`` keys are held. For what a phone or
-    an upstream repeats all day (targets, reasons), never a credential."""
-
-    __slots__ = ("_make", "_size")
-
-    def __init__(self, make: Callable[..., V], size: int) -> None:
-        super().__init__()
-        self._make = make
-        self._size = size
-
-    def __missing__(self, key: K) -> V:
-        if len(self) >= self._size:
-            self.clear()
-        value = self[key] = self._make(*key)
-        return value
 
 
 def request_head(method: bytes, target: bytes, headers: list[Header], body_length: int
@@ -273,7 +270,7 @@ def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[He
     writes the same bytes or says why it cannot. A plain loop on purpose: the version
     planned once per sequence of names that this replaces ran as many instructions but
     cost more CPU in cache misses (see ``bench/RESULTS.md``)."""
-    skip = _forward_skip(drop)
+    skip = _FORWARD_SKIP[drop]
     # Four pieces per line, so the values are parts[7::4] (Host's first).
     parts = [method, b" ", target, b" HTTP/1.1", b"\r\n", b"Host", b": ", host]
     client_host: bytes | None = None
@@ -295,7 +292,7 @@ def forward_head(method: bytes, target: bytes, host: bytes, headers: Sequence[He
               b"\r\n", b"X-Forwarded-Proto", b": ", scheme.encode())
     if client_host is not None:
         parts += (b"\r\n", b"X-Forwarded-Host", b": ", client_host.strip(b" \t"))
-    if (not method or 0 in method.translate(_TOKEN_BYTES) or not _VISIBLE_TARGETS[target,]
+    if (not method or 0 in method.translate(_TOKEN_BYTES) or not _VISIBLE_TARGETS[target]
             or 0 in b"\t".join(parts[7::4]).translate(_FIELD_BYTES)):
         return _forward_head_checked(method, target, host, headers, remote, scheme, drop,
                                      body_length)
@@ -313,13 +310,6 @@ def _forward_head_checked(method: bytes, target: bytes, host: bytes,
     """:func:`forward_head` the general way (``UnsendableRequest`` with the reason)."""
     return request_head(method, target, [(b"Host", host), *forwarded_headers(
         headers, remote, scheme, drop)], body_length)
-
-
-@functools.lru_cache(maxsize=16)
-def _forward_skip(drop: frozenset[bytes]) -> frozenset[bytes]:
-    """The client headers a forwarded request leaves out: hop-by-hop, those mailward
-    replaces and ``drop`` (joined once per drop set)."""
-    return HOP_BY_HOP | _REPLACED | drop
 
 
 #: Lower-case header names seen to be tokens and free to forward (not the body's
@@ -359,7 +349,7 @@ def _visible(target: bytes) -> bool:
 
 #: Whether a target is :func:`_visible`, by target: a phone repeats the same few (and
 #: :mod:`.forward` hands out the same bytes object for each, so its hash is kept).
-_VISIBLE_TARGETS: Final[Memo[tuple[bytes], bool]] = Memo(_visible, 4096)
+_VISIBLE_TARGETS: Final[Memo[bytes, bool]] = Memo(_visible, 4096)
 
 
 @dataclass(slots=True)
