@@ -4,6 +4,7 @@ which requests are refused with 400 and which target goes upstream."""
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict
 
 from proxy.frontends.activesync.hygiene import NOT_FORWARDED, refusal, upstream_target
 from proxy.frontends.activesync.wire import forwarded_headers
@@ -33,7 +34,7 @@ AUTH = (b"Authorization", b"Basic YWxpY2U6cHc=")
 def test_refusal(target: str, headers: list[tuple[bytes, bytes]], reason: str | None) -> None:
     """Two Authorization headers, an absolute-form target, a fragment, or a Connection
     header naming a header mailward reads are refused; ordinary requests are not."""
-    assert refusal(target, headers) == reason
+    assert refusal(target, CIMultiDict((k.decode(), v.decode()) for k, v in headers)) == reason
 
 
 @pytest.mark.parametrize(("raw", "target"), [

@@ -186,7 +186,7 @@ class ActiveSyncFrontend:
             if autodiscover is None:
                 self.throttle.abuse(request.remote or "", "unknown_path")
                 return text_response(404, "Not found.")
-        refused = refusal(request.raw_path, request.raw_headers)
+        refused = refusal(request.raw_path, request.headers)
         if refused is not None:
             self.throttle.abuse(request.remote or "", refused)
             return text_response(400, "Bad ActiveSync request.")

@@ -23,10 +23,12 @@ it: the config has no ``trusted_proxies`` yet).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
-from proxy.frontends.activesync.wire import Header, connection_names, lower_names
+from aiohttp import hdrs
+from multidict import MultiMapping
+
+from proxy.frontends.activesync.wire import connection_names
 
 EAS_PATH: Final = "/Microsoft-Server-ActiveSync"
 
@@ -41,24 +43,20 @@ METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-http-method"
 NOT_FORWARDED: Final = METHOD_OVERRIDES | {b"forwarded"}
 
 
-def refusal(raw_target: str, raw_headers: Sequence[Header]) -> str | None:
+def refusal(raw_target: str, headers: MultiMapping[str]) -> str | None:
     """Why the request must be refused with 400 (a short reason code), or None.
 
     ``raw_target`` is the request target as received (aiohttp's ``raw_path``),
-    ``raw_headers`` its headers as received (aiohttp's ``raw_headers``). Runs on every
-    request: the names are lowered in one go, the values looked at only when a
-    ``Connection`` header is there."""
+    ``headers`` the request's (case-insensitive, as aiohttp's ``request.headers``)."""
     if not raw_target.startswith("/"):
         return "absolute_form"
     if "#" in raw_target:
         return "fragment"
-    lowered = lower_names(raw_headers)
-    if lowered.count(b"authorization") > 1:
+    if len(headers.getall(hdrs.AUTHORIZATION, ())) > 1:
         return "duplicate_authorization"
-    if b"connection" in lowered:
-        for (_, value), name in zip(raw_headers, lowered, strict=True):
-            if name == b"connection" and not connection_names(value).isdisjoint(RELIED_ON):
-                return "connection_names_end_to_end"
+    for value in headers.getall(hdrs.CONNECTION, ()):
+        if not connection_names(value.encode("utf-8", "surrogateescape")).isdisjoint(RELIED_ON):
+            return "connection_names_end_to_end"
     return None
 
 
