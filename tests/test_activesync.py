@@ -867,6 +867,44 @@ async def test_upstream_pool_framing_and_stale_connections() -> None:
         server.close()
 
 
+async def test_upstream_reads_time_out_at_each_waits_own_deadline() -> None:
+    """Each wait for the upstream times out after its own timeout, also on a reused
+    connection whose one timer was armed for an earlier wait: a later deadline is
+    waited for in full, an earlier one is not waited past; an answer in time is read."""
+    from proxy.frontends.activesync import UpstreamPool
+    from proxy.frontends.activesync.wire import request_head
+
+    class Answers(asyncio.Protocol):  # answers "now" at once, then nothing ever
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+
+        def data_received(self, data: bytes) -> None:
+            if b"/now" in data:
+                self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.get_running_loop().create_server(Answers, "127.0.0.1", 0)
+    pool = UpstreamPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"),
+                        False, 2)
+    loop = asyncio.get_running_loop()
+    try:
+        conn = await pool.connect()
+        for first_timeout, timeout in ((0.3, 0.6), (30.0, 0.3)):
+            conn.send(request_head(b"GET", b"/now", [(b"Host", b"x")], 0), b"")
+            assert (await conn.read_head(first_timeout)).body == b"ok"
+            conn.send(request_head(b"GET", b"/never", [(b"Host", b"x")], 0), b"")
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(conn.read_head(timeout), 10)
+            waited = loop.time() - started
+            assert timeout - 0.05 <= waited < timeout + 1.0, (first_timeout, timeout, waited)
+            conn.abort()
+            conn = await pool.connect()
+        conn.abort()
+    finally:
+        pool.close()
+        server.close()
+
+
 async def test_an_answer_in_pieces_is_read_whole() -> None:
     """An answer of known length whose body arrives after its head comes without the
     body on the head; read_rest reads the pieces to the end and the connection is
