@@ -34,17 +34,17 @@ connection (httptools has no ``finish``). httptools cannot be told that an answe
 reused (mailward sends only POST and OPTIONS).
 
 Cost, per small exchange: h11 (pure Python) took about 45 us at the connection level,
-half of mailward's CPU per request. Here, what depends only on header names (which
-are forwarded, whether they are tokens, the template of the request head; which
-answer headers the client gets) is planned once per sequence of names (:class:`Memo`:
-a phone or an upstream repeats the same few all day; values, and so credentials, are
-never kept) and values are checked and written per request (byte tables, one
-``translate`` each, not regular expressions; one join of the planned pieces, not
-``bytes %``): a request head takes about 3 us (6-7 us when everything was done per
-request; the regular expressions alone cost ~2 us of it), the answer at the
-connection, with its headers for the client, about 6 us (7-8 us when the body was
-read in pieces). ``bench/activesync_calls.py`` counts calls per request and
-``bench/activesync.py --tree`` compares req/CPU-s with other revisions in the same run.
+half of mailward's CPU per request. The request head and the answer's headers are
+each written in one plain pass (:func:`forward_head`, ``forward.client_headers``);
+only what a phone or an upstream repeats all day is remembered (:class:`Memo`:
+targets, reasons, header names seen to be tokens; never a value, so nothing of a
+credential). Measure before making these cleverer: a version that planned the heads
+once per sequence of header names ran as many instructions but cost ~5% more
+simulated cycles per request in cache misses and mispredicted branches
+(``bench/RESULTS.md``: callgrind with cache simulation of the proxy process), and
+every Python-level call costs more than the bytes it saves. ``bench/activesync_calls.py``
+counts calls per request and ``bench/activesync.py --tree`` compares req/CPU-s with
+other revisions in the same run.
 """
 
 from __future__ import annotations
