@@ -162,12 +162,16 @@ def machine() -> list[str]:
 
 
 def write_table(path: Path, header: list[str], rows: list[tuple[str, str, str, str]]) -> None:
+    """Write the table to ``path``; the sections written by hand after it (from the
+    file's first ``## `` heading on: same-run comparisons, investigations) are kept."""
     lines = ["# Benchmark results", "", "Written by `make bench` (`bench/results.py`); "
              "each benchmark's own docstring says what it measures and how.", "", *header,
              "", "| benchmark | figure | value | peer / ratio |", "|---|---|---:|---:|"]
     for row in rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    old = path.read_text() if path.exists() else ""
+    by_hand = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    path.write_text("\n".join(lines) + "\n" + ("\n" + by_hand if by_hand else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,3 +121,22 @@ def test_results_table_rows() -> None:
     assert rows == [("decide.py", "mailward evaluate decisions/s", "31,635", ""),
                     ("decide.py", "mailward evaluate p50 µs", "25.7", ""),
                     ("decide.py", "ratio mailward/naive x", "", "3,474")]
+
+
+@pytest.mark.pure
+def test_results_table_keeps_the_sections_written_by_hand(tmp_path: Path) -> None:
+    """``make bench`` rewrites the table of bench/RESULTS.md but keeps what engineers
+    wrote below it (same-run comparisons), and writes a new file whole."""
+    results = _module("results")
+    out = tmp_path / "RESULTS.md"
+    row = ("decide.py", "mailward evaluate decisions/s", "31,635", "")
+    results.write_table(out, ["- machine: test"], [row])
+    first = out.read_text()
+    assert "| decide.py | mailward evaluate decisions/s | 31,635 |  |" in first
+    assert "## " not in first
+    out.write_text(first + "\n## By hand\n\nmailward 0.97x 2ae0984\n")
+    results.write_table(out, ["- machine: test"], [(*row[:2], "40,000", "")])
+    again = out.read_text()
+    assert "| 40,000 |" in again and "31,635" not in again
+    assert again.endswith("\n## By hand\n\nmailward 0.97x 2ae0984\n")
+    assert again.count("# Benchmark results") == 1
