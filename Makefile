@@ -63,9 +63,11 @@ lint: venv
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
 
-# The fast loop: pure and conversation tests, no peer servers.
+# The fast loop: pure and conversation tests, no peer servers, in parallel (pytest-xdist;
+# two workers a core, since many conversation tests wait on timers rather than compute).
+FAST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 test-fast: venv
-	$(BIN)/pytest -q -m "not peer and not slow"
+	$(BIN)/pytest -q -m "not peer and not slow" -n $(FAST_WORKERS)
 
 demo: venv
 	$(BIN)/mailward demo

@@ -28,11 +28,9 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +41,6 @@ import activesync as bench  # noqa: E402  (this tree's request and upstream)
 EVENTS = ("Ir", "I1mr", "D1mr", "Bcm", "Bim")
 WEIGHTS = {"Ir": 0.4, "I1mr": 10.0, "D1mr": 10.0, "Bcm": 15.0, "Bim": 15.0}
 CONNS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _load(port: int, per_connection: int) -> None:
@@ -70,16 +62,6 @@ async def _load(port: int, per_connection: int) -> None:
     await asyncio.gather(*(one(c) for c in range(CONNS)))
 
 
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def _summary(path: Path) -> dict[str, int]:
     events: list[str] = []
     for line in path.read_text().splitlines():
@@ -93,7 +75,7 @@ def _summary(path: Path) -> dict[str, int]:
 def measure(tree: Path, requests: int) -> dict[str, float]:
     """Per-request simulated costs of ``tree``'s mailward."""
     tmp = Path(tempfile.mkdtemp(prefix="mailward-cache-"))
-    up_port, mw_port = _free_port(), _free_port()
+    up_port, mw_port = bench._free_port(), bench._free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "activesync.py"),
@@ -106,7 +88,7 @@ def measure(tree: Path, requests: int) -> dict[str, float]:
              str(tmp / "state"), str(bench.DEVICES)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(mailward)
-        _wait_port(mw_port, 300)
+        bench._wait_port(mw_port, 300)
         asyncio.run(_load(mw_port, 20))  # warm-up
         subprocess.run(["callgrind_control", "-z", str(mailward.pid)], check=True,
                        capture_output=True)
