@@ -562,8 +562,9 @@ def _report(exc: Exception) -> int:
     known: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
     try:
         from proxy.pki import PkiError
+        from proxy.posture.redis import StoreUnavailable  # Redis down, or refusing us
 
-        known += (PkiError,)
+        known += (PkiError, StoreUnavailable)
     except ImportError:
         pass
     if isinstance(exc, known):

@@ -49,7 +49,8 @@ async def test_rediss_with_ca_file_and_password(tls_redis: RedisServer, tmp_path
     others = [RedisPostureStore(u) for u in (
         f"redis://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0",  # no TLS
         f"rediss://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0",  # system CAs only
-        tls_redis.url.replace(f":{PASSWORD}@", ""))]  # no password
+        tls_redis.url.replace(f":{PASSWORD}@", ""),  # no password
+        tls_redis.url.replace(f":{PASSWORD}@", ":not-the-password@"))]
     try:
         p = make_posture("tls-dev")
         assert await a.commit_attestation(p, None, NOW) == "ok"
@@ -59,8 +60,18 @@ async def test_rediss_with_ca_file_and_password(tls_redis: RedisServer, tmp_path
         assert not any([await s.ping() for s in others])
         assert "CERTIFICATE_VERIFY_FAILED" in others[1].last_error
         assert "AuthenticationError" in others[2].last_error
-        with pytest.raises(StoreUnavailable):  # nothing cached: refused (temporarily)
-            await others[2].get("tls-dev")
+        assert "AuthenticationError" in others[3].last_error
+        # /readyz tells a password problem (the operator must act) from an outage
+        assert others[0].degraded()[0].startswith("redis_unreachable:")
+        for refused in others[2:]:
+            assert refused.degraded()[0].startswith("redis_credentials_refused:")
+        with pytest.raises(StoreUnavailable, match="refused the credentials"):
+            await others[3].get("tls-dev")  # nothing cached: refused (temporarily)
+        wrong = others[3].url
+        failed = _cli(tmp_path / "wrong", wrong, "device", "revoke", "tls-dev", "--why", "x",
+                      status=2)
+        assert failed.count("\n") == 1 and "refused the credentials" in failed, failed
+        assert "internal error" not in failed and PASSWORD not in failed
         _cli(tmp_path / "site", tls_redis.url, "device", "revoke", "tls-dev", "--why", "lost")
         revoked = (await b.trust_records()).revoked
         assert revoked == {"tls-dev": "lost"}
@@ -69,9 +80,10 @@ async def test_rediss_with_ca_file_and_password(tls_redis: RedisServer, tmp_path
             await s.close()
 
 
-def _cli(site: Path, store_url: str, *args: str) -> str:
+def _cli(site: Path, store_url: str, *args: str, status: int = 0) -> str:
     """Run ``mailward`` with a config made by ``mailward init`` whose store is
-    ``store_url``; its standard output (exit status 0 asserted)."""
+    ``store_url``; its standard output (exit ``status`` asserted), or its standard
+    error when ``status`` is not 0."""
     mailward = str(Path(sys.executable).with_name("mailward"))
     cfg = site / "config/mailward.toml"
     if not cfg.exists():
@@ -81,8 +93,8 @@ def _cli(site: Path, store_url: str, *args: str) -> str:
                                     f"store = {json.dumps(store_url)}", 1))
     done = subprocess.run([mailward, *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "MAILWARD_CONFIG": str(cfg)}, cwd=site)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    assert done.returncode == status, done.stdout + done.stderr
+    return done.stdout if status == 0 else done.stderr
 
 
 @pytest.fixture

@@ -138,6 +138,14 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
+def _credentials_refused(exc: BaseException) -> bool:
+    """Redis answered, but not to our password or ACL user (redis-py raises these as
+    connection errors): an outage only the operator can end, so it is named apart."""
+    from redis.exceptions import AuthenticationError, AuthorizationError
+
+    return isinstance(exc, (AuthenticationError, AuthorizationError))
+
+
 class RevocationCopy:
     """Every revocation this instance made or saw, in ``state/revocations.json``
     (0600, replaced atomically): ``{device: {"why", "actor", "at"}}``."""
@@ -194,6 +202,7 @@ class RedisPostureStore:
         self.revocations = RevocationCopy(
             None if state_dir is None else Path(state_dir) / "revocations.json")
         self.available = True
+        self.credentials_refused = False  # why not available: the password, not the network
         self.last_error = ""
         self._replay_due = True  # at start: Redis may have lost what we kept
         self._closed = False
@@ -209,8 +218,7 @@ class RedisPostureStore:
             result = await self._scripts[name](args=[self.prefix, *args])
         except Exception as exc:
             if _unreachable(exc):
-                self._went_down(exc)
-                raise StoreUnavailable(f"redis unreachable: {exc}") from exc
+                raise self._went_down(exc) from exc
             raise
         if not self.available:
             self.available = True
@@ -218,13 +226,21 @@ class RedisPostureStore:
             log.info("redis reachable again", url=_safe(self.url))
         return result
 
-    def _went_down(self, exc: BaseException) -> None:
+    def _went_down(self, exc: BaseException) -> StoreUnavailable:
+        """Note that Redis failed us, log it once, and the error for the caller."""
         self.last_error = f"{type(exc).__name__}: {exc}"
-        if self.available:
-            self.available = False
-            log.error("redis unreachable; deciding from the local cache",
+        refused = _credentials_refused(exc)
+        news = self.available or refused != self.credentials_refused
+        self.available, self.credentials_refused = False, refused
+        if news:
+            log.error(f"{self._why_down()}; deciding from the local cache",
                       url=_safe(self.url), error=self.last_error,
                       cache_max_age_s=self.cache_max_age_s)
+        return StoreUnavailable(f"{self._why_down()}: {exc}")
+
+    def _why_down(self) -> str:
+        return ("redis refused the credentials in [posture] store"
+                if self.credentials_refused else "redis unreachable")
 
     # -- reads (the decision path) -----------------------------------------------
 
@@ -251,7 +267,7 @@ class RedisPostureStore:
     def _cached(self, key: str) -> list[Posture]:
         found = self._cache.get(key)
         if found is None or self._clock() - found[0] > self.cache_max_age_s:
-            raise StoreUnavailable(f"redis unreachable and no posture of {key} read "
+            raise StoreUnavailable(f"{self._why_down()} and no posture of {key} read "
                                    f"within {self.cache_max_age_s:.0f} s")
         POSTURE_CACHED.set(True)
         return list(found[1])
@@ -298,8 +314,7 @@ class RedisPostureStore:
                                           nx=True, ex=ttl)
         except Exception as exc:
             if _unreachable(exc):
-                self._went_down(exc)
-                raise StoreUnavailable(f"redis unreachable: {exc}") from exc
+                raise self._went_down(exc) from exc
             raise
         if not done:
             raise ValueError("nonce was already issued")
@@ -478,7 +493,7 @@ class RedisPostureStore:
         be down this fails at once (a login is not held up by a second timeout; the
         caller's own memory decides), until another call finds it back."""
         if not self.available:
-            raise StoreUnavailable("redis unreachable")
+            raise StoreUnavailable(self._why_down())
         return bool(await self._call("notice_claim", key, repr(float(now)),
                                      repr(float(window_s)), count))
 
@@ -519,10 +534,12 @@ class RedisPostureStore:
         return ok
 
     def degraded(self) -> list[str]:
-        """What ``/readyz`` names: Redis unreachable (decisions from the cache)."""
+        """What ``/readyz`` names: Redis unreachable, or refusing our credentials
+        (decisions from the cache either way)."""
         if self.available:
             return []
-        return [f"redis_unreachable:decisions_from_cache_max_{self.cache_max_age_s:.0f}s"]
+        what = "redis_credentials_refused" if self.credentials_refused else "redis_unreachable"
+        return [f"{what}:decisions_from_cache_max_{self.cache_max_age_s:.0f}s"]
 
     async def close(self) -> None:
         if self._closed:
