@@ -306,6 +306,12 @@ class World(FrontendEnv):
     client: TestClient[Any, Any]
     upstream: DemoUpstream
     listeners: list[Any]
+    eas: EasAuth
+    now: float = 1000.0
+
+    def clock(self) -> float:
+        """The device-sessions' clock, moved by the tests."""
+        return self.now
 
     async def ask(self, path: str, headers: dict[str, str], *,
                   secret: str | None = SECRET) -> Any:
@@ -346,12 +352,15 @@ async def world(pki: Pki, tmp_path: Path) -> AsyncIterator[World]:
     forwarder = Forwarder(eas, None)
     await forwarder.start()
     w.mail = MailAuth(w.gate, {"imap": imap, "smtp": smtp}, {}, certs, "mailward.test")
+    w.eas = EasAuth(w.gate, eas, forwarder, certs, clock=w.clock)
+    w.eas.start()
     app = nginx_app.make_app(NginxConfig(port=0), SECRET, lambda: w.gate.limits, w.mail,
-                             EasAuth(w.gate, eas, forwarder, certs))
+                             w.eas)
     w.client = TestClient(TestServer(app))
     await w.client.start_server()
     yield w
     await w.client.close()
+    await w.eas.close()
     await forwarder.close()
     await w.upstream.close()
     await w.close()
@@ -505,3 +514,79 @@ async def test_auth_request_credentials_and_bad_requests(world: World) -> None:
     assert r.status == 403 and "X-Mailward-Refusal" in r.headers
     recs = await world.wait_records(2, "decision")
     assert [r["reasons"][0]["code"] for r in recs] == ["auth_failed", "device_mismatch"]
+
+
+def count_checks(world: World) -> list[str]:
+    """The users whose credentials the upstream is asked to check, from now on."""
+    checked: list[str] = []
+    check = world.eas._verify_credentials
+
+    async def counting(request: Any, req: Any, identity: Any, origin: Any) -> Any:
+        checked.append(identity.user)
+        return await check(request, req, identity, origin)
+
+    world.eas._verify_credentials = counting  # type: ignore[method-assign]
+    return checked
+
+
+def session_ends(world: World) -> list[str]:
+    return [r["detail"] for r in world.records("session_end")]
+
+
+@pytest.mark.conversation
+async def test_auth_request_decides_once_per_device_session(world: World) -> None:
+    """A phone's requests through nginx are decided once (one decision record, one
+    upstream check; a burst of first requests too); the session's end records how
+    many requests that decision covered."""
+    checked = count_checks(world)
+    first = await asyncio.gather(*(world.ask("/auth_request", eas_headers("alice-phone"))
+                                   for _ in range(8)))
+    assert [r.status for r in first] == [200] * 8
+    for _ in range(4):
+        assert (await world.ask("/auth_request", eas_headers("alice-phone"))).status == 200
+    assert checked == [ALICE]
+    (rec,) = await world.wait_records(1, "decision")
+    assert (rec["decision"], rec["device_id"], rec["listener"]) == \
+        ("allow", "alice-phone", "nginx:activesync")
+    world.now += 3601  # past the decision's age: decided again
+    assert (await world.ask("/auth_request", eas_headers("alice-phone"))).status == 200
+    assert len(await world.wait_records(2, "decision")) == 2 and len(checked) == 2
+    await world.eas.close()
+    assert session_ends(world) == ["max_age requests=12", "listener_closed requests=1"]
+
+
+@pytest.mark.conversation
+async def test_auth_request_session_ends_with_a_new_posture(world: World) -> None:
+    """TikTok installed on a phone with a cached allow: the gate ends its session
+    (session_end names the trigger) and its next request is refused."""
+    assert (await world.ask("/auth_request", eas_headers("alice-phone"))).status == 200
+    await world.put(posture("alice-phone", ALICE, (TIKTOK,)))
+    assert await world.gate.posture_changed("alice-phone") == 1
+    r = await world.ask("/auth_request", eas_headers("alice-phone"))
+    assert r.status == 403 and "TikTok" in r.headers["X-Mailward-Refusal"]
+    assert [r["decision"] for r in await world.wait_records(2, "decision")] == \
+        ["allow", "deny"]
+    assert [(r["reason"], r["detail"], r["device_id"]) for r in world.records("session_end")] \
+        == [("posture_changed", "prohibited_app", "alice-phone"),
+            ("eas_session", "terminated requests=1", "alice-phone")]
+
+
+@pytest.mark.conversation
+async def test_auth_request_cache_covers_only_the_same_credentials_and_certificate(
+        world: World) -> None:
+    """A cached allow is not an oracle: a wrong password on the same device is checked
+    upstream (401, a failed login the throttle counts) and so is another certificate;
+    the allowed key still works."""
+    checked = count_checks(world)
+    assert (await world.ask("/auth_request", eas_headers("alice-phone"))).status == 200
+    for _ in range(2):
+        wrong = await world.ask("/auth_request", eas_headers("alice-phone", password="nope"))
+        assert wrong.status == 401
+    other = await world.ask("/auth_request", eas_headers(
+        "alice-phone", cert=leaf_pem(world.pki, "bob-phone")))
+    assert other.status == 403
+    assert (await world.ask("/auth_request", eas_headers("alice-phone"))).status == 200
+    assert len(checked) == 4
+    recs = await world.wait_records(4, "decision")
+    assert [r["decision"] if r["decision"] == "allow" else r["reasons"][0]["code"]
+            for r in recs] == ["allow", "auth_failed", "auth_failed", "device_mismatch"]

@@ -13,7 +13,8 @@ the same audit records as its own front ends:
 * :mod:`.upstreams` -- the password checked against the real upstream with the
   front ends' own upstream login code;
 * :mod:`.mail` -- ``GET /auth_http`` (nginx ``mail``: IMAP, POP3, SMTP);
-* :mod:`.eas` -- ``GET /auth_request`` (nginx ``http`` in front of ActiveSync);
+* :mod:`.eas` -- ``GET /auth_request`` (nginx ``http`` in front of ActiveSync), decided
+  once per device-session;
 * :mod:`.app` -- the aiohttp listener: loopback only, the shared-secret header, limits.
 
 :func:`start` is what ``mailward serve`` calls when ``[nginx]`` is configured.
@@ -59,6 +60,8 @@ async def start(cfg: Config, gate: Gate,
         await forwarder.start()
         closers.append(forwarder.close)
         eas = EasAuth(gate, lc, forwarder, certs)
+        eas.start()
+        closers.insert(0, eas.close)  # its session_end records before the upstream goes
     app = make_app(ng, secret, lambda: gate.limits, mail, eas)
     try:
         running = await bind(ng, app, gate.limits)

@@ -19,15 +19,31 @@ Answers (nginx passes 401 and 403 to the phone, anything else becomes its 500):
 deny or a request that is not ActiveSync; 503 with ``Retry-After`` when the
 upstream, the posture store or the audit log is unavailable.
 
-Every request that reaches the gate gets one ``decision`` record: unlike the front
-end, nginx keeps no device-session here, so a phone's every request is decided
-(and a revocation or new posture applies from its next request).
+Decided once per device-session, as on the front end
+(:mod:`proxy.frontends.activesync.sessions`): the first request of a (device, user,
+client certificate, credentials) is checked upstream and decided, with one
+``decision`` record; an allow is cached and answers that key's later requests at
+once until the gate ends it (revocation, new posture, policy; its ``session_end``
+record says why and how many requests it covered), the policy version changes, it
+is an hour old or two hours idle. Refusals are never cached. Unlike the front end,
+mailward never sees the upstream's answers here (nginx proxies the phone's request
+itself), so a changed or wrong password cannot end a session from an upstream 401:
+the key holds a keyed digest of the ``Authorization`` header instead, and other
+credentials are a new key, checked upstream and counted by the failed-login
+throttle. A request nginx has already passed on is not ended by a later
+revocation (nginx does not ask again); the phone's next request is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import hashlib
+import hmac
+import secrets
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -37,6 +53,7 @@ from proxy.frontends.activesync.guard import LoginThrottle, UpstreamUnavailable
 from proxy.frontends.activesync.handler import basic_user, resolve_user
 from proxy.frontends.activesync.hygiene import EAS_PATH
 from proxy.frontends.activesync.refusal import header_safe, unavailable
+from proxy.frontends.activesync.sessions import DeviceSessions, SessionKey, session_key
 from proxy.frontends.eas_query import QueryError, parse_query
 from proxy.gate import Gate, Identity, Origin, origin_for
 from proxy.nginx.certs import CertificateCheck, UntrustedCertificate
@@ -58,10 +75,38 @@ class EasAuth:
     """Answers ``auth_request`` for the ActiveSync listener with ``nginx_upstream``."""
 
     def __init__(self, gate: Gate, lc: ListenerConfig, forwarder: Forwarder,
-                 certs: CertificateCheck) -> None:
+                 certs: CertificateCheck, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.gate, self.lc, self.upstream, self.certs = gate, lc, forwarder, certs
         self.name = listener_name(lc)
         self.throttle = LoginThrottle(gate, self.name)
+        self.clock = clock
+        self.sessions = DeviceSessions(gate, clock, self.throttle)
+        # Keys hold a digest of the credentials, keyed by a secret of this process so
+        # that the table holds nothing a password could be checked against offline.
+        self._credentials_key = secrets.token_bytes(32)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Sweep idle and over-age device-sessions (in the running loop)."""
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self.sessions.sweep_forever())
+
+    async def close(self) -> None:
+        """End every device-session (``session_end`` records)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.sessions.close()
+
+    def _key(self, identity: Identity, authorization: str) -> SessionKey:
+        """The front end's device-session key, its certificate part extended by the
+        credentials' digest (see the module docstring)."""
+        device, user, cert = session_key(identity)
+        digest = hmac.new(self._credentials_key, authorization.encode("utf-8",
+                          "surrogateescape"), hashlib.sha256).hexdigest()
+        return device, user, f"{cert}/{digest}"
 
     async def answer(self, request: web.Request) -> web.Response:
         try:
@@ -98,16 +143,40 @@ class EasAuth:
             return forbidden("The account in the request does not match the signed-in "
                              "account.")
         identity = Identity(user, query.device_id, "claim", cert=cert)
-        if cert is not None or origin.client_cert != "required":
-            refused = await self._verify_credentials(request, req, identity, origin)
-            if refused is not None:
-                return refused
-        decision = await self.gate.decide(identity, origin)
-        if decision.allow:
+        key = self._key(identity, req.authorization or "")
+        session = self.sessions.cached(key) or await self.sessions.current(key)
+        if session is None:
+            return await self._admit(request, req, identity, origin, key)
+        session.covered(self.clock())
+        return web.Response(status=200)
+
+    async def _admit(self, request: web.Request, req: EasRequest, identity: Identity,
+                     origin: Origin, key: SessionKey) -> web.Response:
+        """A new device-session: the upstream checks the credentials, the gate decides
+        (with the session registered, so a re-evaluation meanwhile ends it), an allow
+        is cached. A burst of first requests of one key waits for one decision."""
+        async with self.sessions.admission(key) as admitted:
+            if admitted is not None:
+                admitted.covered(self.clock())
+                return web.Response(status=200)
+            if identity.cert is not None or origin.client_cert != "required":
+                refused = await self._verify_credentials(request, req, identity, origin)
+                if refused is not None:
+                    return refused
+            session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
+            try:
+                decision = await self.gate.decide(identity, origin)
+            except BaseException:
+                self.sessions.abandon(session)
+                raise
+            if not decision.allow:
+                self.sessions.abandon(session)
+                return unavailable() if decision.temporary else \
+                    forbidden(decision.user_text())
+            if not await self.sessions.activate(session):  # ended while deciding
+                return forbidden(session.ended or "")
+            session.covered(self.clock())
             return web.Response(status=200)
-        if decision.temporary:
-            return unavailable()
-        return forbidden(decision.user_text())
 
     async def _verify_credentials(self, request: web.Request, req: EasRequest,
                                   identity: Identity, origin: Origin) -> web.Response | None:

@@ -87,6 +87,12 @@ class DeviceSession:
         self.last_used = now
         self.tasks.add(task)
 
+    def covered(self, now: float) -> None:
+        """A request with nothing left open on it (nginx's ``auth_request``, whose
+        phone request nginx then proxies itself) was covered by this decision."""
+        self.requests += 1
+        self.last_used = now
+
     def finish(self, task: asyncio.Task[Any], now: float) -> None:
         """A request on this session ended; a retired session leaves the gate with
         its last request."""
