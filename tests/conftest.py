@@ -45,7 +45,7 @@ TIERS: Mapping[str, str] = {
     "test_socket_transport": "conversation",
     "test_smtp_relay": "conversation",
     "test_audit": "conversation",
-    "test_cli": "conversation",
+    "test_cli": "peer",  # the installed console script, as an operator runs it
     "test_server": "peer",  # mailward serve as a subprocess
     "test_demo": "peer",
 }

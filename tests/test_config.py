@@ -177,3 +177,20 @@ def test_redis_url_file_parameters_resolve_like_other_paths(tmp_path: Path) -> N
     plain = "redis+sentinel://s1:26379,s2:26379/mymaster/0"
     cfg = load_config(_write(tmp_path, "plain.toml", f'[posture]\nstore = "{plain}"\n'))
     assert cfg.posture.store == plain
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("redis+sentinel://s1:26379/mymaster/0?socket_timeout=5", "unknown parameter 'socket_timeout'"),
+    ("redis+sentinel://s1:26379/mymaster/0?ssl=yes", "ssl must be true or false"),
+    ("redis+sentinel://:pw@s1/mymaster", "is not host:port"),
+    ("redis+sentinel://s1:26379", "the path must be /<service>[/<db>]"),
+])
+def test_a_bad_sentinel_url_is_a_config_error(tmp_path: Path, url: str, said: str) -> None:
+    """A redis+sentinel:// store URL is read when the config is (so check-config names
+    a bad one, in one line, without the password), not first when serve connects."""
+    path = _write(tmp_path, "mailward.toml", f'[posture]\nstore = "{url}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert said in message and "posture.store" in message and "\n" not in message
+    assert ":pw@" not in message

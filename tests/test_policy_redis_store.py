@@ -281,3 +281,22 @@ async def test_a_file_change_applied_during_an_outage_is_shared_when_redis_retur
     finally:
         stopped = True
         await watcher
+
+
+async def test_a_move_asked_of_a_lagging_instance_records_what_was_really_in_force(
+        store: RedisPostureStore, tmp_path: Path) -> None:
+    """Between its polls an instance's own policy can lag a move made elsewhere. A
+    rollback asked of it then still starts from what the shared pointer names: the
+    record and the answer say the fleet moved from the other instance's push back to
+    the version before it (not from this instance's stale copy)."""
+    on = await _live_on(store, tmp_path)  # no watcher: this instance does not follow
+    start = on.holder.current()
+    ban = _write(tmp_path / "ban.toml", BASE.format(version="ban-elsewhere", rules=TIKTOK_RULE))
+    await PolicyVersions(PolicyStore(tmp_path / "b"), RedisPointer(store, "b")).activate(
+        load_policy(ban), ban.read_bytes(), how="push", actor="other")
+    assert on.holder.current().sha256 == start.sha256  # lagging
+    answer = await on.live.rollback(on.gate, None, "admin")
+    assert (answer["from_version"], answer["to_version"]) == ("ban-elsewhere", start.version)
+    [record] = [r for r in on.audit.records if r.get("event") == "policy_rollback"]
+    assert (record["from_version"], record["to_version"]) == ("ban-elsewhere", start.version)
+    assert on.holder.current().sha256 == start.sha256

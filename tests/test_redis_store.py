@@ -45,7 +45,11 @@ def test_sentinel_url_parsing() -> None:
     assert hosts == [("10.0.0.1", 26379), ("::1", 26380)]
     assert (service, db) == ("mymaster", 2)
     assert kw == {"password": "pw", "ssl_ca_certs": "/ca.pem"}
-    for bad in ("redis+sentinel://h:1", "redis+sentinel://h/x", "redis+sentinel://h:1/a/b/c"):
+    assert parse_sentinel_url("redis+sentinel://h:1/m?ssl=true&sentinel_password=sp")[3] == \
+        {"ssl": True, "sentinel_password": "sp"}
+    assert parse_sentinel_url("redis+sentinel://h:1/m?ssl=false")[3] == {"ssl": False}
+    for bad in ("redis+sentinel://h:1", "redis+sentinel://h/x", "redis+sentinel://h:1/a/b/c",
+                "redis+sentinel://h:1/m?ssl=1", "redis+sentinel://h:1/m?db=2"):
         with pytest.raises(ValueError):
             parse_sentinel_url(bad)
 

@@ -29,14 +29,18 @@ pytestmark = pytest.mark.peer
 PASSWORD = "s3cret-pw"
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A TLS-only Redis (no plain port) with a password, its certificate from
-    ``mailward certs init`` (the server certificate names 127.0.0.1)."""
+def tls_files(tmp_path: Path) -> TlsFiles:
+    """Certificates from ``mailward certs init`` (the server certificate names
+    127.0.0.1)."""
     certs = tmp_path / "certs"
     certs_init(certs)
-    tls = TlsFiles(certs / "server.pem", certs / "server.key", certs / "ca.pem")
-    with RedisServer(tmp_path / "redis", password=PASSWORD, tls=tls) as srv:
+    return TlsFiles(certs / "server.pem", certs / "server.key", certs / "ca.pem")
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A TLS-only Redis (no plain port) with a password."""
+    with RedisServer(tmp_path / "redis", password=PASSWORD, tls=tls_files(tmp_path)) as srv:
         yield srv
 
 
@@ -97,14 +101,17 @@ def _cli(site: Path, store_url: str, *args: str, status: int = 0) -> str:
     return done.stdout if status == 0 else done.stderr
 
 
-@pytest.fixture
-def sentinel_set(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, RedisSentinel]]:
+@pytest.fixture(params=["plain", "tls"])
+def sentinel_set(request: pytest.FixtureRequest, tmp_path: Path
+                 ) -> Iterator[tuple[RedisServer, RedisServer, RedisSentinel]]:
     """A master and its replica (both with a password) and one Sentinel watching
-    them, started once the replica is in sync so Sentinel's first look finds it."""
-    master = RedisServer(tmp_path / "master", password=PASSWORD).start()
+    them, started once the replica is in sync so Sentinel's first look finds it; all
+    three TLS-only in the ``tls`` run (``?ssl=true&ssl_ca_certs=`` in the URL)."""
+    tls = tls_files(tmp_path) if request.param == "tls" else None
+    master = RedisServer(tmp_path / "master", password=PASSWORD, tls=tls).start()
     replica = sentinel = None
     try:
-        replica = RedisServer(tmp_path / "replica", password=PASSWORD,
+        replica = RedisServer(tmp_path / "replica", password=PASSWORD, tls=tls,
                               replica_of=master.port).start()
         _until(lambda: _link_up(replica), 15, "replica in sync")
         sentinel = RedisSentinel(tmp_path / "sentinel", master).start()
@@ -134,7 +141,8 @@ async def test_sentinel_master_discovery_and_failover(sentinel_set: Any) -> None
     on the master and B reads it; when the master dies, Sentinel promotes the replica
     and both instances carry on there: the posture and the replay memory survived,
     and a new report is written to the new master. A sentinel that never answers,
-    listed first, is skipped after a socket timeout."""
+    listed first, is skipped after a socket timeout. The same over TLS (sentinels,
+    master and replica), where a client without it gets nowhere."""
     master, replica, sentinel = sentinel_set
     assert str(master.port) not in sentinel.url and sentinel.master_port() == master.port
     a, b = RedisPostureStore(sentinel.url), RedisPostureStore(sentinel.url)
@@ -144,6 +152,12 @@ async def test_sentinel_master_discovery_and_failover(sentinel_set: Any) -> None
         assert _stored(master, "s-dev") and await _read(b, "s-dev") == first.jti
         _until(lambda: _stored(replica, "s-dev"), 10, "replicated")
         await _silent_sentinel_is_skipped(sentinel.url, first.jti)
+        if sentinel.tls is not None:  # TLS to the sentinels too: plain gets nowhere
+            plain = RedisPostureStore(sentinel.url.partition("?")[0])
+            try:
+                assert not await plain.ping()
+            finally:
+                await plain.close()
 
         assert master.proc is not None
         master.proc.kill()  # a crash, not a shutdown

@@ -354,6 +354,13 @@ def _posture(ps: Table, root: Path) -> PostureConfig:
         db = Path(rest) if rest.startswith("/") else root / rest
         return PostureConfig(store=f"sqlite://{db}", forget_after_s=forget_after)
     if store_url.startswith(REDIS_SCHEMES):
+        if store_url.startswith("redis+sentinel://"):
+            from proxy.posture.redis_url import parse_sentinel_url
+
+            try:
+                parse_sentinel_url(store_url)
+            except ValueError as exc:
+                raise ps.error("store", str(exc)) from None
         return PostureConfig(store=_redis_url(store_url, root),
                              cache_max_age_s=ps.duration("cache_max_age", 300.0),
                              forget_after_s=forget_after)

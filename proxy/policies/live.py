@@ -35,7 +35,7 @@ from proxy.config import ConfigError, load_policy
 from proxy.oplog import get_logger
 from proxy.policies.ops import check_guard
 from proxy.policies.pointer import FilePointer, PolicyVersions, open_versions
-from proxy.policies.store import PolicyStore, PolicyStoreError
+from proxy.policies.store import Pointer, PolicyStore, PolicyStoreError
 from proxy.startup import StartupError
 
 if TYPE_CHECKING:
@@ -289,27 +289,34 @@ class LivePolicy:
             if pointer is None or target == pointer.active:
                 raise PolicyStoreError(f"{ref or target[:12]} is already in force")
             new = await self.versions.load(target)
-            return await self._move(gate, new, self.store.path_of(target).read_bytes(),
-                                    "rollback", actor)
+            return await self._move(gate, await self._in_force(pointer), new,
+                                    self.store.path_of(target).read_bytes(), "rollback", actor)
 
     async def push(self, gate: Gate, text: str, actor: str) -> dict[str, Any]:
         """``POST /v1/policy/push``: put the policy ``text`` in force (the guard as for a
         file change: a refusal is a ``ValueError`` naming the confirm line)."""
         candidate, data = await asyncio.to_thread(self._candidate, text)
         async with self.lock:
-            old = self.holder.current()
+            old = await self._in_force(await self.versions.read())
             if candidate.sha256 == old.sha256:
                 raise PolicyStoreError(f"{candidate.version} is already in force")
             verdict = await asyncio.to_thread(check_guard, self.cfg, old, candidate, data)
             if verdict is not None and verdict.blocks:
                 raise ValueError(verdict.reason())
-            return await self._move(gate, candidate, data, "push", actor)
+            return await self._move(gate, old, candidate, data, "push", actor)
 
-    async def _move(self, gate: Gate, new: Policy, data: bytes, how: str, actor: str
-                    ) -> dict[str, Any]:
-        """Move the pointer to ``new`` (under the lock), write the ``policy_<how>``
-        record and apply it here."""
-        old = self.holder.current()
+    async def _in_force(self, pointer: Pointer | None) -> Policy:
+        """The policy the shared pointer names. This instance's own may lag a move
+        made elsewhere by up to a poll (:data:`POLL_S`), and a move's record must say
+        what it really moved from."""
+        if pointer is None or pointer.active == self.holder.current().sha256:
+            return self.holder.current()
+        return await self.versions.load(pointer.active)
+
+    async def _move(self, gate: Gate, old: Policy, new: Policy, data: bytes, how: str,
+                    actor: str) -> dict[str, Any]:
+        """Move the pointer from ``old`` to ``new`` (under the lock), write the
+        ``policy_<how>`` record and apply it here."""
         await self.versions.activate(new, data, how=how, actor=actor)
         record = {"event": f"policy_{how}", "actor": actor, "via": "api",
                   "from_version": old.version, "from_sha256": old.sha256,

@@ -39,7 +39,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from proxy.oplog import get_logger
 from proxy.posture import (
@@ -52,6 +52,7 @@ from proxy.posture import (
     in_force,
 )
 from proxy.posture.redis_scripts import SCRIPTS
+from proxy.posture.redis_url import parse_sentinel_url
 from proxy.posture.sqlite import JTI_SKEW_S  # the same replay window as the SQLite store
 from proxy.posture.sqlite_mdm import MdmResult, MdmWrite, content
 
@@ -71,32 +72,6 @@ __all__ = ["RedisPostureStore", "StoreUnavailable", "connect", "parse_sentinel_u
 
 class StoreUnavailable(RuntimeError):
     """Redis did not answer and nothing usable was cached."""
-
-
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, Any]]:
-    """``redis+sentinel://[:pw@]h1:p1[,h2:p2]/service[/db][?k=v]`` -> (sentinels,
-    service, db, connection keyword arguments). ``ValueError`` when malformed."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis+sentinel":
-        raise ValueError("not a redis+sentinel:// URL")
-    netloc = parts.netloc
-    password = None
-    if "@" in netloc:
-        auth, netloc = netloc.rsplit("@", 1)
-        password = unquote(auth.split(":", 1)[-1]) or None
-    hosts: list[tuple[str, int]] = []
-    for item in netloc.split(","):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"sentinel address {item!r} is not host:port")
-        hosts.append((host.strip("[]"), int(port)))
-    path = [p for p in parts.path.split("/") if p]
-    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError("the path must be /<service>[/<db>]")
-    kwargs: dict[str, Any] = dict(parse_qsl(parts.query))
-    if password:
-        kwargs["password"] = password
-    return hosts, path[0], int(path[1]) if len(path) == 2 else 0, kwargs
 
 
 def connect(url: str) -> Any:
@@ -125,6 +100,8 @@ def connect(url: str) -> Any:
         password = kwargs.pop("sentinel_password", None) or kwargs.get("password")
         if password:
             to_sentinels["password"] = password
+        if kwargs.get("ssl"):  # the sentinels speak TLS as the servers they watch
+            to_sentinels.update((k, v) for k, v in kwargs.items() if k.startswith("ssl"))
         sentinel = Sentinel(hosts, sentinel_kwargs=to_sentinels,
                             **common)  # type: ignore[no-untyped-call]
         return sentinel.master_for(service, db=db, **kwargs)

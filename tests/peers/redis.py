@@ -2,13 +2,14 @@
 
 ``RedisServer(workdir)`` writes a config under ``workdir`` (loopback only, a free port,
 AOF on, no RDB snapshots, a password when given; TLS only with ``tls=``; a replica
-with ``replica_of=``) and runs ``redis-server <conf>`` in the foreground.
-``RedisSentinel(workdir, master)`` is one Sentinel (``redis-server <conf> --sentinel``,
-what the Debian package ``redis-sentinel`` runs) watching ``master`` as ``mymaster``
-with quorum 1 and a one-second down-after. :meth:`stop` and :meth:`start` can be
-called again on the same object (same port, same data directory): a test stops
-Redis mid-test to see the degraded behaviour and starts it again to see the recovery
-(the AOF brings the data back, as a production Redis that persists must).
+with ``replica_of=``, over TLS to a TLS master) and runs ``redis-server <conf>`` in
+the foreground. ``RedisSentinel(workdir, master)`` is one Sentinel (``redis-server
+<conf> --sentinel``, what the Debian package ``redis-sentinel`` runs) watching
+``master`` as ``mymaster`` with quorum 1 and a one-second down-after, over TLS when
+the master is. :meth:`stop` and :meth:`start` can be called again on the same object
+(same port, same data directory): a test stops Redis mid-test to see the degraded
+behaviour and starts it again to see the recovery (the AOF brings the data back, as a
+production Redis that persists must).
 
 When ``redis-server`` is not installed, :func:`require_redis` skips the test, or
 fails it under CI (``CI=true``), where ``make test`` installs the Debian package.
@@ -51,6 +52,14 @@ class TlsFiles:
     ca: Path
 
 
+def _tls_lines(port: int, tls: TlsFiles) -> list[str]:
+    """TLS only: no plain port; clients need no certificate; a replica (or a Sentinel)
+    reaches its master over TLS too."""
+    return ["port 0", f"tls-port {port}", f"tls-cert-file {tls.cert}",
+            f"tls-key-file {tls.key}", f"tls-ca-cert-file {tls.ca}",
+            "tls-auth-clients no", "tls-replication yes"]
+
+
 class RedisServer:
     """One ``redis-server`` on 127.0.0.1:``port`` with its data in ``workdir``."""
 
@@ -70,10 +79,8 @@ class RedisServer:
             lines += [f"requirepass {password}", f"masterauth {password}"]
         if replica_of:
             lines.append(f"replicaof 127.0.0.1 {replica_of}")
-        if tls is not None:  # TLS only: no plain port; clients need no certificate
-            lines += ["port 0", f"tls-port {self.port}", f"tls-cert-file {tls.cert}",
-                      f"tls-key-file {tls.key}", f"tls-ca-cert-file {tls.ca}",
-                      "tls-auth-clients no"]
+        if tls is not None:
+            lines += _tls_lines(self.port, tls)
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _common(self) -> list[str]:
@@ -155,7 +162,7 @@ class RedisSentinel(RedisServer):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.password, self.tls = "", None
+        self.password, self.tls = "", master.tls  # TLS when the master has it
         self.proc = None
         self.conf = self.workdir / "sentinel.conf"
         lines = [*self._common(),
@@ -164,6 +171,8 @@ class RedisSentinel(RedisServer):
                  f"sentinel failover-timeout {self.SERVICE} 10000"]
         if master.password:
             lines.append(f"sentinel auth-pass {self.SERVICE} {master.password}")
+        if self.tls is not None:
+            lines += _tls_lines(self.port, self.tls)
         self.conf.write_text("\n".join(lines) + "\n")
         self.master_password = master.password
 
@@ -173,7 +182,8 @@ class RedisSentinel(RedisServer):
     @property
     def url(self) -> str:
         auth = f":{self.master_password}@" if self.master_password else ""
-        return f"redis+sentinel://{auth}127.0.0.1:{self.port}/{self.SERVICE}/0"
+        tls = f"?ssl=true&ssl_ca_certs={self.tls.ca}" if self.tls is not None else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.port}/{self.SERVICE}/0{tls}"
 
     def master_port(self) -> int:
         """The port Sentinel names as the master now."""
