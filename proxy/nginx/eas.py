@@ -163,14 +163,8 @@ class EasAuth:
                 refused = await self._verify_credentials(request, req, identity, origin)
                 if refused is not None:
                     return refused
-            session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
-            try:
-                decision = await self.gate.decide(identity, origin)
-            except BaseException:
-                self.sessions.abandon(session)
-                raise
-            if not decision.allow:
-                self.sessions.abandon(session)
+            decision, session = await self.sessions.decide(identity, origin, key)
+            if session is None:
                 return unavailable() if decision.temporary else \
                     forbidden(decision.user_text())
             if not await self.sessions.activate(session):  # ended while deciding

@@ -369,14 +369,8 @@ class ActiveSyncFrontend:
                 if refused is not None:
                     return refused
             bound = self._new_binding(identity)
-            session = self.sessions.pending(identity, origin, self.gate.policy.version, key)
-            try:
-                decision = await self.gate.decide(identity, origin)
-            except BaseException:
-                self.sessions.abandon(session)
-                raise
-            if not decision.allow:
-                self.sessions.abandon(session)
+            decision, session = await self.sessions.decide(identity, origin, key)
+            if session is None:
                 return self._refusal(request, query, identity, decision)
             if not await self.sessions.activate(session):
                 return self._blocked(request, query, session.ended or "")

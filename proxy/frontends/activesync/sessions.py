@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from proxy.frontends.activesync.guard import LoginThrottle
     from proxy.gate import Gate
+    from proxy.policy import Decision
 
 #: A decision covers a device-session for at most this long, then is made again.
 DECISION_MAX_AGE_S: Final = 3600.0
@@ -194,6 +195,22 @@ class DeviceSessions:
     def abandon(self, session: DeviceSession) -> None:
         """The decision refused (or failed): the pending session never was."""
         self.gate.unregister(session)
+
+    async def decide(self, identity: Identity, origin: Origin, key: SessionKey
+                     ) -> tuple[Decision, DeviceSession | None]:
+        """The gate's decision on a new device-session, made with the session
+        registered (:meth:`pending`); with it the session on allow (for
+        :meth:`activate`), None on a refusal (abandoned, as on an error)."""
+        session = self.pending(identity, origin, self.gate.policy.version, key)
+        try:
+            decision = await self.gate.decide(identity, origin)
+        except BaseException:
+            self.abandon(session)
+            raise
+        if not decision.allow:
+            self.abandon(session)
+            return decision, None
+        return decision, session
 
     async def activate(self, session: DeviceSession) -> bool:
         """Cache an allowed pending session; False when the gate ended it meanwhile."""
