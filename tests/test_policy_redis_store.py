@@ -300,3 +300,21 @@ async def test_a_move_asked_of_a_lagging_instance_records_what_was_really_in_for
     [record] = [r for r in on.audit.records if r.get("event") == "policy_rollback"]
     assert (record["from_version"], record["to_version"]) == ("ban-elsewhere", start.version)
     assert on.holder.current().sha256 == start.sha256
+
+
+async def test_a_push_fixes_a_pointer_this_instance_cannot_load(
+        store: RedisPostureStore, tmp_path: Path) -> None:
+    """The pointer names a text this instance cannot load: a push through this
+    instance (what an operator does about it) still goes through, starting from the
+    policy this instance has in force."""
+    on = await _live_on(store, tmp_path)
+    start = on.holder.current()
+    bad = 'version = "bad"\nmode = "sometimes"\n'
+    sha = hashlib.sha256(bad.encode()).hexdigest()
+    entry = {"sha256": sha, "version": "bad", "when": "2026-12-02T00:00:00Z", "how": "push",
+             "actor": "other"}
+    await store.move_policy_pointer(sha, bad, json.dumps(entry), "b", "")
+    good = BASE.format(version="fixed", rules=TIKTOK_RULE)
+    answer = await on.live.push(on.gate, good, "admin")
+    assert (answer["from_version"], answer["to_version"]) == (start.version, "fixed")
+    assert on.holder.current().version == "fixed"

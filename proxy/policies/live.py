@@ -311,7 +311,10 @@ class LivePolicy:
         what it really moved from."""
         if pointer is None or pointer.active == self.holder.current().sha256:
             return self.holder.current()
-        return await self.versions.load(pointer.active)
+        try:
+            return await self.versions.load(pointer.active)
+        except (ConfigError, PolicyStoreError):  # one this instance cannot load (named
+            return self.holder.current()  # in /readyz): a push must still fix that
 
     async def _move(self, gate: Gate, old: Policy, new: Policy, data: bytes, how: str,
                     actor: str) -> dict[str, Any]:
