@@ -1,11 +1,13 @@
 """ActiveSync proxy benchmark: requests/s for small Sync requests and memory per idle
-long-poll, for four set-ups measured in one run:
+long-poll, for five set-ups measured in one run:
 
   direct        load generator -> upstream
   mailward      load generator -> mailward (activesync front end) -> upstream
   nginx         load generator -> nginx proxy_pass -> upstream
   nginx+auth    load generator -> nginx auth_request (to a minimal aiohttp service
                 that does the same posture check per request) -> upstream
+  nginx+mailward  load generator -> nginx auth_request (to mailward's ``[nginx]``
+                listener: decided once per device-session) -> upstream
 
 Run: ``.venv/bin/python bench/activesync.py [--seconds 3] [--reps 5] [--conns 64]
 [--idle 500] [--tree NAME=DIR ...] [--only NAME,...]`` (``make bench``). Everything
@@ -15,8 +17,8 @@ generator keeps ``--conns`` keep-alive connections busy (one request in flight p
 connection).
 
 Fairness: every proxy set-up runs on the same single CPU (``--proxy-cpu``, default
-the last one): mailward's one process; nginx's one worker; for nginx+auth the worker
-*and* its check service. The load generator and upstream share the other CPUs. All
+the last one): mailward's one process; nginx's one worker; for nginx+auth and nginx+mailward the
+worker *and* the service it asks. The load generator and upstream share the other CPUs. All
 set-ups are started once and measured in interleaved rounds (the order rotates each
 round), each run after a warm-up second, and the table shows the median of ``--reps``
 rounds. Besides req/s (wall clock, which other load on the machine disturbs) each run
@@ -35,7 +37,10 @@ under its core there; ``wrk`` has measured up to ~69k req/s); req/CPU-s is unaff
 The check service behind auth_request does per request what mailward does per
 device-session: parse the EAS query, look up the posture (SQLite store) and evaluate
 the policy. It writes no audit record (mailward writes one per device-session), which
-favours the nginx set-up.
+favours the nginx set-up. nginx+mailward is the deployment README describes for sites
+that keep nginx: its ``auth_request`` goes to mailward's ``[nginx]`` listener, which
+checks a device-session's first request upstream (an ``OPTIONS``), decides it, writes
+its record and answers the session's later requests from its cache.
 
 Revisions: each ``--tree NAME=DIR`` adds a set-up ``NAME``, mailward run from another
 source tree (``git archive REV | tar -x -C DIR``; its own ``bench/activesync.py``
@@ -201,27 +206,71 @@ def _settle_heap() -> None:
         settle()
 
 
+async def _gate(state: str, seed: int) -> Any:
+    """mailward's gate over a seeded SQLite store and an audit log in ``state``."""
+    from proxy.audit import AuditLog
+    from proxy.config import load_policy
+    from proxy.gate import Gate
+    from proxy.posture.sqlite import SqlitePostureStore
+
+    store = SqlitePostureStore(Path(state) / "posture.db")
+    await _seed(store, seed)
+    audit = AuditLog(Path(state) / "audit.jsonl", signing_key=None)
+    policy = load_policy(ROOT / "config" / "policy.toml")
+    return Gate(store=store, audit=audit, policy=lambda: policy)
+
+
+def _eas_listener(port: int, upstream_port: int) -> Any:
+    from proxy.config import ListenerConfig
+
+    return ListenerConfig(name="eas", protocol="activesync", host="127.0.0.1", port=port,
+                          upstream=f"http://127.0.0.1:{upstream_port}", tls="none",
+                          upstream_tls="none", nginx_upstream=f"127.0.0.1:{upstream_port}")
+
+
 def run_mailward(port: int, upstream_port: int, state: str, seed: int) -> None:
     _pin_proxy()
     _uvloop()
 
     async def main() -> None:
-        from proxy.audit import AuditLog
-        from proxy.config import ListenerConfig, load_policy
         from proxy.frontends import FrontendContext
         from proxy.frontends.activesync import start
-        from proxy.gate import Gate
-        from proxy.posture.sqlite import SqlitePostureStore
 
-        store = SqlitePostureStore(Path(state) / "posture.db")
-        await _seed(store, seed)
-        audit = AuditLog(Path(state) / "audit.jsonl", signing_key=None)
-        policy = load_policy(ROOT / "config" / "policy.toml")
-        gate = Gate(store=store, audit=audit, policy=lambda: policy)
-        listener = ListenerConfig(name="eas", protocol="activesync", host="127.0.0.1",
-                                  port=port, upstream=f"http://127.0.0.1:{upstream_port}",
-                                  tls="none", upstream_tls="none")
-        await start(FrontendContext(listener, gate, None, None))
+        gate = await _gate(state, seed)
+        await start(FrontendContext(_eas_listener(port, upstream_port), gate, None, None))
+        _settle_heap()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+#: The shared secret nginx sends mailward's ``[nginx]`` listener in this benchmark.
+NGINX_SECRET = "bench-secret-0123456789"
+
+
+def run_mailward_for_nginx(port: int, upstream_port: int, state: str, seed: int) -> None:
+    """mailward's ``[nginx]`` listener (``GET /auth_request``) on ``port``."""
+    _pin_proxy()
+    _uvloop()
+
+    async def main() -> None:
+        from proxy.config import NginxConfig
+        from proxy.frontends.activesync.forward import Forwarder
+        from proxy.nginx.app import bind, make_app
+        from proxy.nginx.certs import CertificateCheck
+        from proxy.nginx.eas import EasAuth
+        from proxy.nginx.mail import MailAuth
+
+        gate = await _gate(state, seed)
+        listener = _eas_listener(0, upstream_port)
+        forwarder = Forwarder(listener, None)
+        await forwarder.start()
+        eas = EasAuth(gate, listener, forwarder, CertificateCheck(None))
+        eas.start()  # sweeps the device-sessions
+        ng = NginxConfig(port=port)
+        app = make_app(ng, NGINX_SECRET, lambda: gate.limits,
+                       MailAuth(gate, {}, {}, CertificateCheck(None), "bench"), eas)
+        await bind(ng, app, gate.limits)
         _settle_heap()
         await asyncio.Event().wait()
 
@@ -286,6 +335,7 @@ http {{
   keepalive_requests 10000000; keepalive_timeout 300s;
   upstream eas {{ server 127.0.0.1:{upstream}; keepalive 128; keepalive_requests 10000000; }}
   upstream check {{ server 127.0.0.1:{check}; keepalive 128; keepalive_requests 10000000; }}
+  upstream mailward {{ server 127.0.0.1:{mwauth}; keepalive 128; keepalive_requests 10000000; }}
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_read_timeout 3600s;
@@ -304,6 +354,22 @@ http {{
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
       proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header Connection "";
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{viamw} backlog=4096;
+    location {eas} {{ auth_request /_mailward; proxy_pass http://eas; }}
+    location = /_mailward {{
+      internal;
+      proxy_pass http://mailward/auth_request;
+      proxy_method GET;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Mailward-Secret "{secret}";
       proxy_set_header Connection "";
     }}
   }}
@@ -460,7 +526,8 @@ def orchestrate(args: argparse.Namespace) -> None:
     os.environ["BENCH_PROXY_CPU"] = str(args.proxy_cpu)
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="mailward-bench-"))
-    ports = {k: _free_port() for k in ("up", "mw", "check", "plain", "auth")}
+    ports = {k: _free_port() for k in ("up", "mw", "check", "plain", "auth", "mwauth",
+                                       "viamw")}
     seed = DEVICES + args.idle
     setups: dict[str, tuple[int, list[int]]] = {}  # name -> (port, pids of the set-up)
     try:
@@ -487,23 +554,30 @@ def orchestrate(args: argparse.Namespace) -> None:
         if Path(nginx).exists():
             check = _spawn("check", str(ports["check"]), str(tmp), str(seed))
             procs.append(check)
+            (tmp / "mwauth").mkdir()
+            mwauth = _spawn("mailward-nginx", str(ports["mwauth"]), str(ports["up"]),
+                            str(tmp / "mwauth"), str(seed))
+            procs.append(mwauth)
             conf = tmp / "nginx.conf"
             affinity = "1" + "0" * args.proxy_cpu  # worker_cpu_affinity bit mask
             conf.write_text(NGINX_CONF.format(dir=tmp, upstream=ports["up"],
                                               check=ports["check"], plain=ports["plain"],
-                                              auth=ports["auth"], eas=EAS,
-                                              affinity=affinity))
+                                              auth=ports["auth"], mwauth=ports["mwauth"],
+                                              viamw=ports["viamw"], secret=NGINX_SECRET,
+                                              eas=EAS, affinity=affinity))
             ng = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)],
                                   stdin=subprocess.DEVNULL)
             procs.append(ng)
             _wait_port(ports["plain"])
             _wait_port(ports["check"], 60)
+            _wait_port(ports["mwauth"], 60)
             time.sleep(0.3)
             workers = [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(ng.pid)], capture_output=True, text=True
             ).stdout.split()]
             setups["nginx"] = (ports["plain"], workers)
             setups["nginx+auth"] = (ports["auth"], [*workers, check.pid])
+            setups["nginx+mailward"] = (ports["viamw"], [*workers, mwauth.pid])
         else:
             print("nginx not found: skipping the nginx set-ups", file=sys.stderr)
 
@@ -516,7 +590,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             for name in order:
                 res = _load(args, *setups[name])
                 runs[name].append(res)
-                print(f"round {r + 1}/{args.reps} {name:<11} {res['rps']:>9.0f} req/s "
+                print(f"round {r + 1}/{args.reps} {name:<14} {res['rps']:>9.0f} req/s "
                       f"{res['per_cpu_s']:>9.0f} req/CPU-s  errors {int(res['bad'])}  "
                       f"reconnects {res['reconnects']}",
                       file=sys.stderr)
@@ -545,23 +619,23 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> N
           f"{args.seconds:g} s per run after 1 s warm-up, median of {args.reps} interleaved "
           f"rounds, {DEVICES} devices; {args.idle} idle Pings (plain HTTP on loopback; "
           f"{os.cpu_count()} CPUs, each proxy set-up pinned to CPU {args.proxy_cpu})")
-    print(f"{'set-up':<12} {'req/s':>9} {'(min-max)':>15} {'req/CPU-s':>10} {'(min-max)':>15} "
+    print(f"{'set-up':<15} {'req/s':>9} {'(min-max)':>15} {'req/CPU-s':>10} {'(min-max)':>15} "
           f"{'errors':>7} {'KiB/idle long-poll':>19}")
     for name, r in results.items():
         span = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
         cpu_span = f"{r['cpu_min']:.0f}-{r['cpu_max']:.0f}"
-        print(f"{name:<12} {r['rps']:>9.0f} {span:>15} {r['per_cpu_s']:>10.0f} {cpu_span:>15} "
+        print(f"{name:<15} {r['rps']:>9.0f} {span:>15} {r['per_cpu_s']:>10.0f} {cpu_span:>15} "
               f"{int(r['bad']):>7} {r['kib_per_longpoll']:>19.1f}")
     mw = results.get("mailward")
     if mw:
         print()
-        for other in ("direct", "nginx", "nginx+auth"):
+        for other in ("direct", "nginx", "nginx+auth", "nginx+mailward"):
             if other in results:
                 o = results[other]
                 rps_ratio = mw["rps"] / max(o["rps"], 1e-9)
                 cpu_ratio = mw["per_cpu_s"] / max(o["per_cpu_s"], 1e-9)
                 mem_ratio = mw["kib_per_longpoll"] / max(o["kib_per_longpoll"], 0.01)
-                print(f"mailward / {other:<10} req/s {rps_ratio:.2f}x   req/CPU-s "
+                print(f"mailward / {other:<14} req/s {rps_ratio:.2f}x   req/CPU-s "
                       f"{cpu_ratio:.2f}x   memory per idle long-poll {mem_ratio:.2f}x")
         auth = results.get("nginx+auth")
         vs_auth = (f"{mw['rps'] / max(auth['rps'], 1e-9):.2f}x req/s, "
@@ -573,12 +647,15 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> N
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("upstream", "mailward", "check", "load", "idle"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("upstream", "mailward", "mailward-nginx",
+                                             "check", "load", "idle"):
         role, rest = sys.argv[1], sys.argv[2:]
         if role == "upstream":
             run_upstream(int(rest[0]))
         elif role == "mailward":
             run_mailward(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
+        elif role == "mailward-nginx":
+            run_mailward_for_nginx(int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
         elif role == "check":
             run_check(int(rest[0]), rest[1], int(rest[2]))
         elif role == "load":
