@@ -36,8 +36,6 @@ revocation (nginx does not ask again); the phone's next request is.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -85,19 +83,13 @@ class EasAuth:
         # Keys hold a digest of the credentials, keyed by a secret of this process so
         # that the table holds nothing a password could be checked against offline.
         self._credentials_key = secrets.token_bytes(32)
-        self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Sweep idle and over-age device-sessions (in the running loop)."""
-        self._sweeper = asyncio.get_running_loop().create_task(
-            self.sessions.sweep_forever())
+        self.sessions.start()
 
     async def close(self) -> None:
         """End every device-session (``session_end`` records)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
         await self.sessions.close()
 
     def _key(self, identity: Identity, authorization: str) -> SessionKey:

@@ -146,7 +146,6 @@ class ActiveSyncFrontend:
         self._tls_facts: weakref.WeakKeyDictionary[Any, ConnectionFacts] = \
             weakref.WeakKeyDictionary()
         self._plain = ctx.server_tls is None  # no TLS session to ask about
-        self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -155,7 +154,7 @@ class ActiveSyncFrontend:
             log.warning("public_url not set: Autodiscover answers pass unchanged, naming "
                         "the upstream's address", listener=self.cfg.name)
         await self.upstream.start()
-        self._sweeper = asyncio.create_task(self.sessions.sweep_forever())
+        self.sessions.start()
 
     async def close(self, grace_s: float) -> None:
         """Give open requests ``grace_s`` seconds, then answer the rest 503."""
@@ -166,10 +165,6 @@ class ActiveSyncFrontend:
             task.cancel()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=5)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
         await self.sessions.close()
         await self.upstream.close()
 

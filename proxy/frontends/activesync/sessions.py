@@ -132,6 +132,7 @@ class DeviceSessions:
         self.by_key: dict[SessionKey, DeviceSession] = {}
         #: Keys whose first request is being decided, and when that is over.
         self.admitting: dict[SessionKey, asyncio.Future[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def cached(self, key: SessionKey) -> DeviceSession | None:
         """The cached device-session when it stands as it is: no admission of its key
@@ -258,12 +259,21 @@ class DeviceSessions:
             elif now - s.created > DECISION_MAX_AGE_S:
                 await self.drop(s, "max_age")
 
-    async def sweep_forever(self) -> None:
+    def start(self) -> None:
+        """Sweep every :data:`SWEEP_INTERVAL_S` (in the running loop) until :meth:`close`."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             await self.sweep()
 
     async def close(self) -> None:
-        """The listener closes: end every device-session."""
+        """The listener closes: stop sweeping, end every device-session."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         for session in list(self.by_key.values()):
             await self.drop(session, "listener_closed")
