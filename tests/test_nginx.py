@@ -590,3 +590,19 @@ async def test_auth_request_cache_covers_only_the_same_credentials_and_certifica
     recs = await world.wait_records(4, "decision")
     assert [r["decision"] if r["decision"] == "allow" else r["reasons"][0]["code"]
             for r in recs] == ["allow", "auth_failed", "auth_failed", "device_mismatch"]
+
+
+@pytest.mark.conversation
+async def test_auth_request_allow_with_a_certificate_is_not_reused_without_it(
+        world: World) -> None:
+    """The borrowed-DeviceId trick: an allow made with the phone's certificate does not
+    answer a request that claims the same DeviceId without it (another phone); that
+    one is decided on its own, with its own record."""
+    checked = count_checks(world)
+    cert = leaf_pem(world.pki, "alice-phone")
+    assert (await world.ask("/auth_request", eas_headers("alice-phone", cert=cert))).status == 200
+    assert (await world.ask("/auth_request", eas_headers("alice-phone", cert=cert))).status == 200
+    await world.ask("/auth_request", eas_headers("alice-phone"))  # the bare claim
+    assert len(checked) == 2
+    recs = await world.wait_records(2, "decision")
+    assert [r["device_source"] for r in recs] == ["client_cert", "claim"]
